@@ -1,0 +1,71 @@
+//! Connection-fatal protocol errors.
+
+use std::fmt;
+
+use crate::frame::FrameType;
+
+/// A violation of the wire protocol by the peer, or a dead peer. Each one ends the
+/// connection it happened on and no other; calls on it fail with `Unavailable`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProtoError {
+    /// The bytes do not start with the frame magic: not a gorpc peer, or a corrupted stream.
+    BadMagic,
+    /// The peer speaks a protocol version this one does not.
+    UnsupportedVersion(u8),
+    /// A frame type byte outside the defined set.
+    UnknownFrameType(u8),
+    /// Flag bits this version does not understand (e.g. compression, which nothing negotiated).
+    UnsupportedFlags { frame_type: FrameType, flags: u8 },
+    /// A head longer than [`Limits::max_head_len`](crate::Limits::max_head_len).
+    HeadTooLarge { len: u32, max: u32 },
+    /// A frame longer than [`Limits::max_frame_len`](crate::Limits::max_frame_len).
+    FrameTooLarge { len: u64, max: u32 },
+    /// A control frame with a head or body it must not have.
+    UnexpectedPayload(FrameType),
+    /// A frame this side never accepts (a server sent a request, a client sent a response).
+    UnexpectedFrame(FrameType),
+    /// A request reused the id of a call still in flight.
+    DuplicateCallId(u32),
+    /// A request arrived after the client said it would start no more.
+    RequestAfterGoAway(u32),
+    /// A go-away head that does not decode.
+    MalformedGoAway(&'static str),
+    /// Nothing arrived within the keepalive timeout after a ping.
+    KeepaliveTimeout,
+}
+
+impl fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use ProtoError::*;
+        match self {
+            BadMagic => f.write_str(
+                "bad frame magic: peer is not speaking gorpc, or the stream is corrupted",
+            ),
+            UnsupportedVersion(v) => write!(
+                f,
+                "unsupported protocol version {v} (this peer speaks {})",
+                crate::frame::VERSION
+            ),
+            UnknownFrameType(t) => write!(f, "unknown frame type {t}"),
+            UnsupportedFlags { frame_type, flags } => {
+                write!(f, "unsupported flags {flags:#04x} on {frame_type:?} frame")
+            }
+            HeadTooLarge { len, max } => {
+                write!(f, "frame head of {len} bytes exceeds the limit of {max}")
+            }
+            FrameTooLarge { len, max } => {
+                write!(f, "frame of {len} bytes exceeds the limit of {max}")
+            }
+            UnexpectedPayload(t) => write!(f, "{t:?} frame must not carry a head or body"),
+            UnexpectedFrame(t) => write!(f, "{t:?} frame is not valid in this direction"),
+            DuplicateCallId(id) => {
+                write!(f, "request reuses call id {id}, which is still in flight")
+            }
+            RequestAfterGoAway(id) => write!(f, "request {id} arrived after the peer's go-away"),
+            MalformedGoAway(why) => write!(f, "malformed go-away: {why}"),
+            KeepaliveTimeout => f.write_str("peer did not answer keepalive ping in time"),
+        }
+    }
+}
+
+impl std::error::Error for ProtoError {}

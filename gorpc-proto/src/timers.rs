@@ -1,0 +1,176 @@
+//! Call deadlines and keepalive: the timers behind `poll_timeout`/`handle_timeout`.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::{Duration, Instant};
+
+use crate::config::KeepaliveConfig;
+
+/// Deadlines of calls in flight, earliest first.
+///
+/// Calls that finish early leave their entry behind (removal from a heap is O(n)). Two rules
+/// keep that cheap: the owner drops stale entries from the top after every removal, so
+/// `next()` never names a finished call and the driver never wakes for nothing; and the heap
+/// is rebuilt when stale entries outnumber live ones, so memory follows the live count.
+#[derive(Debug, Default)]
+pub(crate) struct Deadlines {
+    heap: BinaryHeap<Reverse<(Instant, u32)>>,
+}
+
+impl Deadlines {
+    pub(crate) fn push(&mut self, at: Instant, id: u32) {
+        self.heap.push(Reverse((at, id)));
+    }
+
+    pub(crate) fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Pops the earliest entry if it is due at `now`.
+    pub(crate) fn pop_due(&mut self, now: Instant) -> Option<(Instant, u32)> {
+        match self.heap.peek() {
+            Some(Reverse((at, _))) if *at <= now => self.heap.pop().map(|Reverse(e)| e),
+            _ => None,
+        }
+    }
+
+    /// Restores the invariants after calls were removed. `is_live(at, id)` tells whether an
+    /// entry still belongs to a call in flight.
+    pub(crate) fn prune(&mut self, live: usize, is_live: impl Fn(Instant, u32) -> bool) {
+        if self.heap.len() > 2 * live + 64 {
+            self.heap.retain(|Reverse((at, id))| is_live(*at, *id));
+        }
+        while let Some(Reverse((at, id))) = self.heap.peek() {
+            if is_live(*at, *id) {
+                break;
+            }
+            self.heap.pop();
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.heap.clear();
+    }
+}
+
+/// `now + d`, or `None` where that is past what `Instant` can represent (treated as "never").
+pub(crate) fn deadline_after(now: Instant, d: Duration) -> Option<Instant> {
+    now.checked_add(d)
+}
+
+/// What the keepalive timer wants when it fires.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum KeepaliveAction {
+    Nothing,
+    SendPing(u32),
+    PeerDead,
+}
+
+/// Pings a quiet peer and declares it dead when it stays quiet. Any frame received counts as
+/// a sign of life, so a busy connection never pings.
+#[derive(Debug)]
+pub(crate) struct Keepalive {
+    config: KeepaliveConfig,
+    last_received: Instant,
+    ping_sent: Option<Instant>,
+    next_ping_id: u32,
+}
+
+impl Keepalive {
+    pub(crate) fn new(config: KeepaliveConfig, now: Instant) -> Self {
+        Keepalive {
+            config,
+            last_received: now,
+            ping_sent: None,
+            next_ping_id: 1,
+        }
+    }
+
+    pub(crate) fn on_frame(&mut self, now: Instant) {
+        self.last_received = now;
+        self.ping_sent = None;
+    }
+
+    pub(crate) fn next(&self) -> Option<Instant> {
+        match self.ping_sent {
+            Some(sent) => deadline_after(sent, self.config.timeout),
+            None => deadline_after(self.last_received, self.config.interval?),
+        }
+    }
+
+    pub(crate) fn on_timeout(&mut self, now: Instant) -> KeepaliveAction {
+        match self.next() {
+            Some(at) if at <= now => {}
+            _ => return KeepaliveAction::Nothing,
+        }
+        if self.ping_sent.is_some() {
+            return KeepaliveAction::PeerDead;
+        }
+        self.ping_sent = Some(now);
+        let id = self.next_ping_id;
+        self.next_ping_id = self.next_ping_id.wrapping_add(1);
+        KeepaliveAction::SendPing(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_pings_when_quiet_and_declares_death_after_timeout() {
+        let t0 = Instant::now();
+        let cfg = KeepaliveConfig {
+            interval: Some(Duration::from_secs(10)),
+            timeout: Duration::from_secs(2),
+        };
+        let mut k = Keepalive::new(cfg, t0);
+        assert_eq!(k.next(), Some(t0 + Duration::from_secs(10)));
+        assert_eq!(
+            k.on_timeout(t0 + Duration::from_secs(9)),
+            KeepaliveAction::Nothing
+        );
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(k.on_timeout(t1), KeepaliveAction::SendPing(1));
+        assert_eq!(k.next(), Some(t1 + Duration::from_secs(2)));
+        k.on_frame(t1 + Duration::from_secs(1));
+        assert_eq!(k.next(), Some(t1 + Duration::from_secs(11)));
+        let t2 = t1 + Duration::from_secs(11);
+        assert_eq!(k.on_timeout(t2), KeepaliveAction::SendPing(2));
+        assert_eq!(
+            k.on_timeout(t2 + Duration::from_secs(2)),
+            KeepaliveAction::PeerDead
+        );
+    }
+
+    #[test]
+    fn disabled_keepalive_never_fires() {
+        let t0 = Instant::now();
+        let k = Keepalive::new(
+            KeepaliveConfig {
+                interval: None,
+                timeout: Duration::from_secs(1),
+            },
+            t0,
+        );
+        assert_eq!(k.next(), None);
+    }
+
+    #[test]
+    fn deadline_arithmetic_saturates_to_never() {
+        assert_eq!(deadline_after(Instant::now(), Duration::MAX), None);
+    }
+
+    #[test]
+    fn stale_deadlines_are_pruned_and_compacted() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::default();
+        for i in 0..1000u32 {
+            d.push(t0 + Duration::from_millis(i as u64), i);
+        }
+        // Only id 999 remains live.
+        d.prune(1, |_, id| id == 999);
+        assert_eq!(d.heap.len(), 1);
+        assert_eq!(d.next(), Some(t0 + Duration::from_millis(999)));
+    }
+}

@@ -1,0 +1,158 @@
+//! The outgoing byte queue of a connection.
+//!
+//! Small frames are encoded back to back into one buffer, so everything produced in one
+//! poll cycle leaves in one write. A large body is queued as its own `Bytes` chunk instead of
+//! being copied, so a 1 MiB payload costs no copy inside the core.
+
+use std::collections::VecDeque;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::frame::{FrameHeader, FrameType, HEADER_LEN};
+
+/// Bodies at least this long are queued by reference instead of copied.
+const COPY_LIMIT: usize = 8 * 1024;
+
+/// A message body handed to the core for sending.
+#[derive(Clone, Debug)]
+pub enum Payload<'a> {
+    /// Copied into the outgoing buffer.
+    Slice(&'a [u8]),
+    /// Sent without a copy when large; copied (cheaper than a separate write) when small.
+    Bytes(Bytes),
+}
+
+impl Payload<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Slice(s) => s.len(),
+            Payload::Bytes(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<'a> From<&'a [u8]> for Payload<'a> {
+    fn from(s: &'a [u8]) -> Self {
+        Payload::Slice(s)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [u8; N]> for Payload<'a> {
+    fn from(s: &'a [u8; N]) -> Self {
+        Payload::Slice(s)
+    }
+}
+
+impl From<Bytes> for Payload<'_> {
+    fn from(b: Bytes) -> Self {
+        Payload::Bytes(b)
+    }
+}
+
+impl From<Vec<u8>> for Payload<'_> {
+    fn from(v: Vec<u8>) -> Self {
+        Payload::Bytes(Bytes::from(v))
+    }
+}
+
+/// Why a frame was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Oversize {
+    Head,
+    Frame,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct TransmitQueue {
+    /// Chunks ready to go, in order, before `tail`.
+    chunks: VecDeque<Bytes>,
+    /// Frames encoded after the last chunk.
+    tail: BytesMut,
+}
+
+impl TransmitQueue {
+    /// Encodes one frame. The head is written by `write_head` straight into the buffer; the
+    /// frame is rolled back, and nothing is queued, if it breaks `max_head_len` or
+    /// `max_frame_len` (the limits the peer is assumed to enforce too).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn push_frame(
+        &mut self,
+        frame_type: FrameType,
+        flags: u8,
+        codec: u8,
+        call_id: u32,
+        write_head: impl FnOnce(&mut BytesMut),
+        body: Payload<'_>,
+        max_head_len: u32,
+        max_frame_len: u32,
+    ) -> Result<(), Oversize> {
+        let start = self.tail.len();
+        self.tail.put_bytes(0, HEADER_LEN);
+        write_head(&mut self.tail);
+        let head_len = self.tail.len() - start - HEADER_LEN;
+        let frame_len = HEADER_LEN as u64 + head_len as u64 + body.len() as u64;
+        let oversize = if head_len as u64 > max_head_len as u64 {
+            Some(Oversize::Head)
+        } else if frame_len > max_frame_len as u64 {
+            Some(Oversize::Frame)
+        } else {
+            None
+        };
+        if let Some(why) = oversize {
+            self.tail.truncate(start);
+            return Err(why);
+        }
+        let header = FrameHeader {
+            frame_type,
+            flags,
+            codec,
+            call_id,
+            head_len: head_len as u32,
+            body_len: body.len() as u32,
+        };
+        header.encode(&mut &mut self.tail[start..start + HEADER_LEN]);
+        match body {
+            Payload::Bytes(b) if b.len() >= COPY_LIMIT => {
+                if !self.tail.is_empty() {
+                    self.chunks.push_back(self.tail.split().freeze());
+                }
+                self.chunks.push_back(b);
+            }
+            Payload::Bytes(b) => self.tail.put_slice(&b),
+            Payload::Slice(s) => self.tail.put_slice(s),
+        }
+        Ok(())
+    }
+
+    /// A frame with neither head nor body.
+    pub(crate) fn push_control(&mut self, frame_type: FrameType, id: u32) {
+        let header = FrameHeader {
+            frame_type,
+            flags: 0,
+            codec: 0,
+            call_id: id,
+            head_len: 0,
+            body_len: 0,
+        };
+        header.encode(&mut self.tail);
+    }
+
+    /// Total bytes waiting.
+    pub(crate) fn len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum::<usize>() + self.tail.len()
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Bytes> {
+        if let Some(chunk) = self.chunks.pop_front() {
+            return Some(chunk);
+        }
+        if self.tail.is_empty() {
+            return None;
+        }
+        Some(self.tail.split().freeze())
+    }
+}
