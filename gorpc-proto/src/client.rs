@@ -337,7 +337,10 @@ impl<T> ClientConn<T> {
             self.events.push_back(ClientEvent::Finished {
                 id: CallId(id),
                 user: call.user,
-                result: Err(Status::new(Code::DeadlineExceeded, "deadline exceeded")),
+                result: Err(Status::new(
+                    Code::DeadlineExceeded,
+                    "no response before the deadline",
+                )),
             });
         }
         self.after_removal();

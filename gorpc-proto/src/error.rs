@@ -24,6 +24,8 @@ pub enum ProtoError {
     UnexpectedPayload(FrameType),
     /// A frame this side never accepts (a server sent a request, a client sent a response).
     UnexpectedFrame(FrameType),
+    /// A request used call id 0, which is reserved for the connection itself.
+    ReservedCallId,
     /// A request reused the id of a call still in flight.
     DuplicateCallId(u32),
     /// A request arrived after the client said it would start no more.
@@ -58,6 +60,7 @@ impl fmt::Display for ProtoError {
             }
             UnexpectedPayload(t) => write!(f, "{t:?} frame must not carry a head or body"),
             UnexpectedFrame(t) => write!(f, "{t:?} frame is not valid in this direction"),
+            ReservedCallId => f.write_str("request uses call id 0, which is reserved"),
             DuplicateCallId(id) => {
                 write!(f, "request reuses call id {id}, which is still in flight")
             }

@@ -139,6 +139,9 @@ impl ServerConn {
             }
             other => return Err(ProtoError::UnexpectedFrame(other)),
         }
+        if id == 0 {
+            return Err(ProtoError::ReservedCallId);
+        }
         if self.link.goaway_received {
             return Err(ProtoError::RequestAfterGoAway(id));
         }

@@ -720,6 +720,18 @@ fn malformed_request_head_is_answered_with_invalid_argument() {
 }
 
 #[test]
+fn call_id_zero_is_reserved() {
+    let now = Instant::now();
+    let mut server = ServerConn::new(ConnConfig::default(), now, 1);
+    let mut wire = BytesMut::new();
+    raw_request(&mut wire, 0, "/m", b"");
+    assert_eq!(
+        server.handle_read(now, &mut wire),
+        Err(ProtoError::ReservedCallId)
+    );
+}
+
+#[test]
 fn duplicate_call_id_is_a_protocol_error() {
     let now = Instant::now();
     let mut server = ServerConn::new(ConnConfig::default(), now, 1);
