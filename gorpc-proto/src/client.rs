@@ -398,6 +398,11 @@ impl<T> ClientConn<T> {
         }
     }
 
+    /// The data of a call in flight.
+    pub fn user(&self, id: CallId) -> Option<&T> {
+        self.calls.get(&id.0).map(|c| &c.user)
+    }
+
     /// Calls in flight.
     pub fn calls_in_flight(&self) -> usize {
         self.calls.len()

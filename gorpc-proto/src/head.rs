@@ -289,7 +289,8 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
-    pub(crate) fn decode(raw: Bytes) -> Result<Self, HeadError> {
+    /// Decodes and validates a head held in `raw`, keeping `raw` as the backing store.
+    pub fn decode(raw: Bytes) -> Result<Self, HeadError> {
         let parsed = RequestHeadRef::decode(&raw)?;
         let start = parsed.method.as_ptr() as usize - raw.as_ptr() as usize;
         let method = start..start + parsed.method.len();
@@ -299,6 +300,11 @@ impl RequestHead {
             method,
             timeout_micros,
         })
+    }
+
+    /// The encoded head, as received.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.raw
     }
 
     /// The method path, "/package.Service/Method".
@@ -348,5 +354,10 @@ impl ResponseHead {
     /// The first value for `key`.
     pub fn metadata_value(&self, key: &str) -> Option<&[u8]> {
         self.metadata().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    /// The encoded head, as received.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.raw
     }
 }

@@ -344,6 +344,17 @@ impl ServerConn {
         }
     }
 
+    /// Turns the connection away without serving it: a go-away carrying `status` (e.g.
+    /// `ResourceExhausted` at a connection limit), then closed.
+    pub fn refuse(&mut self, status: Status) {
+        if !self.link.closed {
+            if !self.link.goaway_sent {
+                self.link.send_goaway(&status);
+            }
+            self.close(CloseReason::Aborted(status));
+        }
+    }
+
     pub fn handle_eof(&mut self) {
         if !self.link.closed {
             self.close(CloseReason::PeerClosed);

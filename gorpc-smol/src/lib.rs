@@ -1,0 +1,196 @@
+//! gorpc-rs on smol (async-io sockets and timers). Re-exports [`gorpc`], so this is the one
+//! crate a smol user needs. The sockets and timers work under any executor; tasks go to
+//! smol's global executor unless a spawner is given, e.g. async-std's:
+//!
+//! ```no_run
+//! let runtime = gorpc_smol::Smol::with_spawner(|task| {
+//!     // async_std::task::spawn(task);
+//!     # drop(task);
+//! });
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub use gorpc::*;
+
+use std::fmt;
+use std::future::Future;
+use std::io::{self, IoSlice, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use async_io::{Async, Timer};
+use bytes::BytesMut;
+use futures::io::AsyncWrite;
+use futures::FutureExt;
+
+type Spawner = Arc<dyn Fn(BoxFuture<'static, ()>) + Send + Sync>;
+
+/// The smol runtime, as gorpc's drivers use it.
+#[derive(Clone, Default)]
+pub struct Smol {
+    spawner: Option<Spawner>,
+}
+
+impl fmt::Debug for Smol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Smol")
+            .field("custom_spawner", &self.spawner.is_some())
+            .finish()
+    }
+}
+
+impl Smol {
+    /// Tasks run on smol's global executor.
+    pub fn new() -> Self {
+        Smol::default()
+    }
+
+    /// Tasks run wherever `spawn` puts them (async-std, an `async_executor::Executor`...).
+    pub fn with_spawner(spawn: impl Fn(BoxFuture<'static, ()>) + Send + Sync + 'static) -> Self {
+        Smol {
+            spawner: Some(Arc::new(spawn)),
+        }
+    }
+}
+
+/// Bytes a read may take at once.
+const READ_SCRATCH: usize = 16 * 1024;
+
+/// A TCP stream. Reads land in a small scratch buffer first (safe code cannot read into
+/// uninitialised memory), then are appended to gorpc's buffer.
+pub struct SmolIo {
+    stream: Async<TcpStream>,
+    scratch: Box<[u8]>,
+}
+
+impl fmt::Debug for SmolIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmolIo")
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+impl SmolIo {
+    pub fn new(stream: Async<TcpStream>) -> io::Result<Self> {
+        stream.get_ref().set_nodelay(true)?;
+        Ok(SmolIo {
+            stream,
+            scratch: vec![0; READ_SCRATCH].into_boxed_slice(),
+        })
+    }
+}
+
+impl gorpc::runtime::Io for SmolIo {
+    fn poll_read_buf(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.stream.get_ref().read(&mut self.scratch) {
+                Ok(n) => {
+                    buf.extend_from_slice(&self.scratch[..n]);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.stream.poll_readable(cx))?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_close(cx)
+    }
+}
+
+/// A resettable async-io timer.
+#[derive(Debug)]
+pub struct SmolSleep(Timer);
+
+impl Future for SmolSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.0).poll(cx).map(drop)
+    }
+}
+
+impl gorpc::runtime::Sleep for SmolSleep {
+    fn reset(&mut self, deadline: Instant) {
+        self.0.set_at(deadline);
+    }
+}
+
+#[derive(Debug)]
+pub struct SmolListener(Async<TcpListener>);
+
+impl gorpc::runtime::Listener for SmolListener {
+    type Io = SmolIo;
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(SmolIo, SocketAddr)>> {
+        loop {
+            match self.0.get_ref().accept() {
+                Ok((stream, peer)) => {
+                    return Poll::Ready(
+                        Async::new(stream)
+                            .and_then(SmolIo::new)
+                            .map(|io| (io, peer)),
+                    )
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.0.poll_readable(cx))?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+}
+
+impl gorpc::Runtime for Smol {
+    type Io = SmolIo;
+    type Listener = SmolListener;
+    type Sleep = SmolSleep;
+
+    fn spawn<F>(&self, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match &self.spawner {
+            Some(spawn) => spawn(future.boxed()),
+            None => smol::spawn(future).detach(),
+        }
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> SmolSleep {
+        SmolSleep(Timer::at(deadline))
+    }
+
+    fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<SmolIo>> + Send {
+        async move { SmolIo::new(Async::<TcpStream>::connect(addr).await?) }
+    }
+
+    fn bind(&self, addr: SocketAddr) -> impl Future<Output = io::Result<SmolListener>> + Send {
+        async move { Ok(SmolListener(Async::<TcpListener>::bind(addr)?)) }
+    }
+}

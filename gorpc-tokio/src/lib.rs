@@ -1,0 +1,156 @@
+//! gorpc-rs on tokio. Re-exports [`gorpc`], so this is the one crate a tokio user needs.
+//!
+//! ```no_run
+//! use gorpc_tokio::{Client, ClientConfig, Router, Server, Status, Tokio};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let router = Router::new().msgpack("/echo.Echo/Say", |s: String| async move { Ok::<_, Status>(s) });
+//! let server = Server::new(Tokio::current(), router).bind("127.0.0.1:0".parse()?).await?;
+//! let client = Client::connect(Tokio::current(), server.local_addr(), ClientConfig::default()).await?;
+//! let reply: String = client.call("/echo.Echo/Say", &"hi".to_string()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Everything here is the few lines that bind gorpc's drivers to tokio's sockets, timers
+//! and tasks; the drivers themselves live in `gorpc`.
+
+#![forbid(unsafe_code)]
+
+pub use gorpc::*;
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWrite;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+
+/// The tokio runtime, as gorpc's drivers use it: tasks go to the captured runtime handle.
+#[derive(Clone, Debug)]
+pub struct Tokio {
+    handle: Handle,
+}
+
+impl Tokio {
+    /// The runtime this is called from. Panics outside a tokio runtime, like `tokio::spawn`.
+    pub fn current() -> Self {
+        Tokio {
+            handle: Handle::current(),
+        }
+    }
+
+    pub fn from_handle(handle: Handle) -> Self {
+        Tokio { handle }
+    }
+}
+
+/// A TCP stream read straight into the spare capacity of gorpc's buffers.
+#[derive(Debug)]
+pub struct TokioIo(TcpStream);
+
+impl TokioIo {
+    pub fn new(stream: TcpStream) -> io::Result<Self> {
+        stream.set_nodelay(true)?;
+        Ok(TokioIo(stream))
+    }
+}
+
+impl gorpc::runtime::Io for TokioIo {
+    fn poll_read_buf(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.0), cx, buf)
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// A resettable tokio timer.
+#[derive(Debug)]
+pub struct TokioSleep(Pin<Box<tokio::time::Sleep>>);
+
+impl Future for TokioSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl gorpc::runtime::Sleep for TokioSleep {
+    fn reset(&mut self, deadline: Instant) {
+        self.0.as_mut().reset(deadline.into());
+    }
+}
+
+#[derive(Debug)]
+pub struct TokioListener(TcpListener);
+
+impl gorpc::runtime::Listener for TokioListener {
+    type Io = TokioIo;
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(TokioIo, SocketAddr)>> {
+        self.0
+            .poll_accept(cx)
+            .map(|r| r.and_then(|(stream, peer)| Ok((TokioIo::new(stream)?, peer))))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+impl gorpc::Runtime for Tokio {
+    type Io = TokioIo;
+    type Listener = TokioListener;
+    type Sleep = TokioSleep;
+
+    fn spawn<F>(&self, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.handle.spawn(future);
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> TokioSleep {
+        let _entered = self.handle.enter();
+        TokioSleep(Box::pin(tokio::time::sleep_until(deadline.into())))
+    }
+
+    fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<TokioIo>> + Send {
+        // Connect on the captured runtime, so that callers polling from another executor
+        // still get a socket registered with this runtime's reactor.
+        let connecting = self.handle.spawn(TcpStream::connect(addr));
+        async move {
+            let stream = connecting.await.map_err(io::Error::other)??;
+            TokioIo::new(stream)
+        }
+    }
+
+    fn bind(&self, addr: SocketAddr) -> impl Future<Output = io::Result<TokioListener>> + Send {
+        // Binding does not block; registering with the reactor needs the runtime entered.
+        let bound = std::net::TcpListener::bind(addr).and_then(|l| {
+            l.set_nonblocking(true)?;
+            let _entered = self.handle.enter();
+            TcpListener::from_std(l)
+        });
+        std::future::ready(bound.map(TokioListener))
+    }
+}

@@ -1,0 +1,463 @@
+//! One client connection: a driver task that owns the socket and a [`ClientConn`], and a
+//! cheap handle callers use to start calls on it.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::Stream;
+use gorpc_proto::{CallHead, CallId, ClientConn, ClientEvent, Code, ConnConfig, Status};
+
+use crate::io::{reserve_for_read, WriteQueue};
+use crate::metadata::Metadata;
+use crate::runtime::{timeout, Io, Runtime, Sleep};
+
+/// A call as handed to a connection: method, options and the encoded body.
+#[derive(Debug)]
+pub struct OutgoingCall {
+    pub method: Cow<'static, str>,
+    pub codec: u8,
+    pub metadata: Metadata,
+    pub deadline: Option<Instant>,
+    pub body: Bytes,
+}
+
+/// How a call on one connection ended, before any retry.
+#[derive(Debug)]
+pub(crate) enum CallOutcome {
+    Answered(gorpc_proto::Response),
+    Failed(Status),
+    /// The connection closed before the request was written: safe to send elsewhere.
+    NotSent(OutgoingCall),
+}
+
+/// Where a connection's driver leaves a call's outcome for the waiting caller.
+#[derive(Debug, Default)]
+pub(crate) struct CallSlot {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    id: Option<CallId>,
+    outcome: Option<CallOutcome>,
+    waker: Option<Waker>,
+    /// The caller stopped waiting.
+    abandoned: bool,
+}
+
+impl CallSlot {
+    fn finish(&self, outcome: CallOutcome) {
+        let waker = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.outcome = Some(outcome);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+pub(crate) enum Command {
+    Call(OutgoingCall, Arc<CallSlot>),
+    Cancel(CallId),
+}
+
+#[derive(Debug)]
+struct Shared {
+    peer: SocketAddr,
+    /// False once the connection closed or is draining: the pool must not hand it out.
+    usable: AtomicBool,
+}
+
+/// A handle to one connection. Cloning is cheap; the connection closes when its driver
+/// sees it fail, drain, or sit idle, or when every handle is dropped.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    commands: async_channel::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Call(call, _) => f.debug_tuple("Call").field(&call.method).finish(),
+            Command::Cancel(id) => f.debug_tuple("Cancel").field(id).finish(),
+        }
+    }
+}
+
+/// Client connection settings.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionConfig {
+    pub conn: ConnConfig,
+    pub connect_timeout: Duration,
+    /// Close a connection with no call in flight for this long. `None`: keep it.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            conn: ConnConfig::default(),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(300)),
+        }
+    }
+}
+
+impl Connection {
+    /// Connects to `addr` and starts the connection's driver on `runtime`.
+    pub async fn connect<R: Runtime>(
+        runtime: &R,
+        addr: SocketAddr,
+        config: ConnectionConfig,
+    ) -> Result<Self, Status> {
+        let deadline = Instant::now() + config.connect_timeout;
+        let io = match timeout(runtime, deadline, runtime.connect(addr)).await {
+            Some(Ok(io)) => io,
+            Some(Err(e)) => {
+                return Err(Status::new(
+                    Code::Unavailable,
+                    format!("connect to {addr} failed: {e}"),
+                ))
+            }
+            None => {
+                return Err(Status::new(
+                    Code::Unavailable,
+                    format!(
+                        "connect to {addr} timed out after {:?}",
+                        config.connect_timeout
+                    ),
+                ))
+            }
+        };
+        Ok(Self::from_io(runtime, io, addr, config))
+    }
+
+    /// Starts a driver over an already connected stream (a TLS session, a Unix socket...).
+    pub fn from_io<R: Runtime>(
+        runtime: &R,
+        io: R::Io,
+        peer: SocketAddr,
+        config: ConnectionConfig,
+    ) -> Self {
+        let (tx, rx) = async_channel::unbounded();
+        let shared = Arc::new(Shared {
+            peer,
+            usable: AtomicBool::new(true),
+        });
+        let now = Instant::now();
+        let driver = ClientDriver::<R> {
+            sleep: runtime.sleep_until(now),
+            armed: None,
+            io,
+            conn: ClientConn::new(config.conn, now),
+            read_buf: BytesMut::new(),
+            write_queue: WriteQueue::default(),
+            commands: Box::pin(rx),
+            shared: shared.clone(),
+            idle_timeout: config.idle_timeout,
+            idle_since: Some(now),
+            read_closed: false,
+        };
+        runtime.spawn(driver);
+        Connection {
+            commands: tx,
+            shared,
+        }
+    }
+
+    /// Whether new calls can go on this connection.
+    pub fn is_usable(&self) -> bool {
+        self.shared.usable.load(Ordering::Acquire) && !self.commands.is_closed()
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.shared.peer
+    }
+
+    /// Queues a call. Its future resolves when the call ends; dropping it cancels the call.
+    pub(crate) fn start(&self, call: OutgoingCall) -> Result<PendingCall, OutgoingCall> {
+        let slot = Arc::new(CallSlot::default());
+        match self.commands.try_send(Command::Call(call, slot.clone())) {
+            Ok(()) => Ok(PendingCall {
+                slot,
+                commands: self.commands.clone(),
+                done: false,
+            }),
+            Err(e) => match e.into_inner() {
+                Command::Call(call, _) => Err(call),
+                Command::Cancel(_) => unreachable!("sent a call"),
+            },
+        }
+    }
+
+    /// Asks the connection to finish its calls and close.
+    pub fn close(&self) {
+        self.shared.usable.store(false, Ordering::Release);
+        self.commands.close();
+    }
+}
+
+/// A call in flight on one connection.
+#[derive(Debug)]
+pub(crate) struct PendingCall {
+    slot: Arc<CallSlot>,
+    commands: async_channel::Sender<Command>,
+    done: bool,
+}
+
+impl Future for PendingCall {
+    type Output = CallOutcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CallOutcome> {
+        let mut state = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(outcome) = state.outcome.take() {
+            drop(state);
+            self.done = true;
+            return Poll::Ready(outcome);
+        }
+        match &state.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => state.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let id = {
+            let mut state = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.abandoned = true;
+            if state.outcome.is_some() {
+                return;
+            }
+            state.id
+        };
+        // Not started yet: the driver sees `abandoned` and never sends it.
+        if let Some(id) = id {
+            let _ = self.commands.try_send(Command::Cancel(id));
+        }
+    }
+}
+
+struct ClientDriver<R: Runtime> {
+    io: R::Io,
+    conn: ClientConn<Arc<CallSlot>>,
+    read_buf: BytesMut,
+    write_queue: WriteQueue,
+    sleep: R::Sleep,
+    armed: Option<Instant>,
+    commands: Pin<Box<async_channel::Receiver<Command>>>,
+    shared: Arc<Shared>,
+    idle_timeout: Option<Duration>,
+    /// When the last call finished, while none is in flight.
+    idle_since: Option<Instant>,
+    read_closed: bool,
+}
+
+impl<R: Runtime> ClientDriver<R> {
+    fn poll_once(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        let now = Instant::now();
+
+        if !self.conn.is_closed() {
+            loop {
+                match self.commands.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(Command::Call(call, slot))) => {
+                        progress = true;
+                        self.start_call(now, call, slot);
+                    }
+                    Poll::Ready(Some(Command::Cancel(id))) => {
+                        progress = true;
+                        self.conn.cancel(id);
+                    }
+                    Poll::Ready(None) => {
+                        // Every handle is gone, or the pool closed us: drain and stop.
+                        if self.conn.is_accepting_calls() {
+                            self.conn.go_away();
+                            progress = true;
+                        }
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+        }
+
+        if !self.read_closed && !self.conn.is_closed() {
+            reserve_for_read(&mut self.read_buf);
+            match self.io.poll_read_buf(cx, &mut self.read_buf) {
+                Poll::Ready(Ok(0)) => {
+                    self.read_closed = true;
+                    self.conn.handle_eof();
+                    progress = true;
+                }
+                Poll::Ready(Ok(_)) => {
+                    let _ = self.conn.handle_read(Instant::now(), &mut self.read_buf);
+                    progress = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    self.read_closed = true;
+                    self.conn.abort(Status::new(
+                        Code::Unavailable,
+                        format!("connection to {} failed: {e}", self.shared.peer),
+                    ));
+                    progress = true;
+                }
+                Poll::Pending => {}
+            }
+        }
+
+        while let Some(event) = self.conn.poll_event() {
+            progress = true;
+            match event {
+                ClientEvent::Finished { user, result, .. } => user.finish(match result {
+                    Ok(response) => CallOutcome::Answered(response),
+                    Err(status) => CallOutcome::Failed(status),
+                }),
+                ClientEvent::GoAway(status) => {
+                    tracing::debug!(peer = %self.shared.peer, %status, "server sent go-away");
+                    self.shared.usable.store(false, Ordering::Release);
+                }
+                ClientEvent::Closed(reason) => {
+                    tracing::debug!(peer = %self.shared.peer, ?reason, "connection closed");
+                    self.shared.usable.store(false, Ordering::Release);
+                    self.commands.close();
+                    // Calls queued behind the close never left: hand them back for a retry.
+                    while let Ok(command) = self.commands.try_recv() {
+                        if let Command::Call(call, slot) = command {
+                            slot.finish(CallOutcome::NotSent(call));
+                        }
+                    }
+                }
+            }
+        }
+
+        let in_flight = self.conn.calls_in_flight();
+        if in_flight > 0 {
+            self.idle_since = None;
+        } else if self.idle_since.is_none() {
+            self.idle_since = Some(now);
+        }
+        let idle_deadline = match (self.idle_since, self.idle_timeout) {
+            (Some(since), Some(limit)) if self.conn.is_accepting_calls() => {
+                since.checked_add(limit)
+            }
+            _ => None,
+        };
+        if idle_deadline.is_some_and(|at| at <= now) {
+            self.shared.usable.store(false, Ordering::Release);
+            self.conn.go_away();
+            progress = true;
+        }
+
+        let next = match (self.conn.poll_timeout(), idle_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(at) = next {
+            if at <= now {
+                self.conn.handle_timeout(now);
+                progress = true;
+            } else {
+                if self.armed != Some(at) {
+                    self.sleep.reset(at);
+                    self.armed = Some(at);
+                }
+                if Pin::new(&mut self.sleep).poll(cx).is_ready() {
+                    self.armed = None;
+                    progress = true;
+                }
+            }
+        }
+
+        while let Some(chunk) = self.conn.poll_transmit() {
+            self.write_queue.push(chunk);
+        }
+        if let Poll::Ready(Err(e)) = self.write_queue.poll_write(&mut self.io, cx) {
+            self.write_queue = WriteQueue::default();
+            if !self.conn.is_closed() {
+                self.conn.abort(Status::new(
+                    Code::Unavailable,
+                    format!("connection to {} failed: {e}", self.shared.peer),
+                ));
+                progress = true;
+            }
+        }
+        progress
+    }
+
+    fn start_call(&mut self, now: Instant, call: OutgoingCall, slot: Arc<CallSlot>) {
+        if slot
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .abandoned
+        {
+            return;
+        }
+        let head = CallHead::new(&call.method, call.codec).with_metadata(call.metadata.iter());
+        let head = match call.deadline {
+            Some(deadline) => head.with_deadline(deadline),
+            None => head,
+        };
+        match self.conn.start_call(now, head, call.body.clone(), slot) {
+            Ok(id) => {
+                let Some(slot) = self.conn.user(id) else {
+                    return;
+                };
+                let abandoned = {
+                    let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+                    state.id = Some(id);
+                    state.abandoned
+                };
+                // The caller left between the two checks: cancel it ourselves.
+                if abandoned {
+                    self.conn.cancel(id);
+                }
+            }
+            Err(rejected) => {
+                let outcome = if rejected.status.code() == Code::Unavailable {
+                    CallOutcome::NotSent(call)
+                } else {
+                    CallOutcome::Failed(rejected.status)
+                };
+                rejected.user.finish(outcome);
+            }
+        }
+    }
+}
+
+impl<R: Runtime> Future for ClientDriver<R> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let mut budget = 64;
+        while this.poll_once(cx) {
+            budget -= 1;
+            if budget == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+        }
+        if this.conn.is_closed() && (this.write_queue.is_empty() || this.read_closed) {
+            let _ = this.io.poll_shutdown(cx);
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}

@@ -1,0 +1,226 @@
+//! Calling: a [`Client`] sends calls through a [`Pool`] of connections.
+
+mod conn;
+mod pool;
+
+pub use conn::{Connection, ConnectionConfig, OutgoingCall};
+pub use pool::{Checkout, EndpointPool, Pool, PoolConfig};
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gorpc_proto::{Code, Status};
+
+use crate::codec::{encode_to_bytes, id_name, Codec, MsgPack};
+use crate::metadata::Metadata;
+use crate::runtime::Runtime;
+use crate::service::{Request, Response};
+use conn::CallOutcome;
+
+/// Options of one call.
+#[derive(Clone, Debug, Default)]
+pub struct CallOptions {
+    /// Overrides the client's default timeout.
+    pub timeout: Option<Duration>,
+    pub metadata: Metadata,
+}
+
+/// A successful raw response: body still encoded.
+#[derive(Clone, Debug)]
+pub struct RawResponse {
+    pub codec: u8,
+    pub metadata: Metadata,
+    pub body: Bytes,
+}
+
+/// Client settings.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientConfig {
+    pub pool: PoolConfig,
+    /// Applied to calls that set no timeout. `None`: wait as long as the connection lives.
+    pub default_timeout: Option<Duration>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            pool: PoolConfig::default(),
+            default_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Sends calls. Cheap to clone; clones share the pool. Generated clients and the
+/// codegen-free style both call through it, on any runtime.
+#[derive(Clone)]
+pub struct Client {
+    pool: Arc<dyn Pool>,
+    default_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("default_timeout", &self.default_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Calls that never left the client (their connection closed first) are sent again on
+/// another connection this many times.
+const NOT_SENT_RETRIES: usize = 2;
+
+impl Client {
+    /// A client over any pool.
+    pub fn new(pool: impl Pool, default_timeout: Option<Duration>) -> Self {
+        Client {
+            pool: Arc::new(pool),
+            default_timeout,
+        }
+    }
+
+    /// A client of one endpoint that connects on first use.
+    pub fn lazy<R: Runtime>(runtime: R, addr: SocketAddr, config: ClientConfig) -> Self {
+        Client::new(
+            EndpointPool::new(runtime, addr, config.pool),
+            config.default_timeout,
+        )
+    }
+
+    /// A client of one endpoint, connected before this returns.
+    pub async fn connect<R: Runtime>(
+        runtime: R,
+        addr: SocketAddr,
+        config: ClientConfig,
+    ) -> Result<Self, Status> {
+        let pool = EndpointPool::new(runtime, addr, config.pool);
+        pool.warm_up().await?;
+        Ok(Client::new(pool, config.default_timeout))
+    }
+
+    /// Sends an encoded body and returns the encoded answer. Dropping the future cancels the
+    /// call on the server.
+    pub async fn call_raw(
+        &self,
+        method: impl Into<Cow<'static, str>>,
+        codec: u8,
+        body: Bytes,
+        options: CallOptions,
+    ) -> Result<RawResponse, Status> {
+        let timeout = options.timeout.or(self.default_timeout);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let mut call = OutgoingCall {
+            method: method.into(),
+            codec,
+            metadata: options.metadata,
+            deadline,
+            body,
+        };
+        for _ in 0..=NOT_SENT_RETRIES {
+            let conn = match self.pool.checkout() {
+                Checkout::Ready(conn) => conn,
+                Checkout::Wait(wait) => wait.await?,
+                Checkout::Failed(status) => return Err(status),
+            };
+            let pending = match conn.start(call) {
+                Ok(pending) => pending,
+                Err(unsent) => {
+                    call = unsent;
+                    continue;
+                }
+            };
+            match pending.await {
+                CallOutcome::Answered(rsp) if rsp.status.is_ok() => {
+                    let metadata = Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
+                    return Ok(RawResponse {
+                        codec: rsp.codec,
+                        metadata,
+                        body: rsp.body,
+                    });
+                }
+                CallOutcome::Answered(rsp) => return Err(rsp.status),
+                CallOutcome::Failed(status) => return Err(status),
+                CallOutcome::NotSent(unsent) => call = unsent,
+            }
+        }
+        Err(Status::new(
+            Code::Unavailable,
+            "no connection stayed open long enough to send the call",
+        ))
+    }
+
+    /// A unary call with typed messages in `codec`. Request metadata and deadline are taken
+    /// from `request`.
+    pub async fn unary<C, Req, Rsp>(
+        &self,
+        method: impl Into<Cow<'static, str>>,
+        codec: C,
+        request: Request<Req>,
+    ) -> Result<Response<Rsp>, Status>
+    where
+        C: Codec<Req> + Codec<Rsp>,
+    {
+        let body = encode_to_bytes::<Req, C>(&codec, &request.message, 128)?;
+        let timeout = request
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        let options = CallOptions {
+            timeout,
+            metadata: request.metadata,
+        };
+        let expected = Codec::<Rsp>::id(&codec);
+        let raw = self.call_raw(method, expected, body, options).await?;
+        if raw.codec != expected {
+            return Err(Status::new(
+                Code::Internal,
+                format!(
+                    "server answered in codec {} ({}), expected {}",
+                    raw.codec,
+                    id_name(raw.codec),
+                    Codec::<Rsp>::name(&codec)
+                ),
+            ));
+        }
+        let message = Codec::<Rsp>::decode(&codec, raw.body)?;
+        Ok(Response {
+            message,
+            metadata: raw.metadata,
+        })
+    }
+
+    /// The codegen-free style: serde types over msgpack.
+    pub async fn call<Req, Rsp>(&self, method: &str, request: &Req) -> Result<Rsp, Status>
+    where
+        Req: serde::Serialize + serde::de::DeserializeOwned,
+        Rsp: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        self.call_with(method, request, CallOptions::default())
+            .await
+    }
+
+    /// [`call`](Self::call) with a timeout or metadata.
+    pub async fn call_with<Req, Rsp>(
+        &self,
+        method: &str,
+        request: &Req,
+        options: CallOptions,
+    ) -> Result<Rsp, Status>
+    where
+        Req: serde::Serialize + serde::de::DeserializeOwned,
+        Rsp: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        let body = encode_to_bytes::<Req, MsgPack>(&MsgPack, request, 64)?;
+        let raw = self
+            .call_raw(
+                method.to_owned(),
+                gorpc_proto::codec::MSGPACK,
+                body,
+                options,
+            )
+            .await?;
+        Codec::<Rsp>::decode(&MsgPack, raw.body)
+    }
+}

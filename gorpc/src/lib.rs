@@ -1,0 +1,27 @@
+//! gorpc-rs: services, codecs, clients and the connection drivers, over any async runtime.
+//!
+//! Users depend on a runtime adapter (gorpc-tokio or gorpc-smol), which re-exports this
+//! crate and supplies a [`Runtime`]. The adapters only move bytes and time; every loop that
+//! runs a connection lives here, written once over [`runtime`]'s traits, and the protocol
+//! itself lives in the sans-IO core, [`gorpc_proto`].
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod codec;
+mod io;
+pub mod metadata;
+pub mod runtime;
+pub mod server;
+pub mod service;
+
+pub use client::{CallOptions, Client, ClientConfig, RawResponse};
+pub use codec::{Codec, MsgPack, Protobuf, Raw};
+pub use gorpc_proto::{self as proto, Code, ConnConfig, KeepaliveConfig, Limits, Status};
+pub use metadata::Metadata;
+pub use runtime::Runtime;
+pub use server::{Server, ServerConfig, ServerHandle, Shutdown};
+pub use service::{Request, Response, Router, ServerReply, ServerRequest, Service};
+
+/// A future boxed for dynamic dispatch.
+pub use futures::future::BoxFuture;

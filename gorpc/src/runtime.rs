@@ -1,0 +1,83 @@
+//! What a runtime adapter provides: sockets, a resettable timer and task spawning. Everything
+//! else (connection drivers, pools, servers) is written once, here, over these traits.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::BytesMut;
+
+/// A connected byte stream (TCP today; TLS and others wrap one).
+pub trait Io: Send + Unpin + 'static {
+    /// Reads into the spare capacity of `buf`, appending. `Ok(0)` means end of stream.
+    fn poll_read_buf(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>>;
+
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>>;
+
+    /// Closes the write side once everything written has been flushed.
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+/// A timer that can be re-armed without allocating.
+pub trait Sleep: Future<Output = ()> + Send + Unpin + 'static {
+    fn reset(&mut self, deadline: Instant);
+}
+
+/// A bound listening socket.
+pub trait Listener: Send + Sync + 'static {
+    type Io: Io;
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Self::Io, SocketAddr)>>;
+
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+/// An async runtime, as the drivers see it. Implemented by gorpc-tokio and gorpc-smol.
+pub trait Runtime: Clone + Send + Sync + Unpin + 'static {
+    type Io: Io;
+    type Listener: Listener<Io = Self::Io>;
+    type Sleep: Sleep;
+
+    /// Runs a task to completion in the background.
+    fn spawn<F>(&self, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static;
+
+    fn sleep_until(&self, deadline: Instant) -> Self::Sleep;
+
+    /// Opens a TCP connection with `TCP_NODELAY` set.
+    fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Io>> + Send;
+
+    fn bind(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Listener>> + Send;
+}
+
+/// Runs `future` unless `deadline` passes first.
+pub(crate) async fn timeout<R: Runtime, T>(
+    runtime: &R,
+    deadline: Instant,
+    future: impl Future<Output = T>,
+) -> Option<T> {
+    let mut future = std::pin::pin!(future);
+    let mut sleep = runtime.sleep_until(deadline);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        match Pin::new(&mut sleep).poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}

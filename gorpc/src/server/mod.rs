@@ -1,0 +1,230 @@
+//! Serving: accept connections, run a driver per connection, shut down gracefully.
+
+mod conn;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use gorpc_proto::{Code, ConnConfig, Status};
+
+use crate::runtime::{timeout, Listener, Runtime};
+use crate::service::Service;
+use conn::{ServerConnection, Signals};
+
+/// Server settings.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerConfig {
+    /// Limits and keepalive of each connection (see [`gorpc_proto::Limits`]).
+    pub conn: ConnConfig,
+    /// Connections served at once; one more is told `ResourceExhausted` and closed.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let mut conn = ConnConfig::default();
+        // Clients ping; the server only answers unless told otherwise, and notices dead
+        // clients through TCP.
+        conn.keepalive.interval = Some(Duration::from_secs(120));
+        conn.keepalive.timeout = Duration::from_secs(20);
+        ServerConfig {
+            conn,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// A server that is not running yet.
+pub struct Server<R: Runtime> {
+    runtime: R,
+    service: Arc<dyn Service>,
+    config: ServerConfig,
+}
+
+impl<R: Runtime> std::fmt::Debug for Server<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Runtime> Server<R> {
+    pub fn new(runtime: R, service: impl Service) -> Self {
+        Server {
+            runtime,
+            service: Arc::new(service),
+            config: ServerConfig::default(),
+        }
+    }
+
+    pub fn config(mut self, config: ServerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.config.max_connections = n;
+        self
+    }
+
+    /// Binds `addr` and starts serving in the background.
+    pub async fn bind(self, addr: SocketAddr) -> io::Result<ServerHandle<R>> {
+        let listener = self.runtime.bind(addr).await?;
+        self.serve(listener)
+    }
+
+    /// Serves connections accepted on `listener`, in the background.
+    pub fn serve(self, listener: R::Listener) -> io::Result<ServerHandle<R>> {
+        let local_addr = listener.local_addr()?;
+        let (drain_tx, drain) = async_channel::bounded(1);
+        let (abort_tx, abort) = async_channel::bounded(1);
+        let (alive_tx, alive_rx) = async_channel::bounded::<()>(1);
+        let signals = Signals { drain, abort };
+        let accept = AcceptLoop {
+            runtime: self.runtime.clone(),
+            listener,
+            service: self.service,
+            config: self.config,
+            signals,
+            active: Arc::new(AtomicUsize::new(0)),
+            // The loop keeps the signal channels open until they are closed on purpose, so
+            // dropping the handle leaves the server running.
+            keep_open: (drain_tx.clone(), abort_tx.clone()),
+            alive: alive_tx,
+        };
+        self.runtime.spawn(accept.run());
+        Ok(ServerHandle {
+            runtime: self.runtime,
+            local_addr,
+            drain_tx,
+            abort_tx,
+            alive_rx,
+        })
+    }
+}
+
+/// Controls a running server. Dropping it leaves the server running.
+#[derive(Debug)]
+pub struct ServerHandle<R: Runtime> {
+    runtime: R,
+    local_addr: SocketAddr,
+    drain_tx: async_channel::Sender<()>,
+    abort_tx: async_channel::Sender<()>,
+    alive_rx: async_channel::Receiver<()>,
+}
+
+/// How a shutdown went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Every connection drained: every call that reached the server was answered.
+    Graceful,
+    /// The grace period ran out and the remaining connections were closed.
+    Forced,
+}
+
+impl<R: Runtime> ServerHandle<R> {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, tells every client to go away, and waits for calls in flight to be
+    /// answered; after `grace`, closes whatever is left. Returns once every connection is
+    /// closed.
+    pub async fn shutdown(self, grace: Duration) -> Shutdown {
+        self.drain_tx.close();
+        let deadline = Instant::now()
+            .checked_add(grace)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+        if timeout(&self.runtime, deadline, self.alive_rx.recv())
+            .await
+            .is_some()
+        {
+            return Shutdown::Graceful;
+        }
+        self.abort_tx.close();
+        let _ = self.alive_rx.recv().await;
+        Shutdown::Forced
+    }
+
+    /// Closes every connection at once, answering nothing more.
+    pub async fn abort(self) {
+        self.drain_tx.close();
+        self.abort_tx.close();
+        let _ = self.alive_rx.recv().await;
+    }
+}
+
+struct AcceptLoop<R: Runtime> {
+    runtime: R,
+    listener: R::Listener,
+    service: Arc<dyn Service>,
+    config: ServerConfig,
+    signals: Signals,
+    active: Arc<AtomicUsize>,
+    keep_open: (async_channel::Sender<()>, async_channel::Sender<()>),
+    alive: async_channel::Sender<()>,
+}
+
+/// Counts a connection for `max_connections` while it lives.
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<R: Runtime> AcceptLoop<R> {
+    async fn run(self) {
+        let mut drain: conn::SignalRx = Box::pin(self.signals.drain.clone());
+        loop {
+            let accepted = std::future::poll_fn(|cx| {
+                if conn::poll_closed(&mut drain, cx) {
+                    return Poll::Ready(None);
+                }
+                self.listener.poll_accept(cx).map(Some)
+            })
+            .await;
+            let (io, peer) = match accepted {
+                None => break, // draining: stop accepting and release the port
+                Some(Ok(accepted)) => accepted,
+                Some(Err(e)) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    let later = Instant::now() + Duration::from_millis(50);
+                    self.runtime.sleep_until(later).await;
+                    continue;
+                }
+            };
+            let guard = ActiveGuard(self.active.clone());
+            let over_limit =
+                self.active.fetch_add(1, Ordering::Relaxed) >= self.config.max_connections;
+            let mut conn = ServerConnection::new(
+                self.runtime.clone(),
+                io,
+                peer,
+                self.config.conn,
+                self.service.clone(),
+                self.signals.clone(),
+            );
+            if over_limit {
+                conn.refuse(Status::new(
+                    Code::ResourceExhausted,
+                    "server is at its connection limit",
+                ));
+            }
+            let alive = self.alive.clone();
+            self.runtime.spawn(async move {
+                conn.await;
+                drop(guard);
+                drop(alive);
+            });
+        }
+        drop(self.keep_open);
+    }
+}

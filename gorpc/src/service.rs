@@ -1,0 +1,267 @@
+//! The server side as users see it: a [`Service`] answers raw calls; a [`Router`] maps method
+//! paths to handlers of typed messages.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use gorpc_proto::{Code, RequestHead, Status};
+
+use crate::codec::{encode_to_bytes, id_name, Codec, MsgPack};
+use crate::metadata::Metadata;
+
+/// One call as it arrived, body still encoded.
+#[derive(Clone, Debug)]
+pub struct ServerRequest {
+    pub(crate) head: RequestHead,
+    pub codec: u8,
+    pub body: Bytes,
+    /// When the client stops waiting, on this host's clock.
+    pub deadline: Option<Instant>,
+    pub peer: Option<SocketAddr>,
+}
+
+impl ServerRequest {
+    /// Builds a request by hand, e.g. to test a service without a connection.
+    pub fn new(method: &str, codec: u8, metadata: &Metadata, body: Bytes) -> Self {
+        let mut raw = bytes::BytesMut::new();
+        gorpc_proto::head::encode_request_head(method, 0, metadata.iter(), &mut raw);
+        let head = RequestHead::decode(raw.freeze()).expect("a head this crate encoded decodes");
+        ServerRequest {
+            head,
+            codec,
+            body,
+            deadline: None,
+            peer: None,
+        }
+    }
+
+    /// "/package.Service/Method".
+    pub fn method(&self) -> &str {
+        self.head.method()
+    }
+
+    pub fn metadata(&self) -> Metadata {
+        Metadata::from_wire(self.head.metadata(), self.head.as_bytes())
+    }
+
+    /// The first metadata value for `key`, without copying the rest.
+    pub fn metadata_value(&self, key: &str) -> Option<&[u8]> {
+        self.head.metadata_value(key)
+    }
+}
+
+/// The answer to a call: a status, metadata and an encoded body (empty on errors).
+#[derive(Clone, Debug)]
+pub struct ServerReply {
+    pub status: Status,
+    pub metadata: Metadata,
+    pub body: Bytes,
+}
+
+impl ServerReply {
+    pub fn ok(body: Bytes) -> Self {
+        ServerReply {
+            status: Status::ok(),
+            metadata: Metadata::new(),
+            body,
+        }
+    }
+
+    pub fn error(status: Status) -> Self {
+        ServerReply {
+            status,
+            metadata: Metadata::new(),
+            body: Bytes::new(),
+        }
+    }
+}
+
+/// Answers calls. Implemented by [`Router`] and by generated code; implement it directly
+/// for full control (a proxy, say).
+pub trait Service: Send + Sync + 'static {
+    fn call(&self, request: ServerRequest) -> BoxFuture<'static, ServerReply>;
+}
+
+impl<S: Service + ?Sized> Service for Arc<S> {
+    fn call(&self, request: ServerRequest) -> BoxFuture<'static, ServerReply> {
+        (**self).call(request)
+    }
+}
+
+/// A decoded request message with its call's context.
+#[derive(Clone, Debug)]
+pub struct Request<T> {
+    pub message: T,
+    pub metadata: Metadata,
+    pub deadline: Option<Instant>,
+    pub peer: Option<SocketAddr>,
+}
+
+impl<T> Request<T> {
+    pub fn new(message: T) -> Self {
+        Request {
+            message,
+            metadata: Metadata::new(),
+            deadline: None,
+            peer: None,
+        }
+    }
+
+    pub fn into_inner(self) -> T {
+        self.message
+    }
+}
+
+/// A response message with the metadata to send back.
+#[derive(Clone, Debug)]
+pub struct Response<T> {
+    pub message: T,
+    pub metadata: Metadata,
+}
+
+impl<T> Response<T> {
+    pub fn new(message: T) -> Self {
+        Response {
+            message,
+            metadata: Metadata::new(),
+        }
+    }
+
+    pub fn into_inner(self) -> T {
+        self.message
+    }
+}
+
+type Handler = Arc<dyn Fn(ServerRequest) -> BoxFuture<'static, ServerReply> + Send + Sync>;
+
+/// Routes calls by method path. Unknown methods get `Unimplemented`.
+#[derive(Clone, Default)]
+pub struct Router {
+    routes: HashMap<Box<str>, Handler>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("methods", &self.routes.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Router {
+    pub fn new() -> Self {
+        Router::default()
+    }
+
+    /// Routes `method` to a handler of raw calls.
+    pub fn route<F, Fut>(mut self, method: &str, handler: F) -> Self
+    where
+        F: Fn(ServerRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ServerReply> + Send + 'static,
+    {
+        self.routes
+            .insert(method.into(), Arc::new(move |req| handler(req).boxed()));
+        self
+    }
+
+    /// Routes `method` to a handler of typed messages in `codec`.
+    pub fn unary<C, Req, Rsp, F, Fut>(self, method: &str, codec: C, handler: F) -> Self
+    where
+        C: Codec<Req> + Codec<Rsp> + Clone,
+        Req: Send + 'static,
+        Rsp: Send + 'static,
+        F: Fn(Request<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Response<Rsp>, Status>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        self.route(method, move |req: ServerRequest| {
+            let decoded = decode_request::<C, Req>(&codec, req);
+            let codec = codec.clone();
+            let handler = handler.clone();
+            async move {
+                let request = match decoded {
+                    Ok(r) => r,
+                    Err(status) => return ServerReply::error(status),
+                };
+                match handler(request).await {
+                    Ok(rsp) => match encode_to_bytes::<Rsp, C>(&codec, &rsp.message, 128) {
+                        Ok(body) => ServerReply {
+                            status: Status::ok(),
+                            metadata: rsp.metadata,
+                            body,
+                        },
+                        Err(status) => ServerReply::error(status),
+                    },
+                    Err(status) => ServerReply::error(status),
+                }
+            }
+        })
+    }
+
+    /// The codegen-free style: a handler of serde types, msgpack on the wire.
+    pub fn msgpack<Req, Rsp, F, Fut>(self, method: &str, handler: F) -> Self
+    where
+        Req: serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
+        Rsp: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+        F: Fn(Req) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Rsp, Status>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        self.unary(method, MsgPack, move |req: Request<Req>| {
+            let fut = handler(req.message);
+            async move { fut.await.map(Response::new) }
+        })
+    }
+
+    /// The method paths routed.
+    pub fn methods(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(|k| k.as_ref())
+    }
+}
+
+fn decode_request<C: Codec<Req>, Req>(
+    codec: &C,
+    req: ServerRequest,
+) -> Result<Request<Req>, Status> {
+    if req.codec != codec.id() {
+        return Err(Status::new(
+            Code::InvalidArgument,
+            format!(
+                "{} expects {} bodies, got codec {} ({})",
+                req.method(),
+                codec.name(),
+                req.codec,
+                id_name(req.codec)
+            ),
+        ));
+    }
+    let metadata = req.metadata();
+    let message = codec.decode(req.body)?;
+    Ok(Request {
+        message,
+        metadata,
+        deadline: req.deadline,
+        peer: req.peer,
+    })
+}
+
+impl Service for Router {
+    fn call(&self, request: ServerRequest) -> BoxFuture<'static, ServerReply> {
+        match self.routes.get(request.method()) {
+            Some(handler) => handler(request),
+            None => {
+                let status = Status::new(
+                    Code::Unimplemented,
+                    format!("unknown method {}", request.method()),
+                );
+                futures::future::ready(ServerReply::error(status)).boxed()
+            }
+        }
+    }
+}
