@@ -186,11 +186,11 @@ impl gorpc::Runtime for Smol {
         SmolSleep(Timer::at(deadline))
     }
 
-    fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<SmolIo>> + Send {
-        async move { SmolIo::new(Async::<TcpStream>::connect(addr).await?) }
+    async fn connect(&self, addr: SocketAddr) -> io::Result<SmolIo> {
+        SmolIo::new(Async::<TcpStream>::connect(addr).await?)
     }
 
-    fn bind(&self, addr: SocketAddr) -> impl Future<Output = io::Result<SmolListener>> + Send {
-        async move { Ok(SmolListener(Async::<TcpListener>::bind(addr)?)) }
+    async fn bind(&self, addr: SocketAddr) -> io::Result<SmolListener> {
+        Ok(SmolListener(Async::<TcpListener>::bind(addr)?))
     }
 }

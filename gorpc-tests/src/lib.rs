@@ -1,1 +1,101 @@
-//! Integration tests live in tests/.
+//! Support for the integration tests in tests/: run one scenario on every runtime pairing.
+//!
+//! A scenario is an `async fn(server: S, client: C)` generic over the server's and the
+//! client's [`Runtime`]. [`on_every_runtime!`] turns it into one `#[test]` per pairing:
+//! tokio, smol, the smol adapter under the async-std executor, and both cross pairings
+//! (a tokio server with a smol client, and the other way round).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use gorpc::Runtime;
+pub use gorpc_smol::Smol;
+pub use gorpc_tokio::Tokio;
+pub use {async_std, smol};
+
+/// A multi-threaded tokio runtime of two workers (the CI machine has two cores).
+pub fn tokio_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The smol adapter with its tasks on async-std's executor.
+pub fn async_std_runtime() -> Smol {
+    Smol::with_spawner(|task| {
+        async_std::task::spawn(task);
+    })
+}
+
+/// Waits on `runtime`'s timer.
+pub async fn sleep<R: Runtime>(runtime: &R, d: Duration) {
+    runtime.sleep_until(Instant::now() + d).await
+}
+
+/// Runs `future`, panicking with `what` if it takes longer than `limit`: every wait in
+/// these tests is bounded.
+pub async fn within<R: Runtime, T>(
+    runtime: &R,
+    limit: Duration,
+    what: &str,
+    future: impl Future<Output = T>,
+) -> T {
+    let mut future = std::pin::pin!(future);
+    let mut timer = runtime.sleep_until(Instant::now() + limit);
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(v) = future.as_mut().poll(cx) {
+            return std::task::Poll::Ready(v);
+        }
+        if std::pin::Pin::new(&mut timer).poll(cx).is_ready() {
+            panic!("{what}: still waiting after {limit:?}");
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// One `#[test]` per runtime pairing for each scenario named.
+#[macro_export]
+macro_rules! on_every_runtime {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                use super::*;
+
+                #[test]
+                fn tokio() {
+                    let rt = $crate::tokio_runtime();
+                    let t = $crate::Tokio::from_handle(rt.handle().clone());
+                    rt.block_on(super::$scenario(t.clone(), t));
+                }
+
+                #[test]
+                fn smol() {
+                    $crate::smol::block_on(super::$scenario($crate::Smol::new(), $crate::Smol::new()));
+                }
+
+                #[test]
+                fn smol_on_async_std() {
+                    let rt = $crate::async_std_runtime();
+                    $crate::async_std::task::block_on(super::$scenario(rt.clone(), rt));
+                }
+
+                #[test]
+                fn tokio_server_smol_client() {
+                    let rt = $crate::tokio_runtime();
+                    let t = $crate::Tokio::from_handle(rt.handle().clone());
+                    $crate::smol::block_on(super::$scenario(t, $crate::Smol::new()));
+                }
+
+                #[test]
+                fn smol_server_tokio_client() {
+                    let rt = $crate::tokio_runtime();
+                    let t = $crate::Tokio::from_handle(rt.handle().clone());
+                    rt.block_on(super::$scenario($crate::Smol::new(), t));
+                }
+            }
+        )*
+    };
+}
