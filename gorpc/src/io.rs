@@ -1,51 +1,190 @@
-//! Byte plumbing shared by the client and server drivers: the read buffer and a vectored
-//! write queue.
+//! Byte and timer plumbing shared by the client and server drivers: a [`Transport`] moves
+//! bytes and time between a socket and either side's protocol state machine.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
+use gorpc_proto::{ClientConn, Code, ProtoError, ServerConn, Status};
 
-use crate::runtime::Io;
+use crate::runtime::{Io, Runtime, Sleep};
 
 /// Spare room the read buffer is given before each read.
 const READ_CHUNK: usize = 16 * 1024;
 /// Chunks handed to one `writev`.
 const MAX_IOV: usize = 64;
 
-/// Makes room for the next read. Frames handed out as `Bytes` keep their part of the old
-/// buffer alive; the rest is reused once they are dropped.
-pub(crate) fn reserve_for_read(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
+/// What a driver needs from either side's state machine.
+pub(crate) trait Endpoint {
+    fn handle_read(&mut self, now: Instant, buf: &mut BytesMut) -> Result<(), ProtoError>;
+    fn handle_eof(&mut self);
+    fn abort(&mut self, status: Status);
+    fn poll_transmit(&mut self) -> Option<Bytes>;
+    fn is_closed(&self) -> bool;
+}
+
+macro_rules! forward_endpoint {
+    ($ty:ty $(, $generic:ident)?) => {
+        impl$(<$generic>)? Endpoint for $ty {
+            fn handle_read(&mut self, now: Instant, buf: &mut BytesMut) -> Result<(), ProtoError> {
+                <$ty>::handle_read(self, now, buf)
+            }
+            fn handle_eof(&mut self) {
+                <$ty>::handle_eof(self)
+            }
+            fn abort(&mut self, status: Status) {
+                <$ty>::abort(self, status)
+            }
+            fn poll_transmit(&mut self) -> Option<Bytes> {
+                <$ty>::poll_transmit(self)
+            }
+            fn is_closed(&self) -> bool {
+                <$ty>::is_closed(self)
+            }
+        }
+    };
+}
+
+forward_endpoint!(ClientConn<T>, T);
+forward_endpoint!(ServerConn);
+
+/// A socket with its read buffer, write queue and the connection's one timer.
+pub(crate) struct Transport<R: Runtime> {
+    io: R::Io,
+    read_buf: BytesMut,
+    write_queue: WriteQueue,
+    sleep: R::Sleep,
+    armed: Option<Instant>,
+    read_closed: bool,
+}
+
+impl<R: Runtime> Transport<R> {
+    pub(crate) fn new(runtime: &R, io: R::Io) -> Self {
+        Transport {
+            sleep: runtime.sleep_until(Instant::now()),
+            io,
+            read_buf: BytesMut::new(),
+            write_queue: WriteQueue::default(),
+            armed: None,
+            read_closed: false,
+        }
     }
+
+    /// Reads once and feeds the bytes to `conn`. Returns whether anything happened.
+    /// Protocol errors surface as the state machine's `Closed` event.
+    pub(crate) fn poll_read(&mut self, cx: &mut Context<'_>, conn: &mut impl Endpoint) -> bool {
+        if self.read_closed || conn.is_closed() {
+            return false;
+        }
+        if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
+            self.read_buf.reserve(READ_CHUNK);
+        }
+        match self.io.poll_read_buf(cx, &mut self.read_buf) {
+            Poll::Ready(Ok(0)) => {
+                self.read_closed = true;
+                conn.handle_eof();
+            }
+            Poll::Ready(Ok(_)) => {
+                let _ = conn.handle_read(Instant::now(), &mut self.read_buf);
+            }
+            Poll::Ready(Err(e)) => {
+                self.read_closed = true;
+                conn.abort(Status::new(Code::Unavailable, format!("read failed: {e}")));
+            }
+            Poll::Pending => return false,
+        }
+        true
+    }
+
+    /// Arms the timer for `at` and reports whether it is due.
+    pub(crate) fn poll_timer(
+        &mut self,
+        cx: &mut Context<'_>,
+        at: Option<Instant>,
+        now: Instant,
+    ) -> bool {
+        let Some(at) = at else { return false };
+        if at <= now {
+            return true;
+        }
+        if self.armed != Some(at) {
+            self.sleep.reset(at);
+            self.armed = Some(at);
+        }
+        if Pin::new(&mut self.sleep).poll(cx).is_ready() {
+            self.armed = None;
+            return true;
+        }
+        false
+    }
+
+    /// Queues what `conn` has to send and writes as much as the socket takes. Returns
+    /// whether anything happened (a write failure aborts `conn`).
+    pub(crate) fn poll_write(&mut self, cx: &mut Context<'_>, conn: &mut impl Endpoint) -> bool {
+        while let Some(chunk) = conn.poll_transmit() {
+            self.write_queue.push(chunk);
+        }
+        match self.write_queue.poll_write(&mut self.io, cx) {
+            Poll::Ready(Err(e)) => {
+                self.write_queue = WriteQueue::default();
+                if !conn.is_closed() {
+                    conn.abort(Status::new(Code::Unavailable, format!("write failed: {e}")));
+                    return true;
+                }
+                false
+            }
+            Poll::Ready(Ok(())) | Poll::Pending => false,
+        }
+    }
+
+    /// Once `conn` has closed: true when the transport is done too (everything flushed, or
+    /// nobody left to read it), after starting an orderly shutdown of the socket.
+    pub(crate) fn poll_finish(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.write_queue.is_empty() || self.read_closed {
+            // Best effort: the peer learns of the close from EOF either way.
+            let _ = self.io.poll_shutdown(cx);
+            return true;
+        }
+        false
+    }
+}
+
+/// Runs `poll_once` until it reports no progress, within a budget so that other tasks on the
+/// thread get their turn. A pass that still made progress may have left a source without a
+/// registered waker, so a spent budget asks to be polled again.
+pub(crate) fn drive(cx: &mut Context<'_>, mut poll_once: impl FnMut(&mut Context<'_>) -> bool) {
+    for _ in 0..64 {
+        if !poll_once(cx) {
+            return;
+        }
+    }
+    cx.waker().wake_by_ref();
 }
 
 /// Bytes waiting to be written, in order.
 #[derive(Debug, Default)]
-pub(crate) struct WriteQueue {
+struct WriteQueue {
     chunks: VecDeque<Bytes>,
 }
 
 impl WriteQueue {
-    pub(crate) fn push(&mut self, chunk: Bytes) {
+    fn push(&mut self, chunk: Bytes) {
         if !chunk.is_empty() {
             self.chunks.push_back(chunk);
         }
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.chunks.is_empty()
     }
 
     /// Writes until the queue is empty (`Ready(Ok)`), the socket is full (`Pending`), or it
     /// fails.
-    pub(crate) fn poll_write<I: Io>(
-        &mut self,
-        io: &mut I,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_write<I: Io>(&mut self, io: &mut I, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.chunks.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let n = self.chunks.len().min(MAX_IOV);

@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::Stream;
 use gorpc_proto::{CallHead, CallId, ClientConn, ClientEvent, Code, ConnConfig, Status};
 
-use crate::io::{reserve_for_read, WriteQueue};
+use crate::io::{drive, Transport};
 use crate::metadata::Metadata;
-use crate::runtime::{timeout, Io, Runtime, Sleep};
+use crate::runtime::{timeout, Runtime};
 
 /// A call as handed to a connection: method, options and the encoded body.
 #[derive(Debug)]
@@ -156,17 +156,12 @@ impl Connection {
         });
         let now = Instant::now();
         let driver = ClientDriver::<R> {
-            sleep: runtime.sleep_until(now),
-            armed: None,
-            io,
+            transport: Transport::new(runtime, io),
             conn: ClientConn::new(config.conn, now),
-            read_buf: BytesMut::new(),
-            write_queue: WriteQueue::default(),
             commands: Box::pin(rx),
             shared: shared.clone(),
             idle_timeout: config.idle_timeout,
             idle_since: Some(now),
-            read_closed: false,
         };
         runtime.spawn(driver);
         Connection {
@@ -254,18 +249,13 @@ impl Drop for PendingCall {
 }
 
 struct ClientDriver<R: Runtime> {
-    io: R::Io,
+    transport: Transport<R>,
     conn: ClientConn<Arc<CallSlot>>,
-    read_buf: BytesMut,
-    write_queue: WriteQueue,
-    sleep: R::Sleep,
-    armed: Option<Instant>,
     commands: Pin<Box<async_channel::Receiver<Command>>>,
     shared: Arc<Shared>,
     idle_timeout: Option<Duration>,
     /// When the last call finished, while none is in flight.
     idle_since: Option<Instant>,
-    read_closed: bool,
 }
 
 impl<R: Runtime> ClientDriver<R> {
@@ -297,29 +287,7 @@ impl<R: Runtime> ClientDriver<R> {
             }
         }
 
-        if !self.read_closed && !self.conn.is_closed() {
-            reserve_for_read(&mut self.read_buf);
-            match self.io.poll_read_buf(cx, &mut self.read_buf) {
-                Poll::Ready(Ok(0)) => {
-                    self.read_closed = true;
-                    self.conn.handle_eof();
-                    progress = true;
-                }
-                Poll::Ready(Ok(_)) => {
-                    let _ = self.conn.handle_read(Instant::now(), &mut self.read_buf);
-                    progress = true;
-                }
-                Poll::Ready(Err(e)) => {
-                    self.read_closed = true;
-                    self.conn.abort(Status::new(
-                        Code::Unavailable,
-                        format!("connection to {} failed: {e}", self.shared.peer),
-                    ));
-                    progress = true;
-                }
-                Poll::Pending => {}
-            }
-        }
+        progress |= self.transport.poll_read(cx, &mut self.conn);
 
         while let Some(event) = self.conn.poll_event() {
             progress = true;
@@ -368,35 +336,12 @@ impl<R: Runtime> ClientDriver<R> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if let Some(at) = next {
-            if at <= now {
-                self.conn.handle_timeout(now);
-                progress = true;
-            } else {
-                if self.armed != Some(at) {
-                    self.sleep.reset(at);
-                    self.armed = Some(at);
-                }
-                if Pin::new(&mut self.sleep).poll(cx).is_ready() {
-                    self.armed = None;
-                    progress = true;
-                }
-            }
+        if self.transport.poll_timer(cx, next, now) {
+            self.conn.handle_timeout(Instant::now());
+            progress = true;
         }
 
-        while let Some(chunk) = self.conn.poll_transmit() {
-            self.write_queue.push(chunk);
-        }
-        if let Poll::Ready(Err(e)) = self.write_queue.poll_write(&mut self.io, cx) {
-            self.write_queue = WriteQueue::default();
-            if !self.conn.is_closed() {
-                self.conn.abort(Status::new(
-                    Code::Unavailable,
-                    format!("connection to {} failed: {e}", self.shared.peer),
-                ));
-                progress = true;
-            }
-        }
+        progress |= self.transport.poll_write(cx, &mut self.conn);
         progress
     }
 
@@ -444,18 +389,10 @@ impl<R: Runtime> ClientDriver<R> {
 impl<R: Runtime> Future for ClientDriver<R> {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = &mut *self;
-        let mut budget = 64;
-        while this.poll_once(cx) {
-            budget -= 1;
-            if budget == 0 {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-        }
-        if this.conn.is_closed() && (this.write_queue.is_empty() || this.read_closed) {
-            let _ = this.io.poll_shutdown(cx);
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        drive(cx, |cx| this.poll_once(cx));
+        if this.conn.is_closed() && this.transport.poll_finish(cx) {
             return Poll::Ready(());
         }
         Poll::Pending

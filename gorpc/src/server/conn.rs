@@ -10,14 +10,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::BytesMut;
 use futures::channel::mpsc;
 use futures::future::{AbortHandle, Abortable};
 use futures::{FutureExt, Stream, StreamExt};
 use gorpc_proto::{CallId, Code, ConnConfig, ServerConn, ServerEvent, Status};
 
-use crate::io::{reserve_for_read, WriteQueue};
-use crate::runtime::{Io, Runtime, Sleep};
+use crate::io::{drive, Transport};
+use crate::runtime::Runtime;
 use crate::service::{ServerReply, ServerRequest, Service};
 
 /// Signals from the server to its connections. Each is a channel that is closed, never
@@ -40,12 +39,8 @@ pub(crate) fn poll_closed(rx: &mut SignalRx, cx: &mut Context<'_>) -> bool {
 
 pub(crate) struct ServerConnection<R: Runtime> {
     runtime: R,
-    io: R::Io,
+    transport: Transport<R>,
     conn: ServerConn,
-    read_buf: BytesMut,
-    write_queue: WriteQueue,
-    sleep: R::Sleep,
-    armed: Option<Instant>,
     service: Arc<dyn Service>,
     peer: SocketAddr,
     replies_tx: mpsc::UnboundedSender<(CallId, ServerReply)>,
@@ -55,7 +50,6 @@ pub(crate) struct ServerConnection<R: Runtime> {
     drain_signal: SignalRx,
     abort_signal: SignalRx,
     draining: bool,
-    read_closed: bool,
     /// Set once the core closed: flush, shut the socket, stop.
     closing: bool,
     /// The grace period ended: stop without flushing.
@@ -74,13 +68,9 @@ impl<R: Runtime> ServerConnection<R> {
         let now = Instant::now();
         let (replies_tx, replies_rx) = mpsc::unbounded();
         ServerConnection {
-            sleep: runtime.sleep_until(now),
+            transport: Transport::new(&runtime, io),
             runtime,
-            io,
             conn: ServerConn::new(config, now, fastrand::u64(..)),
-            read_buf: BytesMut::new(),
-            write_queue: WriteQueue::default(),
-            armed: None,
             service,
             peer,
             replies_tx,
@@ -89,7 +79,6 @@ impl<R: Runtime> ServerConnection<R> {
             drain_signal: Box::pin(signals.drain),
             abort_signal: Box::pin(signals.abort),
             draining: false,
-            read_closed: false,
             closing: false,
             aborted: false,
         }
@@ -121,27 +110,8 @@ impl<R: Runtime> ServerConnection<R> {
             progress = true;
         }
 
-        if !self.read_closed && !self.closing && self.conn.wants_read() {
-            reserve_for_read(&mut self.read_buf);
-            match self.io.poll_read_buf(cx, &mut self.read_buf) {
-                Poll::Ready(Ok(0)) => {
-                    self.read_closed = true;
-                    self.conn.handle_eof();
-                    progress = true;
-                }
-                Poll::Ready(Ok(_)) => {
-                    // A protocol error is reported as a Closed event below.
-                    let _ = self.conn.handle_read(Instant::now(), &mut self.read_buf);
-                    progress = true;
-                }
-                Poll::Ready(Err(e)) => {
-                    self.read_closed = true;
-                    self.conn
-                        .abort(Status::new(Code::Unavailable, format!("read failed: {e}")));
-                    progress = true;
-                }
-                Poll::Pending => {}
-            }
+        if self.conn.wants_read() {
+            progress |= self.transport.poll_read(cx, &mut self.conn);
         }
 
         while let Some(event) = self.conn.poll_event() {
@@ -164,39 +134,13 @@ impl<R: Runtime> ServerConnection<R> {
             }
         }
 
-        if let Some(at) = self.conn.poll_timeout() {
-            let now = Instant::now();
-            if at <= now {
-                self.conn.handle_timeout(now);
-                progress = true;
-            } else {
-                if self.armed != Some(at) {
-                    self.sleep.reset(at);
-                    self.armed = Some(at);
-                }
-                if Pin::new(&mut self.sleep).poll(cx).is_ready() {
-                    self.armed = None;
-                    self.conn.handle_timeout(Instant::now());
-                    progress = true;
-                }
-            }
+        let now = Instant::now();
+        if self.transport.poll_timer(cx, self.conn.poll_timeout(), now) {
+            self.conn.handle_timeout(now);
+            progress = true;
         }
 
-        while let Some(chunk) = self.conn.poll_transmit() {
-            self.write_queue.push(chunk);
-        }
-        match self.write_queue.poll_write(&mut self.io, cx) {
-            Poll::Ready(Ok(())) | Poll::Pending => {}
-            Poll::Ready(Err(e)) => {
-                if !self.closing {
-                    self.conn
-                        .abort(Status::new(Code::Unavailable, format!("write failed: {e}")));
-                    progress = true;
-                } else {
-                    self.write_queue = WriteQueue::default();
-                }
-            }
-        }
+        progress |= self.transport.poll_write(cx, &mut self.conn);
         progress
     }
 
@@ -250,29 +194,10 @@ fn panicked() -> ServerReply {
 impl<R: Runtime> Future for ServerConnection<R> {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = &mut *self;
-        // Bound the work per wake-up so other tasks on this thread get their turn; a pass
-        // that still made progress may have left a source unregistered, so ask to be polled
-        // again.
-        let mut budget = 64;
-        while this.poll_once(cx) {
-            budget -= 1;
-            if budget == 0 {
-                cx.waker().wake_by_ref();
-                break;
-            }
-        }
-        if this.aborted {
-            return Poll::Ready(());
-        }
-        if this.closing && this.write_queue.is_empty() {
-            // Best effort: the peer learns of the close from EOF either way.
-            let _ = this.io.poll_shutdown(cx);
-            return Poll::Ready(());
-        }
-        if this.closing && this.read_closed {
-            // Nobody is listening; do not wait on a write that cannot drain.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        drive(cx, |cx| this.poll_once(cx));
+        if this.aborted || (this.closing && this.transport.poll_finish(cx)) {
             return Poll::Ready(());
         }
         Poll::Pending
