@@ -21,7 +21,9 @@ pub use gorpc_proto::{self as proto, Code, ConnConfig, KeepaliveConfig, Limits, 
 pub use metadata::Metadata;
 pub use runtime::Runtime;
 pub use server::{Server, ServerConfig, ServerHandle, Shutdown};
-pub use service::{Request, Response, Router, ServerReply, ServerRequest, Service};
+pub use service::{
+    IntoRequest, NamedService, Request, Response, Router, ServerReply, ServerRequest, Service,
+};
 
 /// A future boxed for dynamic dispatch.
 pub use futures::future::BoxFuture;

@@ -118,6 +118,23 @@ impl<T> Request<T> {
     }
 }
 
+/// A message, or a message with call context: what generated clients accept.
+pub trait IntoRequest<T> {
+    fn into_request(self) -> Request<T>;
+}
+
+impl<T> IntoRequest<T> for T {
+    fn into_request(self) -> Request<T> {
+        Request::new(self)
+    }
+}
+
+impl<T> IntoRequest<T> for Request<T> {
+    fn into_request(self) -> Request<T> {
+        self
+    }
+}
+
 /// A response message with the metadata to send back.
 #[derive(Clone, Debug)]
 pub struct Response<T> {
@@ -181,27 +198,20 @@ impl Router {
     {
         let handler = Arc::new(handler);
         self.route(method, move |req: ServerRequest| {
-            let decoded = decode_request::<C, Req>(&codec, req);
-            let codec = codec.clone();
             let handler = handler.clone();
-            async move {
-                let request = match decoded {
-                    Ok(r) => r,
-                    Err(status) => return ServerReply::error(status),
-                };
-                match handler(request).await {
-                    Ok(rsp) => match encode_to_bytes::<Rsp, C>(&codec, &rsp.message, 128) {
-                        Ok(body) => ServerReply {
-                            status: Status::ok(),
-                            metadata: rsp.metadata,
-                            body,
-                        },
-                        Err(status) => ServerReply::error(status),
-                    },
-                    Err(status) => ServerReply::error(status),
-                }
-            }
+            unary_call(req, codec.clone(), move |request| handler(request))
         })
+    }
+
+    /// Routes every method of a service (a generated server, say) to it.
+    pub fn add_service<S: NamedService>(mut self, service: S) -> Self {
+        let service: Arc<S> = Arc::new(service);
+        for method in S::METHODS {
+            let service = service.clone();
+            self.routes
+                .insert((*method).into(), Arc::new(move |req| service.call(req)));
+        }
+        self
     }
 
     /// The codegen-free style: a handler of serde types, msgpack on the wire.
@@ -223,6 +233,55 @@ impl Router {
     pub fn methods(&self) -> impl Iterator<Item = &str> {
         self.routes.keys().map(|k| k.as_ref())
     }
+}
+
+/// A service that knows its method paths, so a [`Router`] can host it beside others.
+/// Generated servers implement it.
+pub trait NamedService: Service {
+    const METHODS: &'static [&'static str];
+}
+
+/// Runs one unary call: decodes the request with `codec`, runs `handler`, encodes its
+/// answer. The glue of [`Router::unary`] and of generated servers.
+pub fn unary_call<C, Req, Rsp, F, Fut>(
+    req: ServerRequest,
+    codec: C,
+    handler: F,
+) -> BoxFuture<'static, ServerReply>
+where
+    C: Codec<Req> + Codec<Rsp>,
+    Req: Send + 'static,
+    Rsp: Send + 'static,
+    F: FnOnce(Request<Req>) -> Fut,
+    Fut: Future<Output = Result<Response<Rsp>, Status>> + Send + 'static,
+{
+    let future = match decode_request::<C, Req>(&codec, req) {
+        Ok(request) => handler(request),
+        Err(status) => return futures::future::ready(ServerReply::error(status)).boxed(),
+    };
+    async move {
+        match future.await {
+            Ok(rsp) => match encode_to_bytes::<Rsp, C>(&codec, &rsp.message, 128) {
+                Ok(body) => ServerReply {
+                    status: Status::ok(),
+                    metadata: rsp.metadata,
+                    body,
+                },
+                Err(status) => ServerReply::error(status),
+            },
+            Err(status) => ServerReply::error(status),
+        }
+    }
+    .boxed()
+}
+
+/// The answer to a method a service does not have.
+pub fn unimplemented(req: &ServerRequest) -> BoxFuture<'static, ServerReply> {
+    let status = Status::new(
+        Code::Unimplemented,
+        format!("unknown method {}", req.method()),
+    );
+    futures::future::ready(ServerReply::error(status)).boxed()
 }
 
 fn decode_request<C: Codec<Req>, Req>(

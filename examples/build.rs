@@ -1,0 +1,3 @@
+fn main() -> std::io::Result<()> {
+    gorpc_build::compile_protos(&["proto/helloworld.proto"], &["proto"])
+}
