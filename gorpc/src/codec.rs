@@ -16,17 +16,13 @@ pub trait Codec<T>: Send + Sync + 'static {
 
     /// A name for error messages.
     fn name(&self) -> &'static str;
-}
 
-/// Encodes `message` into a fresh buffer sized by `hint`.
-pub(crate) fn encode_to_bytes<T, C: Codec<T> + ?Sized>(
-    codec: &C,
-    message: &T,
-    hint: usize,
-) -> Result<Bytes, Status> {
-    let mut buf = BytesMut::with_capacity(hint);
-    codec.encode(message, &mut buf)?;
-    Ok(buf.freeze())
+    /// Encodes `message` into a new buffer.
+    fn encode_to_bytes(&self, message: &T) -> Result<Bytes, Status> {
+        let mut buf = BytesMut::new();
+        self.encode(message, &mut buf)?;
+        Ok(buf.freeze())
+    }
 }
 
 /// Protocol Buffers, via prost.

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use gorpc_proto::{Code, RequestHead, Status};
 
-use crate::codec::{encode_to_bytes, id_name, Codec, MsgPack};
+use crate::codec::{id_name, Codec, MsgPack};
 use crate::metadata::Metadata;
 
 /// One call as it arrived, body still encoded.
@@ -261,7 +261,7 @@ where
     };
     async move {
         match future.await {
-            Ok(rsp) => match encode_to_bytes::<Rsp, C>(&codec, &rsp.message, 128) {
+            Ok(rsp) => match Codec::<Rsp>::encode_to_bytes(&codec, &rsp.message) {
                 Ok(body) => ServerReply {
                     status: Status::ok(),
                     metadata: rsp.metadata,

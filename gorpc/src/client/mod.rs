@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use gorpc_proto::{Code, Status};
 
-use crate::codec::{encode_to_bytes, id_name, Codec, MsgPack};
+use crate::codec::{id_name, Codec, MsgPack};
 use crate::metadata::Metadata;
 use crate::runtime::Runtime;
 use crate::service::{Request, Response};
@@ -163,7 +163,7 @@ impl Client {
     where
         C: Codec<Req> + Codec<Rsp>,
     {
-        let body = encode_to_bytes::<Req, C>(&codec, &request.message, 128)?;
+        let body = Codec::<Req>::encode_to_bytes(&codec, &request.message)?;
         let timeout = request
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()));
@@ -212,7 +212,7 @@ impl Client {
         Req: serde::Serialize + serde::de::DeserializeOwned,
         Rsp: serde::Serialize + serde::de::DeserializeOwned,
     {
-        let body = encode_to_bytes::<Req, MsgPack>(&MsgPack, request, 64)?;
+        let body = Codec::<Req>::encode_to_bytes(&MsgPack, request)?;
         let raw = self
             .call_raw(
                 method.to_owned(),
