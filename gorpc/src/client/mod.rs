@@ -192,7 +192,7 @@ impl Client {
     }
 
     /// The codegen-free style: serde types over msgpack.
-    pub async fn call<Req, Rsp>(&self, method: &str, request: &Req) -> Result<Rsp, Status>
+    pub async fn call<Req, Rsp>(&self, method: impl Into<Cow<'static, str>>, request: &Req) -> Result<Rsp, Status>
     where
         Req: serde::Serialize + serde::de::DeserializeOwned,
         Rsp: serde::Serialize + serde::de::DeserializeOwned,
@@ -204,7 +204,7 @@ impl Client {
     /// [`call`](Self::call) with a timeout or metadata.
     pub async fn call_with<Req, Rsp>(
         &self,
-        method: &str,
+        method: impl Into<Cow<'static, str>>,
         request: &Req,
         options: CallOptions,
     ) -> Result<Rsp, Status>
@@ -215,7 +215,7 @@ impl Client {
         let body = Codec::<Req>::encode_to_bytes(&MsgPack, request)?;
         let raw = self
             .call_raw(
-                method.to_owned(),
+                method,
                 gorpc_proto::codec::MSGPACK,
                 body,
                 options,
