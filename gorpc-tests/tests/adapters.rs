@@ -535,7 +535,114 @@ async fn connection_limit_turns_extra_connections_away<S: Runtime, C: Runtime>(
     server.abort().await;
 }
 
+async fn idle_connections_close_and_calls_reconnect_transparently<S: Runtime, C: Runtime>(
+    server_rt: S,
+    client_rt: C,
+) {
+    let peers = Arc::new(Mutex::new(HashSet::new()));
+    let server = Server::new(server_rt.clone(), echo_router(&server_rt, peers.clone()))
+        .bind(loopback())
+        .await
+        .unwrap();
+    let connection = ConnectionConfig {
+        idle_timeout: Some(Duration::from_millis(50)),
+        ..ConnectionConfig::default()
+    };
+    let pool = gorpc::client::EndpointPool::new(
+        client_rt.clone(),
+        server.local_addr(),
+        PoolConfig {
+            connection,
+            ..PoolConfig::default()
+        },
+    );
+    let client = Client::new(pool.clone(), Some(5 * SECOND));
+    let call = |body: &'static [u8]| {
+        client.call_raw(
+            "/test.Echo/Echo",
+            0,
+            Bytes::from_static(body),
+            CallOptions::default(),
+        )
+    };
+    assert_eq!(call(b"2").await.unwrap().body, Bytes::from_static(b"2"));
+    assert_eq!(pool.open_connections(), 1);
+    within(&client_rt, 5 * SECOND, "idle connection closes", async {
+        while pool.open_connections() > 0 {
+            sleep(&client_rt, Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        call(b"4").await.unwrap().body,
+        Bytes::from_static(b"4"),
+        "the next call reconnects"
+    );
+    assert_eq!(
+        peers.lock().unwrap().len(),
+        2,
+        "a second connection was opened"
+    );
+    server.abort().await;
+}
+
+/// A user pool: alternates between two endpoints.
+struct Alternate<R: Runtime> {
+    pools: [gorpc::client::EndpointPool<R>; 2],
+    next: AtomicUsize,
+}
+
+impl<R: Runtime> gorpc::client::Pool for Alternate<R> {
+    fn checkout(&self) -> gorpc::client::Checkout<'_> {
+        self.pools[self.next.fetch_add(1, Ordering::Relaxed) % 2].checkout()
+    }
+}
+
+async fn a_user_defined_pool_chooses_the_connections<S: Runtime, C: Runtime>(
+    server_rt: S,
+    client_rt: C,
+) {
+    let named = |name: &'static str| {
+        Router::new().route("/test.Who/Am", move |_req: ServerRequest| async move {
+            ServerReply::ok(Bytes::from_static(name.as_bytes()))
+        })
+    };
+    let a = Server::new(server_rt.clone(), named("a"))
+        .bind(loopback())
+        .await
+        .unwrap();
+    let b = Server::new(server_rt, named("b"))
+        .bind(loopback())
+        .await
+        .unwrap();
+    let endpoint =
+        |addr| gorpc::client::EndpointPool::new(client_rt.clone(), addr, PoolConfig::default());
+    let pool = Alternate {
+        pools: [endpoint(a.local_addr()), endpoint(b.local_addr())],
+        next: AtomicUsize::new(0),
+    };
+    let client = Client::new(pool, Some(5 * SECOND));
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        answers.push(
+            client
+                .call_raw("/test.Who/Am", 0, Bytes::new(), CallOptions::default())
+                .await
+                .unwrap()
+                .body,
+        );
+    }
+    assert_eq!(
+        answers,
+        ["a", "b", "a", "b"].map(|s| Bytes::from_static(s.as_bytes()))
+    );
+    a.abort().await;
+    b.abort().await;
+}
+
 on_every_runtime!(
+    idle_connections_close_and_calls_reconnect_transparently,
+    a_user_defined_pool_chooses_the_connections,
     ten_thousand_concurrent_calls_over_one_connection,
     deadline_exceeded_drops_the_server_handler,
     dropping_the_call_cancels_it_on_the_server,
