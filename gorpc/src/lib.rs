@@ -25,5 +25,10 @@ pub use service::{
     IntoRequest, NamedService, Request, Response, Router, ServerReply, ServerRequest, Service,
 };
 
+/// Turns a trait of `async fn`s over serde types into a msgpack service: the trait, a
+/// `{Trait}Server` and a `{Trait}Client`, no build step (see the macro's own docs for the
+/// method paths and the wire format).
+pub use gorpc_macros::service;
+
 /// A future boxed for dynamic dispatch.
 pub use futures::future::BoxFuture;

@@ -192,7 +192,11 @@ impl Client {
     }
 
     /// The codegen-free style: serde types over msgpack.
-    pub async fn call<Req, Rsp>(&self, method: impl Into<Cow<'static, str>>, request: &Req) -> Result<Rsp, Status>
+    pub async fn call<Req, Rsp>(
+        &self,
+        method: impl Into<Cow<'static, str>>,
+        request: &Req,
+    ) -> Result<Rsp, Status>
     where
         Req: serde::Serialize + serde::de::DeserializeOwned,
         Rsp: serde::Serialize + serde::de::DeserializeOwned,
@@ -214,12 +218,7 @@ impl Client {
     {
         let body = Codec::<Req>::encode_to_bytes(&MsgPack, request)?;
         let raw = self
-            .call_raw(
-                method,
-                gorpc_proto::codec::MSGPACK,
-                body,
-                options,
-            )
+            .call_raw(method, gorpc_proto::codec::MSGPACK, body, options)
             .await?;
         Codec::<Rsp>::decode(&MsgPack, raw.body)
     }
