@@ -1,0 +1,213 @@
+//! The load generator every system shares: a closed loop of callers, a warm-up whose samples
+//! are dropped, a measured window, one latency histogram per caller, merged at the end.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::{self, BoxFuture, Either};
+use futures::FutureExt;
+use hdrhistogram::Histogram;
+
+/// How long callers still in a call when the window closes are waited for before they are
+/// abandoned (and counted as errors).
+pub const GRACE: Duration = Duration::from_secs(2);
+
+/// The warm-up and measured window of one run, fixed when the load starts.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    /// Calls completing from here on are measured...
+    pub measure_from: Instant,
+    /// ...until here; no call starts after it.
+    pub end: Instant,
+}
+
+impl Window {
+    pub fn starting_now(warmup: Duration, secs: Duration) -> Self {
+        let measure_from = Instant::now() + warmup;
+        Window {
+            measure_from,
+            end: measure_from + secs,
+        }
+    }
+
+    /// Length of the measured window in seconds.
+    pub fn secs(&self) -> f64 {
+        (self.end - self.measure_from).as_secs_f64()
+    }
+}
+
+/// A latency histogram in nanoseconds, 3 significant digits, growing as needed.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new(3).expect("3 significant digits is a valid histogram")
+}
+
+/// What one caller (or one pipelined connection) saw.
+#[derive(Debug)]
+pub struct Recorder {
+    window: Window,
+    hist: Histogram<u64>,
+    completed: u64,
+    errors: u64,
+}
+
+impl Recorder {
+    pub fn new(window: Window) -> Self {
+        Recorder {
+            window,
+            hist: new_histogram(),
+            completed: 0,
+            errors: 0,
+        }
+    }
+
+    /// A call sent at `sent` and answered at `done`; `ok` says whether the call succeeded
+    /// and its reply was the one expected. Successes count when they complete inside the
+    /// measured window; errors count whenever they happen (warm-up included).
+    pub fn record(&mut self, sent: Instant, done: Instant, ok: bool) {
+        if !ok {
+            self.errors += 1;
+        } else if done >= self.window.measure_from && done < self.window.end {
+            self.completed += 1;
+            let nanos = u64::try_from((done - sent).as_nanos()).unwrap_or(u64::MAX);
+            // Auto-resizing: `record` grows the histogram, so this never fails in practice.
+            if self.hist.record(nanos.max(1)).is_err() {
+                self.hist.saturating_record(nanos.max(1));
+            }
+        }
+    }
+
+    pub fn error(&mut self, n: u64) {
+        self.errors += n;
+    }
+}
+
+/// The merged result of one run.
+#[derive(Debug)]
+pub struct Measurement {
+    pub hist: Histogram<u64>,
+    pub completed: u64,
+    pub errors: u64,
+    pub secs: f64,
+}
+
+impl Measurement {
+    pub fn merge(window: &Window, recorders: impl IntoIterator<Item = Recorder>) -> Self {
+        let mut m = Measurement {
+            hist: new_histogram(),
+            completed: 0,
+            errors: 0,
+            secs: window.secs(),
+        };
+        for r in recorders {
+            m.hist
+                .add(&r.hist)
+                .expect("auto-resizing histograms always merge");
+            m.completed += r.completed;
+            m.errors += r.errors;
+        }
+        m
+    }
+
+    /// A run that could not start at all.
+    pub fn failed() -> Self {
+        Measurement {
+            hist: new_histogram(),
+            completed: 0,
+            errors: 1,
+            secs: 0.0,
+        }
+    }
+
+    pub fn qps(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.completed as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Latency at `q` in microseconds.
+    pub fn quantile_us(&self, q: f64) -> f64 {
+        if self.hist.is_empty() {
+            return 0.0;
+        }
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// One caller of the closed loop: holds its client and request, makes one call at a time.
+pub trait Caller: Send + 'static {
+    /// Makes one call; true when it succeeded and the reply is the one expected.
+    fn call(&mut self) -> impl Future<Output = bool> + Send;
+}
+
+/// Takes a recorder out of its shared cell (the caller that filled it may have been
+/// abandoned, so it is not always the last owner).
+pub fn take_recorder(cell: &Mutex<Recorder>, window: &Window) -> Recorder {
+    std::mem::replace(
+        &mut *cell.lock().unwrap_or_else(|e| e.into_inner()),
+        Recorder::new(*window),
+    )
+}
+
+/// Runs `callers` in a closed loop over `window`: each caller sends one request, awaits the
+/// reply, records the latency, repeats. Each caller runs as its own task via `spawn`.
+/// Callers still in a call `GRACE` after the window closes (timed by `sleep_until`) are
+/// abandoned and count as one error each.
+pub async fn closed_loop<C, S, F>(
+    callers: Vec<C>,
+    window: Window,
+    spawn: S,
+    sleep_until: impl FnOnce(Instant) -> F,
+) -> Measurement
+where
+    C: Caller,
+    S: Fn(BoxFuture<'static, ()>),
+    F: Future<Output = ()>,
+{
+    let mut cells = Vec::with_capacity(callers.len());
+    let mut done = Vec::with_capacity(callers.len());
+    for mut caller in callers {
+        let cell = Arc::new(Mutex::new(Recorder::new(window)));
+        let (tx, rx) = futures::channel::oneshot::channel::<()>();
+        cells.push(cell.clone());
+        done.push(rx);
+        spawn(
+            async move {
+                loop {
+                    let sent = Instant::now();
+                    if sent >= window.end {
+                        break;
+                    }
+                    let ok = caller.call().await;
+                    let answered = Instant::now();
+                    cell.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .record(sent, answered, ok);
+                }
+                let _ = tx.send(());
+            }
+            .boxed(),
+        );
+    }
+    let grace = sleep_until(window.end + GRACE);
+    let all_done = future::join_all(done.iter_mut());
+    let finished = match future::select(std::pin::pin!(all_done), std::pin::pin!(grace)).await {
+        // A caller whose task was dropped (it panicked) never reported back.
+        Either::Left((results, _)) => Some(results.iter().filter(|r| r.is_err()).count()),
+        Either::Right(_) => None,
+    };
+    // After the grace period, the callers still waiting for a reply have not sent theirs.
+    let hung = finished.unwrap_or_else(|| {
+        done.iter_mut()
+            .map(|rx| matches!(rx.try_recv(), Ok(None)))
+            .filter(|&waiting| waiting)
+            .count()
+    });
+    let mut recorders: Vec<Recorder> = cells.iter().map(|c| take_recorder(c, &window)).collect();
+    if let Some(r) = recorders.first_mut() {
+        r.error(hung as u64);
+    }
+    Measurement::merge(&window, recorders)
+}

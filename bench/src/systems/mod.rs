@@ -1,0 +1,242 @@
+//! The systems under test. Each module has a server (run in the child process) and a client
+//! that builds callers for the shared load generator (run in the parent).
+
+pub mod gorpc;
+pub mod raw;
+pub mod tarpc;
+pub mod tonic;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::ValueEnum;
+use futures::future::BoxFuture;
+
+use crate::loadgen::{self, Caller, Measurement, Window};
+
+/// A system under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum System {
+    GorpcTokio,
+    GorpcSmol,
+    Tonic,
+    Tarpc,
+    Raw,
+}
+
+impl System {
+    pub const ALL: [System; 5] = [
+        System::GorpcTokio,
+        System::GorpcSmol,
+        System::Tonic,
+        System::Tarpc,
+        System::Raw,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            System::GorpcTokio => "gorpc-tokio",
+            System::GorpcSmol => "gorpc-smol",
+            System::Tonic => "tonic",
+            System::Tarpc => "tarpc",
+            System::Raw => "raw",
+        }
+    }
+}
+
+/// What each call carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// `payload` bytes out, the same bytes back.
+    Echo,
+    /// The Go gorpc benchmark: SayHello{name: "gorpc"} answered by "Hello gorpc".
+    Hello,
+}
+
+/// The name the hello workload sends.
+pub const HELLO_NAME: &str = "gorpc";
+
+/// The greeting every server answers the hello workload with.
+pub fn greeting(name: &str) -> String {
+    format!("Hello {name}")
+}
+
+/// The echo methods' path for gorpc.
+pub const ECHO_METHOD: &str = "/bench.Echo/Echo";
+pub const HELLO_METHOD: &str = "/bench.Echo/SayHello";
+
+/// Everything a client side needs for one run.
+#[derive(Clone, Debug)]
+pub struct ClientParams {
+    pub addr: SocketAddr,
+    pub workload: Workload,
+    pub concurrency: usize,
+    pub connections: usize,
+    /// The echo request body (and expected reply).
+    pub payload: Bytes,
+    pub warmup: Duration,
+    pub secs: Duration,
+    pub threads: usize,
+}
+
+impl ClientParams {
+    /// The connection caller `i` uses: callers are spread round robin.
+    pub fn conn_of(&self, caller: usize) -> usize {
+        caller % self.connections
+    }
+}
+
+/// The echo payload: `len` bytes of a repeating pattern, so a reply that is off by a byte
+/// does not compare equal.
+pub fn make_payload(len: usize) -> Bytes {
+    (0..len)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// A tokio runtime with `threads` workers: current-thread for one.
+pub fn tokio_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+/// An `async_executor::Executor` run on `threads` threads (this one included) until `main`
+/// finishes; async-io's reactor is driven by whichever thread is waiting.
+pub fn smol_run<T, Fut>(
+    threads: usize,
+    main: impl FnOnce(Arc<async_executor::Executor<'static>>) -> Fut,
+) -> T
+where
+    Fut: Future<Output = T>,
+{
+    let ex = Arc::new(async_executor::Executor::new());
+    let (stop, stopped) = smol::channel::bounded::<()>(1);
+    let helpers: Vec<_> = (1..threads.max(1))
+        .map(|i| {
+            let ex = ex.clone();
+            let stopped = stopped.clone();
+            std::thread::Builder::new()
+                .name(format!("smol-{i}"))
+                .spawn(move || smol::block_on(ex.run(stopped.recv())))
+                .expect("spawning an executor thread")
+        })
+        .collect();
+    let out = smol::block_on(ex.run(main(ex.clone())));
+    drop(stop);
+    for h in helpers {
+        let _ = h.join();
+    }
+    out
+}
+
+/// Runs the closed loop on the current tokio runtime.
+pub async fn closed_loop_tokio<C: Caller>(callers: Vec<C>, window: Window) -> Measurement {
+    loadgen::closed_loop(
+        callers,
+        window,
+        |task: BoxFuture<'static, ()>| {
+            tokio::spawn(task);
+        },
+        |at: Instant| tokio::time::sleep_until(at.into()),
+    )
+    .await
+}
+
+/// Runs the closed loop on `ex`, timing with async-io.
+pub async fn closed_loop_smol<C: Caller>(
+    ex: &Arc<async_executor::Executor<'static>>,
+    callers: Vec<C>,
+    window: Window,
+) -> Measurement {
+    loadgen::closed_loop(
+        callers,
+        window,
+        |task: BoxFuture<'static, ()>| ex.spawn(task).detach(),
+        |at: Instant| async move {
+            smol::Timer::at(at).await;
+        },
+    )
+    .await
+}
+
+/// Starts `system`'s server on 127.0.0.1:0 and returns its address; it serves in the
+/// background of a runtime that `block_on` keeps running. Called in the child process; never
+/// returns unless starting fails.
+pub fn serve_forever(
+    system: System,
+    workload: Workload,
+    threads: usize,
+    on_bound: impl FnOnce(SocketAddr),
+) -> std::io::Result<()> {
+    match system {
+        System::GorpcSmol => smol_run(threads, |ex| async move {
+            let rt = gorpc_smol::Smol::with_spawner(move |task| ex.spawn(task).detach());
+            let addr = gorpc::serve(rt, workload).await?;
+            on_bound(addr);
+            futures::future::pending::<std::io::Result<()>>().await
+        }),
+        _ => tokio_runtime(threads)?.block_on(async move {
+            let addr = match system {
+                System::GorpcTokio => gorpc::serve(gorpc_tokio::Tokio::current(), workload).await?,
+                System::Tonic => tonic::serve(workload).await?,
+                System::Tarpc => tarpc::serve(workload).await?,
+                System::Raw => raw::serve(workload).await?,
+                System::GorpcSmol => unreachable!("served on smol above"),
+            };
+            on_bound(addr);
+            futures::future::pending::<std::io::Result<()>>().await
+        }),
+    }
+}
+
+/// Runs `system`'s client side for one measured run, on its own runtime.
+pub fn run_client(system: System, p: &ClientParams) -> Result<Measurement, String> {
+    match system {
+        System::GorpcSmol => smol_run(p.threads, |ex| async move {
+            let spawner = ex.clone();
+            let rt = gorpc_smol::Smol::with_spawner(move |task| spawner.spawn(task).detach());
+            let callers = gorpc::callers(rt, p).await?;
+            let window = Window::starting_now(p.warmup, p.secs);
+            Ok(closed_loop_smol(&ex, callers, window).await)
+        }),
+        _ => {
+            let runtime = tokio_runtime(p.threads).map_err(|e| e.to_string())?;
+            let out = runtime.block_on(async move {
+                match system {
+                    System::GorpcTokio => {
+                        let callers = gorpc::callers(gorpc_tokio::Tokio::current(), p).await?;
+                        let window = Window::starting_now(p.warmup, p.secs);
+                        Ok(closed_loop_tokio(callers, window).await)
+                    }
+                    System::Tonic => {
+                        let callers = tonic::callers(p).await?;
+                        let window = Window::starting_now(p.warmup, p.secs);
+                        Ok(closed_loop_tokio(callers, window).await)
+                    }
+                    System::Tarpc => {
+                        let callers = tarpc::callers(p).await?;
+                        let window = Window::starting_now(p.warmup, p.secs);
+                        Ok(closed_loop_tokio(callers, window).await)
+                    }
+                    System::Raw => raw::run(p).await,
+                    System::GorpcSmol => unreachable!("run on smol above"),
+                }
+            });
+            // Abandoned callers (if any) must not keep the run going.
+            runtime.shutdown_background();
+            out
+        }
+    }
+}

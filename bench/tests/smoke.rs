@@ -1,0 +1,79 @@
+//! Runs the benchmark briefly over every system and checks its output.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn all_systems_answer_without_errors() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gorpc-bench"))
+        .args(["--system", "all", "--secs", "1", "--warmup", "0"])
+        .args(["--concurrency", "4", "--payload", "64"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the benchmark starts");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).map(|_| out)
+    });
+
+    // Five systems of about a second each; anything near a minute is a hang.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the benchmark") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the benchmark did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = reader.join().unwrap().expect("reading stdout");
+    assert!(status.success(), "benchmark failed: {status}\n{out}");
+
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    let systems: Vec<&str> = rows.iter().map(|r| r["system"].as_str().unwrap()).collect();
+    assert_eq!(
+        systems,
+        ["gorpc-tokio", "gorpc-smol", "tonic", "tarpc", "raw"]
+    );
+    for (line, row) in out.lines().zip(&rows) {
+        let keys: Vec<&str> = row
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(keys.len(), 9, "{line}");
+        // The keys come in this order on the line itself.
+        let mut at = 0;
+        for key in [
+            "system",
+            "concurrency",
+            "payload",
+            "connections",
+            "qps",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "errors",
+        ] {
+            let pos = line[at..]
+                .find(&format!("\"{key}\":"))
+                .unwrap_or_else(|| panic!("{key} out of order in {line}"));
+            at += pos + 1;
+        }
+        assert!(row["qps"].as_f64().unwrap() > 0.0, "{line}");
+        assert_eq!(row["errors"].as_u64(), Some(0), "{line}");
+        assert_eq!(row["concurrency"].as_u64(), Some(4), "{line}");
+        assert_eq!(row["payload"].as_u64(), Some(64), "{line}");
+        assert!(row["p50_us"].as_f64().unwrap() > 0.0, "{line}");
+    }
+}
