@@ -1,0 +1,292 @@
+//! `gorpc call`: a unary call with the request given as JSON, typed by a .proto file.
+
+use std::io::Read as _;
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use gorpc_tokio::{CallOptions, Client, ClientConfig, Metadata, Status, Tokio};
+use prost::Message as _;
+use prost_reflect::{
+    DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor,
+    SerializeOptions,
+};
+
+use crate::{Failure, EXIT_CONNECT, EXIT_STATUS};
+
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// Server address, HOST:PORT.
+    #[arg(value_name = "ADDR")]
+    addr: String,
+    /// Method path, /package.Service/Method.
+    #[arg(value_name = "METHOD")]
+    method: String,
+    /// The .proto file that declares the service.
+    #[arg(long, value_name = "FILE")]
+    proto: PathBuf,
+    /// Directory to resolve imports in (repeatable); the .proto file's own directory is
+    /// searched last.
+    #[arg(short = 'I', long = "include", value_name = "DIR")]
+    include: Vec<PathBuf>,
+    /// The request message as JSON (protobuf JSON mapping); @FILE reads it from a file,
+    /// @- from stdin.
+    #[arg(short, long, value_name = "JSON", default_value = "{}")]
+    data: String,
+    /// Call timeout in seconds (default 30); also bounds the connect (default 5).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Request metadata, KEY=VALUE (repeatable).
+    #[arg(short = 'H', long = "header", value_name = "KEY=VALUE")]
+    headers: Vec<String>,
+    /// Print fields that hold their default value too.
+    #[arg(long)]
+    emit_defaults: bool,
+}
+
+pub fn run(args: CallArgs) -> Result<(), Failure> {
+    let pool = load_pool(&args.proto, &args.include)?;
+    let method = find_method(&pool, &args.method, &args.proto)?;
+    let request = parse_request(method.input(), &read_data(&args.data)?)?;
+    let metadata = parse_headers(&args.headers)?;
+    let timeout = match args.timeout {
+        Some(secs) => Some(
+            Duration::try_from_secs_f64(secs)
+                .ok()
+                .filter(|t| !t.is_zero())
+                .ok_or_else(|| {
+                    Failure::usage(format!(
+                        "--timeout {secs}: expected a positive number of seconds"
+                    ))
+                })?,
+        ),
+        None => None,
+    };
+    let addrs = resolve(&args.addr)?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::other(format!("cannot start the tokio runtime: {e}")))?;
+    let path = args.method.clone();
+    let body = Bytes::from(request.encode_to_vec());
+    let raw = runtime.block_on(async move {
+        let client = connect(&addrs, timeout).await?;
+        let options = CallOptions { timeout, metadata };
+        client
+            .call_raw(path, gorpc_proto::codec::PROTOBUF, body, options)
+            .await
+            .map_err(|status| Failure {
+                exit_code: EXIT_STATUS,
+                message: format!("{}: {}", status.code(), status.message()),
+            })
+    })?;
+
+    if raw.codec != gorpc_proto::codec::PROTOBUF {
+        return Err(Failure::other(format!(
+            "the server answered in codec {}, expected protobuf ({})",
+            raw.codec,
+            gorpc_proto::codec::PROTOBUF
+        )));
+    }
+    let reply = DynamicMessage::decode(method.output(), raw.body).map_err(|e| {
+        Failure::other(format!(
+            "cannot decode the reply as {}: {e}",
+            method.output().full_name()
+        ))
+    })?;
+    let options = SerializeOptions::new().skip_default_fields(!args.emit_defaults);
+    let mut out = Vec::new();
+    let mut serializer = serde_json::Serializer::pretty(&mut out);
+    reply
+        .serialize_with_options(&mut serializer, &options)
+        .map_err(|e| Failure::other(format!("cannot print the reply as JSON: {e}")))?;
+    println!("{}", String::from_utf8_lossy(&out));
+    Ok(())
+}
+
+/// Parses `proto` (and its imports) with protox.
+fn load_pool(proto: &Path, include: &[PathBuf]) -> Result<DescriptorPool, Failure> {
+    if !proto.is_file() {
+        return Err(Failure::usage(format!(
+            "{}: no such .proto file",
+            proto.display()
+        )));
+    }
+    let mut includes = include.to_vec();
+    let own_dir = match proto.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    if !includes.contains(&own_dir) {
+        includes.push(own_dir);
+    }
+    let mut compiler = protox::Compiler::new(&includes)
+        .map_err(|e| Failure::usage(format!("{}: {e}", proto.display())))?;
+    compiler
+        .include_imports(true)
+        .open_file(proto)
+        .map_err(|e| Failure::usage(protox_error(proto, &e)))?;
+    Ok(compiler.descriptor_pool())
+}
+
+/// A protox error with the file, line and column it points at, when it has them.
+pub fn protox_error(proto: &Path, error: &protox::Error) -> String {
+    use miette::Diagnostic as _;
+    let file = error
+        .file()
+        .map(str::to_owned)
+        .unwrap_or_else(|| proto.display().to_string());
+    let position = error
+        .labels()
+        .and_then(|mut labels| labels.next())
+        .zip(error.source_code())
+        .and_then(|(label, source)| source.read_span(label.inner(), 0, 0).ok())
+        .map(|span| format!(":{}:{}", span.line() + 1, span.column() + 1))
+        .unwrap_or_default();
+    format!("{file}{position}: {error}")
+}
+
+/// Finds `/package.Service/Method` in the pool.
+fn find_method(
+    pool: &DescriptorPool,
+    path: &str,
+    proto: &Path,
+) -> Result<MethodDescriptor, Failure> {
+    let malformed = || {
+        Failure::usage(format!(
+            "method path `{path}`: expected /package.Service/Method"
+        ))
+    };
+    let rest = path.strip_prefix('/').ok_or_else(malformed)?;
+    let (service_name, method_name) = rest.rsplit_once('/').ok_or_else(malformed)?;
+    if service_name.is_empty() || method_name.is_empty() {
+        return Err(malformed());
+    }
+    let service = pool.get_service_by_name(service_name).ok_or_else(|| {
+        let known: Vec<String> = pool.services().map(|s| s.full_name().to_owned()).collect();
+        Failure::usage(format!(
+            "unknown service `{service_name}` in {} (it declares: {})",
+            proto.display(),
+            list(&known)
+        ))
+    })?;
+    let method = service
+        .methods()
+        .find(|m| m.name() == method_name)
+        .ok_or_else(|| {
+            let known: Vec<String> = service.methods().map(|m| m.name().to_owned()).collect();
+            Failure::usage(format!(
+                "unknown method `{method_name}` in service `{service_name}` (it has: {})",
+                list(&known)
+            ))
+        })?;
+    if method.is_client_streaming() || method.is_server_streaming() {
+        return Err(Failure::usage(format!(
+            "{path} is a streaming method; gorpc call supports unary methods only"
+        )));
+    }
+    Ok(method)
+}
+
+fn list(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The --data argument, or the file or stdin it names with `@`.
+fn read_data(data: &str) -> Result<String, Failure> {
+    match data.strip_prefix('@') {
+        Some("-") => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| Failure::usage(format!("--data @-: cannot read stdin: {e}")))?;
+            Ok(text)
+        }
+        Some(file) => std::fs::read_to_string(file)
+            .map_err(|e| Failure::usage(format!("--data @{file}: {e}"))),
+        None => Ok(data.to_owned()),
+    }
+}
+
+/// Parses JSON into a message of type `desc`, refusing unknown fields.
+fn parse_request(desc: MessageDescriptor, json: &str) -> Result<DynamicMessage, Failure> {
+    let bad = |at: Option<String>, e: serde_json::Error| {
+        let at = at
+            .map(|path| format!("field `{path}`: "))
+            .unwrap_or_default();
+        Failure::usage(format!(
+            "--data is not a valid {} request: {at}{e}",
+            desc.full_name()
+        ))
+    };
+    let mut deserializer = serde_json::Deserializer::from_str(json);
+    let options = DeserializeOptions::new().deny_unknown_fields(true);
+    // Tracks where in the JSON an error happened, so a type error names its field.
+    let mut track = serde_path_to_error::Track::new();
+    let message = DynamicMessage::deserialize_with_options(
+        desc.clone(),
+        serde_path_to_error::Deserializer::new(&mut deserializer, &mut track),
+        &options,
+    )
+    .map_err(|e| {
+        let path = track.path().to_string();
+        bad((path != "." && path != "?").then_some(path), e)
+    })?;
+    deserializer.end().map_err(|e| bad(None, e))?;
+    Ok(message)
+}
+
+/// `-H key=value` pairs.
+fn parse_headers(headers: &[String]) -> Result<Metadata, Failure> {
+    let mut metadata = Metadata::new();
+    for header in headers {
+        match header.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => {
+                metadata.append(key.trim().to_owned(), value.to_owned().into_bytes());
+            }
+            _ => return Err(Failure::usage(format!("-H `{header}`: expected KEY=VALUE"))),
+        }
+    }
+    Ok(metadata)
+}
+
+fn resolve(addr: &str) -> Result<Vec<SocketAddr>, Failure> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| Failure::usage(format!("address `{addr}`: {e} (expected HOST:PORT)")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(Failure::usage(format!(
+            "address `{addr}` resolves to nothing"
+        )));
+    }
+    Ok(addrs)
+}
+
+/// Connects to the first of `addrs` that answers.
+async fn connect(addrs: &[SocketAddr], timeout: Option<Duration>) -> Result<Client, Failure> {
+    let mut config = ClientConfig::default();
+    if let Some(timeout) = timeout {
+        config.default_timeout = Some(timeout);
+        config.pool.connection.connect_timeout = timeout;
+    }
+    let mut last: Option<(SocketAddr, Status)> = None;
+    for &addr in addrs {
+        match Client::connect(Tokio::current(), addr, config).await {
+            Ok(client) => return Ok(client),
+            Err(status) => last = Some((addr, status)),
+        }
+    }
+    let (addr, status) = last.expect("resolve returns at least one address");
+    Err(Failure {
+        exit_code: EXIT_CONNECT,
+        message: format!("cannot connect to {addr}: {}", status.message()),
+    })
+}

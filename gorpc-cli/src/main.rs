@@ -1,0 +1,86 @@
+//! `gorpc`: calls gorpc services described by .proto files (like grpcurl), and scaffolds new
+//! gorpc projects from a .proto file.
+//!
+//! ```text
+//! gorpc call 127.0.0.1:50051 /helloworld.Greeter/SayHello --proto helloworld.proto --data '{"name":"x"}'
+//! gorpc new my-service --proto helloworld.proto
+//! ```
+//!
+//! Exit codes: 0 success, 1 other failures (I/O, an undecodable reply), 2 usage or input
+//! errors, 3 connection failure, 4 the server answered with a non-OK status.
+
+mod call;
+mod new;
+
+use std::fmt;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code of failures that fit no other class (I/O errors, an undecodable reply).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code of usage and input errors (also clap's own).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code when the server cannot be reached.
+pub const EXIT_CONNECT: u8 = 3;
+/// Exit code when the server answers with a non-OK status.
+pub const EXIT_STATUS: u8 = 4;
+
+/// A failure: the message printed after `error: ` on stderr, and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub exit_code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn usage(message: impl fmt::Display) -> Self {
+        Failure {
+            exit_code: EXIT_USAGE,
+            message: message.to_string(),
+        }
+    }
+
+    pub fn other(message: impl fmt::Display) -> Self {
+        Failure {
+            exit_code: EXIT_FAILURE,
+            message: message.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gorpc",
+    version,
+    about = "Call gorpc services described by .proto files, and scaffold new gorpc projects",
+    after_help = "Exit codes: 0 success, 1 other failure, 2 usage or input error, \
+                  3 connection failure, 4 non-OK status from the server."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Call a unary method with a JSON request and print the JSON reply.
+    Call(call::CallArgs),
+    /// Scaffold a runnable Cargo project (server and client) from a .proto file.
+    New(new::NewArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Call(args) => call::run(args),
+        Command::New(args) => new::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            ExitCode::from(failure.exit_code)
+        }
+    }
+}

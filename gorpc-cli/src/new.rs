@@ -1,0 +1,660 @@
+//! `gorpc new`: scaffolds a Cargo project with a server and a client of the services in a
+//! .proto file, built by gorpc-build.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use prost_build::{Module, Service, ServiceGenerator};
+
+use crate::call::protox_error;
+use crate::Failure;
+
+/// Versions of the scaffold's registry dependencies: the workspace's own (checked by a test).
+const PROST_VERSION: &str = "0.14";
+const PROST_TYPES_VERSION: &str = "0.14";
+const TOKIO_VERSION: &str = "1.45";
+
+#[derive(Debug, Args)]
+pub struct NewArgs {
+    /// Name of the new crate; also the name of the directory created.
+    #[arg(value_name = "NAME")]
+    name: String,
+    /// The .proto file with the services (copied into the project, with its imports).
+    #[arg(long, value_name = "FILE")]
+    proto: PathBuf,
+    /// Directory to create the project in.
+    #[arg(long, value_name = "PARENT", default_value = ".")]
+    dir: PathBuf,
+    /// The gorpc-rs checkout the project depends on by path. Default: the one this tool
+    /// was built from.
+    #[arg(long, value_name = "PATH")]
+    gorpc_path: Option<PathBuf>,
+}
+
+pub fn run(args: NewArgs) -> Result<(), Failure> {
+    check_crate_name(&args.name)?;
+    let root = args.dir.join(&args.name);
+    if root.exists() {
+        return Err(Failure::usage(format!(
+            "{} already exists; refusing to overwrite it",
+            root.display()
+        )));
+    }
+    let gorpc_path = gorpc_path(args.gorpc_path.as_deref())?;
+    let plan = Plan::new(&args.name, &args.proto)?;
+
+    fs::create_dir_all(&args.dir)
+        .map_err(|e| Failure::other(format!("{}: {e}", args.dir.display())))?;
+    fs::create_dir(&root).map_err(|e| Failure::other(format!("{}: {e}", root.display())))?;
+    if let Err(e) = plan.write(&root, &gorpc_path) {
+        // Only remove what this run created.
+        let _ = fs::remove_dir_all(&root);
+        return Err(Failure::other(e));
+    }
+    println!(
+        "created {} ({} service{}: {})",
+        root.display(),
+        plan.services.len(),
+        if plan.services.len() == 1 { "" } else { "s" },
+        plan.services
+            .iter()
+            .map(|s| s.proto_path())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("  cd {}", root.display());
+    println!("  cargo run --bin server            # listens on 127.0.0.1:50051");
+    println!("  cargo run --bin client            # calls it");
+    Ok(())
+}
+
+/// Cargo's rules for package names, plus what would not work as the crate's identifier in
+/// the generated binaries.
+fn check_crate_name(name: &str) -> Result<(), Failure> {
+    let bad = |why: &str| Failure::usage(format!("`{name}` is not a valid crate name: {why}"));
+    let first = name.chars().next().ok_or_else(|| bad("it is empty"))?;
+    if !(first.is_ascii_alphabetic() || first == '_') {
+        return Err(bad("it must start with a letter or `_`"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(bad(&format!(
+            "`{c}` is not allowed (use letters, digits, `-` and `_`)"
+        )));
+    }
+    let ident = name.replace('-', "_");
+    if ident == "_" || RESERVED.contains(&ident.as_str()) {
+        return Err(bad("it is a Rust keyword or a reserved name"));
+    }
+    if DEPENDENCIES.contains(&ident.as_str()) {
+        return Err(bad("the project depends on a crate of that name"));
+    }
+    Ok(())
+}
+
+const RESERVED: &[&str] = &[
+    "abstract",
+    "as",
+    "async",
+    "await",
+    "become",
+    "box",
+    "break",
+    "const",
+    "continue",
+    "crate",
+    "do",
+    "dyn",
+    "else",
+    "enum",
+    "extern",
+    "false",
+    "final",
+    "fn",
+    "for",
+    "gen",
+    "if",
+    "impl",
+    "in",
+    "let",
+    "loop",
+    "macro",
+    "match",
+    "mod",
+    "move",
+    "mut",
+    "override",
+    "priv",
+    "pub",
+    "ref",
+    "return",
+    "self",
+    "static",
+    "struct",
+    "super",
+    "trait",
+    "true",
+    "try",
+    "type",
+    "typeof",
+    "unsafe",
+    "unsized",
+    "use",
+    "virtual",
+    "where",
+    "while",
+    "yield",
+    "alloc",
+    "core",
+    "std",
+    "test",
+    "proc_macro",
+];
+
+const DEPENDENCIES: &[&str] = &[
+    "gorpc",
+    "gorpc_tokio",
+    "gorpc_build",
+    "gorpc_proto",
+    "gorpc_macros",
+    "prost",
+    "prost_types",
+    "tokio",
+];
+
+/// The gorpc-rs checkout to depend on, as an absolute path.
+fn gorpc_path(given: Option<&Path>) -> Result<PathBuf, Failure> {
+    let path = match given {
+        Some(path) => std::path::absolute(path)
+            .map_err(|e| Failure::usage(format!("--gorpc-path {}: {e}", path.display())))?,
+        // This crate lives in the repository's root.
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("gorpc-cli has a parent directory")
+            .to_owned(),
+    };
+    for krate in ["gorpc", "gorpc-tokio", "gorpc-build"] {
+        if !path.join(krate).join("Cargo.toml").is_file() {
+            return Err(Failure::usage(format!(
+                "{} is not a gorpc-rs checkout (no {krate}/Cargo.toml); pass --gorpc-path",
+                path.display()
+            )));
+        }
+    }
+    Ok(path)
+}
+
+/// What to write: the .proto files, and what prost-build and gorpc-build will generate from
+/// them (the same code the project's build.rs generates).
+struct Plan {
+    crate_ident: String,
+    name: String,
+    /// The main .proto file's name relative to proto/.
+    proto_name: String,
+    /// (name relative to proto/, source path) of the main file and its imports.
+    proto_files: Vec<(String, PathBuf)>,
+    /// Generated file names ("helloworld.rs", "_.rs" for no package).
+    generated: Vec<String>,
+    services: Vec<Service>,
+    uses_well_known_types: bool,
+}
+
+impl Plan {
+    fn new(name: &str, proto: &Path) -> Result<Plan, Failure> {
+        if !proto.is_file() {
+            return Err(Failure::usage(format!(
+                "{}: no such .proto file",
+                proto.display()
+            )));
+        }
+        let include = match proto.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let mut compiler = protox::Compiler::new([&include])
+            .map_err(|e| Failure::usage(format!("{}: {e}", proto.display())))?;
+        compiler
+            .include_imports(true)
+            .include_source_info(true)
+            .open_file(proto)
+            .map_err(|e| Failure::usage(protox_error(proto, &e)))?;
+        let mut proto_files = Vec::new();
+        let mut proto_name = None;
+        let mut uses_well_known_types = false;
+        for file in compiler.files() {
+            match file.path() {
+                Some(path) => proto_files.push((file.name().to_owned(), path.to_owned())),
+                // Built into protox: google/protobuf/*.proto.
+                None => uses_well_known_types = true,
+            }
+            if !file.is_import() {
+                proto_name = Some(file.name().to_owned());
+            }
+        }
+        let proto_name = proto_name.expect("the opened file is not an import");
+
+        // Run prost-build as gorpc-build will, recording the services it hands to
+        // generators, so the scaffold names exactly the types and methods that get generated.
+        let out = tempfile::tempdir()
+            .map_err(|e| Failure::other(format!("cannot create a temporary directory: {e}")))?;
+        let services = Arc::new(Mutex::new(Vec::new()));
+        let mut config = prost_build::Config::new();
+        config.out_dir(out.path());
+        config.service_generator(Box::new(Recorder(services.clone())));
+        config
+            .compile_fds(compiler.file_descriptor_set())
+            .map_err(|e| Failure::other(format!("prost-build: {e}")))?;
+        let services = std::mem::take(&mut *services.lock().expect("recorder panicked"));
+        let mut generated = Vec::new();
+        for entry in fs::read_dir(out.path())
+            .map_err(|e| Failure::other(format!("{}: {e}", out.path().display())))?
+        {
+            let entry = entry.map_err(|e| Failure::other(e.to_string()))?;
+            if let Some(file) = entry.file_name().to_str() {
+                if file.ends_with(".rs") {
+                    generated.push(file.to_owned());
+                }
+            }
+        }
+        generated.sort();
+
+        if services.is_empty() {
+            return Err(Failure::usage(format!(
+                "{} declares no service; gorpc new needs at least one",
+                proto.display()
+            )));
+        }
+        let builder = gorpc_build::Builder::new();
+        for service in &services {
+            if service.methods.is_empty() {
+                return Err(Failure::usage(format!(
+                    "service {} has no methods",
+                    service.proto_path()
+                )));
+            }
+            builder.generate_service(service).map_err(|e| {
+                Failure::usage(format!(
+                    "{}: {e} (gorpc new scaffolds unary methods only)",
+                    proto.display()
+                ))
+            })?;
+        }
+        Ok(Plan {
+            crate_ident: name.replace('-', "_"),
+            name: name.to_owned(),
+            proto_name,
+            proto_files,
+            generated,
+            services,
+            uses_well_known_types,
+        })
+    }
+
+    fn write(&self, root: &Path, gorpc_path: &Path) -> Result<(), String> {
+        let write = |rel: &str, text: &str| {
+            let path = root.join(rel);
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+            fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        for (name, source) in &self.proto_files {
+            let text =
+                fs::read_to_string(source).map_err(|e| format!("{}: {e}", source.display()))?;
+            write(&format!("proto/{name}"), &text)?;
+        }
+        write("Cargo.toml", &self.cargo_toml(gorpc_path))?;
+        write(".gitignore", "/target\n")?;
+        write("build.rs", &self.build_rs())?;
+        write("src/lib.rs", &self.lib_rs())?;
+        write("src/bin/server.rs", &self.server_rs())?;
+        write("src/bin/client.rs", &self.client_rs())?;
+        rustfmt(root);
+        Ok(())
+    }
+
+    fn cargo_toml(&self, gorpc: &Path) -> String {
+        let dep = |krate: &str| toml_string(&gorpc.join(krate).display().to_string());
+        let mut text = format!(
+            r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2021"
+publish = false
+
+# A project of its own, even when created inside another Cargo workspace.
+[workspace]
+
+[dependencies]
+gorpc = {{ path = {gorpc} }}
+gorpc-tokio = {{ path = {gorpc_tokio} }}
+prost = {{ version = "{PROST_VERSION}", features = ["derive"] }}
+tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros", "signal"] }}
+"#,
+            name = self.name,
+            gorpc = dep("gorpc"),
+            gorpc_tokio = dep("gorpc-tokio"),
+        );
+        if self.uses_well_known_types {
+            let _ = writeln!(text, "prost-types = \"{PROST_TYPES_VERSION}\"");
+        }
+        let _ = write!(
+            text,
+            "\n[build-dependencies]\ngorpc-build = {{ path = {} }}\n",
+            dep("gorpc-build")
+        );
+        text
+    }
+
+    fn build_rs(&self) -> String {
+        format!(
+            "//! Generates the messages, service traits, servers and clients of proto/{proto}.\n\
+             \n\
+             fn main() -> std::io::Result<()> {{\n    \
+                 gorpc_build::compile_protos(&[{path:?}], &[\"proto\"])\n\
+             }}\n",
+            proto = self.proto_name,
+            path = format!("proto/{}", self.proto_name),
+        )
+    }
+
+    fn lib_rs(&self) -> String {
+        // The generated files, by module path: "a.b.rs" is module a::b, "_.rs" the root.
+        #[derive(Default)]
+        struct Node {
+            file: Option<String>,
+            children: BTreeMap<String, Node>,
+        }
+        fn emit(out: &mut String, node: &Node, depth: usize) {
+            let indent = "    ".repeat(depth);
+            if let Some(file) = &node.file {
+                let _ = writeln!(
+                    out,
+                    "{indent}include!(concat!(env!(\"OUT_DIR\"), \"/{file}\"));"
+                );
+            }
+            for (name, child) in &node.children {
+                let _ = writeln!(out, "{indent}pub mod {name} {{");
+                emit(out, child, depth + 1);
+                let _ = writeln!(out, "{indent}}}");
+            }
+        }
+        let mut root = Node::default();
+        for file in &self.generated {
+            let stem = file.trim_end_matches(".rs");
+            let mut node = &mut root;
+            if stem != "_" {
+                for part in stem.split('.') {
+                    node = node.children.entry(part.to_owned()).or_default();
+                }
+            }
+            node.file = Some(file.clone());
+        }
+        let mut out = format!(
+            "//! The messages, service traits, servers and clients generated from proto/{} by\n\
+             //! gorpc-build (see build.rs).\n\n",
+            self.proto_name
+        );
+        emit(&mut out, &root, 0);
+        out
+    }
+
+    /// `crate::package::Name` for a type path relative to `service`'s package module, as
+    /// prost-build writes it (`Name`, `super::other::Name`, `::prost_types::Empty`).
+    fn type_path(&self, service: &Service, relative: &str) -> String {
+        // Absolute (`::prost_types::Timestamp`) or a Rust type (`()` for Empty).
+        if relative.starts_with("::") || relative.starts_with('(') {
+            return relative.to_owned();
+        }
+        let mut parts: Vec<String> = Module::from_protobuf_package_name(&service.package)
+            .parts()
+            .map(str::to_owned)
+            .collect();
+        let mut rest = relative;
+        while let Some(tail) = rest.strip_prefix("super::") {
+            parts.pop();
+            rest = tail;
+        }
+        let mut path = self.crate_ident.clone();
+        for part in parts {
+            path.push_str("::");
+            path.push_str(&part);
+        }
+        path.push_str("::");
+        path.push_str(rest);
+        path
+    }
+
+    /// The path of one of `service`'s generated items (`Greeter`, `GreeterServer`, ...).
+    fn service_item(&self, service: &Service, suffix: &str) -> String {
+        self.type_path(service, &format!("{}{suffix}", service.name))
+    }
+
+    fn server_rs(&self) -> String {
+        let mut out = format!(
+            "//! Serves every service of proto/{proto}.\n\
+             //!\n\
+             //! cargo run --bin server -- [ADDR]      (default 127.0.0.1:50051)\n\
+             \n\
+             use std::net::SocketAddr;\n\
+             use std::sync::Arc;\n\
+             use std::time::Duration;\n\
+             \n\
+             use gorpc_tokio::{{Request, Response, Router, Server, Status, Tokio}};\n\
+             \n\
+             /// Implements the services; fill in the method bodies.\n\
+             #[derive(Debug, Default)]\n\
+             struct Handlers;\n",
+            proto = self.proto_name
+        );
+        for service in &self.services {
+            let _ = writeln!(
+                out,
+                "\nimpl {} for Handlers {{",
+                self.service_item(service, "")
+            );
+            for (i, method) in service.methods.iter().enumerate() {
+                if i > 0 {
+                    out.push('\n');
+                }
+                let _ = writeln!(
+                    out,
+                    "    async fn {name}(\n        &self,\n        _request: Request<{input}>,\n    ) -> Result<Response<{output}>, Status> {{\n        \
+                         // TODO: implement {path}.\n        \
+                         Ok(Response::new(Default::default()))\n    \
+                     }}",
+                    name = method.name,
+                    input = self.type_path(service, &method.input_type),
+                    output = self.type_path(service, &method.output_type),
+                    path = method_path(service, &method.proto_name),
+                );
+            }
+            out.push_str("}\n");
+        }
+        out.push_str(
+            "\n#[tokio::main]\n\
+             async fn main() -> Result<(), Box<dyn std::error::Error>> {\n    \
+                 let addr: SocketAddr = std::env::args()\n        \
+                     .nth(1)\n        \
+                     .unwrap_or_else(|| \"127.0.0.1:50051\".into())\n        \
+                     .parse()?;\n    \
+                 let handlers = Arc::new(Handlers);\n    \
+                 let router = Router::new()",
+        );
+        for service in &self.services {
+            let _ = write!(
+                out,
+                "\n        .add_service({}::from_arc(Arc::clone(&handlers)))",
+                self.service_item(service, "Server")
+            );
+        }
+        out.push_str(
+            ";\n    \
+                 let server = Server::new(Tokio::current(), router).bind(addr).await?;\n    \
+                 println!(\"listening on {}\", server.local_addr());\n    \
+                 tokio::signal::ctrl_c().await?;\n    \
+                 server.shutdown(Duration::from_secs(5)).await;\n    \
+                 Ok(())\n\
+             }\n",
+        );
+        out
+    }
+
+    fn client_rs(&self) -> String {
+        let service = &self.services[0];
+        let method = &service.methods[0];
+        format!(
+            "//! Calls {path} with a default request.\n\
+             //!\n\
+             //! cargo run --bin client -- [ADDR]      (default 127.0.0.1:50051)\n\
+             \n\
+             use std::net::SocketAddr;\n\
+             \n\
+             use gorpc_tokio::{{Client, ClientConfig, Tokio}};\n\
+             \n\
+             #[tokio::main]\n\
+             async fn main() -> Result<(), Box<dyn std::error::Error>> {{\n    \
+                 let addr: SocketAddr = std::env::args()\n        \
+                     .nth(1)\n        \
+                     .unwrap_or_else(|| \"127.0.0.1:50051\".into())\n        \
+                     .parse()?;\n    \
+                 let client = Client::connect(Tokio::current(), addr, ClientConfig::default()).await?;\n    \
+                 let client = {client}::new(client);\n    \
+                 let request: {input} = Default::default();\n    \
+                 let reply = client.{name}(request).await?;\n    \
+                 println!(\"{proto_name} -> {{:?}}\", reply.message);\n    \
+                 Ok(())\n\
+             }}\n",
+            path = method_path(service, &method.proto_name),
+            client = self.service_item(service, "Client"),
+            input = self.type_path(service, &method.input_type),
+            name = method.name,
+            proto_name = method.proto_name,
+        )
+    }
+}
+
+trait ProtoPath {
+    fn proto_path(&self) -> String;
+}
+
+impl ProtoPath for Service {
+    /// `package.Service`.
+    fn proto_path(&self) -> String {
+        if self.package.is_empty() {
+            self.proto_name.clone()
+        } else {
+            format!("{}.{}", self.package, self.proto_name)
+        }
+    }
+}
+
+fn method_path(service: &Service, method: &str) -> String {
+    format!("/{}/{method}", service.proto_path())
+}
+
+/// Hands each service prost-build generates to the scaffold instead of generating code.
+struct Recorder(Arc<Mutex<Vec<Service>>>);
+
+impl ServiceGenerator for Recorder {
+    fn generate(&mut self, service: Service, buf: &mut String) {
+        // Something, so that a package with services but no messages still gets its file,
+        // as it does when gorpc-build generates the service code.
+        buf.push_str("// service\n");
+        self.0.lock().expect("recorder lock").push(service);
+    }
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Formats the generated Rust files if rustfmt is installed; the scaffold builds either way.
+fn rustfmt(root: &Path) {
+    let files = [
+        "build.rs",
+        "src/lib.rs",
+        "src/bin/server.rs",
+        "src/bin/client.rs",
+    ];
+    let _ = std::process::Command::new("rustfmt")
+        .args(["--edition", "2021"])
+        .args(files.iter().map(|f| root.join(f)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scaffold asks for the same versions as this workspace.
+    #[test]
+    fn versions_match_the_workspace() {
+        let manifest = include_str!("../../Cargo.toml");
+        let deps = manifest
+            .split("[workspace.dependencies]")
+            .nth(1)
+            .expect("workspace dependencies");
+        for (krate, version) in [
+            ("prost", PROST_VERSION),
+            ("prost-types", PROST_TYPES_VERSION),
+            ("tokio", TOKIO_VERSION),
+        ] {
+            let line = deps
+                .lines()
+                .find(|l| l.starts_with(&format!("{krate} =")))
+                .unwrap_or_else(|| panic!("{krate} in [workspace.dependencies]"));
+            assert!(
+                line.contains(&format!("\"{version}\"")),
+                "{krate}: workspace says `{line}`, the scaffold {version}"
+            );
+        }
+    }
+
+    #[test]
+    fn crate_names() {
+        for ok in ["hello", "my-service", "my_service2", "_x"] {
+            assert!(check_crate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "2fast",
+            "a b",
+            "a.b",
+            "fn",
+            "std",
+            "gorpc",
+            "tokio",
+            "gorpc-tokio",
+            "_",
+        ] {
+            assert!(check_crate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn toml_strings() {
+        assert_eq!(toml_string(r#"C:\a "b""#), r#""C:\\a \"b\"""#);
+    }
+}
