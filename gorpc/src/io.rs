@@ -76,7 +76,12 @@ impl<R: Runtime> Transport<R> {
 
     /// Reads once and feeds the bytes to `conn`. Returns whether anything happened.
     /// Protocol errors surface as the state machine's `Closed` event.
-    pub(crate) fn poll_read(&mut self, cx: &mut Context<'_>, conn: &mut impl Endpoint) -> bool {
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &mut impl Endpoint,
+        now: Instant,
+    ) -> bool {
         if self.read_closed || conn.is_closed() {
             return false;
         }
@@ -89,7 +94,7 @@ impl<R: Runtime> Transport<R> {
                 conn.handle_eof();
             }
             Poll::Ready(Ok(_)) => {
-                let _ = conn.handle_read(Instant::now(), &mut self.read_buf);
+                let _ = conn.handle_read(now, &mut self.read_buf);
             }
             Poll::Ready(Err(e)) => {
                 self.read_closed = true;

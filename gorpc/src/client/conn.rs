@@ -287,7 +287,7 @@ impl<R: Runtime> ClientDriver<R> {
             }
         }
 
-        progress |= self.transport.poll_read(cx, &mut self.conn);
+        progress |= self.transport.poll_read(cx, &mut self.conn, now);
 
         while let Some(event) = self.conn.poll_event() {
             progress = true;
@@ -337,7 +337,7 @@ impl<R: Runtime> ClientDriver<R> {
             (a, b) => a.or(b),
         };
         if self.transport.poll_timer(cx, next, now) {
-            self.conn.handle_timeout(Instant::now());
+            self.conn.handle_timeout(now);
             progress = true;
         }
 

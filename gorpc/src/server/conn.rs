@@ -91,6 +91,8 @@ impl<R: Runtime> ServerConnection<R> {
 
     /// One pass over every source of work. Returns whether anything happened.
     fn poll_once(&mut self, cx: &mut Context<'_>) -> bool {
+        // One clock reading per pass: calls handled in the same pass share it.
+        let now = Instant::now();
         let mut progress = false;
         if !self.aborted && poll_closed(&mut self.abort_signal, cx) {
             self.aborted = true;
@@ -106,18 +108,18 @@ impl<R: Runtime> ServerConnection<R> {
 
         while let Poll::Ready(Some((id, reply))) = self.replies_rx.poll_next_unpin(cx) {
             self.running.remove(&id);
-            self.respond(id, reply);
+            self.respond(now, id, reply);
             progress = true;
         }
 
         if self.conn.wants_read() {
-            progress |= self.transport.poll_read(cx, &mut self.conn);
+            progress |= self.transport.poll_read(cx, &mut self.conn, now);
         }
 
         while let Some(event) = self.conn.poll_event() {
             progress = true;
             match event {
-                ServerEvent::Request(request) => self.dispatch(cx, request),
+                ServerEvent::Request(request) => self.dispatch(cx, now, request),
                 ServerEvent::Cancelled { id, .. } => {
                     if let Some(handle) = self.running.remove(&id) {
                         handle.abort();
@@ -134,7 +136,6 @@ impl<R: Runtime> ServerConnection<R> {
             }
         }
 
-        let now = Instant::now();
         if self.transport.poll_timer(cx, self.conn.poll_timeout(), now) {
             self.conn.handle_timeout(now);
             progress = true;
@@ -145,7 +146,7 @@ impl<R: Runtime> ServerConnection<R> {
     }
 
     /// Runs the handler inline once; only a handler that has to wait gets a task of its own.
-    fn dispatch(&mut self, cx: &mut Context<'_>, request: gorpc_proto::Request) {
+    fn dispatch(&mut self, cx: &mut Context<'_>, now: Instant, request: gorpc_proto::Request) {
         let id = request.id;
         let request = ServerRequest {
             head: request.head,
@@ -157,10 +158,10 @@ impl<R: Runtime> ServerConnection<R> {
         let mut future =
             match std::panic::catch_unwind(AssertUnwindSafe(|| self.service.call(request))) {
                 Ok(future) => future,
-                Err(_) => return self.respond(id, panicked()),
+                Err(_) => return self.respond(now, id, panicked()),
             };
         match std::panic::catch_unwind(AssertUnwindSafe(|| future.poll_unpin(cx))) {
-            Ok(Poll::Ready(reply)) => self.respond(id, reply),
+            Ok(Poll::Ready(reply)) => self.respond(now, id, reply),
             Ok(Poll::Pending) => {
                 let (handle, registration) = AbortHandle::new_pair();
                 let replies = self.replies_tx.clone();
@@ -172,18 +173,17 @@ impl<R: Runtime> ServerConnection<R> {
                 });
                 self.running.insert(id, handle);
             }
-            Err(_) => self.respond(id, panicked()),
+            Err(_) => self.respond(now, id, panicked()),
         }
     }
 
-    fn respond(&mut self, id: CallId, reply: ServerReply) {
+    fn respond(&mut self, now: Instant, id: CallId, reply: ServerReply) {
         let ServerReply {
             status,
             metadata,
             body,
         } = reply;
-        self.conn
-            .respond(Instant::now(), id, &status, metadata.iter(), body);
+        self.conn.respond(now, id, &status, metadata.iter(), body);
     }
 }
 
