@@ -86,15 +86,22 @@ impl FrameHeader {
 
     /// Writes the 20 header bytes.
     pub fn encode(&self, out: &mut impl BufMut) {
-        out.put_slice(&MAGIC);
-        out.put_u8(VERSION);
-        out.put_u8(self.frame_type as u8);
-        out.put_u8(self.flags);
-        out.put_u8(self.codec);
-        out.put_u16(0); // reserved
-        out.put_u32(self.call_id);
-        out.put_u32(self.head_len);
-        out.put_u32(self.body_len);
+        out.put_slice(&self.to_bytes());
+    }
+
+    /// The 20 header bytes, built in registers rather than byte by byte into a buffer.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..2].copy_from_slice(&MAGIC);
+        h[2] = VERSION;
+        h[3] = self.frame_type as u8;
+        h[4] = self.flags;
+        h[5] = self.codec;
+        // h[6..8] reserved, zero
+        h[8..12].copy_from_slice(&self.call_id.to_be_bytes());
+        h[12..16].copy_from_slice(&self.head_len.to_be_bytes());
+        h[16..20].copy_from_slice(&self.body_len.to_be_bytes());
+        h
     }
 
     /// Parses and validates a header from the start of `buf`.

@@ -1,54 +1,79 @@
 //! Call deadlines and keepalive: the timers behind `poll_timeout`/`handle_timeout`.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::config::KeepaliveConfig;
 
 /// Deadlines of calls in flight, earliest first.
 ///
-/// Calls that finish early leave their entry behind (removal from a heap is O(n)). Two rules
-/// keep that cheap: the owner drops stale entries from the top after every removal, so
-/// `next()` never names a finished call and the driver never wakes for nothing; and the heap
-/// is rebuilt when stale entries outnumber live ones, so memory follows the live count.
+/// Most calls on a connection use the same timeout, so their deadlines arrive in order: those
+/// go to the back of a queue in O(1), and only out-of-order ones pay for a heap. Calls that
+/// finish early leave their entry behind; two rules keep that cheap: the owner drops stale
+/// entries from the fronts after every removal, so `next()` never names a finished call and
+/// the driver never wakes for nothing; and both are compacted when stale entries outnumber
+/// live ones, so memory follows the live count.
 #[derive(Debug, Default)]
 pub(crate) struct Deadlines {
+    /// Non-decreasing deadlines.
+    ordered: VecDeque<(Instant, u32)>,
+    /// Deadlines that arrived earlier than the back of `ordered`.
     heap: BinaryHeap<Reverse<(Instant, u32)>>,
 }
 
 impl Deadlines {
     pub(crate) fn push(&mut self, at: Instant, id: u32) {
-        self.heap.push(Reverse((at, id)));
+        match self.ordered.back() {
+            Some((last, _)) if *last > at => self.heap.push(Reverse((at, id))),
+            _ => self.ordered.push_back((at, id)),
+        }
+    }
+
+    fn front(&self) -> Option<(Instant, u32)> {
+        match (self.ordered.front(), self.heap.peek()) {
+            (Some(a), Some(Reverse(b))) => Some(*a.min(b)),
+            (a, b) => a.copied().or(b.map(|Reverse(e)| *e)),
+        }
+    }
+
+    /// Removes the earliest entry, which is `entry`.
+    fn pop_front(&mut self, entry: (Instant, u32)) {
+        if self.ordered.front() == Some(&entry) {
+            self.ordered.pop_front();
+        } else {
+            self.heap.pop();
+        }
     }
 
     pub(crate) fn next(&self) -> Option<Instant> {
-        self.heap.peek().map(|Reverse((at, _))| *at)
+        self.front().map(|(at, _)| at)
     }
 
     /// Pops the earliest entry if it is due at `now`.
     pub(crate) fn pop_due(&mut self, now: Instant) -> Option<(Instant, u32)> {
-        match self.heap.peek() {
-            Some(Reverse((at, _))) if *at <= now => self.heap.pop().map(|Reverse(e)| e),
-            _ => None,
-        }
+        let entry = self.front().filter(|(at, _)| *at <= now)?;
+        self.pop_front(entry);
+        Some(entry)
     }
 
     /// Restores the invariants after calls were removed. `is_live(at, id)` tells whether an
     /// entry still belongs to a call in flight.
     pub(crate) fn prune(&mut self, live: usize, is_live: impl Fn(Instant, u32) -> bool) {
-        if self.heap.len() > 2 * live + 64 {
+        if self.ordered.len() + self.heap.len() > 2 * live + 64 {
+            self.ordered.retain(|(at, id)| is_live(*at, *id));
             self.heap.retain(|Reverse((at, id))| is_live(*at, *id));
         }
-        while let Some(Reverse((at, id))) = self.heap.peek() {
-            if is_live(*at, *id) {
+        while let Some(entry) = self.front() {
+            if is_live(entry.0, entry.1) {
                 break;
             }
-            self.heap.pop();
+            self.pop_front(entry);
         }
     }
 
     pub(crate) fn clear(&mut self) {
+        self.ordered.clear();
         self.heap.clear();
     }
 }
@@ -170,7 +195,23 @@ mod tests {
         }
         // Only id 999 remains live.
         d.prune(1, |_, id| id == 999);
-        assert_eq!(d.heap.len(), 1);
+        assert_eq!(d.ordered.len() + d.heap.len(), 1);
         assert_eq!(d.next(), Some(t0 + Duration::from_millis(999)));
+    }
+
+    #[test]
+    fn out_of_order_deadlines_still_come_out_earliest_first() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut d = Deadlines::default();
+        for (at, id) in [(50, 1), (10, 2), (70, 3), (30, 4), (70, 5), (5, 6)] {
+            d.push(ms(at), id);
+        }
+        let mut order = Vec::new();
+        while let Some((_, id)) = d.pop_due(ms(100)) {
+            order.push(id);
+        }
+        assert_eq!(order, [6, 2, 4, 1, 3, 5]);
+        assert_eq!(d.next(), None);
     }
 }

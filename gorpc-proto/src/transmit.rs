@@ -114,7 +114,7 @@ impl TransmitQueue {
             head_len: head_len as u32,
             body_len: body.len() as u32,
         };
-        header.encode(&mut &mut self.tail[start..start + HEADER_LEN]);
+        self.tail[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
         match body {
             Payload::Bytes(b) if b.len() >= COPY_LIMIT => {
                 if !self.tail.is_empty() {

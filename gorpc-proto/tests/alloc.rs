@@ -1,11 +1,10 @@
 //! Heap allocations on the hot path, counted by a global allocator wrapper.
 //!
-//! Its own test binary: the counting allocator is process-wide, so the tests here run one
-//! at a time under a lock.
+//! Its own test binary, since the allocator is process-wide; it counts per thread, so the
+//! test harness's other threads cannot disturb a measurement.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::cell::Cell;
 use std::time::Instant;
 
 use bytes::{BufMut, BytesMut};
@@ -17,19 +16,25 @@ use gorpc_proto::{
 
 struct Counting;
 
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-static SERIAL: Mutex<()> = Mutex::new(());
+thread_local! {
+    // Const-initialised and without a destructor: safe to touch from inside the allocator.
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+fn count_one() {
+    ALLOCATIONS.with(|n| n.set(n.get() + 1));
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count_one();
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count_one();
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -38,14 +43,13 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn allocations_during(f: impl FnOnce()) -> usize {
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = ALLOCATIONS.with(Cell::get);
     f();
-    ALLOCATIONS.load(Ordering::Relaxed) - before
+    ALLOCATIONS.with(Cell::get) - before
 }
 
 #[test]
 fn encoding_and_decoding_a_1kib_request_allocates_nothing() {
-    let _serial = SERIAL.lock().unwrap();
     let limits = Limits::default();
     let body = [0xabu8; 1024];
     let mut buf = BytesMut::with_capacity(4096);
@@ -80,7 +84,6 @@ fn encoding_and_decoding_a_1kib_request_allocates_nothing() {
 
 #[test]
 fn a_unary_call_through_both_state_machines_allocates_nothing_in_steady_state() {
-    let _serial = SERIAL.lock().unwrap();
     let now = Instant::now();
     let mut client: ClientConn<u64> = ClientConn::new(ConnConfig::default(), now);
     let mut server = ServerConn::new(ConnConfig::default(), now, 1);
