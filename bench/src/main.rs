@@ -8,12 +8,21 @@
 //! `serve` subcommand) pinned to `--server-cpu`; the client runs here, pinned to
 //! `--client-cpu`. One JSON line per system goes to stdout; a markdown table and the qps
 //! ratios go to stderr at the end.
+//!
+//! With `--sweep 1,4,16,64,256` instead of `--concurrency`, every selected system runs at each
+//! of those concurrencies in turn (one JSON line per system and concurrency), and `--plot
+//! PATH.png` draws qps and p99 latency against concurrency:
+//!
+//! cargo run --release -p gorpc-bench -- --system all --sweep 1,4,16,64,256 --payload 1024 \
+//!     --secs 2 --warmup 1 --connections 1 --plot bench/results.png
 
 mod loadgen;
+mod plot;
 mod systems;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -87,6 +96,18 @@ struct RunArgs {
     /// Callers in the closed loop [default: 64; 100 with --workload hello].
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Run at each of these concurrencies (comma-separated, e.g. 1,4,16,64,256) instead of
+    /// one.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "N,N,...",
+        conflicts_with = "concurrency"
+    )]
+    sweep: Option<Vec<usize>>,
+    /// With --sweep: draw qps and p99 latency against concurrency into this PNG file.
+    #[arg(long, value_name = "PATH.png", requires = "sweep")]
+    plot: Option<PathBuf>,
     /// Echo payload in bytes (ignored by --workload hello, which sends a 5-byte name).
     #[arg(long, default_value_t = 1024)]
     payload: usize,
@@ -247,12 +268,26 @@ impl Drop for ServerProcess {
 }
 
 fn run_main(args: RunArgs) -> ExitCode {
-    let concurrency = args.concurrency.unwrap_or(match args.workload {
-        Workload::Echo => 64,
-        Workload::Hello => 100,
+    let concurrencies = args.sweep.clone().unwrap_or_else(|| {
+        vec![args.concurrency.unwrap_or(match args.workload {
+            Workload::Echo => 64,
+            Workload::Hello => 100,
+        })]
     });
     let problems = [
-        (concurrency == 0, "--concurrency must be at least 1"),
+        (
+            args.sweep.is_none() && concurrencies.contains(&0),
+            "--concurrency must be at least 1",
+        ),
+        (
+            args.sweep.is_some() && concurrencies.contains(&0),
+            "--sweep concurrencies must be at least 1",
+        ),
+        (concurrencies.is_empty(), "--sweep needs a concurrency"),
+        (
+            args.plot.as_deref().is_some_and(|p| !is_png_path(p)),
+            "--plot must name a .png file in an existing directory",
+        ),
         (args.connections == 0, "--connections must be at least 1"),
         (
             args.server_threads == 0,
@@ -287,33 +322,45 @@ fn run_main(args: RunArgs) -> ExitCode {
     };
     let mut rows = Vec::new();
     let mut failed = false;
-    for system in args.system.systems() {
-        let measured = measure(system, &args, concurrency).unwrap_or_else(|e| {
-            eprintln!("gorpc-bench: {}: {e}", system.name());
-            failed = true;
-            Measurement::failed()
-        });
-        let row = Row {
-            system: system.name(),
-            concurrency,
-            payload,
-            connections: args.connections,
-            qps: round(measured.qps(), 1),
-            p50_us: round(measured.quantile_us(0.50), 3),
-            p99_us: round(measured.quantile_us(0.99), 3),
-            p999_us: round(measured.quantile_us(0.999), 3),
-            errors: measured.errors,
-        };
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(
-            out,
-            "{}",
-            serde_json::to_string(&row).expect("a row serializes")
-        );
-        let _ = out.flush();
-        rows.push(row);
+    for &concurrency in &concurrencies {
+        for system in args.system.systems() {
+            let measured = measure(system, &args, concurrency).unwrap_or_else(|e| {
+                eprintln!("gorpc-bench: {}: {e}", system.name());
+                failed = true;
+                Measurement::failed()
+            });
+            let row = Row {
+                system: system.name(),
+                concurrency,
+                payload,
+                connections: args.connections,
+                qps: round(measured.qps(), 1),
+                p50_us: round(measured.quantile_us(0.50), 3),
+                p99_us: round(measured.quantile_us(0.99), 3),
+                p999_us: round(measured.quantile_us(0.999), 3),
+                errors: measured.errors,
+            };
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string(&row).expect("a row serializes")
+            );
+            let _ = out.flush();
+            rows.push(row);
+        }
     }
     eprint!("{}", summary(&rows));
+    if let Some(path) = &args.plot {
+        let series = plot_series(&args.system.systems(), &rows);
+        match plot::render(path, &plot_title(&args, payload), &series) {
+            Ok(()) => eprintln!("\nplot: {}", path.display()),
+            Err(e) => {
+                eprintln!("gorpc-bench: --plot: {e}");
+                failed = true;
+            }
+        }
+    }
     if failed {
         ExitCode::FAILURE
     } else {
@@ -338,6 +385,50 @@ fn measure(system: System, args: &RunArgs, concurrency: usize) -> Result<Measure
     let measured = systems::run_client(system, &params);
     drop(server);
     measured
+}
+
+/// Whether `path` names a `.png` file whose directory exists (checked before a sweep that
+/// may run for minutes rather than after it).
+fn is_png_path(path: &Path) -> bool {
+    let png = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let dir_exists = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.is_dir(),
+        _ => true,
+    };
+    png && dir_exists
+}
+
+/// One plot line per system, in the order the systems ran.
+fn plot_series(systems: &[System], rows: &[Row]) -> Vec<plot::Series> {
+    systems
+        .iter()
+        .map(|system| plot::Series {
+            name: system.name().to_string(),
+            points: rows
+                .iter()
+                .filter(|r| r.system == system.name())
+                .map(|r| plot::Point {
+                    concurrency: r.concurrency,
+                    qps: r.qps,
+                    p99_us: r.p99_us,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The plot's title: what was measured, with the payload and connections.
+fn plot_title(args: &RunArgs, payload: usize) -> String {
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    format!(
+        "gorpc-bench concurrency sweep: {} workload, payload {payload} B, {}, {} s per point",
+        workload_name(args.workload),
+        plural(args.connections, "connection", "connections"),
+        args.secs,
+    )
 }
 
 fn round(x: f64, digits: i32) -> f64 {
@@ -365,21 +456,136 @@ fn summary(rows: &[Row]) -> String {
             r.errors
         );
     }
-    let qps = |name: &str| rows.iter().find(|r| r.system == name).map(|r| r.qps);
-    let ratios: Vec<String> = [
-        ("gorpc-tokio", "tonic"),
-        ("gorpc-tokio", "tarpc"),
-        ("gorpc-tokio", "raw"),
-        ("gorpc-smol", "gorpc-tokio"),
-    ]
-    .iter()
-    .filter_map(|&(a, b)| match (qps(a), qps(b)) {
-        (Some(x), Some(y)) if y > 0.0 => Some(format!("{a}/{b} {:.2}x", x / y)),
-        _ => None,
-    })
-    .collect();
-    if !ratios.is_empty() {
-        s += &format!("\nqps ratios: {}\n", ratios.join(", "));
+    // The ratios compare systems at the same concurrency: one line for a single run, one
+    // line per concurrency for a sweep.
+    let mut concurrencies: Vec<usize> = Vec::new();
+    for r in rows {
+        if !concurrencies.contains(&r.concurrency) {
+            concurrencies.push(r.concurrency);
+        }
+    }
+    let mut lines = Vec::new();
+    for &c in &concurrencies {
+        let qps = |name: &str| {
+            rows.iter()
+                .find(|r| r.system == name && r.concurrency == c)
+                .map(|r| r.qps)
+        };
+        let ratios: Vec<String> = [
+            ("gorpc-tokio", "tonic"),
+            ("gorpc-tokio", "tarpc"),
+            ("gorpc-tokio", "raw"),
+            ("gorpc-smol", "gorpc-tokio"),
+        ]
+        .iter()
+        .filter_map(|&(a, b)| match (qps(a), qps(b)) {
+            (Some(x), Some(y)) if y > 0.0 => Some(format!("{a}/{b} {:.2}x", x / y)),
+            _ => None,
+        })
+        .collect();
+        if ratios.is_empty() {
+            continue;
+        }
+        if concurrencies.len() == 1 {
+            lines.push(format!("qps ratios: {}\n", ratios.join(", ")));
+        } else {
+            lines.push(format!(
+                "qps ratios at concurrency {c}: {}\n",
+                ratios.join(", ")
+            ));
+        }
+    }
+    if !lines.is_empty() {
+        s += "\n";
+        s += &lines.concat();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(system: &'static str, concurrency: usize, qps: f64) -> Row {
+        Row {
+            system,
+            concurrency,
+            payload: 1024,
+            connections: 1,
+            qps,
+            p50_us: 10.0,
+            p99_us: 20.0,
+            p999_us: 30.0,
+            errors: 0,
+        }
+    }
+
+    #[test]
+    fn sweep_parses_a_comma_separated_list() {
+        let cli = Cli::try_parse_from(["gorpc-bench", "--sweep", "1,4,16", "--plot", "a.png"])
+            .expect("parses");
+        assert_eq!(cli.run.sweep, Some(vec![1, 4, 16]));
+        assert_eq!(cli.run.plot, Some(PathBuf::from("a.png")));
+        assert!(Cli::try_parse_from(["gorpc-bench", "--plot", "a.png"]).is_err());
+        assert!(
+            Cli::try_parse_from(["gorpc-bench", "--sweep", "1,4", "--concurrency", "8"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["gorpc-bench", "--sweep", "1,x"]).is_err());
+    }
+
+    #[test]
+    fn png_paths() {
+        assert!(is_png_path(Path::new("results.png")));
+        assert!(is_png_path(Path::new("RESULTS.PNG")));
+        assert!(is_png_path(&std::env::temp_dir().join("a.png")));
+        assert!(!is_png_path(Path::new("results.svg")));
+        assert!(!is_png_path(Path::new("results")));
+        assert!(!is_png_path(Path::new("/no/such/dir/a.png")));
+    }
+
+    #[test]
+    fn one_concurrency_keeps_the_single_ratio_line() {
+        let s = summary(&[row("gorpc-tokio", 64, 200.0), row("tonic", 64, 100.0)]);
+        assert!(
+            s.ends_with("\n\nqps ratios: gorpc-tokio/tonic 2.00x\n"),
+            "{s}"
+        );
+        assert!(s.contains("| gorpc-tokio | 64 | 1024 | 1 | 200 | 10.0 | 20.0 | 30.0 | 0 |"));
+    }
+
+    #[test]
+    fn a_sweep_has_a_ratio_line_per_concurrency() {
+        let s = summary(&[
+            row("gorpc-tokio", 1, 300.0),
+            row("tonic", 1, 100.0),
+            row("gorpc-tokio", 4, 200.0),
+            row("tonic", 4, 100.0),
+        ]);
+        assert!(
+            s.ends_with(
+                "\n\nqps ratios at concurrency 1: gorpc-tokio/tonic 3.00x\n\
+                 qps ratios at concurrency 4: gorpc-tokio/tonic 2.00x\n"
+            ),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn plot_series_follow_the_systems() {
+        let rows = [
+            row("gorpc-tokio", 1, 300.0),
+            row("tonic", 1, 100.0),
+            row("gorpc-tokio", 4, 200.0),
+            row("tonic", 4, 100.0),
+        ];
+        let series = plot_series(&[System::Tonic, System::GorpcTokio], &rows);
+        let names: Vec<&str> = series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["tonic", "gorpc-tokio"]);
+        let tokio: Vec<(usize, f64)> = series[1]
+            .points
+            .iter()
+            .map(|p| (p.concurrency, p.qps))
+            .collect();
+        assert_eq!(tokio, [(1, 300.0), (4, 200.0)]);
+    }
 }
