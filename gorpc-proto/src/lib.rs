@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
+pub mod balance;
 mod client;
 mod config;
 mod error;
