@@ -351,13 +351,7 @@ impl<T> ClientConn<T> {
 
     /// The earliest instant at which [`handle_timeout`](Self::handle_timeout) has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.link.closed {
-            return None;
-        }
-        match (self.deadlines.next(), self.link.keepalive.next()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.link.poll_timeout(self.deadlines.next())
     }
 
     pub fn poll_event(&mut self) -> Option<ClientEvent<T>> {

@@ -184,6 +184,17 @@ impl Link {
         self.closed = true;
     }
 
+    /// The earlier of the next call deadline and the keepalive timer; none once closed.
+    pub(crate) fn poll_timeout(&self, next_deadline: Option<Instant>) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        match (next_deadline, self.keepalive.next()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Both sides said go-away; with no calls left, the connection is done.
     pub(crate) fn is_draining_done(&self, calls_left: bool) -> bool {
         self.goaway_sent && self.goaway_received && !calls_left

@@ -305,13 +305,7 @@ impl ServerConn {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.link.closed {
-            return None;
-        }
-        match (self.deadlines.next(), self.link.keepalive.next()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.link.poll_timeout(self.deadlines.next())
     }
 
     pub fn poll_event(&mut self) -> Option<ServerEvent> {

@@ -13,6 +13,22 @@ pub use gorpc_smol::Smol;
 pub use gorpc_tokio::Tokio;
 pub use {async_std, smol};
 
+pub const SECOND: Duration = Duration::from_secs(1);
+
+/// Port 0 on the loopback interface: every test server binds here.
+pub fn loopback() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// Client settings for tests: a default timeout long enough for a loaded CI machine, short
+/// enough that a hang fails the test instead of the run.
+pub fn client_config() -> gorpc::ClientConfig {
+    gorpc::ClientConfig {
+        default_timeout: Some(Duration::from_secs(20)),
+        ..gorpc::ClientConfig::default()
+    }
+}
+
 /// A multi-threaded tokio runtime of two workers (the CI machine has two cores).
 pub fn tokio_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -15,20 +15,7 @@ use gorpc::{
     CallOptions, Client, ClientConfig, Code, Router, Runtime, Server, ServerReply, ServerRequest,
     Shutdown,
 };
-use gorpc_tests::{on_every_runtime, sleep, within};
-
-const SECOND: Duration = Duration::from_secs(1);
-
-fn loopback() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-fn config() -> ClientConfig {
-    ClientConfig {
-        default_timeout: Some(Duration::from_secs(20)),
-        ..ClientConfig::default()
-    }
-}
+use gorpc_tests::{client_config, loopback, on_every_runtime, sleep, within, SECOND};
 
 /// Echoes raw bodies; every other call first waits a tick of the server's timer so that
 /// both the inline and the spawned handler paths are exercised.
@@ -55,7 +42,7 @@ async fn ten_thousand_concurrent_calls_over_one_connection<S: Runtime, C: Runtim
         .bind(loopback())
         .await
         .unwrap();
-    let client = Client::connect(client_rt.clone(), server.local_addr(), config())
+    let client = Client::connect(client_rt.clone(), server.local_addr(), client_config())
         .await
         .unwrap();
     let calls: FuturesUnordered<_> = (0..10_000u32)
@@ -133,7 +120,7 @@ async fn deadline_exceeded_drops_the_server_handler<S: Runtime, C: Runtime>(
         .bind(loopback())
         .await
         .unwrap();
-    let client = Client::connect(client_rt.clone(), server.local_addr(), config())
+    let client = Client::connect(client_rt.clone(), server.local_addr(), client_config())
         .await
         .unwrap();
 
@@ -178,7 +165,7 @@ async fn dropping_the_call_cancels_it_on_the_server<S: Runtime, C: Runtime>(
         .bind(loopback())
         .await
         .unwrap();
-    let client = Client::connect(client_rt.clone(), server.local_addr(), config())
+    let client = Client::connect(client_rt.clone(), server.local_addr(), client_config())
         .await
         .unwrap();
 
@@ -212,7 +199,7 @@ async fn unknown_method_is_unimplemented<S: Runtime, C: Runtime>(server_rt: S, c
         .bind(loopback())
         .await
         .unwrap();
-    let client = Client::connect(client_rt, server.local_addr(), config())
+    let client = Client::connect(client_rt, server.local_addr(), client_config())
         .await
         .unwrap();
     let err = client
@@ -246,7 +233,7 @@ async fn handler_panic_is_internal_and_harms_nothing_else<S: Runtime, C: Runtime
         .bind(loopback())
         .await
         .unwrap();
-    let client = Client::connect(client_rt, server.local_addr(), config())
+    let client = Client::connect(client_rt, server.local_addr(), client_config())
         .await
         .unwrap();
     let err = client
@@ -298,7 +285,7 @@ async fn garbage_bytes_close_only_that_connection<S: Runtime, C: Runtime>(
         .bind(loopback())
         .await
         .unwrap();
-    let client = Client::connect(client_rt.clone(), server.local_addr(), config())
+    let client = Client::connect(client_rt.clone(), server.local_addr(), client_config())
         .await
         .unwrap();
     let slow = client.call_raw(
@@ -358,7 +345,7 @@ async fn graceful_shutdown_loses_no_in_flight_call<S: Runtime, C: Runtime>(
         .await
         .unwrap();
     let addr = server.local_addr();
-    let client = Client::connect(client_rt.clone(), addr, config())
+    let client = Client::connect(client_rt.clone(), addr, client_config())
         .await
         .unwrap();
     let calls: FuturesUnordered<_> = (0..100u32)
@@ -418,9 +405,16 @@ async fn killed_server_fails_calls_promptly_and_the_pool_reconnects<S: Runtime, 
         },
         ..PoolConfig::default()
     };
-    let client = Client::connect(client_rt.clone(), addr, ClientConfig { pool, ..config() })
-        .await
-        .unwrap();
+    let client = Client::connect(
+        client_rt.clone(),
+        addr,
+        ClientConfig {
+            pool,
+            ..client_config()
+        },
+    )
+    .await
+    .unwrap();
 
     let hung = client.call_raw(
         "/test.Hang/Forever",
@@ -503,7 +497,7 @@ async fn connection_limit_turns_extra_connections_away<S: Runtime, C: Runtime>(
         .bind(loopback())
         .await
         .unwrap();
-    let client = Client::connect(client_rt.clone(), server.local_addr(), config())
+    let client = Client::connect(client_rt.clone(), server.local_addr(), client_config())
         .await
         .unwrap();
     let back = within(

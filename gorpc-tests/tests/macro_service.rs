@@ -1,27 +1,13 @@
 //! `#[gorpc::service]` end to end: a trait served by its generated server and called through
 //! its generated client and through raw msgpack calls, on every runtime pairing.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gorpc::{Client, ClientConfig, Code, NamedService, Router, Runtime, Server, Shutdown, Status};
-use gorpc_tests::{on_every_runtime, within};
+use gorpc::{Client, Code, NamedService, Router, Runtime, Server, Shutdown, Status};
+use gorpc_tests::{client_config, loopback, on_every_runtime, within, SECOND};
 use serde::{Deserialize, Serialize};
-
-const SECOND: Duration = Duration::from_secs(1);
-
-fn loopback() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-fn config() -> ClientConfig {
-    ClientConfig {
-        default_timeout: Some(Duration::from_secs(20)),
-        ..ClientConfig::default()
-    }
-}
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Point {
@@ -117,7 +103,7 @@ async fn generated_client_calls_every_method<S: Runtime, C: Runtime>(server_rt: 
         .bind(loopback())
         .await
         .unwrap();
-    let client = Client::connect(client_rt.clone(), server.local_addr(), config())
+    let client = Client::connect(client_rt.clone(), server.local_addr(), client_config())
         .await
         .unwrap();
     let calc = CalculatorClient::new(client.clone());
@@ -169,7 +155,7 @@ async fn raw_calls_use_the_documented_wire_format<S: Runtime, C: Runtime>(
         .bind(loopback())
         .await
         .unwrap();
-    let client = Client::connect(client_rt.clone(), server.local_addr(), config())
+    let client = Client::connect(client_rt.clone(), server.local_addr(), client_config())
         .await
         .unwrap();
 
@@ -250,7 +236,7 @@ async fn package_option_changes_the_path<S: Runtime, C: Runtime>(server_rt: S, c
         .bind(loopback())
         .await
         .unwrap();
-    let client = Client::connect(client_rt.clone(), server.local_addr(), config())
+    let client = Client::connect(client_rt.clone(), server.local_addr(), client_config())
         .await
         .unwrap();
 
