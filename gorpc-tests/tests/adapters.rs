@@ -634,7 +634,95 @@ async fn a_user_defined_pool_chooses_the_connections<S: Runtime, C: Runtime>(
     b.abort().await;
 }
 
+/// Requests for "/test.Echo/Echo" with 16 KiB bodies, as a client would frame them.
+fn echo_requests(count: u32) -> Vec<u8> {
+    use gorpc::proto::frame::{flags, FrameHeader, FrameType};
+    let mut head = Vec::new();
+    gorpc::proto::head::encode_request_head("/test.Echo/Echo", 0, [], &mut head);
+    let body = vec![0u8; 16 * 1024];
+    let mut out = Vec::new();
+    for id in 1..=count {
+        let header = FrameHeader {
+            frame_type: FrameType::Request,
+            flags: flags::END_STREAM,
+            codec: 0,
+            call_id: id,
+            head_len: head.len() as u32,
+            body_len: body.len() as u32,
+        };
+        out.extend_from_slice(&header.to_bytes());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&body);
+    }
+    out
+}
+
+async fn a_client_that_never_reads_cannot_make_the_server_buffer_without_bound<
+    S: Runtime,
+    C: Runtime,
+>(
+    server_rt: S,
+    client_rt: C,
+) {
+    let server = Server::new(server_rt.clone(), echo_router(&server_rt, Arc::default()))
+        .bind(loopback())
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    // 256 MiB of echo requests, written until the server stops taking them.
+    let stream = echo_requests(16 * 1024);
+    let (tx, rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let result = (|| -> std::io::Result<usize> {
+            let mut socket = std::net::TcpStream::connect(addr)?;
+            socket.set_write_timeout(Some(2 * SECOND))?;
+            let mut written = 0;
+            for chunk in stream.chunks(64 * 1024) {
+                match socket.write(chunk) {
+                    Ok(n) => written += n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        break
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(written)
+        })();
+        let _ = tx.send(result);
+    });
+    let written = within(&client_rt, 30 * SECOND, "the non-reading client stalls", rx)
+        .await
+        .unwrap()
+        .unwrap();
+    // The server's own backlog is 1 MiB; the rest is kernel socket buffers on both sides.
+    assert!(
+        written < 64 << 20,
+        "the server kept reading: {} MiB accepted from a client that reads nothing",
+        written >> 20
+    );
+    // Other clients are served meanwhile.
+    let client = Client::connect(client_rt, addr, client_config())
+        .await
+        .unwrap();
+    let ok = client
+        .call_raw(
+            "/test.Echo/Echo",
+            0,
+            Bytes::from_static(b"2"),
+            CallOptions::default(),
+        )
+        .await;
+    assert_eq!(ok.unwrap().body, Bytes::from_static(b"2"));
+    server.abort().await;
+}
+
 on_every_runtime!(
+    a_client_that_never_reads_cannot_make_the_server_buffer_without_bound,
     idle_connections_close_and_calls_reconnect_transparently,
     a_user_defined_pool_chooses_the_connections,
     ten_thousand_concurrent_calls_over_one_connection,

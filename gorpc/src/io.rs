@@ -146,6 +146,13 @@ impl<R: Runtime> Transport<R> {
         }
     }
 
+    /// Bytes queued for the socket and not yet written. A server stops reading requests
+    /// while this is large, so a client that never reads its responses cannot make the
+    /// server buffer without bound.
+    pub(crate) fn write_backlog(&self) -> usize {
+        self.write_queue.len
+    }
+
     /// Once `conn` has closed: true when the transport is done too (everything flushed, or
     /// nobody left to read it), after starting an orderly shutdown of the socket.
     pub(crate) fn poll_finish(&mut self, cx: &mut Context<'_>) -> bool {
@@ -174,10 +181,13 @@ pub(crate) fn drive(cx: &mut Context<'_>, mut poll_once: impl FnMut(&mut Context
 #[derive(Debug, Default)]
 struct WriteQueue {
     chunks: VecDeque<Bytes>,
+    /// Bytes in `chunks`.
+    len: usize,
 }
 
 impl WriteQueue {
     fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len();
         if !chunk.is_empty() {
             self.chunks.push_back(chunk);
         }
@@ -202,6 +212,7 @@ impl WriteQueue {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             };
+            self.len -= written;
             self.advance(written);
         }
         Poll::Ready(Ok(()))

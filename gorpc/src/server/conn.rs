@@ -19,6 +19,9 @@ use crate::io::{drive, Transport};
 use crate::runtime::Runtime;
 use crate::service::{ServerReply, ServerRequest, Service};
 
+/// Unsent response bytes past which a connection stops reading requests.
+const MAX_WRITE_BACKLOG: usize = 1 << 20;
+
 /// Signals from the server to its connections. Each is a channel that is closed, never
 /// sent on: closing wakes every receiver at once.
 #[derive(Clone, Debug)]
@@ -112,7 +115,9 @@ impl<R: Runtime> ServerConnection<R> {
             progress = true;
         }
 
-        if self.conn.wants_read() {
+        // Stop reading at the concurrency limit (the core says so) and while answers pile up
+        // unsent (the client is not reading): TCP then pushes back on the client.
+        if self.conn.wants_read() && self.transport.write_backlog() < MAX_WRITE_BACKLOG {
             progress |= self.transport.poll_read(cx, &mut self.conn, now);
         }
 
