@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod interceptor;
 mod io;
 pub mod metadata;
 pub mod runtime;
@@ -18,6 +19,7 @@ pub mod service;
 pub use client::{CallOptions, Client, ClientConfig, RawResponse};
 pub use codec::{Codec, MsgPack, Protobuf, Raw};
 pub use gorpc_proto::{self as proto, Code, ConnConfig, KeepaliveConfig, Limits, Status};
+pub use interceptor::{ClientInterceptor, ClientNext, Next, ServerInterceptor};
 pub use metadata::Metadata;
 pub use runtime::Runtime;
 pub use server::{Server, ServerConfig, ServerHandle, Shutdown};

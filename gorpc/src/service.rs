@@ -19,6 +19,8 @@ use crate::metadata::Metadata;
 #[derive(Clone, Debug)]
 pub struct ServerRequest {
     pub(crate) head: RequestHead,
+    /// Metadata changed by an interceptor; until then it is read from `head` on demand.
+    pub(crate) edited: Option<Metadata>,
     pub codec: u8,
     pub body: Bytes,
     /// When the client stops waiting, on this host's clock.
@@ -34,6 +36,7 @@ impl ServerRequest {
         let head = RequestHead::decode(raw.freeze()).expect("a head this crate encoded decodes");
         ServerRequest {
             head,
+            edited: None,
             codec,
             body,
             deadline: None,
@@ -47,12 +50,26 @@ impl ServerRequest {
     }
 
     pub fn metadata(&self) -> Metadata {
-        Metadata::from_wire(self.head.metadata(), self.head.as_bytes())
+        match &self.edited {
+            Some(metadata) => metadata.clone(),
+            None => Metadata::from_wire(self.head.metadata(), self.head.as_bytes()),
+        }
+    }
+
+    /// The metadata, for an interceptor to change before the handler sees it. Copied out of
+    /// the frame on first use only.
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
+        let head = &self.head;
+        self.edited
+            .get_or_insert_with(|| Metadata::from_wire(head.metadata(), head.as_bytes()))
     }
 
     /// The first metadata value for `key`, without copying the rest.
     pub fn metadata_value(&self, key: &str) -> Option<&[u8]> {
-        self.head.metadata_value(key)
+        match &self.edited {
+            Some(metadata) => metadata.get(key).map(|v| v.as_ref()),
+            None => self.head.metadata_value(key),
+        }
     }
 }
 

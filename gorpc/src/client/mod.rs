@@ -15,6 +15,7 @@ use bytes::Bytes;
 use gorpc_proto::{Code, Status};
 
 use crate::codec::{id_name, Codec, MsgPack};
+use crate::interceptor::{ClientInterceptor, ClientNext};
 use crate::metadata::Metadata;
 use crate::runtime::Runtime;
 use crate::service::{Request, Response};
@@ -59,6 +60,8 @@ impl Default for ClientConfig {
 pub struct Client {
     pool: Arc<dyn Pool>,
     default_timeout: Option<Duration>,
+    /// Empty unless interceptors were added: calls then skip the chain entirely.
+    interceptors: Arc<[Arc<dyn ClientInterceptor>]>,
 }
 
 impl std::fmt::Debug for Client {
@@ -79,6 +82,7 @@ impl Client {
         Client {
             pool: Arc::new(pool),
             default_timeout,
+            interceptors: Arc::new([]),
         }
     }
 
@@ -101,6 +105,15 @@ impl Client {
         Ok(Client::new(pool, config.default_timeout))
     }
 
+    /// Adds an interceptor around every call from this client (and its clones made after
+    /// this); interceptors run in the order added.
+    pub fn with_interceptor(mut self, interceptor: impl ClientInterceptor) -> Self {
+        let mut chain: Vec<_> = self.interceptors.iter().cloned().collect();
+        chain.push(Arc::new(interceptor));
+        self.interceptors = chain.into();
+        self
+    }
+
     /// Sends an encoded body and returns the encoded answer. Dropping the future cancels the
     /// call on the server.
     pub async fn call_raw(
@@ -112,44 +125,24 @@ impl Client {
     ) -> Result<RawResponse, Status> {
         let timeout = options.timeout.or(self.default_timeout);
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let mut call = OutgoingCall {
+        let call = OutgoingCall {
             method: method.into(),
             codec,
             metadata: options.metadata,
             deadline,
             body,
         };
-        for _ in 0..=NOT_SENT_RETRIES {
-            let conn = match self.pool.checkout() {
-                Checkout::Ready(conn) => conn,
-                Checkout::Wait(wait) => wait.await?,
-                Checkout::Failed(status) => return Err(status),
-            };
-            let pending = match conn.start(call) {
-                Ok(pending) => pending,
-                Err(unsent) => {
-                    call = unsent;
-                    continue;
-                }
-            };
-            match pending.await {
-                CallOutcome::Answered(rsp) if rsp.status.is_ok() => {
-                    let metadata = Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
-                    return Ok(RawResponse {
-                        codec: rsp.codec,
-                        metadata,
-                        body: rsp.body,
-                    });
-                }
-                CallOutcome::Answered(rsp) => return Err(rsp.status),
-                CallOutcome::Failed(status) => return Err(status),
-                CallOutcome::NotSent(unsent) => call = unsent,
-            }
+        if self.interceptors.is_empty() {
+            return send(&*self.pool, call).await;
         }
-        Err(Status::new(
-            Code::Unavailable,
-            "no connection stayed open long enough to send the call",
-        ))
+        let pool = self.pool.clone();
+        let send: crate::interceptor::Transmit = Arc::new(move |call| {
+            let pool = pool.clone();
+            Box::pin(async move { send(&*pool, call).await })
+        });
+        ClientNext::start(self.interceptors.clone(), send)
+            .run(call)
+            .await
     }
 
     /// A unary call with typed messages in `codec`. Request metadata and deadline are taken
@@ -222,4 +215,39 @@ impl Client {
             .await?;
         Codec::<Rsp>::decode(&MsgPack, raw.body)
     }
+}
+
+/// Sends `call` on a connection from `pool`, again on another one if it never left.
+async fn send(pool: &dyn Pool, mut call: OutgoingCall) -> Result<RawResponse, Status> {
+    for _ in 0..=NOT_SENT_RETRIES {
+        let conn = match pool.checkout() {
+            Checkout::Ready(conn) => conn,
+            Checkout::Wait(wait) => wait.await?,
+            Checkout::Failed(status) => return Err(status),
+        };
+        let pending = match conn.start(call) {
+            Ok(pending) => pending,
+            Err(unsent) => {
+                call = unsent;
+                continue;
+            }
+        };
+        match pending.await {
+            CallOutcome::Answered(rsp) if rsp.status.is_ok() => {
+                let metadata = Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
+                return Ok(RawResponse {
+                    codec: rsp.codec,
+                    metadata,
+                    body: rsp.body,
+                });
+            }
+            CallOutcome::Answered(rsp) => return Err(rsp.status),
+            CallOutcome::Failed(status) => return Err(status),
+            CallOutcome::NotSent(unsent) => call = unsent,
+        }
+    }
+    Err(Status::new(
+        Code::Unavailable,
+        "no connection stayed open long enough to send the call",
+    ))
 }

@@ -155,6 +155,7 @@ impl<R: Runtime> ServerConnection<R> {
         let id = request.id;
         let request = ServerRequest {
             head: request.head,
+            edited: None,
             codec: request.codec,
             body: request.body,
             deadline: request.deadline,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use gorpc_proto::{Code, ConnConfig, Status};
 
+use crate::interceptor::{ServerChain, ServerInterceptor};
 use crate::runtime::{timeout, Listener, Runtime};
 use crate::service::Service;
 use conn::{ServerConnection, Signals};
@@ -42,6 +43,7 @@ impl Default for ServerConfig {
 pub struct Server<R: Runtime> {
     runtime: R,
     service: Arc<dyn Service>,
+    interceptors: Vec<Arc<dyn ServerInterceptor>>,
     config: ServerConfig,
 }
 
@@ -58,12 +60,19 @@ impl<R: Runtime> Server<R> {
         Server {
             runtime,
             service: Arc::new(service),
+            interceptors: Vec::new(),
             config: ServerConfig::default(),
         }
     }
 
     pub fn config(mut self, config: ServerConfig) -> Self {
         self.config = config;
+        self
+    }
+
+    /// Adds an interceptor around every call; interceptors run in the order added.
+    pub fn interceptor(mut self, interceptor: impl ServerInterceptor) -> Self {
+        self.interceptors.push(Arc::new(interceptor));
         self
     }
 
@@ -88,7 +97,7 @@ impl<R: Runtime> Server<R> {
         let accept = AcceptLoop {
             runtime: self.runtime.clone(),
             listener,
-            service: self.service,
+            service: ServerChain::wrap(self.interceptors, self.service),
             config: self.config,
             signals,
             active: Arc::new(AtomicUsize::new(0)),
