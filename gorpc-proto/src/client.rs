@@ -402,6 +402,11 @@ impl<T> ClientConn<T> {
         self.calls.len()
     }
 
+    /// No call in flight.
+    pub fn is_idle(&self) -> bool {
+        self.calls.is_empty()
+    }
+
     /// Whether new calls can start: not closed and no go-away sent or received.
     pub fn is_accepting_calls(&self) -> bool {
         !self.link.closed && !self.link.goaway_sent && !self.link.goaway_received

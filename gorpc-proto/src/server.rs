@@ -371,6 +371,11 @@ impl ServerConn {
         self.waiting.len()
     }
 
+    /// No call running or waiting.
+    pub fn is_idle(&self) -> bool {
+        self.calls.is_empty() && self.waiting.is_empty()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.link.closed
     }

@@ -57,14 +57,16 @@ impl Smol {
     }
 }
 
-/// Bytes a read may take at once.
-const READ_SCRATCH: usize = 16 * 1024;
+/// Scratch sizes: small while reads are small, doubling while reads fill it.
+const SCRATCH_MIN: usize = 2 * 1024;
+const SCRATCH_MAX: usize = 16 * 1024;
 
-/// A TCP stream. Reads land in a small scratch buffer first (safe code cannot read into
-/// uninitialised memory), then are appended to gorpc's buffer.
+/// A TCP stream. Reads land in a scratch buffer first (safe code cannot read into
+/// uninitialised memory), then are appended to gorpc's buffer. The scratch grows while
+/// reads fill it and is dropped when the connection goes idle.
 pub struct SmolIo {
     stream: Async<TcpStream>,
-    scratch: Box<[u8]>,
+    scratch: Vec<u8>,
 }
 
 impl fmt::Debug for SmolIo {
@@ -80,7 +82,7 @@ impl SmolIo {
         stream.get_ref().set_nodelay(true)?;
         Ok(SmolIo {
             stream,
-            scratch: vec![0; READ_SCRATCH].into_boxed_slice(),
+            scratch: Vec::new(),
         })
     }
 }
@@ -91,10 +93,16 @@ impl gorpc::runtime::Io for SmolIo {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
+        if self.scratch.is_empty() {
+            self.scratch = vec![0; SCRATCH_MIN];
+        }
         loop {
             match self.stream.get_ref().read(&mut self.scratch) {
                 Ok(n) => {
                     buf.extend_from_slice(&self.scratch[..n]);
+                    if n == self.scratch.len() && n < SCRATCH_MAX {
+                        self.scratch = vec![0; 2 * n];
+                    }
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -116,6 +124,10 @@ impl gorpc::runtime::Io for SmolIo {
 
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_close(cx)
+    }
+
+    fn release_buffers(&mut self) {
+        self.scratch = Vec::new();
     }
 }
 

@@ -15,6 +15,8 @@ use crate::runtime::{Io, Runtime, Sleep};
 
 /// Spare room the read buffer is given before each read.
 const READ_CHUNK: usize = 16 * 1024;
+/// How long a connection must be idle before its read buffers are released.
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Chunks handed to one `writev`.
 const MAX_IOV: usize = 64;
 
@@ -25,6 +27,8 @@ pub(crate) trait Endpoint {
     fn abort(&mut self, status: Status);
     fn poll_transmit(&mut self) -> Option<Bytes>;
     fn is_closed(&self) -> bool;
+    /// No call in flight or waiting.
+    fn is_idle(&self) -> bool;
 }
 
 macro_rules! forward_endpoint {
@@ -45,6 +49,9 @@ macro_rules! forward_endpoint {
             fn is_closed(&self) -> bool {
                 <$ty>::is_closed(self)
             }
+            fn is_idle(&self) -> bool {
+                <$ty>::is_idle(self)
+            }
         }
     };
 }
@@ -60,6 +67,8 @@ pub(crate) struct Transport<R: Runtime> {
     sleep: R::Sleep,
     armed: Option<Instant>,
     read_closed: bool,
+    /// When bytes last arrived.
+    last_read: Instant,
 }
 
 impl<R: Runtime> Transport<R> {
@@ -71,6 +80,7 @@ impl<R: Runtime> Transport<R> {
             write_queue: WriteQueue::default(),
             armed: None,
             read_closed: false,
+            last_read: Instant::now(),
         }
     }
 
@@ -94,6 +104,7 @@ impl<R: Runtime> Transport<R> {
                 conn.handle_eof();
             }
             Poll::Ready(Ok(_)) => {
+                self.last_read = now;
                 let _ = conn.handle_read(now, &mut self.read_buf);
             }
             Poll::Ready(Err(e)) => {
@@ -103,6 +114,20 @@ impl<R: Runtime> Transport<R> {
             Poll::Pending => return false,
         }
         true
+    }
+
+    /// Drops the read buffers of a connection that has had nothing buffered, nothing in
+    /// flight and nothing to read for a second, so idle connections stay small while a busy
+    /// one keeps reusing its buffers. Checked whenever the driver wakes rather than on a
+    /// timer of its own (re-arming a timer at every idle moment of a busy connection costs
+    /// more than it saves); an idle connection still wakes for keepalive pings, so its
+    /// buffers go at the next ping at the latest.
+    pub(crate) fn release_if_idle(&mut self, conn: &impl Endpoint, now: Instant) {
+        let quiet = now.saturating_duration_since(self.last_read) >= IDLE_RELEASE;
+        if quiet && self.read_buf.capacity() > 0 && self.read_buf.is_empty() && conn.is_idle() {
+            self.read_buf = BytesMut::new();
+            self.io.release_buffers();
+        }
     }
 
     /// Arms the timer for `at` and reports whether it is due.
@@ -162,6 +187,14 @@ impl<R: Runtime> Transport<R> {
             return true;
         }
         false
+    }
+}
+
+/// The earlier of two optional instants.
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

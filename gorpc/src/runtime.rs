@@ -27,6 +27,10 @@ pub trait Io: Send + Unpin + 'static {
 
     /// Closes the write side once everything written has been flushed.
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// The connection has nothing in flight: release memory kept between reads, so that
+    /// idle connections stay small.
+    fn release_buffers(&mut self) {}
 }
 
 /// A timer that can be re-armed without allocating.

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures::Stream;
 use gorpc_proto::{CallHead, CallId, ClientConn, ClientEvent, Code, ConnConfig, Status};
 
-use crate::io::{drive, Transport};
+use crate::io::{drive, earliest, Transport};
 use crate::metadata::Metadata;
 use crate::runtime::{timeout, Runtime};
 
@@ -332,10 +332,7 @@ impl<R: Runtime> ClientDriver<R> {
             progress = true;
         }
 
-        let next = match (self.conn.poll_timeout(), idle_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next = earliest(self.conn.poll_timeout(), idle_deadline);
         if self.transport.poll_timer(cx, next, now) {
             self.conn.handle_timeout(now);
             progress = true;
@@ -392,6 +389,7 @@ impl<R: Runtime> Future for ClientDriver<R> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         drive(cx, |cx| this.poll_once(cx));
+        this.transport.release_if_idle(&this.conn, Instant::now());
         if this.conn.is_closed() && this.transport.poll_finish(cx) {
             return Poll::Ready(());
         }

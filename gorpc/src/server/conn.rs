@@ -203,6 +203,7 @@ impl<R: Runtime> Future for ServerConnection<R> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         drive(cx, |cx| this.poll_once(cx));
+        this.transport.release_if_idle(&this.conn, Instant::now());
         if this.aborted || (this.closing && this.transport.poll_finish(cx)) {
             return Poll::Ready(());
         }
