@@ -5,9 +5,11 @@
 //!   [`auth::BearerAuth`] checks it on the server and hands the handler the caller's subject.
 //! - `metrics`: [`metrics::Metrics`] counts calls by status and records their latency per
 //!   method, on either side.
+//! - `otel`: [`otel::OtelClient`] and [`otel::OtelServer`] trace calls with OpenTelemetry,
+//!   passing the trace context along as W3C `traceparent`/`tracestate` metadata.
 //!
 //! The core crates stay free of these dependencies and policies. Service discovery (consul,
-//! etcd), OpenTelemetry and TLS will join this crate the same way, each behind its feature.
+//! etcd) and TLS will join this crate the same way, each behind its feature.
 
 #![forbid(unsafe_code)]
 
@@ -15,3 +17,5 @@
 pub mod auth;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+#[cfg(feature = "otel")]
+pub mod otel;
