@@ -279,7 +279,7 @@ async fn connect(addrs: &[SocketAddr], timeout: Option<Duration>) -> Result<Clie
     }
     let mut last: Option<(SocketAddr, Status)> = None;
     for &addr in addrs {
-        match Client::connect(Tokio::current(), addr, config).await {
+        match Client::connect(Tokio::current(), addr, config.clone()).await {
             Ok(client) => return Ok(client),
             Err(status) => last = Some((addr, status)),
         }

@@ -59,9 +59,11 @@ macro_rules! forward_endpoint {
 forward_endpoint!(ClientConn<T>, T);
 forward_endpoint!(ServerConn);
 
-/// A socket with its read buffer, write queue and the connection's one timer.
-pub(crate) struct Transport<R: Runtime> {
-    io: R::Io,
+/// A socket with its read buffer, write queue and the connection's one timer. `I` is the
+/// runtime's own socket for plain TCP (so that path stays monomorphized and unchanged), or
+/// a wrapper such as a TLS session over it.
+pub(crate) struct Transport<R: Runtime, I: Io = <R as Runtime>::Io> {
+    io: I,
     read_buf: BytesMut,
     write_queue: WriteQueue,
     sleep: R::Sleep,
@@ -71,8 +73,8 @@ pub(crate) struct Transport<R: Runtime> {
     last_read: Instant,
 }
 
-impl<R: Runtime> Transport<R> {
-    pub(crate) fn new(runtime: &R, io: R::Io) -> Self {
+impl<R: Runtime, I: Io> Transport<R, I> {
+    pub(crate) fn new(runtime: &R, io: I) -> Self {
         Transport {
             sleep: runtime.sleep_until(Instant::now()),
             io,
@@ -230,8 +232,8 @@ impl WriteQueue {
         self.chunks.is_empty()
     }
 
-    /// Writes until the queue is empty (`Ready(Ok)`), the socket is full (`Pending`), or it
-    /// fails.
+    /// Writes until the queue is empty and `io` has flushed what it kept back (`Ready(Ok)`),
+    /// the socket is full (`Pending`), or it fails.
     fn poll_write<I: Io>(&mut self, io: &mut I, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.chunks.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -248,7 +250,7 @@ impl WriteQueue {
             self.len -= written;
             self.advance(written);
         }
-        Poll::Ready(Ok(()))
+        io.poll_flush(cx)
     }
 
     fn advance(&mut self, mut n: usize) {

@@ -15,13 +15,15 @@ pub mod metadata;
 pub mod runtime;
 pub mod server;
 pub mod service;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use client::{CallOptions, Client, ClientConfig, RawResponse};
 pub use codec::{Codec, MsgPack, Protobuf, Raw};
 pub use gorpc_proto::{self as proto, Code, ConnConfig, KeepaliveConfig, Limits, Status};
 pub use interceptor::{ClientInterceptor, ClientNext, Next, ServerInterceptor};
 pub use metadata::Metadata;
-pub use runtime::Runtime;
+pub use runtime::{PeerCertificates, Runtime};
 pub use server::{Server, ServerConfig, ServerHandle, Shutdown};
 pub use service::{
     IntoRequest, NamedService, Request, Response, Router, ServerReply, ServerRequest, Service,

@@ -5,10 +5,16 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::BytesMut;
+use rustls_pki_types::CertificateDer;
+
+/// The certificate chain a peer presented (end entity first), shared by every request of
+/// its connection.
+pub type PeerCertificates = Arc<[CertificateDer<'static>]>;
 
 /// A connected byte stream (TCP today; TLS and others wrap one).
 pub trait Io: Send + Unpin + 'static {
@@ -25,12 +31,26 @@ pub trait Io: Send + Unpin + 'static {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>>;
 
+    /// Writes out whatever an earlier `poll_write_vectored` accepted but kept back (a TLS
+    /// session's encrypted records). Called by the drivers once their own queue is empty;
+    /// plain sockets keep nothing back.
+    #[inline]
+    fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
     /// Closes the write side once everything written has been flushed.
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 
     /// The connection has nothing in flight: release memory kept between reads, so that
     /// idle connections stay small.
     fn release_buffers(&mut self) {}
+
+    /// The certificates the peer authenticated with (mutual TLS), once the handshake is
+    /// done. `None` for plain sockets and for TLS peers that sent none.
+    fn peer_certificates(&self) -> Option<PeerCertificates> {
+        None
+    }
 }
 
 /// A timer that can be re-armed without allocating.

@@ -14,6 +14,7 @@ use gorpc_proto::{Code, RequestHead, Status};
 
 use crate::codec::{id_name, Codec, MsgPack};
 use crate::metadata::Metadata;
+use crate::runtime::PeerCertificates;
 
 /// One call as it arrived, body still encoded.
 #[derive(Clone, Debug)]
@@ -26,6 +27,8 @@ pub struct ServerRequest {
     /// When the client stops waiting, on this host's clock.
     pub deadline: Option<Instant>,
     pub peer: Option<SocketAddr>,
+    /// The client's certificate chain, when it authenticated with one (mutual TLS).
+    pub(crate) peer_certificates: Option<PeerCertificates>,
 }
 
 impl ServerRequest {
@@ -41,7 +44,20 @@ impl ServerRequest {
             body,
             deadline: None,
             peer: None,
+            peer_certificates: None,
         }
+    }
+
+    /// The certificate chain the client authenticated with over mutual TLS, end entity
+    /// first. `None` over plain TCP and for TLS clients without a certificate.
+    pub fn peer_certificates(&self) -> Option<&PeerCertificates> {
+        self.peer_certificates.as_ref()
+    }
+
+    /// Sets the client's certificate chain, e.g. to test a service without a connection.
+    pub fn with_peer_certificates(mut self, chain: Option<PeerCertificates>) -> Self {
+        self.peer_certificates = chain;
+        self
     }
 
     /// "/package.Service/Method".

@@ -16,7 +16,7 @@ use gorpc_proto::{CallHead, CallId, ClientConn, ClientEvent, Code, ConnConfig, S
 
 use crate::io::{drive, earliest, Transport};
 use crate::metadata::Metadata;
-use crate::runtime::{timeout, Runtime};
+use crate::runtime::{timeout, Io, Runtime};
 
 /// A call as handed to a connection: method, options and the encoded body.
 #[derive(Debug)]
@@ -95,12 +95,16 @@ impl std::fmt::Debug for Command {
 }
 
 /// Client connection settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnectionConfig {
     pub conn: ConnConfig,
+    /// Bounds the TCP connect and the TLS handshake together.
     pub connect_timeout: Duration,
     /// Close a connection with no call in flight for this long. `None`: keep it.
     pub idle_timeout: Option<Duration>,
+    /// Speak TLS: `None` (the default) is plain TCP.
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Default for ConnectionConfig {
@@ -109,12 +113,15 @@ impl Default for ConnectionConfig {
             conn: ConnConfig::default(),
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(300)),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
 
 impl Connection {
-    /// Connects to `addr` and starts the connection's driver on `runtime`.
+    /// Connects to `addr` (completing the TLS handshake if `config.tls` says so) and starts
+    /// the connection's driver on `runtime`.
     pub async fn connect<R: Runtime>(
         runtime: &R,
         addr: SocketAddr,
@@ -139,13 +146,20 @@ impl Connection {
                 ))
             }
         };
+        #[cfg(feature = "tls")]
+        if let Some(tls) = config.tls.clone() {
+            let io = tls_connect(runtime, io, addr, deadline, tls, &config).await?;
+            return Ok(Self::from_io(runtime, io, addr, config));
+        }
         Ok(Self::from_io(runtime, io, addr, config))
     }
 
-    /// Starts a driver over an already connected stream (a TLS session, a Unix socket...).
-    pub fn from_io<R: Runtime>(
+    /// Starts a driver over an already connected stream: the runtime's socket, a TLS
+    /// session over it, a Unix socket... Each stream type gets its own driver code, so the
+    /// plain path pays nothing for the others.
+    pub fn from_io<R: Runtime, I: Io>(
         runtime: &R,
-        io: R::Io,
+        io: I,
         peer: SocketAddr,
         config: ConnectionConfig,
     ) -> Self {
@@ -155,7 +169,7 @@ impl Connection {
             usable: AtomicBool::new(true),
         });
         let now = Instant::now();
-        let driver = ClientDriver::<R> {
+        let driver = ClientDriver::<R, I> {
             transport: Transport::new(runtime, io),
             conn: ClientConn::new(config.conn, now),
             commands: Box::pin(rx),
@@ -248,8 +262,8 @@ impl Drop for PendingCall {
     }
 }
 
-struct ClientDriver<R: Runtime> {
-    transport: Transport<R>,
+struct ClientDriver<R: Runtime, I: Io> {
+    transport: Transport<R, I>,
     conn: ClientConn<Arc<CallSlot>>,
     commands: Pin<Box<async_channel::Receiver<Command>>>,
     shared: Arc<Shared>,
@@ -258,7 +272,7 @@ struct ClientDriver<R: Runtime> {
     idle_since: Option<Instant>,
 }
 
-impl<R: Runtime> ClientDriver<R> {
+impl<R: Runtime, I: Io> ClientDriver<R, I> {
     fn poll_once(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
         let now = Instant::now();
@@ -383,7 +397,7 @@ impl<R: Runtime> ClientDriver<R> {
     }
 }
 
-impl<R: Runtime> Future for ClientDriver<R> {
+impl<R: Runtime, I: Io> Future for ClientDriver<R, I> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -394,5 +408,36 @@ impl<R: Runtime> Future for ClientDriver<R> {
             return Poll::Ready(());
         }
         Poll::Pending
+    }
+}
+
+/// Wraps a connected socket in TLS and completes the handshake by `deadline`.
+#[cfg(feature = "tls")]
+async fn tls_connect<R: Runtime>(
+    runtime: &R,
+    io: R::Io,
+    addr: SocketAddr,
+    deadline: Instant,
+    tls: crate::tls::ClientTls,
+    config: &ConnectionConfig,
+) -> Result<crate::tls::TlsIo<R::Io>, Status> {
+    let failed = |e: &dyn std::fmt::Display| {
+        Status::new(
+            Code::Unavailable,
+            format!("TLS handshake with {addr} failed: {e}"),
+        )
+    };
+    let mut io =
+        crate::tls::TlsIo::client(io, tls.config, tls.server_name).map_err(|e| failed(&e))?;
+    match timeout(runtime, deadline, io.handshake()).await {
+        Some(Ok(())) => Ok(io),
+        Some(Err(e)) => Err(failed(&e)),
+        None => Err(Status::new(
+            Code::Unavailable,
+            format!(
+                "TLS handshake with {addr} timed out (connect timeout {:?})",
+                config.connect_timeout
+            ),
+        )),
     }
 }

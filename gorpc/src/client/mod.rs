@@ -38,7 +38,7 @@ pub struct RawResponse {
 }
 
 /// Client settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub pool: PoolConfig,
     /// Applied to calls that set no timeout. `None`: wait as long as the connection lives.

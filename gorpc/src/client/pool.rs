@@ -40,7 +40,7 @@ pub trait Pool: Send + Sync + 'static {
 }
 
 /// Pool settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PoolConfig {
     /// Connections kept to the endpoint; calls spread over them round robin.
     pub size: usize,
@@ -199,7 +199,8 @@ impl<R: Runtime> Inner<R> {
     }
 
     async fn connect(this: Arc<Self>, index: usize) -> Result<Connection, Status> {
-        let result = Connection::connect(&this.runtime, this.addr, this.config.connection).await;
+        let result =
+            Connection::connect(&this.runtime, this.addr, this.config.connection.clone()).await;
         let slot = &this.slots[index];
         let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
         match &result {

@@ -16,7 +16,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use gorpc_proto::{CallId, Code, ConnConfig, ServerConn, ServerEvent, Status};
 
 use crate::io::{drive, Transport};
-use crate::runtime::Runtime;
+use crate::runtime::{Io, PeerCertificates, Runtime};
 use crate::service::{ServerReply, ServerRequest, Service};
 
 /// Unsent response bytes past which a connection stops reading requests.
@@ -40,12 +40,15 @@ pub(crate) fn poll_closed(rx: &mut SignalRx, cx: &mut Context<'_>) -> bool {
     rx.as_mut().poll_next(cx).is_ready()
 }
 
-pub(crate) struct ServerConnection<R: Runtime> {
+/// Drives one accepted connection over `I`: the runtime's socket, or a TLS session over it.
+pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     runtime: R,
-    transport: Transport<R>,
+    transport: Transport<R, I>,
     conn: ServerConn,
     service: Arc<dyn Service>,
     peer: SocketAddr,
+    /// Read from the socket once (after any TLS handshake) and shared by every request.
+    peer_certificates: Option<PeerCertificates>,
     replies_tx: mpsc::UnboundedSender<(CallId, ServerReply)>,
     replies_rx: mpsc::UnboundedReceiver<(CallId, ServerReply)>,
     /// Handlers that did not finish when first polled, running as their own tasks.
@@ -59,10 +62,11 @@ pub(crate) struct ServerConnection<R: Runtime> {
     aborted: bool,
 }
 
-impl<R: Runtime> ServerConnection<R> {
+impl<R: Runtime, I: Io> ServerConnection<R, I> {
+    /// `io` must have finished any handshake: the peer's identity is read from it here.
     pub(crate) fn new(
         runtime: R,
-        io: R::Io,
+        io: I,
         peer: SocketAddr,
         config: ConnConfig,
         service: Arc<dyn Service>,
@@ -71,6 +75,7 @@ impl<R: Runtime> ServerConnection<R> {
         let now = Instant::now();
         let (replies_tx, replies_rx) = mpsc::unbounded();
         ServerConnection {
+            peer_certificates: io.peer_certificates(),
             transport: Transport::new(&runtime, io),
             runtime,
             conn: ServerConn::new(config, now, fastrand::u64(..)),
@@ -160,6 +165,7 @@ impl<R: Runtime> ServerConnection<R> {
             body: request.body,
             deadline: request.deadline,
             peer: Some(self.peer),
+            peer_certificates: self.peer_certificates.clone(),
         };
         let mut future =
             match std::panic::catch_unwind(AssertUnwindSafe(|| self.service.call(request))) {
@@ -197,7 +203,7 @@ fn panicked() -> ServerReply {
     ServerReply::error(Status::new(Code::Internal, "handler panicked"))
 }
 
-impl<R: Runtime> Future for ServerConnection<R> {
+impl<R: Runtime, I: Io> Future for ServerConnection<R, I> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {

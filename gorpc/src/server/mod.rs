@@ -45,7 +45,13 @@ pub struct Server<R: Runtime> {
     service: Arc<dyn Service>,
     interceptors: Vec<Arc<dyn ServerInterceptor>>,
     config: ServerConfig,
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
+
+/// How long an accepted connection may take to finish its TLS handshake.
+#[cfg(feature = "tls")]
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl<R: Runtime> std::fmt::Debug for Server<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,7 +68,19 @@ impl<R: Runtime> Server<R> {
             service: Arc::new(service),
             interceptors: Vec::new(),
             config: ServerConfig::default(),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
+    }
+
+    /// Serves over TLS: every accepted connection completes a handshake under `config`
+    /// before its first request. A client certificate verifier in `config` makes it mutual
+    /// TLS; handlers then see the client's chain in `ServerRequest::peer_certificates`. A
+    /// failed handshake closes that connection only.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
+        self
     }
 
     pub fn config(mut self, config: ServerConfig) -> Self {
@@ -105,6 +123,8 @@ impl<R: Runtime> Server<R> {
             // dropping the handle leaves the server running.
             keep_open: (drain_tx.clone(), abort_tx.clone()),
             alive: alive_tx,
+            #[cfg(feature = "tls")]
+            tls: self.tls,
         };
         self.runtime.spawn(accept.run());
         Ok(ServerHandle {
@@ -177,6 +197,8 @@ struct AcceptLoop<R: Runtime> {
     active: Arc<AtomicUsize>,
     keep_open: (async_channel::Sender<()>, async_channel::Sender<()>),
     alive: async_channel::Sender<()>,
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Counts a connection for `max_connections` while it lives.
@@ -213,6 +235,27 @@ impl<R: Runtime> AcceptLoop<R> {
             let guard = ActiveGuard(self.active.clone());
             let over_limit =
                 self.active.fetch_add(1, Ordering::Relaxed) >= self.config.max_connections;
+            let alive = self.alive.clone();
+            #[cfg(feature = "tls")]
+            if let Some(tls) = &self.tls {
+                let (runtime, config, service) =
+                    (self.runtime.clone(), self.config.conn, self.service.clone());
+                let (tls, signals) = (tls.clone(), self.signals.clone());
+                self.runtime.spawn(async move {
+                    let Some(io) = tls_accept(&runtime, io, peer, tls, &signals).await else {
+                        return;
+                    };
+                    let mut conn =
+                        ServerConnection::new(runtime, io, peer, config, service, signals);
+                    if over_limit {
+                        conn.refuse(at_limit());
+                    }
+                    conn.await;
+                    drop(guard);
+                    drop(alive);
+                });
+                continue;
+            }
             let mut conn = ServerConnection::new(
                 self.runtime.clone(),
                 io,
@@ -222,12 +265,8 @@ impl<R: Runtime> AcceptLoop<R> {
                 self.signals.clone(),
             );
             if over_limit {
-                conn.refuse(Status::new(
-                    Code::ResourceExhausted,
-                    "server is at its connection limit",
-                ));
+                conn.refuse(at_limit());
             }
-            let alive = self.alive.clone();
             self.runtime.spawn(async move {
                 conn.await;
                 drop(guard);
@@ -235,5 +274,51 @@ impl<R: Runtime> AcceptLoop<R> {
             });
         }
         drop(self.keep_open);
+    }
+}
+
+fn at_limit() -> Status {
+    Status::new(Code::ResourceExhausted, "server is at its connection limit")
+}
+
+/// Completes the TLS handshake of an accepted connection, within a time limit and unless
+/// the server is aborted first. A failure is logged and closes this connection only.
+#[cfg(feature = "tls")]
+async fn tls_accept<R: Runtime>(
+    runtime: &R,
+    io: R::Io,
+    peer: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    signals: &Signals,
+) -> Option<crate::tls::TlsIo<R::Io>> {
+    let mut io = match crate::tls::TlsIo::server(io, config) {
+        Ok(io) => io,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "TLS session not created");
+            return None;
+        }
+    };
+    let mut abort: conn::SignalRx = Box::pin(signals.abort.clone());
+    let handshake = std::future::poll_fn(|cx| {
+        if conn::poll_closed(&mut abort, cx) {
+            return Poll::Ready(Err(io::Error::other("server shut down")));
+        }
+        io.poll_handshake(cx)
+    });
+    let deadline = Instant::now() + TLS_HANDSHAKE_TIMEOUT;
+    match timeout(runtime, deadline, handshake).await {
+        Some(Ok(())) => Some(io),
+        Some(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            // Sends the alert the session queued, if the socket takes it.
+            let _ =
+                std::future::poll_fn(|cx| Poll::Ready(crate::runtime::Io::poll_flush(&mut io, cx)))
+                    .await;
+            None
+        }
+        None => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
     }
 }
