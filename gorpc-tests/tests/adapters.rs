@@ -15,7 +15,9 @@ use gorpc::{
     CallOptions, Client, ClientConfig, Code, Router, Runtime, Server, ServerReply, ServerRequest,
     Shutdown,
 };
-use gorpc_tests::{client_config, loopback, on_every_runtime, sleep, within, SECOND};
+use gorpc_tests::{
+    client_config, concurrent_echoes, loopback, on_every_runtime, sleep, within, SECOND,
+};
 
 /// Echoes raw bodies; every other call first waits a tick of the server's timer so that
 /// both the inline and the spawned handler paths are exercised.
@@ -45,33 +47,8 @@ async fn ten_thousand_concurrent_calls_over_one_connection<S: Runtime, C: Runtim
     let client = Client::connect(client_rt.clone(), server.local_addr(), client_config())
         .await
         .unwrap();
-    let calls: FuturesUnordered<_> = (0..10_000u32)
-        .map(|i| {
-            let client = client.clone();
-            async move {
-                let body = Bytes::from(format!("{}-call-{i}", i % 10));
-                let rsp = client
-                    .call_raw("/test.Echo/Echo", 0, body.clone(), CallOptions::default())
-                    .await;
-                (body, rsp)
-            }
-        })
-        .collect();
-    let results: Vec<_> = within(
-        &client_rt,
-        Duration::from_secs(60),
-        "10k calls",
-        calls.collect(),
-    )
-    .await;
-    assert_eq!(results.len(), 10_000);
-    for (sent, got) in results {
-        assert_eq!(
-            got.expect("call succeeds").body,
-            sent,
-            "a response reached the wrong caller"
-        );
-    }
+    let bodies = (0..10_000u32).map(|i| Bytes::from(format!("{}-call-{i}", i % 10)));
+    concurrent_echoes(&client_rt, &client, "/test.Echo/Echo", bodies).await;
     assert_eq!(
         peers.lock().unwrap().len(),
         1,

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::stream::{FuturesUnordered, StreamExt};
 use gorpc::client::{ConnectionConfig, PoolConfig};
 use gorpc::tls::rustls::pki_types::PrivatePkcs8KeyDer;
 use gorpc::tls::rustls::server::WebPkiClientVerifier;
@@ -18,7 +17,9 @@ use gorpc::{
     CallOptions, Client, ClientConfig, Code, Router, Runtime, Server, ServerReply, ServerRequest,
     Shutdown,
 };
-use gorpc_tests::{client_config, loopback, on_every_runtime, sleep, within, SECOND};
+use gorpc_tests::{
+    client_config, concurrent_echoes, loopback, on_every_runtime, sleep, within, SECOND,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -367,37 +368,14 @@ async fn thousand_concurrent_calls_over_one_tls_connection<S: Runtime, C: Runtim
     )
     .await
     .unwrap();
-    let calls: FuturesUnordered<_> = (0..1_000u32)
-        .map(|i| {
-            let client = client.clone();
-            async move {
-                // Some bodies large enough to span several TLS records.
-                let len = if i % 50 == 0 { 40_000 } else { 16 };
-                let mut body = format!("{}-call-{i}-", i % 10).into_bytes();
-                body.resize(len.max(body.len()), b'x');
-                let body = Bytes::from(body);
-                let rsp = client
-                    .call_raw("/test.Tls/Echo", 0, body.clone(), CallOptions::default())
-                    .await;
-                (body, rsp)
-            }
-        })
-        .collect();
-    let results: Vec<_> = within(
-        &client_rt,
-        Duration::from_secs(60),
-        "1k TLS calls",
-        calls.collect(),
-    )
-    .await;
-    assert_eq!(results.len(), 1_000);
-    for (sent, got) in results {
-        assert_eq!(
-            got.expect("call succeeds").body,
-            sent,
-            "a response reached the wrong caller"
-        );
-    }
+    // Some bodies large enough to span several TLS records.
+    let bodies = (0..1_000u32).map(|i| {
+        let len = if i % 50 == 0 { 40_000 } else { 16 };
+        let mut body = format!("{}-call-{i}-", i % 10).into_bytes();
+        body.resize(len.max(body.len()), b'x');
+        Bytes::from(body)
+    });
+    concurrent_echoes(&client_rt, &client, "/test.Tls/Echo", bodies).await;
     assert_eq!(
         peers.lock().unwrap().len(),
         1,
