@@ -43,6 +43,7 @@ mod error;
 pub mod frame;
 pub mod head;
 mod link;
+pub mod policy;
 mod server;
 pub mod sim;
 mod status;
