@@ -39,6 +39,7 @@
 pub mod balance;
 mod client;
 mod config;
+pub mod datagram;
 mod error;
 pub mod frame;
 pub mod head;
