@@ -7,6 +7,9 @@
 //!   method, on either side.
 //! - `otel`: [`otel::OtelClient`] and [`otel::OtelServer`] trace calls with OpenTelemetry,
 //!   passing the trace context along as W3C `traceparent`/`tracestate` metadata.
+//! - `retry`: [`retry::Retry`] retries failed calls on the client, as a
+//!   [`RetryPolicy`](gorpc::proto::policy::RetryPolicy) and a shared
+//!   [`RetryBudget`](gorpc::proto::policy::RetryBudget) decide.
 //!
 //! The core crates stay free of these dependencies and policies. Service discovery (consul,
 //! etcd) and TLS will join this crate the same way, each behind its feature.
@@ -19,3 +22,5 @@ pub mod auth;
 pub mod metrics;
 #[cfg(feature = "otel")]
 pub mod otel;
+#[cfg(feature = "retry")]
+pub mod retry;

@@ -19,7 +19,7 @@ use crate::metadata::Metadata;
 use crate::runtime::{timeout, Io, Runtime};
 
 /// A call as handed to a connection: method, options and the encoded body.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct OutgoingCall {
     pub method: Cow<'static, str>,
     pub codec: u8,
