@@ -16,6 +16,19 @@ use crate::timers::Deadlines;
 use crate::transmit::{Oversize, Payload};
 use crate::{CallId, IdHasher};
 
+/// The next id not in `in_use`, advancing `next_id`. Ids wrap around after 2^32 calls,
+/// skipping 0 and any id still in use; a response can only match the call it was sent for,
+/// because the server never answers an id after receiving its cancel.
+pub(crate) fn allocate_id<V>(next_id: &mut u32, in_use: &HashMap<u32, V, IdHasher>) -> u32 {
+    loop {
+        let id = *next_id;
+        *next_id = next_id.wrapping_add(1).max(1);
+        if !in_use.contains_key(&id) {
+            return id;
+        }
+    }
+}
+
 /// A finished call's answer from the server. Its status may be an error the server returned.
 #[derive(Clone, Debug)]
 pub struct Response {
@@ -185,7 +198,7 @@ impl<T> ClientConn<T> {
                 }
             },
         };
-        let id = self.allocate_id();
+        let id = allocate_id(&mut self.next_id, &self.calls);
         let limits = self.link.limits;
         let pushed = self.link.out.push_frame(
             FrameType::Request,
@@ -225,19 +238,6 @@ impl<T> ClientConn<T> {
             },
         );
         Ok(CallId(id))
-    }
-
-    /// The next id not in flight. Ids wrap around after 2^32 calls, skipping 0 and any id
-    /// still in use; a response can only match the call it was sent for, because the server
-    /// never answers an id after receiving its cancel.
-    fn allocate_id(&mut self) -> u32 {
-        loop {
-            let id = self.next_id;
-            self.next_id = self.next_id.wrapping_add(1).max(1);
-            if !self.calls.contains_key(&id) {
-                return id;
-            }
-        }
     }
 
     /// Gives up on a call: the server is told to drop it and no event will follow for it.

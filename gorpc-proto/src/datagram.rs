@@ -316,7 +316,7 @@ impl<T> DatagramClient<T> {
                 }
             },
         };
-        let id = self.allocate_id();
+        let id = crate::client::allocate_id(&mut self.next_id, &self.calls);
         let body_bytes: &[u8] = match &body {
             Payload::Slice(s) => s,
             Payload::Bytes(b) => b,
@@ -352,17 +352,6 @@ impl<T> DatagramClient<T> {
         }
         self.calls.insert(id, call);
         Ok((CallId(id), datagram))
-    }
-
-    /// The next id not in flight; wraps around, skipping 0.
-    fn allocate_id(&mut self) -> u32 {
-        loop {
-            let id = self.next_id;
-            self.next_id = self.next_id.wrapping_add(1).max(1);
-            if !self.calls.contains_key(&id) {
-                return id;
-            }
-        }
     }
 
     /// Gives up on a call locally (nothing is sent: the server may still run it, and its
