@@ -74,7 +74,11 @@ pub fn run(args: CallArgs) -> Result<(), Failure> {
     let body = Bytes::from(request.encode_to_vec());
     let raw = runtime.block_on(async move {
         let client = connect(&addrs, timeout).await?;
-        let options = CallOptions { timeout, metadata };
+        let options = CallOptions {
+            timeout,
+            metadata,
+            ..CallOptions::default()
+        };
         client
             .call_raw(path, gorpc_proto::codec::PROTOBUF, body, options)
             .await

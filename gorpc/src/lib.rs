@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod discovery;
 pub mod interceptor;
 mod io;
 pub mod metadata;
@@ -18,7 +19,7 @@ pub mod service;
 #[cfg(feature = "tls")]
 pub mod tls;
 
-pub use client::{CallOptions, Client, ClientConfig, RawResponse};
+pub use client::{CallOptions, Channel, Client, ClientConfig, RawResponse};
 pub use codec::{Codec, MsgPack, Protobuf, Raw};
 pub use gorpc_proto::{self as proto, Code, ConnConfig, KeepaliveConfig, Limits, Status};
 pub use interceptor::{ClientInterceptor, ClientNext, Next, ServerInterceptor};

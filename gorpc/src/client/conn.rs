@@ -25,6 +25,8 @@ pub struct OutgoingCall {
     pub codec: u8,
     pub metadata: Metadata,
     pub deadline: Option<Instant>,
+    /// Affinity key for hash-based balancing, from [`CallOptions::key`](super::CallOptions).
+    pub key: Option<u64>,
     pub body: Bytes,
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use gorpc_proto::{Code, Status};
 
 use crate::codec::{id_name, Codec, MsgPack};
@@ -27,6 +28,9 @@ pub struct CallOptions {
     /// Overrides the client's default timeout.
     pub timeout: Option<Duration>,
     pub metadata: Metadata,
+    /// Affinity key for hash-based balancing (a user id, a shard key; see
+    /// [`gorpc_proto::balance::hash_bytes`]). Ignored by clients of one endpoint.
+    pub key: Option<u64>,
 }
 
 /// A successful raw response: body still encoded.
@@ -54,11 +58,25 @@ impl Default for ClientConfig {
     }
 }
 
+/// A way to send calls other than over pooled binary-protocol connections (HTTP, UDP, a
+/// test double). [`Client::from_channel`] puts any of them behind the usual call API.
+pub trait Channel: Send + Sync + 'static {
+    fn send(&self, call: OutgoingCall) -> BoxFuture<'static, Result<RawResponse, Status>>;
+}
+
+/// Where a client's calls go.
+#[derive(Clone)]
+enum Route {
+    /// Binary-protocol connections; the hot path, no boxing per call.
+    Pool(Arc<dyn Pool>),
+    Channel(Arc<dyn Channel>),
+}
+
 /// Sends calls. Cheap to clone; clones share the pool. Generated clients and the
 /// codegen-free style both call through it, on any runtime.
 #[derive(Clone)]
 pub struct Client {
-    pool: Arc<dyn Pool>,
+    route: Route,
     default_timeout: Option<Duration>,
     /// Empty unless interceptors were added: calls then skip the chain entirely.
     interceptors: Arc<[Arc<dyn ClientInterceptor>]>,
@@ -80,7 +98,16 @@ impl Client {
     /// A client over any pool.
     pub fn new(pool: impl Pool, default_timeout: Option<Duration>) -> Self {
         Client {
-            pool: Arc::new(pool),
+            route: Route::Pool(Arc::new(pool)),
+            default_timeout,
+            interceptors: Arc::new([]),
+        }
+    }
+
+    /// A client sending through `channel`.
+    pub fn from_channel(channel: impl Channel, default_timeout: Option<Duration>) -> Self {
+        Client {
+            route: Route::Channel(Arc::new(channel)),
             default_timeout,
             interceptors: Arc::new([]),
         }
@@ -130,15 +157,22 @@ impl Client {
             codec,
             metadata: options.metadata,
             deadline,
+            key: options.key,
             body,
         };
         if self.interceptors.is_empty() {
-            return send(&*self.pool, call).await;
+            return match &self.route {
+                Route::Pool(pool) => send(&**pool, call).await,
+                Route::Channel(channel) => channel.send(call).await,
+            };
         }
-        let pool = self.pool.clone();
-        let send: crate::interceptor::Transmit = Arc::new(move |call| {
-            let pool = pool.clone();
-            Box::pin(async move { send(&*pool, call).await })
+        let route = self.route.clone();
+        let send: crate::interceptor::Transmit = Arc::new(move |call| match &route {
+            Route::Pool(pool) => {
+                let pool = pool.clone();
+                Box::pin(async move { send(&*pool, call).await })
+            }
+            Route::Channel(channel) => channel.send(call),
         });
         ClientNext::start(self.interceptors.clone(), send)
             .run(call)
@@ -163,6 +197,7 @@ impl Client {
         let options = CallOptions {
             timeout,
             metadata: request.metadata,
+            key: None,
         };
         let expected = Codec::<Rsp>::id(&codec);
         let raw = self.call_raw(method, expected, body, options).await?;

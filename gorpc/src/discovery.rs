@@ -1,0 +1,258 @@
+//! Service discovery and registration: how a client finds a service's instances by name, and
+//! how a server announces itself.
+//!
+//! A registry plugin implements [`Discover`] (a watch of one service's instances) and
+//! [`Register`] (announce one instance and keep it announced). gorpc-plugins has Consul and
+//! etcd; [`StaticList`] here serves a fixed list. Neither trait names a runtime: a watch is a
+//! `Stream` and a registration's upkeep is a future, both polled by whoever drives the client
+//! or server, so one plugin works on every runtime.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use gorpc_proto::{Code, Status};
+
+/// One instance of a service, as a registry reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Instance {
+    pub addr: SocketAddr,
+    /// Relative share of calls. 0 drains the instance: no new calls, calls in flight finish.
+    pub weight: u32,
+}
+
+impl Instance {
+    /// An instance with weight 1.
+    pub fn new(addr: SocketAddr) -> Self {
+        Instance { addr, weight: 1 }
+    }
+
+    pub fn with_weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+}
+
+/// One change to a service's set of instances.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The instance appeared, or its weight changed.
+    Upsert(Instance),
+    /// The instance left (deregistered, failed its health check, its lease expired).
+    Remove(SocketAddr),
+}
+
+/// What a watch yields: a batch of changes to apply together, or why the registry could not
+/// be read just now. After an error the watch keeps trying; the client keeps the instances it
+/// knows, and calls fail with the error's reason only while it knows none.
+pub type WatchEvent = Result<Vec<Change>, Status>;
+
+/// A source of service instances.
+pub trait Discover: Send + Sync + 'static {
+    /// Watches `service`. The first `Ok` item holds every current instance as
+    /// [`Change::Upsert`]s (possibly none); later items hold what changed. The stream should
+    /// not end while the registry is reachable; when it ends, the client keeps the last set.
+    fn watch(&self, service: &str) -> BoxStream<'static, WatchEvent>;
+}
+
+impl<D: Discover + ?Sized> Discover for Arc<D> {
+    fn watch(&self, service: &str) -> BoxStream<'static, WatchEvent> {
+        (**self).watch(service)
+    }
+}
+
+/// An instance a server announces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub service: String,
+    /// The address clients should dial. `None`: the server's bound address (fine on
+    /// loopback and when bound to a concrete interface address, wrong for `0.0.0.0`).
+    pub addr: Option<SocketAddr>,
+    pub weight: u32,
+}
+
+impl Registration {
+    pub fn new(service: impl Into<String>) -> Self {
+        Registration {
+            service: service.into(),
+            addr: None,
+            weight: 1,
+        }
+    }
+
+    pub fn with_addr(mut self, addr: SocketAddr) -> Self {
+        self.addr = Some(addr);
+        self
+    }
+
+    pub fn with_weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+}
+
+/// A registration in force, as a [`Register`] hands it back to the server.
+pub struct Registered {
+    /// Keeps the registration alive (TTL heartbeats, lease keep-alives) for as long as it is
+    /// polled. The server runs it on its runtime until shutdown; it should never finish
+    /// unless the registration is lost for good.
+    pub upkeep: BoxFuture<'static, ()>,
+    /// Removes the instance. The server awaits it at graceful shutdown before draining, so
+    /// clients stop picking this instance while its calls in flight still complete.
+    pub deregister: Box<dyn FnOnce() -> BoxFuture<'static, Result<(), Status>> + Send>,
+}
+
+impl std::fmt::Debug for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registered").finish_non_exhaustive()
+    }
+}
+
+/// A registry servers announce themselves in.
+pub trait Register: Send + Sync + 'static {
+    /// Announces an instance of `registration.service` at `addr` (the registration's own
+    /// address, or the server's bound one).
+    fn register(
+        &self,
+        registration: &Registration,
+        addr: SocketAddr,
+    ) -> BoxFuture<'static, Result<Registered, Status>>;
+}
+
+impl<R: Register + ?Sized> Register for Arc<R> {
+    fn register(
+        &self,
+        registration: &Registration,
+        addr: SocketAddr,
+    ) -> BoxFuture<'static, Result<Registered, Status>> {
+        (**self).register(registration, addr)
+    }
+}
+
+/// A fixed list of instances per service, from code or configuration.
+#[derive(Clone, Debug, Default)]
+pub struct StaticList {
+    services: HashMap<String, Vec<Instance>>,
+}
+
+impl StaticList {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `instances` to `service`.
+    pub fn with(mut self, service: &str, instances: impl IntoIterator<Item = Instance>) -> Self {
+        self.services
+            .entry(service.to_owned())
+            .or_default()
+            .extend(instances);
+        self
+    }
+
+    /// Parses `"host:port"` addresses (IP literals; names need a resolver). The error names
+    /// the address that did not parse.
+    pub fn parse(service: &str, addrs: &[&str]) -> Result<Self, Status> {
+        let instances = addrs
+            .iter()
+            .map(|a| {
+                a.parse::<SocketAddr>().map(Instance::new).map_err(|e| {
+                    Status::new(
+                        Code::InvalidArgument,
+                        format!("static list for {service:?}: bad address {a:?}: {e}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::new().with(service, instances))
+    }
+}
+
+impl Discover for StaticList {
+    fn watch(&self, service: &str) -> BoxStream<'static, WatchEvent> {
+        let event = match self.services.get(service) {
+            Some(list) => Ok(list.iter().cloned().map(Change::Upsert).collect()),
+            None => Err(Status::new(
+                Code::Unavailable,
+                format!("static list has no service {service:?}"),
+            )),
+        };
+        // One answer, then silence: a static list never changes, and ending the stream
+        // would only make the client log that its watch stopped.
+        futures::stream::once(async move { event })
+            .chain(futures::stream::pending())
+            .boxed()
+    }
+}
+
+/// The changes that turn instance set `old` into `new`, for registries that answer with
+/// whole snapshots (Consul's health endpoint). Instances are keyed by address; the last
+/// occurrence of an address in `new` wins.
+pub fn diff(old: &[Instance], new: &[Instance]) -> Vec<Change> {
+    let before: HashMap<SocketAddr, u32> = old.iter().map(|i| (i.addr, i.weight)).collect();
+    let after: HashMap<SocketAddr, u32> = new.iter().map(|i| (i.addr, i.weight)).collect();
+    let mut changes: Vec<Change> = old
+        .iter()
+        .filter(|i| !after.contains_key(&i.addr))
+        .map(|i| Change::Remove(i.addr))
+        .collect();
+    changes.dedup();
+    for (&addr, &weight) in &after {
+        if before.get(&addr) != Some(&weight) {
+            changes.push(Change::Upsert(Instance { addr, weight }));
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn diff_reports_adds_removes_and_weight_changes_only() {
+        let old = [
+            Instance::new(addr(1)),
+            Instance::new(addr(2)),
+            Instance::new(addr(3)),
+        ];
+        let new = [
+            Instance::new(addr(2)),
+            Instance::new(addr(3)).with_weight(5),
+            Instance::new(addr(4)),
+        ];
+        let mut changes = diff(&old, &new);
+        changes.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            changes,
+            vec![
+                Change::Remove(addr(1)),
+                Change::Upsert(Instance::new(addr(3)).with_weight(5)),
+                Change::Upsert(Instance::new(addr(4))),
+            ]
+        );
+        assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn static_list_names_the_bad_address() {
+        let err = StaticList::parse("greeter", &["127.0.0.1:1", "localhost:80"]).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("\"localhost:80\""), "{err}");
+    }
+
+    #[test]
+    fn static_list_answers_once_and_unknown_services_fail() {
+        let list = StaticList::parse("greeter", &["127.0.0.1:1", "127.0.0.1:2"]).unwrap();
+        let first = futures::FutureExt::now_or_never(list.watch("greeter").next()).flatten();
+        assert_eq!(first.unwrap().unwrap().len(), 2);
+        let unknown = futures::FutureExt::now_or_never(list.watch("nope").next()).flatten();
+        assert_eq!(unknown.unwrap().unwrap_err().code(), Code::Unavailable);
+    }
+}
