@@ -16,7 +16,7 @@ pub use gorpc::*;
 use std::fmt;
 use std::future::Future;
 use std::io::{self, IoSlice, Read};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -179,10 +179,54 @@ impl gorpc::runtime::Listener for SmolListener {
     }
 }
 
+/// A UDP socket on async-io's reactor.
+#[derive(Debug)]
+pub struct SmolUdpSocket(Async<UdpSocket>);
+
+impl gorpc::runtime::UdpSocket for SmolUdpSocket {
+    fn poll_recv_from(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<(usize, SocketAddr)>> {
+        loop {
+            match self.0.get_ref().recv_from(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.0.poll_readable(cx))?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                received => return Poll::Ready(received),
+            }
+        }
+    }
+
+    fn poll_send_to(
+        &self,
+        cx: &mut Context<'_>,
+        datagram: &[u8],
+        target: SocketAddr,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.0.get_ref().send_to(datagram, target) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.0.poll_writable(cx))?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                sent => return Poll::Ready(sent),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+}
+
 impl gorpc::Runtime for Smol {
     type Io = SmolIo;
     type Listener = SmolListener;
     type Sleep = SmolSleep;
+    type UdpSocket = SmolUdpSocket;
 
     fn spawn<F>(&self, future: F)
     where
@@ -204,5 +248,9 @@ impl gorpc::Runtime for Smol {
 
     async fn bind(&self, addr: SocketAddr) -> io::Result<SmolListener> {
         Ok(SmolListener(Async::<TcpListener>::bind(addr)?))
+    }
+
+    async fn bind_udp(&self, addr: SocketAddr) -> io::Result<SmolUdpSocket> {
+        Ok(SmolUdpSocket(Async::<UdpSocket>::bind(addr)?))
     }
 }

@@ -26,8 +26,8 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWrite;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::runtime::Handle;
 
 /// The tokio runtime, as gorpc's drivers use it: tasks go to the captured runtime handle.
@@ -117,10 +117,41 @@ impl gorpc::runtime::Listener for TokioListener {
     }
 }
 
+/// A UDP socket on tokio's reactor.
+#[derive(Debug)]
+pub struct TokioUdpSocket(UdpSocket);
+
+impl gorpc::runtime::UdpSocket for TokioUdpSocket {
+    fn poll_recv_from(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<(usize, SocketAddr)>> {
+        let mut buf = ReadBuf::new(buf);
+        self.0
+            .poll_recv_from(cx, &mut buf)
+            .map_ok(|from| (buf.filled().len(), from))
+    }
+
+    fn poll_send_to(
+        &self,
+        cx: &mut Context<'_>,
+        datagram: &[u8],
+        target: SocketAddr,
+    ) -> Poll<io::Result<usize>> {
+        self.0.poll_send_to(cx, datagram, target)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
 impl gorpc::Runtime for Tokio {
     type Io = TokioIo;
     type Listener = TokioListener;
     type Sleep = TokioSleep;
+    type UdpSocket = TokioUdpSocket;
 
     fn spawn<F>(&self, future: F)
     where
@@ -152,5 +183,17 @@ impl gorpc::Runtime for Tokio {
             TcpListener::from_std(l)
         });
         std::future::ready(bound.map(TokioListener))
+    }
+
+    fn bind_udp(
+        &self,
+        addr: SocketAddr,
+    ) -> impl Future<Output = io::Result<TokioUdpSocket>> + Send {
+        let bound = std::net::UdpSocket::bind(addr).and_then(|s| {
+            s.set_nonblocking(true)?;
+            let _entered = self.handle.enter();
+            UdpSocket::from_std(s)
+        });
+        std::future::ready(bound.map(TokioUdpSocket))
     }
 }

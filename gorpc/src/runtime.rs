@@ -67,11 +67,34 @@ pub trait Listener: Send + Sync + 'static {
     fn local_addr(&self) -> io::Result<SocketAddr>;
 }
 
+/// A bound UDP socket. Methods take `&self`, like the runtimes' own sockets, so receiving
+/// and sending can wait at the same time.
+pub trait UdpSocket: Send + Sync + Unpin + 'static {
+    /// Receives one datagram into `buf`, returning its length and sender. A datagram longer
+    /// than `buf` is cut to it (the drivers pass 64 KiB, the largest UDP payload).
+    fn poll_recv_from(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<(usize, SocketAddr)>>;
+
+    /// Sends `datagram` to `target` as one datagram.
+    fn poll_send_to(
+        &self,
+        cx: &mut Context<'_>,
+        datagram: &[u8],
+        target: SocketAddr,
+    ) -> Poll<io::Result<usize>>;
+
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
 /// An async runtime, as the drivers see it. Implemented by gorpc-tokio and gorpc-smol.
 pub trait Runtime: Clone + Send + Sync + Unpin + 'static {
     type Io: Io;
     type Listener: Listener<Io = Self::Io>;
     type Sleep: Sleep;
+    type UdpSocket: UdpSocket;
 
     /// Runs a task to completion in the background.
     fn spawn<F>(&self, future: F)
@@ -84,6 +107,12 @@ pub trait Runtime: Clone + Send + Sync + Unpin + 'static {
     fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Io>> + Send;
 
     fn bind(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Listener>> + Send;
+
+    /// Binds a UDP socket to `addr` (port 0: any free port).
+    fn bind_udp(
+        &self,
+        addr: SocketAddr,
+    ) -> impl Future<Output = io::Result<Self::UdpSocket>> + Send;
 }
 
 /// Runs `future` unless `deadline` passes first.
