@@ -19,12 +19,19 @@
 //! - `GreeterClient`: a typed client over a `gorpc::Client`, on any runtime.
 //!
 //! Method paths are "/helloworld.Greeter/SayHello". Doc comments carry over.
+//!
+//! Each package with services also gets `FILE_DESCRIPTOR_SET`, the encoded descriptors of
+//! its files and their imports, through which its servers describe their messages
+//! (`gorpc::Service::schema`): that is what lets HTTP callers send JSON.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use prost::Message as _;
 use prost_build::{Method, Service, ServiceGenerator};
+use prost_types::FileDescriptorSet;
 
 /// Compiles `protos` (searched for in `includes`) into `$OUT_DIR`, with default settings.
 pub fn compile_protos(
@@ -100,6 +107,7 @@ impl Builder {
         }
         config.service_generator(Box::new(Generator {
             builder: self.clone(),
+            descriptors: Some(files.clone()),
         }));
         config.compile_fds(files)
     }
@@ -107,6 +115,12 @@ impl Builder {
     /// Generates the service code for one service as a string (used by `compile`, and by
     /// tools that generate code outside build.rs).
     pub fn generate_service(&self, service: &Service) -> Result<String, String> {
+        self.generate(service, false)
+    }
+
+    /// With `described`, servers report each method's messages as described in the
+    /// package's `FILE_DESCRIPTOR_SET`, which the caller then writes.
+    fn generate(&self, service: &Service, described: bool) -> Result<String, String> {
         let mut out = String::new();
         let g = &self.gorpc_path;
         for method in &service.methods {
@@ -118,7 +132,7 @@ impl Builder {
             }
         }
         if self.build_server {
-            server(&mut out, service, g);
+            server(&mut out, service, g, described);
         }
         if self.build_client {
             client(&mut out, service, g);
@@ -129,17 +143,88 @@ impl Builder {
 
 struct Generator {
     builder: Builder,
+    /// Everything protox compiled, imports included.
+    descriptors: Option<FileDescriptorSet>,
 }
 
 impl ServiceGenerator for Generator {
     fn generate(&mut self, service: Service, buf: &mut String) {
-        match self.builder.generate_service(&service) {
+        let described = self.descriptors.is_some();
+        match self.builder.generate(&service, described) {
             Ok(code) => buf.push_str(&code),
             // prost-build gives generators no error channel: fail the user's build with a
             // message that names the method.
             Err(e) => buf.push_str(&format!("compile_error!({e:?});\n")),
         }
     }
+
+    /// Called once per package that has services.
+    fn finalize_package(&mut self, package: &str, buf: &mut String) {
+        let Some(all) = &self.descriptors else { return };
+        if !self.builder.build_server {
+            return;
+        }
+        let encoded = package_descriptors(all, package);
+        let _ = writeln!(
+            buf,
+            "\n/// The descriptors of this package's .proto files and their imports (an encoded\n\
+             /// `google.protobuf.FileDescriptorSet`), through which its servers describe their\n\
+             /// messages.\npub static FILE_DESCRIPTOR_SET: &[u8] = {};",
+            byte_string(&encoded)
+        );
+    }
+}
+
+/// The files of `package` and everything they import, without source locations and
+/// comments (which only tools reading the .proto text need), in protox's order (imports
+/// first), encoded.
+fn package_descriptors(all: &FileDescriptorSet, package: &str) -> Vec<u8> {
+    let mut needed: HashSet<&str> = HashSet::new();
+    let mut pending: Vec<&str> = all
+        .file
+        .iter()
+        .filter(|f| f.package() == package)
+        .map(|f| f.name())
+        .collect();
+    while let Some(name) = pending.pop() {
+        if !needed.insert(name) {
+            continue;
+        }
+        if let Some(file) = all.file.iter().find(|f| f.name() == name) {
+            pending.extend(file.dependency.iter().map(String::as_str));
+        }
+    }
+    let file = all
+        .file
+        .iter()
+        .filter(|f| needed.contains(f.name()))
+        .map(|f| {
+            let mut f = f.clone();
+            f.source_code_info = None;
+            f
+        })
+        .collect();
+    FileDescriptorSet { file }.encode_to_vec()
+}
+
+/// `bytes` as a Rust byte string literal.
+fn byte_string(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2 + 3);
+    out.push_str("b\"");
+    for &b in bytes {
+        match b {
+            b'"' | b'\\' => {
+                out.push('\\');
+                out.push(char::from(b));
+            }
+            b' '..=b'~' => out.push(char::from(b)),
+            _ => {
+                let _ = write!(out, "\\x{b:02x}");
+            }
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn method_path(service: &Service, method: &Method) -> String {
@@ -163,7 +248,7 @@ fn doc_comments(out: &mut String, comments: &prost_build::Comments, indent: &str
     }
 }
 
-fn server(out: &mut String, service: &Service, g: &str) {
+fn server(out: &mut String, service: &Service, g: &str, described: bool) {
     let name = &service.name;
     let _ = writeln!(out);
     doc_comments(out, &service.comments, "");
@@ -226,7 +311,7 @@ impl<T: {name}> {g}::Service for {server}<T> {{
         out,
         r#"            _ => {g}::service::unimplemented(&request),
         }}
-    }}
+    }}{schema}
 }}
 
 impl<T: {name}> {g}::NamedService for {server}<T> {{
@@ -237,8 +322,35 @@ impl<T: {name}> {g}::NamedService for {server}<T> {{
             .iter()
             .map(|m| format!("{:?}", method_path(service, m)))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        schema = if described {
+            schema_fn(service, g)
+        } else {
+            String::new()
+        },
     );
+}
+
+/// `Service::schema` for a generated server: each method's messages, by full name, in the
+/// package's `FILE_DESCRIPTOR_SET`.
+fn schema_fn(service: &Service, g: &str) -> String {
+    let mut out = format!(
+        "\n\n    fn schema(&self, method: &str) -> ::core::option::Option<{g}::MethodSchema> {{\n        \
+         match method {{\n"
+    );
+    for method in &service.methods {
+        // prost-build's proto types are fully qualified: ".helloworld.HelloRequest".
+        let _ = writeln!(
+            out,
+            "            {path:?} => ::core::option::Option::Some({g}::MethodSchema::Protobuf {{ \
+             descriptors: FILE_DESCRIPTOR_SET, input: {input:?}, output: {output:?} }}),",
+            path = method_path(service, method),
+            input = method.input_proto_type.trim_start_matches('.'),
+            output = method.output_proto_type.trim_start_matches('.'),
+        );
+    }
+    out.push_str("            _ => ::core::option::Option::None,\n        }\n    }");
+    out
 }
 
 fn client(out: &mut String, service: &Service, g: &str) {

@@ -58,6 +58,7 @@ use syn::{
 ///   `gorpc::Service` and a `gorpc::NamedService`, so that
 ///   `Router::new().add_service(CalculatorServer::new(Calc))` hosts it beside other services.
 ///   Unknown methods are answered `Unimplemented`, bodies that do not decode `InvalidArgument`.
+///   Its `Service::schema` reports msgpack for every method, so HTTP callers may send JSON.
 /// - `{Trait}Client`: a typed client over a `gorpc::Client` (`new(client)`, `inner()`), on any
 ///   runtime, with one `pub async fn name(&self, args..) -> Result<T, gorpc::Status>` per
 ///   method.
@@ -517,6 +518,20 @@ fn server(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
             }
         }
     });
+    // Every method speaks msgpack, which is what lets HTTP callers send JSON.
+    let schema_body = if paths.is_empty() {
+        quote! {
+            let _ = method;
+            ::core::option::Option::None
+        }
+    } else {
+        quote! {
+            match method {
+                #(#paths)|* => ::core::option::Option::Some(#g::MethodSchema::MsgPack),
+                _ => ::core::option::Option::None,
+            }
+        }
+    };
     quote! {
         #[doc = #doc]
         #vis struct #server<T> {
@@ -558,6 +573,10 @@ fn server(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
                     #(#arms)*
                     _ => #g::service::unimplemented(&request),
                 }
+            }
+
+            fn schema(&self, method: &str) -> ::core::option::Option<#g::MethodSchema> {
+                #schema_body
             }
         }
 
@@ -757,6 +776,7 @@ mod tests {
         assert!(out.contains("\"/Calc/add\""), "{out}");
         assert!(out.contains("\"/Calc/type\""), "{out}");
         assert!(out.contains(":: gorpc :: MsgPack"), "{out}");
+        assert!(out.contains(":: gorpc :: MethodSchema :: MsgPack"), "{out}");
         assert!(out.contains("pub struct CalcServer"), "{out}");
         assert!(out.contains("pub struct CalcClient"), "{out}");
         let out = try_expand(quote!(package = "demo", crate = "::gorpc_smol"), item)

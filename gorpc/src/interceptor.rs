@@ -15,7 +15,7 @@ use futures::FutureExt;
 use gorpc_proto::Status;
 
 use crate::client::{OutgoingCall, RawResponse};
-use crate::service::{ServerReply, ServerRequest, Service};
+use crate::service::{MethodSchema, ServerReply, ServerRequest, Service};
 
 /// Middleware around every call a server answers.
 pub trait ServerInterceptor: Send + Sync + 'static {
@@ -93,6 +93,10 @@ impl Service for ServerChain {
             service: self.service.clone(),
         };
         next.run(request)
+    }
+
+    fn schema(&self, method: &str) -> Option<MethodSchema> {
+        self.service.schema(method)
     }
 }
 

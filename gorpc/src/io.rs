@@ -86,6 +86,15 @@ impl<R: Runtime, I: Io> Transport<R, I> {
         }
     }
 
+    /// Feeds `conn` bytes read from the socket before this transport took it over (while
+    /// telling protocols apart), as if this transport had read them.
+    #[cfg(feature = "http")]
+    pub(crate) fn feed_read(&mut self, conn: &mut impl Endpoint, now: Instant, bytes: BytesMut) {
+        self.read_buf = bytes;
+        self.last_read = now;
+        let _ = conn.handle_read(now, &mut self.read_buf);
+    }
+
     /// Reads once and feeds the bytes to `conn`. Returns whether anything happened.
     /// Protocol errors surface as the state machine's `Closed` event.
     pub(crate) fn poll_read(

@@ -119,11 +119,53 @@ impl ServerReply {
 /// for full control (a proxy, say).
 pub trait Service: Send + Sync + 'static {
     fn call(&self, request: ServerRequest) -> BoxFuture<'static, ServerReply>;
+
+    /// What `method`'s bodies are, for transports that translate them (JSON over HTTP).
+    /// `None` (the default) when unknown: bodies then reach the handler as they came. The
+    /// binary protocol never asks.
+    fn schema(&self, method: &str) -> Option<MethodSchema> {
+        let _ = method;
+        None
+    }
 }
 
 impl<S: Service + ?Sized> Service for Arc<S> {
     fn call(&self, request: ServerRequest) -> BoxFuture<'static, ServerReply> {
         (**self).call(request)
+    }
+
+    fn schema(&self, method: &str) -> Option<MethodSchema> {
+        (**self).schema(method)
+    }
+}
+
+/// The native body format of one method, as [`Service::schema`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MethodSchema {
+    /// MessagePack of serde types with structs as maps ([`MsgPack`]): what
+    /// [`Router::msgpack`] and `#[gorpc::service]` servers speak. Any JSON value has a
+    /// msgpack equivalent, so JSON translates without a schema.
+    MsgPack,
+    /// Protobuf messages ([`crate::Protobuf`]), as gorpc-build's servers speak them.
+    Protobuf {
+        /// An encoded `google.protobuf.FileDescriptorSet` declaring both messages and
+        /// everything they import.
+        descriptors: &'static [u8],
+        /// The request message's full name, e.g. "helloworld.HelloRequest".
+        input: &'static str,
+        /// The response message's full name.
+        output: &'static str,
+    },
+}
+
+impl MethodSchema {
+    /// The codec id of bodies in this format.
+    pub fn codec(&self) -> u8 {
+        match self {
+            MethodSchema::MsgPack => gorpc_proto::codec::MSGPACK,
+            MethodSchema::Protobuf { .. } => gorpc_proto::codec::PROTOBUF,
+        }
     }
 }
 
@@ -190,10 +232,17 @@ impl<T> Response<T> {
 
 type Handler = Arc<dyn Fn(ServerRequest) -> BoxFuture<'static, ServerReply> + Send + Sync>;
 
+/// One routed method: its handler and, when known, its body format.
+#[derive(Clone)]
+struct Route {
+    handler: Handler,
+    schema: Option<MethodSchema>,
+}
+
 /// Routes calls by method path. Unknown methods get `Unimplemented`.
 #[derive(Clone, Default)]
 pub struct Router {
-    routes: HashMap<Box<str>, Handler>,
+    routes: HashMap<Box<str>, Route>,
 }
 
 impl std::fmt::Debug for Router {
@@ -215,8 +264,11 @@ impl Router {
         F: Fn(ServerRequest) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ServerReply> + Send + 'static,
     {
-        self.routes
-            .insert(method.into(), Arc::new(move |req| handler(req).boxed()));
+        let route = Route {
+            handler: Arc::new(move |req| handler(req).boxed()),
+            schema: None,
+        };
+        self.routes.insert(method.into(), route);
         self
     }
 
@@ -240,9 +292,13 @@ impl Router {
     pub fn add_service<S: NamedService>(mut self, service: S) -> Self {
         let service: Arc<S> = Arc::new(service);
         for method in S::METHODS {
+            let schema = service.schema(method);
             let service = service.clone();
-            self.routes
-                .insert((*method).into(), Arc::new(move |req| service.call(req)));
+            let route = Route {
+                handler: Arc::new(move |req| service.call(req)),
+                schema,
+            };
+            self.routes.insert((*method).into(), route);
         }
         self
     }
@@ -256,10 +312,14 @@ impl Router {
         Fut: Future<Output = Result<Rsp, Status>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        self.unary(method, MsgPack, move |req: Request<Req>| {
+        let mut router = self.unary(method, MsgPack, move |req: Request<Req>| {
             let fut = handler(req.message);
             async move { fut.await.map(Response::new) }
-        })
+        });
+        if let Some(route) = router.routes.get_mut(method) {
+            route.schema = Some(MethodSchema::MsgPack);
+        }
+        router
     }
 
     /// The method paths routed.
@@ -346,7 +406,7 @@ fn decode_request<C: Codec<Req>, Req>(
 impl Service for Router {
     fn call(&self, request: ServerRequest) -> BoxFuture<'static, ServerReply> {
         match self.routes.get(request.method()) {
-            Some(handler) => handler(request),
+            Some(route) => (route.handler)(request),
             None => {
                 let status = Status::new(
                     Code::Unimplemented,
@@ -355,5 +415,9 @@ impl Service for Router {
                 futures::future::ready(ServerReply::error(status)).boxed()
             }
         }
+    }
+
+    fn schema(&self, method: &str) -> Option<MethodSchema> {
+        self.routes.get(method).and_then(|route| route.schema)
     }
 }

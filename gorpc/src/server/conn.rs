@@ -92,6 +92,14 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         }
     }
 
+    /// Hands the driver the bytes read before it took the connection (see
+    /// `crate::http::serve_sniffed`); their requests are served on the first poll.
+    #[cfg(feature = "http")]
+    pub(crate) fn feed_read(&mut self, bytes: bytes::BytesMut) {
+        self.transport
+            .feed_read(&mut self.conn, Instant::now(), bytes);
+    }
+
     /// Turns the connection away: a go-away naming why, then close.
     pub(crate) fn refuse(&mut self, status: Status) {
         self.conn.refuse(status);
