@@ -353,6 +353,28 @@ fn breaker_reopens_when_a_trial_fails() {
     assert_eq!(breaker.allow(t1 + ms(110)), Admission::TrialsBusy);
 }
 
+#[test]
+fn breaker_trips_at_once_and_predicts_opening() {
+    let t0 = Instant::now();
+    let mut breaker = CircuitBreaker::new(3, ms(100), 1, t0);
+    assert!(!breaker.would_open_on_failure());
+    breaker.on_failure(t0);
+    breaker.on_failure(t0);
+    assert!(breaker.would_open_on_failure());
+    breaker.on_success(t0);
+    breaker.trip(t0 + ms(1));
+    assert_eq!(breaker.open_until(), Some(t0 + ms(101)));
+    assert!(!breaker.would_open_on_failure());
+    // Tripping again while open does not extend the cool-down.
+    breaker.trip(t0 + ms(50));
+    assert_eq!(breaker.open_until(), Some(t0 + ms(101)));
+    assert_eq!(breaker.allow(t0 + ms(101)), Admission::Trial);
+    assert!(
+        breaker.would_open_on_failure(),
+        "a half-open trial failing reopens"
+    );
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Advance(u64),

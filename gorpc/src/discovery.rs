@@ -9,8 +9,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use futures::channel::mpsc;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -184,6 +185,99 @@ impl Discover for StaticList {
         futures::stream::once(async move { event })
             .chain(futures::stream::pending())
             .boxed()
+    }
+}
+
+/// A registry inside one process: servers register, clients watch, no network. For tests,
+/// examples, and services that call themselves. Clones share the same registry.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryRegistry {
+    inner: Arc<Mutex<MemoryInner>>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    services: HashMap<String, Vec<Instance>>,
+    watchers: Vec<(String, mpsc::UnboundedSender<WatchEvent>)>,
+}
+
+impl MemoryInner {
+    fn notify(&mut self, service: &str, change: Change) {
+        self.watchers.retain(|(watched, tx)| {
+            watched != service || tx.unbounded_send(Ok(vec![change.clone()])).is_ok()
+        });
+    }
+}
+
+impl MemoryRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds or updates an instance, as a registration would.
+    pub fn insert(&self, service: &str, instance: Instance) {
+        let mut inner = self.lock();
+        let list = inner.services.entry(service.to_owned()).or_default();
+        list.retain(|i| i.addr != instance.addr);
+        list.push(instance.clone());
+        inner.notify(service, Change::Upsert(instance));
+    }
+
+    /// Removes an instance, as a deregistration or an expiry would.
+    pub fn remove(&self, service: &str, addr: SocketAddr) {
+        let mut inner = self.lock();
+        if let Some(list) = inner.services.get_mut(service) {
+            let before = list.len();
+            list.retain(|i| i.addr != addr);
+            if list.len() != before {
+                inner.notify(service, Change::Remove(addr));
+            }
+        }
+    }
+
+    /// The instances of `service` now.
+    pub fn instances(&self, service: &str) -> Vec<Instance> {
+        self.lock()
+            .services
+            .get(service)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Discover for MemoryRegistry {
+    fn watch(&self, service: &str) -> BoxStream<'static, WatchEvent> {
+        let (tx, rx) = mpsc::unbounded();
+        let mut inner = self.lock();
+        let current = inner.services.get(service).cloned().unwrap_or_default();
+        let _ = tx.unbounded_send(Ok(current.into_iter().map(Change::Upsert).collect()));
+        inner.watchers.push((service.to_owned(), tx));
+        rx.boxed()
+    }
+}
+
+impl Register for MemoryRegistry {
+    fn register(
+        &self,
+        registration: &Registration,
+        addr: SocketAddr,
+    ) -> BoxFuture<'static, Result<Registered, Status>> {
+        let (service, weight) = (registration.service.clone(), registration.weight);
+        let registry = self.clone();
+        Box::pin(async move {
+            registry.insert(&service, Instance::new(addr).with_weight(weight));
+            Ok(Registered {
+                upkeep: Box::pin(futures::future::pending()),
+                deregister: Box::new(move || {
+                    registry.remove(&service, addr);
+                    Box::pin(async { Ok(()) })
+                }),
+            })
+        })
     }
 }
 

@@ -10,6 +10,8 @@
 pub mod client;
 pub mod codec;
 pub mod discovery;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod interceptor;
 mod io;
 pub mod metadata;
@@ -18,6 +20,7 @@ pub mod server;
 pub mod service;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod udp;
 
 pub use client::{CallOptions, Channel, Client, ClientConfig, RawResponse};
 pub use codec::{Codec, MsgPack, Protobuf, Raw};
@@ -27,7 +30,8 @@ pub use metadata::Metadata;
 pub use runtime::{PeerCertificates, Runtime};
 pub use server::{Server, ServerConfig, ServerHandle, Shutdown};
 pub use service::{
-    IntoRequest, NamedService, Request, Response, Router, ServerReply, ServerRequest, Service,
+    IntoRequest, MethodSchema, NamedService, Request, Response, Router, ServerReply, ServerRequest,
+    Service,
 };
 
 /// Turns a trait of `async fn`s over serde types into a msgpack service: the trait, a

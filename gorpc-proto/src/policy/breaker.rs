@@ -142,6 +142,28 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether one more failure now would open the breaker (closed at the threshold's edge,
+    /// or half-open). Lets a driver that caps how many endpoints may be open at once decide
+    /// before reporting.
+    pub fn would_open_on_failure(&self) -> bool {
+        match self.state {
+            BreakerState::Closed => {
+                self.consecutive_failures.saturating_add(1) >= self.failure_threshold
+            }
+            BreakerState::HalfOpen => true,
+            BreakerState::Open => false,
+        }
+    }
+
+    /// Opens now, whatever the count: for failures that say the endpoint cannot be
+    /// reached at all (connection refused), where waiting for a threshold only fails more
+    /// calls. Ignored while already open.
+    pub fn trip(&mut self, now: Instant) {
+        if self.state != BreakerState::Open {
+            self.open(now);
+        }
+    }
+
     /// An allowed call ended without an outcome (cancelled before any answer): frees its
     /// trial slot if half-open, otherwise changes nothing.
     pub fn on_abandoned(&mut self, _now: Instant) {

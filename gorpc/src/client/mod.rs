@@ -1,8 +1,12 @@
 //! Calling: a [`Client`] sends calls through a [`Pool`] of connections.
 
+mod balanced;
+mod builder;
 mod conn;
 mod pool;
 
+pub use balanced::{InstanceStatus, OutlierDetection};
+pub use builder::ClientBuilder;
 pub use conn::{Connection, ConnectionConfig, OutgoingCall};
 pub use pool::{Checkout, EndpointPool, Pool, PoolConfig};
 
@@ -69,6 +73,8 @@ pub trait Channel: Send + Sync + 'static {
 enum Route {
     /// Binary-protocol connections; the hot path, no boxing per call.
     Pool(Arc<dyn Pool>),
+    /// A service found through discovery, balanced over its instances.
+    Balanced(Arc<balanced::Balanced>),
     Channel(Arc<dyn Channel>),
 }
 
@@ -132,6 +138,20 @@ impl Client {
         Ok(Client::new(pool, config.default_timeout))
     }
 
+    /// Starts building a client: of a service found through discovery, or of one endpoint.
+    pub fn builder<R: Runtime>(runtime: R) -> ClientBuilder<R> {
+        ClientBuilder::new(runtime)
+    }
+
+    /// The instances of the discovered service as this client sees them now (empty for
+    /// clients of one endpoint or a channel).
+    pub fn instances(&self) -> Vec<InstanceStatus> {
+        match &self.route {
+            Route::Balanced(balanced) => balanced.instances(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Adds an interceptor around every call from this client (and its clones made after
     /// this); interceptors run in the order added.
     pub fn with_interceptor(mut self, interceptor: impl ClientInterceptor) -> Self {
@@ -163,6 +183,7 @@ impl Client {
         if self.interceptors.is_empty() {
             return match &self.route {
                 Route::Pool(pool) => send(&**pool, call).await,
+                Route::Balanced(balanced) => balanced.send(call).await,
                 Route::Channel(channel) => channel.send(call).await,
             };
         }
@@ -171,6 +192,10 @@ impl Client {
             Route::Pool(pool) => {
                 let pool = pool.clone();
                 Box::pin(async move { send(&*pool, call).await })
+            }
+            Route::Balanced(balanced) => {
+                let balanced = balanced.clone();
+                Box::pin(async move { balanced.send(call).await })
             }
             Route::Channel(channel) => channel.send(call),
         });
@@ -253,12 +278,26 @@ impl Client {
 }
 
 /// Sends `call` on a connection from `pool`, again on another one if it never left.
-async fn send(pool: &dyn Pool, mut call: OutgoingCall) -> Result<RawResponse, Status> {
+async fn send(pool: &dyn Pool, call: OutgoingCall) -> Result<RawResponse, Status> {
+    send_on(pool, call)
+        .await
+        .unwrap_or_else(|(status, _)| Err(status))
+}
+
+/// [`send`], but a call for which the pool had no connection comes back with the reason,
+/// so that it can go to another endpoint.
+async fn send_on(
+    pool: &dyn Pool,
+    mut call: OutgoingCall,
+) -> Result<Result<RawResponse, Status>, (Status, OutgoingCall)> {
     for _ in 0..=NOT_SENT_RETRIES {
         let conn = match pool.checkout() {
             Checkout::Ready(conn) => conn,
-            Checkout::Wait(wait) => wait.await?,
-            Checkout::Failed(status) => return Err(status),
+            Checkout::Wait(wait) => match wait.await {
+                Ok(conn) => conn,
+                Err(status) => return Err((status, call)),
+            },
+            Checkout::Failed(status) => return Err((status, call)),
         };
         let pending = match conn.start(call) {
             Ok(pending) => pending,
@@ -270,19 +309,20 @@ async fn send(pool: &dyn Pool, mut call: OutgoingCall) -> Result<RawResponse, St
         match pending.await {
             CallOutcome::Answered(rsp) if rsp.status.is_ok() => {
                 let metadata = Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
-                return Ok(RawResponse {
+                return Ok(Ok(RawResponse {
                     codec: rsp.codec,
                     metadata,
                     body: rsp.body,
-                });
+                }));
             }
-            CallOutcome::Answered(rsp) => return Err(rsp.status),
-            CallOutcome::Failed(status) => return Err(status),
+            CallOutcome::Answered(rsp) => return Ok(Err(rsp.status)),
+            CallOutcome::Failed(status) => return Ok(Err(status)),
             CallOutcome::NotSent(unsent) => call = unsent,
         }
     }
-    Err(Status::new(
+    let status = Status::new(
         Code::Unavailable,
         "no connection stayed open long enough to send the call",
-    ))
+    );
+    Err((status, call))
 }

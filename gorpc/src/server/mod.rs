@@ -1,6 +1,6 @@
 //! Serving: accept connections, run a driver per connection, shut down gracefully.
 
-mod conn;
+pub(crate) mod conn;
 
 use std::io;
 use std::net::SocketAddr;
@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use futures::future::{AbortHandle, Abortable, BoxFuture};
 use gorpc_proto::{Code, ConnConfig, Status};
 
+use crate::discovery::{Register, Registration};
 use crate::interceptor::{ServerChain, ServerInterceptor};
 use crate::runtime::{timeout, Listener, Runtime};
 use crate::service::Service;
@@ -45,8 +47,12 @@ pub struct Server<R: Runtime> {
     service: Arc<dyn Service>,
     interceptors: Vec<Arc<dyn ServerInterceptor>>,
     config: ServerConfig,
+    registrations: Vec<(Arc<dyn Register>, Registration)>,
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// Also answer HTTP/1.1 on the port.
+    #[cfg(feature = "http")]
+    http: bool,
 }
 
 /// How long an accepted connection may take to finish its TLS handshake.
@@ -68,9 +74,27 @@ impl<R: Runtime> Server<R> {
             service: Arc::new(service),
             interceptors: Vec::new(),
             config: ServerConfig::default(),
+            registrations: Vec::new(),
             #[cfg(feature = "tls")]
             tls: None,
+            #[cfg(feature = "http")]
+            http: false,
         }
+    }
+
+    /// Also answers HTTP/1.1 on the same port (`POST /package.Service/Method`, see
+    /// [`crate::http`]): each connection's first bytes tell the two protocols apart.
+    #[cfg(feature = "http")]
+    pub fn http(mut self) -> Self {
+        self.http = true;
+        self
+    }
+
+    /// Announces this server in `registry` once [`bind`](Self::bind) has bound its port;
+    /// graceful shutdown withdraws it before draining.
+    pub fn register(mut self, registry: impl Register, registration: Registration) -> Self {
+        self.registrations.push((Arc::new(registry), registration));
+        self
     }
 
     /// Serves over TLS: every accepted connection completes a handshake under `config`
@@ -99,14 +123,31 @@ impl<R: Runtime> Server<R> {
         self
     }
 
-    /// Binds `addr` and starts serving in the background.
-    pub async fn bind(self, addr: SocketAddr) -> io::Result<ServerHandle<R>> {
+    /// Binds `addr`, starts serving in the background, then registers the server where
+    /// [`register`](Self::register) said. A registration that fails stops the server and
+    /// fails the bind, naming the registry's reason.
+    pub async fn bind(mut self, addr: SocketAddr) -> io::Result<ServerHandle<R>> {
         let listener = self.runtime.bind(addr).await?;
-        self.serve(listener)
+        let registrations = std::mem::take(&mut self.registrations);
+        let mut handle = self.serve(listener)?;
+        for (registry, registration) in registrations {
+            if let Err(status) = handle.register(registry, registration).await {
+                handle.abort().await;
+                return Err(io::Error::other(status));
+            }
+        }
+        Ok(handle)
     }
 
-    /// Serves connections accepted on `listener`, in the background.
+    /// Serves connections accepted on `listener`, in the background. Registrations need
+    /// [`bind`](Self::bind), or [`ServerHandle::register`] after this.
     pub fn serve(self, listener: R::Listener) -> io::Result<ServerHandle<R>> {
+        if !self.registrations.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "Server::register needs bind(); after serve(), use ServerHandle::register",
+            ));
+        }
         let local_addr = listener.local_addr()?;
         let (drain_tx, drain) = async_channel::bounded(1);
         let (abort_tx, abort) = async_channel::bounded(1);
@@ -125,6 +166,8 @@ impl<R: Runtime> Server<R> {
             alive: alive_tx,
             #[cfg(feature = "tls")]
             tls: self.tls,
+            #[cfg(feature = "http")]
+            http: self.http.then(Arc::default),
         };
         self.runtime.spawn(accept.run());
         Ok(ServerHandle {
@@ -133,11 +176,12 @@ impl<R: Runtime> Server<R> {
             drain_tx,
             abort_tx,
             alive_rx,
+            registrations: Vec::new(),
         })
     }
 }
 
-/// Controls a running server. Dropping it leaves the server running.
+/// Controls a running server. Dropping it leaves the server running (and registered).
 #[derive(Debug)]
 pub struct ServerHandle<R: Runtime> {
     runtime: R,
@@ -145,7 +189,26 @@ pub struct ServerHandle<R: Runtime> {
     drain_tx: async_channel::Sender<()>,
     abort_tx: async_channel::Sender<()>,
     alive_rx: async_channel::Receiver<()>,
+    registrations: Vec<ActiveRegistration>,
 }
+
+/// A registration the server keeps up.
+struct ActiveRegistration {
+    service: String,
+    upkeep: AbortHandle,
+    deregister: Box<dyn FnOnce() -> BoxFuture<'static, Result<(), Status>> + Send>,
+}
+
+impl std::fmt::Debug for ActiveRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActiveRegistration")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Longest wait for a registry to confirm a deregistration at shutdown.
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How a shutdown went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,14 +224,63 @@ impl<R: Runtime> ServerHandle<R> {
         self.local_addr
     }
 
-    /// Stops accepting, tells every client to go away, and waits for calls in flight to be
-    /// answered; after `grace`, closes whatever is left. Returns once every connection is
-    /// closed.
-    pub async fn shutdown(self, grace: Duration) -> Shutdown {
-        self.drain_tx.close();
+    /// Announces this server in `registry` and keeps the registration up (heartbeats,
+    /// lease renewals) on the server's runtime until shutdown. The address is the
+    /// registration's own, else the bound one; a wildcard bound address (`0.0.0.0`) needs
+    /// [`Registration::with_addr`].
+    pub async fn register(
+        &mut self,
+        registry: impl Register,
+        registration: Registration,
+    ) -> Result<(), Status> {
+        let addr = registration.addr.unwrap_or(self.local_addr);
+        if addr.ip().is_unspecified() || addr.port() == 0 {
+            return Err(Status::new(
+                Code::InvalidArgument,
+                format!(
+                    "cannot register {:?} at {addr}: clients cannot dial it; set Registration::with_addr",
+                    registration.service
+                ),
+            ));
+        }
+        let registered = registry.register(&registration, addr).await?;
+        let (upkeep, abort) = AbortHandle::new_pair();
+        let task = Abortable::new(registered.upkeep, abort);
+        self.runtime.spawn(async move {
+            let _ = task.await;
+        });
+        self.registrations.push(ActiveRegistration {
+            service: registration.service,
+            upkeep,
+            deregister: registered.deregister,
+        });
+        Ok(())
+    }
+
+    /// Withdraws every registration (bounded in time), so clients stop choosing this
+    /// server before it drains.
+    async fn deregister_all(&mut self, deadline: Instant) {
+        for registration in self.registrations.drain(..) {
+            registration.upkeep.abort();
+            let deadline = deadline.min(Instant::now() + DEREGISTER_TIMEOUT);
+            let service = registration.service;
+            match timeout(&self.runtime, deadline, (registration.deregister)()).await {
+                Some(Ok(())) => {}
+                Some(Err(error)) => tracing::warn!(%service, %error, "deregistration failed"),
+                None => tracing::warn!(%service, "deregistration timed out"),
+            }
+        }
+    }
+
+    /// Withdraws the server's registrations, stops accepting, tells every client to go
+    /// away, and waits for calls in flight to be answered; after `grace`, closes whatever
+    /// is left. Returns once every connection is closed.
+    pub async fn shutdown(mut self, grace: Duration) -> Shutdown {
         let deadline = Instant::now()
             .checked_add(grace)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+        self.deregister_all(deadline).await;
+        self.drain_tx.close();
         if timeout(&self.runtime, deadline, self.alive_rx.recv())
             .await
             .is_some()
@@ -180,8 +292,12 @@ impl<R: Runtime> ServerHandle<R> {
         Shutdown::Forced
     }
 
-    /// Closes every connection at once, answering nothing more.
+    /// Closes every connection at once, answering nothing more. Registrations stop being
+    /// kept up but are not withdrawn: the registry expires them (TTL, lease).
     pub async fn abort(self) {
+        for registration in &self.registrations {
+            registration.upkeep.abort();
+        }
         self.drain_tx.close();
         self.abort_tx.close();
         let _ = self.alive_rx.recv().await;
@@ -199,6 +315,8 @@ struct AcceptLoop<R: Runtime> {
     alive: async_channel::Sender<()>,
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ServerConfig>>,
+    #[cfg(feature = "http")]
+    http: Option<Arc<crate::http::HttpShared>>,
 }
 
 /// Counts a connection for `max_connections` while it lives.
@@ -241,10 +359,28 @@ impl<R: Runtime> AcceptLoop<R> {
                 let (runtime, config, service) =
                     (self.runtime.clone(), self.config.conn, self.service.clone());
                 let (tls, signals) = (tls.clone(), self.signals.clone());
+                #[cfg(feature = "http")]
+                let http = self.http.clone();
                 self.runtime.spawn(async move {
                     let Some(io) = tls_accept(&runtime, io, peer, tls, &signals).await else {
                         return;
                     };
+                    #[cfg(feature = "http")]
+                    if let Some(http) = http {
+                        let refusal = over_limit.then(at_limit);
+                        let accepted = crate::http::Accepted {
+                            runtime,
+                            io,
+                            peer,
+                            config,
+                            service,
+                            signals,
+                            refusal,
+                        };
+                        crate::http::serve_sniffed(accepted, http).await;
+                        drop((guard, alive));
+                        return;
+                    }
                     let mut conn =
                         ServerConnection::new(runtime, io, peer, config, service, signals);
                     if over_limit {
@@ -253,6 +389,24 @@ impl<R: Runtime> AcceptLoop<R> {
                     conn.await;
                     drop(guard);
                     drop(alive);
+                });
+                continue;
+            }
+            #[cfg(feature = "http")]
+            if let Some(http) = &self.http {
+                let accepted = crate::http::Accepted {
+                    runtime: self.runtime.clone(),
+                    io,
+                    peer,
+                    config: self.config.conn,
+                    service: self.service.clone(),
+                    signals: self.signals.clone(),
+                    refusal: over_limit.then(at_limit),
+                };
+                let http = http.clone();
+                self.runtime.spawn(async move {
+                    crate::http::serve_sniffed(accepted, http).await;
+                    drop((guard, alive));
                 });
                 continue;
             }
