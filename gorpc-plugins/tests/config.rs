@@ -1,0 +1,336 @@
+//! Servers and clients from TOML: components chosen by name (built-in and user plugins) work
+//! end to end over TCP on every runtime pairing, and every kind of mistake is refused at
+//! start-up with the key that is wrong.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use gorpc::discovery::MemoryRegistry;
+use gorpc::{
+    CallOptions, Code, Metadata, Next, Router, Runtime, ServerInterceptor, ServerReply,
+    ServerRequest,
+};
+use gorpc_plugins::config::{Config, ConfigError, Plugins, RegistryPlugin};
+use gorpc_tests::{on_every_runtime, SECOND};
+
+const SERVER: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+service = "greeter"
+max_connections = 100
+interceptors = [
+    "logging",
+    { name = "auth", tokens = { "s3cret" = "alice" } },
+    { name = "tag", value = "from-config" },
+]
+registry = { name = "memory" }
+"#;
+
+const CLIENT: &str = r#"
+[client]
+service = "greeter"
+codec = "msgpack"
+timeout_ms = 5000
+registry = "memory"
+balancer = { name = "round_robin", seed = 1 }
+interceptors = ["logging", { name = "auth", token = "s3cret" }]
+"#;
+
+/// A user plugin: a server interceptor that puts a configured value in the request metadata.
+struct Tag(String);
+
+impl ServerInterceptor for Tag {
+    fn intercept(
+        &self,
+        mut request: ServerRequest,
+        next: Next,
+    ) -> gorpc::BoxFuture<'static, ServerReply> {
+        request
+            .metadata_mut()
+            .insert("x-tag", Bytes::from(self.0.clone()));
+        next.run(request)
+    }
+}
+
+/// The built-ins plus two user plugins: the `tag` interceptor and an in-process registry.
+fn plugins(registry: &MemoryRegistry) -> Plugins {
+    let registry = registry.clone();
+    Plugins::builtin()
+        .server_interceptor("tag", |options| {
+            let value = options.required_string("value")?;
+            Ok(Arc::new(Tag(value)))
+        })
+        .registry("memory", move |_| {
+            Ok(RegistryPlugin {
+                discover: Arc::new(registry.clone()),
+                register: Some(Arc::new(registry.clone())),
+            })
+        })
+}
+
+async fn a_configured_server_and_client_talk<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let registry = MemoryRegistry::new();
+    let plugins = plugins(&registry);
+    let settings = Config::from_toml(SERVER).unwrap().server(&plugins).unwrap();
+    let router = Router::new().route("/greeter.Greeter/Hello", |req: ServerRequest| async move {
+        // The subject comes from the auth plugin, the tag from the user plugin.
+        let subject = req
+            .metadata_value("x-gorpc-subject")
+            .unwrap_or_default()
+            .to_vec();
+        let tag = req.metadata_value("x-tag").unwrap_or_default().to_vec();
+        ServerReply::ok(Bytes::from([subject, b" ".to_vec(), tag].concat()))
+    });
+    let server = settings
+        .server(server_rt.clone(), router)
+        .bind(settings.listen)
+        .await
+        .unwrap();
+    assert_eq!(
+        registry.instances("greeter").len(),
+        1,
+        "registered by config"
+    );
+
+    let client_settings = Config::from_toml(CLIENT).unwrap().client(&plugins).unwrap();
+    assert_eq!(client_settings.codec, gorpc::proto::codec::MSGPACK);
+    let client = client_settings.build(client_rt.clone()).await.unwrap();
+    let rsp = client
+        .call_raw(
+            "/greeter.Greeter/Hello",
+            0,
+            Bytes::new(),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&rsp.body[..], b"alice from-config");
+
+    // The same client without the token: refused by the configured auth.
+    let anonymous =
+        Config::from_toml(&CLIENT.replace(r#", { name = "auth", token = "s3cret" }"#, ""))
+            .unwrap()
+            .client(&plugins)
+            .unwrap()
+            .build(client_rt.clone())
+            .await
+            .unwrap();
+    let err = anonymous
+        .call_raw(
+            "/greeter.Greeter/Hello",
+            0,
+            Bytes::new(),
+            CallOptions {
+                metadata: Metadata::new(),
+                ..CallOptions::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    server.shutdown(SECOND).await;
+    assert!(
+        registry.instances("greeter").is_empty(),
+        "deregistered at shutdown"
+    );
+}
+
+/// `transport` picks the wire: HTTP on the server's port beside the binary protocol, and
+/// UDP to a datagram server.
+async fn transports_are_chosen_by_name<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let plugins = Plugins::builtin();
+    let echo = || {
+        Router::new().route("/t.Echo/Echo", |req: ServerRequest| async move {
+            ServerReply::ok(req.body)
+        })
+    };
+    let settings =
+        Config::from_toml("[server]\nlisten = \"127.0.0.1:0\"\ntransport = \"tcp+http\"")
+            .unwrap()
+            .server(&plugins)
+            .unwrap();
+    let server = settings
+        .server(server_rt.clone(), echo())
+        .bind(settings.listen)
+        .await
+        .unwrap();
+    let udp = gorpc::udp::UdpServer::new(server_rt.clone(), echo())
+        .bind(gorpc_tests::loopback())
+        .await
+        .unwrap();
+    for (transport, addr) in [
+        ("tcp", server.local_addr()),
+        ("http", server.local_addr()),
+        ("udp", udp.local_addr()),
+    ] {
+        let toml =
+            format!("[client]\naddress = \"{addr}\"\ntransport = \"{transport}\"\ncodec = \"raw\"");
+        let client = Config::from_toml(&toml)
+            .unwrap()
+            .client(&plugins)
+            .unwrap()
+            .build(client_rt.clone())
+            .await
+            .unwrap();
+        let rsp = client
+            .call_raw(
+                "/t.Echo/Echo",
+                0,
+                Bytes::from_static(b"ping"),
+                CallOptions::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{transport}: {e}"));
+        assert_eq!(&rsp.body[..], b"ping", "{transport}");
+    }
+    server.shutdown(SECOND).await;
+    udp.shutdown(SECOND).await;
+}
+
+on_every_runtime!(
+    a_configured_server_and_client_talk,
+    transports_are_chosen_by_name
+);
+
+fn server_error(toml: &str) -> ConfigError {
+    let plugins = plugins(&MemoryRegistry::new());
+    Config::from_toml(toml)
+        .and_then(|c| c.server(&plugins))
+        .expect_err("configuration accepted")
+}
+
+fn client_error(toml: &str) -> ConfigError {
+    let plugins = plugins(&MemoryRegistry::new());
+    Config::from_toml(toml)
+        .and_then(|c| c.client(&plugins))
+        .expect_err("configuration accepted")
+}
+
+#[track_caller]
+fn assert_error(err: ConfigError, key: &str, fragment: &str) {
+    assert_eq!(err.key, key, "{err}");
+    assert!(err.message.contains(fragment), "{err}");
+}
+
+#[test]
+fn unknown_names_say_what_is_known() {
+    assert_error(
+        client_error("[client]\nservice = \"g\"\nregistry = \"memory\"\nbalancer = \"round_robbin\""),
+        "client.balancer.name",
+        "unknown balancer \"round_robbin\" (known: consistent_hash, p2c, random, round_robin, weighted_round_robin)",
+    );
+    assert_error(
+        server_error("[server]\nlisten = \"127.0.0.1:0\"\ninterceptors = [\"logging\", \"audit\"]"),
+        "server.interceptors[1].name",
+        "unknown server interceptor \"audit\"",
+    );
+    assert_error(
+        client_error("[client]\nservice = \"g\"\nregistry = { name = \"zookeeper\" }"),
+        "client.registry.name",
+        "unknown registry \"zookeeper\"",
+    );
+    assert_error(
+        client_error("[client]\naddress = \"127.0.0.1:1\"\ncodec = \"xml\""),
+        "client.codec",
+        "unknown codec \"xml\" (known: json, msgpack, protobuf, raw)",
+    );
+    assert_error(
+        server_error("[server]\nlisten = \"127.0.0.1:0\"\ntransport = \"quic\""),
+        "server.transport",
+        "unknown transport \"quic\"",
+    );
+    assert_error(
+        server_error("[servers]\nlisten = \"127.0.0.1:0\""),
+        "servers",
+        "unknown section",
+    );
+}
+
+#[test]
+fn bad_options_name_their_key() {
+    assert_error(
+        client_error("[client]\naddress = \"127.0.0.1:1\"\ninterceptors = [{ name = \"auth\", tokn = \"x\" }]"),
+        "client.interceptors[0].tokn",
+        "unknown option",
+    );
+    assert_error(
+        client_error("[client]\naddress = \"127.0.0.1:1\"\ninterceptors = [{ name = \"auth\" }]"),
+        "client.interceptors[0].token",
+        "missing",
+    );
+    assert_error(
+        server_error("[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = \"ten\""),
+        "server.max_connections",
+        "expected an integer, found string",
+    );
+    assert_error(
+        client_error("[client]\naddress = \"localhost\""),
+        "client.address",
+        "not an ip:port address",
+    );
+    assert_error(
+        client_error("[client]\nservice = \"g\"\nregistry = { name = \"static\", service = \"g\", addresses = [\"127.0.0.1:1\", \"nowhere\"] }"),
+        "client.registry.addresses",
+        "\"nowhere\"",
+    );
+    assert_error(
+        server_error("[server]\nservice = \"g\""),
+        "server.listen",
+        "missing",
+    );
+    assert_error(
+        client_error("[client]\naddress = \"127.0.0.1:1\"\ntimeout_ms = -5"),
+        "client.timeout_ms",
+        "must not be negative",
+    );
+    assert_error(
+        client_error("[client]\naddress = \"127.0.0.1:1\"\nservice = \"g\""),
+        "client.address",
+        "not both",
+    );
+    assert_error(
+        client_error("[client]\nservice = \"g\"\nregistry = \"memory\"\ntransport = \"udp\""),
+        "client.transport",
+        "take `address`",
+    );
+    assert_error(
+        client_error("[client]\naddress = \"127.0.0.1:1\"\nidempotent_methods = [\"/a/b\"]"),
+        "client.idempotent_methods",
+        "only the udp transport",
+    );
+    assert_error(
+        client_error("[client]\naddress = \"127.0.0.1:1\"\nbalancer = \"p2c\""),
+        "client.balancer",
+        "nothing to balance",
+    );
+    assert_error(
+        server_error("[server]\nlisten = \"127.0.0.1:0\"\nservice = \"g\"\nregistry = { name = \"static\", service = \"g\", addresses = [] }"),
+        "server.registry.name",
+        "cannot register servers",
+    );
+    assert_error(
+        server_error("[server]\nlisten = \"127.0.0.1:0\"\nregistry = \"memory\""),
+        "server.service",
+        "the name to register under",
+    );
+}
+
+#[test]
+fn registry_plugins_check_their_options() {
+    assert_error(
+        server_error("[server]\nlisten = \"127.0.0.1:0\"\nservice = \"g\"\nregistry = { name = \"consul\", url = \"not a url\" }"),
+        "server.registry.url",
+        "not a url",
+    );
+    assert_error(
+        server_error("[server]\nlisten = \"127.0.0.1:0\"\nservice = \"g\"\nregistry = { name = \"consul\", url = \"http://127.0.0.1:8500\", ttl = 5 }"),
+        "server.registry.ttl",
+        "unknown option",
+    );
+}
+
+#[test]
+fn syntax_errors_carry_the_line() {
+    let err = Config::from_toml("[client]\naddress = \n").unwrap_err();
+    assert!(err.message.contains("line 2"), "{err}");
+}
