@@ -564,8 +564,8 @@ struct Alternate<R: Runtime> {
 }
 
 impl<R: Runtime> gorpc::client::Pool for Alternate<R> {
-    fn checkout(&self) -> gorpc::client::Checkout<'_> {
-        self.pools[self.next.fetch_add(1, Ordering::Relaxed) % 2].checkout()
+    fn checkout(&self, deadline: Option<Instant>) -> gorpc::client::Checkout<'_> {
+        self.pools[self.next.fetch_add(1, Ordering::Relaxed) % 2].checkout(deadline)
     }
 }
 

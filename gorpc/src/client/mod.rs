@@ -291,7 +291,7 @@ async fn send_on(
     mut call: OutgoingCall,
 ) -> Result<Result<RawResponse, Status>, (Status, OutgoingCall)> {
     for _ in 0..=NOT_SENT_RETRIES {
-        let conn = match pool.checkout() {
+        let conn = match pool.checkout(call.deadline) {
             Checkout::Ready(conn) => conn,
             Checkout::Wait(wait) => match wait.await {
                 Ok(conn) => conn,

@@ -11,7 +11,7 @@ use futures::FutureExt;
 use gorpc_proto::{Code, Status};
 
 use super::conn::{Connection, ConnectionConfig};
-use crate::runtime::Runtime;
+use crate::runtime::{timeout, Runtime};
 
 /// The answer to "which connection for this call?".
 pub enum Checkout<'a> {
@@ -36,7 +36,10 @@ impl std::fmt::Debug for Checkout<'_> {
 /// A source of connections. [`EndpointPool`] is the default; implement this to choose
 /// connections your own way. A pool must never hand out a connection it knows is closed.
 pub trait Pool: Send + Sync + 'static {
-    fn checkout(&self) -> Checkout<'_>;
+    /// A connection for a call that must have its answer by `deadline`: a
+    /// [`Checkout::Wait`] should end by then (with `DeadlineExceeded`) rather than outlive
+    /// the call while a connect hangs.
+    fn checkout(&self, deadline: Option<Instant>) -> Checkout<'_>;
 }
 
 /// Pool settings.
@@ -138,7 +141,7 @@ impl<R: Runtime> EndpointPool<R> {
     /// Connects one connection now, so that a bad address fails here rather than at the
     /// first call.
     pub async fn warm_up(&self) -> Result<(), Status> {
-        match self.checkout() {
+        match self.checkout(None) {
             Checkout::Ready(_) => Ok(()),
             Checkout::Wait(f) => f.await.map(drop),
             Checkout::Failed(s) => Err(s),
@@ -156,7 +159,7 @@ impl<R: Runtime> EndpointPool<R> {
 }
 
 impl<R: Runtime> Pool for EndpointPool<R> {
-    fn checkout(&self) -> Checkout<'_> {
+    fn checkout(&self, deadline: Option<Instant>) -> Checkout<'_> {
         let inner = &self.inner;
         let n = inner.slots.len();
         let first = if n == 1 {
@@ -172,7 +175,22 @@ impl<R: Runtime> Pool for EndpointPool<R> {
                 }
             }
         }
-        Inner::reconnect(inner, first)
+        match (Inner::reconnect(inner, first), deadline) {
+            (Checkout::Wait(connecting), Some(deadline)) => {
+                let (runtime, addr) = (inner.runtime.clone(), inner.addr);
+                Checkout::Wait(Box::pin(async move {
+                    timeout(&runtime, deadline, connecting)
+                        .await
+                        .unwrap_or_else(|| {
+                            Err(Status::new(
+                                Code::DeadlineExceeded,
+                                format!("deadline passed while connecting to {addr}"),
+                            ))
+                        })
+                }))
+            }
+            (checkout, _) => checkout,
+        }
     }
 }
 
