@@ -7,17 +7,35 @@
 //!   method, on either side.
 //! - `otel`: [`otel::OtelClient`] and [`otel::OtelServer`] trace calls with OpenTelemetry,
 //!   passing the trace context along as W3C `traceparent`/`tracestate` metadata.
+//! - `consul`: [`consul::Consul`], the default service registry: servers register through the
+//!   local Consul agent with a TTL check they keep passing, clients watch the passing instances
+//!   with blocking queries. Works on every runtime.
 //! - `retry`: [`retry::Retry`] retries failed calls on the client, as a
 //!   [`RetryPolicy`](gorpc::proto::policy::RetryPolicy) and a shared
 //!   [`RetryBudget`](gorpc::proto::policy::RetryBudget) decide.
+//! - `config`: [`config::Config`] sets servers and clients up from a TOML file that names
+//!   the transport, codec, registry, balancer and interceptors; user plugins join under
+//!   names of their own.
+//! - `hedge`: [`hedge::Hedge`] sends a second attempt of a slow call to an idempotent
+//!   method, as its [`Hedging`](gorpc::proto::policy::Hedging) schedule decides, and keeps
+//!   the first answer.
+//! - `etcd` (not default: etcd-client's build runs `protoc`): [`etcd::Etcd`] discovers and
+//!   registers services in etcd, under leases kept alive by the server.
 //!
-//! The core crates stay free of these dependencies and policies. Service discovery (consul,
-//! etcd) and TLS will join this crate the same way, each behind its feature.
+//! The core crates stay free of these dependencies and policies.
 
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "auth")]
 pub mod auth;
+#[cfg(feature = "config")]
+pub mod config;
+#[cfg(feature = "consul")]
+pub mod consul;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+#[cfg(feature = "hedge")]
+pub mod hedge;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 #[cfg(feature = "otel")]

@@ -4,6 +4,13 @@
 //! client's [`Runtime`]. [`on_every_runtime!`] turns it into one `#[test]` per pairing:
 //! tokio, smol, the smol adapter under the async-std executor, and both cross pairings
 //! (a tokio server with a smol client, and the other way round).
+//!
+//! [`fault`] injects faults: a TCP proxy that delays, blackholes, resets, truncates or
+//! corrupts the stream on demand, and a server whose handlers answer slowly or stall.
+
+pub mod discovery;
+pub mod etcd;
+pub mod fault;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
