@@ -377,7 +377,9 @@ fn pump(link: &Link, direction: Direction, shared: &ProxyShared) {
                 for (i, byte) in chunk.iter_mut().enumerate() {
                     let position = since_switch + i as u64;
                     let hit = position == offset
-                        || (every > 0 && position > offset && (position - offset).is_multiple_of(every));
+                        || (every > 0
+                            && position > offset
+                            && (position - offset).is_multiple_of(every));
                     if hit {
                         *byte ^= 0xFF;
                     }
