@@ -25,7 +25,7 @@
 //!
 //! Built-in names: interceptors `logging`, `auth` (client: `token`; server: `tokens`, a
 //! table of token = subject, and `allow_unauthenticated`), `metrics`, `otel`; registries
-//! `static` (`service`, `addresses`), `consul` (`url`, `token`, `ttl_ms`, `wait_ms`), `etcd`
+//! `static` (`service`, `addresses`), `dns` (`names` as host:port, `every_ms`), `consul` (`url`, `token`, `ttl_ms`, `wait_ms`), `etcd`
 //! with its feature (`endpoints`, `prefix`, `lease_ttl_ms`); balancers `random`,
 //! `round_robin`, `weighted_round_robin`, `consistent_hash`, `p2c` (`seed`); codecs `raw`,
 //! `protobuf`, `msgpack`, `json`; transports: servers `tcp`, `tcp+http` (both on one port);
@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gorpc::client::{ClientBuilder, OutgoingCall};
-use gorpc::discovery::{Discover, Register, Registration, StaticList};
+use gorpc::discovery::{Discover, Dns, Register, Registration, StaticList};
 use gorpc::proto::balance::{
     Balancer, ConsistentHash, PowerOfTwoChoices, Random, RoundRobin, WeightedRoundRobin,
 };
@@ -373,6 +373,18 @@ impl Plugins {
                     .map_err(|e| ConfigError::new(options.key("addresses"), e.message()))?;
                 Ok(RegistryPlugin {
                     discover: Arc::new(list),
+                    register: None,
+                })
+            })
+            .registry("dns", |options| {
+                let names = options
+                    .strings("names")?
+                    .ok_or_else(|| ConfigError::new(options.key("names"), "missing"))?;
+                let every = options
+                    .millis("every_ms")?
+                    .unwrap_or(Duration::from_secs(30));
+                Ok(RegistryPlugin {
+                    discover: Arc::new(Dns::new(names, every)),
                     register: None,
                 })
             })

@@ -227,7 +227,7 @@ fn unknown_names_say_what_is_known() {
     assert_error(
         client_error("[client]\nservice = \"g\"\nregistry = { name = \"zookeeper\" }"),
         "client.registry.name",
-        "unknown registry \"zookeeper\"",
+        "unknown registry \"zookeeper\" (known: consul, dns, ",
     );
     assert_error(
         client_error("[client]\naddress = \"127.0.0.1:1\"\ncodec = \"xml\""),

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::channel::mpsc;
 use futures::future::BoxFuture;
@@ -188,6 +189,82 @@ impl Discover for StaticList {
     }
 }
 
+/// Instances from DNS: `host:port` names resolved now and again, every address an
+/// instance of weight 1. Resolution runs on a thread of its own (the system resolver
+/// blocks), which ends when the watch is dropped; a failed lookup is reported and the last
+/// good answer kept.
+#[derive(Clone, Debug)]
+pub struct Dns {
+    names: Vec<String>,
+    every: Duration,
+}
+
+impl Dns {
+    /// Resolves `names` ("host:port") every `every`.
+    pub fn new(names: impl IntoIterator<Item = impl Into<String>>, every: Duration) -> Self {
+        Dns {
+            names: names.into_iter().map(Into::into).collect(),
+            every,
+        }
+    }
+
+    fn resolve(&self) -> Result<Vec<Instance>, Status> {
+        use std::net::ToSocketAddrs;
+        let mut found = Vec::new();
+        for name in &self.names {
+            let addrs = name.to_socket_addrs().map_err(|e| {
+                Status::new(Code::Unavailable, format!("resolving {name:?} failed: {e}"))
+            })?;
+            found.extend(addrs.map(Instance::new));
+        }
+        found.sort_by_key(|i| i.addr);
+        found.dedup();
+        Ok(found)
+    }
+}
+
+impl Discover for Dns {
+    /// The service name is not looked up: the names given to [`Dns::new`] are the service.
+    fn watch(&self, _service: &str) -> BoxStream<'static, WatchEvent> {
+        let (tx, rx) = mpsc::unbounded();
+        let dns = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("gorpc-dns".into())
+            .spawn(move || {
+                let mut known: Vec<Instance> = Vec::new();
+                let mut first = true;
+                loop {
+                    let event = match dns.resolve() {
+                        Ok(now) => {
+                            let changes = if first {
+                                now.iter().cloned().map(Change::Upsert).collect()
+                            } else {
+                                diff(&known, &now)
+                            };
+                            known = now;
+                            first = false;
+                            Ok(changes)
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let quiet = matches!(&event, Ok(c) if c.is_empty());
+                    if !quiet && tx.unbounded_send(event).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(dns.every);
+                    if tx.is_closed() {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            let status = Status::new(Code::Internal, format!("no thread for DNS lookups: {e}"));
+            return futures::stream::once(async move { Err(status) }).boxed();
+        }
+        rx.boxed()
+    }
+}
+
 /// A registry inside one process: servers register, clients watch, no network. For tests,
 /// examples, and services that call themselves. Clones share the same registry.
 #[derive(Clone, Debug, Default)]
@@ -332,6 +409,33 @@ mod tests {
             ]
         );
         assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn dns_resolves_names_and_reports_failures() {
+        let dns = Dns::new(
+            ["localhost:7070", "127.0.0.1:7071"],
+            Duration::from_secs(60),
+        );
+        let mut watch = dns.watch("any");
+        let first = futures::executor::block_on(watch.next()).unwrap().unwrap();
+        assert!(
+            first.contains(&Change::Upsert(Instance::new(addr(7071)))),
+            "{first:?}"
+        );
+        assert!(
+            first
+                .iter()
+                .any(|c| matches!(c, Change::Upsert(i) if i.addr.port() == 7070)),
+            "{first:?}"
+        );
+        // Malformed, so it fails without asking any resolver.
+        let bad = Dns::new(["no-port-given"], Duration::from_secs(60));
+        let err = futures::executor::block_on(bad.watch("any").next())
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert!(err.message().contains("no-port-given"), "{err}");
     }
 
     #[test]
