@@ -931,9 +931,9 @@ pub mod targets {
         }
     }
 
-    /// Arbitrary bytes from a "server" into a client with calls in flight, in chunks sized
-    /// by the first byte, with time passing. Every call finishes exactly once, with the data
-    /// it was started with.
+    /// Arbitrary bytes from a "server" into a client with unary and stream calls in flight,
+    /// in chunks sized by the first byte, with time passing. Every call finishes exactly
+    /// once, with the data it was started with, and stream events name only live calls.
     pub fn client_read(data: &[u8]) {
         let Some((&chunk, data)) = data.split_first() else {
             return;
@@ -954,16 +954,35 @@ pub mod targets {
                 .expect("fresh connection accepts calls");
             live.insert(tag, id);
         }
+        // Two streams too, so arbitrary messages and window updates meet live calls.
+        for (tag, kind) in [
+            (4, StreamKind::ServerStreaming),
+            (5, StreamKind::Bidirectional),
+        ] {
+            let head = CallHead::new("/fuzz.Svc/Stream", codec::RAW);
+            let id = client
+                .start_stream(t0, head, kind, &[][..], tag)
+                .expect("fresh connection accepts calls");
+            live.insert(tag, id);
+        }
         let mut buf = BytesMut::new();
         let mut now = t0;
         let mut check = |client: &mut ClientConn<u32>| {
             while let Some(event) = client.poll_event() {
-                if let ClientEvent::Finished { id, user, .. } = event {
-                    assert_eq!(
+                match event {
+                    ClientEvent::Finished { id, user, .. } => assert_eq!(
                         live.remove(&user),
                         Some(id),
                         "call {user} finished twice or under another id"
-                    );
+                    ),
+                    ClientEvent::Message { id, body } => {
+                        assert!(live.values().any(|l| *l == id), "message for a call gone");
+                        client.release(id, body.len());
+                    }
+                    ClientEvent::Writable { id } => {
+                        assert!(live.values().any(|l| *l == id), "writable for a call gone");
+                    }
+                    ClientEvent::GoAway(_) | ClientEvent::Closed(_) => {}
                 }
             }
         };
