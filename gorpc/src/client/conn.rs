@@ -312,6 +312,10 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                     Ok(response) => CallOutcome::Answered(response),
                     Err(status) => CallOutcome::Failed(status),
                 }),
+                // Only stream calls receive messages, and this driver starts none; the core
+                // fails a unary call the server streams to. Give any credit back regardless.
+                ClientEvent::Message { id, body } => self.conn.release(id, body.len()),
+                ClientEvent::Writable { .. } => {}
                 ClientEvent::GoAway(status) => {
                     tracing::debug!(peer = %self.shared.peer, %status, "server sent go-away");
                     self.shared.usable.store(false, Ordering::Release);

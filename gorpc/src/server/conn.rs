@@ -137,7 +137,19 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         while let Some(event) = self.conn.poll_event() {
             progress = true;
             match event {
+                ServerEvent::Request(request) if request.client_streams => {
+                    let status = Status::new(
+                        Code::Unimplemented,
+                        "streaming calls are not served by this server yet",
+                    );
+                    self.respond(now, request.id, ServerReply::error(status));
+                }
                 ServerEvent::Request(request) => self.dispatch(cx, now, request),
+                // Messages of a refused client stream (racing the refusal, or queued while
+                // it waited for a slot): give the credit back so the connection window
+                // never shrinks.
+                ServerEvent::Message { id, body } => self.conn.release(id, body.len()),
+                ServerEvent::HalfClosed { .. } | ServerEvent::Writable { .. } => {}
                 ServerEvent::Cancelled { id, .. } => {
                     if let Some(handle) = self.running.remove(&id) {
                         handle.abort();
