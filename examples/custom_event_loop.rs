@@ -103,6 +103,10 @@ fn main() -> Result<(), Box<dyn Error>> {
                     log(start, "client", format_args!("server go-away: {status}"))
                 }
                 ClientEvent::Closed(reason) => closed = Some(reason),
+                // This client starts no stream calls, and the core fails a unary call the
+                // server answers with a message stream, so neither event can arrive here.
+                ClientEvent::Message { id, body } => conn.release(id, body.len()),
+                ClientEvent::Writable { .. } => {}
             }
         }
         if let Err(e) = write_out(&mut stream, || conn.poll_transmit()) {
@@ -221,6 +225,10 @@ fn serve(listener: TcpListener, start: Instant) -> io::Result<()> {
                     log(start, "server", format_args!("client go-away: {status}"))
                 }
                 ServerEvent::Closed(reason) => closed = Some(reason),
+                // Client streams are refused in `handle`; a message still racing in for one
+                // gives its credit straight back.
+                ServerEvent::Message { id, body } => conn.release(id, body.len()),
+                ServerEvent::HalfClosed { .. } | ServerEvent::Writable { .. } => {}
             }
         }
         if let Err(e) = write_out(&mut stream, || conn.poll_transmit()) {
@@ -277,6 +285,12 @@ fn serve(listener: TcpListener, start: Instant) -> io::Result<()> {
 fn handle(conn: &mut ServerConn, req: Request, delayed: &mut Vec<Delayed>, start: Instant) {
     let now = Instant::now();
     let id = req.id.as_u32();
+    if req.client_streams {
+        let status = Status::new(Code::Unimplemented, "this server serves no stream calls");
+        conn.respond(now, req.id, &status, [], &[][..]);
+        log(start, "server", format_args!("call {id}: stream refused"));
+        return;
+    }
     match req.head.method() {
         UPPER => {
             conn.respond(

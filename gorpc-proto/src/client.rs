@@ -8,9 +8,10 @@ use hashbrown::HashMap;
 
 use crate::config::ConnConfig;
 use crate::error::ProtoError;
+use crate::flow::{RecvWindow, SendWindow, INITIAL_STREAM_WINDOW};
 use crate::frame::{flags, FrameType};
 use crate::head::{encode_request_head, ResponseHead};
-use crate::link::{CloseReason, Inbound, Link};
+use crate::link::{CallFrame, CloseReason, Inbound, Link, SendError};
 use crate::status::{Code, Status};
 use crate::timers::Deadlines;
 use crate::transmit::{Oversize, Payload};
@@ -49,6 +50,12 @@ pub enum ClientEvent<T> {
         user: T,
         result: Result<Response, Status>,
     },
+    /// One message of a stream call's response stream, in order. Its bytes count against
+    /// the call's flow-control window until [`ClientConn::release`] gives them back.
+    Message { id: CallId, body: Bytes },
+    /// A stream call whose [`ClientConn::send_message`] was refused with
+    /// [`SendError::NoCredit`] may send again: credit came back.
+    Writable { id: CallId },
     /// The server accepts no new calls on this connection; calls in flight still finish.
     GoAway(Status),
     /// The connection is over. Flush [`ClientConn::poll_transmit`], then close the transport.
@@ -75,6 +82,35 @@ pub struct CallHead<'a, M> {
     pub metadata: M,
 }
 
+/// Which sides of a stream call send a stream of messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    /// One request message, a stream of response messages.
+    ServerStreaming,
+    /// A stream of request messages, one response message.
+    ClientStreaming,
+    /// Streams both ways.
+    Bidirectional,
+}
+
+impl StreamKind {
+    /// Whether the client sends a stream of messages.
+    pub fn client_streams(self) -> bool {
+        matches!(
+            self,
+            StreamKind::ClientStreaming | StreamKind::Bidirectional
+        )
+    }
+
+    /// Whether the server sends a stream of messages.
+    pub fn server_streams(self) -> bool {
+        matches!(
+            self,
+            StreamKind::ServerStreaming | StreamKind::Bidirectional
+        )
+    }
+}
+
 impl<'a> CallHead<'a, [(&'a str, &'a [u8]); 0]> {
     /// A call with no deadline and no metadata.
     pub fn new(method: &'a str, codec: u8) -> Self {
@@ -88,6 +124,7 @@ impl<'a> CallHead<'a, [(&'a str, &'a [u8]); 0]> {
 }
 
 impl<'a, M> CallHead<'a, M> {
+    /// The same call with a deadline.
     pub fn with_deadline(self, deadline: Instant) -> Self {
         CallHead {
             deadline: Some(deadline),
@@ -95,6 +132,7 @@ impl<'a, M> CallHead<'a, M> {
         }
     }
 
+    /// The same call with these metadata entries.
     pub fn with_metadata<'m, N>(self, metadata: N) -> CallHead<'a, N>
     where
         N: IntoIterator<Item = (&'m str, &'m [u8])>,
@@ -112,6 +150,15 @@ impl<'a, M> CallHead<'a, M> {
 struct ClientCall<T> {
     deadline: Option<Instant>,
     user: T,
+    codec: u8,
+    /// The client may still send messages (a client stream not yet half-closed).
+    sending: bool,
+    /// The server answers with a stream of messages.
+    receives_stream: bool,
+    /// Refused for lack of credit; a `Writable` event is owed once credit is back.
+    wants_writable: bool,
+    send_window: SendWindow,
+    recv_window: RecvWindow,
 }
 
 /// The client half of a connection: a state machine fed bytes and time, never doing I/O.
@@ -138,9 +185,13 @@ pub struct ClientConn<T = ()> {
     next_id: u32,
     deadlines: Deadlines,
     events: VecDeque<ClientEvent<T>>,
+    /// Calls refused for lack of connection credit (may hold stale ids; compacted).
+    blocked: Vec<u32>,
 }
 
 impl<T> ClientConn<T> {
+    /// A client connection starting at `now`. With a `connection_window` above the
+    /// protocol's initial one, its window update is the first thing queued.
     pub fn new(config: ConnConfig, now: Instant) -> Self {
         ClientConn {
             link: Link::new(config, now),
@@ -148,6 +199,7 @@ impl<T> ClientConn<T> {
             next_id: 1,
             deadlines: Deadlines::default(),
             events: VecDeque::new(),
+            blocked: Vec::new(),
         }
     }
 
@@ -161,6 +213,54 @@ impl<T> ClientConn<T> {
         now: Instant,
         head: CallHead<'_, M>,
         body: impl Into<Payload<'m>>,
+        user: T,
+    ) -> Result<CallId, Rejected<T>>
+    where
+        M: IntoIterator<Item = (&'m str, &'m [u8])>,
+    {
+        self.start(now, head, None, body.into(), user)
+    }
+
+    /// Starts a stream call and queues its request.
+    ///
+    /// For [`StreamKind::ServerStreaming`] `request` is the one request message. When the
+    /// client streams, the request opens its message stream and carries no message:
+    /// `request` must be empty (else the call is rejected with `InvalidArgument`), and the
+    /// messages follow through [`send_message`](Self::send_message), under flow control.
+    /// Response messages arrive as [`ClientEvent::Message`]; the call ends, as every call
+    /// does, with one [`ClientEvent::Finished`] carrying the final status and trailing
+    /// metadata. Fails like [`start_call`](Self::start_call); a stream counts as one call
+    /// towards the concurrency limit.
+    pub fn start_stream<'m, M>(
+        &mut self,
+        now: Instant,
+        head: CallHead<'_, M>,
+        kind: StreamKind,
+        request: impl Into<Payload<'m>>,
+        user: T,
+    ) -> Result<CallId, Rejected<T>>
+    where
+        M: IntoIterator<Item = (&'m str, &'m [u8])>,
+    {
+        let request = request.into();
+        if kind.client_streams() && !request.is_empty() {
+            return Err(Rejected {
+                status: Status::new(
+                    Code::InvalidArgument,
+                    "a client stream's messages go through send_message, not the request",
+                ),
+                user,
+            });
+        }
+        self.start(now, head, Some(kind), request, user)
+    }
+
+    fn start<'m, M>(
+        &mut self,
+        now: Instant,
+        head: CallHead<'_, M>,
+        kind: Option<StreamKind>,
+        body: Payload<'m>,
         user: T,
     ) -> Result<CallId, Rejected<T>>
     where
@@ -198,15 +298,17 @@ impl<T> ClientConn<T> {
                 }
             },
         };
+        let sending = kind.is_some_and(StreamKind::client_streams);
+        let receives_stream = kind.is_some_and(StreamKind::server_streams);
         let id = allocate_id(&mut self.next_id, &self.calls);
         let limits = self.link.limits;
         let pushed = self.link.out.push_frame(
             FrameType::Request,
-            flags::END_STREAM,
+            if sending { 0 } else { flags::END_STREAM },
             head.codec,
             id,
             |out| encode_request_head(head.method, timeout_micros, head.metadata, out),
-            body.into(),
+            body,
             limits.max_head_len,
             limits.max_frame_len,
         );
@@ -227,6 +329,14 @@ impl<T> ClientConn<T> {
                 )
             }
         }
+        let mut recv_window = RecvWindow::new(INITIAL_STREAM_WINDOW);
+        if receives_stream {
+            if let Some(increment) =
+                recv_window.widen(INITIAL_STREAM_WINDOW, self.link.stream_window)
+            {
+                self.link.push_window_update(id, increment);
+            }
+        }
         if let Some(deadline) = head.deadline {
             self.deadlines.push(deadline, id);
         }
@@ -235,9 +345,110 @@ impl<T> ClientConn<T> {
             ClientCall {
                 deadline: head.deadline,
                 user,
+                codec: head.codec,
+                sending,
+                receives_stream,
+                wants_writable: false,
+                send_window: SendWindow::new(INITIAL_STREAM_WINDOW),
+                recv_window,
             },
         );
         Ok(CallId(id))
+    }
+
+    /// Sends one message on a call's request stream; with `end`, it is the last one
+    /// (half-close). Nothing is queued on error:
+    ///
+    /// - [`SendError::NoCredit`]: a flow-control window is used up; a
+    ///   [`ClientEvent::Writable`] for this call follows once credit is back.
+    /// - [`SendError::CallGone`]: the call has finished or been cancelled.
+    /// - [`SendError::TooLarge`]: the message would exceed `max_frame_len`.
+    /// - [`SendError::SendClosed`]: the call's request stream already ended (or the call
+    ///   does not stream requests).
+    pub fn send_message<'m>(
+        &mut self,
+        id: CallId,
+        body: impl Into<Payload<'m>>,
+        end: bool,
+    ) -> Result<(), SendError> {
+        if self.link.closed {
+            return Err(SendError::CallGone);
+        }
+        let Some(call) = self.calls.get_mut(&id.0) else {
+            return Err(SendError::CallGone);
+        };
+        if !call.sending {
+            return Err(SendError::SendClosed);
+        }
+        let flags = if end { flags::END_STREAM } else { 0 };
+        match self
+            .link
+            .send_message(&mut call.send_window, id.0, call.codec, flags, body.into())
+        {
+            Ok(()) => {
+                call.sending = !end;
+                Ok(())
+            }
+            Err(SendError::NoCredit) => {
+                if !call.wants_writable {
+                    call.wants_writable = true;
+                    self.blocked.push(id.0);
+                    if self.blocked.len() > 2 * self.calls.len() + 64 {
+                        let calls = &self.calls;
+                        self.blocked
+                            .retain(|id| calls.get(id).is_some_and(|c| c.wants_writable));
+                    }
+                }
+                Err(SendError::NoCredit)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Ends a call's request stream without a final message (half-close); needs no credit.
+    /// Errors as [`send_message`](Self::send_message).
+    pub fn close_send(&mut self, id: CallId) -> Result<(), SendError> {
+        if self.link.closed {
+            return Err(SendError::CallGone);
+        }
+        let Some(call) = self.calls.get_mut(&id.0) else {
+            return Err(SendError::CallGone);
+        };
+        if !call.sending {
+            return Err(SendError::SendClosed);
+        }
+        call.sending = false;
+        self.link.send_end_of_messages(id.0, call.codec);
+        Ok(())
+    }
+
+    /// Gives back `bytes` of a call's received messages (at most what it holds): the
+    /// application has consumed them. Credit returns to the server in batches of half a
+    /// window. A finished call's bytes were given back when it finished, so releasing them
+    /// does nothing.
+    pub fn release(&mut self, id: CallId, bytes: usize) {
+        if self.link.closed {
+            return;
+        }
+        let Some(call) = self.calls.get_mut(&id.0) else {
+            return;
+        };
+        let bytes = (bytes as u64).min(call.recv_window.unreleased());
+        if let Some(increment) = call.recv_window.release(bytes, self.link.stream_window) {
+            self.link.push_window_update(id.0, increment);
+        }
+        self.link.release(bytes);
+    }
+
+    /// Message bytes received on a call and not yet released; `None` once it finished.
+    pub fn buffered(&self, id: CallId) -> Option<usize> {
+        let call = self.calls.get(&id.0)?;
+        Some(call.recv_window.unreleased() as usize)
+    }
+
+    /// Message bytes received on the connection and not yet released.
+    pub fn buffered_bytes(&self) -> usize {
+        self.link.recv_window.unreleased() as usize
     }
 
     /// Gives up on a call: the server is told to drop it and no event will follow for it.
@@ -247,6 +458,7 @@ impl<T> ClientConn<T> {
         if !self.link.closed {
             self.link.out.push_control(FrameType::Cancel, id.0);
         }
+        self.link.release(call.recv_window.unreleased());
         self.after_removal();
         Some(call.user)
     }
@@ -261,61 +473,136 @@ impl<T> ClientConn<T> {
             return Ok(());
         }
         loop {
-            let inbound = match self.link.next_frame(now, buf) {
-                Ok(Some(inbound)) => inbound,
-                Ok(None) => break,
-                Err(e) => {
-                    buf.clear();
-                    self.close(CloseReason::Error(e.clone()));
-                    return Err(e);
+            let result = match self.link.next_frame(now, buf) {
+                Ok(Some(Inbound::Call(frame))) => self.handle_call_frame(frame),
+                Ok(Some(Inbound::WindowUpdate { id, increment })) => {
+                    self.handle_window_update(id, increment)
                 }
+                Ok(Some(Inbound::GoAway(status))) => {
+                    self.events.push_back(ClientEvent::GoAway(status));
+                    self.check_drained();
+                    Ok(())
+                }
+                Ok(Some(Inbound::Handled)) => Ok(()),
+                Ok(None) => return Ok(()),
+                Err(e) => Err(e),
             };
-            match inbound {
-                Inbound::Call(frame) => match frame.header.frame_type {
-                    FrameType::Response => {
-                        let Some(call) = self.calls.remove(&frame.header.call_id) else {
-                            continue; // late answer to a call cancelled or timed out here
-                        };
-                        let result = if frame.header.flags & flags::END_STREAM == 0 {
-                            Err(Status::new(
-                                Code::Internal,
-                                "server opened a response stream on a unary call",
-                            ))
-                        } else {
-                            match ResponseHead::decode(frame.head) {
-                                Ok((head, status)) => Ok(Response {
-                                    codec: frame.header.codec,
-                                    status,
-                                    head,
-                                    body: frame.body,
-                                }),
-                                Err(e) => {
-                                    Err(Status::new(Code::Internal, format!("server sent a {e}")))
-                                }
-                            }
-                        };
+            if let Err(e) = result {
+                buf.clear();
+                self.close(CloseReason::Error(e.clone()));
+                return Err(e);
+            }
+        }
+    }
+
+    fn handle_call_frame(&mut self, frame: CallFrame) -> Result<(), ProtoError> {
+        let id = frame.header.call_id;
+        match frame.header.frame_type {
+            FrameType::Response => {
+                let Some(call) = self.calls.remove(&id) else {
+                    return Ok(()); // late answer to a call cancelled or timed out here
+                };
+                self.link.release(call.recv_window.unreleased());
+                let result = if frame.header.flags & flags::END_STREAM == 0 {
+                    Err(Status::new(
+                        Code::Internal,
+                        "server sent a response without END_STREAM",
+                    ))
+                } else {
+                    match ResponseHead::decode(frame.head) {
+                        Ok((head, status)) => Ok(Response {
+                            codec: frame.header.codec,
+                            status,
+                            head,
+                            body: frame.body,
+                        }),
+                        Err(e) => Err(Status::new(Code::Internal, format!("server sent a {e}"))),
+                    }
+                };
+                self.events.push_back(ClientEvent::Finished {
+                    id: CallId(id),
+                    user: call.user,
+                    result,
+                });
+                self.after_removal();
+            }
+            FrameType::Message => {
+                if frame.header.flags & flags::END_STREAM != 0 {
+                    return Err(ProtoError::MalformedMessage(
+                        "a server ends a call with a response, never with END_STREAM on a message",
+                    ));
+                }
+                let len = frame.body.len();
+                self.link.receive_message(len)?;
+                match self.calls.get_mut(&id) {
+                    // A late message for a call that ended here: its credit goes straight back.
+                    None => self.link.release(len as u64),
+                    Some(call) if call.receives_stream => {
+                        if !call.recv_window.receive(len) {
+                            return Err(ProtoError::FlowControl { call_id: id });
+                        }
+                        self.events.push_back(ClientEvent::Message {
+                            id: CallId(id),
+                            body: frame.body,
+                        });
+                    }
+                    // The server streams a method this client calls as unary: the two
+                    // disagree about this method, not about the connection. Fail the call.
+                    Some(_) => {
+                        let call = self.calls.remove(&id).expect("call looked up above");
+                        self.link
+                            .release(len as u64 + call.recv_window.unreleased());
+                        self.link.out.push_control(FrameType::Cancel, id);
                         self.events.push_back(ClientEvent::Finished {
-                            id: CallId(frame.header.call_id),
+                            id: CallId(id),
                             user: call.user,
-                            result,
+                            result: Err(Status::new(
+                                Code::Internal,
+                                "server sent a message stream to a call expecting one response",
+                            )),
                         });
                         self.after_removal();
                     }
-                    // Reserved in this direction.
-                    FrameType::Cancel => {}
-                    other => {
-                        let e = ProtoError::UnexpectedFrame(other);
-                        buf.clear();
-                        self.close(CloseReason::Error(e.clone()));
-                        return Err(e);
-                    }
-                },
-                Inbound::GoAway(status) => {
-                    self.events.push_back(ClientEvent::GoAway(status));
-                    self.check_drained();
                 }
-                Inbound::Handled => {}
             }
+            // Reserved in this direction.
+            FrameType::Cancel => {}
+            other => return Err(ProtoError::UnexpectedFrame(other)),
+        }
+        Ok(())
+    }
+
+    fn handle_window_update(&mut self, id: u32, increment: u32) -> Result<(), ProtoError> {
+        if id == 0 {
+            // Already applied to the connection window by the link.
+            if self.link.send_window.is_open() {
+                let (calls, events) = (&mut self.calls, &mut self.events);
+                self.blocked.retain(|&id| {
+                    let Some(call) = calls.get_mut(&id) else {
+                        return false;
+                    };
+                    if !call.wants_writable {
+                        return false;
+                    }
+                    if !call.send_window.is_open() {
+                        return true;
+                    }
+                    call.wants_writable = false;
+                    events.push_back(ClientEvent::Writable { id: CallId(id) });
+                    false
+                });
+            }
+            return Ok(());
+        }
+        // Credit for a call that ended here is a late frame.
+        let Some(call) = self.calls.get_mut(&id) else {
+            return Ok(());
+        };
+        call.send_window.grant(increment)?;
+        if call.wants_writable && call.send_window.is_open() && self.link.send_window.is_open() {
+            call.wants_writable = false;
+            self.events
+                .push_back(ClientEvent::Writable { id: CallId(id) });
         }
         Ok(())
     }
@@ -332,6 +619,7 @@ impl<T> ClientConn<T> {
             let Some(call) = self.calls.remove(&id) else {
                 continue;
             };
+            self.link.release(call.recv_window.unreleased());
             // Free the server's work now rather than at its own copy of the deadline.
             self.link.out.push_control(FrameType::Cancel, id);
             self.events.push_back(ClientEvent::Finished {

@@ -45,8 +45,30 @@ impl Default for KeepaliveConfig {
 }
 
 /// Configuration of a [`ClientConn`](crate::ClientConn) or [`ServerConn`](crate::ServerConn).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnConfig {
+    /// Bounds on what the peer may send.
     pub limits: Limits,
+    /// Liveness probing.
     pub keepalive: KeepaliveConfig,
+    /// Stream message bytes this side lets the peer send on one call before the application
+    /// releases them (see `release`). Values below the protocol's initial window
+    /// ([`INITIAL_STREAM_WINDOW`](crate::flow::INITIAL_STREAM_WINDOW)) count as that window;
+    /// larger ones are granted with a window update when the stream opens. At most 2^30.
+    pub stream_window: u32,
+    /// The same for all calls of the connection together
+    /// ([`INITIAL_CONNECTION_WINDOW`](crate::flow::INITIAL_CONNECTION_WINDOW) at least,
+    /// granted when the connection starts). At most 2^30.
+    pub connection_window: u32,
+}
+
+impl Default for ConnConfig {
+    fn default() -> Self {
+        ConnConfig {
+            limits: Limits::default(),
+            keepalive: KeepaliveConfig::default(),
+            stream_window: crate::flow::INITIAL_STREAM_WINDOW,
+            connection_window: crate::flow::INITIAL_CONNECTION_WINDOW,
+        }
+    }
 }

@@ -34,6 +34,16 @@ pub enum ProtoError {
     MalformedGoAway(&'static str),
     /// Nothing arrived within the keepalive timeout after a ping.
     KeepaliveTimeout,
+    /// A window update that is not a 4-byte increment in 1..=2^31-1, or that would take a
+    /// window past 2^31-1.
+    MalformedWindowUpdate(&'static str),
+    /// A stream message sent without credit: `call_id` 0 when the connection window was
+    /// used up, otherwise the call whose window was.
+    FlowControl { call_id: u32 },
+    /// A message frame breaking the stream rules (flags it may not carry in its direction).
+    MalformedMessage(&'static str),
+    /// The client sent a message on a call whose request stream it had already ended.
+    MessageAfterEndStream(u32),
 }
 
 impl fmt::Display for ProtoError {
@@ -67,6 +77,20 @@ impl fmt::Display for ProtoError {
             RequestAfterGoAway(id) => write!(f, "request {id} arrived after the peer's go-away"),
             MalformedGoAway(why) => write!(f, "malformed go-away: {why}"),
             KeepaliveTimeout => f.write_str("peer did not answer keepalive ping in time"),
+            MalformedWindowUpdate(why) => write!(f, "malformed window update: {why}"),
+            FlowControl { call_id: 0 } => {
+                f.write_str("message sent beyond the connection's flow-control window")
+            }
+            FlowControl { call_id } => {
+                write!(
+                    f,
+                    "message sent beyond call {call_id}'s flow-control window"
+                )
+            }
+            MalformedMessage(why) => write!(f, "malformed message frame: {why}"),
+            MessageAfterEndStream(id) => {
+                write!(f, "message on call {id} after its request stream ended")
+            }
         }
     }
 }

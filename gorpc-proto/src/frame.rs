@@ -32,9 +32,10 @@ pub enum FrameType {
     Pong = 5,
     /// The sender starts no new calls (client) or accepts no new calls (server).
     GoAway = 6,
-    /// Reserved for streaming: one message of an open stream. Ignored by version-1 peers.
+    /// One message of a stream call, in either direction: no head, the message as body.
     Message = 7,
-    /// Reserved for streaming: flow-control credit. Ignored by version-1 peers.
+    /// Flow-control credit: no head, a 4-byte big-endian increment as body; call id 0 credits
+    /// the connection window, any other id that call's window.
     WindowUpdate = 8,
 }
 
@@ -56,13 +57,17 @@ impl FrameType {
 
 /// Frame flag bits.
 pub mod flags {
-    /// The last frame its sender sends on this call. Always set on unary requests and
-    /// responses; a request without it would open a client stream (reserved).
+    /// The last frame its sender sends on this call. Always set on unary requests and on
+    /// every response; a request without it opens the client's message stream, and a
+    /// message with it is the client's last (half-close).
     pub const END_STREAM: u8 = 0x01;
     /// Reserved: the body is compressed. Refused in version 1 (nothing negotiates it yet).
     pub const COMPRESSED: u8 = 0x02;
+    /// Only on a MESSAGE that also carries END_STREAM and an empty body: the client
+    /// half-closes without a final message.
+    pub const NO_MESSAGE: u8 = 0x04;
     /// Flags a version-1 receiver understands.
-    pub(crate) const KNOWN: u8 = END_STREAM;
+    pub(crate) const KNOWN: u8 = END_STREAM | NO_MESSAGE;
 }
 
 /// The decoded fixed header of one frame.
@@ -157,17 +162,31 @@ impl FrameHeader {
         Ok(Some(header))
     }
 
-    /// Control frames carry no body, and only go-away carries a head.
+    /// Control frames carry no body, only go-away carries a head, messages and window
+    /// updates carry no head, and a window update's body is exactly its 4-byte increment.
     fn check_shape(&self) -> Result<(), ProtoError> {
         let (head_allowed, body_allowed) = match self.frame_type {
-            FrameType::Request | FrameType::Response | FrameType::Message => (true, true),
+            FrameType::Request | FrameType::Response => (true, true),
+            FrameType::Message | FrameType::WindowUpdate => (false, true),
             FrameType::GoAway => (true, false),
-            FrameType::Cancel | FrameType::Ping | FrameType::Pong | FrameType::WindowUpdate => {
-                (false, false)
-            }
+            FrameType::Cancel | FrameType::Ping | FrameType::Pong => (false, false),
         };
         if (!head_allowed && self.head_len != 0) || (!body_allowed && self.body_len != 0) {
             return Err(ProtoError::UnexpectedPayload(self.frame_type));
+        }
+        if self.frame_type == FrameType::WindowUpdate && self.body_len != 4 {
+            return Err(ProtoError::MalformedWindowUpdate(
+                "body must be exactly 4 bytes",
+            ));
+        }
+        if self.flags & flags::NO_MESSAGE != 0
+            && (self.frame_type != FrameType::Message
+                || self.flags & flags::END_STREAM == 0
+                || self.body_len != 0)
+        {
+            return Err(ProtoError::MalformedMessage(
+                "NO_MESSAGE is only valid on an empty MESSAGE with END_STREAM",
+            ));
         }
         Ok(())
     }

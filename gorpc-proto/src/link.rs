@@ -7,11 +7,44 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use crate::config::{ConnConfig, Limits};
 use crate::error::ProtoError;
-use crate::frame::{FrameHeader, FrameType, HEADER_LEN};
+use crate::flow::{
+    decode_increment, effective_window, RecvWindow, SendWindow, INITIAL_CONNECTION_WINDOW,
+    INITIAL_STREAM_WINDOW,
+};
+use crate::frame::{flags, FrameHeader, FrameType, HEADER_LEN};
 use crate::head::{encode_response_head, ResponseHeadRef};
 use crate::status::{Code, Status};
 use crate::timers::{Keepalive, KeepaliveAction};
-use crate::transmit::{Payload, TransmitQueue};
+use crate::transmit::{Oversize, Payload, TransmitQueue};
+
+/// Why a stream message was not sent. Nothing was queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// A flow-control window (the call's or the connection's) is used up. Wait for the
+    /// call's `Writable` event, then send again.
+    NoCredit,
+    /// The call is not in flight any more (finished, cancelled, past its deadline, or the
+    /// connection closed).
+    CallGone,
+    /// The message would make a frame over `max_frame_len`.
+    TooLarge,
+    /// This side's message stream on the call has ended (half-closed), or never carried
+    /// messages (the request of a unary or server-streaming call).
+    SendClosed,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SendError::NoCredit => "no flow-control credit to send now",
+            SendError::CallGone => "the call is no longer in flight",
+            SendError::TooLarge => "message exceeds max_frame_len",
+            SendError::SendClosed => "this side's message stream has ended",
+        })
+    }
+}
+
+impl std::error::Error for SendError {}
 
 /// Why a connection ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,7 +73,7 @@ impl CloseReason {
     }
 }
 
-/// A whole call frame (request, response or cancel), head and body sliced from the read
+/// A whole call frame (request, response, cancel or message), head and body sliced from the read
 /// buffer without copying.
 #[derive(Debug)]
 pub(crate) struct CallFrame {
@@ -55,6 +88,9 @@ pub(crate) enum Inbound {
     Call(CallFrame),
     /// The peer's go-away (already acknowledged when needed).
     GoAway(Status),
+    /// Credit from the peer, already checked: for the connection (id 0, already applied)
+    /// or for one call.
+    WindowUpdate { id: u32, increment: u32 },
     /// A control frame the link handled itself.
     Handled,
 }
@@ -67,17 +103,120 @@ pub(crate) struct Link {
     pub(crate) goaway_sent: bool,
     pub(crate) goaway_received: bool,
     pub(crate) closed: bool,
+    /// Message bytes this side may still send on the connection.
+    pub(crate) send_window: SendWindow,
+    /// Message bytes the peer may still send on the connection.
+    pub(crate) recv_window: RecvWindow,
+    /// This side's receive window per stream, and per connection, in bytes.
+    pub(crate) stream_window: u32,
+    pub(crate) connection_window: u32,
 }
 
 impl Link {
     pub(crate) fn new(config: ConnConfig, now: Instant) -> Self {
-        Link {
+        let connection_window =
+            effective_window(config.connection_window, INITIAL_CONNECTION_WINDOW);
+        let mut link = Link {
             limits: config.limits,
             keepalive: Keepalive::new(config.keepalive, now),
             out: TransmitQueue::default(),
             goaway_sent: false,
             goaway_received: false,
             closed: false,
+            send_window: SendWindow::new(INITIAL_CONNECTION_WINDOW),
+            recv_window: RecvWindow::new(INITIAL_CONNECTION_WINDOW),
+            stream_window: effective_window(config.stream_window, INITIAL_STREAM_WINDOW),
+            connection_window,
+        };
+        if let Some(increment) = link
+            .recv_window
+            .widen(INITIAL_CONNECTION_WINDOW, connection_window)
+        {
+            link.push_window_update(0, increment);
+        }
+        link
+    }
+
+    pub(crate) fn push_window_update(&mut self, id: u32, increment: u32) {
+        let limits = self.limits;
+        let _ = self.out.push_frame(
+            FrameType::WindowUpdate,
+            0,
+            0,
+            id,
+            |_| {},
+            Payload::Slice(&increment.to_be_bytes()),
+            limits.max_head_len,
+            limits.max_frame_len,
+        );
+    }
+
+    /// Queues one stream message if both the call's window and the connection's are open,
+    /// and spends the credit. `flags` may carry END_STREAM.
+    pub(crate) fn send_message(
+        &mut self,
+        window: &mut SendWindow,
+        id: u32,
+        codec: u8,
+        flags: u8,
+        body: Payload<'_>,
+    ) -> Result<(), SendError> {
+        if !window.is_open() || !self.send_window.is_open() {
+            return Err(SendError::NoCredit);
+        }
+        let len = body.len();
+        let limits = self.limits;
+        match self.out.push_frame(
+            FrameType::Message,
+            flags,
+            codec,
+            id,
+            |_| {},
+            body,
+            limits.max_head_len,
+            limits.max_frame_len,
+        ) {
+            Ok(()) => {
+                window.spend(len);
+                self.send_window.spend(len);
+                Ok(())
+            }
+            Err(Oversize::Head | Oversize::Frame) => Err(SendError::TooLarge),
+        }
+    }
+
+    /// Ends this side's message stream without a final message; needs no credit.
+    pub(crate) fn send_end_of_messages(&mut self, id: u32, codec: u8) {
+        let limits = self.limits;
+        let _ = self.out.push_frame(
+            FrameType::Message,
+            flags::END_STREAM | flags::NO_MESSAGE,
+            codec,
+            id,
+            |_| {},
+            Payload::Slice(&[]),
+            limits.max_head_len,
+            limits.max_frame_len,
+        );
+    }
+
+    /// Counts a received message against the connection window; `Err` when the peer had no
+    /// credit for it.
+    pub(crate) fn receive_message(&mut self, len: usize) -> Result<(), ProtoError> {
+        if self.recv_window.receive(len) {
+            Ok(())
+        } else {
+            Err(ProtoError::FlowControl { call_id: 0 })
+        }
+    }
+
+    /// Returns `len` received bytes to the connection window (the application released
+    /// them, or they belonged to a call that is gone), granting credit back in batches.
+    pub(crate) fn release(&mut self, len: u64) {
+        if let Some(increment) = self.recv_window.release(len, self.connection_window) {
+            if !self.closed {
+                self.push_window_update(0, increment);
+            }
         }
     }
 
@@ -99,7 +238,7 @@ impl Link {
         }
         self.keepalive.on_frame(now);
         let inbound = match header.frame_type {
-            FrameType::Request | FrameType::Response | FrameType::Cancel => {
+            FrameType::Request | FrameType::Response | FrameType::Cancel | FrameType::Message => {
                 let mut frame = buf.split_to(len).freeze();
                 frame.advance(HEADER_LEN);
                 let body = frame.split_off(header.head_len as usize);
@@ -123,10 +262,18 @@ impl Link {
                 }
                 Inbound::GoAway(status)
             }
-            // Pong: its arrival already counted as a sign of life. Message and window-update
-            // belong to streams, which a version-1 peer refuses to open, so they can only
-            // concern calls that are gone.
-            FrameType::Pong | FrameType::Message | FrameType::WindowUpdate => Inbound::Handled,
+            FrameType::WindowUpdate => {
+                let increment = decode_increment(&buf[HEADER_LEN..len])?;
+                if header.call_id == 0 {
+                    self.send_window.grant(increment)?;
+                }
+                Inbound::WindowUpdate {
+                    id: header.call_id,
+                    increment,
+                }
+            }
+            // Pong: its arrival already counted as a sign of life.
+            FrameType::Pong => Inbound::Handled,
         };
         buf.advance(len);
         Ok(Some(inbound))

@@ -8,9 +8,10 @@ use hashbrown::HashMap;
 
 use crate::config::ConnConfig;
 use crate::error::ProtoError;
+use crate::flow::{RecvWindow, SendWindow, INITIAL_STREAM_WINDOW};
 use crate::frame::{flags, FrameType};
 use crate::head::{encode_response_head, RequestHead};
-use crate::link::{CallFrame, CloseReason, Inbound, Link};
+use crate::link::{CallFrame, CloseReason, Inbound, Link, SendError};
 use crate::status::{Code, Status};
 use crate::timers::{deadline_after, Deadlines};
 use crate::transmit::{Oversize, Payload};
@@ -19,10 +20,17 @@ use crate::{CallId, IdHasher};
 /// A call for the server to run.
 #[derive(Clone, Debug)]
 pub struct Request {
+    /// The call's id on this connection.
     pub id: CallId,
+    /// Codec id of the request (and of the response and every message).
     pub codec: u8,
+    /// Method, timeout and metadata.
     pub head: RequestHead,
+    /// The request message; empty when the client streams (its messages follow as
+    /// [`ServerEvent::Message`]).
     pub body: Bytes,
+    /// The client sends a stream of messages, ended by [`ServerEvent::HalfClosed`].
+    pub client_streams: bool,
     /// When the client stops waiting, on this side's clock: the relative timeout it sent,
     /// counted from when the request arrived. `None`: no deadline.
     pub deadline: Option<Instant>,
@@ -40,8 +48,17 @@ pub enum CancelReason {
 /// What a [`ServerConn`] reports to its driver.
 #[derive(Debug)]
 pub enum ServerEvent {
-    /// Run this call and answer it with [`ServerConn::respond`].
+    /// Run this call and answer it with [`ServerConn::respond`] (which also ends a stream
+    /// call; stream responses go out first through [`ServerConn::send_message`]).
     Request(Request),
+    /// One message of a client stream, in order. Its bytes count against the call's
+    /// flow-control window until [`ServerConn::release`] gives them back.
+    Message { id: CallId, body: Bytes },
+    /// The client sent its last message on this call (half-close).
+    HalfClosed { id: CallId },
+    /// A call whose [`ServerConn::send_message`] was refused with [`SendError::NoCredit`]
+    /// may send again: credit came back.
+    Writable { id: CallId },
     /// Stop running this call (drop its handler); a response to it would be discarded.
     Cancelled { id: CallId, reason: CancelReason },
     /// The client will start no new calls on this connection.
@@ -55,6 +72,22 @@ pub enum ServerEvent {
 struct ServerCall {
     deadline: Option<Instant>,
     codec: u8,
+    /// The client's message stream is open.
+    receiving: bool,
+    /// Refused for lack of credit; a `Writable` event is owed once credit is back.
+    wants_writable: bool,
+    send_window: SendWindow,
+    recv_window: RecvWindow,
+}
+
+/// A request read at the concurrency limit, with whatever arrived for it meanwhile.
+#[derive(Debug)]
+struct Waiting {
+    request: Request,
+    call: ServerCall,
+    /// Messages of its client stream, handed out after the request when it starts.
+    early: VecDeque<Bytes>,
+    half_closed: bool,
 }
 
 /// The server half of a connection: a state machine fed bytes and time, never doing I/O.
@@ -72,9 +105,11 @@ pub struct ServerConn {
     link: Link,
     calls: HashMap<u32, ServerCall, IdHasher>,
     /// Requests read while at the concurrency limit, started as slots free up.
-    waiting: VecDeque<Request>,
+    waiting: VecDeque<Waiting>,
     deadlines: Deadlines,
     events: VecDeque<ServerEvent>,
+    /// Calls refused for lack of connection credit (may hold stale ids; compacted).
+    blocked: Vec<u32>,
 }
 
 impl ServerConn {
@@ -87,6 +122,7 @@ impl ServerConn {
             waiting: VecDeque::new(),
             deadlines: Deadlines::default(),
             events: VecDeque::new(),
+            blocked: Vec::new(),
         }
     }
 
@@ -103,6 +139,9 @@ impl ServerConn {
         loop {
             let result = match self.link.next_frame(now, buf) {
                 Ok(Some(Inbound::Call(frame))) => self.handle_call_frame(now, frame),
+                Ok(Some(Inbound::WindowUpdate { id, increment })) => {
+                    self.handle_window_update(id, increment)
+                }
                 Ok(Some(Inbound::GoAway(status))) => {
                     self.events.push_back(ServerEvent::GoAway(status));
                     self.check_drained();
@@ -124,15 +163,19 @@ impl ServerConn {
         let id = frame.header.call_id;
         match frame.header.frame_type {
             FrameType::Request => {}
+            FrameType::Message => return self.handle_message(frame),
             FrameType::Cancel => {
-                if self.calls.remove(&id).is_some() {
+                if let Some(call) = self.calls.remove(&id) {
+                    self.link.release(call.recv_window.unreleased());
                     self.events.push_back(ServerEvent::Cancelled {
                         id: CallId(id),
                         reason: CancelReason::Peer,
                     });
                     self.after_removal();
-                } else if let Some(i) = self.waiting.iter().position(|r| r.id.0 == id) {
-                    self.waiting.remove(i);
+                } else if let Some(i) = self.waiting.iter().position(|w| w.request.id.0 == id) {
+                    if let Some(w) = self.waiting.remove(i) {
+                        self.link.release(w.call.recv_window.unreleased());
+                    }
                     self.check_drained();
                 }
                 return Ok(());
@@ -145,14 +188,15 @@ impl ServerConn {
         if self.link.goaway_received {
             return Err(ProtoError::RequestAfterGoAway(id));
         }
-        if self.calls.contains_key(&id) || self.waiting.iter().any(|r| r.id.0 == id) {
+        if self.calls.contains_key(&id) || self.waiting.iter().any(|w| w.request.id.0 == id) {
             return Err(ProtoError::DuplicateCallId(id));
         }
         let codec = frame.header.codec;
-        if frame.header.flags & flags::END_STREAM == 0 {
+        let client_streams = frame.header.flags & flags::END_STREAM == 0;
+        if client_streams && !frame.body.is_empty() {
             let status = Status::new(
-                Code::Unimplemented,
-                "streaming calls are not supported by this server",
+                Code::InvalidArgument,
+                "a request opening a client stream must have an empty body",
             );
             self.send_response(id, codec, &status, [], Payload::Slice(&[]));
             return Ok(());
@@ -174,29 +218,205 @@ impl ServerConn {
             codec,
             head,
             body: frame.body,
+            client_streams,
             deadline,
         };
+        let mut recv_window = RecvWindow::new(INITIAL_STREAM_WINDOW);
+        if client_streams {
+            if let Some(increment) =
+                recv_window.widen(INITIAL_STREAM_WINDOW, self.link.stream_window)
+            {
+                self.link.push_window_update(id, increment);
+            }
+        }
+        let call = ServerCall {
+            deadline,
+            codec,
+            receiving: client_streams,
+            wants_writable: false,
+            send_window: SendWindow::new(INITIAL_STREAM_WINDOW),
+            recv_window,
+        };
         if self.calls.len() < self.link.limits.max_concurrent_calls as usize {
-            self.start(request);
+            self.start(request, call);
         } else {
-            self.waiting.push_back(request);
+            self.waiting.push_back(Waiting {
+                request,
+                call,
+                early: VecDeque::new(),
+                half_closed: false,
+            });
         }
         Ok(())
     }
 
-    fn start(&mut self, request: Request) {
-        let deadline = request.deadline;
-        if let Some(at) = deadline {
-            self.deadlines.push(at, request.id.0);
+    fn handle_message(&mut self, frame: CallFrame) -> Result<(), ProtoError> {
+        let id = frame.header.call_id;
+        let end = frame.header.flags & flags::END_STREAM != 0;
+        // The frame decoder allows NO_MESSAGE only on an empty message with END_STREAM.
+        let message = frame.header.flags & flags::NO_MESSAGE == 0;
+        let len = frame.body.len();
+        if message {
+            self.link.receive_message(len)?;
         }
-        self.calls.insert(
-            request.id.0,
-            ServerCall {
-                deadline,
-                codec: request.codec,
-            },
-        );
+        let waiting_at = if self.calls.contains_key(&id) {
+            None
+        } else if let Some(i) = self.waiting.iter().position(|w| w.request.id.0 == id) {
+            Some(i)
+        } else {
+            // A late message for a call that ended here: its credit goes straight back.
+            self.link.release(len as u64);
+            return Ok(());
+        };
+        let call = match waiting_at {
+            None => self.calls.get_mut(&id),
+            Some(i) => self.waiting.get_mut(i).map(|w| &mut w.call),
+        };
+        let Some(call) = call else {
+            return Ok(());
+        };
+        if !call.receiving {
+            return Err(ProtoError::MessageAfterEndStream(id));
+        }
+        if message && !call.recv_window.receive(len) {
+            return Err(ProtoError::FlowControl { call_id: id });
+        }
+        call.receiving = !end;
+        if let Some(w) = waiting_at.and_then(|i| self.waiting.get_mut(i)) {
+            if message {
+                w.early.push_back(frame.body);
+            }
+            w.half_closed = end;
+            return Ok(());
+        }
+        if message {
+            self.events.push_back(ServerEvent::Message {
+                id: CallId(id),
+                body: frame.body,
+            });
+        }
+        if end {
+            self.events
+                .push_back(ServerEvent::HalfClosed { id: CallId(id) });
+        }
+        Ok(())
+    }
+
+    fn handle_window_update(&mut self, id: u32, increment: u32) -> Result<(), ProtoError> {
+        if id == 0 {
+            // Already applied to the connection window by the link.
+            if self.link.send_window.is_open() {
+                let (calls, events) = (&mut self.calls, &mut self.events);
+                self.blocked.retain(|&id| {
+                    let Some(call) = calls.get_mut(&id) else {
+                        return false;
+                    };
+                    if !call.wants_writable {
+                        return false;
+                    }
+                    if !call.send_window.is_open() {
+                        return true;
+                    }
+                    call.wants_writable = false;
+                    events.push_back(ServerEvent::Writable { id: CallId(id) });
+                    false
+                });
+            }
+            return Ok(());
+        }
+        let call = if let Some(call) = self.calls.get_mut(&id) {
+            call
+        } else if let Some(w) = self.waiting.iter_mut().find(|w| w.request.id.0 == id) {
+            &mut w.call
+        } else {
+            return Ok(()); // credit for a call that ended here is a late frame
+        };
+        call.send_window.grant(increment)?;
+        if call.wants_writable && call.send_window.is_open() && self.link.send_window.is_open() {
+            call.wants_writable = false;
+            self.events
+                .push_back(ServerEvent::Writable { id: CallId(id) });
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, request: Request, call: ServerCall) {
+        let id = request.id;
+        if let Some(at) = call.deadline {
+            self.deadlines.push(at, id.0);
+        }
+        self.calls.insert(id.0, call);
         self.events.push_back(ServerEvent::Request(request));
+    }
+
+    /// Sends one message of a call's response stream. The call still ends with
+    /// [`respond`](Self::respond) (an empty body for a server stream). Nothing is queued on
+    /// error:
+    ///
+    /// - [`SendError::NoCredit`]: a flow-control window is used up; a
+    ///   [`ServerEvent::Writable`] for this call follows once credit is back.
+    /// - [`SendError::CallGone`]: the call was answered, cancelled, is past its deadline,
+    ///   or the connection closed.
+    /// - [`SendError::TooLarge`]: the message would exceed `max_frame_len`.
+    pub fn send_message<'m>(
+        &mut self,
+        id: CallId,
+        body: impl Into<Payload<'m>>,
+    ) -> Result<(), SendError> {
+        if self.link.closed {
+            return Err(SendError::CallGone);
+        }
+        let Some(call) = self.calls.get_mut(&id.0) else {
+            return Err(SendError::CallGone);
+        };
+        match self
+            .link
+            .send_message(&mut call.send_window, id.0, call.codec, 0, body.into())
+        {
+            Err(SendError::NoCredit) => {
+                if !call.wants_writable {
+                    call.wants_writable = true;
+                    self.blocked.push(id.0);
+                    if self.blocked.len() > 2 * self.calls.len() + 64 {
+                        let calls = &self.calls;
+                        self.blocked
+                            .retain(|id| calls.get(id).is_some_and(|c| c.wants_writable));
+                    }
+                }
+                Err(SendError::NoCredit)
+            }
+            other => other,
+        }
+    }
+
+    /// Gives back `bytes` of a call's received messages (at most what it holds): the
+    /// handler has consumed them. Credit returns to the client in batches of half a window.
+    /// Bytes of a call that ended were given back when it ended.
+    pub fn release(&mut self, id: CallId, bytes: usize) {
+        if self.link.closed {
+            return;
+        }
+        let Some(call) = self.calls.get_mut(&id.0) else {
+            return;
+        };
+        let bytes = (bytes as u64).min(call.recv_window.unreleased());
+        if let Some(increment) = call.recv_window.release(bytes, self.link.stream_window) {
+            self.link.push_window_update(id.0, increment);
+        }
+        self.link.release(bytes);
+    }
+
+    /// Message bytes received on a running call and not yet released; `None` if it is not
+    /// running.
+    pub fn buffered(&self, id: CallId) -> Option<usize> {
+        let call = self.calls.get(&id.0)?;
+        Some(call.recv_window.unreleased() as usize)
+    }
+
+    /// Message bytes received on the connection and not yet released (waiting requests'
+    /// included).
+    pub fn buffered_bytes(&self) -> usize {
+        self.link.recv_window.unreleased() as usize
     }
 
     /// Answers a call. Returns `false`, sending nothing, when the call is no longer running
@@ -221,6 +441,7 @@ impl ServerConn {
         let Some(call) = self.calls.remove(&id.0) else {
             return false;
         };
+        self.link.release(call.recv_window.unreleased());
         self.send_response(id.0, call.codec, status, metadata, body.into());
         self.after_removal();
         self.start_waiting(now);
@@ -271,13 +492,21 @@ impl ServerConn {
     /// is dropped unseen: its client has already given up.
     fn start_waiting(&mut self, now: Instant) {
         while self.calls.len() < self.link.limits.max_concurrent_calls as usize {
-            let Some(request) = self.waiting.pop_front() else {
+            let Some(w) = self.waiting.pop_front() else {
                 break;
             };
-            if request.deadline.is_some_and(|at| at <= now) {
+            if w.request.deadline.is_some_and(|at| at <= now) {
+                self.link.release(w.call.recv_window.unreleased());
                 continue;
             }
-            self.start(request);
+            let id = w.request.id;
+            self.start(w.request, w.call);
+            for body in w.early {
+                self.events.push_back(ServerEvent::Message { id, body });
+            }
+            if w.half_closed {
+                self.events.push_back(ServerEvent::HalfClosed { id });
+            }
         }
         self.check_drained();
     }
@@ -291,7 +520,9 @@ impl ServerConn {
             if !matches!(self.calls.get(&id), Some(c) if c.deadline == Some(at)) {
                 continue;
             }
-            self.calls.remove(&id);
+            if let Some(call) = self.calls.remove(&id) {
+                self.link.release(call.recv_window.unreleased());
+            }
             self.events.push_back(ServerEvent::Cancelled {
                 id: CallId(id),
                 reason: CancelReason::DeadlineExceeded,

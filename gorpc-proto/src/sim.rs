@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::flow::{effective_window, INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW};
 use crate::{
-    codec, CallHead, CallId, ClientConn, ClientEvent, Code, ConnConfig, ProtoError, ServerConn,
-    ServerEvent, Status,
+    codec, CallHead, CallId, ClientConn, ClientEvent, Code, ConnConfig, ProtoError, SendError,
+    ServerConn, ServerEvent, Status, StreamKind,
 };
 
 /// Which end of a [`Pair`].
@@ -125,32 +126,37 @@ pub enum Op {
         timeout_ms: Option<u16>,
         metadata: bool,
     },
-    /// Server answers the `pick`-th running call (echoing its body), or fails it.
-    Respond {
-        pick: u16,
-        fail: bool,
-    },
+    /// Server answers the `pick`-th running call (echoing a unary call's body), or fails it.
+    Respond { pick: u16, fail: bool },
     /// Client cancels the `pick`-th live call.
-    Cancel {
-        pick: u16,
-    },
+    Cancel { pick: u16 },
     /// The clock moves forward.
-    Advance {
-        ms: u16,
-    },
+    Advance { ms: u16 },
     /// At most `bytes` bytes move each way.
-    Deliver {
-        bytes: u16,
-    },
+    Deliver { bytes: u16 },
     /// Everything on the wire moves.
     Pump,
+    /// The client starts draining.
     ClientGoAway,
+    /// The server starts draining.
     ServerGoAway,
     /// One byte on the wire toward the server is overwritten.
-    Corrupt {
-        offset: u16,
-        value: u8,
+    Corrupt { offset: u16, value: u8 },
+    /// Client starts a stream call of this kind, with a timeout if given.
+    StartStream {
+        kind: StreamKind,
+        timeout_ms: Option<u16>,
     },
+    /// Client sends a message of `len` filler bytes on the `pick`-th call whose request
+    /// stream is open; with `end`, its last.
+    ClientSend { pick: u16, len: u16, end: bool },
+    /// Client half-closes the `pick`-th call whose request stream is open.
+    CloseSend { pick: u16 },
+    /// Server sends a message of `len` filler bytes on the `pick`-th running call whose
+    /// method streams responses.
+    ServerSend { pick: u16, len: u16 },
+    /// The client (or server) releases up to `bytes` received bytes of its `pick`-th call.
+    Release { client: bool, pick: u16, bytes: u16 },
 }
 
 /// Decodes a byte string into operations: each op takes a tag byte and its arguments.
@@ -165,7 +171,7 @@ pub fn ops_from_bytes(mut data: &[u8]) -> Vec<Op> {
     let mut ops = Vec::new();
     while let Some((&tag, rest)) = data.split_first() {
         data = rest;
-        let op = match tag % 16 {
+        let op = match tag % 24 {
             0..=3 => {
                 let [a, b, c, d] = take::<4>(&mut data);
                 Op::Start {
@@ -193,11 +199,48 @@ pub fn ops_from_bytes(mut data: &[u8]) -> Vec<Op> {
             11 | 12 => Op::Pump,
             13 => Op::ClientGoAway,
             14 => Op::ServerGoAway,
-            _ => {
+            15 => {
                 let [a, b, c] = take::<3>(&mut data);
                 Op::Corrupt {
                     offset: u16::from_le_bytes([a, b]),
                     value: c,
+                }
+            }
+            16 | 17 => {
+                let [a, b] = take::<2>(&mut data);
+                Op::StartStream {
+                    kind: match a % 3 {
+                        0 => StreamKind::ServerStreaming,
+                        1 => StreamKind::ClientStreaming,
+                        _ => StreamKind::Bidirectional,
+                    },
+                    timeout_ms: (a & 0x80 != 0).then_some(b as u16 * 4),
+                }
+            }
+            18 | 19 => {
+                let [a, b, c] = take::<3>(&mut data);
+                Op::ClientSend {
+                    pick: a as u16,
+                    len: u16::from_le_bytes([b, c & 0x0f]),
+                    end: c & 0xf0 == 0xf0,
+                }
+            }
+            20 => Op::CloseSend {
+                pick: take::<1>(&mut data)[0] as u16,
+            },
+            21 | 22 => {
+                let [a, b, c] = take::<3>(&mut data);
+                Op::ServerSend {
+                    pick: a as u16,
+                    len: u16::from_le_bytes([b, c & 0x0f]),
+                }
+            }
+            _ => {
+                let [a, b, c] = take::<3>(&mut data);
+                Op::Release {
+                    client: a & 1 == 0,
+                    pick: (a >> 1) as u16,
+                    bytes: u16::from_le_bytes([b, c]),
                 }
             }
         };
@@ -215,23 +258,83 @@ pub struct Outcome {
     pub cancelled: usize,
     pub rejected: usize,
     pub protocol_errors: usize,
+    /// Stream calls among `started`.
+    pub streams: usize,
+    /// Stream messages delivered, both ways.
+    pub messages: usize,
+    /// Sends refused for lack of credit, both ways.
+    pub no_credit: usize,
+    /// `Writable` events, both ways.
+    pub writable: usize,
+    /// Half-closes the server saw.
+    pub half_closed: usize,
 }
+
+/// Bytes a model message carries besides its filler: the call id and a sequence number.
+const MESSAGE_PREFIX: usize = 12;
+
+/// A model message: the call id, its sequence number on that call and direction, filler.
+fn model_message(id: CallId, seq: u64, len: u16) -> Bytes {
+    let mut body = BytesMut::with_capacity(MESSAGE_PREFIX + len as usize);
+    body.put_u32(id.as_u32());
+    body.put_u64(seq);
+    body.put_bytes(seq as u8, len as usize);
+    body.freeze()
+}
+
+/// Whether `body` is message number `seq` of call `id`.
+fn is_model_message(body: &[u8], id: CallId, seq: u64) -> bool {
+    body.len() >= MESSAGE_PREFIX
+        && body[..4] == id.as_u32().to_be_bytes()
+        && body[4..12] == seq.to_be_bytes()
+        && body[12..].iter().all(|&b| b == seq as u8)
+}
+
+const STREAM_METHODS: [(&str, StreamKind); 3] = [
+    ("/sim.Stream/Server", StreamKind::ServerStreaming),
+    ("/sim.Stream/Client", StreamKind::ClientStreaming),
+    ("/sim.Stream/Bidi", StreamKind::Bidirectional),
+];
 
 struct LiveCall {
     id: CallId,
     body: Bytes,
     deadline: Option<Instant>,
+    kind: Option<StreamKind>,
+    /// The request stream is open.
+    sending: bool,
+    /// Messages sent, and received (the next expected sequence number).
+    sent: u64,
+    received: u64,
+    wants_writable: bool,
 }
 
-/// Runs `ops` against a fresh [`Pair`], then settles (answers everything, lets every
-/// deadline pass) and checks the invariants users rely on:
+/// A call as the server's handler sees it.
+struct Running {
+    id: CallId,
+    body: Bytes,
+    kind: Option<StreamKind>,
+    received: u64,
+    half_closed: bool,
+    sent: u64,
+    wants_writable: bool,
+}
+
+/// Runs `ops` against a fresh [`Pair`], then settles (releases and answers everything,
+/// lets every deadline pass) and checks the invariants users rely on:
 ///
 /// - every started call finishes exactly once, unless the client cancelled it, in which
 ///   case it never finishes;
 /// - a response reaches the call it answers: the echoed body matches what that call sent
 ///   (unless bytes were corrupted on the wire);
 /// - a call fails with `DeadlineExceeded` only once its deadline has passed;
-/// - the server never runs two calls with one id, and cancels only calls it is running.
+/// - the server never runs two calls with one id, and cancels only calls it is running;
+/// - stream messages arrive only for calls in flight that stream in that direction, in
+///   order, each once, none missing; a half-close arrives once, after the last message;
+/// - the bytes either side holds unreleased stay within one window plus one message, per
+///   call and per connection;
+/// - a send refused for lack of credit is followed by `Writable` once the peer released
+///   everything (no stall).
 ///
 /// Returns a description of the first broken invariant.
 pub fn run_ops(ops: &[Op], config: ConnConfig) -> Result<Outcome, String> {
@@ -248,24 +351,48 @@ struct Model {
     next_tag: u64,
     live: HashMap<u64, LiveCall>,
     live_order: Vec<u64>,
+    /// Client call ids back to their tags.
+    tags: HashMap<CallId, u64>,
     done: HashSet<u64>,
-    running: Vec<(CallId, Bytes)>,
+    running: Vec<Running>,
     corrupted: bool,
     outcome: Outcome,
+    /// Most unreleased bytes allowed per call and per connection.
+    stream_bound: usize,
+    connection_bound: usize,
 }
 
 impl Model {
     fn new(config: ConnConfig) -> Self {
+        // One window plus the largest message the model sends (12-bit filler).
+        let largest = MESSAGE_PREFIX + 0x0fff;
         Model {
             pair: Pair::new(Instant::now(), config, config),
             next_tag: 1,
             live: HashMap::new(),
             live_order: Vec::new(),
+            tags: HashMap::new(),
             done: HashSet::new(),
             running: Vec::new(),
             corrupted: false,
             outcome: Outcome::default(),
+            stream_bound: effective_window(config.stream_window, INITIAL_STREAM_WINDOW) as usize
+                + largest,
+            connection_bound: effective_window(config.connection_window, INITIAL_CONNECTION_WINDOW)
+                as usize
+                + largest,
         }
+    }
+
+    fn pick_live(&mut self, pick: u16, filter: impl Fn(&LiveCall) -> bool) -> Option<u64> {
+        self.live_order.retain(|t| self.live.contains_key(t));
+        let candidates: Vec<u64> = self
+            .live_order
+            .iter()
+            .copied()
+            .filter(|t| filter(&self.live[t]))
+            .collect();
+        (!candidates.is_empty()).then(|| candidates[pick as usize % candidates.len()])
     }
 
     fn apply(&mut self, op: &Op) -> Result<(), String> {
@@ -294,30 +421,38 @@ impl Model {
                     deadline,
                     metadata: meta.iter().copied(),
                 };
-                match self.pair.client.start_call(now, head, body.clone(), tag) {
-                    Ok(id) => {
-                        self.outcome.started += 1;
-                        self.live.insert(tag, LiveCall { id, body, deadline });
-                        self.live_order.push(tag);
-                    }
-                    Err(rejected) => {
-                        if rejected.user != tag {
-                            return Err("rejected call returned the wrong user data".into());
-                        }
-                        self.outcome.rejected += 1;
-                    }
-                }
+                let started = self.pair.client.start_call(now, head, body.clone(), tag);
+                self.started(tag, started, body, deadline, None)?;
+            }
+            Op::StartStream { kind, timeout_ms } => {
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                let deadline = timeout_ms.map(|ms| now + Duration::from_millis(ms as u64));
+                let method = STREAM_METHODS
+                    .iter()
+                    .find(|(_, k)| *k == kind)
+                    .map_or("", |(m, _)| m);
+                let mut head = CallHead::new(method, codec::RAW);
+                head.deadline = deadline;
+                let request = if kind.client_streams() {
+                    Bytes::new()
+                } else {
+                    Bytes::copy_from_slice(&tag.to_be_bytes())
+                };
+                let started = self
+                    .pair
+                    .client
+                    .start_stream(now, head, kind, request.clone(), tag);
+                self.started(tag, started, request, deadline, Some(kind))?;
             }
             Op::Respond { pick, fail } => {
                 if !self.running.is_empty() {
-                    let (id, body) = self.running.swap_remove(pick as usize % self.running.len());
-                    self.respond(id, body, fail);
+                    let call = self.running.swap_remove(pick as usize % self.running.len());
+                    self.respond(call, fail);
                 }
             }
             Op::Cancel { pick } => {
-                self.live_order.retain(|t| self.live.contains_key(t));
-                if !self.live_order.is_empty() {
-                    let tag = self.live_order[pick as usize % self.live_order.len()];
+                if let Some(tag) = self.pick_live(pick, |_| true) {
                     let id = self.live[&tag].id;
                     match self.pair.client.cancel(id) {
                         Some(user) if user == tag => {
@@ -328,6 +463,71 @@ impl Model {
                         Some(_) => return Err("cancel returned another call's user data".into()),
                         None => return Err(format!("live call {tag} could not be cancelled")),
                     }
+                }
+            }
+            Op::ClientSend { pick, len, end } => {
+                if let Some(tag) = self.pick_live(pick, |c| c.sending) {
+                    let call = self.live.get_mut(&tag).expect("picked a live call");
+                    let body = model_message(call.id, call.sent, len);
+                    match self.pair.client.send_message(call.id, body, end) {
+                        Ok(()) => {
+                            call.sent += 1;
+                            call.sending = !end;
+                        }
+                        Err(SendError::NoCredit) => {
+                            call.wants_writable = true;
+                            self.outcome.no_credit += 1;
+                        }
+                        Err(e) => return Err(format!("call {tag} refused a message: {e}")),
+                    }
+                }
+            }
+            Op::CloseSend { pick } => {
+                if let Some(tag) = self.pick_live(pick, |c| c.sending) {
+                    let call = self.live.get_mut(&tag).expect("picked a live call");
+                    if let Err(e) = self.pair.client.close_send(call.id) {
+                        return Err(format!("call {tag} refused to half-close: {e}"));
+                    }
+                    call.sending = false;
+                }
+            }
+            Op::ServerSend { pick, len } => {
+                let streaming: Vec<usize> = (0..self.running.len())
+                    .filter(|&i| self.running[i].kind.is_some_and(StreamKind::server_streams))
+                    .collect();
+                if !streaming.is_empty() {
+                    let call = &mut self.running[streaming[pick as usize % streaming.len()]];
+                    let body = model_message(call.id, call.sent, len);
+                    match self.pair.server.send_message(call.id, body) {
+                        Ok(()) => call.sent += 1,
+                        Err(SendError::NoCredit) => {
+                            call.wants_writable = true;
+                            self.outcome.no_credit += 1;
+                        }
+                        Err(e) => {
+                            return Err(format!("running {:?} refused a message: {e}", call.id))
+                        }
+                    }
+                }
+            }
+            Op::Release {
+                client: true,
+                pick,
+                bytes,
+            } => {
+                if let Some(tag) = self.pick_live(pick, |c| c.kind.is_some()) {
+                    let id = self.live[&tag].id;
+                    self.pair.client.release(id, bytes as usize);
+                }
+            }
+            Op::Release {
+                client: false,
+                pick,
+                bytes,
+            } => {
+                if !self.running.is_empty() {
+                    let id = self.running[pick as usize % self.running.len()].id;
+                    self.pair.server.release(id, bytes as usize);
                 }
             }
             Op::Advance { ms } => self.pair.advance(Duration::from_millis(ms as u64)),
@@ -353,18 +553,66 @@ impl Model {
                 }
             }
         }
-        self.check_events()
+        self.check_events()?;
+        self.check_buffered()
     }
 
-    fn respond(&mut self, id: CallId, body: Bytes, fail: bool) {
+    fn started(
+        &mut self,
+        tag: u64,
+        started: Result<CallId, crate::Rejected<u64>>,
+        body: Bytes,
+        deadline: Option<Instant>,
+        kind: Option<StreamKind>,
+    ) -> Result<(), String> {
+        match started {
+            Ok(id) => {
+                self.outcome.started += 1;
+                self.outcome.streams += kind.is_some() as usize;
+                self.tags.insert(id, tag);
+                self.live.insert(
+                    tag,
+                    LiveCall {
+                        id,
+                        body,
+                        deadline,
+                        kind,
+                        sending: kind.is_some_and(StreamKind::client_streams),
+                        sent: 0,
+                        received: 0,
+                        wants_writable: false,
+                    },
+                );
+                self.live_order.push(tag);
+            }
+            Err(rejected) => {
+                if rejected.user != tag {
+                    return Err("rejected call returned the wrong user data".into());
+                }
+                self.outcome.rejected += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unary calls get their body echoed; stream calls get their id, so the client can
+    /// tell the answer reached the right call.
+    fn respond(&mut self, call: Running, fail: bool) {
         let now = self.pair.now;
         let sent = if fail {
             let status = Status::new(Code::Internal, "sim failure");
             self.pair
                 .server
-                .respond(now, id, &status, [("why", &b"sim"[..])], &[][..])
+                .respond(now, call.id, &status, [("why", &b"sim"[..])], &[][..])
+        } else if call.kind.is_some() {
+            let body = call.id.as_u32().to_be_bytes();
+            self.pair
+                .server
+                .respond(now, call.id, &Status::ok(), [], &body[..])
         } else {
-            self.pair.server.respond(now, id, &Status::ok(), [], body)
+            self.pair
+                .server
+                .respond(now, call.id, &Status::ok(), [], call.body)
         };
         debug_assert!(sent, "running call refused a response");
     }
@@ -375,31 +623,155 @@ impl Model {
         }
     }
 
+    fn check_buffered(&self) -> Result<(), String> {
+        let (client, server) = (&self.pair.client, &self.pair.server);
+        if client.buffered_bytes() > self.connection_bound {
+            return Err(format!(
+                "client holds {} unreleased bytes, over {}",
+                client.buffered_bytes(),
+                self.connection_bound
+            ));
+        }
+        if server.buffered_bytes() > self.connection_bound {
+            return Err(format!(
+                "server holds {} unreleased bytes, over {}",
+                server.buffered_bytes(),
+                self.connection_bound
+            ));
+        }
+        for call in self.live.values() {
+            if let Some(n) = client.buffered(call.id).filter(|&n| n > self.stream_bound) {
+                return Err(format!("client holds {n} bytes of {:?}", call.id));
+            }
+        }
+        for call in &self.running {
+            if let Some(n) = server.buffered(call.id).filter(|&n| n > self.stream_bound) {
+                return Err(format!("server holds {n} bytes of {:?}", call.id));
+            }
+        }
+        Ok(())
+    }
+
     fn check_events(&mut self) -> Result<(), String> {
         while let Some(event) = self.pair.server.poll_event() {
             match event {
                 ServerEvent::Request(req) => {
-                    if self.running.iter().any(|(id, _)| *id == req.id) {
+                    if self.running.iter().any(|r| r.id == req.id) {
                         return Err(format!("server runs call {:?} twice", req.id));
                     }
-                    if req.head.method() != "/sim.Echo/Call" && !self.corrupted {
-                        return Err(format!("method arrived as {:?}", req.head.method()));
+                    let method = req.head.method();
+                    let kind = STREAM_METHODS
+                        .iter()
+                        .find(|(m, _)| *m == method)
+                        .map(|(_, k)| *k);
+                    if !self.corrupted {
+                        if kind.is_none() && method != "/sim.Echo/Call" {
+                            return Err(format!("method arrived as {method:?}"));
+                        }
+                        if kind.is_some_and(StreamKind::client_streams) != req.client_streams {
+                            return Err(format!("{method} arrived with the wrong stream flag"));
+                        }
                     }
-                    self.running.push((req.id, req.body));
+                    self.running.push(Running {
+                        id: req.id,
+                        body: req.body,
+                        kind,
+                        received: 0,
+                        half_closed: !req.client_streams,
+                        sent: 0,
+                        wants_writable: false,
+                    });
                 }
                 ServerEvent::Cancelled { id, .. } => {
-                    let Some(i) = self.running.iter().position(|(r, _)| *r == id) else {
+                    let Some(i) = self.running.iter().position(|r| r.id == id) else {
                         return Err(format!("server cancelled {id:?}, which it was not running"));
                     };
                     self.running.swap_remove(i);
+                }
+                ServerEvent::Message { id, body } => {
+                    let corrupted = self.corrupted;
+                    let Some(call) = self.running.iter_mut().find(|r| r.id == id) else {
+                        return Err(format!("server got a message for {id:?}, not running"));
+                    };
+                    if call.half_closed {
+                        return Err(format!("server got a message for {id:?} after half-close"));
+                    }
+                    if !corrupted && !is_model_message(&body, id, call.received) {
+                        return Err(format!(
+                            "server got {id:?}'s messages out of order, duplicated or garbled (expected #{})",
+                            call.received
+                        ));
+                    }
+                    call.received += 1;
+                    self.outcome.messages += 1;
+                }
+                ServerEvent::HalfClosed { id } => {
+                    let corrupted = self.corrupted;
+                    let Some(call) = self.running.iter_mut().find(|r| r.id == id) else {
+                        return Err(format!("server got a half-close for {id:?}, not running"));
+                    };
+                    if call.half_closed {
+                        return Err(format!("server got a second half-close for {id:?}"));
+                    }
+                    call.half_closed = true;
+                    self.outcome.half_closed += 1;
+                    let sent = self
+                        .tags
+                        .get(&id)
+                        .and_then(|t| self.live.get(t))
+                        .map(|c| c.sent);
+                    if !corrupted && sent.is_some_and(|sent| sent != call.received) {
+                        return Err(format!(
+                            "{id:?} half-closed before all its messages arrived"
+                        ));
+                    }
+                }
+                ServerEvent::Writable { id } => {
+                    let Some(call) = self.running.iter_mut().find(|r| r.id == id) else {
+                        return Err(format!("server got Writable for {id:?}, not running"));
+                    };
+                    if !call.wants_writable {
+                        return Err(format!("server got Writable for {id:?} unasked"));
+                    }
+                    call.wants_writable = false;
+                    self.outcome.writable += 1;
                 }
                 ServerEvent::GoAway(_) => {}
                 ServerEvent::Closed(_) => self.running.clear(),
             }
         }
         while let Some(event) = self.pair.client.poll_event() {
-            let ClientEvent::Finished { id, user, result } = event else {
-                continue;
+            let (id, user, result) = match event {
+                ClientEvent::Finished { id, user, result } => (id, user, result),
+                ClientEvent::Message { id, body } => {
+                    let Some(call) = self.tags.get(&id).and_then(|t| self.live.get_mut(t)) else {
+                        return Err(format!("client got a message for {id:?}, not in flight"));
+                    };
+                    if !call.kind.is_some_and(StreamKind::server_streams) {
+                        return Err(format!("client got a message for non-streaming {id:?}"));
+                    }
+                    if !is_model_message(&body, id, call.received) {
+                        return Err(format!(
+                            "client got {id:?}'s messages out of order, duplicated or garbled (expected #{})",
+                            call.received
+                        ));
+                    }
+                    call.received += 1;
+                    self.outcome.messages += 1;
+                    continue;
+                }
+                ClientEvent::Writable { id } => {
+                    let Some(call) = self.tags.get(&id).and_then(|t| self.live.get_mut(t)) else {
+                        return Err(format!("client got Writable for {id:?}, not in flight"));
+                    };
+                    if !call.wants_writable {
+                        return Err(format!("client got Writable for {id:?} unasked"));
+                    }
+                    call.wants_writable = false;
+                    self.outcome.writable += 1;
+                    continue;
+                }
+                ClientEvent::GoAway(_) | ClientEvent::Closed(_) => continue,
             };
             let Some(call) = self.live.remove(&user) else {
                 let why = if self.done.contains(&user) {
@@ -418,7 +790,11 @@ impl Model {
             }
             match result {
                 Ok(rsp) if rsp.status.is_ok() => {
-                    if !self.corrupted && rsp.body != call.body {
+                    let expected = match call.kind {
+                        None => call.body.clone(),
+                        Some(_) => Bytes::copy_from_slice(&id.as_u32().to_be_bytes()),
+                    };
+                    if !self.corrupted && rsp.body != expected {
                         return Err(format!("call {user} got another call's response"));
                     }
                     self.outcome.ok += 1;
@@ -439,14 +815,52 @@ impl Model {
         Ok(())
     }
 
-    /// Lets every call finish: the server answers all it runs, bytes flow, time passes.
+    /// Releases everything both sides hold, until nothing moves.
+    fn release_all(&mut self) -> Result<(), String> {
+        for _ in 0..16 {
+            let r = self.pair.pump();
+            self.note(r);
+            self.check_events()?;
+            let mut released = false;
+            for call in self.live.values() {
+                if let Some(n) = self.pair.client.buffered(call.id).filter(|&n| n > 0) {
+                    self.pair.client.release(call.id, n);
+                    released = true;
+                }
+            }
+            for call in &self.running {
+                if let Some(n) = self.pair.server.buffered(call.id).filter(|&n| n > 0) {
+                    self.pair.server.release(call.id, n);
+                    released = true;
+                }
+            }
+            if !released {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every call finish: both sides release what they hold (after which no send may
+    /// still wait for credit), the server answers all it runs, bytes flow, time passes.
     fn settle(&mut self) -> Result<(), String> {
+        self.release_all()?;
+        if !self.corrupted && !self.pair.client.is_closed() && self.pair.server.calls_waiting() == 0
+        {
+            let stalled = self.live.values().filter(|c| c.wants_writable).count()
+                + self.running.iter().filter(|c| c.wants_writable).count();
+            if stalled > 0 {
+                return Err(format!(
+                    "{stalled} sends still wait for credit after everything was released"
+                ));
+            }
+        }
         for _ in 0..64 {
             let r = self.pair.pump();
             self.note(r);
             self.check_events()?;
-            while let Some((id, body)) = self.running.pop() {
-                self.respond(id, body, false);
+            while let Some(call) = self.running.pop() {
+                self.respond(call, false);
             }
             let r = self.pair.pump();
             self.note(r);
@@ -517,9 +931,9 @@ pub mod targets {
         }
     }
 
-    /// Arbitrary bytes from a "server" into a client with calls in flight, in chunks sized
-    /// by the first byte, with time passing. Every call finishes exactly once, with the data
-    /// it was started with.
+    /// Arbitrary bytes from a "server" into a client with unary and stream calls in flight,
+    /// in chunks sized by the first byte, with time passing. Every call finishes exactly
+    /// once, with the data it was started with, and stream events name only live calls.
     pub fn client_read(data: &[u8]) {
         let Some((&chunk, data)) = data.split_first() else {
             return;
@@ -540,16 +954,35 @@ pub mod targets {
                 .expect("fresh connection accepts calls");
             live.insert(tag, id);
         }
+        // Two streams too, so arbitrary messages and window updates meet live calls.
+        for (tag, kind) in [
+            (4, StreamKind::ServerStreaming),
+            (5, StreamKind::Bidirectional),
+        ] {
+            let head = CallHead::new("/fuzz.Svc/Stream", codec::RAW);
+            let id = client
+                .start_stream(t0, head, kind, &[][..], tag)
+                .expect("fresh connection accepts calls");
+            live.insert(tag, id);
+        }
         let mut buf = BytesMut::new();
         let mut now = t0;
         let mut check = |client: &mut ClientConn<u32>| {
             while let Some(event) = client.poll_event() {
-                if let ClientEvent::Finished { id, user, .. } = event {
-                    assert_eq!(
+                match event {
+                    ClientEvent::Finished { id, user, .. } => assert_eq!(
                         live.remove(&user),
                         Some(id),
                         "call {user} finished twice or under another id"
-                    );
+                    ),
+                    ClientEvent::Message { id, body } => {
+                        assert!(live.values().any(|l| *l == id), "message for a call gone");
+                        client.release(id, body.len());
+                    }
+                    ClientEvent::Writable { id } => {
+                        assert!(live.values().any(|l| *l == id), "writable for a call gone");
+                    }
+                    ClientEvent::GoAway(_) | ClientEvent::Closed(_) => {}
                 }
             }
         };
@@ -603,13 +1036,26 @@ pub mod targets {
                             .expect("cancelled a call not running");
                         running.swap_remove(at);
                     }
+                    ServerEvent::Message { id, body } => {
+                        assert!(running.contains(&id), "message for a call not running");
+                        server.release(id, body.len());
+                    }
+                    ServerEvent::HalfClosed { id } => {
+                        assert!(running.contains(&id), "half-close of a call not running");
+                    }
+                    ServerEvent::Writable { .. } => {}
                     ServerEvent::GoAway(_) => {}
                     ServerEvent::Closed(_) => running.clear(),
                 }
             }
-            // Answer the oldest call, cycling through ok, error and oversize answers.
+            // Answer the oldest call, cycling through ok, error and oversize answers, after
+            // a stream message.
             if !running.is_empty() {
                 let id = running.remove(0);
+                match server.send_message(id, &b"msg"[..]) {
+                    Ok(()) | Err(crate::SendError::NoCredit) => {}
+                    Err(e) => panic!("a running call refused a message: {e}"),
+                }
                 let body: Payload<'_> = match i % 3 {
                     0 => Payload::Slice(b"ok"),
                     1 => Payload::Slice(&[]),

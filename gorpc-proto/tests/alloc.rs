@@ -12,6 +12,7 @@ use gorpc_proto::frame::{flags, FrameHeader, FrameRef, FrameType, HEADER_LEN};
 use gorpc_proto::head::{encode_request_head, RequestHeadRef};
 use gorpc_proto::{
     codec, CallHead, ClientConn, ClientEvent, ConnConfig, Limits, ServerConn, ServerEvent, Status,
+    StreamKind,
 };
 
 struct Counting;
@@ -131,4 +132,58 @@ fn a_unary_call_through_both_state_machines_allocates_nothing_in_steady_state() 
         }
     });
     assert_eq!(n, 0, "allocations in {calls} calls");
+}
+
+#[test]
+fn stream_messages_through_both_state_machines_allocate_nothing_in_steady_state() {
+    let now = Instant::now();
+    let mut client: ClientConn<u64> = ClientConn::new(ConnConfig::default(), now);
+    let mut server = ServerConn::new(ConnConfig::default(), now, 1);
+    let mut to_server = BytesMut::with_capacity(64 * 1024);
+    let mut to_client = BytesMut::with_capacity(64 * 1024);
+    let head = CallHead::new("/logs.Tail/Follow", codec::PROTOBUF);
+    let id = client
+        .start_stream(now, head, StreamKind::Bidirectional, &[][..], 1)
+        .unwrap();
+    while let Some(b) = client.poll_transmit() {
+        to_server.extend_from_slice(&b);
+    }
+    server.handle_read(now, &mut to_server).unwrap();
+    let Some(ServerEvent::Request(_)) = server.poll_event() else {
+        panic!()
+    };
+    let body = [7u8; 1024];
+
+    // One message each way, consumed and released, credit flowing back.
+    let mut exchange = || {
+        server.send_message(id, &body[..]).unwrap();
+        client.send_message(id, &body[..], false).unwrap();
+        while let Some(b) = server.poll_transmit() {
+            to_client.extend_from_slice(&b);
+        }
+        while let Some(b) = client.poll_transmit() {
+            to_server.extend_from_slice(&b);
+        }
+        client.handle_read(now, &mut to_client).unwrap();
+        server.handle_read(now, &mut to_server).unwrap();
+        let Some(ClientEvent::Message { body: got, .. }) = client.poll_event() else {
+            panic!()
+        };
+        client.release(id, got.len());
+        drop(got);
+        let Some(ServerEvent::Message { body: got, .. }) = server.poll_event() else {
+            panic!()
+        };
+        server.release(id, got.len());
+    };
+    for _ in 0..1000 {
+        exchange();
+    }
+    let messages = 10_000;
+    let n = allocations_during(|| {
+        for _ in 0..messages {
+            exchange();
+        }
+    });
+    assert_eq!(n, 0, "allocations in {messages} message exchanges");
 }

@@ -120,6 +120,16 @@ fn write_seeds() {
         ]
         .concat(),
     );
+    // Streams of each kind (tag 16), messages both ways past a window (18 client, 21
+    // server), releases (23), a half-close (20), a cancel.
+    let mut streams = vec![16, 0, 0, 16, 1, 0, 16, 0x82, 50, 11];
+    for _ in 0..20 {
+        streams.extend_from_slice(&[21, 0, 0xa0, 0x0f, 18, 0, 0xa0, 0x0f, 9, 0x28, 0x23]);
+    }
+    streams.extend_from_slice(&[
+        11, 23, 0, 0xff, 0xff, 23, 1, 0xff, 0xff, 11, 20, 0, 7, 1, 11,
+    ]);
+    write("pair_ops", "seed-streams", &streams);
 }
 
 #[test]

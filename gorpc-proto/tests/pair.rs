@@ -766,15 +766,24 @@ fn unknown_version_and_garbage_are_refused_with_clear_errors() {
 }
 
 #[test]
-fn a_stream_opening_request_is_refused_as_unimplemented() {
+fn a_stream_opening_request_carries_no_message() {
     let mut p = pair();
     let mut wire = BytesMut::new();
-    raw_request(&mut wire, 1, "/m", b"");
-    wire[4] = 0; // clear END_STREAM: the client would stream more messages
+    raw_request(&mut wire, 1, "/m", b"x");
+    wire[4] = 0; // clear END_STREAM: the client streams its messages
+    let at = wire.len();
+    raw_request(&mut wire, 3, "/m", b"");
+    wire[at + 4] = 0;
     p.server.handle_read(p.now, &mut wire).unwrap();
-    assert!(p.server_events().is_empty());
+    // The one with a body fails alone, with INVALID_ARGUMENT; the other opens a stream.
+    let events = p.server_events();
+    assert!(
+        matches!(&events[..], [ServerEvent::Request(r)] if r.id.as_u32() == 3 && r.client_streams && r.body.is_empty()),
+        "{events:?}"
+    );
     let out = p.server.poll_transmit().unwrap();
     assert_eq!(out[3], FrameType::Response as u8);
+    assert_eq!(&out[8..12], &1u32.to_be_bytes());
 }
 
 #[test]

@@ -212,3 +212,75 @@ fn the_model_sees_every_kind_of_outcome() {
         "{outcome:?}"
     );
 }
+
+/// The same for streams: messages both ways, refusals for lack of credit and the
+/// `Writable` that follows, half-closes, a cancel and a deadline mid-stream.
+#[test]
+fn the_model_sees_streams_flow_and_stall() {
+    use gorpc_proto::sim::Op::*;
+    use gorpc_proto::StreamKind::*;
+    let mut ops = vec![
+        StartStream {
+            kind: ServerStreaming,
+            timeout_ms: None,
+        },
+        StartStream {
+            kind: ClientStreaming,
+            timeout_ms: None,
+        },
+        StartStream {
+            kind: Bidirectional,
+            timeout_ms: Some(400),
+        },
+        StartStream {
+            kind: Bidirectional,
+            timeout_ms: None,
+        },
+        Start {
+            body_len: 10,
+            timeout_ms: None,
+            metadata: false,
+        },
+        Pump,
+    ];
+    // More than a window each way, nobody releasing.
+    for i in 0..40 {
+        ops.push(ServerSend { pick: 0, len: 4000 });
+        ops.push(ClientSend {
+            pick: i % 2,
+            len: 4000,
+            end: false,
+        });
+        ops.push(Deliver { bytes: 9000 });
+    }
+    ops.extend([
+        Pump,
+        Release {
+            client: true,
+            pick: 0,
+            bytes: 60_000,
+        },
+        Release {
+            client: false,
+            pick: 1,
+            bytes: 60_000,
+        },
+        Pump,
+        CloseSend { pick: 0 },
+        Cancel { pick: 3 },
+        Pump,
+        Advance { ms: 500 },
+        Pump,
+    ]);
+    let outcome = run_ops(&ops, ConnConfig::default()).unwrap();
+    assert_eq!((outcome.started, outcome.streams), (5, 4));
+    assert!(
+        outcome.messages > 30
+            && outcome.no_credit > 0
+            && outcome.writable > 0
+            && outcome.half_closed >= 1
+            && outcome.cancelled == 1
+            && outcome.protocol_errors == 0,
+        "{outcome:?}"
+    );
+}

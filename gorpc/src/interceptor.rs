@@ -98,6 +98,12 @@ impl Service for ServerChain {
     fn schema(&self, method: &str) -> Option<MethodSchema> {
         self.service.schema(method)
     }
+
+    // Stream calls run through the chain too: interceptors see the opening request (and may
+    // refuse it) and the final status; the messages flow past them.
+    fn stream_kind(&self, method: &str) -> Option<gorpc_proto::StreamKind> {
+        self.service.stream_kind(method)
+    }
 }
 
 /// Middleware around every call a client sends.

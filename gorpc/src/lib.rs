@@ -18,6 +18,7 @@ pub mod metadata;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod stream;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod udp;

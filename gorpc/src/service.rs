@@ -10,15 +10,41 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use gorpc_proto::{Code, RequestHead, Status};
+use gorpc_proto::{Code, RequestHead, Status, StreamKind};
 
 use crate::codec::{id_name, Codec, MsgPack};
 use crate::metadata::Metadata;
 use crate::runtime::PeerCertificates;
+use crate::stream::{RawRequestStream, RawResponseSink, RequestStream, ResponseSink};
+
+/// The stream halves of a stream call, for its handler to take. A clone of the request
+/// carries none: a stream has one reader and one writer.
+#[derive(Default)]
+pub(crate) struct CallStreams {
+    pub(crate) requests: Option<RawRequestStream>,
+    pub(crate) responses: Option<RawResponseSink>,
+}
+
+impl Clone for CallStreams {
+    fn clone(&self) -> Self {
+        CallStreams::default()
+    }
+}
+
+impl std::fmt::Debug for CallStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallStreams")
+            .field("requests", &self.requests.is_some())
+            .field("responses", &self.responses.is_some())
+            .finish()
+    }
+}
 
 /// One call as it arrived, body still encoded.
 #[derive(Clone, Debug)]
 pub struct ServerRequest {
+    /// Stream halves of a stream call; empty for unary calls.
+    pub(crate) streams: CallStreams,
     pub(crate) head: RequestHead,
     /// Metadata changed by an interceptor; until then it is read from `head` on demand.
     pub(crate) edited: Option<Metadata>,
@@ -45,7 +71,20 @@ impl ServerRequest {
             deadline: None,
             peer: None,
             peer_certificates: None,
+            streams: CallStreams::default(),
         }
+    }
+
+    /// The client's message stream of a client-streaming or bidirectional call, once (the
+    /// handler's to read). `None` for other calls and for clones of the request.
+    pub fn take_request_stream(&mut self) -> Option<RawRequestStream> {
+        self.streams.requests.take()
+    }
+
+    /// The response stream of a server-streaming or bidirectional call, once. `None` for
+    /// other calls and for clones of the request.
+    pub fn take_response_sink(&mut self) -> Option<RawResponseSink> {
+        self.streams.responses.take()
     }
 
     /// The certificate chain the client authenticated with over mutual TLS, end entity
@@ -127,6 +166,15 @@ pub trait Service: Send + Sync + 'static {
         let _ = method;
         None
     }
+
+    /// Which sides of `method` stream, if it is a stream method; `None` (the default) for
+    /// unary methods and unknown ones. The connection driver asks before each call, to
+    /// hand a stream method its halves ([`ServerRequest::take_request_stream`],
+    /// [`ServerRequest::take_response_sink`]) and to refuse a call framed for another kind.
+    fn stream_kind(&self, method: &str) -> Option<StreamKind> {
+        let _ = method;
+        None
+    }
 }
 
 impl<S: Service + ?Sized> Service for Arc<S> {
@@ -136,6 +184,10 @@ impl<S: Service + ?Sized> Service for Arc<S> {
 
     fn schema(&self, method: &str) -> Option<MethodSchema> {
         (**self).schema(method)
+    }
+
+    fn stream_kind(&self, method: &str) -> Option<StreamKind> {
+        (**self).stream_kind(method)
     }
 }
 
@@ -237,12 +289,15 @@ type Handler = Arc<dyn Fn(ServerRequest) -> BoxFuture<'static, ServerReply> + Se
 struct Route {
     handler: Handler,
     schema: Option<MethodSchema>,
+    stream: Option<StreamKind>,
 }
 
 /// Routes calls by method path. Unknown methods get `Unimplemented`.
 #[derive(Clone, Default)]
 pub struct Router {
     routes: HashMap<Box<str>, Route>,
+    /// Any stream route: without one, [`Service::stream_kind`] answers without a lookup.
+    has_streams: bool,
 }
 
 impl std::fmt::Debug for Router {
@@ -267,6 +322,7 @@ impl Router {
         let route = Route {
             handler: Arc::new(move |req| handler(req).boxed()),
             schema: None,
+            stream: None,
         };
         self.routes.insert(method.into(), route);
         self
@@ -293,10 +349,13 @@ impl Router {
         let service: Arc<S> = Arc::new(service);
         for method in S::METHODS {
             let schema = service.schema(method);
+            let stream = service.stream_kind(method);
+            self.has_streams |= stream.is_some();
             let service = service.clone();
             let route = Route {
                 handler: Arc::new(move |req| service.call(req)),
                 schema,
+                stream,
             };
             self.routes.insert((*method).into(), route);
         }
@@ -320,6 +379,108 @@ impl Router {
             route.schema = Some(MethodSchema::MsgPack);
         }
         router
+    }
+
+    /// Routes `method`, a stream method of `kind`, to a handler of raw calls that takes its
+    /// halves from the request ([`ServerRequest::take_request_stream`],
+    /// [`ServerRequest::take_response_sink`]).
+    pub fn stream_route<F, Fut>(mut self, method: &str, kind: StreamKind, handler: F) -> Self
+    where
+        F: Fn(ServerRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ServerReply> + Send + 'static,
+    {
+        let route = Route {
+            handler: Arc::new(move |req| handler(req).boxed()),
+            schema: None,
+            stream: Some(kind),
+        };
+        self.routes.insert(method.into(), route);
+        self.has_streams = true;
+        self
+    }
+
+    /// Routes a server-streaming `method`: one request in, the handler writes its response
+    /// stream to the sink; returning `Ok` ends the stream with status OK, `Err` with that
+    /// status. Sending waits for the client's flow-control credit.
+    pub fn server_stream<C, Req, Rsp, F, Fut>(self, method: &str, codec: C, handler: F) -> Self
+    where
+        C: Codec<Req> + Codec<Rsp> + Clone,
+        Req: Send + 'static,
+        Rsp: Send + 'static,
+        F: Fn(Request<Req>, ResponseSink<Rsp>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Status>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let responses: Arc<dyn Codec<Rsp>> = Arc::new(codec.clone());
+        self.stream_route(method, StreamKind::ServerStreaming, move |mut req| {
+            let sink = req.take_response_sink();
+            let request = decode_request::<C, Req>(&codec, req);
+            let started = match (request, sink) {
+                (Ok(request), Some(sink)) => {
+                    Ok(handler(request, ResponseSink::new(sink, responses.clone())))
+                }
+                (Err(status), _) => Err(status),
+                (Ok(_), None) => Err(no_stream()),
+            };
+            async move { stream_reply(async move { started?.await }.await) }
+        })
+    }
+
+    /// Routes a client-streaming `method`: the handler reads the client's messages from the
+    /// request stream (it ends when the client finishes) and answers with one response.
+    pub fn client_stream<C, Req, Rsp, F, Fut>(self, method: &str, codec: C, handler: F) -> Self
+    where
+        C: Codec<Req> + Codec<Rsp> + Clone,
+        Req: Send + 'static,
+        Rsp: Send + 'static,
+        F: Fn(Request<RequestStream<Req>>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Response<Rsp>, Status>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let requests: Arc<dyn Codec<Req>> = Arc::new(codec.clone());
+        self.stream_route(method, StreamKind::ClientStreaming, move |req| {
+            let started =
+                stream_request(&codec, req, &requests).map(|(request, _)| handler(request));
+            let codec = codec.clone();
+            async move {
+                let response = match started {
+                    Ok(future) => future.await,
+                    Err(status) => Err(status),
+                };
+                match response.and_then(|rsp| {
+                    Codec::<Rsp>::encode_to_bytes(&codec, &rsp.message).map(|b| (b, rsp.metadata))
+                }) {
+                    Ok((body, metadata)) => ServerReply {
+                        status: Status::ok(),
+                        metadata,
+                        body,
+                    },
+                    Err(status) => ServerReply::error(status),
+                }
+            }
+        })
+    }
+
+    /// Routes a bidirectional `method`: the handler reads the client's messages and writes
+    /// its own, in any interleaving; returning ends the call with the status.
+    pub fn bidi<C, Req, Rsp, F, Fut>(self, method: &str, codec: C, handler: F) -> Self
+    where
+        C: Codec<Req> + Codec<Rsp> + Clone,
+        Req: Send + 'static,
+        Rsp: Send + 'static,
+        F: Fn(Request<RequestStream<Req>>, ResponseSink<Rsp>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Status>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let requests: Arc<dyn Codec<Req>> = Arc::new(codec.clone());
+        let responses: Arc<dyn Codec<Rsp>> = Arc::new(codec.clone());
+        self.stream_route(method, StreamKind::Bidirectional, move |req| {
+            let started = stream_request(&codec, req, &requests).and_then(|(request, sink)| {
+                let sink = sink.ok_or_else(no_stream)?;
+                Ok(handler(request, ResponseSink::new(sink, responses.clone())))
+            });
+            async move { stream_reply(async move { started?.await }.await) }
+        })
     }
 
     /// The method paths routed.
@@ -377,22 +538,61 @@ pub fn unimplemented(req: &ServerRequest) -> BoxFuture<'static, ServerReply> {
     futures::future::ready(ServerReply::error(status)).boxed()
 }
 
+fn no_stream() -> Status {
+    Status::new(
+        Code::Internal,
+        "a stream method was called without its stream (not through a connection?)",
+    )
+}
+
+fn stream_reply(result: Result<(), Status>) -> ServerReply {
+    match result {
+        Ok(()) => ServerReply::ok(Bytes::new()),
+        Err(status) => ServerReply::error(status),
+    }
+}
+
+/// The request of a call whose client streams, and its response sink if it has one.
+type StreamRequest<Req> = (Request<RequestStream<Req>>, Option<RawResponseSink>);
+
+fn stream_request<C: Codec<Req>, Req>(
+    codec: &C,
+    mut req: ServerRequest,
+    requests: &Arc<dyn Codec<Req>>,
+) -> Result<StreamRequest<Req>, Status> {
+    check_codec(codec, &req)?;
+    let stream = req.take_request_stream().ok_or_else(no_stream)?;
+    let sink = req.take_response_sink();
+    let request = Request {
+        message: RequestStream::new(stream, requests.clone()),
+        metadata: req.metadata(),
+        deadline: req.deadline,
+        peer: req.peer,
+    };
+    Ok((request, sink))
+}
+
+fn check_codec<C: Codec<Req>, Req>(codec: &C, req: &ServerRequest) -> Result<(), Status> {
+    if req.codec == codec.id() {
+        return Ok(());
+    }
+    Err(Status::new(
+        Code::InvalidArgument,
+        format!(
+            "{} expects {} bodies, got codec {} ({})",
+            req.method(),
+            codec.name(),
+            req.codec,
+            id_name(req.codec)
+        ),
+    ))
+}
+
 fn decode_request<C: Codec<Req>, Req>(
     codec: &C,
     req: ServerRequest,
 ) -> Result<Request<Req>, Status> {
-    if req.codec != codec.id() {
-        return Err(Status::new(
-            Code::InvalidArgument,
-            format!(
-                "{} expects {} bodies, got codec {} ({})",
-                req.method(),
-                codec.name(),
-                req.codec,
-                id_name(req.codec)
-            ),
-        ));
-    }
+    check_codec(codec, &req)?;
     let metadata = req.metadata();
     let message = codec.decode(req.body)?;
     Ok(Request {
@@ -419,5 +619,12 @@ impl Service for Router {
 
     fn schema(&self, method: &str) -> Option<MethodSchema> {
         self.routes.get(method).and_then(|route| route.schema)
+    }
+
+    fn stream_kind(&self, method: &str) -> Option<StreamKind> {
+        if !self.has_streams {
+            return None;
+        }
+        self.routes.get(method).and_then(|route| route.stream)
     }
 }

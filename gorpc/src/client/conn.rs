@@ -12,11 +12,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
-use gorpc_proto::{CallHead, CallId, ClientConn, ClientEvent, Code, ConnConfig, Status};
+use gorpc_proto::{
+    CallHead, CallId, ClientConn, ClientEvent, Code, ConnConfig, SendError, Status, StreamKind,
+};
 
 use crate::io::{drive, earliest, Transport};
 use crate::metadata::Metadata;
 use crate::runtime::{timeout, Io, Runtime};
+use crate::server::conn::message_payload;
+use crate::stream::SendGate;
 
 /// A call as handed to a connection: method, options and the encoded body.
 #[derive(Clone, Debug)]
@@ -69,7 +73,42 @@ impl CallSlot {
 
 pub(crate) enum Command {
     Call(OutgoingCall, Arc<CallSlot>),
+    Stream(OutgoingCall, StreamKind, ClientStream),
+    /// One message of a client stream; sent once its gate let it through.
+    Send(CallId, Bytes),
+    /// Half-close a client stream.
+    CloseSend(CallId),
+    /// Bytes of a response stream the application has taken.
+    Release(CallId, usize),
     Cancel(CallId),
+}
+
+/// What a stream call's halves share with the driver.
+#[derive(Debug)]
+pub(crate) struct ClientStream {
+    pub(crate) gate: Arc<SendGate>,
+    pub(crate) events: async_channel::Sender<StreamEvent>,
+}
+
+/// What the driver delivers to a stream call's receiving half.
+#[derive(Debug)]
+pub(crate) enum StreamEvent {
+    Message(Bytes),
+    End(Result<gorpc_proto::Response, Status>),
+}
+
+impl ClientStream {
+    fn end(&self, result: Result<gorpc_proto::Response, Status>) {
+        self.gate.close();
+        let _ = self.events.try_send(StreamEvent::End(result));
+    }
+}
+
+/// A call's data in the core: where its outcome goes.
+#[derive(Debug)]
+enum CallUser {
+    Unary(Arc<CallSlot>),
+    Stream(ClientStream),
 }
 
 #[derive(Debug)]
@@ -91,6 +130,14 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Call(call, _) => f.debug_tuple("Call").field(&call.method).finish(),
+            Command::Stream(call, kind, _) => f
+                .debug_tuple("Stream")
+                .field(&call.method)
+                .field(kind)
+                .finish(),
+            Command::Send(id, body) => f.debug_tuple("Send").field(id).field(&body.len()).finish(),
+            Command::CloseSend(id) => f.debug_tuple("CloseSend").field(id).finish(),
+            Command::Release(id, n) => f.debug_tuple("Release").field(id).field(n).finish(),
             Command::Cancel(id) => f.debug_tuple("Cancel").field(id).finish(),
         }
     }
@@ -175,6 +222,8 @@ impl Connection {
             transport: Transport::new(runtime, io),
             conn: ClientConn::new(config.conn, now),
             commands: Box::pin(rx),
+            parked: std::collections::HashMap::new(),
+            stream_events: std::collections::HashMap::new(),
             shared: shared.clone(),
             idle_timeout: config.idle_timeout,
             idle_since: Some(now),
@@ -206,9 +255,30 @@ impl Connection {
             }),
             Err(e) => match e.into_inner() {
                 Command::Call(call, _) => Err(call),
-                Command::Cancel(_) => unreachable!("sent a call"),
+                _ => unreachable!("sent a call"),
             },
         }
+    }
+
+    /// Queues a stream call; its halves follow it through `stream`.
+    pub(crate) fn start_stream(
+        &self,
+        call: OutgoingCall,
+        kind: StreamKind,
+        stream: ClientStream,
+    ) -> Result<(), OutgoingCall> {
+        match self.commands.try_send(Command::Stream(call, kind, stream)) {
+            Ok(()) => Ok(()),
+            Err(e) => match e.into_inner() {
+                Command::Stream(call, _, _) => Err(call),
+                _ => unreachable!("sent a stream"),
+            },
+        }
+    }
+
+    /// The channel stream halves send their commands on.
+    pub(crate) fn commands(&self) -> async_channel::Sender<Command> {
+        self.commands.clone()
     }
 
     /// Asks the connection to finish its calls and close.
@@ -266,8 +336,14 @@ impl Drop for PendingCall {
 
 struct ClientDriver<R: Runtime, I: Io> {
     transport: Transport<R, I>,
-    conn: ClientConn<Arc<CallSlot>>,
+    conn: ClientConn<CallUser>,
     commands: Pin<Box<async_channel::Receiver<Command>>>,
+    /// Client-stream messages refused for lack of credit, sent on the call's `Writable`.
+    parked: std::collections::HashMap<CallId, Bytes>,
+    /// Where each stream call's messages go. Its own map, not the call's slot in the core:
+    /// the core may have finished the call (a response read in the same batch) by the time
+    /// the driver handles the messages before it.
+    stream_events: std::collections::HashMap<CallId, async_channel::Sender<StreamEvent>>,
     shared: Arc<Shared>,
     idle_timeout: Option<Duration>,
     /// When the last call finished, while none is in flight.
@@ -286,9 +362,29 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                         progress = true;
                         self.start_call(now, call, slot);
                     }
+                    Poll::Ready(Some(Command::Stream(call, kind, stream))) => {
+                        progress = true;
+                        self.start_stream(now, call, kind, stream);
+                    }
+                    Poll::Ready(Some(Command::Send(id, body))) => {
+                        progress = true;
+                        self.send_message(id, body);
+                    }
+                    Poll::Ready(Some(Command::CloseSend(id))) => {
+                        progress = true;
+                        let _ = self.conn.close_send(id);
+                    }
+                    Poll::Ready(Some(Command::Release(id, bytes))) => {
+                        progress = true;
+                        self.conn.release(id, bytes);
+                    }
                     Poll::Ready(Some(Command::Cancel(id))) => {
                         progress = true;
-                        self.conn.cancel(id);
+                        self.parked.remove(&id);
+                        self.stream_events.remove(&id);
+                        if let Some(CallUser::Stream(stream)) = self.conn.cancel(id) {
+                            stream.end(Err(Status::new(Code::Cancelled, "call cancelled")));
+                        }
                     }
                     Poll::Ready(None) => {
                         // Every handle is gone, or the pool closed us: drain and stop.
@@ -308,10 +404,40 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
         while let Some(event) = self.conn.poll_event() {
             progress = true;
             match event {
-                ClientEvent::Finished { user, result, .. } => user.finish(match result {
+                ClientEvent::Finished {
+                    user: CallUser::Unary(slot),
+                    result,
+                    ..
+                } => slot.finish(match result {
                     Ok(response) => CallOutcome::Answered(response),
                     Err(status) => CallOutcome::Failed(status),
                 }),
+                ClientEvent::Finished {
+                    id,
+                    user: CallUser::Stream(stream),
+                    result,
+                } => {
+                    self.parked.remove(&id);
+                    self.stream_events.remove(&id);
+                    stream.end(result);
+                }
+                ClientEvent::Message { id, body } => {
+                    let len = body.len();
+                    let delivered = self
+                        .stream_events
+                        .get(&id)
+                        .is_some_and(|events| events.try_send(StreamEvent::Message(body)).is_ok());
+                    // Nobody will take it (the receiver is gone and its cancel is on the
+                    // way): the credit goes straight back.
+                    if !delivered {
+                        self.conn.release(id, len);
+                    }
+                }
+                ClientEvent::Writable { id } => {
+                    if let Some(body) = self.parked.remove(&id) {
+                        self.send_message(id, body);
+                    }
+                }
                 ClientEvent::GoAway(status) => {
                     tracing::debug!(peer = %self.shared.peer, %status, "server sent go-away");
                     self.shared.usable.store(false, Ordering::Release);
@@ -322,8 +448,13 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                     self.commands.close();
                     // Calls queued behind the close never left: hand them back for a retry.
                     while let Ok(command) = self.commands.try_recv() {
-                        if let Command::Call(call, slot) = command {
-                            slot.finish(CallOutcome::NotSent(call));
+                        match command {
+                            Command::Call(call, slot) => slot.finish(CallOutcome::NotSent(call)),
+                            Command::Stream(_, _, stream) => stream.end(Err(Status::new(
+                                Code::Unavailable,
+                                "connection closed before the stream started",
+                            ))),
+                            _ => {}
                         }
                     }
                 }
@@ -372,9 +503,12 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
             Some(deadline) => head.with_deadline(deadline),
             None => head,
         };
-        match self.conn.start_call(now, head, call.body.clone(), slot) {
+        match self
+            .conn
+            .start_call(now, head, call.body.clone(), CallUser::Unary(slot))
+        {
             Ok(id) => {
-                let Some(slot) = self.conn.user(id) else {
+                let Some(CallUser::Unary(slot)) = self.conn.user(id) else {
                     return;
                 };
                 let abandoned = {
@@ -393,8 +527,75 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                 } else {
                     CallOutcome::Failed(rejected.status)
                 };
-                rejected.user.finish(outcome);
+                if let CallUser::Unary(slot) = rejected.user {
+                    slot.finish(outcome);
+                }
             }
+        }
+    }
+
+    fn start_stream(
+        &mut self,
+        now: Instant,
+        call: OutgoingCall,
+        kind: StreamKind,
+        stream: ClientStream,
+    ) {
+        // Both halves already gone: nobody wants this call.
+        if stream.gate.is_closed() || stream.events.is_closed() {
+            stream.end(Err(Status::new(Code::Cancelled, "call cancelled")));
+            return;
+        }
+        let head = CallHead::new(&call.method, call.codec).with_metadata(call.metadata.iter());
+        let head = match call.deadline {
+            Some(deadline) => head.with_deadline(deadline),
+            None => head,
+        };
+        let gate = stream.gate.clone();
+        let events = stream.events.clone();
+        match self
+            .conn
+            .start_stream(now, head, kind, call.body.clone(), CallUser::Stream(stream))
+        {
+            Ok(id) => {
+                self.stream_events.insert(id, events);
+                gate.set_id(id);
+                gate.open();
+                // A half was dropped before it could learn the id: cancel it ourselves.
+                if gate.is_closed() {
+                    self.conn.cancel(id);
+                    self.stream_events.remove(&id);
+                }
+            }
+            Err(rejected) => {
+                if let CallUser::Stream(stream) = rejected.user {
+                    stream.end(Err(rejected.status));
+                }
+            }
+        }
+    }
+
+    /// Hands a client-stream message to the core, or parks it until credit is back.
+    fn send_message(&mut self, id: CallId, body: Bytes) {
+        match self.conn.send_message(id, message_payload(&body), false) {
+            Ok(()) => {
+                if let Some(CallUser::Stream(stream)) = self.conn.user(id) {
+                    stream.gate.open();
+                }
+            }
+            Err(SendError::NoCredit) => {
+                self.parked.insert(id, body);
+            }
+            Err(SendError::TooLarge) => {
+                if let Some(CallUser::Stream(stream)) = self.conn.cancel(id) {
+                    stream.end(Err(Status::new(
+                        Code::ResourceExhausted,
+                        "a request stream message exceeds max_frame_len",
+                    )));
+                }
+            }
+            // The call ended (its halves learn from the end event) or already half-closed.
+            Err(_) => {}
         }
     }
 }

@@ -4,11 +4,15 @@ mod balanced;
 mod builder;
 mod conn;
 mod pool;
+mod stream;
 
 pub use balanced::{InstanceStatus, OutlierDetection};
 pub use builder::ClientBuilder;
 pub use conn::{Connection, ConnectionConfig, OutgoingCall};
 pub use pool::{Checkout, EndpointPool, Pool, PoolConfig};
+pub use stream::{
+    ClientStreaming, RawStreamReceiver, RawStreamSender, ResponseStream, StreamSender,
+};
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -17,14 +21,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use gorpc_proto::{Code, Status};
+use gorpc_proto::{Code, Status, StreamKind};
 
 use crate::codec::{id_name, Codec, MsgPack};
 use crate::interceptor::{ClientInterceptor, ClientNext};
 use crate::metadata::Metadata;
 use crate::runtime::Runtime;
 use crate::service::{Request, Response};
-use conn::CallOutcome;
+use crate::stream::SendGate;
+use conn::{CallOutcome, ClientStream};
 
 /// Options of one call.
 #[derive(Clone, Debug, Default)]
@@ -244,6 +249,138 @@ impl Client {
         })
     }
 
+    /// Starts a stream call of `kind` and returns its halves (a server-streaming call's
+    /// sender takes nothing and may be dropped). `request` is the one request message of a
+    /// server-streaming call and must be empty otherwise. The deadline (the call's timeout,
+    /// or the client's default) covers the whole stream. Client interceptors do not run
+    /// for stream calls; calls go over pooled binary-protocol connections only.
+    pub async fn stream_raw(
+        &self,
+        method: impl Into<Cow<'static, str>>,
+        codec: u8,
+        kind: StreamKind,
+        request: Bytes,
+        options: CallOptions,
+    ) -> Result<(Option<RawStreamSender>, RawStreamReceiver), Status> {
+        let Route::Pool(pool) = &self.route else {
+            return Err(Status::new(
+                Code::Unimplemented,
+                "stream calls go over pooled connections (Client::connect, lazy or new)",
+            ));
+        };
+        let timeout = options.timeout.or(self.default_timeout);
+        let mut call = OutgoingCall {
+            method: method.into(),
+            codec,
+            metadata: options.metadata,
+            deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
+            key: options.key,
+            body: request,
+        };
+        for _ in 0..=NOT_SENT_RETRIES {
+            let conn = match pool.checkout(call.deadline) {
+                Checkout::Ready(conn) => conn,
+                Checkout::Wait(wait) => wait.await?,
+                Checkout::Failed(status) => return Err(status),
+            };
+            let gate = Arc::new(SendGate::new(false, None));
+            let (events_tx, events_rx) = async_channel::unbounded();
+            let stream = ClientStream {
+                gate: gate.clone(),
+                events: events_tx,
+            };
+            match conn.start_stream(call, kind, stream) {
+                Ok(()) => {
+                    let sender = kind
+                        .client_streams()
+                        .then(|| RawStreamSender::new(gate.clone(), conn.commands()));
+                    let receiver = RawStreamReceiver::new(events_rx, gate, conn.commands());
+                    return Ok((sender, receiver));
+                }
+                Err(unsent) => call = unsent,
+            }
+        }
+        Err(Status::new(
+            Code::Unavailable,
+            "no connection stayed open long enough to start the stream",
+        ))
+    }
+
+    /// A server-streaming call: one request, a stream of typed responses that ends with
+    /// the call's status (an error status is the last item).
+    pub async fn server_stream<C, Req, Rsp>(
+        &self,
+        method: impl Into<Cow<'static, str>>,
+        codec: C,
+        request: Request<Req>,
+    ) -> Result<ResponseStream<Rsp>, Status>
+    where
+        C: Codec<Req> + Codec<Rsp>,
+        Rsp: 'static,
+    {
+        let body = Codec::<Req>::encode_to_bytes(&codec, &request.message)?;
+        let id = Codec::<Rsp>::id(&codec);
+        let options = request_options(request.deadline, request.metadata);
+        let (_, receiver) = self
+            .stream_raw(method, id, StreamKind::ServerStreaming, body, options)
+            .await?;
+        Ok(ResponseStream::new(receiver, Arc::new(codec)))
+    }
+
+    /// A client-streaming call: send typed messages, then finish for the one response.
+    pub async fn client_stream<C, Req, Rsp>(
+        &self,
+        method: impl Into<Cow<'static, str>>,
+        codec: C,
+        options: CallOptions,
+    ) -> Result<ClientStreaming<Req, Rsp>, Status>
+    where
+        C: Codec<Req> + Codec<Rsp> + Clone,
+        Req: 'static,
+        Rsp: 'static,
+    {
+        let id = Codec::<Req>::id(&codec);
+        let (sender, receiver) = self
+            .stream_raw(
+                method,
+                id,
+                StreamKind::ClientStreaming,
+                Bytes::new(),
+                options,
+            )
+            .await?;
+        let sender = sender.expect("a client stream has a sender");
+        Ok(ClientStreaming::new(
+            StreamSender::new(sender, Arc::new(codec.clone())),
+            receiver,
+            Arc::new(codec),
+        ))
+    }
+
+    /// A bidirectional call: a sender of typed messages and a stream of typed responses,
+    /// used independently (from two tasks if need be).
+    pub async fn bidi<C, Req, Rsp>(
+        &self,
+        method: impl Into<Cow<'static, str>>,
+        codec: C,
+        options: CallOptions,
+    ) -> Result<(StreamSender<Req>, ResponseStream<Rsp>), Status>
+    where
+        C: Codec<Req> + Codec<Rsp> + Clone,
+        Req: 'static,
+        Rsp: 'static,
+    {
+        let id = Codec::<Req>::id(&codec);
+        let (sender, receiver) = self
+            .stream_raw(method, id, StreamKind::Bidirectional, Bytes::new(), options)
+            .await?;
+        let sender = sender.expect("a bidirectional call has a sender");
+        Ok((
+            StreamSender::new(sender, Arc::new(codec.clone())),
+            ResponseStream::new(receiver, Arc::new(codec)),
+        ))
+    }
+
     /// The codegen-free style: serde types over msgpack.
     pub async fn call<Req, Rsp>(
         &self,
@@ -274,6 +411,14 @@ impl Client {
             .call_raw(method, gorpc_proto::codec::MSGPACK, body, options)
             .await?;
         Codec::<Rsp>::decode(&MsgPack, raw.body)
+    }
+}
+
+fn request_options(deadline: Option<Instant>, metadata: Metadata) -> CallOptions {
+    CallOptions {
+        timeout: deadline.map(|d| d.saturating_duration_since(Instant::now())),
+        metadata,
+        key: None,
     }
 }
 

@@ -365,6 +365,7 @@ impl<S: Sleep, I: Io> HttpConnection<S, I> {
             deadline,
             peer: Some(self.peer),
             peer_certificates: self.peer_certificates.clone(),
+            streams: Default::default(),
         };
         let reply = self.call(request, deadline).await;
         if !reply.status.is_ok() {

@@ -10,14 +10,64 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use futures::channel::mpsc;
+use bytes::Bytes;
 use futures::future::{AbortHandle, Abortable};
-use futures::{FutureExt, Stream, StreamExt};
-use gorpc_proto::{CallId, Code, ConnConfig, ServerConn, ServerEvent, Status};
+use futures::{FutureExt, Stream};
+use gorpc_proto::{
+    CallId, Code, ConnConfig, Payload, SendError, ServerConn, ServerEvent, Status, StreamKind,
+};
 
 use crate::io::{drive, Transport};
 use crate::runtime::{Io, PeerCertificates, Runtime};
-use crate::service::{ServerReply, ServerRequest, Service};
+use crate::service::{CallStreams, ServerReply, ServerRequest, Service};
+use crate::stream::{
+    MessageOut, RawRequestStream, RawResponseSink, ReleaseBatch, SendGate, StreamControl,
+};
+
+/// What handlers hand their connection's driver, on one channel so that a stream's
+/// messages are always taken before the reply that ends it.
+enum HandlerOutput {
+    Reply(CallId, ServerReply),
+    Message(CallId, Bytes),
+    /// Bytes of a client stream the handler has consumed.
+    Release(CallId, usize),
+}
+
+/// A handler's way back to its connection's driver.
+struct HandlerOut(async_channel::Sender<HandlerOutput>);
+
+impl MessageOut for HandlerOut {
+    fn message(&self, id: CallId, body: Bytes) -> bool {
+        self.0.try_send(HandlerOutput::Message(id, body)).is_ok()
+    }
+}
+
+impl StreamControl for HandlerOut {
+    fn release(&self, id: CallId, bytes: usize) {
+        let _ = self.0.try_send(HandlerOutput::Release(id, bytes));
+    }
+}
+
+/// The driver's side of one running stream call.
+struct ServerStream {
+    gate: Arc<SendGate>,
+    /// Where the client's messages go until it half-closes.
+    incoming: Option<async_channel::Sender<Bytes>>,
+    /// A message refused for lack of credit, sent on the call's next `Writable`.
+    parked: Option<Bytes>,
+    /// The handler's reply, held until `parked` is out.
+    reply: Option<ServerReply>,
+}
+
+/// Small bodies are copied into the transmit buffer anyway; passing them as a slice avoids
+/// the `Bytes` clone (which allocates for a body built from a `Vec`).
+pub(crate) fn message_payload(body: &Bytes) -> Payload<'_> {
+    if body.len() < 8 * 1024 {
+        Payload::Slice(body)
+    } else {
+        Payload::Bytes(body.clone())
+    }
+}
 
 /// Unsent response bytes past which a connection stops reading requests.
 const MAX_WRITE_BACKLOG: usize = 1 << 20;
@@ -49,10 +99,14 @@ pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     peer: SocketAddr,
     /// Read from the socket once (after any TLS handshake) and shared by every request.
     peer_certificates: Option<PeerCertificates>,
-    replies_tx: mpsc::UnboundedSender<(CallId, ServerReply)>,
-    replies_rx: mpsc::UnboundedReceiver<(CallId, ServerReply)>,
+    outputs_tx: async_channel::Sender<HandlerOutput>,
+    outputs_rx: Pin<Box<async_channel::Receiver<HandlerOutput>>>,
+    /// The same channel, shared by every stream half of this connection.
+    handler_out: Arc<HandlerOut>,
     /// Handlers that did not finish when first polled, running as their own tasks.
     running: HashMap<CallId, AbortHandle>,
+    /// Stream calls running.
+    streams: HashMap<CallId, ServerStream>,
     drain_signal: SignalRx,
     abort_signal: SignalRx,
     draining: bool,
@@ -73,7 +127,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         signals: Signals,
     ) -> Self {
         let now = Instant::now();
-        let (replies_tx, replies_rx) = mpsc::unbounded();
+        let (outputs_tx, outputs_rx) = async_channel::unbounded();
         ServerConnection {
             peer_certificates: io.peer_certificates(),
             transport: Transport::new(&runtime, io),
@@ -81,9 +135,11 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             conn: ServerConn::new(config, now, fastrand::u64(..)),
             service,
             peer,
-            replies_tx,
-            replies_rx,
+            handler_out: Arc::new(HandlerOut(outputs_tx.clone())),
+            outputs_tx,
+            outputs_rx: Box::pin(outputs_rx),
             running: HashMap::new(),
+            streams: HashMap::new(),
             drain_signal: Box::pin(signals.drain),
             abort_signal: Box::pin(signals.abort),
             draining: false,
@@ -122,10 +178,16 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             progress = true;
         }
 
-        while let Poll::Ready(Some((id, reply))) = self.replies_rx.poll_next_unpin(cx) {
-            self.running.remove(&id);
-            self.respond(now, id, reply);
+        while let Poll::Ready(Some(output)) = self.outputs_rx.as_mut().poll_next(cx) {
             progress = true;
+            match output {
+                HandlerOutput::Reply(id, reply) => {
+                    self.running.remove(&id);
+                    self.finish(now, id, reply);
+                }
+                HandlerOutput::Message(id, body) => self.send_stream_message(now, id, body),
+                HandlerOutput::Release(id, bytes) => self.conn.release(id, bytes),
+            }
         }
 
         // Stop reading at the concurrency limit (the core says so) and while answers pile up
@@ -138,9 +200,42 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             progress = true;
             match event {
                 ServerEvent::Request(request) => self.dispatch(cx, now, request),
+                ServerEvent::Message { id, body } => {
+                    let len = body.len();
+                    let delivered = self
+                        .streams
+                        .get(&id)
+                        .and_then(|s| s.incoming.as_ref())
+                        .is_some_and(|tx| tx.try_send(body).is_ok());
+                    // A refused call's, or one whose handler dropped its stream: the
+                    // credit goes straight back so the connection window never shrinks.
+                    if !delivered {
+                        self.conn.release(id, len);
+                    }
+                }
+                ServerEvent::HalfClosed { id } => {
+                    if let Some(stream) = self.streams.get_mut(&id) {
+                        stream.incoming = None; // the reader drains what is queued, then ends
+                    }
+                }
+                ServerEvent::Writable { id } => {
+                    if let Some(body) = self.streams.get_mut(&id).and_then(|s| s.parked.take()) {
+                        self.send_stream_message(now, id, body);
+                        let reply = match self.streams.get_mut(&id) {
+                            Some(s) if s.parked.is_none() => s.reply.take(),
+                            _ => None,
+                        };
+                        if let Some(reply) = reply {
+                            self.finish(now, id, reply);
+                        }
+                    }
+                }
                 ServerEvent::Cancelled { id, .. } => {
                     if let Some(handle) = self.running.remove(&id) {
                         handle.abort();
+                    }
+                    if let Some(stream) = self.streams.remove(&id) {
+                        stream.gate.close();
                     }
                 }
                 ServerEvent::GoAway(_) => {}
@@ -149,6 +244,9 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                     self.closing = true;
                     for (_, handle) in self.running.drain() {
                         handle.abort();
+                    }
+                    for (_, stream) in self.streams.drain() {
+                        stream.gate.close();
                     }
                 }
             }
@@ -166,7 +264,32 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
     /// Runs the handler inline once; only a handler that has to wait gets a task of its own.
     fn dispatch(&mut self, cx: &mut Context<'_>, now: Instant, request: gorpc_proto::Request) {
         let id = request.id;
+        let kind = self.service.stream_kind(request.head.method());
+        let streams = match (kind, request.client_streams) {
+            (None, false) => CallStreams::default(),
+            (Some(kind), client_streams) if kind.client_streams() == client_streams => {
+                self.open_stream(id, kind)
+            }
+            (kind, _) => {
+                let status = Status::new(
+                    Code::Unimplemented,
+                    format!(
+                        "{} is {}; the call was framed {}",
+                        request.head.method(),
+                        kind.map_or("not a client-streaming method", describe_kind),
+                        if request.client_streams {
+                            "with a client stream"
+                        } else {
+                            "with one request message"
+                        },
+                    ),
+                );
+                return self.respond(now, id, ServerReply::error(status));
+            }
+        };
+        let is_stream = kind.is_some();
         let request = ServerRequest {
+            streams,
             head: request.head,
             edited: None,
             codec: request.codec,
@@ -175,26 +298,106 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             peer: Some(self.peer),
             peer_certificates: self.peer_certificates.clone(),
         };
+        // A stream handler may have queued messages on the channel before finishing:
+        // its reply goes behind them.
+        let answer = |this: &mut Self, reply: ServerReply| {
+            if is_stream {
+                let _ = this.outputs_tx.try_send(HandlerOutput::Reply(id, reply));
+            } else {
+                this.respond(now, id, reply);
+            }
+        };
         let mut future =
             match std::panic::catch_unwind(AssertUnwindSafe(|| self.service.call(request))) {
                 Ok(future) => future,
-                Err(_) => return self.respond(now, id, panicked()),
+                Err(_) => return answer(self, panicked()),
             };
         match std::panic::catch_unwind(AssertUnwindSafe(|| future.poll_unpin(cx))) {
-            Ok(Poll::Ready(reply)) => self.respond(now, id, reply),
+            Ok(Poll::Ready(reply)) => answer(self, reply),
             Ok(Poll::Pending) => {
                 let (handle, registration) = AbortHandle::new_pair();
-                let replies = self.replies_tx.clone();
+                let outputs = self.outputs_tx.clone();
                 let task = Abortable::new(AssertUnwindSafe(future).catch_unwind(), registration);
                 self.runtime.spawn(async move {
                     if let Ok(result) = task.await {
-                        let _ = replies.unbounded_send((id, result.unwrap_or_else(|_| panicked())));
+                        let reply = result.unwrap_or_else(|_| panicked());
+                        let _ = outputs.try_send(HandlerOutput::Reply(id, reply));
                     }
                 });
                 self.running.insert(id, handle);
             }
-            Err(_) => self.respond(now, id, panicked()),
+            Err(_) => answer(self, panicked()),
         }
+    }
+
+    /// The halves a stream call's handler gets, and the driver's side of them.
+    fn open_stream(&mut self, id: CallId, kind: StreamKind) -> CallStreams {
+        let gate = Arc::new(SendGate::new(true, Some(id)));
+        let (incoming, requests) = if kind.client_streams() {
+            let (tx, rx) = async_channel::unbounded();
+            let stream = RawRequestStream {
+                id,
+                messages: Box::pin(rx),
+                control: self.handler_out.clone(),
+                batch: ReleaseBatch::default(),
+            };
+            (Some(tx), Some(stream))
+        } else {
+            (None, None)
+        };
+        let responses = kind.server_streams().then(|| RawResponseSink {
+            gate: gate.clone(),
+            out: self.handler_out.clone(),
+        });
+        self.streams.insert(
+            id,
+            ServerStream {
+                gate,
+                incoming,
+                parked: None,
+                reply: None,
+            },
+        );
+        CallStreams {
+            requests,
+            responses,
+        }
+    }
+
+    /// Hands one of a handler's messages to the core, or parks it until credit is back.
+    fn send_stream_message(&mut self, now: Instant, id: CallId, body: Bytes) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return; // the call ended; its handler learns at its next send
+        };
+        match self.conn.send_message(id, message_payload(&body)) {
+            Ok(()) => stream.gate.open(),
+            Err(SendError::NoCredit) => stream.parked = Some(body),
+            Err(SendError::TooLarge) => {
+                if let Some(handle) = self.running.remove(&id) {
+                    handle.abort();
+                }
+                let status = Status::new(
+                    Code::ResourceExhausted,
+                    "a response stream message exceeds max_frame_len",
+                );
+                self.finish(now, id, ServerReply::error(status));
+            }
+            Err(_) => stream.gate.close(),
+        }
+    }
+
+    /// Ends a call with `reply`, once any parked message of its stream is out.
+    fn finish(&mut self, now: Instant, id: CallId, reply: ServerReply) {
+        if let Some(stream) = self.streams.get_mut(&id) {
+            if stream.parked.is_some() {
+                stream.reply = Some(reply);
+                return;
+            }
+            if let Some(stream) = self.streams.remove(&id) {
+                stream.gate.close();
+            }
+        }
+        self.respond(now, id, reply);
     }
 
     fn respond(&mut self, now: Instant, id: CallId, reply: ServerReply) {
@@ -204,6 +407,14 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             body,
         } = reply;
         self.conn.respond(now, id, &status, metadata.iter(), body);
+    }
+}
+
+fn describe_kind(kind: StreamKind) -> &'static str {
+    match kind {
+        StreamKind::ServerStreaming => "a server-streaming method",
+        StreamKind::ClientStreaming => "a client-streaming method",
+        StreamKind::Bidirectional => "a bidirectional method",
     }
 }
 

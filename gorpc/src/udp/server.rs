@@ -338,6 +338,7 @@ impl<R: Runtime> UdpServerDriver<R> {
             deadline,
             peer: Some(from),
             peer_certificates: None,
+            streams: Default::default(),
         };
         let mut future =
             match std::panic::catch_unwind(AssertUnwindSafe(|| self.service.call(request))) {

@@ -1,0 +1,375 @@
+//! A stream call's halves on the client: a receiver of the server's messages and final
+//! status, and a sender of the client's messages.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use gorpc_proto::{CallId, Code, Status};
+
+use super::conn::{Command, StreamEvent};
+use super::RawResponse;
+use crate::codec::{id_name, Codec};
+use crate::metadata::Metadata;
+use crate::service::Response;
+use crate::stream::{ReleaseBatch, SendGate, StreamControl};
+
+struct Commands(async_channel::Sender<Command>);
+
+impl StreamControl for Commands {
+    fn release(&self, id: CallId, bytes: usize) {
+        let _ = self.0.try_send(Command::Release(id, bytes));
+    }
+}
+
+/// Gives up on a call whose half was dropped before the call ended.
+fn abandon(gate: &SendGate, commands: &async_channel::Sender<Command>) {
+    gate.close();
+    // Without an id the call has not started; the driver sees the closed gate instead.
+    if let Some(id) = gate.id() {
+        let _ = commands.try_send(Command::Cancel(id));
+    }
+}
+
+/// The server's side of a stream call: its messages as raw bodies, in order, then the end.
+/// A call ending with status OK ends the stream; any other status is the last item, as an
+/// `Err`. Dropping the receiver before the end cancels the call on the server.
+pub struct RawStreamReceiver {
+    events: Pin<Box<async_channel::Receiver<StreamEvent>>>,
+    gate: Arc<SendGate>,
+    commands: Arc<Commands>,
+    batch: ReleaseBatch,
+    /// The call ended and its end was handed out.
+    done: bool,
+}
+
+impl std::fmt::Debug for RawStreamReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawStreamReceiver")
+            .field("id", &self.gate.id())
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+fn driver_gone() -> Status {
+    Status::new(Code::Unavailable, "the connection's driver stopped")
+}
+
+impl RawStreamReceiver {
+    pub(crate) fn new(
+        events: async_channel::Receiver<StreamEvent>,
+        gate: Arc<SendGate>,
+        commands: async_channel::Sender<Command>,
+    ) -> Self {
+        RawStreamReceiver {
+            events: Box::pin(events),
+            gate,
+            commands: Arc::new(Commands(commands)),
+            batch: ReleaseBatch::default(),
+            done: false,
+        }
+    }
+
+    fn take_message(&mut self, body: Bytes) -> Bytes {
+        // Bytes handed to the application no longer count against the window.
+        self.batch
+            .taken(body.len(), self.gate.id(), &*self.commands);
+        body
+    }
+
+    /// Waits for the call's end, skipping any message, and returns its single response
+    /// (client-streaming calls).
+    pub async fn response(mut self) -> Result<RawResponse, Status> {
+        loop {
+            let event = std::future::poll_fn(|cx| self.poll_event(cx)).await;
+            match event {
+                Some(StreamEvent::Message(body)) => {
+                    self.take_message(body);
+                }
+                Some(StreamEvent::End(result)) => {
+                    self.done = true;
+                    let rsp = result?;
+                    if !rsp.status.is_ok() {
+                        return Err(rsp.status);
+                    }
+                    let metadata = Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
+                    return Ok(RawResponse {
+                        codec: rsp.codec,
+                        metadata,
+                        body: rsp.body,
+                    });
+                }
+                None => {
+                    self.done = true;
+                    return Err(driver_gone());
+                }
+            }
+        }
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<StreamEvent>> {
+        if let Ok(event) = self.events.try_recv() {
+            return Poll::Ready(Some(event));
+        }
+        // About to wait: hand back what was taken, the server may be waiting for it.
+        self.batch.flush(self.gate.id(), &*self.commands);
+        self.events.as_mut().poll_next(cx)
+    }
+}
+
+impl Stream for RawStreamReceiver {
+    type Item = Result<Bytes, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match this.poll_event(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(StreamEvent::Message(body))) => {
+                Poll::Ready(Some(Ok(this.take_message(body))))
+            }
+            Poll::Ready(Some(StreamEvent::End(result))) => {
+                this.done = true;
+                match result {
+                    Ok(rsp) if rsp.status.is_ok() => Poll::Ready(None),
+                    Ok(rsp) => Poll::Ready(Some(Err(rsp.status))),
+                    Err(status) => Poll::Ready(Some(Err(status))),
+                }
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(Some(Err(driver_gone())))
+            }
+        }
+    }
+}
+
+impl Drop for RawStreamReceiver {
+    fn drop(&mut self) {
+        if !self.done {
+            abandon(&self.gate, &self.commands.0);
+        }
+    }
+}
+
+/// The client's side of a client-streaming or bidirectional call. [`send`](Self::send)
+/// waits for flow-control credit. End the stream with [`close_send`](Self::close_send);
+/// dropping the sender without it cancels the call.
+pub struct RawStreamSender {
+    gate: Arc<SendGate>,
+    commands: async_channel::Sender<Command>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for RawStreamSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawStreamSender")
+            .field("id", &self.gate.id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn stream_ended() -> Status {
+    Status::new(
+        Code::Cancelled,
+        "the call ended; its receiver holds the final status",
+    )
+}
+
+impl RawStreamSender {
+    pub(crate) fn new(gate: Arc<SendGate>, commands: async_channel::Sender<Command>) -> Self {
+        RawStreamSender {
+            gate,
+            commands,
+            closed: false,
+        }
+    }
+
+    /// Waits until the driver takes the next message: the call started and the previous
+    /// message is in the flow-control window.
+    async fn pass(&self) -> Result<CallId, Status> {
+        if !std::future::poll_fn(|cx| self.gate.poll_pass(cx)).await {
+            return Err(stream_ended());
+        }
+        Ok(self
+            .gate
+            .id()
+            .expect("the gate opens once the call has its id"))
+    }
+
+    /// Sends one message. Fails with `Cancelled` once the call ended; the receiving half
+    /// then holds why.
+    pub async fn send(&mut self, body: Bytes) -> Result<(), Status> {
+        let id = self.pass().await?;
+        self.commands
+            .try_send(Command::Send(id, body))
+            .map_err(|_| stream_ended())
+    }
+
+    /// Ends the client's stream (half-close); the server's messages and status still come.
+    pub async fn close_send(mut self) -> Result<(), Status> {
+        self.closed = true;
+        let id = self.pass().await?;
+        self.commands
+            .try_send(Command::CloseSend(id))
+            .map_err(|_| stream_ended())
+    }
+}
+
+impl Drop for RawStreamSender {
+    fn drop(&mut self) {
+        if !self.closed {
+            abandon(&self.gate, &self.commands);
+        }
+    }
+}
+
+fn check_codec(got: u8, expected: u8, name: &str) -> Result<(), Status> {
+    if got == expected {
+        return Ok(());
+    }
+    Err(Status::new(
+        Code::Internal,
+        format!(
+            "server answered in codec {got} ({}), expected {name}",
+            id_name(got)
+        ),
+    ))
+}
+
+/// A stream of the server's messages decoded with the method's codec; ends like
+/// [`RawStreamReceiver`].
+pub struct ResponseStream<T> {
+    raw: RawStreamReceiver,
+    codec: Arc<dyn Codec<T>>,
+}
+
+impl<T> std::fmt::Debug for ResponseStream<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseStream")
+            .field("raw", &self.raw)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: 'static> ResponseStream<T> {
+    pub(crate) fn new(raw: RawStreamReceiver, codec: Arc<dyn Codec<T>>) -> Self {
+        ResponseStream { raw, codec }
+    }
+
+    /// The undecoded stream.
+    pub fn into_raw(self) -> RawStreamReceiver {
+        self.raw
+    }
+}
+
+impl<T: 'static> Stream for ResponseStream<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        match this.raw.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(body))) => Poll::Ready(Some(this.codec.decode(body))),
+            Poll::Ready(Some(Err(status))) => Poll::Ready(Some(Err(status))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The client's messages, encoded with the method's codec.
+pub struct StreamSender<T> {
+    raw: RawStreamSender,
+    codec: Arc<dyn Codec<T>>,
+    /// Reused across messages (each is split off it).
+    buf: BytesMut,
+}
+
+impl<T> std::fmt::Debug for StreamSender<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSender")
+            .field("raw", &self.raw)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: 'static> StreamSender<T> {
+    pub(crate) fn new(raw: RawStreamSender, codec: Arc<dyn Codec<T>>) -> Self {
+        StreamSender {
+            raw,
+            codec,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Encodes and sends one message; see [`RawStreamSender::send`].
+    pub async fn send(&mut self, message: &T) -> Result<(), Status> {
+        self.buf.reserve(256);
+        self.codec.encode(message, &mut self.buf)?;
+        let body = self.buf.split().freeze();
+        self.raw.send(body).await
+    }
+
+    /// Ends the client's stream; see [`RawStreamSender::close_send`].
+    pub async fn close_send(self) -> Result<(), Status> {
+        self.raw.close_send().await
+    }
+}
+
+/// A client-streaming call in progress: send messages, then [`finish`](Self::finish) for
+/// the one response. Dropping it without finishing cancels the call.
+pub struct ClientStreaming<Req, Rsp> {
+    sender: StreamSender<Req>,
+    receiver: RawStreamReceiver,
+    codec: Arc<dyn Codec<Rsp>>,
+}
+
+impl<Req, Rsp> std::fmt::Debug for ClientStreaming<Req, Rsp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientStreaming")
+            .field("receiver", &self.receiver)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Req: 'static, Rsp: 'static> ClientStreaming<Req, Rsp> {
+    pub(crate) fn new(
+        sender: StreamSender<Req>,
+        receiver: RawStreamReceiver,
+        codec: Arc<dyn Codec<Rsp>>,
+    ) -> Self {
+        ClientStreaming {
+            sender,
+            receiver,
+            codec,
+        }
+    }
+
+    /// Sends one message, waiting for credit. An `Err` means the call ended: `finish`
+    /// gives its status.
+    pub async fn send(&mut self, message: &Req) -> Result<(), Status> {
+        self.sender.send(message).await
+    }
+
+    /// Ends the client's stream and waits for the response.
+    pub async fn finish(self) -> Result<Response<Rsp>, Status> {
+        let ClientStreaming {
+            sender,
+            receiver,
+            codec,
+        } = self;
+        // If the call already ended, the receiver has the reason.
+        let _ = sender.close_send().await;
+        let raw = receiver.response().await?;
+        check_codec(raw.codec, codec.id(), codec.name())?;
+        Ok(Response {
+            message: codec.decode(raw.body)?,
+            metadata: raw.metadata,
+        })
+    }
+}
