@@ -411,18 +411,11 @@ impl Router {
         Fut: Future<Output = Result<(), Status>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let responses: Arc<dyn Codec<Rsp>> = Arc::new(codec.clone());
-        self.stream_route(method, StreamKind::ServerStreaming, move |mut req| {
-            let sink = req.take_response_sink();
-            let request = decode_request::<C, Req>(&codec, req);
-            let started = match (request, sink) {
-                (Ok(request), Some(sink)) => {
-                    Ok(handler(request, ResponseSink::new(sink, responses.clone())))
-                }
-                (Err(status), _) => Err(status),
-                (Ok(_), None) => Err(no_stream()),
-            };
-            async move { stream_reply(async move { started?.await }.await) }
+        self.stream_route(method, StreamKind::ServerStreaming, move |req| {
+            let handler = handler.clone();
+            server_stream_call(req, codec.clone(), move |request, sink| {
+                handler(request, sink)
+            })
         })
     }
 
@@ -437,27 +430,9 @@ impl Router {
         Fut: Future<Output = Result<Response<Rsp>, Status>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let requests: Arc<dyn Codec<Req>> = Arc::new(codec.clone());
         self.stream_route(method, StreamKind::ClientStreaming, move |req| {
-            let started =
-                stream_request(&codec, req, &requests).map(|(request, _)| handler(request));
-            let codec = codec.clone();
-            async move {
-                let response = match started {
-                    Ok(future) => future.await,
-                    Err(status) => Err(status),
-                };
-                match response.and_then(|rsp| {
-                    Codec::<Rsp>::encode_to_bytes(&codec, &rsp.message).map(|b| (b, rsp.metadata))
-                }) {
-                    Ok((body, metadata)) => ServerReply {
-                        status: Status::ok(),
-                        metadata,
-                        body,
-                    },
-                    Err(status) => ServerReply::error(status),
-                }
-            }
+            let handler = handler.clone();
+            client_stream_call(req, codec.clone(), move |request| handler(request))
         })
     }
 
@@ -472,14 +447,9 @@ impl Router {
         Fut: Future<Output = Result<(), Status>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let requests: Arc<dyn Codec<Req>> = Arc::new(codec.clone());
-        let responses: Arc<dyn Codec<Rsp>> = Arc::new(codec.clone());
         self.stream_route(method, StreamKind::Bidirectional, move |req| {
-            let started = stream_request(&codec, req, &requests).and_then(|(request, sink)| {
-                let sink = sink.ok_or_else(no_stream)?;
-                Ok(handler(request, ResponseSink::new(sink, responses.clone())))
-            });
-            async move { stream_reply(async move { started?.await }.await) }
+            let handler = handler.clone();
+            bidi_call(req, codec.clone(), move |request, sink| handler(request, sink))
         })
     }
 
@@ -529,6 +499,92 @@ where
     .boxed()
 }
 
+/// Runs one server-streaming call: decodes the request with `codec`, hands `handler` the
+/// typed response sink, and ends the stream with the handler's status. The glue of
+/// [`Router::server_stream`] and of generated servers; the service must report the method
+/// as [`StreamKind::ServerStreaming`] in [`Service::stream_kind`].
+pub fn server_stream_call<C, Req, Rsp, F, Fut>(
+    mut req: ServerRequest,
+    codec: C,
+    handler: F,
+) -> BoxFuture<'static, ServerReply>
+where
+    C: Codec<Req> + Codec<Rsp>,
+    Req: Send + 'static,
+    Rsp: Send + 'static,
+    F: FnOnce(Request<Req>, ResponseSink<Rsp>) -> Fut,
+    Fut: Future<Output = Result<(), Status>> + Send + 'static,
+{
+    let sink = req.take_response_sink();
+    let started = match (decode_request::<C, Req>(&codec, req), sink) {
+        (Ok(request), Some(sink)) => handler(request, ResponseSink::new(sink, Arc::new(codec))),
+        (Err(status), _) => return ready_error(status),
+        (Ok(_), None) => return ready_error(no_stream()),
+    };
+    async move { stream_reply(started.await) }.boxed()
+}
+
+/// Runs one client-streaming call: hands `handler` the client's messages as a typed
+/// stream and encodes its one response. The glue of [`Router::client_stream`] and of
+/// generated servers (stream kind [`StreamKind::ClientStreaming`]).
+pub fn client_stream_call<C, Req, Rsp, F, Fut>(
+    req: ServerRequest,
+    codec: C,
+    handler: F,
+) -> BoxFuture<'static, ServerReply>
+where
+    C: Codec<Req> + Codec<Rsp> + Clone,
+    Req: Send + 'static,
+    Rsp: Send + 'static,
+    F: FnOnce(Request<RequestStream<Req>>) -> Fut,
+    Fut: Future<Output = Result<Response<Rsp>, Status>> + Send + 'static,
+{
+    let started = match stream_request(&codec, req) {
+        Ok((request, _)) => handler(request),
+        Err(status) => return ready_error(status),
+    };
+    async move {
+        match started.await.and_then(|rsp| {
+            Codec::<Rsp>::encode_to_bytes(&codec, &rsp.message).map(|b| (b, rsp.metadata))
+        }) {
+            Ok((body, metadata)) => ServerReply {
+                status: Status::ok(),
+                metadata,
+                body,
+            },
+            Err(status) => ServerReply::error(status),
+        }
+    }
+    .boxed()
+}
+
+/// Runs one bidirectional call: hands `handler` the client's messages and the response
+/// sink, and ends the call with the handler's status. The glue of [`Router::bidi`] and of
+/// generated servers (stream kind [`StreamKind::Bidirectional`]).
+pub fn bidi_call<C, Req, Rsp, F, Fut>(
+    req: ServerRequest,
+    codec: C,
+    handler: F,
+) -> BoxFuture<'static, ServerReply>
+where
+    C: Codec<Req> + Codec<Rsp> + Clone,
+    Req: Send + 'static,
+    Rsp: Send + 'static,
+    F: FnOnce(Request<RequestStream<Req>>, ResponseSink<Rsp>) -> Fut,
+    Fut: Future<Output = Result<(), Status>> + Send + 'static,
+{
+    let started = match stream_request(&codec, req) {
+        Ok((request, Some(sink))) => handler(request, ResponseSink::new(sink, Arc::new(codec))),
+        Ok((_, None)) => return ready_error(no_stream()),
+        Err(status) => return ready_error(status),
+    };
+    async move { stream_reply(started.await) }.boxed()
+}
+
+fn ready_error(status: Status) -> BoxFuture<'static, ServerReply> {
+    futures::future::ready(ServerReply::error(status)).boxed()
+}
+
 /// The answer to a method a service does not have.
 pub fn unimplemented(req: &ServerRequest) -> BoxFuture<'static, ServerReply> {
     let status = Status::new(
@@ -555,16 +611,15 @@ fn stream_reply(result: Result<(), Status>) -> ServerReply {
 /// The request of a call whose client streams, and its response sink if it has one.
 type StreamRequest<Req> = (Request<RequestStream<Req>>, Option<RawResponseSink>);
 
-fn stream_request<C: Codec<Req>, Req>(
-    codec: &C,
-    mut req: ServerRequest,
-    requests: &Arc<dyn Codec<Req>>,
-) -> Result<StreamRequest<Req>, Status> {
+fn stream_request<C, Req>(codec: &C, mut req: ServerRequest) -> Result<StreamRequest<Req>, Status>
+where
+    C: Codec<Req> + Clone,
+{
     check_codec(codec, &req)?;
     let stream = req.take_request_stream().ok_or_else(no_stream)?;
     let sink = req.take_response_sink();
     let request = Request {
-        message: RequestStream::new(stream, requests.clone()),
+        message: RequestStream::new(stream, Arc::new(codec.clone())),
         metadata: req.metadata(),
         deadline: req.deadline,
         peer: req.peer,
