@@ -270,7 +270,6 @@ impl Plan {
                 proto.display()
             )));
         }
-        let builder = gorpc_build::Builder::new();
         for service in &services {
             if service.methods.is_empty() {
                 return Err(Failure::usage(format!(
@@ -278,12 +277,20 @@ impl Plan {
                     service.proto_path()
                 )));
             }
-            builder.generate_service(service).map_err(|e| {
-                Failure::usage(format!(
-                    "{}: {e} (gorpc new scaffolds unary methods only)",
-                    proto.display()
-                ))
-            })?;
+            // gorpc-build generates stream methods, but the scaffold's handler stubs and
+            // client call are written for unary methods.
+            if let Some(method) = service
+                .methods
+                .iter()
+                .find(|m| m.client_streaming || m.server_streaming)
+            {
+                return Err(Failure::usage(format!(
+                    "{}: {}: streaming methods are not scaffolded (gorpc new scaffolds unary \
+                     methods only)",
+                    proto.display(),
+                    method_path(service, &method.proto_name)
+                )));
+            }
         }
         Ok(Plan {
             crate_ident: name.replace('-', "_"),
