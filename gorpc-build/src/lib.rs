@@ -12,11 +12,33 @@
 //!
 //! For each service `Greeter` in package `helloworld` this generates, next to the prost
 //! messages:
-//! - `trait Greeter`: one `async fn` per method taking a `gorpc::Request<Req>` (message,
-//!   metadata, deadline) and returning `Result<gorpc::Response<Rsp>, gorpc::Status>`;
+//! - `trait Greeter`: one `async fn` per method, shaped like the handlers of
+//!   `gorpc::Router`'s methods of the same kind:
+//!
+//!   | .proto                                  | trait method                                                         |
+//!   |-----------------------------------------|----------------------------------------------------------------------|
+//!   | `rpc M (Req) returns (Rsp)`             | `m(&self, Request<Req>) -> Result<Response<Rsp>, Status>`            |
+//!   | `rpc M (Req) returns (stream Rsp)`      | `m(&self, Request<Req>, ResponseSink<Rsp>) -> Result<(), Status>`    |
+//!   | `rpc M (stream Req) returns (Rsp)`      | `m(&self, Request<RequestStream<Req>>) -> Result<Response<Rsp>, Status>` |
+//!   | `rpc M (stream Req) returns (stream Rsp)` | `m(&self, Request<RequestStream<Req>>, ResponseSink<Rsp>) -> Result<(), Status>` |
+//!
+//!   `Request` carries the metadata and deadline; a response stream ends with the status
+//!   the method returns (`gorpc::stream::{RequestStream, ResponseSink}`);
 //! - `GreeterServer<T>`: wraps an implementation into a `gorpc::Service` (and a
-//!   `gorpc::NamedService`, so a `Router` can host it beside other services);
-//! - `GreeterClient`: a typed client over a `gorpc::Client`, on any runtime.
+//!   `gorpc::NamedService`, so a `Router` can host it beside other services), reporting
+//!   each stream method's kind through `Service::stream_kind`;
+//! - `GreeterClient`: a typed client over a `gorpc::Client`, on any runtime, one method
+//!   per rpc returning what `gorpc::Client`'s call of that kind returns:
+//!
+//!   | kind             | client method                                                               |
+//!   |------------------|-----------------------------------------------------------------------------|
+//!   | unary            | `m(&self, impl IntoRequest<Req>) -> Result<Response<Rsp>, Status>`          |
+//!   | server streaming | `m(&self, impl IntoRequest<Req>) -> Result<ResponseStream<Rsp>, Status>`    |
+//!   | client streaming | `m(&self, CallOptions) -> Result<ClientStreaming<Req, Rsp>, Status>`        |
+//!   | bidirectional    | `m(&self, CallOptions) -> Result<(StreamSender<Req>, ResponseStream<Rsp>), Status>` |
+//!
+//!   (`gorpc::client::{ResponseStream, ClientStreaming, StreamSender}`; the request's or the
+//!   options' deadline covers the whole stream).
 //!
 //! Method paths are "/helloworld.Greeter/SayHello". Doc comments carry over.
 //!
@@ -114,30 +136,22 @@ impl Builder {
 
     /// Generates the service code for one service as a string (used by `compile`, and by
     /// tools that generate code outside build.rs).
-    pub fn generate_service(&self, service: &Service) -> Result<String, String> {
+    pub fn generate_service(&self, service: &Service) -> String {
         self.generate(service, false)
     }
 
     /// With `described`, servers report each method's messages as described in the
     /// package's `FILE_DESCRIPTOR_SET`, which the caller then writes.
-    fn generate(&self, service: &Service, described: bool) -> Result<String, String> {
+    fn generate(&self, service: &Service, described: bool) -> String {
         let mut out = String::new();
         let g = &self.gorpc_path;
-        for method in &service.methods {
-            if method.client_streaming || method.server_streaming {
-                return Err(format!(
-                    "{}: streaming methods are not supported yet",
-                    method_path(service, method)
-                ));
-            }
-        }
         if self.build_server {
             server(&mut out, service, g, described);
         }
         if self.build_client {
             client(&mut out, service, g);
         }
-        Ok(out)
+        out
     }
 }
 
@@ -150,12 +164,7 @@ struct Generator {
 impl ServiceGenerator for Generator {
     fn generate(&mut self, service: Service, buf: &mut String) {
         let described = self.descriptors.is_some();
-        match self.builder.generate(&service, described) {
-            Ok(code) => buf.push_str(&code),
-            // prost-build gives generators no error channel: fail the user's build with a
-            // message that names the method.
-            Err(e) => buf.push_str(&format!("compile_error!({e:?});\n")),
-        }
+        buf.push_str(&self.builder.generate(&service, described));
     }
 
     /// Called once per package that has services.
@@ -238,6 +247,36 @@ fn method_path(service: &Service, method: &Method) -> String {
     }
 }
 
+/// The four shapes of an rpc, from its `stream` keywords.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Unary,
+    ServerStreaming,
+    ClientStreaming,
+    Bidirectional,
+}
+
+impl Kind {
+    fn of(method: &Method) -> Kind {
+        match (method.client_streaming, method.server_streaming) {
+            (false, false) => Kind::Unary,
+            (false, true) => Kind::ServerStreaming,
+            (true, false) => Kind::ClientStreaming,
+            (true, true) => Kind::Bidirectional,
+        }
+    }
+
+    /// The `gorpc::proto::StreamKind` variant, for stream methods.
+    fn stream_kind(self) -> Option<&'static str> {
+        match self {
+            Kind::Unary => None,
+            Kind::ServerStreaming => Some("ServerStreaming"),
+            Kind::ClientStreaming => Some("ClientStreaming"),
+            Kind::Bidirectional => Some("Bidirectional"),
+        }
+    }
+}
+
 fn doc_comments(out: &mut String, comments: &prost_build::Comments, indent: &str) {
     for line in comments.leading.iter().flat_map(|c| c.lines()) {
         match line.strip_prefix(' ').unwrap_or(line) {
@@ -258,10 +297,35 @@ fn server(out: &mut String, service: &Service, g: &str, described: bool) {
     );
     for method in &service.methods {
         doc_comments(out, &method.comments, "    ");
+        let (input, output) = (&method.input_type, &method.output_type);
+        // The shapes of the Router's handlers of the same kind.
+        let (params, result) = match Kind::of(method) {
+            Kind::Unary => (
+                format!("request: {g}::Request<{input}>"),
+                format!("{g}::Response<{output}>"),
+            ),
+            Kind::ServerStreaming => (
+                format!(
+                    "request: {g}::Request<{input}>, sink: {g}::stream::ResponseSink<{output}>"
+                ),
+                "()".to_owned(),
+            ),
+            Kind::ClientStreaming => (
+                format!("request: {g}::Request<{g}::stream::RequestStream<{input}>>"),
+                format!("{g}::Response<{output}>"),
+            ),
+            Kind::Bidirectional => (
+                format!(
+                    "request: {g}::Request<{g}::stream::RequestStream<{input}>>, \
+                     sink: {g}::stream::ResponseSink<{output}>"
+                ),
+                "()".to_owned(),
+            ),
+        };
         let _ = writeln!(
             out,
-            "    fn {}(&self, request: {g}::Request<{}>) -> impl ::core::future::Future<Output = ::core::result::Result<{g}::Response<{}>, {g}::Status>> + ::core::marker::Send;",
-            method.name, method.input_type, method.output_type
+            "    fn {}(&self, {params}) -> impl ::core::future::Future<Output = ::core::result::Result<{result}, {g}::Status>> + ::core::marker::Send;",
+            method.name
         );
     }
     let _ = writeln!(out, "}}");
@@ -297,11 +361,17 @@ impl<T: {name}> {g}::Service for {server}<T> {{
         match request.method() {{"#
     );
     for method in &service.methods {
+        let (glue, params) = match Kind::of(method) {
+            Kind::Unary => ("unary_call", "r"),
+            Kind::ServerStreaming => ("server_stream_call", "r, sink"),
+            Kind::ClientStreaming => ("client_stream_call", "r"),
+            Kind::Bidirectional => ("bidi_call", "r, sink"),
+        };
         let _ = writeln!(
             out,
             r#"            {path:?} => {{
                 let inner = self.inner.clone();
-                {g}::service::unary_call(request, {g}::Protobuf, move |r| async move {{ inner.{m}(r).await }})
+                {g}::service::{glue}(request, {g}::Protobuf, move |{params}| async move {{ inner.{m}({params}).await }})
             }}"#,
             path = method_path(service, method),
             m = method.name,
@@ -311,7 +381,7 @@ impl<T: {name}> {g}::Service for {server}<T> {{
         out,
         r#"            _ => {g}::service::unimplemented(&request),
         }}
-    }}{schema}
+    }}{schema}{stream_kind}
 }}
 
 impl<T: {name}> {g}::NamedService for {server}<T> {{
@@ -328,7 +398,32 @@ impl<T: {name}> {g}::NamedService for {server}<T> {{
         } else {
             String::new()
         },
+        stream_kind = stream_kind_fn(service, g),
     );
+}
+
+/// `Service::stream_kind` for a generated server: the connection driver asks it to hand
+/// stream methods their halves. Left to the default (all unary) when nothing streams.
+fn stream_kind_fn(service: &Service, g: &str) -> String {
+    let arms: Vec<String> = service
+        .methods
+        .iter()
+        .filter_map(|method| {
+            let kind = Kind::of(method).stream_kind()?;
+            Some(format!(
+                "            {path:?} => ::core::option::Option::Some({g}::proto::StreamKind::{kind}),\n",
+                path = method_path(service, method),
+            ))
+        })
+        .collect();
+    if arms.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n\n    fn stream_kind(&self, method: &str) -> ::core::option::Option<{g}::proto::StreamKind> {{\n        \
+         match method {{\n{}            _ => ::core::option::Option::None,\n        }}\n    }}",
+        arms.concat()
+    )
 }
 
 /// `Service::schema` for a generated server: each method's messages, by full name, in the
@@ -377,14 +472,44 @@ impl {client} {{
     for method in &service.methods {
         let _ = writeln!(out);
         doc_comments(out, &method.comments, "    ");
+        let (input, output) = (&method.input_type, &method.output_type);
+        // What `gorpc::Client`'s call of the same kind takes and returns.
+        let request = format!("request: impl {g}::IntoRequest<{input}>");
+        let options = format!("options: {g}::CallOptions");
+        let (param, result, call, arg) = match Kind::of(method) {
+            Kind::Unary => (
+                request,
+                format!("{g}::Response<{output}>"),
+                "unary",
+                "request.into_request()",
+            ),
+            Kind::ServerStreaming => (
+                request,
+                format!("{g}::client::ResponseStream<{output}>"),
+                "server_stream",
+                "request.into_request()",
+            ),
+            Kind::ClientStreaming => (
+                options,
+                format!("{g}::client::ClientStreaming<{input}, {output}>"),
+                "client_stream",
+                "options",
+            ),
+            Kind::Bidirectional => (
+                options,
+                format!(
+                    "({g}::client::StreamSender<{input}>, {g}::client::ResponseStream<{output}>)"
+                ),
+                "bidi",
+                "options",
+            ),
+        };
         let _ = writeln!(
             out,
-            r#"    pub async fn {m}(&self, request: impl {g}::IntoRequest<{input}>) -> ::core::result::Result<{g}::Response<{output}>, {g}::Status> {{
-        self.inner.unary({path:?}, {g}::Protobuf, request.into_request()).await
+            r#"    pub async fn {m}(&self, {param}) -> ::core::result::Result<{result}, {g}::Status> {{
+        self.inner.{call}({path:?}, {g}::Protobuf, {arg}).await
     }}"#,
             m = method.name,
-            input = method.input_type,
-            output = method.output_type,
             path = method_path(service, method),
         );
     }
