@@ -1,3 +1,6 @@
 fn main() -> std::io::Result<()> {
-    gorpc_build::compile_protos(&["proto/helloworld.proto"], &["proto"])
+    gorpc_build::compile_protos(
+        &["proto/helloworld.proto", "proto/route_guide.proto"],
+        &["proto"],
+    )
 }
