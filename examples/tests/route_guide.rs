@@ -7,7 +7,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use gorpc::proto::StreamKind;
 use gorpc::stream::{RequestStream, ResponseSink};
-use gorpc::{CallOptions, Client, Code, Request, Response, Router, Runtime, Server, Service, Status};
+use gorpc::{
+    CallOptions, Client, Code, Request, Response, Router, Runtime, Server, Service, Status,
+};
 use gorpc_examples::routeguide::{
     Feature, Point, Rectangle, RouteGuide, RouteGuideClient, RouteGuideServer, RouteNote,
     RouteSummary,
@@ -62,7 +64,10 @@ impl RouteGuide for Guide {
         mut sink: ResponseSink<Feature>,
     ) -> Result<(), Status> {
         let (Some(lo), Some(hi)) = (request.message.lo, request.message.hi) else {
-            return Err(Status::new(Code::InvalidArgument, "a rectangle needs both corners"));
+            return Err(Status::new(
+                Code::InvalidArgument,
+                "a rectangle needs both corners",
+            ));
         };
         for latitude in lo.latitude.max(0)..=hi.latitude.min(LATITUDES - 1) {
             for longitude in lo.longitude.max(0)..=hi.longitude.min(LONGITUDES - 1) {
@@ -111,7 +116,10 @@ impl RouteGuide for Guide {
         let mut left: HashMap<(i32, i32), Vec<RouteNote>> = HashMap::new();
         while let Some(note) = notes.next().await {
             let note = note?;
-            let at = note.location.as_ref().map_or((0, 0), |p| (p.latitude, p.longitude));
+            let at = note
+                .location
+                .as_ref()
+                .map_or((0, 0), |p| (p.latitude, p.longitude));
             let earlier = left.entry(at).or_default();
             for previous in earlier.iter() {
                 sink.send(previous).await?;
@@ -158,7 +166,10 @@ fn generated_server_reports_stream_kinds() {
 async fn all_four_kinds<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
     // Through a Router, which learns the stream kinds from the generated server.
     let router = Router::new().add_service(RouteGuideServer::new(Guide));
-    let server = Server::new(server_rt, router).bind(loopback()).await.unwrap();
+    let server = Server::new(server_rt, router)
+        .bind(loopback())
+        .await
+        .unwrap();
     let client = RouteGuideClient::new(
         Client::connect(client_rt.clone(), server.local_addr(), client_config())
             .await

@@ -449,7 +449,9 @@ impl Router {
         let handler = Arc::new(handler);
         self.stream_route(method, StreamKind::Bidirectional, move |req| {
             let handler = handler.clone();
-            bidi_call(req, codec.clone(), move |request, sink| handler(request, sink))
+            bidi_call(req, codec.clone(), move |request, sink| {
+                handler(request, sink)
+            })
         })
     }
 
