@@ -61,7 +61,87 @@ use syn::{
 ///   Its `Service::schema` reports msgpack for every method, so HTTP callers may send JSON.
 /// - `{Trait}Client`: a typed client over a `gorpc::Client` (`new(client)`, `inner()`), on any
 ///   runtime, with one `pub async fn name(&self, args..) -> Result<T, gorpc::Status>` per
-///   method.
+///   method (stream methods: see below).
+///
+/// # Stream methods
+///
+/// A method that takes a `ResponseSink<T>` or a `RequestStream<T>` (from `gorpc::stream`,
+/// recognised by the type's name under any path, taken by value) streams, with the
+/// handler shapes of `Router::server_stream`, `client_stream` and `bidi`:
+///
+/// | trait method                                                  | kind             | client method returns                          |
+/// |---------------------------------------------------------------|------------------|------------------------------------------------|
+/// | `f(&self, args.., sink: ResponseSink<R>) -> Result<(), Status>` | server streaming | `ResponseStream<R>` (`f(args..)`)              |
+/// | `f(&self, items: RequestStream<I>) -> Result<T, Status>`        | client streaming | `ClientStreaming<I, T>` (`f()`)                |
+/// | `f(&self, items: RequestStream<I>, sink: ResponseSink<R>) -> Result<(), Status>` | bidirectional | `(StreamSender<I>, ResponseStream<R>)` (`f()`) |
+///
+/// (the client types are in `gorpc::client`). A method with a sink sends its responses
+/// through it and returns `Ok(())` to end the stream with OK, or the error status to end it
+/// with that; a method with a request stream has no other arguments, since everything the
+/// client sends is in the stream. Each stream message is one msgpack value of its type.
+/// The client's default timeout is the deadline of the whole stream; for another one, call
+/// through `inner()` (`Client::server_stream`, `client_stream`, `bidi` take options).
+///
+/// ```
+/// use futures::StreamExt;
+/// use gorpc::stream::{RequestStream, ResponseSink};
+/// use gorpc::Status;
+///
+/// #[gorpc::service]
+/// trait Numbers {
+///     /// 0..n, one message each.
+///     async fn count(&self, n: u32, sink: ResponseSink<u32>) -> Result<(), Status>;
+///     /// The sum of everything sent.
+///     async fn sum(&self, numbers: RequestStream<u32>) -> Result<u64, Status>;
+///     /// Each number back, doubled.
+///     async fn double(&self, numbers: RequestStream<u32>, sink: ResponseSink<u64>)
+///         -> Result<(), Status>;
+/// }
+///
+/// struct N;
+///
+/// impl Numbers for N {
+///     async fn count(&self, n: u32, mut sink: ResponseSink<u32>) -> Result<(), Status> {
+///         for i in 0..n {
+///             sink.send(&i).await?;
+///         }
+///         Ok(())
+///     }
+///     async fn sum(&self, mut numbers: RequestStream<u32>) -> Result<u64, Status> {
+///         let mut sum = 0;
+///         while let Some(n) = numbers.next().await {
+///             sum += u64::from(n?);
+///         }
+///         Ok(sum)
+///     }
+///     async fn double(
+///         &self,
+///         mut numbers: RequestStream<u32>,
+///         mut sink: ResponseSink<u64>,
+///     ) -> Result<(), Status> {
+///         while let Some(n) = numbers.next().await {
+///             sink.send(&(2 * u64::from(n?))).await?;
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// use gorpc::Service;
+/// let server = NumbersServer::new(N);
+/// assert_eq!(
+///     server.stream_kind("/Numbers/count"),
+///     Some(gorpc::proto::StreamKind::ServerStreaming)
+/// );
+/// # async fn call(client: NumbersClient) -> Result<(), Status> {
+/// let mut counted = client.count(3).await?;
+/// while let Some(i) = counted.next().await {
+///     println!("{}", i?);
+/// }
+/// let mut sum = client.sum().await?;
+/// sum.send(&1).await?;
+/// let total: u64 = sum.finish().await?.message;
+/// # Ok(()) }
+/// ```
 ///
 /// # Method paths and wire format
 ///
@@ -102,7 +182,9 @@ use syn::{
 /// Every item of the trait is a method that is `async`, takes `&self`, returns
 /// `Result<T, gorpc::Status>` (or a `Result` whose error converts `Into<Status>`), and has
 /// no generic parameters; arguments and `T` are owned serde types
-/// (`Serialize + DeserializeOwned + Send + 'static`). The trait itself has no generics.
+/// (`Serialize + DeserializeOwned + Send + 'static`), apart from at most one
+/// `RequestStream` and one `ResponseSink` as described above. The trait itself has no
+/// generics.
 /// Anything else is a compile error that points at the offending part:
 ///
 /// ```compile_fail
@@ -123,6 +205,14 @@ use syn::{
 /// #[gorpc::service]
 /// trait NotAResult {
 ///     async fn add(&self, a: i64, b: i64) -> i64;
+/// }
+/// ```
+///
+/// ```compile_fail
+/// #[gorpc::service]
+/// trait SinkAndResult {
+///     async fn tail(&self, sink: gorpc::stream::ResponseSink<String>)
+///         -> Result<u64, gorpc::Status>;
 /// }
 /// ```
 ///
@@ -202,11 +292,21 @@ struct Method {
     path: String,
     /// Doc comments, copied onto the client's method.
     docs: Vec<syn::Attribute>,
-    /// Argument names for the client, and types.
+    /// The arguments that make up the request message: names for the client, and types.
     args: Vec<(Ident, Type)>,
+    /// The message type of a `RequestStream<T>` argument: the client streams.
+    requests: Option<Type>,
+    /// The message type of a `ResponseSink<T>` argument: the server streams.
+    sink: Option<Type>,
+    /// Every argument in declared order, as the server passes them to the implementation.
+    call_args: Vec<Ident>,
     /// The `T` of `Result<T, E>`.
     ok: Type,
 }
+
+/// What the server names the stream arguments it hands to the implementation.
+const REQUESTS_ARG: &str = "__requests";
+const SINK_ARG: &str = "__sink";
 
 impl Method {
     /// The request message type: `()`, the one argument's type, or a tuple.
@@ -367,9 +467,22 @@ fn check_method(method: &TraitItemFn, service_name: &str) -> syn::Result<Method>
         ));
     }
     errors.take(check_receiver(sig));
-    let args = errors.take(check_args(sig));
+    let params = errors.take(check_args(sig));
     let ok = errors.take(result_ok_type(sig));
+    if let (Some(params), Some(ok)) = (&params, &ok) {
+        if params.sink.is_some() && !is_unit(ok) {
+            errors.push(syn::Error::new_spanned(
+                ok,
+                format!(
+                    "#[gorpc::service] method `{}` takes a `ResponseSink`, so its responses go \
+                     through the sink: it must return `Result<(), gorpc::Status>`",
+                    sig.ident
+                ),
+            ));
+        }
+    }
     errors.finish()?;
+    let params = params.expect("checked");
     let name = sig.ident.clone();
     Ok(Method {
         path: format!("/{service_name}/{}", name.unraw()),
@@ -380,9 +493,16 @@ fn check_method(method: &TraitItemFn, service_name: &str) -> syn::Result<Method>
             .filter(|a| a.path().is_ident("doc"))
             .cloned()
             .collect(),
-        args: args.expect("checked"),
+        args: params.plain,
+        requests: params.requests,
+        sink: params.sink,
+        call_args: params.call_args,
         ok: ok.expect("checked"),
     })
+}
+
+fn is_unit(ty: &Type) -> bool {
+    matches!(ty, Type::Tuple(t) if t.elems.is_empty())
 }
 
 fn check_receiver(sig: &Signature) -> syn::Result<()> {
@@ -401,16 +521,108 @@ fn check_receiver(sig: &Signature) -> syn::Result<()> {
     }
 }
 
-fn check_args(sig: &Signature) -> syn::Result<Vec<(Ident, Type)>> {
+/// A method's arguments, sorted by what they are on the wire.
+struct Params {
+    plain: Vec<(Ident, Type)>,
+    requests: Option<Type>,
+    sink: Option<Type>,
+    call_args: Vec<Ident>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StreamArg {
+    Requests,
+    Sink,
+}
+
+impl StreamArg {
+    fn type_name(self) -> &'static str {
+        match self {
+            StreamArg::Requests => "RequestStream",
+            StreamArg::Sink => "ResponseSink",
+        }
+    }
+}
+
+/// `RequestStream<T>` or `ResponseSink<T>` (from `gorpc::stream`, under any path), known by
+/// the last segment of the type's path; with the message type `T` if it is written.
+fn stream_arg(ty: &Type) -> Option<(StreamArg, Option<Type>)> {
+    let Type::Path(path) = ty else { return None };
+    if path.qself.is_some() {
+        return None;
+    }
+    let last = path.path.segments.last()?;
+    let role = if last.ident == "RequestStream" {
+        StreamArg::Requests
+    } else if last.ident == "ResponseSink" {
+        StreamArg::Sink
+    } else {
+        return None;
+    };
+    let message = match &last.arguments {
+        PathArguments::AngleBracketed(args) if args.args.len() == 1 => match &args.args[0] {
+            GenericArgument::Type(t) => Some(t.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    Some((role, message))
+}
+
+fn check_args(sig: &Signature) -> syn::Result<Params> {
     let mut errors = Errors::default();
-    let mut args = Vec::new();
+    let mut params = Params {
+        plain: Vec::new(),
+        requests: None,
+        sink: None,
+        call_args: Vec::new(),
+    };
+    // Plain arguments, kept for the error if the method also streams its requests.
+    let mut plain_args = Vec::new();
     for (i, arg) in sig.inputs.iter().enumerate() {
         let FnArg::Typed(arg) = arg else { continue };
         let name = match &*arg.pat {
             Pat::Ident(p) if p.subpat.is_none() && p.by_ref.is_none() => p.ident.clone(),
             _ => format_ident!("__arg{i}"),
         };
+        if let Some((role, message)) = stream_arg(&arg.ty) {
+            let type_name = role.type_name();
+            let Some(message) = message else {
+                errors.push(syn::Error::new_spanned(
+                    &arg.ty,
+                    format!("`{type_name}` needs its message type: `{type_name}<T>`"),
+                ));
+                continue;
+            };
+            let (slot, call_name) = match role {
+                StreamArg::Requests => (&mut params.requests, REQUESTS_ARG),
+                StreamArg::Sink => (&mut params.sink, SINK_ARG),
+            };
+            if slot.is_some() {
+                errors.push(syn::Error::new_spanned(
+                    &arg.ty,
+                    format!(
+                        "#[gorpc::service] method `{}` takes a second `{type_name}`: a call has \
+                         one stream each way",
+                        sig.ident
+                    ),
+                ));
+                continue;
+            }
+            *slot = Some(message);
+            params
+                .call_args
+                .push(Ident::new(call_name, Span::call_site()));
+            continue;
+        }
         match &*arg.ty {
+            Type::Reference(r) if stream_arg(&r.elem).is_some() => {
+                errors.push(syn::Error::new_spanned(
+                    &arg.ty,
+                    "#[gorpc::service] stream arguments are taken by value: the method owns the \
+                     call's stream until it returns",
+                ))
+            }
             Type::Reference(_) => errors.push(syn::Error::new_spanned(
                 &arg.ty,
                 "#[gorpc::service] arguments must be owned types (the server decodes them): \
@@ -421,11 +633,30 @@ fn check_args(sig: &Signature) -> syn::Result<Vec<(Ident, Type)>> {
                 "#[gorpc::service] arguments cannot be `impl Trait`: they must be concrete \
                  serde types",
             )),
-            ty => args.push((name, ty.clone())),
+            ty => {
+                plain_args.push(arg);
+                params.call_args.push(name.clone());
+                params.plain.push((name, ty.clone()));
+            }
+        }
+    }
+    // A client-streaming call has no request message of its own: everything the client
+    // sends is in the stream.
+    if params.requests.is_some() {
+        for arg in plain_args {
+            errors.push(syn::Error::new_spanned(
+                arg,
+                format!(
+                    "#[gorpc::service] method `{}` takes a `RequestStream`, so everything the \
+                     client sends comes through it: this argument has no place on the wire \
+                     (put it in the stream's message type)",
+                    sig.ident
+                ),
+            ));
         }
     }
     errors.finish()?;
-    Ok(args)
+    Ok(params)
 }
 
 /// The `T` of a `-> Result<T, E>` return type.
@@ -494,27 +725,106 @@ fn server(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
         let method = &m.name;
         let req = m.request_type();
         let ok = &m.ok;
+        let call_args = &m.call_args;
         let names: Vec<_> = m.args.iter().map(|(n, _)| n).collect();
         let unpack = match names.as_slice() {
             [] => quote! { let () = __request.message; },
             [one] => quote! { let #one = __request.message; },
             many => quote! { let ( #(#many,)* ) = __request.message; },
         };
-        quote! {
-            #path => {
-                let __inner = ::std::sync::Arc::clone(&self.inner);
+        let requests = Ident::new(REQUESTS_ARG, Span::call_site());
+        let sink = Ident::new(SINK_ARG, Span::call_site());
+        let run = quote! {
+            let __result: ::core::result::Result<#ok, #g::Status> = __inner
+                .#method( #(#call_args),* )
+                .await
+                .map_err(::core::convert::Into::into);
+        };
+        // The same glue the Router's handlers of each kind run on.
+        let glue = match (&m.requests, &m.sink) {
+            (None, None) => quote! {
                 #g::service::unary_call(
                     request,
                     #g::MsgPack,
                     move |__request: #g::Request<#req>| async move {
                         #unpack
-                        let __result: ::core::result::Result<#ok, #g::Status> = __inner
-                            .#method( #(#names),* )
-                            .await
-                            .map_err(::core::convert::Into::into);
+                        #run
                         __result.map(#g::Response::new)
                     },
                 )
+            },
+            (None, Some(rsp)) => quote! {
+                #g::service::server_stream_call(
+                    request,
+                    #g::MsgPack,
+                    move |__request: #g::Request<#req>, #sink: #g::stream::ResponseSink<#rsp>| {
+                        async move {
+                            #unpack
+                            #run
+                            __result
+                        }
+                    },
+                )
+            },
+            (Some(item), None) => quote! {
+                #g::service::client_stream_call(
+                    request,
+                    #g::MsgPack,
+                    move |__request: #g::Request<#g::stream::RequestStream<#item>>| async move {
+                        let #requests = __request.message;
+                        #run
+                        __result.map(#g::Response::new)
+                    },
+                )
+            },
+            (Some(item), Some(rsp)) => quote! {
+                #g::service::bidi_call(
+                    request,
+                    #g::MsgPack,
+                    move |
+                        __request: #g::Request<#g::stream::RequestStream<#item>>,
+                        #sink: #g::stream::ResponseSink<#rsp>,
+                    | async move {
+                        let #requests = __request.message;
+                        #run
+                        __result
+                    },
+                )
+            },
+        };
+        quote! {
+            #path => {
+                let __inner = ::std::sync::Arc::clone(&self.inner);
+                #glue
+            }
+        }
+    });
+    // The connection driver hands stream methods their halves by this answer.
+    let stream_arms: Vec<_> = methods
+        .iter()
+        .filter_map(|m| {
+            let kind = match (&m.requests, &m.sink) {
+                (None, None) => return None,
+                (None, Some(_)) => quote!(ServerStreaming),
+                (Some(_), None) => quote!(ClientStreaming),
+                (Some(_), Some(_)) => quote!(Bidirectional),
+            };
+            let path = &m.path;
+            Some(quote! {
+                #path => ::core::option::Option::Some(#g::proto::StreamKind::#kind),
+            })
+        })
+        .collect();
+    let stream_kind = (!stream_arms.is_empty()).then(|| {
+        quote! {
+            fn stream_kind(
+                &self,
+                method: &str,
+            ) -> ::core::option::Option<#g::proto::StreamKind> {
+                match method {
+                    #(#stream_arms)*
+                    _ => ::core::option::Option::None,
+                }
             }
         }
     });
@@ -578,6 +888,8 @@ fn server(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
             fn schema(&self, method: &str) -> ::core::option::Option<#g::MethodSchema> {
                 #schema_body
             }
+
+            #stream_kind
         }
 
         impl<#inner_ty: #name> #g::NamedService for #server<#inner_ty> {
@@ -601,12 +913,43 @@ fn client(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
         let params = m.args.iter().map(|(n, ty)| quote! { #n: #ty });
         let path_doc = format!("Calls `{path}`.");
         let sep = (!docs.is_empty()).then(|| quote! { #[doc = ""] });
+        // What `gorpc::Client`'s call of the same kind returns.
+        let (result, body) = match (&m.requests, &m.sink) {
+            (None, None) => (
+                quote! { #ok },
+                quote! { self.inner.call::<#req, #ok>(#path, &#value).await },
+            ),
+            (None, Some(rsp)) => (
+                quote! { #g::client::ResponseStream<#rsp> },
+                quote! {
+                    self.inner
+                        .server_stream(#path, #g::MsgPack, #g::Request::<#req>::new(#value))
+                        .await
+                },
+            ),
+            (Some(item), None) => (
+                quote! { #g::client::ClientStreaming<#item, #ok> },
+                quote! {
+                    self.inner
+                        .client_stream(#path, #g::MsgPack, #g::CallOptions::default())
+                        .await
+                },
+            ),
+            (Some(item), Some(rsp)) => (
+                quote! { (#g::client::StreamSender<#item>, #g::client::ResponseStream<#rsp>) },
+                quote! {
+                    self.inner
+                        .bidi(#path, #g::MsgPack, #g::CallOptions::default())
+                        .await
+                },
+            ),
+        };
         quote! {
             #(#docs)*
             #sep
             #[doc = #path_doc]
-            pub async fn #method(&self, #(#params),*) -> ::core::result::Result<#ok, #g::Status> {
-                self.inner.call::<#req, #ok>(#path, &#value).await
+            pub async fn #method(&self, #(#params),*) -> ::core::result::Result<#result, #g::Status> {
+                #body
             }
         }
     });
@@ -740,6 +1083,82 @@ mod tests {
         assert!(msg.contains("async fn one"), "{msg}");
         assert!(msg.contains("`two` must take `&self`"), "{msg}");
         assert!(msg.contains("`three` must return"), "{msg}");
+    }
+
+    #[test]
+    fn stream_arguments_are_checked() {
+        let msg = error_of(
+            quote!(),
+            quote! { trait A { async fn f(&self, s: ResponseSink<u8>) -> Result<u8, Status>; } },
+        );
+        assert!(
+            msg.contains("must return `Result<(), gorpc::Status>`"),
+            "{msg}"
+        );
+        let msg = error_of(
+            quote!(),
+            quote! { trait A { async fn f(&self, n: u8, s: RequestStream<u8>) -> Result<u8, Status>; } },
+        );
+        assert!(
+            msg.contains("this argument has no place on the wire"),
+            "{msg}"
+        );
+        let msg = error_of(
+            quote!(),
+            quote! {
+                trait A {
+                    async fn f(&self, a: ResponseSink<u8>, b: ResponseSink<u8>)
+                        -> Result<(), Status>;
+                }
+            },
+        );
+        assert!(msg.contains("takes a second `ResponseSink`"), "{msg}");
+        let msg = error_of(
+            quote!(),
+            quote! { trait A { async fn f(&self, s: RequestStream) -> Result<u8, Status>; } },
+        );
+        assert!(msg.contains("`RequestStream<T>`"), "{msg}");
+        let msg = error_of(
+            quote!(),
+            quote! { trait A { async fn f(&self, s: &mut ResponseSink<u8>) -> Result<(), Status>; } },
+        );
+        assert!(msg.contains("taken by value"), "{msg}");
+    }
+
+    #[test]
+    fn stream_methods_are_routed_by_kind() {
+        let out = try_expand(
+            quote!(),
+            quote! {
+                trait S {
+                    async fn one(&self, x: u8) -> Result<u8, Status>;
+                    async fn down(&self, x: u8, sink: gorpc::stream::ResponseSink<u8>)
+                        -> Result<(), Status>;
+                    async fn up(&self, xs: RequestStream<u8>) -> Result<u64, Status>;
+                    async fn both(&self, sink: ResponseSink<u16>, xs: RequestStream<u8>)
+                        -> Result<(), Status>;
+                }
+            },
+        )
+        .unwrap()
+        .to_string();
+        for expected in [
+            "service :: server_stream_call",
+            "service :: client_stream_call",
+            "service :: bidi_call",
+            "\"/S/down\" => :: core :: option :: Option :: Some (:: gorpc :: proto :: StreamKind :: ServerStreaming)",
+            "\"/S/up\" => :: core :: option :: Option :: Some (:: gorpc :: proto :: StreamKind :: ClientStreaming)",
+            "\"/S/both\" => :: core :: option :: Option :: Some (:: gorpc :: proto :: StreamKind :: Bidirectional)",
+            // Declared order kept when the server calls the implementation.
+            ". both (__sink , __requests)",
+            "ClientStreaming < u8 , u64 >",
+        ] {
+            assert!(out.contains(expected), "{expected} in {out}");
+        }
+        assert!(
+            !out.contains("\"/S/one\" => :: core :: option :: Option :: Some (:: gorpc :: proto"),
+            "{out}"
+        );
     }
 
     #[test]
