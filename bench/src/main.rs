@@ -138,6 +138,14 @@ struct RunArgs {
     /// next stream.
     #[arg(long, default_value_t = 100_000)]
     messages: u32,
+    /// The clients' receive window per stream call, in bytes, for gorpc and tonic alike
+    /// [default: each system's own: 64 KiB for gorpc, 2 MiB for tonic (hyper)].
+    #[arg(long, value_name = "BYTES")]
+    stream_window: Option<u32>,
+    /// The clients' receive window per connection, in bytes, for gorpc and tonic alike
+    /// [default: each system's own: 1 MiB for gorpc, 5 MiB for tonic (hyper)].
+    #[arg(long, value_name = "BYTES")]
+    connection_window: Option<u32>,
     /// CPU the server process is pinned to.
     #[arg(long, default_value_t = 0)]
     server_cpu: usize,
@@ -177,6 +185,9 @@ struct StreamRow {
     /// Messages per stream call.
     messages: u32,
     connections: usize,
+    /// The clients' receive windows asked for; `null`: each system's default.
+    stream_window: Option<u32>,
+    connection_window: Option<u32>,
     msgs_per_s: f64,
     /// Message payload bytes per second in MB (10^6 bytes), framing not counted.
     mb_per_s: f64,
@@ -345,6 +356,13 @@ fn run_main(args: RunArgs) -> ExitCode {
         ),
         (args.messages == 0, "--messages must be at least 1"),
         (
+            [args.stream_window, args.connection_window]
+                .iter()
+                .flatten()
+                .any(|&w| !(64 * 1024..=1 << 30).contains(&w)),
+            "--stream-window and --connection-window must be between 64 KiB and 1 GiB",
+        ),
+        (
             args.workload == Workload::Stream && args.plot.is_some(),
             "--plot draws latency, which the stream workload does not measure",
         ),
@@ -440,6 +458,8 @@ fn run_streams(args: &RunArgs, concurrencies: &[usize]) -> ExitCode {
                 payload: args.payload,
                 messages: args.messages,
                 connections: args.connections,
+                stream_window: args.stream_window,
+                connection_window: args.connection_window,
                 msgs_per_s: round(measured.messages_per_sec(), 1),
                 mb_per_s: round(measured.mb_per_sec(args.payload), 2),
                 errors: measured.errors,
@@ -477,6 +497,8 @@ fn start(
         connections: args.connections,
         payload: systems::make_payload(args.payload),
         stream_messages: args.messages,
+        stream_window: args.stream_window,
+        connection_window: args.connection_window,
         warmup: Duration::from_secs_f64(args.warmup),
         secs: Duration::from_secs_f64(args.secs),
         threads: args.client_threads,
@@ -598,6 +620,16 @@ fn stream_summary(rows: &[StreamRow]) -> String {
             r.msgs_per_s,
             r.mb_per_s,
             r.errors
+        );
+    }
+    if let Some(r) = rows.first() {
+        let window = |w: Option<u32>, default: &str| {
+            w.map_or_else(|| default.to_owned(), |w| format!("{w} B"))
+        };
+        s += &format!(
+            "\nclient receive windows: per stream {}, per connection {}\n",
+            window(r.stream_window, "default (gorpc 64 KiB, tonic 2 MiB)"),
+            window(r.connection_window, "default (gorpc 1 MiB, tonic 5 MiB)"),
         );
     }
     let results: Vec<(&str, usize, f64)> = rows

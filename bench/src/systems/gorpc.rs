@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 
-use ::gorpc::client::PoolConfig;
+use ::gorpc::client::{ConnectionConfig, PoolConfig};
 use ::gorpc::stream::ResponseSink;
 use ::gorpc::{
     CallOptions, Client, ClientConfig, Code, Raw, Request, Router, Runtime, Server, ServerReply,
@@ -178,11 +178,20 @@ pub async fn stream_callers<R: Runtime>(
         .collect())
 }
 
-/// A client whose pool holds `p.connections` connections.
+/// A client whose pool holds `p.connections` connections, receiving streams with the
+/// windows asked for (gorpc's defaults otherwise: 64 KiB per call, 1 MiB per connection).
 async fn connect<R: Runtime>(rt: R, p: &ClientParams) -> Result<Client, String> {
+    let mut connection = ConnectionConfig::default();
+    if let Some(window) = p.stream_window {
+        connection.conn.stream_window = window;
+    }
+    if let Some(window) = p.connection_window {
+        connection.conn.connection_window = window;
+    }
     let config = ClientConfig {
         pool: PoolConfig {
             size: p.connections,
+            connection,
             ..PoolConfig::default()
         },
         ..ClientConfig::default()

@@ -116,6 +116,10 @@ pub struct ClientParams {
     pub payload: Bytes,
     /// Messages per stream call (stream workload).
     pub stream_messages: u32,
+    /// The client's receive window per stream call and per connection, in bytes; `None`
+    /// leaves each system's default.
+    pub stream_window: Option<u32>,
+    pub connection_window: Option<u32>,
     pub warmup: Duration,
     pub secs: Duration,
     pub threads: usize,

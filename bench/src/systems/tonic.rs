@@ -188,11 +188,14 @@ pub async fn stream_callers(p: &ClientParams) -> Result<Vec<TonicStreamCaller>, 
         .collect())
 }
 
-/// `p.connections` HTTP/2 channels, connected up front.
+/// `p.connections` HTTP/2 channels, connected up front, receiving streams with the windows
+/// asked for (hyper's defaults otherwise: 2 MiB per stream, 5 MiB per connection).
 async fn connect(p: &ClientParams) -> Result<Vec<Channel>, String> {
     let endpoint = Endpoint::from_shared(format!("http://{}", p.addr))
         .map_err(|e| e.to_string())?
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .initial_stream_window_size(p.stream_window)
+        .initial_connection_window_size(p.connection_window);
     let mut channels = Vec::with_capacity(p.connections);
     for _ in 0..p.connections {
         channels.push(
