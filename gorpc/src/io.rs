@@ -182,15 +182,6 @@ impl<R: Runtime, I: Io> Transport<R, I> {
         }
     }
 
-    /// Moves what the core has to send into the write queue without writing it, for a
-    /// driver that expects more to follow at once. Returns the bytes now queued.
-    pub(crate) fn queue_transmit(&mut self, conn: &mut impl Endpoint) -> usize {
-        while let Some(chunk) = conn.poll_transmit() {
-            self.write_queue.push(chunk);
-        }
-        self.write_queue.len
-    }
-
     /// Bytes queued for the socket and not yet written. A server stops reading requests
     /// while this is large, so a client that never reads its responses cannot make the
     /// server buffer without bound.

@@ -268,9 +268,10 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         // a system call and a wake-up of the reader per message, which made a server stream
         // about ten times slower. Bounded: the pass that queues STREAM_WRITE_BATCH bytes, or
         // that gets no new message, writes.
+        // The bytes stay in the core meanwhile, encoded back to back into one buffer.
         if std::mem::take(&mut self.gate_opened)
             && !self.closing
-            && self.transport.queue_transmit(&mut self.conn) < STREAM_WRITE_BATCH
+            && self.transport.write_backlog() + self.conn.transmit_len() < STREAM_WRITE_BATCH
         {
             // Polled again after the tasks already woken, the handler among them.
             cx.waker().wake_by_ref();
