@@ -758,6 +758,63 @@ mod tests {
         );
     }
 
+    fn stream_row(system: &'static str, msgs_per_s: f64) -> StreamRow {
+        StreamRow {
+            system,
+            concurrency: 1,
+            payload: 1024,
+            messages: 100_000,
+            connections: 1,
+            stream_window: None,
+            connection_window: None,
+            msgs_per_s,
+            mb_per_s: msgs_per_s * 1024.0 / 1e6,
+            errors: 0,
+        }
+    }
+
+    #[test]
+    fn the_stream_summary_has_its_table_and_ratios() {
+        let s = stream_summary(&[
+            stream_row("gorpc-tokio", 300_000.0),
+            stream_row("gorpc-smol", 150_000.0),
+            stream_row("tonic", 100_000.0),
+        ]);
+        assert!(
+            s.contains("| gorpc-tokio | 1 | 1024 | 100000 | 1 | 300000 | 307.2 | 0 |"),
+            "{s}"
+        );
+        assert!(
+            s.contains("per stream default (gorpc 64 KiB, tonic 2 MiB)"),
+            "{s}"
+        );
+        assert!(
+            s.ends_with(
+                "\n\nmessages/s ratios: gorpc-tokio/tonic 3.00x, gorpc-smol/tonic 1.50x, \
+                 gorpc-smol/gorpc-tokio 0.50x\n"
+            ),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn stream_options_parse() {
+        let cli = Cli::try_parse_from([
+            "gorpc-bench",
+            "--workload",
+            "stream",
+            "--messages",
+            "500",
+            "--stream-window",
+            "2097152",
+        ])
+        .expect("parses");
+        assert_eq!(cli.run.workload, Workload::Stream);
+        assert_eq!(cli.run.messages, 500);
+        assert_eq!(cli.run.stream_window, Some(2 << 20));
+        assert_eq!(cli.run.connection_window, None);
+    }
+
     #[test]
     fn plot_series_follow_the_systems() {
         let rows = [
