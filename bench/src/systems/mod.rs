@@ -317,31 +317,6 @@ pub fn run_client(system: System, p: &ClientParams) -> Result<Measurement, Strin
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_download_order_round_trips() {
-        let order = DownloadOrder {
-            count: 100_000,
-            size: 1024,
-        };
-        assert_eq!(DownloadOrder::decode(&order.encode()), Some(order));
-        assert_eq!(DownloadOrder::decode(&[0; 7]), None);
-    }
-
-    #[test]
-    fn only_gorpc_and_tonic_stream() {
-        let streaming: Vec<&str> = System::ALL
-            .iter()
-            .filter(|s| s.streams())
-            .map(|s| s.name())
-            .collect();
-        assert_eq!(streaming, ["gorpc-tokio", "gorpc-smol", "tonic"]);
-    }
-}
-
 /// Runs `system`'s client side of the stream workload for one measured run.
 pub fn run_stream_client(system: System, p: &ClientParams) -> Result<StreamMeasurement, String> {
     match system {
@@ -370,5 +345,30 @@ pub fn run_stream_client(system: System, p: &ClientParams) -> Result<StreamMeasu
             out
         }
         System::Tarpc | System::Raw => Err(NO_STREAMS.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_download_order_round_trips() {
+        let order = DownloadOrder {
+            count: 100_000,
+            size: 1024,
+        };
+        assert_eq!(DownloadOrder::decode(&order.encode()), Some(order));
+        assert_eq!(DownloadOrder::decode(&[0; 7]), None);
+    }
+
+    #[test]
+    fn only_gorpc_and_tonic_stream() {
+        let streaming: Vec<&str> = System::ALL
+            .iter()
+            .filter(|s| s.streams())
+            .map(|s| s.name())
+            .collect();
+        assert_eq!(streaming, ["gorpc-tokio", "gorpc-smol", "tonic"]);
     }
 }
