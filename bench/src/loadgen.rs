@@ -1,7 +1,10 @@
 //! The load generator every system shares: a closed loop of callers, a warm-up whose samples
-//! are dropped, a measured window, one latency histogram per caller, merged at the end.
+//! are dropped, a measured window, one latency histogram per caller, merged at the end. The
+//! stream workload has its own loop ([`stream_loop`]): stream tasks that each take one server
+//! stream's messages as fast as they come, counted between two samples.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -210,4 +213,154 @@ where
         r.error(hung as u64);
     }
     Measurement::merge(&window, recorders)
+}
+
+/// One stream task's counts, and the run's stop flag. The task alone writes the counts; the
+/// sampler reads them while it runs.
+#[derive(Debug)]
+pub struct StreamTally {
+    messages: AtomicU64,
+    errors: AtomicU64,
+    stop: Arc<AtomicBool>,
+}
+
+impl StreamTally {
+    fn new(stop: Arc<AtomicBool>) -> Self {
+        StreamTally {
+            messages: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            stop,
+        }
+    }
+
+    /// Counts one message that was the one expected. False once the run is over: the caller
+    /// then drops its stream (which cancels the call) and returns.
+    pub fn message(&self) -> bool {
+        // One writer: a load and a store, so a message costs no locked read-modify-write.
+        let n = self.messages.load(Ordering::Relaxed);
+        self.messages.store(n + 1, Ordering::Relaxed);
+        !self.stop.load(Ordering::Relaxed)
+    }
+
+    fn error(&self) {
+        let n = self.errors.load(Ordering::Relaxed);
+        self.errors.store(n + 1, Ordering::Relaxed);
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// One stream task of the stream workload: opens server-streaming calls one after another.
+pub trait StreamCaller: Send + 'static {
+    /// Runs one server-streaming call: calls `tally.message()` for every message that is the
+    /// one expected and drops the stream as soon as it returns false. True when the call
+    /// delivered every message and ended OK, or was dropped that way; false on anything else
+    /// (an error status, a wrong or missing message).
+    fn stream(&mut self, tally: &StreamTally) -> impl Future<Output = bool> + Send;
+}
+
+/// The result of one stream run: the messages taken between the two samples.
+#[derive(Debug)]
+pub struct StreamMeasurement {
+    pub messages: u64,
+    /// Time between the two samples (the measured window as it actually ran).
+    pub secs: f64,
+    pub errors: u64,
+}
+
+impl StreamMeasurement {
+    /// A run that could not start at all.
+    pub fn failed() -> Self {
+        StreamMeasurement {
+            messages: 0,
+            secs: 0.0,
+            errors: 1,
+        }
+    }
+
+    pub fn messages_per_sec(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.messages as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Message payload throughput in MB/s (10^6 bytes), framing not counted.
+    pub fn mb_per_sec(&self, payload: usize) -> f64 {
+        self.messages_per_sec() * payload as f64 / 1e6
+    }
+}
+
+/// Runs one task per caller, each opening stream after stream until the run ends. The
+/// messages taken are summed at the start of the measured window and at its end, so
+/// counting costs the tasks no clock reading per message. Tasks that have not returned
+/// `GRACE` after the window closes count as one error each.
+pub async fn stream_loop<C, S, F>(
+    callers: Vec<C>,
+    window: Window,
+    spawn: S,
+    sleep_until: impl Fn(Instant) -> F,
+) -> StreamMeasurement
+where
+    C: StreamCaller,
+    S: Fn(BoxFuture<'static, ()>),
+    F: Future<Output = ()>,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tallies = Vec::with_capacity(callers.len());
+    let mut done = Vec::with_capacity(callers.len());
+    for mut caller in callers {
+        let tally = Arc::new(StreamTally::new(stop.clone()));
+        let (tx, rx) = futures::channel::oneshot::channel::<()>();
+        tallies.push(tally.clone());
+        done.push(rx);
+        spawn(
+            async move {
+                while !tally.stopped() {
+                    if !caller.stream(&tally).await {
+                        tally.error();
+                    }
+                }
+                let _ = tx.send(());
+            }
+            .boxed(),
+        );
+    }
+    let total = || -> u64 {
+        tallies
+            .iter()
+            .map(|t| t.messages.load(Ordering::Relaxed))
+            .sum()
+    };
+    sleep_until(window.measure_from).await;
+    let (first, started) = (total(), Instant::now());
+    sleep_until(window.end).await;
+    let (last, ended) = (total(), Instant::now());
+    stop.store(true, Ordering::Relaxed);
+
+    let grace = sleep_until(window.end + GRACE);
+    let all_done = future::join_all(done.iter_mut());
+    let finished = match future::select(std::pin::pin!(all_done), std::pin::pin!(grace)).await {
+        // A task that was dropped (it panicked) never reported back.
+        Either::Left((results, _)) => Some(results.iter().filter(|r| r.is_err()).count()),
+        Either::Right(_) => None,
+    };
+    let hung = finished.unwrap_or_else(|| {
+        done.iter_mut()
+            .filter_map(|rx| rx.try_recv().ok())
+            .filter(Option::is_none)
+            .count()
+    });
+    let errors: u64 = tallies
+        .iter()
+        .map(|t| t.errors.load(Ordering::Relaxed))
+        .sum();
+    StreamMeasurement {
+        messages: last - first,
+        secs: (ended - started).as_secs_f64(),
+        errors: errors + hung as u64,
+    }
 }

@@ -9,6 +9,14 @@
 //! `--client-cpu`. One JSON line per system goes to stdout; a markdown table and the qps
 //! ratios go to stderr at the end.
 //!
+//! `--workload stream` measures server streams instead of calls: each of `--concurrency`
+//! streams (default 1) asks for `--messages` messages of `--payload` bytes, takes them as fast
+//! as flow control lets the server send, and opens the next stream when one ends; messages/s
+//! and MB/s are counted over the measured window (gorpc-tokio, gorpc-smol and tonic only):
+//!
+//! cargo run --release -p gorpc-bench -- --system all --workload stream --payload 1024 \
+//!     --concurrency 1 --secs 5
+//!
 //! With `--sweep 1,4,16,64,256` instead of `--concurrency`, every selected system runs at each
 //! of those concurrencies in turn (one JSON line per system and concurrency), and `--plot
 //! PATH.png` draws qps and p99 latency against concurrency:
@@ -30,8 +38,8 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use loadgen::Measurement;
-use systems::{ClientParams, System, Workload, HELLO_NAME};
+use loadgen::{Measurement, StreamMeasurement};
+use systems::{ClientParams, System, Workload, HELLO_NAME, NO_STREAMS};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -93,7 +101,8 @@ struct RunArgs {
     /// The system to measure, or all of them.
     #[arg(long, value_enum, default_value = "all")]
     system: Selection,
-    /// Callers in the closed loop [default: 64; 100 with --workload hello].
+    /// Callers in the closed loop [default: 64; 100 with --workload hello]; with --workload
+    /// stream, the streams open at once [default: 1].
     #[arg(long)]
     concurrency: Option<usize>,
     /// Run at each of these concurrencies (comma-separated, e.g. 1,4,16,64,256) instead of
@@ -108,7 +117,8 @@ struct RunArgs {
     /// With --sweep: draw qps and p99 latency against concurrency into this PNG file.
     #[arg(long, value_name = "PATH.png", requires = "sweep")]
     plot: Option<PathBuf>,
-    /// Echo payload in bytes (ignored by --workload hello, which sends a 5-byte name).
+    /// Echo payload, or each stream message, in bytes (ignored by --workload hello, which
+    /// sends a 5-byte name).
     #[arg(long, default_value_t = 1024)]
     payload: usize,
     /// Length of the measured window in seconds.
@@ -120,9 +130,22 @@ struct RunArgs {
     /// Warm-up before the measured window, in seconds; its samples are dropped.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// echo: payload bytes there and back; hello: the Go gorpc benchmark's SayHello.
+    /// echo: payload bytes there and back; hello: the Go gorpc benchmark's SayHello;
+    /// stream: server streams of payload-sized messages.
     #[arg(long, value_enum, default_value = "echo")]
     workload: Workload,
+    /// With --workload stream: messages per stream call, after which the client opens the
+    /// next stream.
+    #[arg(long, default_value_t = 100_000)]
+    messages: u32,
+    /// The clients' receive window per stream call, in bytes, for gorpc and tonic alike
+    /// [default: each system's own: 64 KiB for gorpc, 2 MiB for tonic (hyper)].
+    #[arg(long, value_name = "BYTES")]
+    stream_window: Option<u32>,
+    /// The clients' receive window per connection, in bytes, for gorpc and tonic alike
+    /// [default: each system's own: 1 MiB for gorpc, 5 MiB for tonic (hyper)].
+    #[arg(long, value_name = "BYTES")]
+    connection_window: Option<u32>,
     /// CPU the server process is pinned to.
     #[arg(long, default_value_t = 0)]
     server_cpu: usize,
@@ -151,6 +174,26 @@ struct Row {
     errors: u64,
 }
 
+/// One stream result line; the field order is the output's key order.
+#[derive(Serialize, Debug, Clone)]
+struct StreamRow {
+    system: &'static str,
+    /// Streams open at once.
+    concurrency: usize,
+    /// Bytes per message.
+    payload: usize,
+    /// Messages per stream call.
+    messages: u32,
+    connections: usize,
+    /// The clients' receive windows asked for; `null`: each system's default.
+    stream_window: Option<u32>,
+    connection_window: Option<u32>,
+    msgs_per_s: f64,
+    /// Message payload bytes per second in MB (10^6 bytes), framing not counted.
+    mb_per_s: f64,
+    errors: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -176,6 +219,7 @@ fn workload_name(w: Workload) -> &'static str {
     match w {
         Workload::Echo => "echo",
         Workload::Hello => "hello",
+        Workload::Stream => "stream",
     }
 }
 
@@ -272,6 +316,7 @@ fn run_main(args: RunArgs) -> ExitCode {
         vec![args.concurrency.unwrap_or(match args.workload {
             Workload::Echo => 64,
             Workload::Hello => 100,
+            Workload::Stream => 1,
         })]
     });
     let problems = [
@@ -309,15 +354,34 @@ fn run_main(args: RunArgs) -> ExitCode {
             args.payload > u32::MAX as usize / 2,
             "--payload is too large",
         ),
+        (args.messages == 0, "--messages must be at least 1"),
+        (
+            [args.stream_window, args.connection_window]
+                .iter()
+                .flatten()
+                .any(|&w| !(64 * 1024..=1 << 30).contains(&w)),
+            "--stream-window and --connection-window must be between 64 KiB and 1 GiB",
+        ),
+        (
+            args.workload == Workload::Stream && args.plot.is_some(),
+            "--plot draws latency, which the stream workload does not measure",
+        ),
+        (
+            args.workload == Workload::Stream && args.system.systems().iter().all(|s| !s.streams()),
+            NO_STREAMS,
+        ),
     ];
     if let Some((_, msg)) = problems.iter().find(|(bad, _)| *bad) {
         eprintln!("gorpc-bench: {msg}");
         return ExitCode::from(2);
     }
     pin(args.client_cpu, "client");
+    if args.workload == Workload::Stream {
+        return run_streams(&args, &concurrencies);
+    }
 
     let payload = match args.workload {
-        Workload::Echo => args.payload,
+        Workload::Echo | Workload::Stream => args.payload,
         Workload::Hello => HELLO_NAME.len(),
     };
     let mut rows = Vec::new();
@@ -368,8 +432,62 @@ fn run_main(args: RunArgs) -> ExitCode {
     }
 }
 
-/// One system: start its server, run the load against it, stop the server.
-fn measure(system: System, args: &RunArgs, concurrency: usize) -> Result<Measurement, String> {
+/// The stream workload: every selected system that streams, at each concurrency.
+fn run_streams(args: &RunArgs, concurrencies: &[usize]) -> ExitCode {
+    let (systems, skipped): (Vec<System>, Vec<System>) =
+        args.system.systems().into_iter().partition(|s| s.streams());
+    if !skipped.is_empty() {
+        let names: Vec<&str> = skipped.iter().map(|s| s.name()).collect();
+        eprintln!(
+            "gorpc-bench: skipping {}: {NO_STREAMS}",
+            names.join(" and ")
+        );
+    }
+    let mut rows = Vec::new();
+    let mut failed = false;
+    for &concurrency in concurrencies {
+        for &system in &systems {
+            let measured = measure_streams(system, args, concurrency).unwrap_or_else(|e| {
+                eprintln!("gorpc-bench: {}: {e}", system.name());
+                failed = true;
+                StreamMeasurement::failed()
+            });
+            let row = StreamRow {
+                system: system.name(),
+                concurrency,
+                payload: args.payload,
+                messages: args.messages,
+                connections: args.connections,
+                stream_window: args.stream_window,
+                connection_window: args.connection_window,
+                msgs_per_s: round(measured.messages_per_sec(), 1),
+                mb_per_s: round(measured.mb_per_sec(args.payload), 2),
+                errors: measured.errors,
+            };
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string(&row).expect("a row serializes")
+            );
+            let _ = out.flush();
+            rows.push(row);
+        }
+    }
+    eprint!("{}", stream_summary(&rows));
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Starts `system`'s server and returns it with the client's parameters.
+fn start(
+    system: System,
+    args: &RunArgs,
+    concurrency: usize,
+) -> Result<(ServerProcess, ClientParams), String> {
     let mut server = ServerProcess::spawn(system, args, args.workload)?;
     let port = server.port(Duration::from_secs(10))?;
     let params = ClientParams {
@@ -378,11 +496,32 @@ fn measure(system: System, args: &RunArgs, concurrency: usize) -> Result<Measure
         concurrency,
         connections: args.connections,
         payload: systems::make_payload(args.payload),
+        stream_messages: args.messages,
+        stream_window: args.stream_window,
+        connection_window: args.connection_window,
         warmup: Duration::from_secs_f64(args.warmup),
         secs: Duration::from_secs_f64(args.secs),
         threads: args.client_threads,
     };
+    Ok((server, params))
+}
+
+/// One system: start its server, run the load against it, stop the server.
+fn measure(system: System, args: &RunArgs, concurrency: usize) -> Result<Measurement, String> {
+    let (server, params) = start(system, args, concurrency)?;
     let measured = systems::run_client(system, &params);
+    drop(server);
+    measured
+}
+
+/// One system's stream run: start its server, take its streams, stop the server.
+fn measure_streams(
+    system: System,
+    args: &RunArgs,
+    concurrency: usize,
+) -> Result<StreamMeasurement, String> {
+    let (server, params) = start(system, args, concurrency)?;
+    let measured = systems::run_stream_client(system, &params);
     drop(server);
     measured
 }
@@ -456,29 +595,78 @@ fn summary(rows: &[Row]) -> String {
             r.errors
         );
     }
-    // The ratios compare systems at the same concurrency: one line for a single run, one
-    // line per concurrency for a sweep.
-    let mut concurrencies: Vec<usize> = Vec::new();
+    let results: Vec<(&str, usize, f64)> = rows
+        .iter()
+        .map(|r| (r.system, r.concurrency, r.qps))
+        .collect();
+    s += &ratio_lines("qps", &results);
+    s
+}
+
+/// The markdown table of stream `rows` and the messages/s ratios of the pairs that ran.
+fn stream_summary(rows: &[StreamRow]) -> String {
+    let mut s = String::from(
+        "\n| system | streams | payload | messages per stream | connections | messages/s | MB/s | errors |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
     for r in rows {
-        if !concurrencies.contains(&r.concurrency) {
-            concurrencies.push(r.concurrency);
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {:.0} | {:.1} | {} |\n",
+            r.system,
+            r.concurrency,
+            r.payload,
+            r.messages,
+            r.connections,
+            r.msgs_per_s,
+            r.mb_per_s,
+            r.errors
+        );
+    }
+    if let Some(r) = rows.first() {
+        let window = |w: Option<u32>, default: &str| {
+            w.map_or_else(|| default.to_owned(), |w| format!("{w} B"))
+        };
+        s += &format!(
+            "\nclient receive windows: per stream {}, per connection {}\n",
+            window(r.stream_window, "default (gorpc 64 KiB, tonic 2 MiB)"),
+            window(r.connection_window, "default (gorpc 1 MiB, tonic 5 MiB)"),
+        );
+    }
+    let results: Vec<(&str, usize, f64)> = rows
+        .iter()
+        .map(|r| (r.system, r.concurrency, r.msgs_per_s))
+        .collect();
+    s += &ratio_lines("messages/s", &results);
+    s
+}
+
+/// The `what` ratios of the pairs present in `results` (system, concurrency, value),
+/// compared at the same concurrency: one line for a single run, one line per concurrency
+/// for a sweep; preceded by an empty line when there is any.
+fn ratio_lines(what: &str, results: &[(&str, usize, f64)]) -> String {
+    let mut concurrencies: Vec<usize> = Vec::new();
+    for &(_, c, _) in results {
+        if !concurrencies.contains(&c) {
+            concurrencies.push(c);
         }
     }
     let mut lines = Vec::new();
     for &c in &concurrencies {
-        let qps = |name: &str| {
-            rows.iter()
-                .find(|r| r.system == name && r.concurrency == c)
-                .map(|r| r.qps)
+        let value = |name: &str| {
+            results
+                .iter()
+                .find(|&&(system, at, _)| system == name && at == c)
+                .map(|&(_, _, v)| v)
         };
         let ratios: Vec<String> = [
             ("gorpc-tokio", "tonic"),
             ("gorpc-tokio", "tarpc"),
             ("gorpc-tokio", "raw"),
+            ("gorpc-smol", "tonic"),
             ("gorpc-smol", "gorpc-tokio"),
         ]
         .iter()
-        .filter_map(|&(a, b)| match (qps(a), qps(b)) {
+        .filter_map(|&(a, b)| match (value(a), value(b)) {
             (Some(x), Some(y)) if y > 0.0 => Some(format!("{a}/{b} {:.2}x", x / y)),
             _ => None,
         })
@@ -487,19 +675,19 @@ fn summary(rows: &[Row]) -> String {
             continue;
         }
         if concurrencies.len() == 1 {
-            lines.push(format!("qps ratios: {}\n", ratios.join(", ")));
+            lines.push(format!("{what} ratios: {}\n", ratios.join(", ")));
         } else {
             lines.push(format!(
-                "qps ratios at concurrency {c}: {}\n",
+                "{what} ratios at concurrency {c}: {}\n",
                 ratios.join(", ")
             ));
         }
     }
-    if !lines.is_empty() {
-        s += "\n";
-        s += &lines.concat();
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("\n{}", lines.concat())
     }
-    s
 }
 
 #[cfg(test)]
@@ -568,6 +756,63 @@ mod tests {
             ),
             "{s}"
         );
+    }
+
+    fn stream_row(system: &'static str, msgs_per_s: f64) -> StreamRow {
+        StreamRow {
+            system,
+            concurrency: 1,
+            payload: 1024,
+            messages: 100_000,
+            connections: 1,
+            stream_window: None,
+            connection_window: None,
+            msgs_per_s,
+            mb_per_s: msgs_per_s * 1024.0 / 1e6,
+            errors: 0,
+        }
+    }
+
+    #[test]
+    fn the_stream_summary_has_its_table_and_ratios() {
+        let s = stream_summary(&[
+            stream_row("gorpc-tokio", 300_000.0),
+            stream_row("gorpc-smol", 150_000.0),
+            stream_row("tonic", 100_000.0),
+        ]);
+        assert!(
+            s.contains("| gorpc-tokio | 1 | 1024 | 100000 | 1 | 300000 | 307.2 | 0 |"),
+            "{s}"
+        );
+        assert!(
+            s.contains("per stream default (gorpc 64 KiB, tonic 2 MiB)"),
+            "{s}"
+        );
+        assert!(
+            s.ends_with(
+                "\n\nmessages/s ratios: gorpc-tokio/tonic 3.00x, gorpc-smol/tonic 1.50x, \
+                 gorpc-smol/gorpc-tokio 0.50x\n"
+            ),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn stream_options_parse() {
+        let cli = Cli::try_parse_from([
+            "gorpc-bench",
+            "--workload",
+            "stream",
+            "--messages",
+            "500",
+            "--stream-window",
+            "2097152",
+        ])
+        .expect("parses");
+        assert_eq!(cli.run.workload, Workload::Stream);
+        assert_eq!(cli.run.messages, 500);
+        assert_eq!(cli.run.stream_window, Some(2 << 20));
+        assert_eq!(cli.run.connection_window, None);
     }
 
     #[test]

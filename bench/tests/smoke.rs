@@ -77,3 +77,51 @@ fn all_systems_answer_without_errors() {
         assert!(row["p50_us"].as_f64().unwrap() > 0.0, "{line}");
     }
 }
+
+#[test]
+fn the_stream_workload_runs_where_there_are_streams() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gorpc-bench"))
+        .args(["--system", "all", "--workload", "stream", "--secs", "1"])
+        .args(["--warmup", "0", "--concurrency", "2", "--payload", "64"])
+        .args(["--messages", "1000"])
+        .output()
+        .expect("the benchmark runs");
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 stdout");
+    let stderr = String::from_utf8(out.stderr).expect("utf-8 stderr");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("skipping tarpc and raw"), "{stderr}");
+    assert!(
+        stderr.contains("messages/s ratios: gorpc-tokio/tonic"),
+        "{stderr}"
+    );
+
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    let systems: Vec<&str> = rows.iter().map(|r| r["system"].as_str().unwrap()).collect();
+    assert_eq!(systems, ["gorpc-tokio", "gorpc-smol", "tonic"]);
+    for (line, row) in stdout.lines().zip(&rows) {
+        // Many 1000-message streams in a second: stream ends and restarts are exercised.
+        assert!(row["msgs_per_s"].as_f64().unwrap() > 1000.0, "{line}");
+        assert!(row["mb_per_s"].as_f64().unwrap() > 0.0, "{line}");
+        assert_eq!(row["errors"].as_u64(), Some(0), "{line}");
+        assert_eq!(row["concurrency"].as_u64(), Some(2), "{line}");
+        assert_eq!(row["payload"].as_u64(), Some(64), "{line}");
+        assert_eq!(row["messages"].as_u64(), Some(1000), "{line}");
+    }
+}
+
+#[test]
+fn the_stream_workload_refuses_systems_without_streams() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gorpc-bench"))
+        .args(["--system", "tarpc", "--workload", "stream", "--secs", "1"])
+        .output()
+        .expect("the benchmark runs");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).expect("utf-8 stderr");
+    assert!(
+        stderr.contains("gorpc-tokio, gorpc-smol and tonic only"),
+        "{stderr}"
+    );
+}

@@ -1,19 +1,27 @@
 //! gorpc-rs, on any of its runtimes (gorpc-tokio and gorpc-smol share this module).
 //!
 //! Echo: a raw-codec route answering with the request body. Hello: the codegen-free msgpack
-//! style with serde structs, as the Go gorpc benchmark does it.
+//! style with serde structs, as the Go gorpc benchmark does it. Stream: a typed
+//! server-streaming route over the raw codec, sending through its `ResponseSink` as a handler
+//! would, each send waiting for the client's flow-control credit.
 
 use std::net::SocketAddr;
 
-use ::gorpc::client::PoolConfig;
+use ::gorpc::client::{ConnectionConfig, PoolConfig};
+use ::gorpc::stream::ResponseSink;
 use ::gorpc::{
-    CallOptions, Client, ClientConfig, Router, Runtime, Server, ServerReply, ServerRequest, Status,
+    CallOptions, Client, ClientConfig, Code, Raw, Request, Router, Runtime, Server, ServerReply,
+    ServerRequest, Status,
 };
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::{greeting, ClientParams, Workload, ECHO_METHOD, HELLO_METHOD, HELLO_NAME};
-use crate::loadgen::Caller;
+use super::{
+    greeting, make_payload, ClientParams, DownloadOrder, Workload, DOWNLOAD_METHOD, ECHO_METHOD,
+    HELLO_METHOD, HELLO_NAME,
+};
+use crate::loadgen::{Caller, StreamCaller, StreamTally};
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct HelloRequest {
@@ -36,12 +44,24 @@ pub async fn serve<R: Runtime>(rt: R, workload: Workload) -> std::io::Result<Soc
                 message: greeting(&req.name),
             })
         }),
+        Workload::Stream => Router::new().server_stream(DOWNLOAD_METHOD, Raw, download),
     };
     let server = Server::new(rt, router)
         .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await?;
     // Dropping the handle leaves the server running.
     Ok(server.local_addr())
+}
+
+/// The stream workload's handler: the order's count of messages, each the same payload.
+async fn download(req: Request<Bytes>, mut sink: ResponseSink<Bytes>) -> Result<(), Status> {
+    let order = DownloadOrder::decode(&req.message)
+        .ok_or_else(|| Status::new(Code::InvalidArgument, "a download order is 8 bytes"))?;
+    let message = make_payload(order.size as usize);
+    for _ in 0..order.count {
+        sink.send(&message).await?;
+    }
+    Ok(())
 }
 
 pub enum GorpcCaller {
@@ -86,16 +106,7 @@ impl Caller for GorpcCaller {
 /// One client with a pool of `connections` connections; callers share it (the pool spreads
 /// calls over the connections round robin).
 pub async fn callers<R: Runtime>(rt: R, p: &ClientParams) -> Result<Vec<GorpcCaller>, String> {
-    let config = ClientConfig {
-        pool: PoolConfig {
-            size: p.connections,
-            ..PoolConfig::default()
-        },
-        ..ClientConfig::default()
-    };
-    let client = Client::connect(rt, p.addr, config)
-        .await
-        .map_err(|s| format!("gorpc connect: {s:?}"))?;
+    let client = connect(rt, p).await?;
     Ok((0..p.concurrency)
         .map(|_| match p.workload {
             Workload::Echo => GorpcCaller::Echo {
@@ -109,6 +120,83 @@ pub async fn callers<R: Runtime>(rt: R, p: &ClientParams) -> Result<Vec<GorpcCal
                 },
                 expected: greeting(HELLO_NAME),
             },
+            Workload::Stream => unreachable!("stream callers come from stream_callers"),
         })
         .collect())
+}
+
+/// One stream task of the stream workload.
+pub struct GorpcStreamCaller {
+    client: Client,
+    order: DownloadOrder,
+    expected: Bytes,
+}
+
+impl StreamCaller for GorpcStreamCaller {
+    async fn stream(&mut self, tally: &StreamTally) -> bool {
+        let request = Request::new(self.order.encode());
+        let mut messages = match self
+            .client
+            .server_stream::<_, Bytes, Bytes>(DOWNLOAD_METHOD, Raw, request)
+            .await
+        {
+            Ok(messages) => messages,
+            Err(_) => return false,
+        };
+        let mut taken = 0u32;
+        while let Some(item) = messages.next().await {
+            match item {
+                Ok(message) if message == self.expected => {
+                    taken += 1;
+                    if !tally.message() {
+                        return true;
+                    }
+                }
+                _ => return false,
+            }
+        }
+        taken == self.order.count
+    }
+}
+
+/// One client with a pool of `connections` connections; the stream tasks share it.
+pub async fn stream_callers<R: Runtime>(
+    rt: R,
+    p: &ClientParams,
+) -> Result<Vec<GorpcStreamCaller>, String> {
+    let client = connect(rt, p).await?;
+    let order = DownloadOrder {
+        count: p.stream_messages,
+        size: p.payload.len() as u32,
+    };
+    Ok((0..p.concurrency)
+        .map(|_| GorpcStreamCaller {
+            client: client.clone(),
+            order,
+            expected: p.payload.clone(),
+        })
+        .collect())
+}
+
+/// A client whose pool holds `p.connections` connections, receiving streams with the
+/// windows asked for (gorpc's defaults otherwise: 64 KiB per call, 1 MiB per connection).
+async fn connect<R: Runtime>(rt: R, p: &ClientParams) -> Result<Client, String> {
+    let mut connection = ConnectionConfig::default();
+    if let Some(window) = p.stream_window {
+        connection.conn.stream_window = window;
+    }
+    if let Some(window) = p.connection_window {
+        connection.conn.connection_window = window;
+    }
+    let config = ClientConfig {
+        pool: PoolConfig {
+            size: p.connections,
+            connection,
+            ..PoolConfig::default()
+        },
+        ..ClientConfig::default()
+    };
+    Client::connect(rt, p.addr, config)
+        .await
+        .map_err(|s| format!("gorpc connect: {s:?}"))
 }

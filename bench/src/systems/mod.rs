@@ -15,7 +15,7 @@ use bytes::Bytes;
 use clap::ValueEnum;
 use futures::future::BoxFuture;
 
-use crate::loadgen::{self, Caller, Measurement, Window};
+use crate::loadgen::{self, Caller, Measurement, StreamCaller, StreamMeasurement, Window};
 
 /// A system under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -36,6 +36,12 @@ impl System {
         System::Raw,
     ];
 
+    /// Whether the system runs the stream workload: tarpc has no streaming calls, and the
+    /// raw TCP echo is a request-reply pipeline.
+    pub fn streams(self) -> bool {
+        matches!(self, System::GorpcTokio | System::GorpcSmol | System::Tonic)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             System::GorpcTokio => "gorpc-tokio",
@@ -54,7 +60,12 @@ pub enum Workload {
     Echo,
     /// The Go gorpc benchmark: SayHello{name: "gorpc"} answered by "Hello gorpc".
     Hello,
+    /// A server stream: one small request, `messages` messages of `payload` bytes back.
+    Stream,
 }
+
+/// The message the stream-less systems give when asked for the stream workload.
+pub const NO_STREAMS: &str = "the stream workload runs on gorpc-tokio, gorpc-smol and tonic only";
 
 /// The name the hello workload sends.
 pub const HELLO_NAME: &str = "gorpc";
@@ -67,6 +78,32 @@ pub fn greeting(name: &str) -> String {
 /// The echo methods' path for gorpc.
 pub const ECHO_METHOD: &str = "/bench.Echo/Echo";
 pub const HELLO_METHOD: &str = "/bench.Echo/SayHello";
+pub const DOWNLOAD_METHOD: &str = "/bench.Echo/Download";
+
+/// What a stream call asks for: `count` messages of `size` bytes. gorpc sends it as 8 raw
+/// bytes (two little-endian u32s); tonic as the protobuf `DownloadRequest`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DownloadOrder {
+    pub count: u32,
+    pub size: u32,
+}
+
+impl DownloadOrder {
+    pub fn encode(self) -> Bytes {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&self.count.to_le_bytes());
+        b[4..].copy_from_slice(&self.size.to_le_bytes());
+        Bytes::copy_from_slice(&b)
+    }
+
+    pub fn decode(body: &[u8]) -> Option<Self> {
+        let b: &[u8; 8] = body.try_into().ok()?;
+        Some(DownloadOrder {
+            count: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            size: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        })
+    }
+}
 
 /// Everything a client side needs for one run.
 #[derive(Clone, Debug)]
@@ -75,8 +112,14 @@ pub struct ClientParams {
     pub workload: Workload,
     pub concurrency: usize,
     pub connections: usize,
-    /// The echo request body (and expected reply).
+    /// The echo request body (and expected reply); for streams, every message.
     pub payload: Bytes,
+    /// Messages per stream call (stream workload).
+    pub stream_messages: u32,
+    /// The client's receive window per stream call and per connection, in bytes; `None`
+    /// leaves each system's default.
+    pub stream_window: Option<u32>,
+    pub connection_window: Option<u32>,
     pub warmup: Duration,
     pub secs: Duration,
     pub threads: usize,
@@ -171,6 +214,39 @@ pub async fn closed_loop_smol<C: Caller>(
     .await
 }
 
+/// Runs the stream loop on the current tokio runtime.
+pub async fn stream_loop_tokio<C: StreamCaller>(
+    callers: Vec<C>,
+    window: Window,
+) -> StreamMeasurement {
+    loadgen::stream_loop(
+        callers,
+        window,
+        |task: BoxFuture<'static, ()>| {
+            tokio::spawn(task);
+        },
+        |at: Instant| tokio::time::sleep_until(at.into()),
+    )
+    .await
+}
+
+/// Runs the stream loop on `ex`, timing with async-io.
+pub async fn stream_loop_smol<C: StreamCaller>(
+    ex: &Arc<async_executor::Executor<'static>>,
+    callers: Vec<C>,
+    window: Window,
+) -> StreamMeasurement {
+    loadgen::stream_loop(
+        callers,
+        window,
+        |task: BoxFuture<'static, ()>| ex.spawn(task).detach(),
+        |at: Instant| async move {
+            smol::Timer::at(at).await;
+        },
+    )
+    .await
+}
+
 /// Starts `system`'s server on 127.0.0.1:0 and returns its address; it serves in the
 /// background of a runtime that `block_on` keeps running. Called in the child process; never
 /// returns unless starting fails.
@@ -238,5 +314,61 @@ pub fn run_client(system: System, p: &ClientParams) -> Result<Measurement, Strin
             runtime.shutdown_background();
             out
         }
+    }
+}
+
+/// Runs `system`'s client side of the stream workload for one measured run.
+pub fn run_stream_client(system: System, p: &ClientParams) -> Result<StreamMeasurement, String> {
+    match system {
+        System::GorpcSmol => smol_run(p.threads, |ex| async move {
+            let spawner = ex.clone();
+            let rt = gorpc_smol::Smol::with_spawner(move |task| spawner.spawn(task).detach());
+            let callers = gorpc::stream_callers(rt, p).await?;
+            let window = Window::starting_now(p.warmup, p.secs);
+            Ok(stream_loop_smol(&ex, callers, window).await)
+        }),
+        System::GorpcTokio | System::Tonic => {
+            let runtime = tokio_runtime(p.threads).map_err(|e| e.to_string())?;
+            let out = runtime.block_on(async move {
+                if system == System::Tonic {
+                    let callers = tonic::stream_callers(p).await?;
+                    let window = Window::starting_now(p.warmup, p.secs);
+                    Ok(stream_loop_tokio(callers, window).await)
+                } else {
+                    let callers = gorpc::stream_callers(gorpc_tokio::Tokio::current(), p).await?;
+                    let window = Window::starting_now(p.warmup, p.secs);
+                    Ok(stream_loop_tokio(callers, window).await)
+                }
+            });
+            // Streams still open (if any) must not keep the run going.
+            runtime.shutdown_background();
+            out
+        }
+        System::Tarpc | System::Raw => Err(NO_STREAMS.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_download_order_round_trips() {
+        let order = DownloadOrder {
+            count: 100_000,
+            size: 1024,
+        };
+        assert_eq!(DownloadOrder::decode(&order.encode()), Some(order));
+        assert_eq!(DownloadOrder::decode(&[0; 7]), None);
+    }
+
+    #[test]
+    fn only_gorpc_and_tonic_stream() {
+        let streaming: Vec<&str> = System::ALL
+            .iter()
+            .filter(|s| s.streams())
+            .map(|s| s.name())
+            .collect();
+        assert_eq!(streaming, ["gorpc-tokio", "gorpc-smol", "tonic"]);
     }
 }

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use super::{greeting, ClientParams, Workload, HELLO_NAME};
+use super::{greeting, ClientParams, Workload, HELLO_NAME, NO_STREAMS};
 use crate::loadgen::{take_recorder, Measurement, Recorder, Window, GRACE};
 
 /// Frames longer than this close the connection.
@@ -24,6 +24,9 @@ const MAX_FRAME: usize = 64 << 20;
 
 /// Binds 127.0.0.1:0 and serves in a background task, one task per connection.
 pub async fn serve(workload: Workload) -> std::io::Result<SocketAddr> {
+    if workload == Workload::Stream {
+        return Err(std::io::Error::other(NO_STREAMS));
+    }
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -69,6 +72,7 @@ async fn serve_conn(mut stream: TcpStream, workload: Workload) -> std::io::Resul
                     output.extend_from_slice(b"Hello ");
                     output.extend_from_slice(&input[4..4 + len]);
                 }
+                Workload::Stream => unreachable!("serve refuses the stream workload"),
             }
             input.advance(4 + len);
         }
@@ -88,6 +92,7 @@ pub async fn run(p: &ClientParams) -> Result<Measurement, String> {
             Bytes::from_static(HELLO_NAME.as_bytes()),
             Bytes::from(greeting(HELLO_NAME)),
         ),
+        Workload::Stream => return Err(NO_STREAMS.to_owned()),
     };
     let mut streams = Vec::with_capacity(p.connections);
     for _ in 0..p.connections {

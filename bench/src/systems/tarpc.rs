@@ -13,7 +13,7 @@ use ::tarpc::server::BaseChannel;
 use ::tarpc::tokio_serde::formats::Bincode;
 use futures::StreamExt;
 
-use super::{greeting, ClientParams, Workload, HELLO_NAME};
+use super::{greeting, ClientParams, Workload, HELLO_NAME, NO_STREAMS};
 use crate::loadgen::Caller;
 
 /// Frames up to this size; tarpc's length-delimited codec defaults to 8 MiB.
@@ -40,7 +40,10 @@ impl Echo for EchoServer {
 
 /// Binds 127.0.0.1:0 and serves in a background task; every channel and every request gets
 /// its own task, as tarpc's examples do.
-pub async fn serve(_workload: Workload) -> std::io::Result<SocketAddr> {
+pub async fn serve(workload: Workload) -> std::io::Result<SocketAddr> {
+    if workload == Workload::Stream {
+        return Err(std::io::Error::other(NO_STREAMS));
+    }
     let mut incoming = tcp::listen(SocketAddr::from(([127, 0, 0, 1], 0)), Bincode::default).await?;
     incoming.config_mut().max_frame_length(MAX_FRAME);
     let addr = incoming.local_addr();
@@ -92,6 +95,9 @@ impl Caller for TarpcCaller {
 /// One tarpc client (one TCP connection, its dispatch task spawned) per connection; caller
 /// `i` uses client `i % connections`.
 pub async fn callers(p: &ClientParams) -> Result<Vec<TarpcCaller>, String> {
+    if p.workload == Workload::Stream {
+        return Err(NO_STREAMS.to_owned());
+    }
     let mut clients = Vec::with_capacity(p.connections);
     for _ in 0..p.connections {
         let mut connect = tcp::connect(p.addr, Bincode::default);
@@ -116,6 +122,7 @@ pub async fn callers(p: &ClientParams) -> Result<Vec<TarpcCaller>, String> {
                     name: HELLO_NAME.to_owned(),
                     expected: greeting(HELLO_NAME),
                 },
+                Workload::Stream => unreachable!("refused above"),
             }
         })
         .collect())

@@ -1,5 +1,9 @@
 //! tonic (gRPC over HTTP/2): one `tonic::transport::Server`; one `Channel` per connection,
 //! shared round robin by the callers. Code generated from proto/bench.proto by build.rs.
+//!
+//! The stream workload's `Download` answers with a plain stream that repeats one message:
+//! tonic's encoder polls it directly as HTTP/2 flow control allows, with no channel or
+//! producer task in between, the cheapest way to feed a tonic server stream.
 
 use std::net::SocketAddr;
 
@@ -7,9 +11,11 @@ use ::tonic::transport::server::TcpIncoming;
 use ::tonic::transport::{Channel, Endpoint, Server};
 use ::tonic::{Request, Response, Status};
 use bytes::Bytes;
+use futures::stream::{self, Repeat, Take};
+use futures::StreamExt;
 
-use super::{greeting, ClientParams, Workload, HELLO_NAME};
-use crate::loadgen::Caller;
+use super::{greeting, make_payload, ClientParams, Workload, HELLO_NAME};
+use crate::loadgen::{Caller, StreamCaller, StreamTally};
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {
@@ -18,7 +24,7 @@ pub mod pb {
 
 use pb::echo_client::EchoClient;
 use pb::echo_server::{Echo, EchoServer};
-use pb::{EchoReply, EchoRequest, HelloReply, HelloRequest};
+use pb::{Chunk, DownloadRequest, EchoReply, EchoRequest, HelloReply, HelloRequest};
 
 #[derive(Debug, Default)]
 struct EchoService;
@@ -39,9 +45,25 @@ impl Echo for EchoService {
             message: greeting(&request.into_inner().name),
         }))
     }
+
+    type DownloadStream = Take<Repeat<Result<Chunk, Status>>>;
+
+    async fn download(
+        &self,
+        request: Request<DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        let order = request.into_inner();
+        let chunk = Chunk {
+            payload: make_payload(order.size as usize),
+        };
+        // Each item is a clone of `chunk`: a reference count on the same payload.
+        Ok(Response::new(
+            stream::repeat(Ok(chunk)).take(order.count as usize),
+        ))
+    }
 }
 
-/// Binds 127.0.0.1:0 and serves in a background task. Both workloads are served; the
+/// Binds 127.0.0.1:0 and serves in a background task. Every workload is served; the
 /// workload only picks what clients call.
 pub async fn serve(_workload: Workload) -> std::io::Result<SocketAddr> {
     let incoming =
@@ -101,18 +123,7 @@ impl Caller for TonicCaller {
 /// One HTTP/2 channel per connection, connected up front; caller `i` uses channel
 /// `i % connections`.
 pub async fn callers(p: &ClientParams) -> Result<Vec<TonicCaller>, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{}", p.addr))
-        .map_err(|e| e.to_string())?
-        .tcp_nodelay(true);
-    let mut channels = Vec::with_capacity(p.connections);
-    for _ in 0..p.connections {
-        channels.push(
-            endpoint
-                .connect()
-                .await
-                .map_err(|e| format!("tonic connect: {e}"))?,
-        );
-    }
+    let channels = connect(p).await?;
     Ok((0..p.concurrency)
         .map(|i| {
             let client = EchoClient::new(channels[p.conn_of(i)].clone());
@@ -126,7 +137,73 @@ pub async fn callers(p: &ClientParams) -> Result<Vec<TonicCaller>, String> {
                     name: HELLO_NAME.to_owned(),
                     expected: greeting(HELLO_NAME),
                 },
+                Workload::Stream => unreachable!("stream callers come from stream_callers"),
             }
         })
         .collect())
+}
+
+/// One stream task of the stream workload.
+pub struct TonicStreamCaller {
+    client: EchoClient<Channel>,
+    request: DownloadRequest,
+    expected: Bytes,
+}
+
+impl StreamCaller for TonicStreamCaller {
+    async fn stream(&mut self, tally: &StreamTally) -> bool {
+        let mut messages = match self.client.download(self.request).await {
+            Ok(rsp) => rsp.into_inner(),
+            Err(_) => return false,
+        };
+        let mut taken = 0u32;
+        loop {
+            match messages.message().await {
+                Ok(Some(chunk)) if chunk.payload == self.expected => {
+                    taken += 1;
+                    if !tally.message() {
+                        return true;
+                    }
+                }
+                Ok(None) => return taken == self.request.count,
+                _ => return false,
+            }
+        }
+    }
+}
+
+/// The stream tasks, spread over the channels like the unary callers.
+pub async fn stream_callers(p: &ClientParams) -> Result<Vec<TonicStreamCaller>, String> {
+    let channels = connect(p).await?;
+    let request = DownloadRequest {
+        count: p.stream_messages,
+        size: p.payload.len() as u32,
+    };
+    Ok((0..p.concurrency)
+        .map(|i| TonicStreamCaller {
+            client: EchoClient::new(channels[p.conn_of(i)].clone()),
+            request,
+            expected: p.payload.clone(),
+        })
+        .collect())
+}
+
+/// `p.connections` HTTP/2 channels, connected up front, receiving streams with the windows
+/// asked for (hyper's defaults otherwise: 2 MiB per stream, 5 MiB per connection).
+async fn connect(p: &ClientParams) -> Result<Vec<Channel>, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{}", p.addr))
+        .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(p.stream_window)
+        .initial_connection_window_size(p.connection_window);
+    let mut channels = Vec::with_capacity(p.connections);
+    for _ in 0..p.connections {
+        channels.push(
+            endpoint
+                .connect()
+                .await
+                .map_err(|e| format!("tonic connect: {e}"))?,
+        );
+    }
+    Ok(channels)
 }

@@ -72,6 +72,9 @@ pub(crate) fn message_payload(body: &Bytes) -> Payload<'_> {
 /// Unsent response bytes past which a connection stops reading requests.
 const MAX_WRITE_BACKLOG: usize = 1 << 20;
 
+/// Stream message bytes a driver lets its handlers queue before it writes them.
+const STREAM_WRITE_BATCH: usize = 16 * 1024;
+
 /// Signals from the server to its connections. Each is a channel that is closed, never
 /// sent on: closing wakes every receiver at once.
 #[derive(Clone, Debug)]
@@ -107,6 +110,8 @@ pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     running: HashMap<CallId, AbortHandle>,
     /// Stream calls running.
     streams: HashMap<CallId, ServerStream>,
+    /// This pass took a stream message and opened its handler's gate for the next one.
+    gate_opened: bool,
     drain_signal: SignalRx,
     abort_signal: SignalRx,
     draining: bool,
@@ -140,6 +145,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             outputs_rx: Box::pin(outputs_rx),
             running: HashMap::new(),
             streams: HashMap::new(),
+            gate_opened: false,
             drain_signal: Box::pin(signals.drain),
             abort_signal: Box::pin(signals.abort),
             draining: false,
@@ -257,6 +263,20 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             progress = true;
         }
 
+        // A handler whose gate just opened is about to hand over its next message: let it
+        // run before writing, so one write carries many messages. A write per message costs
+        // a system call and a wake-up of the reader per message, which made a server stream
+        // about ten times slower. Bounded: the pass that queues STREAM_WRITE_BATCH bytes, or
+        // that gets no new message, writes.
+        // The bytes stay in the core meanwhile, encoded back to back into one buffer.
+        if std::mem::take(&mut self.gate_opened)
+            && !self.closing
+            && self.transport.write_backlog() + self.conn.transmit_len() < STREAM_WRITE_BATCH
+        {
+            // Polled again after the tasks already woken, the handler among them.
+            cx.waker().wake_by_ref();
+            return false;
+        }
         progress |= self.transport.poll_write(cx, &mut self.conn);
         progress
     }
@@ -370,7 +390,10 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             return; // the call ended; its handler learns at its next send
         };
         match self.conn.send_message(id, message_payload(&body)) {
-            Ok(()) => stream.gate.open(),
+            Ok(()) => {
+                stream.gate.open();
+                self.gate_opened = true;
+            }
             Err(SendError::NoCredit) => stream.parked = Some(body),
             Err(SendError::TooLarge) => {
                 if let Some(handle) = self.running.remove(&id) {
