@@ -71,6 +71,13 @@ impl CallId {
     }
 }
 
+/// An id as the wire carries it, for code that logs or replays calls.
+impl From<u32> for CallId {
+    fn from(id: u32) -> Self {
+        CallId(id)
+    }
+}
+
 /// Hashes call ids. Seeded on the server, where the peer picks the ids.
 type IdHasher = foldhash::fast::FixedState;
 

@@ -22,8 +22,8 @@ const UNARY: &str = "/test.Stream/Unary";
 
 /// Message size of the flood: small, so the window holds many.
 const FLOOD_MESSAGE: usize = 100;
-/// The protocol's initial per-call window.
-const WINDOW: usize = 64 * 1024;
+/// The per-call window clients grant by default.
+const WINDOW: usize = gorpc::stream::DEFAULT_STREAM_WINDOW as usize;
 
 /// Sends on its channel when dropped: proves a handler future was dropped.
 struct DropSignal(Option<oneshot::Sender<()>>);
@@ -186,9 +186,15 @@ async fn slow_consumer_bounds_the_producer<S: Runtime, C: Runtime>(server_rt: S,
         stalled_at, still,
         "the producer kept going with nobody reading"
     );
-    // Sent bytes (the sink returned for them) stay within the window, one message of
-    // overdraft, one parked in the driver and one in the channel to it.
-    let bound = WINDOW / FLOOD_MESSAGE + 3;
+    // Sent messages (the sink returned for them) are the window's, one of overdraft, and
+    // what the producer's side holds: its outbox, at most OUTBOX_LIMIT (4 bytes a message
+    // more) and one message past it.
+    let held = gorpc::stream::OUTBOX_LIMIT / (FLOOD_MESSAGE + 4) + 1;
+    assert!(
+        held * FLOOD_MESSAGE <= WINDOW,
+        "the producer's side holds less than a window"
+    );
+    let bound = WINDOW / FLOOD_MESSAGE + 1 + held;
     assert!(
         still <= bound,
         "{still} messages of {FLOOD_MESSAGE} bytes sent to a reader that read nothing (bound {bound})"

@@ -19,8 +19,7 @@ use gorpc_proto::{
 use crate::io::{drive, earliest, Transport};
 use crate::metadata::Metadata;
 use crate::runtime::{timeout, Io, Runtime};
-use crate::server::conn::message_payload;
-use crate::stream::SendGate;
+use crate::stream::{Fed, Inbox, Outbox, OutboxDrain};
 
 /// A call as handed to a connection: method, options and the encoded body.
 #[derive(Clone, Debug)]
@@ -74,34 +73,45 @@ impl CallSlot {
 pub(crate) enum Command {
     Call(OutgoingCall, Arc<CallSlot>),
     Stream(OutgoingCall, StreamKind, ClientStream),
-    /// One message of a client stream; sent once its gate let it through.
-    Send(CallId, Bytes),
-    /// Half-close a client stream.
-    CloseSend(CallId),
+    /// A client stream's outbox has new messages, or its half-close.
+    Ready(CallId),
     /// Bytes of a response stream the application has taken.
     Release(CallId, usize),
     Cancel(CallId),
 }
 
+/// How a stream call ends for its receiving half.
+pub(crate) type StreamEnd = Result<gorpc_proto::Response, Status>;
+
 /// What a stream call's halves share with the driver.
 #[derive(Debug)]
 pub(crate) struct ClientStream {
-    pub(crate) gate: Arc<SendGate>,
-    pub(crate) events: async_channel::Sender<StreamEvent>,
-}
-
-/// What the driver delivers to a stream call's receiving half.
-#[derive(Debug)]
-pub(crate) enum StreamEvent {
-    Message(Bytes),
-    End(Result<gorpc_proto::Response, Status>),
+    pub(crate) outbox: Arc<Outbox>,
+    pub(crate) inbox: Arc<Inbox<StreamEnd>>,
 }
 
 impl ClientStream {
-    fn end(&self, result: Result<gorpc_proto::Response, Status>) {
-        self.gate.close();
-        let _ = self.events.try_send(StreamEvent::End(result));
+    fn end(self, result: StreamEnd) {
+        self.outbox.end();
+        self.inbox.end(result);
     }
+}
+
+impl Drop for ClientStream {
+    /// Dropped without an end, the driver stopped: the halves learn so.
+    fn drop(&mut self) {
+        self.outbox.end();
+        self.inbox.close();
+    }
+}
+
+/// The driver's side of a running stream call's halves.
+#[derive(Debug)]
+struct StreamIo {
+    outbox: Arc<Outbox>,
+    /// Client-stream messages taken and not yet accepted by the core.
+    drain: OutboxDrain,
+    inbox: Arc<Inbox<StreamEnd>>,
 }
 
 /// A call's data in the core: where its outcome goes.
@@ -135,8 +145,7 @@ impl std::fmt::Debug for Command {
                 .field(&call.method)
                 .field(kind)
                 .finish(),
-            Command::Send(id, body) => f.debug_tuple("Send").field(id).field(&body.len()).finish(),
-            Command::CloseSend(id) => f.debug_tuple("CloseSend").field(id).finish(),
+            Command::Ready(id) => f.debug_tuple("Ready").field(id).finish(),
             Command::Release(id, n) => f.debug_tuple("Release").field(id).field(n).finish(),
             Command::Cancel(id) => f.debug_tuple("Cancel").field(id).finish(),
         }
@@ -159,7 +168,11 @@ pub struct ConnectionConfig {
 impl Default for ConnectionConfig {
     fn default() -> Self {
         ConnectionConfig {
-            conn: ConnConfig::default(),
+            conn: ConnConfig {
+                stream_window: crate::stream::DEFAULT_STREAM_WINDOW,
+                connection_window: crate::stream::DEFAULT_CONNECTION_WINDOW,
+                ..ConnConfig::default()
+            },
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(300)),
             #[cfg(feature = "tls")]
@@ -222,8 +235,7 @@ impl Connection {
             transport: Transport::new(runtime, io),
             conn: ClientConn::new(config.conn, now),
             commands: Box::pin(rx),
-            parked: std::collections::HashMap::new(),
-            stream_events: std::collections::HashMap::new(),
+            streams: std::collections::HashMap::new(),
             shared: shared.clone(),
             idle_timeout: config.idle_timeout,
             idle_since: Some(now),
@@ -338,12 +350,10 @@ struct ClientDriver<R: Runtime, I: Io> {
     transport: Transport<R, I>,
     conn: ClientConn<CallUser>,
     commands: Pin<Box<async_channel::Receiver<Command>>>,
-    /// Client-stream messages refused for lack of credit, sent on the call's `Writable`.
-    parked: std::collections::HashMap<CallId, Bytes>,
-    /// Where each stream call's messages go. Its own map, not the call's slot in the core:
-    /// the core may have finished the call (a response read in the same batch) by the time
-    /// the driver handles the messages before it.
-    stream_events: std::collections::HashMap<CallId, async_channel::Sender<StreamEvent>>,
+    /// Each stream call's halves. Its own map, not the call's slot in the core: the core
+    /// may have finished the call (a response read in the same batch) by the time the
+    /// driver handles the messages before it.
+    streams: std::collections::HashMap<CallId, StreamIo>,
     shared: Arc<Shared>,
     idle_timeout: Option<Duration>,
     /// When the last call finished, while none is in flight.
@@ -366,13 +376,9 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                         progress = true;
                         self.start_stream(now, call, kind, stream);
                     }
-                    Poll::Ready(Some(Command::Send(id, body))) => {
+                    Poll::Ready(Some(Command::Ready(id))) => {
                         progress = true;
-                        self.send_message(id, body);
-                    }
-                    Poll::Ready(Some(Command::CloseSend(id))) => {
-                        progress = true;
-                        let _ = self.conn.close_send(id);
+                        self.feed_stream(id);
                     }
                     Poll::Ready(Some(Command::Release(id, bytes))) => {
                         progress = true;
@@ -380,8 +386,7 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                     }
                     Poll::Ready(Some(Command::Cancel(id))) => {
                         progress = true;
-                        self.parked.remove(&id);
-                        self.stream_events.remove(&id);
+                        self.streams.remove(&id);
                         if let Some(CallUser::Stream(stream)) = self.conn.cancel(id) {
                             stream.end(Err(Status::new(Code::Cancelled, "call cancelled")));
                         }
@@ -417,27 +422,22 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                     user: CallUser::Stream(stream),
                     result,
                 } => {
-                    self.parked.remove(&id);
-                    self.stream_events.remove(&id);
+                    self.streams.remove(&id);
                     stream.end(result);
                 }
                 ClientEvent::Message { id, body } => {
                     let len = body.len();
                     let delivered = self
-                        .stream_events
+                        .streams
                         .get(&id)
-                        .is_some_and(|events| events.try_send(StreamEvent::Message(body)).is_ok());
+                        .is_some_and(|stream| stream.inbox.push(body));
                     // Nobody will take it (the receiver is gone and its cancel is on the
                     // way): the credit goes straight back.
                     if !delivered {
                         self.conn.release(id, len);
                     }
                 }
-                ClientEvent::Writable { id } => {
-                    if let Some(body) = self.parked.remove(&id) {
-                        self.send_message(id, body);
-                    }
-                }
+                ClientEvent::Writable { id } => self.feed_stream(id),
                 ClientEvent::GoAway(status) => {
                     tracing::debug!(peer = %self.shared.peer, %status, "server sent go-away");
                     self.shared.usable.store(false, Ordering::Release);
@@ -542,7 +542,7 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
         stream: ClientStream,
     ) {
         // Both halves already gone: nobody wants this call.
-        if stream.gate.is_closed() || stream.events.is_closed() {
+        if stream.outbox.is_ended() || stream.inbox.is_reader_gone() {
             stream.end(Err(Status::new(Code::Cancelled, "call cancelled")));
             return;
         }
@@ -551,21 +551,26 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
             Some(deadline) => head.with_deadline(deadline),
             None => head,
         };
-        let gate = stream.gate.clone();
-        let events = stream.events.clone();
+        let io = StreamIo {
+            outbox: stream.outbox.clone(),
+            drain: OutboxDrain::default(),
+            inbox: stream.inbox.clone(),
+        };
         match self
             .conn
             .start_stream(now, head, kind, call.body.clone(), CallUser::Stream(stream))
         {
             Ok(id) => {
-                self.stream_events.insert(id, events);
-                gate.set_id(id);
-                gate.open();
                 // A half was dropped before it could learn the id: cancel it ourselves.
-                if gate.is_closed() {
-                    self.conn.cancel(id);
-                    self.stream_events.remove(&id);
+                if io.outbox.start(id) {
+                    if let Some(CallUser::Stream(stream)) = self.conn.cancel(id) {
+                        stream.end(Err(Status::new(Code::Cancelled, "call cancelled")));
+                    }
+                    return;
                 }
+                self.streams.insert(id, io);
+                // The sender may have queued a half-close before the call had its id.
+                self.feed_stream(id);
             }
             Err(rejected) => {
                 if let CallUser::Stream(stream) = rejected.user {
@@ -575,18 +580,23 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
         }
     }
 
-    /// Hands a client-stream message to the core, or parks it until credit is back.
-    fn send_message(&mut self, id: CallId, body: Bytes) {
-        match self.conn.send_message(id, message_payload(&body), false) {
-            Ok(()) => {
-                if let Some(CallUser::Stream(stream)) = self.conn.user(id) {
-                    stream.gate.open();
-                }
-            }
-            Err(SendError::NoCredit) => {
-                self.parked.insert(id, body);
+    /// Moves a client stream's queued messages (and its half-close) into the core as far
+    /// as its credit goes; the rest waits for the call's `Writable`.
+    fn feed_stream(&mut self, id: CallId) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let conn = &mut self.conn;
+        let fed = stream.drain.feed(&stream.outbox, |body, last| {
+            conn.send_message(id, body, last)
+        });
+        match fed {
+            Ok(Fed::Idle | Fed::Blocked) => {}
+            Ok(Fed::CloseSend) => {
+                let _ = self.conn.close_send(id);
             }
             Err(SendError::TooLarge) => {
+                self.streams.remove(&id);
                 if let Some(CallUser::Stream(stream)) = self.conn.cancel(id) {
                     stream.end(Err(Status::new(
                         Code::ResourceExhausted,

@@ -28,7 +28,7 @@ use crate::interceptor::{ClientInterceptor, ClientNext};
 use crate::metadata::Metadata;
 use crate::runtime::Runtime;
 use crate::service::{Request, Response};
-use crate::stream::SendGate;
+use crate::stream::{Inbox, InboxReader, Outbox};
 use conn::{CallOutcome, ClientStream};
 
 /// Options of one call.
@@ -283,18 +283,20 @@ impl Client {
                 Checkout::Wait(wait) => wait.await?,
                 Checkout::Failed(status) => return Err(status),
             };
-            let gate = Arc::new(SendGate::new(false, None));
-            let (events_tx, events_rx) = async_channel::unbounded();
+            let outbox = Arc::new(Outbox::new(None));
+            let inbox = Arc::new(Inbox::default());
             let stream = ClientStream {
-                gate: gate.clone(),
-                events: events_tx,
+                outbox: outbox.clone(),
+                inbox: inbox.clone(),
             };
             match conn.start_stream(call, kind, stream) {
                 Ok(()) => {
+                    let commands = Arc::new(stream::Commands(conn.commands()));
                     let sender = kind
                         .client_streams()
-                        .then(|| RawStreamSender::new(gate.clone(), conn.commands()));
-                    let receiver = RawStreamReceiver::new(events_rx, gate, conn.commands());
+                        .then(|| RawStreamSender::new(outbox.clone(), commands.clone()));
+                    let reader = InboxReader::new(inbox);
+                    let receiver = RawStreamReceiver::new(reader, outbox, commands);
                     return Ok((sender, receiver));
                 }
                 Err(unsent) => call = unsent,

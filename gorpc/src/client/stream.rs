@@ -5,31 +5,35 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use gorpc_proto::{CallId, Code, Status};
 
-use super::conn::{Command, StreamEvent};
+use super::conn::{Command, StreamEnd};
 use super::RawResponse;
 use crate::codec::{id_name, Codec};
 use crate::metadata::Metadata;
 use crate::service::Response;
-use crate::stream::{ReleaseBatch, SendGate, StreamControl};
+use crate::stream::{Delivery, InboxReader, Outbox, OutboxSender, StreamControl};
 
-struct Commands(async_channel::Sender<Command>);
+/// A stream half's way to its connection's driver.
+pub(crate) struct Commands(pub(crate) async_channel::Sender<Command>);
 
 impl StreamControl for Commands {
+    fn ready(&self, id: CallId) -> bool {
+        self.0.try_send(Command::Ready(id)).is_ok()
+    }
+
     fn release(&self, id: CallId, bytes: usize) {
         let _ = self.0.try_send(Command::Release(id, bytes));
     }
 }
 
 /// Gives up on a call whose half was dropped before the call ended.
-fn abandon(gate: &SendGate, commands: &async_channel::Sender<Command>) {
-    gate.close();
-    // Without an id the call has not started; the driver sees the closed gate instead.
-    if let Some(id) = gate.id() {
-        let _ = commands.try_send(Command::Cancel(id));
+fn abandon(outbox: &Outbox, commands: &Commands) {
+    // Without an id the call has not started; the driver sees the ended outbox instead.
+    if let Some(id) = outbox.end() {
+        let _ = commands.0.try_send(Command::Cancel(id));
     }
 }
 
@@ -37,10 +41,9 @@ fn abandon(gate: &SendGate, commands: &async_channel::Sender<Command>) {
 /// A call ending with status OK ends the stream; any other status is the last item, as an
 /// `Err`. Dropping the receiver before the end cancels the call on the server.
 pub struct RawStreamReceiver {
-    events: Pin<Box<async_channel::Receiver<StreamEvent>>>,
-    gate: Arc<SendGate>,
+    reader: InboxReader<StreamEnd>,
+    outbox: Arc<Outbox>,
     commands: Arc<Commands>,
-    batch: ReleaseBatch,
     /// The call ended and its end was handed out.
     done: bool,
 }
@@ -48,7 +51,7 @@ pub struct RawStreamReceiver {
 impl std::fmt::Debug for RawStreamReceiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RawStreamReceiver")
-            .field("id", &self.gate.id())
+            .field("id", &self.outbox.id())
             .field("done", &self.done)
             .finish_non_exhaustive()
     }
@@ -60,24 +63,16 @@ fn driver_gone() -> Status {
 
 impl RawStreamReceiver {
     pub(crate) fn new(
-        events: async_channel::Receiver<StreamEvent>,
-        gate: Arc<SendGate>,
-        commands: async_channel::Sender<Command>,
+        reader: InboxReader<StreamEnd>,
+        outbox: Arc<Outbox>,
+        commands: Arc<Commands>,
     ) -> Self {
         RawStreamReceiver {
-            events: Box::pin(events),
-            gate,
-            commands: Arc::new(Commands(commands)),
-            batch: ReleaseBatch::default(),
+            reader,
+            outbox,
+            commands,
             done: false,
         }
-    }
-
-    fn take_message(&mut self, body: Bytes) -> Bytes {
-        // Bytes handed to the application no longer count against the window.
-        self.batch
-            .taken(body.len(), self.gate.id(), &*self.commands);
-        body
     }
 
     /// Waits for the call's end, skipping any message, and returns its single response
@@ -86,10 +81,8 @@ impl RawStreamReceiver {
         loop {
             let event = std::future::poll_fn(|cx| self.poll_event(cx)).await;
             match event {
-                Some(StreamEvent::Message(body)) => {
-                    self.take_message(body);
-                }
-                Some(StreamEvent::End(result)) => {
+                Delivery::Message(_) => {}
+                Delivery::End(result) => {
                     self.done = true;
                     let rsp = result?;
                     if !rsp.status.is_ok() {
@@ -102,7 +95,7 @@ impl RawStreamReceiver {
                         body: rsp.body,
                     });
                 }
-                None => {
+                Delivery::Gone => {
                     self.done = true;
                     return Err(driver_gone());
                 }
@@ -110,13 +103,11 @@ impl RawStreamReceiver {
         }
     }
 
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<StreamEvent>> {
-        if let Ok(event) = self.events.try_recv() {
-            return Poll::Ready(Some(event));
-        }
-        // About to wait: hand back what was taken, the server may be waiting for it.
-        self.batch.flush(self.gate.id(), &*self.commands);
-        self.events.as_mut().poll_next(cx)
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Delivery<StreamEnd>> {
+        // The id is read per message only until the receiver has it; a started call
+        // keeps it.
+        let id = self.outbox.id();
+        self.reader.poll_next(cx, id, &*self.commands)
     }
 }
 
@@ -130,10 +121,8 @@ impl Stream for RawStreamReceiver {
         }
         match this.poll_event(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(StreamEvent::Message(body))) => {
-                Poll::Ready(Some(Ok(this.take_message(body))))
-            }
-            Poll::Ready(Some(StreamEvent::End(result))) => {
+            Poll::Ready(Delivery::Message(body)) => Poll::Ready(Some(Ok(body))),
+            Poll::Ready(Delivery::End(result)) => {
                 this.done = true;
                 match result {
                     Ok(rsp) if rsp.status.is_ok() => Poll::Ready(None),
@@ -141,7 +130,7 @@ impl Stream for RawStreamReceiver {
                     Err(status) => Poll::Ready(Some(Err(status))),
                 }
             }
-            Poll::Ready(None) => {
+            Poll::Ready(Delivery::Gone) => {
                 this.done = true;
                 Poll::Ready(Some(Err(driver_gone())))
             }
@@ -152,8 +141,9 @@ impl Stream for RawStreamReceiver {
 impl Drop for RawStreamReceiver {
     fn drop(&mut self) {
         if !self.done {
-            abandon(&self.gate, &self.commands.0);
+            abandon(&self.outbox, &self.commands);
         }
+        self.reader.close(self.outbox.id(), &*self.commands);
     }
 }
 
@@ -161,15 +151,15 @@ impl Drop for RawStreamReceiver {
 /// waits for flow-control credit. End the stream with [`close_send`](Self::close_send);
 /// dropping the sender without it cancels the call.
 pub struct RawStreamSender {
-    gate: Arc<SendGate>,
-    commands: async_channel::Sender<Command>,
+    sender: OutboxSender,
+    commands: Arc<Commands>,
     closed: bool,
 }
 
 impl std::fmt::Debug for RawStreamSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RawStreamSender")
-            .field("id", &self.gate.id())
+            .field("id", &self.sender.outbox.id())
             .finish_non_exhaustive()
     }
 }
@@ -182,49 +172,54 @@ fn stream_ended() -> Status {
 }
 
 impl RawStreamSender {
-    pub(crate) fn new(gate: Arc<SendGate>, commands: async_channel::Sender<Command>) -> Self {
+    pub(crate) fn new(outbox: Arc<Outbox>, commands: Arc<Commands>) -> Self {
         RawStreamSender {
-            gate,
+            sender: OutboxSender {
+                outbox,
+                control: commands.clone(),
+            },
             commands,
             closed: false,
         }
     }
 
-    /// Waits until the driver takes the next message: the call started and the previous
-    /// message is in the flow-control window.
-    async fn pass(&self) -> Result<CallId, Status> {
-        if !std::future::poll_fn(|cx| self.gate.poll_pass(cx)).await {
-            return Err(stream_ended());
-        }
-        Ok(self
-            .gate
-            .id()
-            .expect("the gate opens once the call has its id"))
-    }
-
-    /// Sends one message. Fails with `Cancelled` once the call ended; the receiving half
-    /// then holds why.
+    /// Sends one message. It is queued for the connection at once; this waits only until
+    /// the call started, and while the server is behind by more than its window and the
+    /// queue. Fails with `Cancelled` once the call ended; the receiving half then holds why.
     pub async fn send(&mut self, body: Bytes) -> Result<(), Status> {
-        let id = self.pass().await?;
-        self.commands
-            .try_send(Command::Send(id, body))
-            .map_err(|_| stream_ended())
+        self.sender
+            .send(
+                |buf| {
+                    buf.extend_from_slice(&body);
+                    Ok(())
+                },
+                stream_ended,
+            )
+            .await
     }
 
-    /// Ends the client's stream (half-close); the server's messages and status still come.
+    async fn send_encoded<T: 'static>(
+        &mut self,
+        codec: &dyn Codec<T>,
+        message: &T,
+    ) -> Result<(), Status> {
+        self.sender
+            .send(|buf| codec.encode(message, buf), stream_ended)
+            .await
+    }
+
+    /// Ends the client's stream (half-close) after the messages sent so far; the server's
+    /// messages and status still come. Never waits for credit.
     pub async fn close_send(mut self) -> Result<(), Status> {
         self.closed = true;
-        let id = self.pass().await?;
-        self.commands
-            .try_send(Command::CloseSend(id))
-            .map_err(|_| stream_ended())
+        self.sender.close_send(stream_ended)
     }
 }
 
 impl Drop for RawStreamSender {
     fn drop(&mut self) {
         if !self.closed {
-            abandon(&self.gate, &self.commands);
+            abandon(&self.sender.outbox, &self.commands);
         }
     }
 }
@@ -282,12 +277,10 @@ impl<T: 'static> Stream for ResponseStream<T> {
     }
 }
 
-/// The client's messages, encoded with the method's codec.
+/// The client's messages, encoded with the method's codec straight into the call's outbox.
 pub struct StreamSender<T> {
     raw: RawStreamSender,
     codec: Arc<dyn Codec<T>>,
-    /// Reused across messages (each is split off it).
-    buf: BytesMut,
 }
 
 impl<T> std::fmt::Debug for StreamSender<T> {
@@ -300,19 +293,12 @@ impl<T> std::fmt::Debug for StreamSender<T> {
 
 impl<T: 'static> StreamSender<T> {
     pub(crate) fn new(raw: RawStreamSender, codec: Arc<dyn Codec<T>>) -> Self {
-        StreamSender {
-            raw,
-            codec,
-            buf: BytesMut::new(),
-        }
+        StreamSender { raw, codec }
     }
 
     /// Encodes and sends one message; see [`RawStreamSender::send`].
     pub async fn send(&mut self, message: &T) -> Result<(), Status> {
-        self.buf.reserve(256);
-        self.codec.encode(message, &mut self.buf)?;
-        let body = self.buf.split().freeze();
-        self.raw.send(body).await
+        self.raw.send_encoded(&*self.codec, message).await
     }
 
     /// Ends the client's stream; see [`RawStreamSender::close_send`].

@@ -10,25 +10,25 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
 use futures::future::{AbortHandle, Abortable};
 use futures::{FutureExt, Stream};
 use gorpc_proto::{
-    CallId, Code, ConnConfig, Payload, SendError, ServerConn, ServerEvent, Status, StreamKind,
+    CallId, Code, ConnConfig, SendError, ServerConn, ServerEvent, Status, StreamKind,
 };
 
 use crate::io::{drive, Transport};
 use crate::runtime::{Io, PeerCertificates, Runtime};
 use crate::service::{CallStreams, ServerReply, ServerRequest, Service};
 use crate::stream::{
-    MessageOut, RawRequestStream, RawResponseSink, ReleaseBatch, SendGate, StreamControl,
+    Fed, Inbox, InboxReader, Outbox, OutboxDrain, OutboxSender, RawRequestStream, RawResponseSink,
+    StreamControl,
 };
 
-/// What handlers hand their connection's driver, on one channel so that a stream's
-/// messages are always taken before the reply that ends it.
+/// What handlers tell their connection's driver.
 enum HandlerOutput {
     Reply(CallId, ServerReply),
-    Message(CallId, Bytes),
+    /// A stream call's outbox has new messages.
+    Ready(CallId),
     /// Bytes of a client stream the handler has consumed.
     Release(CallId, usize),
 }
@@ -36,13 +36,11 @@ enum HandlerOutput {
 /// A handler's way back to its connection's driver.
 struct HandlerOut(async_channel::Sender<HandlerOutput>);
 
-impl MessageOut for HandlerOut {
-    fn message(&self, id: CallId, body: Bytes) -> bool {
-        self.0.try_send(HandlerOutput::Message(id, body)).is_ok()
-    }
-}
-
 impl StreamControl for HandlerOut {
+    fn ready(&self, id: CallId) -> bool {
+        self.0.try_send(HandlerOutput::Ready(id)).is_ok()
+    }
+
     fn release(&self, id: CallId, bytes: usize) {
         let _ = self.0.try_send(HandlerOutput::Release(id, bytes));
     }
@@ -50,30 +48,28 @@ impl StreamControl for HandlerOut {
 
 /// The driver's side of one running stream call.
 struct ServerStream {
-    gate: Arc<SendGate>,
+    /// The response messages the handler queued.
+    outbox: Arc<Outbox>,
+    /// Those taken and not yet accepted by the core.
+    drain: OutboxDrain,
     /// Where the client's messages go until it half-closes.
-    incoming: Option<async_channel::Sender<Bytes>>,
-    /// A message refused for lack of credit, sent on the call's next `Writable`.
-    parked: Option<Bytes>,
-    /// The handler's reply, held until `parked` is out.
+    incoming: Option<Arc<Inbox<()>>>,
+    /// The handler's reply, held until every message before it is in the core.
     reply: Option<ServerReply>,
 }
 
-/// Small bodies are copied into the transmit buffer anyway; passing them as a slice avoids
-/// the `Bytes` clone (which allocates for a body built from a `Vec`).
-pub(crate) fn message_payload(body: &Bytes) -> Payload<'_> {
-    if body.len() < 8 * 1024 {
-        Payload::Slice(body)
-    } else {
-        Payload::Bytes(body.clone())
+impl Drop for ServerStream {
+    /// The call ended: the handler's sends fail from now on, its reading ends.
+    fn drop(&mut self) {
+        self.outbox.end();
+        if let Some(incoming) = &self.incoming {
+            incoming.close();
+        }
     }
 }
 
 /// Unsent response bytes past which a connection stops reading requests.
 const MAX_WRITE_BACKLOG: usize = 1 << 20;
-
-/// Stream message bytes a driver lets its handlers queue before it writes them.
-const STREAM_WRITE_BATCH: usize = 16 * 1024;
 
 /// Signals from the server to its connections. Each is a channel that is closed, never
 /// sent on: closing wakes every receiver at once.
@@ -110,8 +106,6 @@ pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     running: HashMap<CallId, AbortHandle>,
     /// Stream calls running.
     streams: HashMap<CallId, ServerStream>,
-    /// This pass took a stream message and opened its handler's gate for the next one.
-    gate_opened: bool,
     drain_signal: SignalRx,
     abort_signal: SignalRx,
     draining: bool,
@@ -145,7 +139,6 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             outputs_rx: Box::pin(outputs_rx),
             running: HashMap::new(),
             streams: HashMap::new(),
-            gate_opened: false,
             drain_signal: Box::pin(signals.drain),
             abort_signal: Box::pin(signals.abort),
             draining: false,
@@ -191,7 +184,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                     self.running.remove(&id);
                     self.finish(now, id, reply);
                 }
-                HandlerOutput::Message(id, body) => self.send_stream_message(now, id, body),
+                HandlerOutput::Ready(id) => self.feed_stream(now, id),
                 HandlerOutput::Release(id, bytes) => self.conn.release(id, bytes),
             }
         }
@@ -212,7 +205,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                         .streams
                         .get(&id)
                         .and_then(|s| s.incoming.as_ref())
-                        .is_some_and(|tx| tx.try_send(body).is_ok());
+                        .is_some_and(|inbox| inbox.push(body));
                     // A refused call's, or one whose handler dropped its stream: the
                     // credit goes straight back so the connection window never shrinks.
                     if !delivered {
@@ -220,29 +213,17 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                     }
                 }
                 ServerEvent::HalfClosed { id } => {
-                    if let Some(stream) = self.streams.get_mut(&id) {
-                        stream.incoming = None; // the reader drains what is queued, then ends
+                    // The reader takes what was delivered, then the stream ends.
+                    if let Some(inbox) = self.streams.get_mut(&id).and_then(|s| s.incoming.take()) {
+                        inbox.end(());
                     }
                 }
-                ServerEvent::Writable { id } => {
-                    if let Some(body) = self.streams.get_mut(&id).and_then(|s| s.parked.take()) {
-                        self.send_stream_message(now, id, body);
-                        let reply = match self.streams.get_mut(&id) {
-                            Some(s) if s.parked.is_none() => s.reply.take(),
-                            _ => None,
-                        };
-                        if let Some(reply) = reply {
-                            self.finish(now, id, reply);
-                        }
-                    }
-                }
+                ServerEvent::Writable { id } => self.feed_stream(now, id),
                 ServerEvent::Cancelled { id, .. } => {
                     if let Some(handle) = self.running.remove(&id) {
                         handle.abort();
                     }
-                    if let Some(stream) = self.streams.remove(&id) {
-                        stream.gate.close();
-                    }
+                    self.streams.remove(&id);
                 }
                 ServerEvent::GoAway(_) => {}
                 ServerEvent::Closed(reason) => {
@@ -251,9 +232,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                     for (_, handle) in self.running.drain() {
                         handle.abort();
                     }
-                    for (_, stream) in self.streams.drain() {
-                        stream.gate.close();
-                    }
+                    self.streams.clear();
                 }
             }
         }
@@ -263,20 +242,6 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             progress = true;
         }
 
-        // A handler whose gate just opened is about to hand over its next message: let it
-        // run before writing, so one write carries many messages. A write per message costs
-        // a system call and a wake-up of the reader per message, which made a server stream
-        // about ten times slower. Bounded: the pass that queues STREAM_WRITE_BATCH bytes, or
-        // that gets no new message, writes.
-        // The bytes stay in the core meanwhile, encoded back to back into one buffer.
-        if std::mem::take(&mut self.gate_opened)
-            && !self.closing
-            && self.transport.write_backlog() + self.conn.transmit_len() < STREAM_WRITE_BATCH
-        {
-            // Polled again after the tasks already woken, the handler among them.
-            cx.waker().wake_by_ref();
-            return false;
-        }
         progress |= self.transport.poll_write(cx, &mut self.conn);
         progress
     }
@@ -352,29 +317,31 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
 
     /// The halves a stream call's handler gets, and the driver's side of them.
     fn open_stream(&mut self, id: CallId, kind: StreamKind) -> CallStreams {
-        let gate = Arc::new(SendGate::new(true, Some(id)));
+        let outbox = Arc::new(Outbox::new(Some(id)));
         let (incoming, requests) = if kind.client_streams() {
-            let (tx, rx) = async_channel::unbounded();
+            let inbox = Arc::new(Inbox::default());
             let stream = RawRequestStream {
                 id,
-                messages: Box::pin(rx),
+                reader: InboxReader::new(inbox.clone()),
                 control: self.handler_out.clone(),
-                batch: ReleaseBatch::default(),
+                done: false,
             };
-            (Some(tx), Some(stream))
+            (Some(inbox), Some(stream))
         } else {
             (None, None)
         };
         let responses = kind.server_streams().then(|| RawResponseSink {
-            gate: gate.clone(),
-            out: self.handler_out.clone(),
+            sender: OutboxSender {
+                outbox: outbox.clone(),
+                control: self.handler_out.clone(),
+            },
         });
         self.streams.insert(
             id,
             ServerStream {
-                gate,
+                outbox,
+                drain: OutboxDrain::default(),
                 incoming,
-                parked: None,
                 reply: None,
             },
         );
@@ -384,41 +351,49 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         }
     }
 
-    /// Hands one of a handler's messages to the core, or parks it until credit is back.
-    fn send_stream_message(&mut self, now: Instant, id: CallId, body: Bytes) {
+    /// Moves a stream call's queued messages into the core as far as its credit goes, and
+    /// answers the call once its handler's reply has nothing left ahead of it.
+    fn feed_stream(&mut self, now: Instant, id: CallId) {
         let Some(stream) = self.streams.get_mut(&id) else {
             return; // the call ended; its handler learns at its next send
         };
-        match self.conn.send_message(id, message_payload(&body)) {
-            Ok(()) => {
-                stream.gate.open();
-                self.gate_opened = true;
+        let conn = &mut self.conn;
+        let fed = stream
+            .drain
+            .feed(&stream.outbox, |body, _| conn.send_message(id, body));
+        match fed {
+            Ok(Fed::Blocked) => {} // the rest goes at the call's `Writable`
+            Ok(Fed::Idle | Fed::CloseSend) => {
+                if let Some(reply) = stream.reply.take() {
+                    self.streams.remove(&id);
+                    self.respond(now, id, reply);
+                }
             }
-            Err(SendError::NoCredit) => stream.parked = Some(body),
             Err(SendError::TooLarge) => {
                 if let Some(handle) = self.running.remove(&id) {
                     handle.abort();
                 }
+                self.streams.remove(&id);
                 let status = Status::new(
                     Code::ResourceExhausted,
                     "a response stream message exceeds max_frame_len",
                 );
-                self.finish(now, id, ServerReply::error(status));
+                self.respond(now, id, ServerReply::error(status));
             }
-            Err(_) => stream.gate.close(),
+            // The call is gone from the core; its end comes as an event.
+            Err(_) => {
+                stream.outbox.end();
+            }
         }
     }
 
-    /// Ends a call with `reply`, once any parked message of its stream is out.
+    /// Ends a call with `reply`; a stream call once every message its handler queued
+    /// before returning is in the core. Messages sent after that are refused.
     fn finish(&mut self, now: Instant, id: CallId, reply: ServerReply) {
         if let Some(stream) = self.streams.get_mut(&id) {
-            if stream.parked.is_some() {
-                stream.reply = Some(reply);
-                return;
-            }
-            if let Some(stream) = self.streams.remove(&id) {
-                stream.gate.close();
-            }
+            stream.outbox.end();
+            stream.reply = Some(reply);
+            return self.feed_stream(now, id);
         }
         self.respond(now, id, reply);
     }

@@ -34,6 +34,8 @@ impl Default for ServerConfig {
         // clients through TCP.
         conn.keepalive.interval = Some(Duration::from_secs(120));
         conn.keepalive.timeout = Duration::from_secs(20);
+        conn.stream_window = crate::stream::DEFAULT_STREAM_WINDOW;
+        conn.connection_window = crate::stream::DEFAULT_CONNECTION_WINDOW;
         ServerConfig {
             conn,
             max_connections: 10_000,
