@@ -58,6 +58,11 @@ impl ClientInterceptor for BearerToken {
         call.metadata.insert(AUTHORIZATION, self.header.clone());
         next.run(call)
     }
+
+    fn intercept_stream(&self, call: &mut OutgoingCall) -> Result<(), Status> {
+        call.metadata.insert(AUTHORIZATION, self.header.clone());
+        Ok(())
+    }
 }
 
 /// Who a verified token belongs to.

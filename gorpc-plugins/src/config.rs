@@ -930,4 +930,8 @@ impl ClientInterceptor for SharedClientInterceptor {
     ) -> BoxFuture<'static, Result<RawResponse, Status>> {
         self.0.intercept(call, next)
     }
+
+    fn intercept_stream(&self, call: &mut OutgoingCall) -> Result<(), Status> {
+        self.0.intercept_stream(call)
+    }
 }

@@ -120,6 +120,16 @@ where
             })
             .boxed()
     }
+
+    /// A stream call carries the caller's current trace context, so the server's span is
+    /// its child; no client span is made, since the stream's end passes by interceptors.
+    fn intercept_stream(&self, call: &mut OutgoingCall) -> Result<(), Status> {
+        self.propagator.inject_context(
+            &Context::current(),
+            &mut MetadataInjector(&mut call.metadata),
+        );
+        Ok(())
+    }
 }
 
 /// A server interceptor that traces every call in a span of kind `Server`, the child of the

@@ -16,6 +16,8 @@ use gorpc_tests::{client_config, loopback, on_every_runtime};
 const WHOAMI: &str = "/test.Who/Ami";
 const DELETE: &str = "/test.Who/Delete";
 const HEALTH: &str = "/test.Health/Check";
+/// A server stream of one message: what the handler saw, as the unary handlers answer.
+const WATCH: &str = "/test.Who/Watch";
 
 /// alice may call anything, bob only WHOAMI; any other token is unknown.
 fn verify(token: &str, method: &str) -> Result<Identity, Status> {
@@ -39,7 +41,17 @@ async fn serve<S: Runtime>(runtime: S) -> (ServerHandle<S>, Arc<AtomicUsize>) {
         let body = format!("{}|{}", seen(SUBJECT), seen(AUTHORIZATION));
         async move { ServerReply::ok(Bytes::from(body)) }
     };
+    let watch_counter = handled.clone();
+    let watch = move |req: gorpc::Request<Bytes>, mut sink: gorpc::stream::ResponseSink<Bytes>| {
+        watch_counter.fetch_add(1, Ordering::SeqCst);
+        let seen = |key| {
+            String::from_utf8_lossy(req.metadata.get(key).map_or(&b"-"[..], |v| v)).into_owned()
+        };
+        let body = Bytes::from(format!("{}|{}", seen(SUBJECT), seen(AUTHORIZATION)));
+        async move { sink.send(&body).await }
+    };
     let router = Router::new()
+        .server_stream(WATCH, gorpc::Raw, watch)
         .route(WHOAMI, handler.clone())
         .route(DELETE, handler.clone())
         .route(HEALTH, handler);
@@ -187,7 +199,42 @@ async fn an_allow_listed_method_needs_no_token<S: Runtime, C: Runtime>(server_rt
     server.abort().await;
 }
 
+/// Stream calls carry the token too (BearerToken's `intercept_stream`), and the server
+/// checks them like unary calls.
+async fn stream_calls_are_authenticated<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    use futures::StreamExt;
+    let (server, handled) = serve(server_rt).await;
+    let plain = Client::connect(client_rt, server.local_addr(), client_config())
+        .await
+        .unwrap();
+    let alice = plain
+        .clone()
+        .with_interceptor(BearerToken::new("alice-token"));
+    let request = || gorpc::Request::new(Bytes::new());
+
+    let mut stream = alice
+        .server_stream::<_, Bytes, Bytes>(WATCH, gorpc::Raw, request())
+        .await
+        .unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap(), "alice|-");
+    assert!(stream.next().await.is_none());
+
+    let mut refused = plain
+        .server_stream::<_, Bytes, Bytes>(WATCH, gorpc::Raw, request())
+        .await
+        .unwrap();
+    let status = refused.next().await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status}");
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        1,
+        "the refused stream never ran"
+    );
+    server.abort().await;
+}
+
 on_every_runtime!(
+    stream_calls_are_authenticated,
     calls_without_a_valid_bearer_token_are_refused,
     a_wrong_token_gets_the_status_verify_chose,
     a_right_token_reaches_the_handler_as_a_subject,

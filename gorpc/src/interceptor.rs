@@ -113,6 +113,15 @@ pub trait ClientInterceptor: Send + Sync + 'static {
         call: OutgoingCall,
         next: ClientNext,
     ) -> BoxFuture<'static, Result<RawResponse, Status>>;
+
+    /// Runs, in chain order, before a stream call starts: may edit the opening call
+    /// (metadata, deadline) or refuse it with an error the caller gets. The stream's
+    /// messages and its end pass by; an interceptor that needs the end wraps the halves
+    /// itself. Does nothing unless implemented.
+    fn intercept_stream(&self, call: &mut OutgoingCall) -> Result<(), Status> {
+        let _ = call;
+        Ok(())
+    }
 }
 
 impl<F> ClientInterceptor for F
@@ -216,5 +225,10 @@ impl ClientInterceptor for Logging {
                 result
             })
             .boxed()
+    }
+
+    fn intercept_stream(&self, call: &mut OutgoingCall) -> Result<(), Status> {
+        tracing::debug!(method = %call.method, "stream call starting");
+        Ok(())
     }
 }

@@ -15,11 +15,11 @@ use futures::future::{AbortHandle, Abortable, BoxFuture};
 use futures::StreamExt;
 use gorpc_proto::balance::{Balancer, Endpoint, EndpointId, Health};
 use gorpc_proto::policy::{Admission, CircuitBreaker};
-use gorpc_proto::{Code, Status};
+use gorpc_proto::{Code, Status, StreamKind};
 
 use super::conn::OutgoingCall;
 use super::pool::{EndpointPool, Pool, PoolConfig};
-use super::{send_on, RawResponse};
+use super::{send_on, start_stream_on, RawResponse, StreamHalves};
 use crate::discovery::{Change, Discover};
 use crate::runtime::Runtime;
 
@@ -427,6 +427,43 @@ impl Balanced {
                 Ok(result) => {
                     report.verdict = verdict(&result);
                     return result;
+                }
+                Err((status, unsent)) => {
+                    report.verdict = Verdict::Unreachable;
+                    last_error = Some(status);
+                    call = unsent;
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Status::new(Code::Unavailable, "no instance reachable")))
+    }
+
+    /// Starts a stream call on an instance the balancer picks, skipping (and reporting)
+    /// instances that cannot be reached, like [`send`](Self::send). The instance is
+    /// reported healthy once the stream started: load-aware balancers count a stream as
+    /// in flight only while it starts, not for its whole life.
+    pub(crate) async fn start_stream(
+        &self,
+        mut call: OutgoingCall,
+        kind: StreamKind,
+    ) -> Result<StreamHalves, Status> {
+        self.resolved(call.deadline).await?;
+        let mut last_error = None;
+        for _ in 0..INSTANCES_PER_CALL {
+            let (id, pool) = match self.pick(call.key) {
+                Ok(picked) => picked,
+                Err(status) => return Err(last_error.unwrap_or(status)),
+            };
+            let mut report = Report {
+                balanced: self,
+                id,
+                started: Instant::now(),
+                verdict: Verdict::Abandoned,
+            };
+            match start_stream_on(&*pool, call, kind).await {
+                Ok(halves) => {
+                    report.verdict = Verdict::Healthy;
+                    return Ok(halves);
                 }
                 Err((status, unsent)) => {
                     report.verdict = Verdict::Unreachable;

@@ -252,8 +252,11 @@ impl Client {
     /// Starts a stream call of `kind` and returns its halves (a server-streaming call's
     /// sender takes nothing and may be dropped). `request` is the one request message of a
     /// server-streaming call and must be empty otherwise. The deadline (the call's timeout,
-    /// or the client's default) covers the whole stream. Client interceptors do not run
-    /// for stream calls; calls go over pooled binary-protocol connections only.
+    /// or the client's default) covers the whole stream. Client interceptors run their
+    /// [`intercept_stream`](ClientInterceptor::intercept_stream) on the opening call. A
+    /// discovered service's stream goes to the instance its balancer picks (one that
+    /// cannot be reached is skipped, as for unary calls); streams need the binary
+    /// protocol, so HTTP and UDP clients refuse them with `Unimplemented`.
     pub async fn stream_raw(
         &self,
         method: impl Into<Cow<'static, str>>,
@@ -261,13 +264,7 @@ impl Client {
         kind: StreamKind,
         request: Bytes,
         options: CallOptions,
-    ) -> Result<(Option<RawStreamSender>, RawStreamReceiver), Status> {
-        let Route::Pool(pool) = &self.route else {
-            return Err(Status::new(
-                Code::Unimplemented,
-                "stream calls go over pooled connections (Client::connect, lazy or new)",
-            ));
-        };
+    ) -> Result<StreamHalves, Status> {
         let timeout = options.timeout.or(self.default_timeout);
         let mut call = OutgoingCall {
             method: method.into(),
@@ -277,35 +274,19 @@ impl Client {
             key: options.key,
             body: request,
         };
-        for _ in 0..=NOT_SENT_RETRIES {
-            let conn = match pool.checkout(call.deadline) {
-                Checkout::Ready(conn) => conn,
-                Checkout::Wait(wait) => wait.await?,
-                Checkout::Failed(status) => return Err(status),
-            };
-            let outbox = Arc::new(Outbox::new(None));
-            let inbox = Arc::new(Inbox::default());
-            let stream = ClientStream {
-                outbox: outbox.clone(),
-                inbox: inbox.clone(),
-            };
-            match conn.start_stream(call, kind, stream) {
-                Ok(()) => {
-                    let commands = Arc::new(stream::Commands(conn.commands()));
-                    let sender = kind
-                        .client_streams()
-                        .then(|| RawStreamSender::new(outbox.clone(), commands.clone()));
-                    let reader = InboxReader::new(inbox);
-                    let receiver = RawStreamReceiver::new(reader, outbox, commands);
-                    return Ok((sender, receiver));
-                }
-                Err(unsent) => call = unsent,
-            }
+        for interceptor in self.interceptors.iter() {
+            interceptor.intercept_stream(&mut call)?;
         }
-        Err(Status::new(
-            Code::Unavailable,
-            "no connection stayed open long enough to start the stream",
-        ))
+        match &self.route {
+            Route::Pool(pool) => start_stream_on(&**pool, call, kind)
+                .await
+                .map_err(|(status, _)| status),
+            Route::Balanced(balanced) => balanced.start_stream(call, kind).await,
+            Route::Channel(_) => Err(Status::new(
+                Code::Unimplemented,
+                "stream calls need the binary protocol; HTTP and UDP clients carry unary calls",
+            )),
+        }
     }
 
     /// A server-streaming call: one request, a stream of typed responses that ends with
@@ -429,6 +410,52 @@ async fn send(pool: &dyn Pool, call: OutgoingCall) -> Result<RawResponse, Status
     send_on(pool, call)
         .await
         .unwrap_or_else(|(status, _)| Err(status))
+}
+
+/// A stream call's halves: the sender (client-streaming and bidirectional calls only) and
+/// the receiver.
+pub type StreamHalves = (Option<RawStreamSender>, RawStreamReceiver);
+
+/// Starts a stream call on a connection of `pool`; a call no connection took comes back
+/// with the reason, so that it can go to another endpoint.
+pub(crate) async fn start_stream_on(
+    pool: &dyn Pool,
+    mut call: OutgoingCall,
+    kind: StreamKind,
+) -> Result<StreamHalves, (Status, OutgoingCall)> {
+    for _ in 0..=NOT_SENT_RETRIES {
+        let conn = match pool.checkout(call.deadline) {
+            Checkout::Ready(conn) => conn,
+            Checkout::Wait(wait) => match wait.await {
+                Ok(conn) => conn,
+                Err(status) => return Err((status, call)),
+            },
+            Checkout::Failed(status) => return Err((status, call)),
+        };
+        let outbox = Arc::new(Outbox::new(None));
+        let inbox = Arc::new(Inbox::default());
+        let stream = ClientStream {
+            outbox: outbox.clone(),
+            inbox: inbox.clone(),
+        };
+        match conn.start_stream(call, kind, stream) {
+            Ok(()) => {
+                let commands = Arc::new(stream::Commands(conn.commands()));
+                let sender = kind
+                    .client_streams()
+                    .then(|| RawStreamSender::new(outbox.clone(), commands.clone()));
+                let reader = InboxReader::new(inbox);
+                let receiver = RawStreamReceiver::new(reader, outbox, commands);
+                return Ok((sender, receiver));
+            }
+            Err(unsent) => call = unsent,
+        }
+    }
+    let status = Status::new(
+        Code::Unavailable,
+        "no connection stayed open long enough to start the stream",
+    );
+    Err((status, call))
 }
 
 /// [`send`], but a call for which the pool had no connection comes back with the reason,

@@ -43,6 +43,8 @@ fn abandon(outbox: &Outbox, commands: &Commands) {
 pub struct RawStreamReceiver {
     reader: InboxReader<StreamEnd>,
     outbox: Arc<Outbox>,
+    /// The call's id, once read from the outbox (the call may start after this exists).
+    id: Option<CallId>,
     commands: Arc<Commands>,
     /// The call ended and its end was handed out.
     done: bool,
@@ -70,6 +72,7 @@ impl RawStreamReceiver {
         RawStreamReceiver {
             reader,
             outbox,
+            id: None,
             commands,
             done: false,
         }
@@ -104,10 +107,10 @@ impl RawStreamReceiver {
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Delivery<StreamEnd>> {
-        // The id is read per message only until the receiver has it; a started call
-        // keeps it.
-        let id = self.outbox.id();
-        self.reader.poll_next(cx, id, &*self.commands)
+        if self.id.is_none() {
+            self.id = self.outbox.id();
+        }
+        self.reader.poll_next(cx, self.id, &*self.commands)
     }
 }
 
