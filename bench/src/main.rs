@@ -12,7 +12,8 @@
 //! `--workload stream` measures server streams instead of calls: each of `--concurrency`
 //! streams (default 1) asks for `--messages` messages of `--payload` bytes, takes them as fast
 //! as flow control lets the server send, and opens the next stream when one ends; messages/s
-//! and MB/s are counted over the measured window (gorpc-tokio, gorpc-smol and tonic only):
+//! and MB/s are counted over the measured window (every system but tarpc; raw's streams are
+//! plain length-prefixed frames over TCP, one connection per stream, the ceiling):
 //!
 //! cargo run --release -p gorpc-bench -- --system all --workload stream --payload 1024 \
 //!     --concurrency 1 --secs 5
@@ -139,11 +140,13 @@ struct RunArgs {
     #[arg(long, default_value_t = 100_000)]
     messages: u32,
     /// The clients' receive window per stream call, in bytes, for gorpc and tonic alike
-    /// [default: each system's own: 64 KiB for gorpc, 2 MiB for tonic (hyper)].
+    /// [default: each system's own: 1 MiB for gorpc, 2 MiB for tonic (hyper)]; raw has
+    /// none but TCP's own buffers.
     #[arg(long, value_name = "BYTES")]
     stream_window: Option<u32>,
     /// The clients' receive window per connection, in bytes, for gorpc and tonic alike
-    /// [default: each system's own: 1 MiB for gorpc, 5 MiB for tonic (hyper)].
+    /// [default: each system's own: 4 MiB for gorpc, 5 MiB for tonic (hyper)]; raw has
+    /// none but TCP's own buffers.
     #[arg(long, value_name = "BYTES")]
     connection_window: Option<u32>,
     /// CPU the server process is pinned to.
@@ -184,6 +187,7 @@ struct StreamRow {
     payload: usize,
     /// Messages per stream call.
     messages: u32,
+    /// Connections the streams ran over (raw: one per stream, whatever --connections says).
     connections: usize,
     /// The clients' receive windows asked for; `null`: each system's default.
     stream_window: Option<u32>,
@@ -457,7 +461,11 @@ fn run_streams(args: &RunArgs, concurrencies: &[usize]) -> ExitCode {
                 concurrency,
                 payload: args.payload,
                 messages: args.messages,
-                connections: args.connections,
+                connections: if system == System::Raw {
+                    concurrency
+                } else {
+                    args.connections
+                },
                 stream_window: args.stream_window,
                 connection_window: args.connection_window,
                 msgs_per_s: round(measured.messages_per_sec(), 1),
@@ -626,10 +634,15 @@ fn stream_summary(rows: &[StreamRow]) -> String {
         let window = |w: Option<u32>, default: &str| {
             w.map_or_else(|| default.to_owned(), |w| format!("{w} B"))
         };
+        let raw = if rows.iter().any(|r| r.system == System::Raw.name()) {
+            "; none for raw (TCP's own buffers only)"
+        } else {
+            ""
+        };
         s += &format!(
-            "\nclient receive windows: per stream {}, per connection {}\n",
-            window(r.stream_window, "default (gorpc 64 KiB, tonic 2 MiB)"),
-            window(r.connection_window, "default (gorpc 1 MiB, tonic 5 MiB)"),
+            "\nclient receive windows: per stream {}, per connection {}{raw}\n",
+            window(r.stream_window, "default (gorpc 1 MiB, tonic 2 MiB)"),
+            window(r.connection_window, "default (gorpc 4 MiB, tonic 5 MiB)"),
         );
     }
     let results: Vec<(&str, usize, f64)> = rows
@@ -785,7 +798,7 @@ mod tests {
             "{s}"
         );
         assert!(
-            s.contains("per stream default (gorpc 64 KiB, tonic 2 MiB)"),
+            s.contains("per stream default (gorpc 1 MiB, tonic 2 MiB)"),
             "{s}"
         );
         assert!(
@@ -795,6 +808,32 @@ mod tests {
             ),
             "{s}"
         );
+    }
+
+    #[test]
+    fn the_stream_summary_sets_raw_beside_the_others() {
+        let s = stream_summary(&[
+            stream_row("gorpc-tokio", 300_000.0),
+            stream_row("tonic", 100_000.0),
+            stream_row("raw", 1_200_000.0),
+        ]);
+        assert!(
+            s.contains("| raw | 1 | 1024 | 100000 | 1 | 1200000 | 1228.8 | 0 |"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "per connection default (gorpc 4 MiB, tonic 5 MiB); none for raw \
+                 (TCP's own buffers only)\n"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.ends_with("\n\nmessages/s ratios: gorpc-tokio/tonic 3.00x, gorpc-tokio/raw 0.25x\n"),
+            "{s}"
+        );
+        let without = stream_summary(&[stream_row("gorpc-tokio", 300_000.0)]);
+        assert!(!without.contains("raw"), "{without}");
     }
 
     #[test]

@@ -36,10 +36,10 @@ impl System {
         System::Raw,
     ];
 
-    /// Whether the system runs the stream workload: tarpc has no streaming calls, and the
-    /// raw TCP echo is a request-reply pipeline.
+    /// Whether the system runs the stream workload: all but tarpc, which has no streaming
+    /// calls. Raw streams are plain length-prefixed frames over TCP, the ceiling.
     pub fn streams(self) -> bool {
-        matches!(self, System::GorpcTokio | System::GorpcSmol | System::Tonic)
+        !matches!(self, System::Tarpc)
     }
 
     pub fn name(self) -> &'static str {
@@ -65,7 +65,8 @@ pub enum Workload {
 }
 
 /// The message the stream-less systems give when asked for the stream workload.
-pub const NO_STREAMS: &str = "the stream workload runs on gorpc-tokio, gorpc-smol and tonic only";
+pub const NO_STREAMS: &str =
+    "the stream workload runs on gorpc-tokio, gorpc-smol, tonic and raw only";
 
 /// The name the hello workload sends.
 pub const HELLO_NAME: &str = "gorpc";
@@ -80,7 +81,7 @@ pub const ECHO_METHOD: &str = "/bench.Echo/Echo";
 pub const HELLO_METHOD: &str = "/bench.Echo/SayHello";
 pub const DOWNLOAD_METHOD: &str = "/bench.Echo/Download";
 
-/// What a stream call asks for: `count` messages of `size` bytes. gorpc sends it as 8 raw
+/// What a stream call asks for: `count` messages of `size` bytes. gorpc and raw send it as 8
 /// bytes (two little-endian u32s); tonic as the protobuf `DownloadRequest`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DownloadOrder {
@@ -327,24 +328,34 @@ pub fn run_stream_client(system: System, p: &ClientParams) -> Result<StreamMeasu
             let window = Window::starting_now(p.warmup, p.secs);
             Ok(stream_loop_smol(&ex, callers, window).await)
         }),
-        System::GorpcTokio | System::Tonic => {
+        System::GorpcTokio | System::Tonic | System::Raw => {
             let runtime = tokio_runtime(p.threads).map_err(|e| e.to_string())?;
             let out = runtime.block_on(async move {
-                if system == System::Tonic {
-                    let callers = tonic::stream_callers(p).await?;
-                    let window = Window::starting_now(p.warmup, p.secs);
-                    Ok(stream_loop_tokio(callers, window).await)
-                } else {
-                    let callers = gorpc::stream_callers(gorpc_tokio::Tokio::current(), p).await?;
-                    let window = Window::starting_now(p.warmup, p.secs);
-                    Ok(stream_loop_tokio(callers, window).await)
+                match system {
+                    System::Tonic => {
+                        let callers = tonic::stream_callers(p).await?;
+                        let window = Window::starting_now(p.warmup, p.secs);
+                        Ok(stream_loop_tokio(callers, window).await)
+                    }
+                    System::Raw => {
+                        let callers = raw::stream_callers(p).await?;
+                        let window = Window::starting_now(p.warmup, p.secs);
+                        Ok(stream_loop_tokio(callers, window).await)
+                    }
+                    System::GorpcTokio => {
+                        let callers =
+                            gorpc::stream_callers(gorpc_tokio::Tokio::current(), p).await?;
+                        let window = Window::starting_now(p.warmup, p.secs);
+                        Ok(stream_loop_tokio(callers, window).await)
+                    }
+                    System::GorpcSmol | System::Tarpc => unreachable!("matched above"),
                 }
             });
             // Streams still open (if any) must not keep the run going.
             runtime.shutdown_background();
             out
         }
-        System::Tarpc | System::Raw => Err(NO_STREAMS.to_owned()),
+        System::Tarpc => Err(NO_STREAMS.to_owned()),
     }
 }
 
@@ -363,12 +374,12 @@ mod tests {
     }
 
     #[test]
-    fn only_gorpc_and_tonic_stream() {
+    fn all_but_tarpc_stream() {
         let streaming: Vec<&str> = System::ALL
             .iter()
             .filter(|s| s.streams())
             .map(|s| s.name())
             .collect();
-        assert_eq!(streaming, ["gorpc-tokio", "gorpc-smol", "tonic"]);
+        assert_eq!(streaming, ["gorpc-tokio", "gorpc-smol", "tonic", "raw"]);
     }
 }

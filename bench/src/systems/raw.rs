@@ -5,7 +5,14 @@
 //! it has for a connection once its read buffer is drained. The client keeps
 //! `concurrency / connections` requests in flight per connection: a writer refills the
 //! window, a reader matches replies to send times first in, first out.
-
+//!
+//! The stream workload is the least any server stream does, over plain TCP: each stream task
+//! has a connection of its own (`--connections` does not apply) and sends an 8-byte
+//! [`DownloadOrder`]; the server answers with `count` frames of the payload, written about
+//! 64 KiB at a time from one batch built per order, then an end marker (length `u32::MAX`,
+//! no body), and waits for the next order on the same connection. The client checks every
+//! message against the payload. There is no flow control but TCP's own, so
+//! `--stream-window` and `--connection-window` do not apply.
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -16,17 +23,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use super::{greeting, ClientParams, Workload, HELLO_NAME, NO_STREAMS};
-use crate::loadgen::{take_recorder, Measurement, Recorder, Window, GRACE};
+use super::{greeting, make_payload, ClientParams, DownloadOrder, Workload, HELLO_NAME};
+use crate::loadgen::{
+    take_recorder, Measurement, Recorder, StreamCaller, StreamTally, Window, GRACE,
+};
 
 /// Frames longer than this close the connection.
 const MAX_FRAME: usize = 64 << 20;
 
+/// The stream server's writes: as many whole messages as fit in this many bytes (one at
+/// least).
+const STREAM_BATCH: usize = 64 * 1024;
+
+/// The length that ends a stream: a frame with no body.
+const END_OF_STREAM: u32 = u32::MAX;
+
 /// Binds 127.0.0.1:0 and serves in a background task, one task per connection.
 pub async fn serve(workload: Workload) -> std::io::Result<SocketAddr> {
-    if workload == Workload::Stream {
-        return Err(std::io::Error::other(NO_STREAMS));
-    }
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -34,7 +47,11 @@ pub async fn serve(workload: Workload) -> std::io::Result<SocketAddr> {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     tokio::spawn(async move {
-                        if let Err(e) = serve_conn(stream, workload).await {
+                        let served = match workload {
+                            Workload::Stream => serve_streams(stream).await,
+                            _ => serve_conn(stream, workload).await,
+                        };
+                        if let Err(e) = served {
                             eprintln!("raw server: {e}");
                         }
                     });
@@ -72,7 +89,7 @@ async fn serve_conn(mut stream: TcpStream, workload: Workload) -> std::io::Resul
                     output.extend_from_slice(b"Hello ");
                     output.extend_from_slice(&input[4..4 + len]);
                 }
-                Workload::Stream => unreachable!("serve refuses the stream workload"),
+                Workload::Stream => unreachable!("streams are served by serve_streams"),
             }
             input.advance(4 + len);
         }
@@ -84,6 +101,55 @@ async fn serve_conn(mut stream: TcpStream, workload: Workload) -> std::io::Resul
     wr.shutdown().await
 }
 
+/// One connection of the stream workload: order after order, each answered with its
+/// messages and the end marker. A client that goes away, mid-stream or between orders, ends
+/// the connection quietly.
+async fn serve_streams(mut stream: TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut order = [0u8; 8];
+    let served: std::io::Result<()> = async {
+        loop {
+            stream.read_exact(&mut order).await?;
+            let order = DownloadOrder::decode(&order).expect("an order is 8 bytes");
+            let size = order.size as usize;
+            if size > MAX_FRAME {
+                return Err(std::io::Error::other("stream message too long"));
+            }
+            // One batch of whole messages, written as often as the order needs.
+            let frame_len = 4 + size;
+            let per_batch = (STREAM_BATCH / frame_len).clamp(1, order.count.max(1) as usize);
+            let message = make_payload(size);
+            let mut batch = BytesMut::with_capacity(per_batch * frame_len + 4);
+            for _ in 0..per_batch {
+                batch.put_u32(order.size);
+                batch.extend_from_slice(&message);
+            }
+            let count = order.count as usize;
+            for _ in 0..count / per_batch {
+                stream.write_all(&batch).await?;
+            }
+            // The rest, and the end marker, in one last write.
+            batch.truncate(count % per_batch * frame_len);
+            batch.put_u32(END_OF_STREAM);
+            stream.write_all(&batch).await?;
+        }
+    }
+    .await;
+    match served {
+        Err(e) if is_disconnect(&e) => Ok(()),
+        other => other,
+    }
+}
+
+/// Whether `e` means the peer closed or reset the connection.
+fn is_disconnect(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | BrokenPipe | ConnectionReset | ConnectionAborted
+    )
+}
+
 /// Runs the pipelined load over `p.connections` connections.
 pub async fn run(p: &ClientParams) -> Result<Measurement, String> {
     let (request, expected) = match p.workload {
@@ -92,7 +158,7 @@ pub async fn run(p: &ClientParams) -> Result<Measurement, String> {
             Bytes::from_static(HELLO_NAME.as_bytes()),
             Bytes::from(greeting(HELLO_NAME)),
         ),
-        Workload::Stream => return Err(NO_STREAMS.to_owned()),
+        Workload::Stream => unreachable!("stream callers come from stream_callers"),
     };
     let mut streams = Vec::with_capacity(p.connections);
     for _ in 0..p.connections {
@@ -236,4 +302,195 @@ async fn pipeline(
     credits.close();
     let written = writer.await.map_err(std::io::Error::other)?;
     read_result.and(written)
+}
+
+/// One stream task of the stream workload, on a connection of its own.
+pub struct RawStreamCaller {
+    addr: SocketAddr,
+    /// Dropped when a stream is cut short or goes wrong, opened again by the next stream.
+    conn: Option<TcpStream>,
+    order: DownloadOrder,
+    expected: Bytes,
+    input: BytesMut,
+}
+
+/// How a stream read ended.
+enum Ended {
+    /// The end marker came: whether every message ordered came before it.
+    Marker(bool),
+    /// The run is over; the stream was cut short.
+    Stopped,
+    /// A read failed, or a message was not the one expected, or a frame was malformed.
+    Broken,
+}
+
+impl StreamCaller for RawStreamCaller {
+    async fn stream(&mut self, tally: &StreamTally) -> bool {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => match connect(self.addr).await {
+                Ok(conn) => {
+                    self.input.clear();
+                    self.conn.insert(conn)
+                }
+                Err(_) => return false,
+            },
+        };
+        let ended = match conn.write_all(&self.order.encode()).await {
+            Ok(()) => {
+                take_stream(
+                    conn,
+                    &mut self.input,
+                    self.order.count,
+                    &self.expected,
+                    tally,
+                )
+                .await
+            }
+            Err(_) => Ended::Broken,
+        };
+        match ended {
+            Ended::Marker(all) => all,
+            Ended::Stopped => {
+                self.conn = None;
+                true
+            }
+            Ended::Broken => {
+                self.conn = None;
+                false
+            }
+        }
+    }
+}
+
+/// Reads one stream's frames from `conn` through `input`, checking each message against
+/// `expected`.
+async fn take_stream(
+    conn: &mut TcpStream,
+    input: &mut BytesMut,
+    count: u32,
+    expected: &[u8],
+    tally: &StreamTally,
+) -> Ended {
+    let mut taken = 0u32;
+    loop {
+        // Every complete frame in the buffer, then one advance past them.
+        let mut at = 0;
+        let mut ended = None;
+        let mut wanted = 4;
+        while input.len() - at >= 4 {
+            let len = u32::from_be_bytes([input[at], input[at + 1], input[at + 2], input[at + 3]]);
+            if len == END_OF_STREAM {
+                at += 4;
+                ended = Some(Ended::Marker(taken == count));
+                break;
+            }
+            let len = len as usize;
+            if len > MAX_FRAME {
+                ended = Some(Ended::Broken);
+                break;
+            }
+            if input.len() - at - 4 < len {
+                wanted = 4 + len;
+                break;
+            }
+            let frame = &input[at + 4..at + 4 + len];
+            at += 4 + len;
+            if frame != expected {
+                ended = Some(Ended::Broken);
+                break;
+            }
+            taken += 1;
+            if !tally.message() {
+                ended = Some(Ended::Stopped);
+                break;
+            }
+        }
+        input.advance(at);
+        if let Some(ended) = ended {
+            return ended;
+        }
+        input.reserve(wanted.max(STREAM_BATCH));
+        match conn.read_buf(input).await {
+            Ok(0) | Err(_) => return Ended::Broken,
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let conn = TcpStream::connect(addr).await?;
+    conn.set_nodelay(true)?;
+    Ok(conn)
+}
+
+/// `p.concurrency` stream tasks, each with its own connection, connected up front.
+pub async fn stream_callers(p: &ClientParams) -> Result<Vec<RawStreamCaller>, String> {
+    let order = DownloadOrder {
+        count: p.stream_messages,
+        size: p.payload.len() as u32,
+    };
+    let mut callers = Vec::with_capacity(p.concurrency);
+    for _ in 0..p.concurrency {
+        let conn = connect(p.addr)
+            .await
+            .map_err(|e| format!("raw connect: {e}"))?;
+        callers.push(RawStreamCaller {
+            addr: p.addr,
+            conn: Some(conn),
+            order,
+            expected: p.payload.clone(),
+            input: BytesMut::with_capacity(4 * STREAM_BATCH),
+        });
+    }
+    Ok(callers)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::systems::stream_loop_tokio;
+
+    fn params(addr: SocketAddr, payload: Bytes, messages: u32) -> ClientParams {
+        ClientParams {
+            addr,
+            workload: Workload::Stream,
+            concurrency: 2,
+            connections: 1,
+            payload,
+            stream_messages: messages,
+            stream_window: None,
+            connection_window: None,
+            warmup: Duration::ZERO,
+            secs: Duration::from_millis(200),
+            threads: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn raw_streams_deliver_every_message_and_stop_cleanly() {
+        let addr = serve(Workload::Stream).await.expect("serves");
+        // Many messages to a batch and streams that are not a whole number of batches; one
+        // message to a batch, split over reads; a stream far longer than the run, cut short.
+        for (size, messages) in [(64, 1001), (100_000, 7), (1024, u32::MAX)] {
+            let p = params(addr, make_payload(size), messages);
+            let callers = stream_callers(&p).await.expect("connects");
+            let measured = stream_loop_tokio(callers, Window::starting_now(p.warmup, p.secs)).await;
+            assert_eq!(measured.errors, 0, "{size} B: {measured:?}");
+            assert!(measured.messages > 0, "{size} B: {measured:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wrong_message_fails_the_stream() {
+        let addr = serve(Workload::Stream).await.expect("serves");
+        let mut p = params(addr, Bytes::from(vec![7u8; 64]), 10);
+        p.secs = Duration::from_millis(50);
+        let callers = stream_callers(&p).await.expect("connects");
+        let measured = stream_loop_tokio(callers, Window::starting_now(p.warmup, p.secs)).await;
+        assert_eq!(measured.messages, 0, "{measured:?}");
+        assert!(measured.errors > 0, "{measured:?}");
+    }
 }
