@@ -67,6 +67,10 @@ enum Command {
     /// Call a unary method with a JSON request and print the JSON reply.
     Call(call::CallArgs),
     /// Scaffold a runnable Cargo project (server and client) from a .proto file.
+    ///
+    /// The server has a handler stub for every method of every service, of any kind (unary,
+    /// server streaming, client streaming, bidirectional), answering default messages; the
+    /// client calls the first method of the first service and prints what comes back.
     New(new::NewArgs),
 }
 

@@ -1,5 +1,11 @@
 //! `gorpc new`: scaffolds a Cargo project with a server and a client of the services in a
 //! .proto file, built by gorpc-build.
+//!
+//! The server implements every method of every service with a stub answering default
+//! messages, for each of the four kinds: unary, server streaming (one response),
+//! client streaming (reads all requests, then one response) and bidirectional (one
+//! response per request). The client calls the first method of the first service with a
+//! default request (for a client stream: one request) and prints what comes back.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
-use prost_build::{Module, Service, ServiceGenerator};
+use prost_build::{Method, Module, Service, ServiceGenerator};
 
 use crate::call::protox_error;
 use crate::Failure;
@@ -17,6 +23,7 @@ use crate::Failure;
 const PROST_VERSION: &str = "0.14";
 const PROST_TYPES_VERSION: &str = "0.14";
 const TOKIO_VERSION: &str = "1.45";
+const FUTURES_VERSION: &str = "0.3.31";
 
 #[derive(Debug, Args)]
 pub struct NewArgs {
@@ -166,6 +173,7 @@ const DEPENDENCIES: &[&str] = &[
     "prost",
     "prost_types",
     "tokio",
+    "futures",
 ];
 
 /// The gorpc-rs checkout to depend on, as an absolute path.
@@ -277,20 +285,6 @@ impl Plan {
                     service.proto_path()
                 )));
             }
-            // gorpc-build generates stream methods, but the scaffold's handler stubs and
-            // client call are written for unary methods.
-            if let Some(method) = service
-                .methods
-                .iter()
-                .find(|m| m.client_streaming || m.server_streaming)
-            {
-                return Err(Failure::usage(format!(
-                    "{}: {}: streaming methods are not scaffolded (gorpc new scaffolds unary \
-                     methods only)",
-                    proto.display(),
-                    method_path(service, &method.proto_name)
-                )));
-            }
         }
         Ok(Plan {
             crate_ident: name.replace('-', "_"),
@@ -350,6 +344,13 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         );
         if self.uses_well_known_types {
             let _ = writeln!(text, "prost-types = \"{PROST_TYPES_VERSION}\"");
+        }
+        if self.has_kind(|kind| kind != Kind::Unary) {
+            let _ = writeln!(
+                text,
+                "futures = {{ version = \"{FUTURES_VERSION}\", default-features = false, \
+                 features = [\"std\", \"async-await\"] }}"
+            );
         }
         let _ = write!(
             text,
@@ -443,7 +444,42 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         self.type_path(service, &format!("{}{suffix}", service.name))
     }
 
+    /// Whether any method of any service is of a kind `wanted` accepts.
+    fn has_kind(&self, wanted: impl Fn(Kind) -> bool) -> bool {
+        self.services
+            .iter()
+            .flat_map(|s| &s.methods)
+            .any(|m| wanted(Kind::of(m)))
+    }
+
     fn server_rs(&self) -> String {
+        // Only what the stubs use, so that the scaffold builds without warnings.
+        let reads_stream =
+            self.has_kind(|kind| matches!(kind, Kind::ClientStreaming | Kind::Bidirectional));
+        let mut uses = Vec::new();
+        if reads_stream {
+            uses.push("use futures::StreamExt;".to_owned());
+        }
+        let mut stream_items = Vec::new();
+        if reads_stream {
+            stream_items.push("RequestStream");
+        }
+        if self.has_kind(|kind| matches!(kind, Kind::ServerStreaming | Kind::Bidirectional)) {
+            stream_items.push("ResponseSink");
+        }
+        if !stream_items.is_empty() {
+            uses.push(format!(
+                "use gorpc_tokio::stream::{{{}}};",
+                stream_items.join(", ")
+            ));
+        }
+        let mut items = vec!["Request"];
+        if self.has_kind(|kind| matches!(kind, Kind::Unary | Kind::ClientStreaming)) {
+            items.push("Response");
+        }
+        items.extend(["Router", "Server", "Status", "Tokio"]);
+        uses.push(format!("use gorpc_tokio::{{{}}};", items.join(", ")));
+
         let mut out = format!(
             "//! Serves every service of proto/{proto}.\n\
              //!\n\
@@ -453,12 +489,13 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
              use std::sync::Arc;\n\
              use std::time::Duration;\n\
              \n\
-             use gorpc_tokio::{{Request, Response, Router, Server, Status, Tokio}};\n\
+             {uses}\n\
              \n\
              /// Implements the services; fill in the method bodies.\n\
              #[derive(Debug, Default)]\n\
              struct Handlers;\n",
-            proto = self.proto_name
+            proto = self.proto_name,
+            uses = uses.join("\n"),
         );
         for service in &self.services {
             let _ = writeln!(
@@ -470,17 +507,7 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
                 if i > 0 {
                     out.push('\n');
                 }
-                let _ = writeln!(
-                    out,
-                    "    async fn {name}(\n        &self,\n        _request: Request<{input}>,\n    ) -> Result<Response<{output}>, Status> {{\n        \
-                         // TODO: implement {path}.\n        \
-                         Ok(Response::new(Default::default()))\n    \
-                     }}",
-                    name = method.name,
-                    input = self.type_path(service, &method.input_type),
-                    output = self.type_path(service, &method.output_type),
-                    path = method_path(service, &method.proto_name),
-                );
+                self.server_method(&mut out, service, method);
             }
             out.push_str("}\n");
         }
@@ -513,17 +540,141 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         out
     }
 
+    /// The handler stub of one method, shaped like gorpc-build's trait method of its kind.
+    fn server_method(&self, out: &mut String, service: &Service, method: &Method) {
+        let name = &method.name;
+        let input = self.type_path(service, &method.input_type);
+        let output = self.type_path(service, &method.output_type);
+        let path = method_path(service, &method.proto_name);
+        let _ = match Kind::of(method) {
+            Kind::Unary => writeln!(
+                out,
+                "    async fn {name}(\n        &self,\n        _request: Request<{input}>,\n    \
+                 ) -> Result<Response<{output}>, Status> {{\n        \
+                     // TODO: implement {path}.\n        \
+                     Ok(Response::new(Default::default()))\n    \
+                 }}"
+            ),
+            Kind::ServerStreaming => writeln!(
+                out,
+                "    async fn {name}(\n        &self,\n        _request: Request<{input}>,\n        \
+                     mut sink: ResponseSink<{output}>,\n    \
+                 ) -> Result<(), Status> {{\n        \
+                     // TODO: implement {path}.\n        \
+                     // Send each response; the stream ends when this returns.\n        \
+                     sink.send(&Default::default()).await?;\n        \
+                     Ok(())\n    \
+                 }}"
+            ),
+            Kind::ClientStreaming => writeln!(
+                out,
+                "    async fn {name}(\n        &self,\n        \
+                     request: Request<RequestStream<{input}>>,\n    \
+                 ) -> Result<Response<{output}>, Status> {{\n        \
+                     // TODO: implement {path}.\n        \
+                     // Handle each request as it comes, and answer once the stream ended.\n        \
+                     let mut requests = request.message;\n        \
+                     let mut count = 0;\n        \
+                     while let Some(message) = requests.next().await {{\n            \
+                         let _message = message?;\n            \
+                         count += 1;\n        \
+                     }}\n        \
+                     let _ = count;\n        \
+                     Ok(Response::new(Default::default()))\n    \
+                 }}"
+            ),
+            Kind::Bidirectional => writeln!(
+                out,
+                "    async fn {name}(\n        &self,\n        \
+                     request: Request<RequestStream<{input}>>,\n        \
+                     mut sink: ResponseSink<{output}>,\n    \
+                 ) -> Result<(), Status> {{\n        \
+                     // TODO: implement {path}.\n        \
+                     // Send the responses to each request; the stream ends when this returns.\n        \
+                     let mut requests = request.message;\n        \
+                     while let Some(message) = requests.next().await {{\n            \
+                         let _message = message?;\n            \
+                         sink.send(&Default::default()).await?;\n        \
+                     }}\n        \
+                     Ok(())\n    \
+                 }}"
+            ),
+        };
+    }
+
     fn client_rs(&self) -> String {
         let service = &self.services[0];
         let method = &service.methods[0];
+        let kind = Kind::of(method);
+        let path = method_path(service, &method.proto_name);
+        let input = self.type_path(service, &method.input_type);
+        let name = &method.name;
+        let proto_name = &method.proto_name;
+        let (doc, call) = match kind {
+            Kind::Unary => (
+                format!("Calls {path} with a default request."),
+                format!(
+                    "let request: {input} = Default::default();\n    \
+                     let reply = client.{name}(request).await?;\n    \
+                     println!(\"{proto_name} -> {{:?}}\", reply.message);\n"
+                ),
+            ),
+            Kind::ServerStreaming => (
+                format!("Calls {path} with a default request and prints each response."),
+                format!(
+                    "let request: {input} = Default::default();\n    \
+                     let mut replies = client.{name}(request).await?;\n    \
+                     while let Some(reply) = replies.next().await {{\n        \
+                         println!(\"{proto_name} -> {{:?}}\", reply?);\n    \
+                     }}\n"
+                ),
+            ),
+            Kind::ClientStreaming => (
+                format!("Calls {path} with a stream of one default request."),
+                format!(
+                    "let mut call = client.{name}(CallOptions::default()).await?;\n    \
+                     let request: {input} = Default::default();\n    \
+                     call.send(&request).await?;\n    \
+                     let reply = call.finish().await?;\n    \
+                     println!(\"{proto_name} -> {{:?}}\", reply.message);\n"
+                ),
+            ),
+            Kind::Bidirectional => (
+                format!(
+                    "Calls {path} with a stream of one default request and prints each \
+                     response."
+                ),
+                format!(
+                    "let (mut requests, mut replies) = client.{name}(CallOptions::default()).await?;\n    \
+                     let request: {input} = Default::default();\n    \
+                     requests.send(&request).await?;\n    \
+                     requests.close_send().await?;\n    \
+                     while let Some(reply) = replies.next().await {{\n        \
+                         println!(\"{proto_name} -> {{:?}}\", reply?);\n    \
+                     }}\n"
+                ),
+            ),
+        };
+        let mut uses = String::new();
+        if matches!(kind, Kind::ServerStreaming | Kind::Bidirectional) {
+            uses.push_str("use futures::StreamExt;\n");
+        }
+        uses.push_str(match kind {
+            Kind::Unary | Kind::ServerStreaming => {
+                "use gorpc_tokio::{Client, ClientConfig, Tokio};\n"
+            }
+            Kind::ClientStreaming | Kind::Bidirectional => {
+                "use gorpc_tokio::{CallOptions, Client, ClientConfig, Tokio};\n"
+            }
+        });
         format!(
-            "//! Calls {path} with a default request.\n\
+            "//! {doc}\n\
              //!\n\
              //! cargo run --bin client -- [ADDR]      (default 127.0.0.1:50051)\n\
              \n\
              use std::net::SocketAddr;\n\
              \n\
-             use gorpc_tokio::{{Client, ClientConfig, Tokio}};\n\
+             {uses}\
              \n\
              #[tokio::main]\n\
              async fn main() -> Result<(), Box<dyn std::error::Error>> {{\n    \
@@ -533,17 +684,31 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
                      .parse()?;\n    \
                  let client = Client::connect(Tokio::current(), addr, ClientConfig::default()).await?;\n    \
                  let client = {client}::new(client);\n    \
-                 let request: {input} = Default::default();\n    \
-                 let reply = client.{name}(request).await?;\n    \
-                 println!(\"{proto_name} -> {{:?}}\", reply.message);\n    \
+                 {call}    \
                  Ok(())\n\
              }}\n",
-            path = method_path(service, &method.proto_name),
             client = self.service_item(service, "Client"),
-            input = self.type_path(service, &method.input_type),
-            name = method.name,
-            proto_name = method.proto_name,
         )
+    }
+}
+
+/// The four shapes of an rpc, from its `stream` keywords.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Unary,
+    ServerStreaming,
+    ClientStreaming,
+    Bidirectional,
+}
+
+impl Kind {
+    fn of(method: &Method) -> Kind {
+        match (method.client_streaming, method.server_streaming) {
+            (false, false) => Kind::Unary,
+            (false, true) => Kind::ServerStreaming,
+            (true, false) => Kind::ClientStreaming,
+            (true, true) => Kind::Bidirectional,
+        }
     }
 }
 
@@ -627,6 +792,7 @@ mod tests {
             ("prost", PROST_VERSION),
             ("prost-types", PROST_TYPES_VERSION),
             ("tokio", TOKIO_VERSION),
+            ("futures", FUTURES_VERSION),
         ] {
             let line = deps
                 .lines()

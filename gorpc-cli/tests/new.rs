@@ -1,10 +1,11 @@
 //! `gorpc new`: the scaffold builds (offline, from the crates already in ~/.cargo), and its
-//! client calls its server.
+//! client calls its server, for every kind of method.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use common::{gorpc, helloworld_proto, run, spawn_until_line};
@@ -16,6 +17,46 @@ const BUILD_LIMIT: Duration = Duration::from_secs(20 * 60);
 /// Shared by all runs, under the workspace's target dir, so dependencies compile once.
 fn scaffold_target_dir() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("gorpc-new-target")
+}
+
+/// Every scaffold's build writes its binaries to the same `server` and `client` in the shared
+/// target dir: a test holds this from building a scaffold until it has run its binaries.
+static SCAFFOLD_BINARIES: Mutex<()> = Mutex::new(());
+
+fn lock_scaffold_binaries() -> MutexGuard<'static, ()> {
+    SCAFFOLD_BINARIES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Builds the scaffold `name` in `project` into the shared target dir, and checks that its
+/// own code compiles without warnings. Returns the path of one of its binaries by name.
+fn build_scaffold(
+    project: &Path,
+    name: &str,
+    _binaries: &MutexGuard<'static, ()>,
+) -> impl Fn(&str) -> PathBuf {
+    let target = scaffold_target_dir();
+    let build = run(
+        Command::new(env!("CARGO"))
+            .args(["build", "--offline", "--bins"])
+            .current_dir(project)
+            .env("CARGO_TARGET_DIR", &target),
+        BUILD_LIMIT,
+    );
+    assert!(build.status.success(), "cargo build: {}", stderr(&build));
+    // cargo's summary of a package's warnings: "warning: `name` (bin "server") generated 1
+    // warning".
+    assert!(
+        !stderr(&build).contains(&format!("`{name}` (")),
+        "the scaffold has warnings: {}",
+        stderr(&build)
+    );
+    move |bin: &str| {
+        target
+            .join("debug")
+            .join(format!("{bin}{}", std::env::consts::EXE_SUFFIX))
+    }
 }
 
 fn stderr(output: &Output) -> String {
@@ -63,21 +104,8 @@ fn scaffold_builds_and_its_client_calls_its_server() {
         stderr(&again)
     );
 
-    let target = scaffold_target_dir();
-    let build = run(
-        Command::new(env!("CARGO"))
-            .args(["build", "--offline", "--bins"])
-            .current_dir(&project)
-            .env("CARGO_TARGET_DIR", &target),
-        BUILD_LIMIT,
-    );
-    assert!(build.status.success(), "cargo build: {}", stderr(&build));
-
-    let bin = |name: &str| {
-        target
-            .join("debug")
-            .join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
-    };
+    let binaries = lock_scaffold_binaries();
+    let bin = build_scaffold(&project, "hello-app", &binaries);
     let (_server, addr) = spawn_until_line(
         Command::new(bin("server")).arg("127.0.0.1:0"),
         "listening on ",
@@ -113,10 +141,92 @@ fn scaffold_builds_and_its_client_calls_its_server() {
     );
 }
 
+/// One method of each kind, with the line the scaffold's client prints for it when it is
+/// the first method (the one the client calls): one response for each kind, since the
+/// stubs answer one default response to a call, to a stream of requests, or to each request.
+const KINDS: [(&str, &str, &str); 4] = [
+    (
+        "get",
+        "rpc Get (Req) returns (Rsp);",
+        "Get -> Rsp { text: \"\" }",
+    ),
+    (
+        "watch",
+        "rpc Watch (Req) returns (stream Rsp);",
+        "Watch -> Rsp { text: \"\" }",
+    ),
+    (
+        "upload",
+        "rpc Upload (stream Req) returns (Rsp);",
+        "Upload -> Rsp { text: \"\" }",
+    ),
+    (
+        "chat",
+        "rpc Chat (stream Req) returns (stream Rsp);",
+        "Chat -> Rsp { text: \"\" }",
+    ),
+];
+
 #[test]
-fn refuses_bad_names_and_streaming_methods() {
+fn scaffolds_every_kind_of_method() {
     let parent = tempfile::tempdir().unwrap();
-    for name in ["2fast", "has space", "fn", "tokio"] {
+    // Each kind first once: the server serves all four, the client calls the first.
+    for first in 0..KINDS.len() {
+        let (method, _, printed) = KINDS[first];
+        let rpcs: Vec<&str> = (0..KINDS.len())
+            .map(|i| KINDS[(first + i) % KINDS.len()].1)
+            .collect();
+        let proto = parent.path().join(format!("{method}.proto"));
+        std::fs::write(
+            &proto,
+            format!(
+                "syntax = \"proto3\";\npackage kinds;\n\
+                 message Req {{ string text = 1; }}\n\
+                 message Rsp {{ string text = 1; }}\n\
+                 service Kinds {{\n  {}\n}}\n",
+                rpcs.join("\n  ")
+            ),
+        )
+        .unwrap();
+        let name = format!("kinds-{method}");
+        let output = new_project(&name, proto.to_str().unwrap(), parent.path());
+        assert!(output.status.success(), "gorpc new: {}", stderr(&output));
+        let project = parent.path().join(&name);
+        let server_rs = std::fs::read_to_string(project.join("src/bin/server.rs")).unwrap();
+        for (stub, _, _) in KINDS {
+            assert!(
+                server_rs.contains(&format!("async fn {stub}(")),
+                "{server_rs}"
+            );
+        }
+        let cargo_toml = std::fs::read_to_string(project.join("Cargo.toml")).unwrap();
+        assert!(cargo_toml.contains("\nfutures = "), "{cargo_toml}");
+
+        let binaries = lock_scaffold_binaries();
+        let bin = build_scaffold(&project, &name, &binaries);
+        let (_server, addr) = spawn_until_line(
+            Command::new(bin("server")).arg("127.0.0.1:0"),
+            "listening on ",
+            LIMIT,
+        );
+        let client = run(Command::new(bin("client")).arg(&addr), LIMIT);
+        assert!(
+            client.status.success(),
+            "{name} client: {}",
+            stderr(&client)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&client.stdout),
+            format!("{printed}\n"),
+            "{name} client"
+        );
+    }
+}
+
+#[test]
+fn refuses_bad_names() {
+    let parent = tempfile::tempdir().unwrap();
+    for name in ["2fast", "has space", "fn", "tokio", "futures"] {
         let output = new_project(name, &helloworld_proto(), parent.path());
         assert_eq!(output.status.code(), Some(2), "{name}: {}", stderr(&output));
         assert!(
@@ -125,22 +235,6 @@ fn refuses_bad_names_and_streaming_methods() {
             stderr(&output)
         );
     }
-
-    let proto = parent.path().join("watch.proto");
-    std::fs::write(
-        &proto,
-        "syntax = \"proto3\";\npackage w;\nmessage M {}\n\
-         service Watcher { rpc Watch (M) returns (stream M); }\n",
-    )
-    .unwrap();
-    let output = new_project("watcher", proto.to_str().unwrap(), parent.path());
-    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
-    assert!(
-        stderr(&output).contains("/w.Watcher/Watch: streaming"),
-        "{}",
-        stderr(&output)
-    );
-    assert!(!parent.path().join("watcher").exists());
 
     let output = new_project("nothing", "no/such.proto", parent.path());
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
