@@ -298,10 +298,23 @@ async fn server_stream_arrives_in_order<S: Runtime, C: Runtime>(server_rt: S, cl
 async fn slow_consumer_bounds_the_producer<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
     let (server, client, probes) = setup(&server_rt, &client_rt).await;
     let mut stream = client.server_stream(FLOOD, Raw, long_call()).await.unwrap();
-    // Read nothing for a while: the producer must stall at the window.
+    // Read nothing: the producer must stall at the window. Filling a 1 MiB window takes a
+    // while in a debug build beside other tests, so wait until the count holds still.
+    let mut stalled_at = probes.flooded.load(Ordering::SeqCst);
+    let started = Instant::now();
+    loop {
+        sleep(&client_rt, Duration::from_millis(200)).await;
+        let now = probes.flooded.load(Ordering::SeqCst);
+        if now == stalled_at && now > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the producer kept going with nobody reading ({now} messages)"
+        );
+        stalled_at = now;
+    }
     sleep(&client_rt, Duration::from_millis(300)).await;
-    let stalled_at = probes.flooded.load(Ordering::SeqCst);
-    sleep(&client_rt, Duration::from_millis(200)).await;
     let still = probes.flooded.load(Ordering::SeqCst);
     assert_eq!(
         stalled_at, still,

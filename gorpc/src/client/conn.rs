@@ -19,7 +19,7 @@ use gorpc_proto::{
 use crate::io::{drive, earliest, Transport};
 use crate::metadata::Metadata;
 use crate::runtime::{timeout, Io, Runtime};
-use crate::stream::{Fed, Inbox, Outbox, OutboxDrain};
+use crate::stream::{hold_write, Fed, Inbox, Outbox, OutboxDrain};
 
 /// A call as handed to a connection: method, options and the encoded body.
 #[derive(Clone, Debug)]
@@ -236,6 +236,7 @@ impl Connection {
             conn: ClientConn::new(config.conn, now),
             commands: Box::pin(rx),
             streams: std::collections::HashMap::new(),
+            refilling: false,
             shared: shared.clone(),
             idle_timeout: config.idle_timeout,
             idle_since: Some(now),
@@ -354,6 +355,8 @@ struct ClientDriver<R: Runtime, I: Io> {
     /// may have finished the call (a response read in the same batch) by the time the
     /// driver handles the messages before it.
     streams: std::collections::HashMap<CallId, StreamIo>,
+    /// This pass made room for a sender that filled its outbox.
+    refilling: bool,
     shared: Arc<Shared>,
     idle_timeout: Option<Duration>,
     /// When the last call finished, while none is in flight.
@@ -485,6 +488,11 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
             progress = true;
         }
 
+        let waiting = self.conn.transmit_len() + self.transport.write_backlog();
+        if hold_write(std::mem::take(&mut self.refilling), waiting) && !self.conn.is_closed() {
+            cx.waker().wake_by_ref();
+            return false;
+        }
         progress |= self.transport.poll_write(cx, &mut self.conn);
         progress
     }
@@ -590,6 +598,7 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
         let fed = stream.drain.feed(&stream.outbox, |body, last| {
             conn.send_message(id, body, last)
         });
+        self.refilling |= stream.drain.made_room();
         match fed {
             Ok(Fed::Idle | Fed::Blocked) => {}
             Ok(Fed::CloseSend) => {

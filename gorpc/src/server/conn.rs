@@ -20,8 +20,8 @@ use crate::io::{drive, Transport};
 use crate::runtime::{Io, PeerCertificates, Runtime};
 use crate::service::{CallStreams, ServerReply, ServerRequest, Service};
 use crate::stream::{
-    Fed, Inbox, InboxReader, Outbox, OutboxDrain, OutboxSender, RawRequestStream, RawResponseSink,
-    StreamControl,
+    hold_write, Fed, Inbox, InboxReader, Outbox, OutboxDrain, OutboxSender, RawRequestStream,
+    RawResponseSink, StreamControl,
 };
 
 /// What handlers tell their connection's driver.
@@ -106,6 +106,8 @@ pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     running: HashMap<CallId, AbortHandle>,
     /// Stream calls running.
     streams: HashMap<CallId, ServerStream>,
+    /// This pass made room for a handler that filled its outbox.
+    refilling: bool,
     drain_signal: SignalRx,
     abort_signal: SignalRx,
     draining: bool,
@@ -139,6 +141,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             outputs_rx: Box::pin(outputs_rx),
             running: HashMap::new(),
             streams: HashMap::new(),
+            refilling: false,
             drain_signal: Box::pin(signals.drain),
             abort_signal: Box::pin(signals.abort),
             draining: false,
@@ -242,6 +245,11 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             progress = true;
         }
 
+        let waiting = self.conn.transmit_len() + self.transport.write_backlog();
+        if hold_write(std::mem::take(&mut self.refilling), waiting) && !self.closing {
+            cx.waker().wake_by_ref();
+            return false;
+        }
         progress |= self.transport.poll_write(cx, &mut self.conn);
         progress
     }
@@ -361,6 +369,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         let fed = stream
             .drain
             .feed(&stream.outbox, |body, _| conn.send_message(id, body));
+        self.refilling |= stream.drain.made_room();
         match fed {
             Ok(Fed::Blocked) => {} // the rest goes at the call's `Writable`
             Ok(Fed::Idle | Fed::CloseSend) => {
