@@ -220,6 +220,19 @@ impl OutboxSender {
         }
     }
 
+    /// Sends `body` as it is; see [`send`](Self::send).
+    pub(crate) async fn send_bytes(
+        &self,
+        body: &[u8],
+        ended: fn() -> Status,
+    ) -> Result<(), Status> {
+        let copy = |buf: &mut BytesMut| {
+            buf.extend_from_slice(body);
+            Ok(())
+        };
+        self.send(copy, ended).await
+    }
+
     /// Asks the driver to half-close after the queued messages. Fails with `ended()` once
     /// the call ended.
     pub(crate) fn close_send(&self, ended: fn() -> Status) -> Result<(), Status> {
@@ -620,15 +633,7 @@ impl RawResponseSink {
     /// Sends one message. Fails with `Cancelled` once the call ended (the client
     /// cancelled, the deadline passed, the connection closed, the handler returned).
     pub async fn send(&mut self, body: Bytes) -> Result<(), Status> {
-        self.sender
-            .send(
-                |buf| {
-                    buf.extend_from_slice(&body);
-                    Ok(())
-                },
-                call_ended,
-            )
-            .await
+        self.sender.send_bytes(&body, call_ended).await
     }
 }
 

@@ -412,6 +412,15 @@ async fn send(pool: &dyn Pool, call: OutgoingCall) -> Result<RawResponse, Status
         .unwrap_or_else(|(status, _)| Err(status))
 }
 
+/// A connection of `pool` for a call due by `deadline`, waiting for one if it must.
+async fn checkout(pool: &dyn Pool, deadline: Option<Instant>) -> Result<Connection, Status> {
+    match pool.checkout(deadline) {
+        Checkout::Ready(conn) => Ok(conn),
+        Checkout::Wait(wait) => wait.await,
+        Checkout::Failed(status) => Err(status),
+    }
+}
+
 /// A stream call's halves: the sender (client-streaming and bidirectional calls only) and
 /// the receiver.
 pub type StreamHalves = (Option<RawStreamSender>, RawStreamReceiver);
@@ -424,13 +433,9 @@ pub(crate) async fn start_stream_on(
     kind: StreamKind,
 ) -> Result<StreamHalves, (Status, OutgoingCall)> {
     for _ in 0..=NOT_SENT_RETRIES {
-        let conn = match pool.checkout(call.deadline) {
-            Checkout::Ready(conn) => conn,
-            Checkout::Wait(wait) => match wait.await {
-                Ok(conn) => conn,
-                Err(status) => return Err((status, call)),
-            },
-            Checkout::Failed(status) => return Err((status, call)),
+        let conn = match checkout(pool, call.deadline).await {
+            Ok(conn) => conn,
+            Err(status) => return Err((status, call)),
         };
         let outbox = Arc::new(Outbox::new(None));
         let inbox = Arc::new(Inbox::default());
@@ -465,13 +470,9 @@ async fn send_on(
     mut call: OutgoingCall,
 ) -> Result<Result<RawResponse, Status>, (Status, OutgoingCall)> {
     for _ in 0..=NOT_SENT_RETRIES {
-        let conn = match pool.checkout(call.deadline) {
-            Checkout::Ready(conn) => conn,
-            Checkout::Wait(wait) => match wait.await {
-                Ok(conn) => conn,
-                Err(status) => return Err((status, call)),
-            },
-            Checkout::Failed(status) => return Err((status, call)),
+        let conn = match checkout(pool, call.deadline).await {
+            Ok(conn) => conn,
+            Err(status) => return Err((status, call)),
         };
         let pending = match conn.start(call) {
             Ok(pending) => pending,

@@ -190,15 +190,7 @@ impl RawStreamSender {
     /// the call started, and while the server is behind by more than its window and the
     /// queue. Fails with `Cancelled` once the call ended; the receiving half then holds why.
     pub async fn send(&mut self, body: Bytes) -> Result<(), Status> {
-        self.sender
-            .send(
-                |buf| {
-                    buf.extend_from_slice(&body);
-                    Ok(())
-                },
-                stream_ended,
-            )
-            .await
+        self.sender.send_bytes(&body, stream_ended).await
     }
 
     async fn send_encoded<T: 'static>(
