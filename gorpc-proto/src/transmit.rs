@@ -72,7 +72,14 @@ pub(crate) struct TransmitQueue {
     chunks: VecDeque<Bytes>,
     /// Frames encoded after the last chunk.
     tail: BytesMut,
+    /// How long the last popped tail was: a fresh tail starts that big, so a busy
+    /// connection's buffer does not grow by doubling (copying itself each time) after every
+    /// write whose bytes are still in flight.
+    last_tail: usize,
 }
+
+/// The most a fresh tail reserves up front.
+const MAX_TAIL_HINT: usize = 1 << 20;
 
 impl TransmitQueue {
     /// Encodes one frame. The head is written by `write_head` straight into the buffer; the
@@ -90,6 +97,14 @@ impl TransmitQueue {
         max_head_len: u32,
         max_frame_len: u32,
     ) -> Result<(), Oversize> {
+        let copied = match &body {
+            Payload::Bytes(b) if b.len() >= COPY_LIMIT => 0,
+            other => other.len(),
+        };
+        let wanted = HEADER_LEN + copied + 64;
+        if self.tail.capacity() - self.tail.len() < wanted {
+            self.tail.reserve(wanted.max(self.last_tail));
+        }
         let start = self.tail.len();
         self.tail.put_bytes(0, HEADER_LEN);
         write_head(&mut self.tail);
@@ -153,6 +168,7 @@ impl TransmitQueue {
         if self.tail.is_empty() {
             return None;
         }
+        self.last_tail = self.tail.len().min(MAX_TAIL_HINT);
         Some(self.tail.split().freeze())
     }
 }
