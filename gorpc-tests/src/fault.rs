@@ -1,6 +1,7 @@
 //! Fault injection: [`FaultProxy`], a TCP proxy on 127.0.0.1 whose behaviour can be switched
 //! while calls run through it, and [`TestServer`], a server whose handlers echo, answer
-//! slowly or stall, counting the handlers still alive.
+//! slowly, stall or stream checkable messages ([`methods::COUNT`]), counting the handlers
+//! still alive.
 //!
 //! The proxy runs on plain threads with blocking sockets, so it works under every runtime
 //! pairing and its faults do not depend on the runtime under test. Each connection has two
@@ -15,7 +16,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gorpc::{Router, Runtime, Server, ServerHandle, ServerReply, ServerRequest};
+use gorpc::stream::ResponseSink;
+use gorpc::{
+    Code, Raw, Request, Router, Runtime, Server, ServerHandle, ServerReply, ServerRequest, Status,
+};
 
 /// Which way through the proxy a fault applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -470,7 +474,7 @@ impl Drop for LiveHandler {
     }
 }
 
-/// Methods of [`TestServer`], all echoing the request body.
+/// Methods of [`TestServer`]: the unary ones echo the request body.
 pub mod methods {
     /// Answers at once.
     pub const ECHO: &str = "/fault.Test/Echo";
@@ -481,6 +485,89 @@ pub mod methods {
     pub const SLEEP: &str = "/fault.Test/Sleep";
     /// Never answers: its handler waits until it is cancelled, or the server aborted.
     pub const STALL: &str = "/fault.Test/Stall";
+    /// Server stream: the request is a [`count::request`]; the handler sends its `n`
+    /// messages ([`count::message`], indices 0 to n − 1), pausing before each one, then
+    /// ends with OK. A request failing its checksum ends the stream with InvalidArgument.
+    pub const COUNT: &str = "/fault.Test/Count";
+}
+
+/// The bodies of [`methods::COUNT`]. Each carries an FNV-1a-64 checksum of everything before
+/// it, so that a garbled body is told from an intact one that belongs to another call.
+pub mod count {
+    use bytes::{BufMut, Bytes, BytesMut};
+
+    /// A parsed [`request`].
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct CountRequest {
+        pub id: u64,
+        pub n: u32,
+        pub size: u32,
+        pub pause_ms: u16,
+    }
+
+    /// `[id: u64][n: u32][size: u32][pause ms: u16][checksum: u64]`: `n` messages of `size`
+    /// payload bytes for call `id`, with a pause of `pause_ms` before each.
+    pub fn request(id: u64, n: u32, size: u32, pause_ms: u16) -> Bytes {
+        let mut body = BytesMut::with_capacity(26);
+        body.put_u64(id);
+        body.put_u32(n);
+        body.put_u32(size);
+        body.put_u16(pause_ms);
+        let sum = fnv1a(&body);
+        body.put_u64(sum);
+        body.freeze()
+    }
+
+    /// The request in `body`, `None` if it is not one or fails its checksum.
+    pub fn parse_request(body: &[u8]) -> Option<CountRequest> {
+        let content = checked(body)?;
+        if content.len() != 18 {
+            return None;
+        }
+        Some(CountRequest {
+            id: u64::from_be_bytes(content[0..8].try_into().ok()?),
+            n: u32::from_be_bytes(content[8..12].try_into().ok()?),
+            size: u32::from_be_bytes(content[12..16].try_into().ok()?),
+            pause_ms: u16::from_be_bytes(content[16..18].try_into().ok()?),
+        })
+    }
+
+    /// Message `index` of call `id`: `[id: u64][index: u32][size payload bytes][checksum: u64]`.
+    pub fn message(id: u64, index: u32, size: u32) -> Bytes {
+        let mut body = BytesMut::with_capacity(20 + size as usize);
+        body.put_u64(id);
+        body.put_u32(index);
+        let seed = id.wrapping_add(u64::from(index)) as usize;
+        body.extend((0..size as usize).map(|i| seed.wrapping_add(i) as u8));
+        let sum = fnv1a(&body);
+        body.put_u64(sum);
+        body.freeze()
+    }
+
+    /// The call id and index of an intact message, `None` if its checksum fails.
+    pub fn parse_message(body: &[u8]) -> Option<(u64, u32)> {
+        let content = checked(body)?;
+        if content.len() < 12 {
+            return None;
+        }
+        Some((
+            u64::from_be_bytes(content[0..8].try_into().ok()?),
+            u32::from_be_bytes(content[8..12].try_into().ok()?),
+        ))
+    }
+
+    /// The content of `body` before its checksum, if the checksum holds.
+    fn checked(body: &[u8]) -> Option<&[u8]> {
+        let split = body.len().checked_sub(8)?;
+        let (content, sum) = body.split_at(split);
+        (fnv1a(content) == u64::from_be_bytes(sum.try_into().ok()?)).then_some(content)
+    }
+
+    pub fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
 }
 
 /// A server with the [`methods`], counting its handlers. `crash` aborts it mid-call.
@@ -536,6 +623,31 @@ impl<S: Runtime> TestServer<S> {
                         std::future::pending::<()>().await;
                         drop(guard);
                         ServerReply::ok(Bytes::new())
+                    }
+                }
+            })
+            .server_stream(methods::COUNT, Raw, {
+                let (runtime, handlers) = (runtime.clone(), handlers.clone());
+                move |req: Request<Bytes>, mut sink: ResponseSink<Bytes>| {
+                    let guard = handlers.guard();
+                    let runtime = runtime.clone();
+                    async move {
+                        let Some(count) = count::parse_request(&req.message) else {
+                            return Err(Status::new(
+                                Code::InvalidArgument,
+                                "garbled count request",
+                            ));
+                        };
+                        for index in 0..count.n {
+                            if count.pause_ms > 0 {
+                                let pause = Duration::from_millis(count.pause_ms.into());
+                                runtime.sleep_until(Instant::now() + pause).await;
+                            }
+                            sink.send(&count::message(count.id, index, count.size))
+                                .await?;
+                        }
+                        guard.answered();
+                        Ok(())
                     }
                 }
             });

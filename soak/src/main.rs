@@ -3,19 +3,28 @@
 //!
 //! A tokio server and a smol server each sit behind a `FaultProxy`; a tokio client and a
 //! smol client call both proxies (four pairings), with random methods (echo, handlers that
-//! sleep, handlers that never answer), random body sizes, random deadlines and random
-//! cancellations (the call future dropped mid-flight). Meanwhile a scheduler switches the
-//! proxies through delays, blackholes, resets, truncations and corruption, back to pass
-//! between faults.
+//! sleep, handlers that never answer, and one call in five a server stream of 1 to 200
+//! messages, sent at once or paced), random body sizes, random deadlines and random
+//! cancellations (the call future, or the stream mid-way, dropped). Meanwhile a scheduler
+//! switches the proxies through delays, blackholes, resets, truncations and corruption, back
+//! to pass between faults.
 //!
 //! Checked, and printed as one summary line; any breach exits with status 1:
 //! - every call started finishes exactly once: answered, failed with an expected code, or
 //!   cancelled by its caller (`lost` = started − finished = 0), and none long after its
-//!   deadline (`overdue`);
+//!   deadline (`overdue`); a stream counts as one call, finished when it ends (after its
+//!   last message, or with an error item) or is dropped;
 //! - no answer reaches the wrong caller (`misrouted`): every body carries its call's unique
 //!   id and a checksum; an intact body with another call's id is misrouted, a body failing
 //!   its checksum is `corrupted`, which only corruption faults may cause (the protocol, like
 //!   HTTP/2 over plain TCP, has no checksum of its own: TLS is what guarantees integrity);
+//!   a stream with any misrouted message counts as misrouted, else one with any corrupted
+//!   message as corrupted;
+//! - stream messages arrive in order (`stream_disorder`, streams breaching it): each stream
+//!   message carries its index, and the intact ones must be 0, 1, 2, … with no gap and no
+//!   repeat (a message failing its checksum stands for the next index); a stream ending
+//!   with OK must have delivered exactly the messages asked for, else it must end with an
+//!   error item of an expected code;
 //! - memory (RSS from /proc/self/statm) and file descriptors (/proc/self/fd) stay flat
 //!   between a sample after warm-up and one at the end of the load, within
 //!   [`RSS_TOLERANCE_KIB`] plus [`RSS_TOLERANCE_RATIO`] of the first sample, and
@@ -35,9 +44,10 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use clap::Parser;
 use futures::future::{self, Either};
+use futures::StreamExt;
 use gorpc::{CallOptions, Client, ClientConfig, Code, KeepaliveConfig, Runtime, Status};
 use gorpc_smol::Smol;
-use gorpc_tests::fault::{methods, Direction, Fault, FaultProxy, TestServer};
+use gorpc_tests::fault::{count, methods, Direction, Fault, FaultProxy, TestServer};
 use gorpc_tokio::Tokio;
 
 /// Absolute RSS growth allowed between the two samples: allocator arenas and caches settle
@@ -74,6 +84,15 @@ struct Stats {
     corrupted: AtomicU64,
     misrouted: AtomicU64,
     overdue: AtomicU64,
+    /// Stream calls started (also counted in `started`).
+    streams: AtomicU64,
+    /// Streams whose intact messages came out of order, with a gap or a repeat, or that
+    /// ended with OK after the wrong number of messages.
+    stream_disorder: AtomicU64,
+    /// What the first disordered streams saw.
+    disorder_notes: Mutex<Vec<String>>,
+    /// The fault in force on some proxy (the last one set), for the notes.
+    fault_now: Mutex<&'static str>,
     /// Failed calls, by status code.
     errors: Mutex<BTreeMap<String, u64>>,
     /// Failures with a code no fault injected here explains.
@@ -99,6 +118,11 @@ impl Stats {
             .unwrap()
             .entry(format!("{:?}", status.code()))
             .or_default() += 1;
+        self.check_code(status);
+    }
+
+    /// Notes `status` if no fault injected here explains its code.
+    fn check_code(&self, status: &Status) {
         let expected = match status.code() {
             // Connections failing (resets, truncation, keepalive, protocol errors) and
             // deadlines.
@@ -149,6 +173,57 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// What one stream call saw of its messages.
+struct StreamCheck {
+    id: u64,
+    n: u32,
+    /// The index the next message must carry.
+    next: u32,
+    misrouted: bool,
+    corrupted: bool,
+    /// The first breach of order, if any.
+    disorder: Option<String>,
+}
+
+impl StreamCheck {
+    fn message(&mut self, body: &[u8]) {
+        match count::parse_message(body) {
+            None => {
+                self.corrupted = true;
+                self.next = self.next.saturating_add(1);
+            }
+            Some((other, _)) if other != self.id => self.misrouted = true,
+            Some((_, index)) => {
+                if (index != self.next || index >= self.n) && self.disorder.is_none() {
+                    self.disorder = Some(format!(
+                        "message index {index} where {} was due (n={})",
+                        self.next, self.n
+                    ));
+                }
+                self.next = index.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// Runs one server stream of `request` (a [`count::request`]), checking each message.
+async fn read_stream(
+    client: &Client,
+    request: Bytes,
+    deadline: Instant,
+    check: &mut StreamCheck,
+) -> Result<(), Status> {
+    let mut request = gorpc::Request::new(request);
+    request.deadline = Some(deadline);
+    let mut stream = client
+        .server_stream::<_, Bytes, Bytes>(methods::COUNT, gorpc::Raw, request)
+        .await?;
+    while let Some(item) = stream.next().await {
+        check.message(&item?);
+    }
+    Ok(())
+}
+
 /// One caller: calls until `stop_at`, recording how each call ended.
 async fn caller<C: Runtime>(
     rt: C,
@@ -161,6 +236,10 @@ async fn caller<C: Runtime>(
     let mut rng = fastrand::Rng::with_seed(seed);
     while Instant::now() < stop_at {
         let id = ids.fetch_add(1, Ordering::Relaxed);
+        if rng.u32(0..5) == 0 {
+            stream_call(&rt, &client, &stats, id, &mut rng).await;
+            continue;
+        }
         let (method, sleep_ms) = match rng.u32(0..100) {
             0..=59 => (methods::ECHO, 0),
             60..=89 => (methods::SLEEP, rng.u16(1..50)),
@@ -218,6 +297,96 @@ async fn caller<C: Runtime>(
                     rt.sleep_until(Instant::now() + Duration::from_millis(10))
                         .await;
                 }
+            }
+        }
+    }
+}
+
+/// One server-streaming call with a random count, size, pace, deadline and cancellation.
+async fn stream_call<C: Runtime>(
+    rt: &C,
+    client: &Client,
+    stats: &Stats,
+    id: u64,
+    rng: &mut fastrand::Rng,
+) {
+    let n = rng.u32(1..=200);
+    let size = if rng.u32(0..10) == 0 {
+        rng.u32(1024..8192)
+    } else {
+        rng.u32(0..128)
+    };
+    let pause_ms = if rng.bool() { 0 } else { rng.u16(1..20) };
+    let timeout = Duration::from_millis(rng.u64(50..3000));
+    let cancel_after = (rng.u32(0..10) == 0).then(|| Duration::from_millis(rng.u64(0..300)));
+    let deadline = Instant::now() + timeout;
+    let mut check = StreamCheck {
+        id,
+        n,
+        next: 0,
+        misrouted: false,
+        corrupted: false,
+        disorder: None,
+    };
+    stats.started.fetch_add(1, Ordering::SeqCst);
+    stats.streams.fetch_add(1, Ordering::SeqCst);
+    let request = count::request(id, n, size, pause_ms);
+    let result = {
+        let call = Box::pin(read_stream(client, request, deadline, &mut check));
+        match cancel_after {
+            None => Some(call.await),
+            Some(after) => {
+                let give_up = rt.sleep_until(Instant::now() + after);
+                match future::select(call, give_up).await {
+                    Either::Left((result, _)) => Some(result),
+                    // Dropping the stream mid-way cancels the call.
+                    Either::Right(((), _)) => None,
+                }
+            }
+        }
+    };
+    if Instant::now() > deadline + OVERDUE_AFTER {
+        stats.overdue.fetch_add(1, Ordering::SeqCst);
+    }
+    if check.disorder.is_none() && matches!(result, Some(Ok(()))) && check.next != n {
+        check.disorder = Some(format!(
+            "ended with OK after message {} of n={n}",
+            check.next
+        ));
+    }
+    if let Some(disorder) = &check.disorder {
+        stats.stream_disorder.fetch_add(1, Ordering::SeqCst);
+        let mut notes = stats.disorder_notes.lock().unwrap();
+        if notes.len() < 10 {
+            let fault = *stats.fault_now.lock().unwrap();
+            notes.push(format!(
+                "stream {id} (size={size} pause_ms={pause_ms}, last fault {fault}): {disorder}; \
+                 ended {result:?}"
+            ));
+        }
+    }
+    if check.misrouted {
+        stats.misrouted.fetch_add(1, Ordering::SeqCst);
+    } else if check.corrupted {
+        stats.corrupted.fetch_add(1, Ordering::SeqCst);
+    }
+    match result {
+        _ if check.misrouted || check.corrupted => {
+            if let Some(Err(status)) = &result {
+                stats.check_code(status);
+            }
+        }
+        None => {
+            stats.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+        Some(Ok(())) => {
+            stats.ok.fetch_add(1, Ordering::SeqCst);
+        }
+        Some(Err(status)) => {
+            stats.error(&status);
+            if status.code() == Code::Unavailable {
+                rt.sleep_until(Instant::now() + Duration::from_millis(10))
+                    .await;
             }
         }
     }
@@ -375,9 +544,11 @@ fn main() -> ExitCode {
             stats.corruptions.fetch_add(1, Ordering::SeqCst);
         }
         *faults.entry(kind).or_default() += 1;
+        *stats.fault_now.lock().unwrap() = kind;
         proxy.set(fault);
         std::thread::sleep(hold.min(stop_at.saturating_duration_since(Instant::now())));
         proxy.set(Fault::Pass);
+        *stats.fault_now.lock().unwrap() = "pass";
         std::thread::sleep(Duration::from_millis(rng.u64(200..1000)));
     }
     let first_sample = first_sample.unwrap_or_else(|| (rss_kib(), open_fds()));
@@ -417,15 +588,17 @@ fn main() -> ExitCode {
         .map(|(kind, n)| format!("{kind}={n}"))
         .collect::<Vec<_>>()
         .join(",");
-    let (misrouted, overdue, corrupted) = (
+    let (misrouted, overdue, corrupted, stream_disorder) = (
         stats.misrouted.load(Ordering::SeqCst),
         stats.overdue.load(Ordering::SeqCst),
         stats.corrupted.load(Ordering::SeqCst),
+        stats.stream_disorder.load(Ordering::SeqCst),
     );
     println!(
-        "calls={} ok={} errors={} (by code: {}) cancelled={} faults={} ({}) lost={} misrouted={} \
-         corrupted={} overdue={} rss_kib={}->{} fds={}->{} live_handlers={} open_connections={} seed={}",
+        "calls={} streams={} ok={} errors={} (by code: {}) cancelled={} faults={} ({}) lost={} \
+         misrouted={} corrupted={} stream_disorder={} overdue={} rss_kib={}->{} fds={}->{} live_handlers={} open_connections={} seed={}",
         stats.started.load(Ordering::SeqCst),
+        stats.streams.load(Ordering::SeqCst),
         stats.ok.load(Ordering::SeqCst),
         errors.values().sum::<u64>(),
         by_code,
@@ -435,6 +608,7 @@ fn main() -> ExitCode {
         lost,
         misrouted,
         corrupted,
+        stream_disorder,
         overdue,
         first_sample.0,
         last_sample.0,
@@ -459,6 +633,14 @@ fn main() -> ExitCode {
         broken.push(format!(
             "{corrupted} garbled answers without any corruption fault"
         ));
+    }
+    if stream_disorder > 0 {
+        broken.push(format!(
+            "{stream_disorder} streams delivered messages out of order or ended early"
+        ));
+        for note in stats.disorder_notes.lock().unwrap().iter() {
+            broken.push(format!("stream disorder: {note}"));
+        }
     }
     if overdue > 0 {
         broken.push(format!(
