@@ -3,7 +3,7 @@
 //! `MemoryRegistry` and `StaticList`; Consul and etcd have their own tests in gorpc-plugins.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,14 +95,24 @@ async fn a_failing_instance_is_ejected_then_tried_and_taken_back<S: Runtime, C: 
 ) {
     let registry = MemoryRegistry::new();
     let good = who_server(&server_rt, registry.clone(), "who").await;
-    let recovered = Arc::new(AtomicBool::new(false));
-    let healthy = recovered.clone();
+    // FAILING, then HELD (answers OK once released, so the trial call stays in flight while
+    // the other calls are picked), then RECOVERED.
+    const FAILING: u8 = 0;
+    const HELD: u8 = 1;
+    const RECOVERED: u8 = 2;
+    let state = Arc::new(AtomicU8::new(FAILING));
+    let handler_state = state.clone();
+    let handler_rt = server_rt.clone();
     let flaky = Server::new(
         server_rt.clone(),
         Router::new().route(WHO, move |_req: ServerRequest| {
-            let ok = healthy.load(Ordering::SeqCst);
+            let state = handler_state.clone();
+            let rt = handler_rt.clone();
             async move {
-                if ok {
+                while state.load(Ordering::SeqCst) == HELD {
+                    gorpc_tests::sleep(&rt, Duration::from_millis(5)).await;
+                }
+                if state.load(Ordering::SeqCst) == RECOVERED {
                     ServerReply::ok(Bytes::from_static(&[0, 0]))
                 } else {
                     ServerReply::error(Status::new(Code::Unavailable, "overloaded"))
@@ -141,10 +151,15 @@ async fn a_failing_instance_is_ejected_then_tried_and_taken_back<S: Runtime, C: 
     assert!(is_ejected(&client));
 
     // The instance recovers; after the ejection a trial call succeeds and it is back.
-    recovered.store(true, Ordering::SeqCst);
+    state.store(HELD, Ordering::SeqCst);
     gorpc_tests::sleep(&client_rt, Duration::from_millis(300)).await;
-    // One trial at a time: calls meanwhile go to the other instance.
-    let during_trial = spread(&client_rt, &client, 20).await;
+    // One trial at a time: calls meanwhile go to the other instance. The trial is held
+    // until every call was picked, so no timing lets it finish first.
+    let release = async {
+        gorpc_tests::sleep(&client_rt, Duration::from_millis(300)).await;
+        state.store(RECOVERED, Ordering::SeqCst);
+    };
+    let (during_trial, ()) = futures::join!(spread(&client_rt, &client, 20), release);
     assert_eq!(during_trial.get(&0), Some(&1), "{during_trial:?}");
     let counts = spread(&client_rt, &client, 20).await;
     assert_eq!(
