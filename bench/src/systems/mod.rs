@@ -331,25 +331,19 @@ pub fn run_stream_client(system: System, p: &ClientParams) -> Result<StreamMeasu
         System::GorpcTokio | System::Tonic | System::Raw => {
             let runtime = tokio_runtime(p.threads).map_err(|e| e.to_string())?;
             let out = runtime.block_on(async move {
-                match system {
+                // The measured window starts once the callers are ready.
+                let window = || Window::starting_now(p.warmup, p.secs);
+                Ok(match system {
                     System::Tonic => {
-                        let callers = tonic::stream_callers(p).await?;
-                        let window = Window::starting_now(p.warmup, p.secs);
-                        Ok(stream_loop_tokio(callers, window).await)
+                        stream_loop_tokio(tonic::stream_callers(p).await?, window()).await
                     }
-                    System::Raw => {
-                        let callers = raw::stream_callers(p).await?;
-                        let window = Window::starting_now(p.warmup, p.secs);
-                        Ok(stream_loop_tokio(callers, window).await)
-                    }
+                    System::Raw => stream_loop_tokio(raw::stream_callers(p).await?, window()).await,
                     System::GorpcTokio => {
-                        let callers =
-                            gorpc::stream_callers(gorpc_tokio::Tokio::current(), p).await?;
-                        let window = Window::starting_now(p.warmup, p.secs);
-                        Ok(stream_loop_tokio(callers, window).await)
+                        let rt = gorpc_tokio::Tokio::current();
+                        stream_loop_tokio(gorpc::stream_callers(rt, p).await?, window()).await
                     }
                     System::GorpcSmol | System::Tarpc => unreachable!("matched above"),
-                }
+                })
             });
             // Streams still open (if any) must not keep the run going.
             runtime.shutdown_background();
