@@ -8,7 +8,7 @@ use hashbrown::HashMap;
 
 use crate::config::ConnConfig;
 use crate::error::ProtoError;
-use crate::flow::{RecvWindow, SendWindow, INITIAL_STREAM_WINDOW};
+use crate::flow::{Blocked, RecvWindow, SendWindow, Sending, INITIAL_STREAM_WINDOW};
 use crate::frame::{flags, FrameType};
 use crate::head::{encode_request_head, ResponseHead};
 use crate::link::{CallFrame, CloseReason, Inbound, Link, SendError};
@@ -161,6 +161,16 @@ struct ClientCall<T> {
     recv_window: RecvWindow,
 }
 
+impl<T> Sending for ClientCall<T> {
+    fn send_window(&self) -> &SendWindow {
+        &self.send_window
+    }
+
+    fn wants_writable(&mut self) -> &mut bool {
+        &mut self.wants_writable
+    }
+}
+
 /// The client half of a connection: a state machine fed bytes and time, never doing I/O.
 ///
 /// `T` is the driver's per-call data (e.g. the waker or channel of the caller), stored in
@@ -185,8 +195,8 @@ pub struct ClientConn<T = ()> {
     next_id: u32,
     deadlines: Deadlines,
     events: VecDeque<ClientEvent<T>>,
-    /// Calls refused for lack of connection credit (may hold stale ids; compacted).
-    blocked: Vec<u32>,
+    /// Calls refused for lack of credit, waiting for `Writable`.
+    blocked: Blocked,
 }
 
 impl<T> ClientConn<T> {
@@ -199,7 +209,7 @@ impl<T> ClientConn<T> {
             next_id: 1,
             deadlines: Deadlines::default(),
             events: VecDeque::new(),
-            blocked: Vec::new(),
+            blocked: Blocked::default(),
         }
     }
 
@@ -390,15 +400,7 @@ impl<T> ClientConn<T> {
                 Ok(())
             }
             Err(SendError::NoCredit) => {
-                if !call.wants_writable {
-                    call.wants_writable = true;
-                    self.blocked.push(id.0);
-                    if self.blocked.len() > 2 * self.calls.len() + 64 {
-                        let calls = &self.calls;
-                        self.blocked
-                            .retain(|id| calls.get(id).is_some_and(|c| c.wants_writable));
-                    }
-                }
+                self.blocked.park(id.0, &mut self.calls);
                 Err(SendError::NoCredit)
             }
             Err(e) => Err(e),
@@ -576,20 +578,9 @@ impl<T> ClientConn<T> {
         if id == 0 {
             // Already applied to the connection window by the link.
             if self.link.send_window.is_open() {
-                let (calls, events) = (&mut self.calls, &mut self.events);
-                self.blocked.retain(|&id| {
-                    let Some(call) = calls.get_mut(&id) else {
-                        return false;
-                    };
-                    if !call.wants_writable {
-                        return false;
-                    }
-                    if !call.send_window.is_open() {
-                        return true;
-                    }
-                    call.wants_writable = false;
-                    events.push_back(ClientEvent::Writable { id: CallId(id) });
-                    false
+                let events = &mut self.events;
+                self.blocked.wake(&mut self.calls, |id| {
+                    events.push_back(ClientEvent::Writable { id: CallId(id) })
                 });
             }
             return Ok(());

@@ -8,7 +8,7 @@ use hashbrown::HashMap;
 
 use crate::config::ConnConfig;
 use crate::error::ProtoError;
-use crate::flow::{RecvWindow, SendWindow, INITIAL_STREAM_WINDOW};
+use crate::flow::{Blocked, RecvWindow, SendWindow, Sending, INITIAL_STREAM_WINDOW};
 use crate::frame::{flags, FrameType};
 use crate::head::{encode_response_head, RequestHead};
 use crate::link::{CallFrame, CloseReason, Inbound, Link, SendError};
@@ -80,6 +80,16 @@ struct ServerCall {
     recv_window: RecvWindow,
 }
 
+impl Sending for ServerCall {
+    fn send_window(&self) -> &SendWindow {
+        &self.send_window
+    }
+
+    fn wants_writable(&mut self) -> &mut bool {
+        &mut self.wants_writable
+    }
+}
+
 /// A request read at the concurrency limit, with whatever arrived for it meanwhile.
 #[derive(Debug)]
 struct Waiting {
@@ -108,8 +118,8 @@ pub struct ServerConn {
     waiting: VecDeque<Waiting>,
     deadlines: Deadlines,
     events: VecDeque<ServerEvent>,
-    /// Calls refused for lack of connection credit (may hold stale ids; compacted).
-    blocked: Vec<u32>,
+    /// Calls refused for lack of credit, waiting for `Writable`.
+    blocked: Blocked,
 }
 
 impl ServerConn {
@@ -122,7 +132,7 @@ impl ServerConn {
             waiting: VecDeque::new(),
             deadlines: Deadlines::default(),
             events: VecDeque::new(),
-            blocked: Vec::new(),
+            blocked: Blocked::default(),
         }
     }
 
@@ -306,20 +316,9 @@ impl ServerConn {
         if id == 0 {
             // Already applied to the connection window by the link.
             if self.link.send_window.is_open() {
-                let (calls, events) = (&mut self.calls, &mut self.events);
-                self.blocked.retain(|&id| {
-                    let Some(call) = calls.get_mut(&id) else {
-                        return false;
-                    };
-                    if !call.wants_writable {
-                        return false;
-                    }
-                    if !call.send_window.is_open() {
-                        return true;
-                    }
-                    call.wants_writable = false;
-                    events.push_back(ServerEvent::Writable { id: CallId(id) });
-                    false
+                let events = &mut self.events;
+                self.blocked.wake(&mut self.calls, |id| {
+                    events.push_back(ServerEvent::Writable { id: CallId(id) })
                 });
             }
             return Ok(());
@@ -374,15 +373,7 @@ impl ServerConn {
             .send_message(&mut call.send_window, id.0, call.codec, 0, body.into())
         {
             Err(SendError::NoCredit) => {
-                if !call.wants_writable {
-                    call.wants_writable = true;
-                    self.blocked.push(id.0);
-                    if self.blocked.len() > 2 * self.calls.len() + 64 {
-                        let calls = &self.calls;
-                        self.blocked
-                            .retain(|id| calls.get(id).is_some_and(|c| c.wants_writable));
-                    }
-                }
+                self.blocked.park(id.0, &mut self.calls);
                 Err(SendError::NoCredit)
             }
             other => other,
