@@ -20,6 +20,9 @@ const HANG: &str = "/test.Stream/Hang";
 const SUM: &str = "/test.Stream/Sum";
 const ECHO: &str = "/test.Stream/Echo";
 const UNARY: &str = "/test.Stream/Unary";
+/// Server stream of n messages of `BLOB_MESSAGE` bytes; the request holds n.
+const BLOB: &str = "/test.Stream/Blob";
+const BLOB_MESSAGE: usize = 64 * 1024;
 /// Server stream of the request's metadata value under `x-tag` and the server's port.
 const WHO: &str = "/test.Stream/Who";
 
@@ -89,6 +92,14 @@ fn router<S: Runtime>(server_rt: S, probes: Arc<Probes>) -> Router {
                 }
                 Ok(())
             }
+        })
+        // Blob: the request holds n; answers n large messages.
+        .server_stream(BLOB, Raw, |req: Request<Bytes>, mut sink: ResponseSink<Bytes>| async move {
+            let blob = Bytes::from(vec![3u8; BLOB_MESSAGE]);
+            for _ in 0..body_u32(&req.message) {
+                sink.send(&blob).await?;
+            }
+            Ok(())
         })
         // Sum: adds the client's 4-byte numbers.
         .client_stream(SUM, Raw, |req: Request<gorpc::stream::RequestStream<Bytes>>| async move {
@@ -521,6 +532,60 @@ async fn streams_and_unary_calls_share_a_connection<S: Runtime, C: Runtime>(
     assert_eq!(server.shutdown(SECOND).await, gorpc::Shutdown::Graceful);
 }
 
+/// A server stops reading while megabytes of answers wait for a client that does not read
+/// them; a request that arrived meanwhile is still served once they went, in order, on the
+/// same connection.
+async fn a_request_held_behind_unread_answers_is_served<S: Runtime, C: Runtime>(
+    server_rt: S,
+    client_rt: C,
+) {
+    let probes = Arc::new(Probes::default());
+    let server = Server::new(server_rt.clone(), router(server_rt.clone(), probes))
+        .bind(loopback())
+        .await
+        .unwrap();
+    // One connection with windows wide enough that the server queues far more than a
+    // socket holds.
+    let mut config = client_config();
+    config.pool.size = 1;
+    config.pool.connection.conn.stream_window = 64 << 20;
+    config.pool.connection.conn.connection_window = 64 << 20;
+    let client = Client::connect(client_rt.clone(), server.local_addr(), config)
+        .await
+        .unwrap();
+    let blobs = 256u32; // 16 MiB, far more than the sockets hold
+    let mut request = long_call();
+    request.message = u32_body(blobs);
+    let mut stream = client.server_stream(BLOB, Raw, request).await.unwrap();
+    // Let the server queue its answers against a reader that reads nothing.
+    sleep(&client_rt, Duration::from_millis(300)).await;
+    let unary = client.call_raw(UNARY, 0, u32_body(7), CallOptions::default());
+    let read_all = async {
+        let mut got = 0u32;
+        while let Some(message) = stream.next().await {
+            assert_eq!(message.unwrap().len(), BLOB_MESSAGE);
+            got += 1;
+        }
+        got
+    };
+    let (rsp, got) = within(
+        &client_rt,
+        Duration::from_secs(30),
+        "the stream and the call behind it",
+        async { futures::join!(unary, read_all) },
+    )
+    .await;
+    assert_eq!(got, blobs);
+    assert_eq!(body_u32(&rsp.expect("the held call was served").body), 7);
+    // And the connection still reads what comes after.
+    let rsp = client
+        .call_raw(UNARY, 0, u32_body(8), CallOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(body_u32(&rsp.body), 8);
+    assert_eq!(server.shutdown(SECOND).await, gorpc::Shutdown::Graceful);
+}
+
 /// A call framed for another kind of method is refused, and the connection carries on.
 async fn mismatched_framing_is_unimplemented<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
     let (server, client, _) = setup(&server_rt, &client_rt).await;
@@ -554,4 +619,5 @@ on_every_runtime!(
     mismatched_framing_is_unimplemented,
     streams_to_a_discovered_service,
     streams_need_the_binary_protocol,
+    a_request_held_behind_unread_answers_is_served,
 );

@@ -194,7 +194,8 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
 
         // Stop reading at the concurrency limit (the core says so) and while answers pile up
         // unsent (the client is not reading): TCP then pushes back on the client.
-        if self.conn.wants_read() && self.transport.write_backlog() < MAX_WRITE_BACKLOG {
+        let read_held = self.transport.write_backlog() >= MAX_WRITE_BACKLOG;
+        if self.conn.wants_read() && !read_held {
             progress |= self.transport.poll_read(cx, &mut self.conn, now);
         }
 
@@ -251,7 +252,10 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             return false;
         }
         progress |= self.transport.poll_write(cx, &mut self.conn);
-        progress
+        // The socket's readiness went to a pass that held its read back: once the backlog is
+        // under the limit, pass again to read, or bytes that arrived meanwhile sit unread
+        // with nothing left to wake the connection.
+        progress || (read_held && self.transport.write_backlog() < MAX_WRITE_BACKLOG)
     }
 
     /// Runs the handler inline once; only a handler that has to wait gets a task of its own.
