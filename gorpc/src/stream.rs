@@ -451,6 +451,8 @@ pub(crate) struct InboxReader<E> {
     ready: VecDeque<Bytes>,
     /// Bytes taken and not yet given back.
     taken: usize,
+    /// Credit just went back: let the driver run before taking more.
+    yield_next: bool,
 }
 
 impl<E> InboxReader<E> {
@@ -459,6 +461,7 @@ impl<E> InboxReader<E> {
             inbox,
             ready: VecDeque::new(),
             taken: 0,
+            yield_next: false,
         }
     }
 
@@ -470,6 +473,10 @@ impl<E> InboxReader<E> {
         id: Option<CallId>,
         control: &dyn StreamControl,
     ) -> Poll<Delivery<E>> {
+        if std::mem::take(&mut self.yield_next) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         if self.ready.is_empty() {
             let mut state = lock(&self.inbox.state);
             std::mem::swap(&mut state.messages, &mut self.ready);
@@ -491,6 +498,7 @@ impl<E> InboxReader<E> {
         self.taken += body.len();
         if self.taken >= RELEASE_BATCH {
             self.give_back(id, control);
+            self.yield_next = true;
         }
         Poll::Ready(Delivery::Message(body))
     }
