@@ -40,5 +40,10 @@ pub use service::{
 /// method paths and the wire format).
 pub use gorpc_macros::service;
 
+/// The drivers' maps of calls, looked up for every stream message: foldhash rather than
+/// SipHash, seeded per map since a server's peer picks the ids.
+pub(crate) type CallMap<V> =
+    std::collections::HashMap<gorpc_proto::CallId, V, foldhash::fast::RandomState>;
+
 /// A future boxed for dynamic dispatch.
 pub use futures::future::BoxFuture;

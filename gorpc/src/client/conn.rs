@@ -20,6 +20,7 @@ use crate::io::{drive, earliest, Transport};
 use crate::metadata::Metadata;
 use crate::runtime::{timeout, Io, Runtime};
 use crate::stream::{hold_write, Fed, Inbox, Outbox, OutboxDrain};
+use crate::CallMap;
 
 /// A call as handed to a connection: method, options and the encoded body.
 #[derive(Clone, Debug)]
@@ -235,7 +236,7 @@ impl Connection {
             transport: Transport::new(runtime, io),
             conn: ClientConn::new(config.conn, now),
             commands: Box::pin(rx),
-            streams: std::collections::HashMap::new(),
+            streams: CallMap::default(),
             refilling: false,
             shared: shared.clone(),
             idle_timeout: config.idle_timeout,
@@ -354,7 +355,7 @@ struct ClientDriver<R: Runtime, I: Io> {
     /// Each stream call's halves. Its own map, not the call's slot in the core: the core
     /// may have finished the call (a response read in the same batch) by the time the
     /// driver handles the messages before it.
-    streams: std::collections::HashMap<CallId, StreamIo>,
+    streams: CallMap<StreamIo>,
     /// This pass made room for a sender that filled its outbox.
     refilling: bool,
     shared: Arc<Shared>,

@@ -1,7 +1,6 @@
 //! Drives one server connection: bytes between the socket and a [`ServerConn`], requests to
 //! the service, replies back.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -23,6 +22,7 @@ use crate::stream::{
     hold_write, Fed, Inbox, InboxReader, Outbox, OutboxDrain, OutboxSender, RawRequestStream,
     RawResponseSink, StreamControl,
 };
+use crate::CallMap;
 
 /// What handlers tell their connection's driver.
 enum HandlerOutput {
@@ -103,9 +103,9 @@ pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     /// The same channel, shared by every stream half of this connection.
     handler_out: Arc<HandlerOut>,
     /// Handlers that did not finish when first polled, running as their own tasks.
-    running: HashMap<CallId, AbortHandle>,
+    running: CallMap<AbortHandle>,
     /// Stream calls running.
-    streams: HashMap<CallId, ServerStream>,
+    streams: CallMap<ServerStream>,
     /// This pass made room for a handler that filled its outbox.
     refilling: bool,
     drain_signal: SignalRx,
@@ -139,8 +139,8 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             handler_out: Arc::new(HandlerOut(outputs_tx.clone())),
             outputs_tx,
             outputs_rx: Box::pin(outputs_rx),
-            running: HashMap::new(),
-            streams: HashMap::new(),
+            running: CallMap::default(),
+            streams: CallMap::default(),
             refilling: false,
             drain_signal: Box::pin(signals.drain),
             abort_signal: Box::pin(signals.abort),
