@@ -408,6 +408,27 @@ impl<E> Inbox<E> {
         true
     }
 
+    /// Delivers a run of messages under one lock, leaving `messages` empty. False, taking
+    /// none, once the reader is gone.
+    pub(crate) fn push_all(&self, messages: &mut VecDeque<Bytes>) -> bool {
+        let waker = {
+            let mut state = lock(&self.state);
+            if state.reader_gone {
+                return false;
+            }
+            if state.messages.is_empty() {
+                std::mem::swap(&mut state.messages, messages);
+            } else {
+                state.messages.append(messages);
+            }
+            state.reader.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        true
+    }
+
     /// Ends the stream with `end`, after the messages delivered so far.
     pub(crate) fn end(&self, end: E) {
         self.wake_after(|state| state.end = Some(end));

@@ -2,6 +2,7 @@
 //! cheap handle callers use to start calls on it.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -237,6 +238,7 @@ impl Connection {
             conn: ClientConn::new(config.conn, now),
             commands: Box::pin(rx),
             streams: CallMap::default(),
+            delivering: Delivering::default(),
             refilling: false,
             shared: shared.clone(),
             idle_timeout: config.idle_timeout,
@@ -348,6 +350,15 @@ impl Drop for PendingCall {
     }
 }
 
+/// A run of messages read for one stream call, not yet delivered.
+#[derive(Default)]
+struct Delivering {
+    id: Option<CallId>,
+    messages: VecDeque<Bytes>,
+    /// Their bytes.
+    len: usize,
+}
+
 struct ClientDriver<R: Runtime, I: Io> {
     transport: Transport<R, I>,
     conn: ClientConn<CallUser>,
@@ -356,6 +367,8 @@ struct ClientDriver<R: Runtime, I: Io> {
     /// may have finished the call (a response read in the same batch) by the time the
     /// driver handles the messages before it.
     streams: CallMap<StreamIo>,
+    /// Messages read for one stream call, delivered together (one lock, one wake-up).
+    delivering: Delivering,
     /// This pass made room for a sender that filled its outbox.
     refilling: bool,
     shared: Arc<Shared>,
@@ -412,6 +425,10 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
 
         while let Some(event) = self.conn.poll_event() {
             progress = true;
+            if !matches!(event, ClientEvent::Message { .. }) {
+                // Whatever else happened comes after the messages read before it.
+                self.deliver();
+            }
             match event {
                 ClientEvent::Finished {
                     user: CallUser::Unary(slot),
@@ -430,16 +447,12 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                     stream.end(result);
                 }
                 ClientEvent::Message { id, body } => {
-                    let len = body.len();
-                    let delivered = self
-                        .streams
-                        .get(&id)
-                        .is_some_and(|stream| stream.inbox.push(body));
-                    // Nobody will take it (the receiver is gone and its cancel is on the
-                    // way): the credit goes straight back.
-                    if !delivered {
-                        self.conn.release(id, len);
+                    if self.delivering.id != Some(id) {
+                        self.deliver();
+                        self.delivering.id = Some(id);
                     }
+                    self.delivering.len += body.len();
+                    self.delivering.messages.push_back(body);
                 }
                 ClientEvent::Writable { id } => self.feed_stream(id),
                 ClientEvent::GoAway(status) => {
@@ -464,6 +477,8 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                 }
             }
         }
+
+        self.deliver();
 
         let in_flight = self.conn.calls_in_flight();
         if in_flight > 0 {
@@ -586,6 +601,25 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                     stream.end(Err(rejected.status));
                 }
             }
+        }
+    }
+
+    /// Hands the messages gathered for one stream call to its receiver.
+    fn deliver(&mut self) {
+        let Some(id) = self.delivering.id.take() else {
+            return;
+        };
+        let len = std::mem::take(&mut self.delivering.len);
+        let messages = &mut self.delivering.messages;
+        let delivered = self
+            .streams
+            .get(&id)
+            .is_some_and(|stream| stream.inbox.push_all(messages));
+        // Nobody will take them (the receiver is gone and its cancel is on the way): the
+        // credit goes straight back.
+        if !delivered {
+            messages.clear();
+            self.conn.release(id, len);
         }
     }
 
