@@ -6,6 +6,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use hashbrown::HashMap;
 
+use crate::batch;
 use crate::config::ConnConfig;
 use crate::error::ProtoError;
 use crate::flow::{Blocked, RecvWindow, SendWindow, Sending, INITIAL_STREAM_WINDOW};
@@ -407,6 +408,33 @@ impl<T> ClientConn<T> {
         }
     }
 
+    /// Sends the messages at the front of `messages`, a buffer built with
+    /// [`batch::push_message`](crate::batch::push_message), as far as credit goes: several
+    /// to a frame, split off the buffer without a copy, none carrying the half-close. Like
+    /// [`send_message`](Self::send_message) for each; those that did not go stay in
+    /// `messages`, and [`SendError::NoCredit`] means a [`ClientEvent::Writable`] follows.
+    pub fn send_batch(&mut self, id: CallId, messages: &mut BytesMut) -> Result<(), SendError> {
+        if self.link.closed {
+            return Err(SendError::CallGone);
+        }
+        let Some(call) = self.calls.get_mut(&id.0) else {
+            return Err(SendError::CallGone);
+        };
+        if !call.sending {
+            return Err(SendError::SendClosed);
+        }
+        match self
+            .link
+            .send_batch(&mut call.send_window, id.0, call.codec, messages)
+        {
+            Err(SendError::NoCredit) => {
+                self.blocked.park(id.0, &mut self.calls);
+                Err(SendError::NoCredit)
+            }
+            other => other,
+        }
+    }
+
     /// Ends a call's request stream without a final message (half-close); needs no credit.
     /// Errors as [`send_message`](Self::send_message).
     pub fn close_send(&mut self, id: CallId) -> Result<(), SendError> {
@@ -534,6 +562,14 @@ impl<T> ClientConn<T> {
                         "a server ends a call with a response, never with END_STREAM on a message",
                     ));
                 }
+                let batched = frame.header.flags & flags::BATCH != 0;
+                // A batch's length prefixes are the protocol's, not the application's:
+                // they count against the windows with the messages and go back at once.
+                let prefixes = if batched {
+                    batch::count(&frame.body)? * batch::LENGTH_PREFIX
+                } else {
+                    0
+                };
                 let len = frame.body.len();
                 self.link.receive_message(len)?;
                 match self.calls.get_mut(&id) {
@@ -543,10 +579,14 @@ impl<T> ClientConn<T> {
                         if !call.recv_window.receive(len) {
                             return Err(ProtoError::FlowControl { call_id: id });
                         }
-                        self.events.push_back(ClientEvent::Message {
-                            id: CallId(id),
-                            body: frame.body,
-                        });
+                        let call_id = CallId(id);
+                        self.events.extend(
+                            batch::messages(frame.body, batched, true)
+                                .map(|body| ClientEvent::Message { id: call_id, body }),
+                        );
+                        if prefixes > 0 {
+                            self.release(call_id, prefixes);
+                        }
                     }
                     // The server streams a method this client calls as unary: the two
                     // disagree about this method, not about the connection. Fail the call.

@@ -55,6 +55,11 @@ impl SendWindow {
         self.0 > 0
     }
 
+    /// Credit left (negative after an overdraft).
+    pub(crate) fn available(self) -> i64 {
+        self.0
+    }
+
     pub(crate) fn spend(&mut self, len: usize) {
         self.0 -= len as i64;
     }

@@ -66,8 +66,20 @@ pub mod flags {
     /// Only on a MESSAGE that also carries END_STREAM and an empty body: the client
     /// half-closes without a final message.
     pub const NO_MESSAGE: u8 = 0x04;
+    /// Only on a MESSAGE: the body holds one or more messages, each behind its 4-byte
+    /// big-endian length (see [`crate::batch`]).
+    pub const BATCH: u8 = 0x08;
     /// Flags a version-1 receiver understands.
-    pub(crate) const KNOWN: u8 = END_STREAM | NO_MESSAGE;
+    pub(crate) const KNOWN: u8 = END_STREAM | NO_MESSAGE | BATCH;
+}
+
+/// The length of the frame starting at `buf`, read from its header without checking it;
+/// `None` until the 20 header bytes are there. A sizing hint for a reader holding part of
+/// a frame that the connection has already checked.
+pub fn frame_len_hint(buf: &[u8]) -> Option<usize> {
+    let h = buf.get(..HEADER_LEN)?;
+    let u32_at = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]) as usize;
+    Some(HEADER_LEN + u32_at(12) + u32_at(16))
 }
 
 /// The decoded fixed header of one frame.
@@ -186,6 +198,13 @@ impl FrameHeader {
         {
             return Err(ProtoError::MalformedMessage(
                 "NO_MESSAGE is only valid on an empty MESSAGE with END_STREAM",
+            ));
+        }
+        if self.flags & flags::BATCH != 0
+            && (self.frame_type != FrameType::Message || self.flags & flags::NO_MESSAGE != 0)
+        {
+            return Err(ProtoError::MalformedMessage(
+                "BATCH is only valid on a MESSAGE without NO_MESSAGE",
             ));
         }
         Ok(())

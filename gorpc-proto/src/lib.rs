@@ -37,6 +37,7 @@
 #![warn(missing_debug_implementations)]
 
 pub mod balance;
+pub mod batch;
 mod client;
 mod config;
 pub mod datagram;

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use crate::batch;
 use crate::config::{ConnConfig, Limits};
 use crate::error::ProtoError;
 use crate::flow::{
@@ -17,6 +18,9 @@ use crate::status::{Code, Status};
 use crate::timers::{Keepalive, KeepaliveAction};
 use crate::transmit::{Oversize, Payload, TransmitQueue};
 
+/// A lone stream message at least this long is queued by reference, not copied.
+const ZERO_COPY_LEN: usize = 8 * 1024;
+
 /// Why a stream message was not sent. Nothing was queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendError {
@@ -28,6 +32,9 @@ pub enum SendError {
     CallGone,
     /// The message would make a frame over `max_frame_len`.
     TooLarge,
+    /// A buffer of batched messages that does not hold whole length-prefixed messages
+    /// (see [`crate::batch`]); nothing from the first broken one on was sent.
+    MalformedBatch,
     /// This side's message stream on the call has ended (half-closed), or never carried
     /// messages (the request of a unary or server-streaming call).
     SendClosed,
@@ -39,6 +46,7 @@ impl std::fmt::Display for SendError {
             SendError::NoCredit => "no flow-control credit to send now",
             SendError::CallGone => "the call is no longer in flight",
             SendError::TooLarge => "message exceeds max_frame_len",
+            SendError::MalformedBatch => "batched messages are not whole length-prefixed messages",
             SendError::SendClosed => "this side's message stream has ended",
         })
     }
@@ -183,6 +191,82 @@ impl Link {
             }
             Err(Oversize::Head | Oversize::Frame) => Err(SendError::TooLarge),
         }
+    }
+
+    /// Sends messages from the front of `messages` (a buffer of batched messages, see
+    /// [`crate::batch`]) as MESSAGE frames: each message while both windows are open, as
+    /// many per frame as `max_frame_len` allows, a lone message without the batch framing.
+    /// What was sent is split off `messages` without a copy. `Ok` once it is empty.
+    pub(crate) fn send_batch(
+        &mut self,
+        window: &mut SendWindow,
+        id: u32,
+        codec: u8,
+        messages: &mut BytesMut,
+    ) -> Result<(), SendError> {
+        let max_body = (self.limits.max_frame_len as usize).saturating_sub(HEADER_LEN);
+        while !messages.is_empty() {
+            let credit = window.available().min(self.send_window.available());
+            if credit <= 0 {
+                return Err(SendError::NoCredit);
+            }
+            // Whole messages that fit one frame, each starting while credit is left.
+            let (mut end, mut count) = (0, 0);
+            while end < messages.len() && (end as i64) < credit {
+                let len = batch::length_at(&messages[end..])
+                    .filter(|len| end + batch::LENGTH_PREFIX + len <= messages.len())
+                    .ok_or(SendError::MalformedBatch)?;
+                let next = end + batch::LENGTH_PREFIX + len;
+                if next > max_body {
+                    break;
+                }
+                (end, count) = (next, count + 1);
+            }
+            if count == 0 {
+                // Its message alone is over the frame limit (as a lone message it carries
+                // no length, so it may still fit).
+                let len = batch::length_at(messages).expect("checked above");
+                if HEADER_LEN + len > self.limits.max_frame_len as usize {
+                    return Err(SendError::TooLarge);
+                }
+                end = batch::LENGTH_PREFIX + len;
+                count = 1;
+            }
+            // A large lone message goes by reference. Batches are copied into the
+            // transmit buffer, and the caller's buffer stays whole: it is reused, not
+            // reallocated behind every write still in flight.
+            let (flags, start) = if count == 1 {
+                (0, batch::LENGTH_PREFIX)
+            } else {
+                (flags::BATCH, 0)
+            };
+            let len = end - start;
+            let limits = self.limits;
+            let mut push = |payload: Payload<'_>| {
+                self.out
+                    .push_frame(
+                        FrameType::Message,
+                        flags,
+                        codec,
+                        id,
+                        |_| {},
+                        payload,
+                        limits.max_head_len,
+                        limits.max_frame_len,
+                    )
+                    .expect("sized to the frame limit above")
+            };
+            if flags == 0 && len >= ZERO_COPY_LEN {
+                messages.advance(start);
+                push(Payload::Bytes(messages.split_to(len).freeze()));
+            } else {
+                push(Payload::Slice(&messages[start..end]));
+                messages.advance(end);
+            }
+            window.spend(len);
+            self.send_window.spend(len);
+        }
+        Ok(())
     }
 
     /// Ends this side's message stream without a final message; needs no credit.

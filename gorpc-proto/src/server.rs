@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use hashbrown::HashMap;
 
+use crate::batch;
 use crate::config::ConnConfig;
 use crate::error::ProtoError;
 use crate::flow::{Blocked, RecvWindow, SendWindow, Sending, INITIAL_STREAM_WINDOW};
@@ -265,6 +266,14 @@ impl ServerConn {
         let end = frame.header.flags & flags::END_STREAM != 0;
         // The frame decoder allows NO_MESSAGE only on an empty message with END_STREAM.
         let message = frame.header.flags & flags::NO_MESSAGE == 0;
+        let batched = frame.header.flags & flags::BATCH != 0;
+        // A batch's length prefixes are the protocol's, not the handler's: they count
+        // against the windows with the messages and are given back at once.
+        let prefixes = if batched {
+            batch::count(&frame.body)? * batch::LENGTH_PREFIX
+        } else {
+            0
+        };
         let len = frame.body.len();
         if message {
             self.link.receive_message(len)?;
@@ -292,22 +301,26 @@ impl ServerConn {
             return Err(ProtoError::FlowControl { call_id: id });
         }
         call.receiving = !end;
-        if let Some(w) = waiting_at.and_then(|i| self.waiting.get_mut(i)) {
-            if message {
-                w.early.push_back(frame.body);
+        if prefixes > 0 {
+            if let Some(increment) = call
+                .recv_window
+                .release(prefixes as u64, self.link.stream_window)
+            {
+                self.link.push_window_update(id, increment);
             }
+            self.link.release(prefixes as u64);
+        }
+        let bodies = batch::messages(frame.body, batched, message);
+        if let Some(w) = waiting_at.and_then(|i| self.waiting.get_mut(i)) {
+            w.early.extend(bodies);
             w.half_closed = end;
             return Ok(());
         }
-        if message {
-            self.events.push_back(ServerEvent::Message {
-                id: CallId(id),
-                body: frame.body,
-            });
-        }
+        let id = CallId(id);
+        self.events
+            .extend(bodies.map(|body| ServerEvent::Message { id, body }));
         if end {
-            self.events
-                .push_back(ServerEvent::HalfClosed { id: CallId(id) });
+            self.events.push_back(ServerEvent::HalfClosed { id });
         }
         Ok(())
     }
@@ -371,6 +384,30 @@ impl ServerConn {
         match self
             .link
             .send_message(&mut call.send_window, id.0, call.codec, 0, body.into())
+        {
+            Err(SendError::NoCredit) => {
+                self.blocked.park(id.0, &mut self.calls);
+                Err(SendError::NoCredit)
+            }
+            other => other,
+        }
+    }
+
+    /// Sends the messages at the front of `messages`, a buffer built with
+    /// [`batch::push_message`](crate::batch::push_message), as far as credit goes: several
+    /// to a frame, split off the buffer without a copy. Like
+    /// [`send_message`](Self::send_message) for each; those that did not go stay in
+    /// `messages`, and [`SendError::NoCredit`] means a [`ServerEvent::Writable`] follows.
+    pub fn send_batch(&mut self, id: CallId, messages: &mut BytesMut) -> Result<(), SendError> {
+        if self.link.closed {
+            return Err(SendError::CallGone);
+        }
+        let Some(call) = self.calls.get_mut(&id.0) else {
+            return Err(SendError::CallGone);
+        };
+        match self
+            .link
+            .send_batch(&mut call.send_window, id.0, call.codec, messages)
         {
             Err(SendError::NoCredit) => {
                 self.blocked.park(id.0, &mut self.calls);

@@ -148,15 +148,30 @@ pub enum Op {
         timeout_ms: Option<u16>,
     },
     /// Client sends a message of `len` filler bytes on the `pick`-th call whose request
-    /// stream is open; with `end`, its last.
-    ClientSend { pick: u16, len: u16, end: bool },
+    /// stream is open; with `end`, its last. With `batch` above 1, that many messages go
+    /// through `send_batch` instead (so does any message while earlier batched ones wait
+    /// for credit).
+    ClientSend {
+        pick: u16,
+        len: u16,
+        end: bool,
+        batch: u8,
+    },
     /// Client half-closes the `pick`-th call whose request stream is open.
     CloseSend { pick: u16 },
     /// Server sends a message of `len` filler bytes on the `pick`-th running call whose
-    /// method streams responses.
-    ServerSend { pick: u16, len: u16 },
+    /// method streams responses; `batch` as for [`Op::ClientSend`].
+    ServerSend { pick: u16, len: u16, batch: u8 },
     /// The client (or server) releases up to `bytes` received bytes of its `pick`-th call.
     Release { client: bool, pick: u16, bytes: u16 },
+}
+
+/// Messages in a send op: one, or a batch of 2 to 4, from an argument byte's high bits.
+fn batch_of(arg: u8) -> u8 {
+    match (arg >> 4) & 3 {
+        0 => 1,
+        k => k + 1,
+    }
 }
 
 /// Decodes a byte string into operations: each op takes a tag byte and its arguments.
@@ -219,10 +234,12 @@ pub fn ops_from_bytes(mut data: &[u8]) -> Vec<Op> {
             }
             18 | 19 => {
                 let [a, b, c] = take::<3>(&mut data);
+                let end = c & 0xf0 == 0xf0;
                 Op::ClientSend {
                     pick: a as u16,
                     len: u16::from_le_bytes([b, c & 0x0f]),
-                    end: c & 0xf0 == 0xf0,
+                    end,
+                    batch: if end { 1 } else { batch_of(c) },
                 }
             }
             20 => Op::CloseSend {
@@ -233,6 +250,7 @@ pub fn ops_from_bytes(mut data: &[u8]) -> Vec<Op> {
                 Op::ServerSend {
                     pick: a as u16,
                     len: u16::from_le_bytes([b, c & 0x0f]),
+                    batch: batch_of(c),
                 }
             }
             _ => {
@@ -282,6 +300,37 @@ fn model_message(id: CallId, seq: u64, len: u16) -> Bytes {
     body.freeze()
 }
 
+/// Queues `n` model messages of `len` filler bytes behind the batched ones waiting in
+/// `pending`, then sends what `send_batch` takes; `sent` counts what went.
+fn send_batched(
+    pending: &mut BytesMut,
+    id: CallId,
+    sent: &mut u64,
+    n: u8,
+    len: u16,
+    send_batch: impl FnOnce(&mut BytesMut) -> Result<(), SendError>,
+) -> Result<(), SendError> {
+    let waiting = |pending: &BytesMut| {
+        if pending.is_empty() {
+            0
+        } else {
+            crate::batch::count(pending).expect("the model batches whole messages") as u64
+        }
+    };
+    let before = waiting(pending);
+    for k in 0..n as u64 {
+        let body = model_message(id, *sent + before + k, len);
+        let pushed = crate::batch::push_message(pending, |buf| {
+            buf.extend_from_slice(&body);
+            Ok::<(), ()>(())
+        });
+        pushed.expect("a model message fits a batch");
+    }
+    let result = send_batch(pending);
+    *sent += before + n as u64 - waiting(pending);
+    result
+}
+
 /// Whether `body` is message number `seq` of call `id`.
 fn is_model_message(body: &[u8], id: CallId, seq: u64) -> bool {
     body.len() >= MESSAGE_PREFIX
@@ -307,6 +356,8 @@ struct LiveCall {
     sent: u64,
     received: u64,
     wants_writable: bool,
+    /// Batched messages waiting for credit, after the `sent` ones.
+    pending: BytesMut,
 }
 
 /// A call as the server's handler sees it.
@@ -318,6 +369,8 @@ struct Running {
     half_closed: bool,
     sent: u64,
     wants_writable: bool,
+    /// Batched messages waiting for credit, after the `sent` ones.
+    pending: BytesMut,
 }
 
 /// Runs `ops` against a fresh [`Pair`], then settles (releases and answers everything,
@@ -465,15 +518,29 @@ impl Model {
                     }
                 }
             }
-            Op::ClientSend { pick, len, end } => {
+            Op::ClientSend {
+                pick,
+                len,
+                end,
+                batch,
+            } => {
                 if let Some(tag) = self.pick_live(pick, |c| c.sending) {
                     let call = self.live.get_mut(&tag).expect("picked a live call");
-                    let body = model_message(call.id, call.sent, len);
-                    match self.pair.client.send_message(call.id, body, end) {
-                        Ok(()) => {
+                    let client = &mut self.pair.client;
+                    let sent = if batch > 1 || !call.pending.is_empty() {
+                        let id = call.id;
+                        send_batched(&mut call.pending, id, &mut call.sent, batch, len, |m| {
+                            client.send_batch(id, m)
+                        })
+                    } else {
+                        let body = model_message(call.id, call.sent, len);
+                        client.send_message(call.id, body, end).map(|()| {
                             call.sent += 1;
                             call.sending = !end;
-                        }
+                        })
+                    };
+                    match sent {
+                        Ok(()) => {}
                         Err(SendError::NoCredit) => {
                             call.wants_writable = true;
                             self.outcome.no_credit += 1;
@@ -483,7 +550,8 @@ impl Model {
                 }
             }
             Op::CloseSend { pick } => {
-                if let Some(tag) = self.pick_live(pick, |c| c.sending) {
+                // Not while batched messages wait: they would never go.
+                if let Some(tag) = self.pick_live(pick, |c| c.sending && c.pending.is_empty()) {
                     let call = self.live.get_mut(&tag).expect("picked a live call");
                     if let Err(e) = self.pair.client.close_send(call.id) {
                         return Err(format!("call {tag} refused to half-close: {e}"));
@@ -491,22 +559,29 @@ impl Model {
                     call.sending = false;
                 }
             }
-            Op::ServerSend { pick, len } => {
+            Op::ServerSend { pick, len, batch } => {
                 let streaming: Vec<usize> = (0..self.running.len())
                     .filter(|&i| self.running[i].kind.is_some_and(StreamKind::server_streams))
                     .collect();
                 if !streaming.is_empty() {
                     let call = &mut self.running[streaming[pick as usize % streaming.len()]];
-                    let body = model_message(call.id, call.sent, len);
-                    match self.pair.server.send_message(call.id, body) {
-                        Ok(()) => call.sent += 1,
+                    let server = &mut self.pair.server;
+                    let id = call.id;
+                    let sent = if batch > 1 || !call.pending.is_empty() {
+                        send_batched(&mut call.pending, id, &mut call.sent, batch, len, |m| {
+                            server.send_batch(id, m)
+                        })
+                    } else {
+                        let body = model_message(id, call.sent, len);
+                        server.send_message(id, body).map(|()| call.sent += 1)
+                    };
+                    match sent {
+                        Ok(()) => {}
                         Err(SendError::NoCredit) => {
                             call.wants_writable = true;
                             self.outcome.no_credit += 1;
                         }
-                        Err(e) => {
-                            return Err(format!("running {:?} refused a message: {e}", call.id))
-                        }
+                        Err(e) => return Err(format!("running {id:?} refused a message: {e}")),
                     }
                 }
             }
@@ -581,6 +656,7 @@ impl Model {
                         sent: 0,
                         received: 0,
                         wants_writable: false,
+                        pending: BytesMut::new(),
                     },
                 );
                 self.live_order.push(tag);
@@ -680,6 +756,7 @@ impl Model {
                         half_closed: !req.client_streams,
                         sent: 0,
                         wants_writable: false,
+                        pending: BytesMut::new(),
                     });
                 }
                 ServerEvent::Cancelled { id, .. } => {

@@ -217,6 +217,38 @@ fn the_model_sees_every_kind_of_outcome() {
 /// `Writable` that follows, half-closes, a cancel and a deadline mid-stream.
 #[test]
 fn the_model_sees_streams_flow_and_stall() {
+    let outcome = run_ops(&stream_ops(1), ConnConfig::default()).unwrap();
+    assert_eq!((outcome.started, outcome.streams), (5, 4));
+    assert!(
+        outcome.messages > 30
+            && outcome.no_credit > 0
+            && outcome.writable > 0
+            && outcome.half_closed >= 1
+            && outcome.cancelled == 1
+            && outcome.protocol_errors == 0,
+        "{outcome:?}"
+    );
+}
+
+/// The same with messages sent in batches of three: partly sent for lack of credit, the
+/// rest after the `Writable`, every message once and in order (the model checks each).
+#[test]
+fn the_model_sees_batched_streams_flow_and_stall() {
+    let outcome = run_ops(&stream_ops(3), ConnConfig::default()).unwrap();
+    assert_eq!((outcome.started, outcome.streams), (5, 4));
+    assert!(
+        outcome.messages > 30
+            && outcome.no_credit > 0
+            && outcome.writable > 0
+            && outcome.cancelled == 1
+            && outcome.protocol_errors == 0,
+        "{outcome:?}"
+    );
+}
+
+/// Streams of every kind, more than a window of messages each way (`batch` at a time)
+/// with nobody releasing, then releases, a half-close, a cancel and a deadline.
+fn stream_ops(batch: u8) -> Vec<gorpc_proto::sim::Op> {
     use gorpc_proto::sim::Op::*;
     use gorpc_proto::StreamKind::*;
     let mut ops = vec![
@@ -245,11 +277,16 @@ fn the_model_sees_streams_flow_and_stall() {
     ];
     // More than a window each way, nobody releasing.
     for i in 0..40 {
-        ops.push(ServerSend { pick: 0, len: 4000 });
+        ops.push(ServerSend {
+            pick: 0,
+            len: 4000,
+            batch,
+        });
         ops.push(ClientSend {
             pick: i % 2,
             len: 4000,
             end: false,
+            batch,
         });
         ops.push(Deliver { bytes: 9000 });
     }
@@ -272,15 +309,5 @@ fn the_model_sees_streams_flow_and_stall() {
         Advance { ms: 500 },
         Pump,
     ]);
-    let outcome = run_ops(&ops, ConnConfig::default()).unwrap();
-    assert_eq!((outcome.started, outcome.streams), (5, 4));
-    assert!(
-        outcome.messages > 30
-            && outcome.no_credit > 0
-            && outcome.writable > 0
-            && outcome.half_closed >= 1
-            && outcome.cancelled == 1
-            && outcome.protocol_errors == 0,
-        "{outcome:?}"
-    );
+    ops
 }

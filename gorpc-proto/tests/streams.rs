@@ -785,3 +785,161 @@ fn a_protocol_error_names_its_side() {
         Err((Side::Server, ProtoError::MalformedWindowUpdate(_)))
     ));
 }
+
+/// Messages batched with `batch::push_message`.
+fn batched(bodies: &[&[u8]]) -> BytesMut {
+    let mut messages = BytesMut::new();
+    for body in bodies {
+        gorpc_proto::batch::push_message(&mut messages, |buf| {
+            buf.put_slice(body);
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+    }
+    messages
+}
+
+#[test]
+fn batched_messages_arrive_one_by_one_both_ways() {
+    let mut p = pair();
+    let id = open(&mut p, StreamKind::Bidirectional, b"", 1);
+    request(&mut p);
+    let bodies: [&[u8]; 4] = [b"one", b"", b"three", &[7; 3000]];
+    let mut messages = batched(&bodies);
+    p.server.send_batch(id, &mut messages).unwrap();
+    assert!(messages.is_empty(), "all of it went");
+    let mut messages = batched(&bodies);
+    p.client.send_batch(id, &mut messages).unwrap();
+    // A lone message goes as a plain MESSAGE, in order behind the batch.
+    let mut lone = batched(&[b"lone"]);
+    p.client.send_batch(id, &mut lone).unwrap();
+    p.client.close_send(id).unwrap();
+    p.pump().unwrap();
+    let (got, half_closed) = server_messages(&mut p);
+    assert!(half_closed);
+    assert_eq!(got, [&b"one"[..], b"", b"three", &[7; 3000], b"lone"]);
+    let (got, _) = client_messages(&mut p);
+    assert_eq!(got, bodies);
+    // The handler releasing the messages' bytes gives back all the credit: the length
+    // prefixes went back by themselves.
+    let total: usize = bodies.iter().map(|b| b.len()).sum();
+    assert_eq!(p.server.buffered(id), Some(total + 4));
+    p.server.release(id, total + 4);
+    assert_eq!(p.server.buffered(id), Some(0));
+    assert_eq!(p.server.buffered_bytes(), 0);
+}
+
+#[test]
+fn a_batch_stops_where_credit_runs_out_and_resumes_after_writable() {
+    let mut p = pair();
+    let id = open(&mut p, StreamKind::ServerStreaming, b"", 1);
+    request(&mut p);
+    // 100 messages of 1 KiB against the initial 64 KiB window: each message starts
+    // while credit is left, so 64 go (the last one may overdraw) and 36 wait.
+    let body = [3u8; 1024];
+    let mut messages = batched(&[&body[..]; 100]);
+    assert_eq!(
+        p.server.send_batch(id, &mut messages),
+        Err(SendError::NoCredit)
+    );
+    assert_eq!(messages.len(), 36 * 1028, "whole messages stay behind");
+    p.pump().unwrap();
+    let (got, _) = client_messages(&mut p);
+    assert_eq!(got.len(), 64);
+    p.client.release(id, got.iter().map(|m| m.len()).sum());
+    p.pump().unwrap();
+    assert!(matches!(
+        p.server_events()[..],
+        [ServerEvent::Writable { id: w }] if w == id
+    ));
+    p.server.send_batch(id, &mut messages).unwrap();
+    p.pump().unwrap();
+    assert_eq!(client_messages(&mut p).0.len(), 36);
+}
+
+#[test]
+fn batches_keep_to_the_frame_limit() {
+    let limits = gorpc_proto::Limits {
+        max_frame_len: 2_000,
+        ..gorpc_proto::Limits::default()
+    };
+    let config = ConnConfig {
+        limits,
+        ..ConnConfig::default()
+    };
+    let mut p = Pair::new(Instant::now(), config, config);
+    let id = open(&mut p, StreamKind::ServerStreaming, b"", 1);
+    request(&mut p);
+    // Ten 500-byte messages: three to a frame at most.
+    let body = [1u8; 500];
+    let mut messages = batched(&[&body[..]; 10]);
+    p.server.send_batch(id, &mut messages).unwrap();
+    p.pump().unwrap();
+    assert_eq!(client_messages(&mut p).0.len(), 10);
+    // A message too large for any frame is refused, and stays.
+    let mut messages = batched(&[&[0u8; 1_990][..]]);
+    assert_eq!(
+        p.server.send_batch(id, &mut messages),
+        Err(SendError::TooLarge)
+    );
+    assert!(!messages.is_empty());
+    // Not whole length-prefixed messages: refused, nothing sent.
+    let mut broken = BytesMut::from(&[0u8, 0, 0, 9, 1][..]);
+    assert_eq!(
+        p.server.send_batch(id, &mut broken),
+        Err(SendError::MalformedBatch)
+    );
+}
+
+#[test]
+fn malformed_batches_are_connection_errors() {
+    let bad: [&[u8]; 4] = [b"", &[0, 0, 0], &[0, 0, 0, 2, 1], &[0, 0, 0, 1, 9, 0]];
+    for body in bad {
+        let mut p = pair();
+        let id = open(&mut p, StreamKind::ClientStreaming, b"", 1);
+        request(&mut p);
+        let mut wire = BytesMut::new();
+        raw_frame(
+            &mut wire,
+            FrameType::Message,
+            flags::BATCH,
+            id.as_u32(),
+            body,
+        );
+        assert!(
+            matches!(
+                p.server.handle_read(p.now, &mut wire),
+                Err(ProtoError::MalformedMessage(_))
+            ),
+            "{body:?}"
+        );
+        let mut p = pair();
+        let id = open(&mut p, StreamKind::ServerStreaming, b"", 1);
+        request(&mut p);
+        let mut wire = BytesMut::new();
+        raw_frame(
+            &mut wire,
+            FrameType::Message,
+            flags::BATCH,
+            id.as_u32(),
+            body,
+        );
+        assert!(matches!(
+            p.client.handle_read(p.now, &mut wire),
+            Err(ProtoError::MalformedMessage(_))
+        ));
+    }
+    // BATCH belongs on MESSAGE frames only, never with NO_MESSAGE.
+    for (frame_type, flags) in [
+        (FrameType::Cancel, flags::BATCH),
+        (
+            FrameType::Message,
+            flags::BATCH | flags::NO_MESSAGE | flags::END_STREAM,
+        ),
+    ] {
+        let mut p = pair();
+        let mut wire = BytesMut::new();
+        raw_frame(&mut wire, frame_type, flags, 1, b"");
+        assert!(p.server.handle_read(p.now, &mut wire).is_err());
+    }
+}
