@@ -16,9 +16,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures::Stream;
-use gorpc_proto::{CallId, Code, Payload, SendError, Status};
+use gorpc_proto::{batch, CallId, Code, SendError, Status};
 
 use crate::codec::Codec;
 
@@ -64,9 +64,6 @@ pub(crate) fn hold_write(made_room: bool, waiting: usize) -> bool {
     made_room && waiting < WRITE_BATCH
 }
 
-/// Messages at least this long go to the core as their own `Bytes`, not copied again.
-const ZERO_COPY_LEN: usize = 8 * 1024;
-
 /// How a stream half reaches its connection's driver: each driver's own channel.
 pub(crate) trait StreamControl: Send + Sync + 'static {
     /// Call `id` has something new in its outbox. False if the driver is gone.
@@ -101,7 +98,8 @@ struct OutboxState {
     ended: bool,
     /// The sending half asked to half-close after its queued messages.
     close_send: bool,
-    /// Each message as a little-endian `u32` length and the body.
+    /// The messages, batched as the core sends them ([`gorpc_proto::batch`]): the driver
+    /// hands the core this buffer and it splits off what it sends, without a copy.
     messages: BytesMut,
     /// The driver was told since it last took.
     notified: bool,
@@ -194,23 +192,16 @@ impl OutboxSender {
                 return Poll::Pending;
             }
             let encode = encode.take().expect("not polled after it was ready");
-            let start = state.messages.len();
-            state.messages.put_u32_le(0);
-            let encoded = encode(&mut state.messages).and_then(|()| {
-                u32::try_from(state.messages.len() - start - 4).map_err(|_| {
-                    Status::new(Code::ResourceExhausted, "a stream message exceeds 4 GiB")
-                })
-            });
-            match encoded {
-                Ok(len) => {
-                    state.messages[start..start + 4].copy_from_slice(&len.to_le_bytes());
+            match batch::push_message(&mut state.messages, encode) {
+                Ok(()) => {
                     let first = !std::mem::replace(&mut state.notified, true);
                     Poll::Ready(Ok(first.then_some(id)))
                 }
-                Err(status) => {
-                    state.messages.truncate(start);
-                    Poll::Ready(Err(status))
-                }
+                Err(batch::PushError::Encode(status)) => Poll::Ready(Err(status)),
+                Err(batch::PushError::TooLong) => Poll::Ready(Err(Status::new(
+                    Code::ResourceExhausted,
+                    "a stream message exceeds 4 GiB",
+                ))),
             }
         })
         .await?;
@@ -253,6 +244,21 @@ impl OutboxSender {
     }
 }
 
+/// Why a stream's queued messages cannot go out: one is over the frame limit, or a codec
+/// wrote outside its message and broke the queue. `stream` names the direction.
+pub(crate) fn unsendable(stream: &str, e: SendError) -> Status {
+    match e {
+        SendError::TooLarge => Status::new(
+            Code::ResourceExhausted,
+            format!("a {stream} stream message exceeds max_frame_len"),
+        ),
+        _ => Status::new(
+            Code::Internal,
+            format!("the {stream} stream's queued messages were broken by their codec"),
+        ),
+    }
+}
+
 /// How far [`OutboxDrain::feed`] got.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Fed {
@@ -260,36 +266,39 @@ pub(crate) enum Fed {
     Idle,
     /// The core refused for lack of credit; the rest waits for the call's `Writable`.
     Blocked,
-    /// Everything is in the core and the sender half-closed: close the sending side (no
-    /// message carried the half-close).
+    /// Everything is in the core and the sender half-closed: close the sending side.
     CloseSend,
 }
 
 /// The driver's side of an outbox.
 #[derive(Debug, Default)]
 pub(crate) struct OutboxDrain {
-    /// A large message split off the outbox (to reach the core without a copy) and refused
-    /// for lack of credit.
-    parked: Option<Bytes>,
-    /// The half-close went out.
+    /// The half-close was reported.
     closed: bool,
     /// A feed since the driver last asked woke a sender that was waiting for room.
     made_room: bool,
 }
 
 impl OutboxDrain {
-    /// Hands the outbox's messages to `send` in order, with whether each is the last before
-    /// the half-close, until `send` refuses; the refused message stays first. Runs under
-    /// the outbox's lock (the sender waits meanwhile), so nothing is copied out of it but
-    /// into the core, and the sender gets room as messages go.
+    /// Hands the outbox's messages to `send` (the core's `send_batch`), which takes as
+    /// many as credit allows. Runs under the outbox's lock (the sender waits meanwhile),
+    /// and the sender gets room as messages go.
     pub(crate) fn feed(
         &mut self,
         outbox: &Outbox,
-        mut send: impl FnMut(Payload<'_>, bool) -> Result<(), SendError>,
+        send: impl FnOnce(&mut BytesMut) -> Result<(), SendError>,
     ) -> Result<Fed, SendError> {
         let mut state = lock(&outbox.state);
         state.notified = false;
-        let fed = self.feed_locked(&mut state, &mut send);
+        let fed = if state.messages.is_empty() {
+            Ok(Fed::Idle)
+        } else {
+            match send(&mut state.messages) {
+                Ok(()) => Ok(Fed::Idle),
+                Err(SendError::NoCredit) => Ok(Fed::Blocked),
+                Err(e) => Err(e),
+            }
+        };
         let fed = match fed {
             Ok(Fed::Idle) if state.close_send && !self.closed => {
                 self.closed = true;
@@ -315,49 +324,6 @@ impl OutboxDrain {
     pub(crate) fn made_room(&mut self) -> bool {
         std::mem::take(&mut self.made_room)
     }
-
-    fn feed_locked(
-        &mut self,
-        state: &mut OutboxState,
-        send: &mut impl FnMut(Payload<'_>, bool) -> Result<(), SendError>,
-    ) -> Result<Fed, SendError> {
-        loop {
-            if let Some(body) = &self.parked {
-                let last = state.close_send && state.messages.is_empty();
-                match send(Payload::Bytes(body.clone()), last) {
-                    Ok(()) => {
-                        self.parked = None;
-                        self.closed |= last;
-                    }
-                    Err(SendError::NoCredit) => return Ok(Fed::Blocked),
-                    Err(e) => return Err(e),
-                }
-            }
-            if state.messages.is_empty() {
-                return Ok(Fed::Idle);
-            }
-            let len = length_at_front(&state.messages);
-            let last = state.close_send && state.messages.len() == 4 + len;
-            if len >= ZERO_COPY_LEN {
-                state.messages.advance(4);
-                self.parked = Some(state.messages.split_to(len).freeze());
-                continue;
-            }
-            match send(Payload::Slice(&state.messages[4..4 + len]), last) {
-                Ok(()) => {
-                    state.messages.advance(4 + len);
-                    self.closed |= last;
-                }
-                Err(SendError::NoCredit) => return Ok(Fed::Blocked),
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-/// The length in front of the next message in an outbox's bytes.
-fn length_at_front(messages: &[u8]) -> usize {
-    u32::from_le_bytes([messages[0], messages[1], messages[2], messages[3]]) as usize
 }
 
 /// Where a driver delivers a stream call's received messages, then its end `E`.
@@ -722,13 +688,7 @@ mod tests {
     }
 
     fn send_now(sender: &OutboxSender, body: &[u8]) -> Poll<Result<(), Status>> {
-        let future = sender.send(
-            |buf| {
-                buf.extend_from_slice(body);
-                Ok(())
-            },
-            call_ended,
-        );
+        let future = sender.send_bytes(body, call_ended);
         let mut future = std::pin::pin!(future);
         future
             .as_mut()
@@ -737,28 +697,43 @@ mod tests {
 
     use std::future::Future;
 
+    fn sender_of(outbox: &Arc<Outbox>, control: Arc<Recorded>) -> OutboxSender {
+        OutboxSender {
+            outbox: outbox.clone(),
+            control,
+        }
+    }
+
+    /// What a core with credit for `n` messages does: takes the first `n` (all if fewer
+    /// wait), returning their bodies.
+    fn take(messages: &mut BytesMut, n: usize, got: &mut Vec<Vec<u8>>) -> Result<(), SendError> {
+        for _ in 0..n {
+            if messages.is_empty() {
+                return Ok(());
+            }
+            let len = u32::from_be_bytes(messages[..4].try_into().unwrap()) as usize;
+            let message = messages.split_to(4 + len);
+            got.push(message[4..].to_vec());
+        }
+        if messages.is_empty() {
+            Ok(())
+        } else {
+            Err(SendError::NoCredit)
+        }
+    }
+
     #[test]
     fn a_batch_of_messages_costs_one_notification_and_keeps_its_order() {
         let control = Arc::new(Recorded::default());
         let outbox = Arc::new(Outbox::new(Some(CallId::from(7))));
-        let sender = OutboxSender {
-            outbox: outbox.clone(),
-            control: control.clone(),
-        };
+        let sender = sender_of(&outbox, control.clone());
         for i in 0..10u8 {
             assert!(send_now(&sender, &[i; 100]).is_ready());
         }
         assert_eq!(*lock(&control.ready), vec![CallId::from(7)]);
         let mut drain = OutboxDrain::default();
         let mut got = Vec::new();
-        let fed = drain.feed(&outbox, |body, last| {
-            assert!(!last);
-            got.push(match body {
-                Payload::Slice(s) => s.to_vec(),
-                Payload::Bytes(b) => b.to_vec(),
-            });
-            Ok(())
-        });
+        let fed = drain.feed(&outbox, |messages| take(messages, usize::MAX, &mut got));
         assert_eq!(fed, Ok(Fed::Idle));
         assert_eq!(got, (0..10u8).map(|i| vec![i; 100]).collect::<Vec<_>>());
         // The next message after a take notifies again.
@@ -768,12 +743,8 @@ mod tests {
 
     #[test]
     fn a_full_outbox_makes_the_sender_wait_until_the_core_takes_some() {
-        let control = Arc::new(Recorded::default());
         let outbox = Arc::new(Outbox::new(Some(CallId::from(1))));
-        let sender = OutboxSender {
-            outbox: outbox.clone(),
-            control,
-        };
+        let sender = sender_of(&outbox, Arc::default());
         let body = [0u8; 1000];
         let mut sent = 0;
         while send_now(&sender, &body).is_ready() {
@@ -784,67 +755,47 @@ mod tests {
         let mut drain = OutboxDrain::default();
         // The core takes three, then has no credit: the rest stays queued, in order, and
         // the sender has room again for what left.
-        let mut accepted = 0;
-        let fed = drain.feed(&outbox, |_, _| {
-            if accepted == 3 {
-                return Err(SendError::NoCredit);
-            }
-            accepted += 1;
-            Ok(())
-        });
+        let mut got = Vec::new();
+        let fed = drain.feed(&outbox, |messages| take(messages, 3, &mut got));
         assert_eq!(fed, Ok(Fed::Blocked));
+        assert_eq!(got.len(), 3);
         assert!(drain.made_room(), "the waiting sender was woken");
         assert!(!drain.made_room(), "asked once");
         assert!(send_now(&sender, &body).is_ready());
-        let mut later = 0;
-        assert_eq!(
-            drain.feed(&outbox, |_, _| {
-                later += 1;
-                Ok(())
-            }),
-            Ok(Fed::Idle)
-        );
-        assert_eq!(later, sent - 3 + 1);
+        let fed = drain.feed(&outbox, |messages| take(messages, usize::MAX, &mut got));
+        assert_eq!(fed, Ok(Fed::Idle));
+        assert_eq!(got.len(), sent + 1);
     }
 
     #[test]
-    fn the_half_close_rides_on_the_last_message_or_goes_alone() {
-        let control = Arc::new(Recorded::default());
+    fn the_half_close_follows_the_last_message() {
         let outbox = Arc::new(Outbox::new(Some(CallId::from(1))));
-        let sender = OutboxSender {
-            outbox: outbox.clone(),
-            control,
-        };
+        let sender = sender_of(&outbox, Arc::default());
         assert!(send_now(&sender, b"a").is_ready());
-        assert!(send_now(&sender, &[1; ZERO_COPY_LEN]).is_ready());
         sender.close_send(call_ended).unwrap();
-        let mut lasts = Vec::new();
         let mut drain = OutboxDrain::default();
-        let fed = drain.feed(&outbox, |body, last| {
-            lasts.push((body.len(), last));
-            Ok(())
-        });
-        assert_eq!(fed, Ok(Fed::Idle));
-        assert_eq!(lasts, vec![(1, false), (ZERO_COPY_LEN, true)]);
+        let mut got = Vec::new();
+        let fed = drain.feed(&outbox, |_| Err(SendError::NoCredit));
+        assert_eq!(fed, Ok(Fed::Blocked), "not before the message went");
+        let fed = drain.feed(&outbox, |messages| take(messages, 1, &mut got));
+        assert_eq!(fed, Ok(Fed::CloseSend));
+        assert_eq!(
+            drain.feed(&outbox, |_| Ok(())),
+            Ok(Fed::Idle),
+            "reported once"
+        );
 
         let outbox = Arc::new(Outbox::new(Some(CallId::from(2))));
-        let sender = OutboxSender {
-            outbox: outbox.clone(),
-            control: Arc::new(Recorded::default()),
-        };
+        let sender = sender_of(&outbox, Arc::default());
         sender.close_send(call_ended).unwrap();
         let mut drain = OutboxDrain::default();
-        assert_eq!(drain.feed(&outbox, |_, _| Ok(())), Ok(Fed::CloseSend));
-        assert_eq!(drain.feed(&outbox, |_, _| Ok(())), Ok(Fed::Idle));
+        assert_eq!(drain.feed(&outbox, |_| Ok(())), Ok(Fed::CloseSend));
     }
 
     #[test]
     fn an_ended_outbox_refuses_and_cancels_once() {
         let outbox = Arc::new(Outbox::new(None));
-        let sender = OutboxSender {
-            outbox: outbox.clone(),
-            control: Arc::new(Recorded::default()),
-        };
+        let sender = sender_of(&outbox, Arc::default());
         assert!(
             send_now(&sender, b"a").is_pending(),
             "waits for the call to start"

@@ -20,7 +20,7 @@ use gorpc_proto::{
 use crate::io::{drive, earliest, Transport};
 use crate::metadata::Metadata;
 use crate::runtime::{timeout, Io, Runtime};
-use crate::stream::{hold_write, Fed, Inbox, Outbox, OutboxDrain};
+use crate::stream::{hold_write, unsendable, Fed, Inbox, Outbox, OutboxDrain};
 use crate::CallMap;
 
 /// A call as handed to a connection: method, options and the encoded body.
@@ -630,22 +630,19 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
             return;
         };
         let conn = &mut self.conn;
-        let fed = stream.drain.feed(&stream.outbox, |body, last| {
-            conn.send_message(id, body, last)
-        });
+        let fed = stream
+            .drain
+            .feed(&stream.outbox, |messages| conn.send_batch(id, messages));
         self.refilling |= stream.drain.made_room();
         match fed {
             Ok(Fed::Idle | Fed::Blocked) => {}
             Ok(Fed::CloseSend) => {
                 let _ = self.conn.close_send(id);
             }
-            Err(SendError::TooLarge) => {
+            Err(e @ (SendError::TooLarge | SendError::MalformedBatch)) => {
                 self.streams.remove(&id);
                 if let Some(CallUser::Stream(stream)) = self.conn.cancel(id) {
-                    stream.end(Err(Status::new(
-                        Code::ResourceExhausted,
-                        "a request stream message exceeds max_frame_len",
-                    )));
+                    stream.end(Err(unsendable("request", e)));
                 }
             }
             // The call ended (its halves learn from the end event) or already half-closed.

@@ -19,8 +19,8 @@ use crate::io::{drive, Transport};
 use crate::runtime::{Io, PeerCertificates, Runtime};
 use crate::service::{CallStreams, ServerReply, ServerRequest, Service};
 use crate::stream::{
-    hold_write, Fed, Inbox, InboxReader, Outbox, OutboxDrain, OutboxSender, RawRequestStream,
-    RawResponseSink, StreamControl,
+    hold_write, unsendable, Fed, Inbox, InboxReader, Outbox, OutboxDrain, OutboxSender,
+    RawRequestStream, RawResponseSink, StreamControl,
 };
 use crate::CallMap;
 
@@ -372,7 +372,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         let conn = &mut self.conn;
         let fed = stream
             .drain
-            .feed(&stream.outbox, |body, _| conn.send_message(id, body));
+            .feed(&stream.outbox, |messages| conn.send_batch(id, messages));
         self.refilling |= stream.drain.made_room();
         match fed {
             Ok(Fed::Blocked) => {} // the rest goes at the call's `Writable`
@@ -382,16 +382,12 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                     self.respond(now, id, reply);
                 }
             }
-            Err(SendError::TooLarge) => {
+            Err(e @ (SendError::TooLarge | SendError::MalformedBatch)) => {
                 if let Some(handle) = self.running.remove(&id) {
                     handle.abort();
                 }
                 self.streams.remove(&id);
-                let status = Status::new(
-                    Code::ResourceExhausted,
-                    "a response stream message exceeds max_frame_len",
-                );
-                self.respond(now, id, ServerReply::error(status));
+                self.respond(now, id, ServerReply::error(unsendable("response", e)));
             }
             // The call is gone from the core; its end comes as an event.
             Err(_) => {
