@@ -9,12 +9,15 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
-use gorpc_proto::{ClientConn, Code, ProtoError, ServerConn, Status};
+use gorpc_proto::{frame, ClientConn, Code, ProtoError, ServerConn, Status};
 
 use crate::runtime::{Io, Runtime, Sleep};
 
 /// Spare room the read buffer is given before each read.
 const READ_CHUNK: usize = 16 * 1024;
+/// The most reserved ahead for the rest of a frame: a header alone cannot make a
+/// connection hold more than this before the bytes arrive.
+const MAX_FRAME_RESERVE: usize = 256 * 1024;
 /// How long a connection must be idle before its read buffers are released.
 const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Chunks handed to one `writev`.
@@ -106,8 +109,14 @@ impl<R: Runtime, I: Io> Transport<R, I> {
         if self.read_closed || conn.is_closed() {
             return false;
         }
-        if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
-            self.read_buf.reserve(READ_CHUNK);
+        // What the connection left is part of one frame, already checked against the
+        // frame limit: room for all of it at once, so a large frame (a batch of stream
+        // messages) is not moved again with every read.
+        let rest_of_frame = frame::frame_len_hint(&self.read_buf)
+            .map_or(0, |len| len.saturating_sub(self.read_buf.len()))
+            .min(MAX_FRAME_RESERVE);
+        if self.read_buf.capacity() - self.read_buf.len() < rest_of_frame.max(READ_CHUNK / 4) {
+            self.read_buf.reserve(rest_of_frame.max(READ_CHUNK));
         }
         match self.io.poll_read_buf(cx, &mut self.read_buf) {
             Poll::Ready(Ok(0)) => {
