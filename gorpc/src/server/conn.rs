@@ -435,7 +435,7 @@ impl<R: Runtime, I: Io> Future for ServerConnection<R, I> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         drive(cx, |cx| this.poll_once(cx));
-        this.transport.release_if_idle(&this.conn, Instant::now());
+        this.transport.release_if_idle(&this.conn);
         if this.aborted || (this.closing && this.transport.poll_finish(cx)) {
             return Poll::Ready(());
         }
