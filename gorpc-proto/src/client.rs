@@ -382,38 +382,32 @@ impl<T> ClientConn<T> {
         body: impl Into<Payload<'m>>,
         end: bool,
     ) -> Result<(), SendError> {
-        if self.link.closed {
-            return Err(SendError::CallGone);
-        }
-        let Some(call) = self.calls.get_mut(&id.0) else {
-            return Err(SendError::CallGone);
-        };
-        if !call.sending {
-            return Err(SendError::SendClosed);
-        }
         let flags = if end { flags::END_STREAM } else { 0 };
-        match self
-            .link
-            .send_message(&mut call.send_window, id.0, call.codec, flags, body.into())
-        {
-            Ok(()) => {
-                call.sending = !end;
-                Ok(())
-            }
-            Err(SendError::NoCredit) => {
-                self.blocked.park(id.0, &mut self.calls);
-                Err(SendError::NoCredit)
-            }
-            Err(e) => Err(e),
-        }
+        self.send_on(id, end, |link, window, codec| {
+            link.send_message(window, id.0, codec, flags, body.into())
+        })
     }
 
     /// Sends the messages at the front of `messages`, a buffer built with
-    /// [`batch::push_message`](crate::batch::push_message), as far as credit goes: several
-    /// to a frame, split off the buffer without a copy, none carrying the half-close. Like
-    /// [`send_message`](Self::send_message) for each; those that did not go stay in
-    /// `messages`, and [`SendError::NoCredit`] means a [`ClientEvent::Writable`] follows.
+    /// [`batch::push_message`](crate::batch::push_message), as far as credit goes, several
+    /// to a frame, none carrying the half-close. Like [`send_message`](Self::send_message)
+    /// for each; those that did not go stay in `messages`, and [`SendError::NoCredit`]
+    /// means a [`ClientEvent::Writable`] follows. [`SendError::MalformedBatch`]: `messages`
+    /// does not hold whole length-prefixed messages.
     pub fn send_batch(&mut self, id: CallId, messages: &mut BytesMut) -> Result<(), SendError> {
+        self.send_on(id, false, |link, window, codec| {
+            link.send_batch(window, id.0, codec, messages)
+        })
+    }
+
+    /// Runs `send` with the window and codec of a call whose request stream is open (closed
+    /// after it, with `end`); parks the call when it was refused for lack of credit.
+    fn send_on(
+        &mut self,
+        id: CallId,
+        end: bool,
+        send: impl FnOnce(&mut Link, &mut SendWindow, u8) -> Result<(), SendError>,
+    ) -> Result<(), SendError> {
         if self.link.closed {
             return Err(SendError::CallGone);
         }
@@ -423,16 +417,11 @@ impl<T> ClientConn<T> {
         if !call.sending {
             return Err(SendError::SendClosed);
         }
-        match self
-            .link
-            .send_batch(&mut call.send_window, id.0, call.codec, messages)
-        {
-            Err(SendError::NoCredit) => {
-                self.blocked.park(id.0, &mut self.calls);
-                Err(SendError::NoCredit)
-            }
-            other => other,
+        let sent = send(&mut self.link, &mut call.send_window, call.codec);
+        if sent.is_ok() && end {
+            call.sending = false;
         }
+        self.blocked.after_send(sent, id.0, &mut self.calls)
     }
 
     /// Ends a call's request stream without a final message (half-close); needs no credit.

@@ -13,6 +13,7 @@ use std::hash::BuildHasher;
 use hashbrown::HashMap;
 
 use crate::error::ProtoError;
+use crate::link::SendError;
 
 /// Every stream's window in each direction when it opens, in bytes.
 pub const INITIAL_STREAM_WINDOW: u32 = 64 * 1024;
@@ -212,6 +213,19 @@ impl Blocked {
             self.0
                 .retain(|id| calls.get_mut(id).is_some_and(|c| *c.wants_writable()));
         }
+    }
+
+    /// Passes a send's result on, parking call `id` if it was refused for lack of credit.
+    pub(crate) fn after_send<C: Sending, S: BuildHasher>(
+        &mut self,
+        sent: Result<(), SendError>,
+        id: u32,
+        calls: &mut HashMap<u32, C, S>,
+    ) -> Result<(), SendError> {
+        if sent == Err(SendError::NoCredit) {
+            self.park(id, calls);
+        }
+        sent
     }
 
     /// The connection window opened: `writable` for every parked call whose own window is

@@ -375,46 +375,38 @@ impl ServerConn {
         id: CallId,
         body: impl Into<Payload<'m>>,
     ) -> Result<(), SendError> {
-        if self.link.closed {
-            return Err(SendError::CallGone);
-        }
-        let Some(call) = self.calls.get_mut(&id.0) else {
-            return Err(SendError::CallGone);
-        };
-        match self
-            .link
-            .send_message(&mut call.send_window, id.0, call.codec, 0, body.into())
-        {
-            Err(SendError::NoCredit) => {
-                self.blocked.park(id.0, &mut self.calls);
-                Err(SendError::NoCredit)
-            }
-            other => other,
-        }
+        self.send_on(id, |link, window, codec| {
+            link.send_message(window, id.0, codec, 0, body.into())
+        })
     }
 
     /// Sends the messages at the front of `messages`, a buffer built with
-    /// [`batch::push_message`](crate::batch::push_message), as far as credit goes: several
-    /// to a frame, split off the buffer without a copy. Like
-    /// [`send_message`](Self::send_message) for each; those that did not go stay in
-    /// `messages`, and [`SendError::NoCredit`] means a [`ServerEvent::Writable`] follows.
+    /// [`batch::push_message`](crate::batch::push_message), as far as credit goes, several
+    /// to a frame. Like [`send_message`](Self::send_message) for each; those that did not
+    /// go stay in `messages`, and [`SendError::NoCredit`] means a [`ServerEvent::Writable`]
+    /// follows. [`SendError::MalformedBatch`]: `messages` does not hold whole
+    /// length-prefixed messages.
     pub fn send_batch(&mut self, id: CallId, messages: &mut BytesMut) -> Result<(), SendError> {
+        self.send_on(id, |link, window, codec| {
+            link.send_batch(window, id.0, codec, messages)
+        })
+    }
+
+    /// Runs `send` with a running call's window and codec; parks the call when it was
+    /// refused for lack of credit.
+    fn send_on(
+        &mut self,
+        id: CallId,
+        send: impl FnOnce(&mut Link, &mut SendWindow, u8) -> Result<(), SendError>,
+    ) -> Result<(), SendError> {
         if self.link.closed {
             return Err(SendError::CallGone);
         }
         let Some(call) = self.calls.get_mut(&id.0) else {
             return Err(SendError::CallGone);
         };
-        match self
-            .link
-            .send_batch(&mut call.send_window, id.0, call.codec, messages)
-        {
-            Err(SendError::NoCredit) => {
-                self.blocked.park(id.0, &mut self.calls);
-                Err(SendError::NoCredit)
-            }
-            other => other,
-        }
+        let sent = send(&mut self.link, &mut call.send_window, call.codec);
+        self.blocked.after_send(sent, id.0, &mut self.calls)
     }
 
     /// Gives back `bytes` of a call's received messages (at most what it holds): the

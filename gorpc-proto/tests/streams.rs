@@ -894,9 +894,14 @@ fn batches_keep_to_the_frame_limit() {
 #[test]
 fn malformed_batches_are_connection_errors() {
     let bad: [&[u8]; 4] = [b"", &[0, 0, 0], &[0, 0, 0, 2, 1], &[0, 0, 0, 1, 9, 0]];
-    for body in bad {
+    for (body, to_server) in bad.iter().flat_map(|b| [(b, true), (b, false)]) {
         let mut p = pair();
-        let id = open(&mut p, StreamKind::ClientStreaming, b"", 1);
+        let kind = if to_server {
+            StreamKind::ClientStreaming
+        } else {
+            StreamKind::ServerStreaming
+        };
+        let id = open(&mut p, kind, b"", 1);
         request(&mut p);
         let mut wire = BytesMut::new();
         raw_frame(
@@ -906,28 +911,16 @@ fn malformed_batches_are_connection_errors() {
             id.as_u32(),
             body,
         );
+        let read = if to_server {
+            p.server.handle_read(p.now, &mut wire)
+        } else {
+            p.client.handle_read(p.now, &mut wire)
+        };
         assert!(
-            matches!(
-                p.server.handle_read(p.now, &mut wire),
-                Err(ProtoError::MalformedMessage(_))
-            ),
-            "{body:?}"
+            matches!(read, Err(ProtoError::MalformedMessage(_))),
+            "{body:?} to the {}: {read:?}",
+            if to_server { "server" } else { "client" }
         );
-        let mut p = pair();
-        let id = open(&mut p, StreamKind::ServerStreaming, b"", 1);
-        request(&mut p);
-        let mut wire = BytesMut::new();
-        raw_frame(
-            &mut wire,
-            FrameType::Message,
-            flags::BATCH,
-            id.as_u32(),
-            body,
-        );
-        assert!(matches!(
-            p.client.handle_read(p.now, &mut wire),
-            Err(ProtoError::MalformedMessage(_))
-        ));
     }
     // BATCH belongs on MESSAGE frames only, never with NO_MESSAGE.
     for (frame_type, flags) in [
