@@ -2,14 +2,14 @@
 //! the small shared state a half and its connection's driver use to hand messages across.
 //!
 //! Flow control stays in the core; these hand-offs only batch. A sending half encodes its
-//! messages into the call's [`Outbox`] (each behind its length, back to back) and tells the
-//! driver once per batch; the driver feeds the core from the outbox until it refuses for
-//! lack of credit, then writes everything it fed in one go. So a message costs no wake-up
-//! and no allocation, and a producer holds at most [`OUTBOX_LIMIT`] beside its window. A
-//! receiving half's
-//! [`Inbox`] gets the driver's messages; those bytes count against the window until the
-//! application takes them, and the credit goes back in batches (or whenever the reader runs
-//! dry), so a slow reader stops the producer on the other side.
+//! messages into the call's [`Outbox`] (each behind its length, back to back: the core's
+//! batch layout) and tells the driver once per batch; the driver hands the outbox to the
+//! core, which frames as many messages per frame as credit allows, then writes everything
+//! in one go. So a message costs no wake-up, no allocation and no frame of its own, and a
+//! producer holds at most [`OUTBOX_LIMIT`] beside its window. A receiving half's [`Inbox`]
+//! gets the driver's messages; those bytes count against the window until the application
+//! takes them, and the credit goes back in batches (or whenever the reader runs dry), so a
+//! slow reader stops the producer on the other side.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -99,7 +99,7 @@ struct OutboxState {
     /// The sending half asked to half-close after its queued messages.
     close_send: bool,
     /// The messages, batched as the core sends them ([`gorpc_proto::batch`]): the driver
-    /// hands the core this buffer and it splits off what it sends, without a copy.
+    /// hands the core this buffer, and the core takes what credit allows from the front.
     messages: BytesMut,
     /// The driver was told since it last took.
     notified: bool,
