@@ -207,6 +207,26 @@ impl StreamCheck {
 }
 
 /// Runs one server stream of `request` (a [`count::request`]), checking each message.
+/// Runs `call`, or drops it (which cancels the call, mid-stream for a stream) once `after`
+/// has passed; `None` if it was given up.
+async fn give_up_after<C: Runtime, F: std::future::Future>(
+    rt: &C,
+    after: Option<Duration>,
+    call: F,
+) -> Option<F::Output> {
+    let call = std::pin::pin!(call);
+    match after {
+        None => Some(call.await),
+        Some(after) => {
+            let give_up = rt.sleep_until(Instant::now() + after);
+            match future::select(call, give_up).await {
+                Either::Left((result, _)) => Some(result),
+                Either::Right(((), _)) => None,
+            }
+        }
+    }
+}
+
 async fn read_stream(
     client: &Client,
     request: Bytes,
@@ -260,18 +280,8 @@ async fn caller<C: Runtime>(
         };
         let deadline = Instant::now() + timeout;
         stats.started.fetch_add(1, Ordering::SeqCst);
-        let call = Box::pin(client.call_raw(method, 0, body.clone(), options));
-        let result = match cancel_after {
-            None => Some(call.await),
-            Some(after) => {
-                let give_up = rt.sleep_until(Instant::now() + after);
-                match future::select(call, give_up).await {
-                    Either::Left((result, _)) => Some(result),
-                    // Dropping the call future cancels the call.
-                    Either::Right(((), _)) => None,
-                }
-            }
-        };
+        let call = client.call_raw(method, 0, body.clone(), options);
+        let result = give_up_after(&rt, cancel_after, call).await;
         if Instant::now() > deadline + OVERDUE_AFTER {
             stats.overdue.fetch_add(1, Ordering::SeqCst);
         }
@@ -331,20 +341,8 @@ async fn stream_call<C: Runtime>(
     stats.started.fetch_add(1, Ordering::SeqCst);
     stats.streams.fetch_add(1, Ordering::SeqCst);
     let request = count::request(id, n, size, pause_ms);
-    let result = {
-        let call = Box::pin(read_stream(client, request, deadline, &mut check));
-        match cancel_after {
-            None => Some(call.await),
-            Some(after) => {
-                let give_up = rt.sleep_until(Instant::now() + after);
-                match future::select(call, give_up).await {
-                    Either::Left((result, _)) => Some(result),
-                    // Dropping the stream mid-way cancels the call.
-                    Either::Right(((), _)) => None,
-                }
-            }
-        }
-    };
+    let call = read_stream(client, request, deadline, &mut check);
+    let result = give_up_after(rt, cancel_after, call).await;
     if Instant::now() > deadline + OVERDUE_AFTER {
         stats.overdue.fetch_add(1, Ordering::SeqCst);
     }
