@@ -18,7 +18,8 @@ use crate::status::{Code, Status};
 use crate::timers::{Keepalive, KeepaliveAction};
 use crate::transmit::{Oversize, Payload, TransmitQueue};
 
-/// A lone stream message at least this long is queued by reference, not copied.
+/// A stream frame's body (a lone message or a batch) at least this long is queued by
+/// reference, split off the caller's buffer, not copied.
 const ZERO_COPY_LEN: usize = 8 * 1024;
 
 /// Why a stream message was not sent. Nothing was queued.
@@ -232,9 +233,9 @@ impl Link {
                 end = batch::LENGTH_PREFIX + len;
                 count = 1;
             }
-            // A large lone message goes by reference. Batches are copied into the
-            // transmit buffer, and the caller's buffer stays whole: it is reused, not
-            // reallocated behind every write still in flight.
+            // A large body goes by reference: the caller's buffer keeps the rest of its
+            // allocation, shared with the bytes on their way out (a caller that refills it
+            // at a high rate recycles its buffers; see gorpc's `OutboxDrain`).
             let (flags, start) = if count == 1 {
                 (0, batch::LENGTH_PREFIX)
             } else {
@@ -256,7 +257,7 @@ impl Link {
                     )
                     .expect("sized to the frame limit above")
             };
-            if flags == 0 && len >= ZERO_COPY_LEN {
+            if len >= ZERO_COPY_LEN {
                 messages.advance(start);
                 push(Payload::Bytes(messages.split_to(len).freeze()));
             } else {

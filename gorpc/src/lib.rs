@@ -15,6 +15,7 @@ pub mod http;
 pub mod interceptor;
 mod io;
 pub mod metadata;
+mod recycle;
 pub mod runtime;
 pub mod server;
 pub mod service;

@@ -21,6 +21,7 @@ use futures::Stream;
 use gorpc_proto::{batch, CallId, Code, SendError, Status};
 
 use crate::codec::Codec;
+use crate::recycle::Recycler;
 
 /// Taken bytes a receiving half lets accumulate before giving them back to the driver.
 /// A quarter of the initial window: the core grants credit in half-window batches, so
@@ -270,13 +271,36 @@ pub(crate) enum Fed {
     CloseSend,
 }
 
+/// The largest outbox buffer recycled: an outbox at its limit with one message past it fits
+/// in twice the limit.
+const MAX_RECYCLED: usize = 2 * OUTBOX_LIMIT;
+
+/// The smallest outbox buffer recycled.
+const MIN_RECYCLED: usize = 16 * 1024;
+
+/// Outbox buffers kept for reuse: the feeds of one held write ([`WRITE_BATCH`]) and one.
+const OUTBOX_SPARES: usize = WRITE_BATCH / OUTBOX_LIMIT + 1;
+
 /// The driver's side of an outbox.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct OutboxDrain {
     /// The half-close was reported.
     closed: bool,
     /// A feed since the driver last asked woke a sender that was waiting for room.
     made_room: bool,
+    /// The outbox's earlier buffers, lent to the core by reference: a sender refilling
+    /// its buffer behind every feed gets one of them back instead of a new allocation.
+    recycler: Recycler,
+}
+
+impl Default for OutboxDrain {
+    fn default() -> Self {
+        OutboxDrain {
+            closed: false,
+            made_room: false,
+            recycler: Recycler::new(OUTBOX_SPARES),
+        }
+    }
 }
 
 impl OutboxDrain {
@@ -293,7 +317,20 @@ impl OutboxDrain {
         let fed = if state.messages.is_empty() {
             Ok(Fed::Idle)
         } else {
-            match send(&mut state.messages) {
+            let room = state.messages.capacity();
+            let sent = send(&mut state.messages);
+            if state.messages.is_empty() {
+                if state.messages.try_reclaim(room) {
+                    // Copied into the core: nothing of it is in flight, and a stream this
+                    // quiet keeps no spares.
+                    self.recycler.clear();
+                } else if room <= MAX_RECYCLED {
+                    // Sized alike, so that spares fit the next refill.
+                    let size = room.next_power_of_two().max(MIN_RECYCLED);
+                    self.recycler.reserve(&mut state.messages, room, size);
+                }
+            }
+            match sent {
                 Ok(()) => Ok(Fed::Idle),
                 Err(SendError::NoCredit) => Ok(Fed::Blocked),
                 Err(e) => Err(e),
@@ -765,6 +802,53 @@ mod tests {
         let fed = drain.feed(&outbox, |messages| take(messages, usize::MAX, &mut got));
         assert_eq!(fed, Ok(Fed::Idle));
         assert_eq!(got.len(), sent + 1);
+    }
+
+    #[test]
+    fn a_buffer_lent_to_the_core_comes_back_once_written() {
+        let outbox = Arc::new(Outbox::new(Some(CallId::from(1))));
+        let sender = sender_of(&outbox, Arc::default());
+        let mut drain = OutboxDrain::default();
+        let fill = |byte: u8| {
+            while send_now(&sender, &[byte; 1000]).is_ready() {}
+        };
+        let buffer_of = |outbox: &Outbox| lock(&outbox.state).messages.as_ptr() as usize;
+        // What a core does with a large batch: split it off by reference, in flight until
+        // the socket took it.
+        let mut in_flight = Vec::new();
+        let mut lend = |messages: &mut BytesMut| {
+            in_flight.push(messages.split().freeze());
+            Ok(())
+        };
+        fill(1);
+        assert_eq!(drain.feed(&outbox, &mut lend), Ok(Fed::Idle));
+        let second = buffer_of(&outbox);
+        fill(2);
+        assert_eq!(drain.feed(&outbox, &mut lend), Ok(Fed::Idle));
+        let third = buffer_of(&outbox);
+        assert_ne!(second, third, "the second buffer is still lent out");
+        // Both written: the sender refills one of them rather than a new allocation, and
+        // what was lent is intact.
+        let [first_batch, second_batch]: [Bytes; 2] = in_flight.try_into().unwrap();
+        assert!(first_batch.len() >= OUTBOX_LIMIT && second_batch.len() >= OUTBOX_LIMIT);
+        drop(first_batch);
+        drop(second_batch);
+        fill(3);
+        let mut written = Vec::new();
+        let fed = drain.feed(&outbox, |messages| {
+            written.push(messages.split().freeze());
+            Ok(())
+        });
+        assert_eq!(fed, Ok(Fed::Idle));
+        // (Held among the spares until then, so no new allocation could land there.)
+        assert_eq!(
+            buffer_of(&outbox),
+            second,
+            "the latest buffer back is reused"
+        );
+        assert!(written[0]
+            .chunks(1004)
+            .all(|m| m[4..].iter().all(|&b| b == 3)));
     }
 
     #[test]
