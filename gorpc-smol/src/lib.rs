@@ -94,9 +94,12 @@ impl gorpc::runtime::Io for SmolIo {
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
+        max: usize,
     ) -> Poll<io::Result<usize>> {
         let start = buf.len();
-        let room = (buf.capacity() - start).clamp(READ_MIN, self.read_size);
+        let room = (buf.capacity() - start)
+            .clamp(READ_MIN, self.read_size)
+            .min(max.max(1));
         loop {
             // Zeroed first: safe code cannot read into uninitialised memory.
             buf.resize(start + room, 0);

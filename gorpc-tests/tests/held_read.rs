@@ -73,12 +73,17 @@ impl Io for PipeIo {
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
+        max: usize,
     ) -> Poll<io::Result<usize>> {
         let mut pipe = self.0 .0.lock().unwrap();
         match pipe.to_server.pop_front() {
-            Some(bytes) => {
-                buf.extend_from_slice(&bytes);
-                Poll::Ready(Ok(bytes.len()))
+            Some(mut bytes) => {
+                let n = bytes.len().min(max.max(1));
+                buf.extend_from_slice(&bytes.split_to(n));
+                if !bytes.is_empty() {
+                    pipe.to_server.push_front(bytes);
+                }
+                Poll::Ready(Ok(n))
             }
             None => {
                 pipe.reader = Some(cx.waker().clone());

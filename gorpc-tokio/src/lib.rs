@@ -25,7 +25,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::runtime::Handle;
@@ -65,8 +65,9 @@ impl gorpc::runtime::Io for TokioIo {
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
+        max: usize,
     ) -> Poll<io::Result<usize>> {
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.0), cx, buf)
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.0), cx, &mut buf.limit(max.max(1)))
     }
 
     fn poll_write_vectored(

@@ -18,11 +18,14 @@ pub type PeerCertificates = Arc<[CertificateDer<'static>]>;
 
 /// A connected byte stream (TCP today; TLS and others wrap one).
 pub trait Io: Send + Unpin + 'static {
-    /// Reads into the spare capacity of `buf`, appending. `Ok(0)` means end of stream.
+    /// Reads at most `max` bytes (at least 1) into the spare capacity of `buf`, appending
+    /// (`buf` may grow if it has less room). `Ok(0)` means end of stream. The caller sizes
+    /// reads by what it expects, independently of how large a buffer it keeps for reuse.
     fn poll_read_buf(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
+        max: usize,
     ) -> Poll<io::Result<usize>>;
 
     fn poll_write_vectored(

@@ -151,7 +151,8 @@ impl<I: Io> TlsIo<I> {
             if self.rx.capacity() < RECORD_CHUNK / 4 {
                 self.rx.reserve(RECORD_CHUNK);
             }
-            if ready!(self.io.poll_read_buf(cx, &mut self.rx))? == 0 {
+            let room = self.rx.capacity() - self.rx.len();
+            if ready!(self.io.poll_read_buf(cx, &mut self.rx, room))? == 0 {
                 self.eof = true;
                 // Tells the session the stream ended (a read of nothing).
                 let _ = self.session.read_tls(&mut io::empty());
@@ -181,7 +182,7 @@ impl<I: Io> TlsIo<I> {
     }
 
     /// Moves decrypted bytes into `buf`. `None`: none waiting and the stream goes on.
-    fn read_plaintext(&mut self, buf: &mut BytesMut) -> Option<io::Result<usize>> {
+    fn read_plaintext(&mut self, buf: &mut BytesMut, max: usize) -> Option<io::Result<usize>> {
         if self.plaintext == 0 {
             // End of stream, with or without close_notify: the framing above notices a
             // truncated frame either way.
@@ -191,7 +192,8 @@ impl<I: Io> TlsIo<I> {
         let room = match buf.capacity() - start {
             0 => PLAINTEXT_CHUNK,
             room => room,
-        };
+        }
+        .min(max.max(1));
         // Zero-filled rather than uninitialised (no unsafe code), and only as much as is
         // there to read.
         buf.resize(start + room.min(self.plaintext), 0);
@@ -208,9 +210,10 @@ impl<I: Io> Io for TlsIo<I> {
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
+        max: usize,
     ) -> Poll<io::Result<usize>> {
         loop {
-            if let Some(result) = self.read_plaintext(buf) {
+            if let Some(result) = self.read_plaintext(buf, max) {
                 return Poll::Ready(result);
             }
             // Handshake messages, tickets and alerts the session wants sent; a full socket

@@ -227,7 +227,8 @@ fn poll_read_more<I: Io>(
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
-    io.poll_read_buf(cx, buf)
+    let room = buf.capacity() - buf.len();
+    io.poll_read_buf(cx, buf, room)
 }
 
 /// Writes `head` then `body`, all of both, and flushes.
