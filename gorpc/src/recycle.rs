@@ -6,7 +6,8 @@
 //! allocates a new one each time, and at these sizes the allocator may give the old pages
 //! back to the kernel and fault fresh, zeroed ones in for the next (a client reading one
 //! server stream of 1 KiB messages took up to 125,000 page faults a second that way). A
-//! [`Recycler`] keeps the last few buffers and refills the first whose pieces are all gone.
+//! [`Recycler`] keeps the last few buffers and refills the latest whose pieces are all
+//! back.
 
 use std::collections::VecDeque;
 
