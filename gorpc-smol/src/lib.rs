@@ -57,9 +57,14 @@ impl Smol {
     }
 }
 
-/// Room a read is given: small while reads are small, doubling while reads fill it.
+/// Room a read is given: small while reads are small, doubling while reads fill it, and
+/// never more than gorpc asks for (the rest of a frame and 16 KiB, or inside a large
+/// frame all its buffer's room). Up to 128 KiB rather than 16 KiB, one stream of 1 KiB
+/// messages went from 2.71-2.82M to 3.01-3.09M messages/s and eight from 3.49-3.81M to
+/// 3.84-4.24M (alternating runs): zeroing costs the same per byte however it is split,
+/// and each read saved is a system call.
 const READ_MIN: usize = 2 * 1024;
-const READ_MAX: usize = 16 * 1024;
+const READ_MAX: usize = 128 * 1024;
 
 /// A TCP stream. Reads land straight in gorpc's buffer, in room zeroed first (safe code
 /// cannot read into uninitialised memory): zeroing the room costs less than copying every
