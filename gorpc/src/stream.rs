@@ -365,6 +365,48 @@ impl OutboxDrain {
     }
 }
 
+/// A run of received messages for one stream call, gathered by a driver from one read and
+/// handed to the call's inbox together: one lock, one lookup and at most one wake-up per
+/// run instead of per message.
+#[derive(Debug, Default)]
+pub(crate) struct Delivering {
+    id: Option<CallId>,
+    messages: VecDeque<Bytes>,
+    /// Their bytes.
+    len: usize,
+}
+
+impl Delivering {
+    /// Whether a message for `id` joins the run as it stands; if not, deliver the run first.
+    pub(crate) fn joins(&self, id: CallId) -> bool {
+        self.id.is_none_or(|current| current == id)
+    }
+
+    /// Adds a message for `id`, which [`joins`](Self::joins) the run.
+    pub(crate) fn push(&mut self, id: CallId, body: Bytes) {
+        debug_assert!(self.joins(id), "a run holds one call's messages");
+        self.id = Some(id);
+        self.len += body.len();
+        self.messages.push_back(body);
+    }
+
+    /// Hands the run to its call's inbox, found by `inbox`. Returns the call and the bytes
+    /// when nobody will take them (the call or its reader is gone): their credit goes
+    /// straight back, so the connection window never shrinks.
+    pub(crate) fn deliver<'a, E: 'a>(
+        &mut self,
+        inbox: impl FnOnce(CallId) -> Option<&'a Inbox<E>>,
+    ) -> Option<(CallId, usize)> {
+        let id = self.id.take()?;
+        let len = std::mem::take(&mut self.len);
+        if inbox(id).is_some_and(|inbox| inbox.push(&mut self.messages)) {
+            return None;
+        }
+        self.messages.clear();
+        Some((id, len))
+    }
+}
+
 /// Where a driver delivers a stream call's received messages, then its end `E`.
 #[derive(Debug)]
 pub(crate) struct Inbox<E> {
@@ -396,26 +438,10 @@ impl<E> Default for Inbox<E> {
 }
 
 impl<E> Inbox<E> {
-    /// Delivers one message. False once the reader is gone: nobody will take it, so the
-    /// driver gives its credit back itself.
-    pub(crate) fn push(&self, body: Bytes) -> bool {
-        let waker = {
-            let mut state = lock(&self.state);
-            if state.reader_gone {
-                return false;
-            }
-            state.messages.push_back(body);
-            state.reader.take()
-        };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-        true
-    }
-
     /// Delivers a run of messages under one lock, leaving `messages` empty. False, taking
-    /// none, once the reader is gone.
-    pub(crate) fn push_all(&self, messages: &mut VecDeque<Bytes>) -> bool {
+    /// none, once the reader is gone: nobody will take them, so the driver gives their
+    /// credit back itself.
+    pub(crate) fn push(&self, messages: &mut VecDeque<Bytes>) -> bool {
         let waker = {
             let mut state = lock(&self.state);
             if state.reader_gone {
@@ -901,16 +927,51 @@ mod tests {
         let control = Recorded::default();
         let inbox = Arc::new(Inbox::<()>::default());
         let mut reader = InboxReader::new(inbox.clone());
-        assert!(inbox.push(Bytes::from_static(&[0; 10])));
-        assert!(inbox.push(Bytes::from_static(&[0; 20])));
+        let run = |lens: &[usize]| lens.iter().map(|&n| Bytes::from(vec![0; n])).collect();
+        assert!(inbox.push(&mut run(&[10, 20])));
         let cx = &mut Context::from_waker(Waker::noop());
         assert!(matches!(
             reader.poll_next(cx, Some(CallId::from(1)), &control),
             Poll::Ready(Delivery::Message(_))
         ));
-        assert!(inbox.push(Bytes::from_static(&[0; 40])));
+        assert!(inbox.push(&mut run(&[40])));
         reader.close(Some(CallId::from(1)), &control);
         assert_eq!(*lock(&control.released), 70);
-        assert!(!inbox.push(Bytes::from_static(&[0; 1])));
+        let mut late = run(&[1]);
+        assert!(!inbox.push(&mut late));
+        assert_eq!(late.len(), 1, "refused messages stay with the driver");
+    }
+
+    #[test]
+    fn a_run_reaches_its_inbox_at_once_and_an_unclaimed_one_is_handed_back() {
+        let inbox = Arc::new(Inbox::<()>::default());
+        let mut reader = InboxReader::new(inbox.clone());
+        let mut delivering = Delivering::default();
+        let (one, two) = (CallId::from(1), CallId::from(2));
+        delivering.push(one, Bytes::from_static(b"first"));
+        assert!(delivering.joins(one));
+        delivering.push(one, Bytes::from_static(b"second"));
+        assert!(
+            !delivering.joins(two),
+            "another call's message starts a new run"
+        );
+        let found = |id: CallId| (id == one).then_some(&*inbox);
+        assert_eq!(delivering.deliver(found), None);
+        assert_eq!(lock(&inbox.state).messages.len(), 2, "both, in one push");
+        // Call 2 has no inbox (refused, or its handler dropped the stream): its bytes come
+        // back for the driver to release.
+        assert!(delivering.joins(two));
+        delivering.push(two, Bytes::from_static(b"lost"));
+        delivering.push(two, Bytes::from_static(b"too"));
+        assert_eq!(delivering.deliver(found), Some((two, 7)));
+        assert_eq!(delivering.deliver(found), None, "nothing left to deliver");
+        let cx = &mut Context::from_waker(Waker::noop());
+        let control = Recorded::default();
+        for expected in [&b"first"[..], b"second"] {
+            match reader.poll_next(cx, Some(one), &control) {
+                Poll::Ready(Delivery::Message(body)) => assert_eq!(&body[..], expected),
+                _ => panic!("the run arrives in order"),
+            }
+        }
     }
 }

@@ -2,7 +2,6 @@
 //! cheap handle callers use to start calls on it.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,7 +19,7 @@ use gorpc_proto::{
 use crate::io::{drive, earliest, Transport};
 use crate::metadata::Metadata;
 use crate::runtime::{timeout, Io, Runtime};
-use crate::stream::{hold_write, unsendable, Fed, Inbox, Outbox, OutboxDrain};
+use crate::stream::{hold_write, unsendable, Delivering, Fed, Inbox, Outbox, OutboxDrain};
 use crate::CallMap;
 
 /// A call as handed to a connection: method, options and the encoded body.
@@ -350,15 +349,6 @@ impl Drop for PendingCall {
     }
 }
 
-/// A run of messages read for one stream call, not yet delivered.
-#[derive(Default)]
-struct Delivering {
-    id: Option<CallId>,
-    messages: VecDeque<Bytes>,
-    /// Their bytes.
-    len: usize,
-}
-
 struct ClientDriver<R: Runtime, I: Io> {
     transport: Transport<R, I>,
     conn: ClientConn<CallUser>,
@@ -447,12 +437,10 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                     stream.end(result);
                 }
                 ClientEvent::Message { id, body } => {
-                    if self.delivering.id != Some(id) {
+                    if !self.delivering.joins(id) {
                         self.deliver();
-                        self.delivering.id = Some(id);
                     }
-                    self.delivering.len += body.len();
-                    self.delivering.messages.push_back(body);
+                    self.delivering.push(id, body);
                 }
                 ClientEvent::Writable { id } => self.feed_stream(id),
                 ClientEvent::GoAway(status) => {
@@ -606,19 +594,12 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
 
     /// Hands the messages gathered for one stream call to its receiver.
     fn deliver(&mut self) {
-        let Some(id) = self.delivering.id.take() else {
-            return;
-        };
-        let len = std::mem::take(&mut self.delivering.len);
-        let messages = &mut self.delivering.messages;
-        let delivered = self
-            .streams
-            .get(&id)
-            .is_some_and(|stream| stream.inbox.push_all(messages));
-        // Nobody will take them (the receiver is gone and its cancel is on the way): the
-        // credit goes straight back.
-        if !delivered {
-            messages.clear();
+        let streams = &self.streams;
+        // Nobody will take them (the receiver is gone and its cancel is on the way).
+        if let Some((id, len)) = self
+            .delivering
+            .deliver(|id| streams.get(&id).map(|stream| &*stream.inbox))
+        {
             self.conn.release(id, len);
         }
     }

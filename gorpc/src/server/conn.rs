@@ -19,7 +19,7 @@ use crate::io::{drive, Transport};
 use crate::runtime::{Io, PeerCertificates, Runtime};
 use crate::service::{CallStreams, ServerReply, ServerRequest, Service};
 use crate::stream::{
-    hold_write, unsendable, Fed, Inbox, InboxReader, Outbox, OutboxDrain, OutboxSender,
+    hold_write, unsendable, Delivering, Fed, Inbox, InboxReader, Outbox, OutboxDrain, OutboxSender,
     RawRequestStream, RawResponseSink, StreamControl,
 };
 use crate::CallMap;
@@ -106,6 +106,8 @@ pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     running: CallMap<AbortHandle>,
     /// Stream calls running.
     streams: CallMap<ServerStream>,
+    /// Client-stream messages read for one call, delivered together.
+    delivering: Delivering,
     /// This pass made room for a handler that filled its outbox.
     refilling: bool,
     drain_signal: SignalRx,
@@ -141,6 +143,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             outputs_rx: Box::pin(outputs_rx),
             running: CallMap::default(),
             streams: CallMap::default(),
+            delivering: Delivering::default(),
             refilling: false,
             drain_signal: Box::pin(signals.drain),
             abort_signal: Box::pin(signals.abort),
@@ -201,20 +204,17 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
 
         while let Some(event) = self.conn.poll_event() {
             progress = true;
+            if !matches!(event, ServerEvent::Message { .. }) {
+                // Whatever else happened comes after the messages read before it.
+                self.deliver();
+            }
             match event {
                 ServerEvent::Request(request) => self.dispatch(cx, now, request),
                 ServerEvent::Message { id, body } => {
-                    let len = body.len();
-                    let delivered = self
-                        .streams
-                        .get(&id)
-                        .and_then(|s| s.incoming.as_ref())
-                        .is_some_and(|inbox| inbox.push(body));
-                    // A refused call's, or one whose handler dropped its stream: the
-                    // credit goes straight back so the connection window never shrinks.
-                    if !delivered {
-                        self.conn.release(id, len);
+                    if !self.delivering.joins(id) {
+                        self.deliver();
                     }
+                    self.delivering.push(id, body);
                 }
                 ServerEvent::HalfClosed { id } => {
                     // The reader takes what was delivered, then the stream ends.
@@ -240,6 +240,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                 }
             }
         }
+        self.deliver();
 
         if self.transport.poll_timer(cx, self.conn.poll_timeout(), now) {
             self.conn.handle_timeout(now);
@@ -360,6 +361,18 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         CallStreams {
             requests,
             responses,
+        }
+    }
+
+    /// Hands the client-stream messages gathered for one call to its handler.
+    fn deliver(&mut self) {
+        let streams = &self.streams;
+        // A refused call's, or one whose handler dropped its stream.
+        if let Some((id, len)) = self
+            .delivering
+            .deliver(|id| streams.get(&id).and_then(|s| s.incoming.as_deref()))
+        {
+            self.conn.release(id, len);
         }
     }
 
