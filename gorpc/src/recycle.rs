@@ -34,7 +34,8 @@ impl Recycler {
     /// new one), and `buf` joins the spares. Needs larger than `size` are left to
     /// `reserve`.
     pub(crate) fn reserve(&mut self, buf: &mut BytesMut, additional: usize, size: usize) {
-        if buf.capacity() - buf.len() >= additional || buf.try_reclaim(additional) {
+        // Room already, or its own allocation free again (`try_reclaim` checks both).
+        if buf.try_reclaim(additional) {
             return;
         }
         if buf.len() + additional > size {
