@@ -41,7 +41,9 @@ fn build_scaffold(
         Command::new(env!("CARGO"))
             .args(["build", "--offline", "--bins"])
             .current_dir(project)
-            .env("CARGO_TARGET_DIR", &target),
+            .env("CARGO_TARGET_DIR", &target)
+            // The scaffold is its own workspace: keep its build as small as ours.
+            .env("CARGO_PROFILE_DEV_DEBUG", "line-tables-only"),
         BUILD_LIMIT,
     );
     assert!(build.status.success(), "cargo build: {}", stderr(&build));
