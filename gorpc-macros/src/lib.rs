@@ -61,7 +61,8 @@ use syn::{
 ///   Its `Service::schema` reports msgpack for every method, so HTTP callers may send JSON.
 /// - `{Trait}Client`: a typed client over a `gorpc::Client` (`new(client)`, `inner()`), on any
 ///   runtime, with one `pub async fn name(&self, args..) -> Result<T, gorpc::Status>` per
-///   method (stream methods: see below).
+///   method (stream methods: see below). `with_options(gorpc::CallOptions)` gives a client
+///   whose calls carry that timeout, metadata and affinity key.
 ///
 /// # Stream methods
 ///
@@ -79,8 +80,8 @@ use syn::{
 /// through it and returns `Ok(())` to end the stream with OK, or the error status to end it
 /// with that; a method with a request stream has no other arguments, since everything the
 /// client sends is in the stream. Each stream message is one msgpack value of its type.
-/// The client's default timeout is the deadline of the whole stream; for another one, call
-/// through `inner()` (`Client::server_stream`, `client_stream`, `bidi` take options).
+/// The call's timeout (from `with_options`, else the client's default) is the deadline of
+/// the whole stream.
 ///
 /// ```
 /// use futures::StreamExt;
@@ -917,13 +918,17 @@ fn client(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
         let (result, body) = match (&m.requests, &m.sink) {
             (None, None) => (
                 quote! { #ok },
-                quote! { self.inner.call::<#req, #ok>(#path, &#value).await },
+                quote! {
+                    self.inner
+                        .call_with::<#req, #ok>(#path, &#value, self.options.clone())
+                        .await
+                },
             ),
             (None, Some(rsp)) => (
                 quote! { #g::client::ResponseStream<#rsp> },
                 quote! {
                     self.inner
-                        .server_stream(#path, #g::MsgPack, #g::Request::<#req>::new(#value))
+                        .server_stream_with(#path, #g::MsgPack, &#value, self.options.clone())
                         .await
                 },
             ),
@@ -931,7 +936,7 @@ fn client(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
                 quote! { #g::client::ClientStreaming<#item, #ok> },
                 quote! {
                     self.inner
-                        .client_stream(#path, #g::MsgPack, #g::CallOptions::default())
+                        .client_stream(#path, #g::MsgPack, self.options.clone())
                         .await
                 },
             ),
@@ -939,7 +944,7 @@ fn client(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
                 quote! { (#g::client::StreamSender<#item>, #g::client::ResponseStream<#rsp>) },
                 quote! {
                     self.inner
-                        .bidi(#path, #g::MsgPack, #g::CallOptions::default())
+                        .bidi(#path, #g::MsgPack, self.options.clone())
                         .await
                 },
             ),
@@ -958,12 +963,20 @@ fn client(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
         #[derive(::core::clone::Clone, ::core::fmt::Debug)]
         #vis struct #client {
             inner: #g::Client,
+            options: #g::CallOptions,
         }
 
         impl #client {
             /// Calls through `inner`, which may be shared with other clients.
             pub fn new(inner: #g::Client) -> Self {
-                #client { inner }
+                #client { inner, options: #g::CallOptions::default() }
+            }
+
+            /// This client with `options` (a timeout, metadata, an affinity key) on every
+            /// call it makes; a stream's timeout is the deadline of the whole stream.
+            pub fn with_options(mut self, options: #g::CallOptions) -> Self {
+                self.options = options;
+                self
             }
 
             /// The underlying client, for calls by path.

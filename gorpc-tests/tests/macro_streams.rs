@@ -5,11 +5,12 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use gorpc::proto::StreamKind;
 use gorpc::stream::{RequestStream, ResponseSink};
 use gorpc::{
-    Client, Code, MsgPack, NamedService, Request, Router, Runtime, Server, Service, Status,
+    CallOptions, Client, Code, Metadata, MsgPack, NamedService, Next, Request, Router, Runtime,
+    Server, ServerReply, ServerRequest, Service, Status,
 };
 use gorpc_tests::{client_config, loopback, on_every_runtime, within, SECOND};
 use serde::{Deserialize, Serialize};
@@ -214,3 +215,68 @@ async fn macro_stream_methods<S: Runtime, C: Runtime>(server_rt: S, client_rt: C
 }
 
 on_every_runtime!(macro_stream_methods);
+
+/// Only calls that carry a `tenant` get through.
+fn tenant_required(request: ServerRequest, next: Next) -> gorpc::BoxFuture<'static, ServerReply> {
+    if request.metadata_value("tenant").is_some() {
+        next.run(request)
+    } else {
+        let status = Status::new(Code::Unauthenticated, "no tenant");
+        futures::future::ready(ServerReply::error(status)).boxed()
+    }
+}
+
+/// `with_options` puts its metadata on every kind of call, and its timeout is the deadline
+/// of a whole stream.
+async fn macro_client_options<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let server = Server::new(
+        server_rt,
+        Router::new().add_service(LogServer::new(MemoryLog::default())),
+    )
+    .interceptor(tenant_required)
+    .bind(loopback())
+    .await
+    .unwrap();
+    let raw = Client::connect(client_rt.clone(), server.local_addr(), client_config())
+        .await
+        .unwrap();
+    let mut metadata = Metadata::new();
+    metadata.insert("tenant", "a");
+    let options = CallOptions {
+        timeout: Some(Duration::from_millis(300)),
+        metadata,
+        key: None,
+    };
+    let plain = LogClient::new(raw.clone());
+    let client = LogClient::new(raw).with_options(options);
+
+    within(
+        &client_rt,
+        Duration::from_secs(30),
+        "client options",
+        async {
+            let refused = plain.line_count().await.unwrap_err();
+            assert_eq!(refused.code(), Code::Unauthenticated, "{refused}");
+            let refused = plain.tail(0, 1).await.unwrap().next().await.unwrap();
+            assert_eq!(refused.unwrap_err().code(), Code::Unauthenticated);
+
+            let mut append = client.append().await.unwrap();
+            append.send(&line_text(0)).await.unwrap();
+            assert_eq!(append.finish().await.unwrap().message, 1);
+            assert_eq!(client.line_count().await.unwrap(), 1);
+            let tail: Vec<_> = client.tail(0, 5).await.unwrap().collect().await;
+            assert_eq!(tail.len(), 1);
+            assert_eq!(tail[0].as_ref().unwrap().text, line_text(0));
+
+            // A bidirectional call the client never sends on: the server waits for patterns
+            // until the 300 ms deadline ends the stream on both sides.
+            let (_patterns, mut found) = client.matches().await.unwrap();
+            let status = found.next().await.unwrap().unwrap_err();
+            assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
+        },
+    )
+    .await;
+    assert_eq!(server.shutdown(SECOND).await, gorpc::Shutdown::Graceful);
+}
+
+on_every_runtime!(macro_client_options);

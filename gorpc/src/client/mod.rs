@@ -301,9 +301,26 @@ impl Client {
         C: Codec<Req> + Codec<Rsp>,
         Rsp: 'static,
     {
-        let body = Codec::<Req>::encode_to_bytes(&codec, &request.message)?;
-        let id = Codec::<Rsp>::id(&codec);
         let options = request_options(request.deadline, request.metadata);
+        self.server_stream_with(method, codec, &request.message, options)
+            .await
+    }
+
+    /// [`server_stream`](Self::server_stream) with call options (a timeout, metadata, an
+    /// affinity key) instead of a [`Request`].
+    pub async fn server_stream_with<C, Req, Rsp>(
+        &self,
+        method: impl Into<Cow<'static, str>>,
+        codec: C,
+        message: &Req,
+        options: CallOptions,
+    ) -> Result<ResponseStream<Rsp>, Status>
+    where
+        C: Codec<Req> + Codec<Rsp>,
+        Rsp: 'static,
+    {
+        let body = Codec::<Req>::encode_to_bytes(&codec, message)?;
+        let id = Codec::<Rsp>::id(&codec);
         let (_, receiver) = self
             .stream_raw(method, id, StreamKind::ServerStreaming, body, options)
             .await?;
