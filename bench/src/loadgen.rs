@@ -225,7 +225,7 @@ pub struct StreamTally {
 }
 
 impl StreamTally {
-    fn new(stop: Arc<AtomicBool>) -> Self {
+    pub fn new(stop: Arc<AtomicBool>) -> Self {
         StreamTally {
             messages: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -242,23 +242,37 @@ impl StreamTally {
         !self.stop.load(Ordering::Relaxed)
     }
 
+    /// The messages counted so far.
+    pub fn total(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` messages at once, as [`message`](Self::message) does one.
+    pub fn messages(&self, n: u64) -> bool {
+        let total = self.messages.load(Ordering::Relaxed);
+        self.messages.store(total + n, Ordering::Relaxed);
+        !self.stop.load(Ordering::Relaxed)
+    }
+
     fn error(&self) {
         let n = self.errors.load(Ordering::Relaxed);
         self.errors.store(n + 1, Ordering::Relaxed);
     }
 
-    fn stopped(&self) -> bool {
+    /// Whether the run is over.
+    pub fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
 }
 
-/// One stream task of the stream workload: opens server-streaming calls one after another.
+/// One stream task of the stream or upload workload: opens stream calls one after another.
 pub trait StreamCaller: Send + 'static {
-    /// Runs one server-streaming call: calls `tally.message()` for every message that is the
-    /// one expected and drops the stream as soon as it returns false. True when the call
-    /// delivered every message and ended OK, or was dropped that way; false on anything else
-    /// (an error status, a wrong or missing message).
-    fn stream(&mut self, tally: &StreamTally) -> impl Future<Output = bool> + Send;
+    /// Runs one stream call: calls `tally.message()` for every message taken that is the one
+    /// expected (a download) or every message handed to the call to send (an upload), and
+    /// drops the call as soon as it returns false. True when the call moved every message and
+    /// ended OK, or was dropped that way; false on anything else (an error status, a wrong or
+    /// missing message, a wrong count).
+    fn stream(&mut self, tally: &Arc<StreamTally>) -> impl Future<Output = bool> + Send;
 }
 
 /// The result of one stream run: the messages taken between the two samples.
@@ -329,12 +343,7 @@ where
             .boxed(),
         );
     }
-    let total = || -> u64 {
-        tallies
-            .iter()
-            .map(|t| t.messages.load(Ordering::Relaxed))
-            .sum()
-    };
+    let total = || -> u64 { tallies.iter().map(|t| t.total()).sum() };
     sleep_until(window.measure_from).await;
     let (first, started) = (total(), Instant::now());
     sleep_until(window.end).await;

@@ -18,6 +18,10 @@
 //! cargo run --release -p gorpc-bench -- --system all --workload stream --payload 1024 \
 //!     --concurrency 1 --secs 5
 //!
+//! `--workload upload` is the same the other way: client streams of `--messages` messages
+//! up, each answered with the count the server took; the server's receive windows are each
+//! system's default (`--stream-window` and `--connection-window` set the clients' only).
+//!
 //! With `--sweep 1,4,16,64,256` instead of `--concurrency`, every selected system runs at each
 //! of those concurrencies in turn (one JSON line per system and concurrency), and `--plot
 //! PATH.png` draws qps and p99 latency against concurrency:
@@ -103,7 +107,7 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "all")]
     system: Selection,
     /// Callers in the closed loop [default: 64; 100 with --workload hello]; with --workload
-    /// stream, the streams open at once [default: 1].
+    /// stream or upload, the streams open at once [default: 1].
     #[arg(long)]
     concurrency: Option<usize>,
     /// Run at each of these concurrencies (comma-separated, e.g. 1,4,16,64,256) instead of
@@ -132,11 +136,11 @@ struct RunArgs {
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
     /// echo: payload bytes there and back; hello: the Go gorpc benchmark's SayHello;
-    /// stream: server streams of payload-sized messages.
+    /// stream: server streams of payload-sized messages; upload: client streams of them.
     #[arg(long, value_enum, default_value = "echo")]
     workload: Workload,
-    /// With --workload stream: messages per stream call, after which the client opens the
-    /// next stream.
+    /// With --workload stream or upload: messages per stream call, after which the client
+    /// opens the next stream.
     #[arg(long, default_value_t = 100_000)]
     messages: u32,
     /// The clients' receive window per stream call, in bytes, for gorpc and tonic alike
@@ -224,6 +228,7 @@ fn workload_name(w: Workload) -> &'static str {
         Workload::Echo => "echo",
         Workload::Hello => "hello",
         Workload::Stream => "stream",
+        Workload::Upload => "upload",
     }
 }
 
@@ -320,7 +325,7 @@ fn run_main(args: RunArgs) -> ExitCode {
         vec![args.concurrency.unwrap_or(match args.workload {
             Workload::Echo => 64,
             Workload::Hello => 100,
-            Workload::Stream => 1,
+            Workload::Stream | Workload::Upload => 1,
         })]
     });
     let problems = [
@@ -367,12 +372,18 @@ fn run_main(args: RunArgs) -> ExitCode {
             "--stream-window and --connection-window must be between 64 KiB and 1 GiB",
         ),
         (
-            args.workload == Workload::Stream && args.plot.is_some(),
-            "--plot draws latency, which the stream workload does not measure",
+            args.workload.streams() && args.plot.is_some(),
+            "--plot draws latency, which the stream workloads do not measure",
         ),
         (
-            args.workload == Workload::Stream && args.system.systems().iter().all(|s| !s.streams()),
+            args.workload.streams() && args.system.systems().iter().all(|s| !s.streams()),
             NO_STREAMS,
+        ),
+        (
+            args.workload == Workload::Upload
+                && (args.stream_window.is_some() || args.connection_window.is_some()),
+            "--stream-window and --connection-window set the clients' receive windows, \
+             which an upload does not use",
         ),
     ];
     if let Some((_, msg)) = problems.iter().find(|(bad, _)| *bad) {
@@ -380,12 +391,12 @@ fn run_main(args: RunArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     pin(args.client_cpu, "client");
-    if args.workload == Workload::Stream {
+    if args.workload.streams() {
         return run_streams(&args, &concurrencies);
     }
 
     let payload = match args.workload {
-        Workload::Echo | Workload::Stream => args.payload,
+        Workload::Echo | Workload::Stream | Workload::Upload => args.payload,
         Workload::Hello => HELLO_NAME.len(),
     };
     let mut rows = Vec::new();
@@ -436,7 +447,7 @@ fn run_main(args: RunArgs) -> ExitCode {
     }
 }
 
-/// The stream workload: every selected system that streams, at each concurrency.
+/// The stream or upload workload: every selected system that streams, at each concurrency.
 fn run_streams(args: &RunArgs, concurrencies: &[usize]) -> ExitCode {
     let (systems, skipped): (Vec<System>, Vec<System>) =
         args.system.systems().into_iter().partition(|s| s.streams());
@@ -482,7 +493,7 @@ fn run_streams(args: &RunArgs, concurrencies: &[usize]) -> ExitCode {
             rows.push(row);
         }
     }
-    eprint!("{}", stream_summary(&rows));
+    eprint!("{}", stream_summary(args.workload, &rows));
     if failed {
         ExitCode::FAILURE
     } else {
@@ -611,8 +622,9 @@ fn summary(rows: &[Row]) -> String {
     s
 }
 
-/// The markdown table of stream `rows` and the messages/s ratios of the pairs that ran.
-fn stream_summary(rows: &[StreamRow]) -> String {
+/// The markdown table of stream `rows` of `workload` and the messages/s ratios of the pairs
+/// that ran.
+fn stream_summary(workload: Workload, rows: &[StreamRow]) -> String {
     let mut s = String::from(
         "\n| system | streams | payload | messages per stream | connections | messages/s | MB/s | errors |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
@@ -639,11 +651,18 @@ fn stream_summary(rows: &[StreamRow]) -> String {
         } else {
             ""
         };
-        s += &format!(
-            "\nclient receive windows: per stream {}, per connection {}{raw}\n",
-            window(r.stream_window, "default (gorpc 1 MiB, tonic 2 MiB)"),
-            window(r.connection_window, "default (gorpc 4 MiB, tonic 5 MiB)"),
-        );
+        s += &if workload == Workload::Upload {
+            format!(
+                "\nserver receive windows: per stream gorpc 1 MiB, tonic 1 MiB; per connection \
+                 gorpc 4 MiB, tonic 1 MiB (each system's default){raw}\n"
+            )
+        } else {
+            format!(
+                "\nclient receive windows: per stream {}, per connection {}{raw}\n",
+                window(r.stream_window, "default (gorpc 1 MiB, tonic 2 MiB)"),
+                window(r.connection_window, "default (gorpc 4 MiB, tonic 5 MiB)"),
+            )
+        };
     }
     let results: Vec<(&str, usize, f64)> = rows
         .iter()
@@ -788,11 +807,14 @@ mod tests {
 
     #[test]
     fn the_stream_summary_has_its_table_and_ratios() {
-        let s = stream_summary(&[
-            stream_row("gorpc-tokio", 300_000.0),
-            stream_row("gorpc-smol", 150_000.0),
-            stream_row("tonic", 100_000.0),
-        ]);
+        let s = stream_summary(
+            Workload::Stream,
+            &[
+                stream_row("gorpc-tokio", 300_000.0),
+                stream_row("gorpc-smol", 150_000.0),
+                stream_row("tonic", 100_000.0),
+            ],
+        );
         assert!(
             s.contains("| gorpc-tokio | 1 | 1024 | 100000 | 1 | 300000 | 307.2 | 0 |"),
             "{s}"
@@ -812,11 +834,14 @@ mod tests {
 
     #[test]
     fn the_stream_summary_sets_raw_beside_the_others() {
-        let s = stream_summary(&[
-            stream_row("gorpc-tokio", 300_000.0),
-            stream_row("tonic", 100_000.0),
-            stream_row("raw", 1_200_000.0),
-        ]);
+        let s = stream_summary(
+            Workload::Stream,
+            &[
+                stream_row("gorpc-tokio", 300_000.0),
+                stream_row("tonic", 100_000.0),
+                stream_row("raw", 1_200_000.0),
+            ],
+        );
         assert!(
             s.contains("| raw | 1 | 1024 | 100000 | 1 | 1200000 | 1228.8 | 0 |"),
             "{s}"
@@ -832,7 +857,7 @@ mod tests {
             s.ends_with("\n\nmessages/s ratios: gorpc-tokio/tonic 3.00x, gorpc-tokio/raw 0.25x\n"),
             "{s}"
         );
-        let without = stream_summary(&[stream_row("gorpc-tokio", 300_000.0)]);
+        let without = stream_summary(Workload::Stream, &[stream_row("gorpc-tokio", 300_000.0)]);
         assert!(!without.contains("raw"), "{without}");
     }
 

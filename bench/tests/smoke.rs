@@ -80,8 +80,17 @@ fn all_systems_answer_without_errors() {
 
 #[test]
 fn the_stream_workload_runs_where_there_are_streams() {
+    stream_workload_runs("stream");
+}
+
+#[test]
+fn the_upload_workload_runs_where_there_are_streams() {
+    stream_workload_runs("upload");
+}
+
+fn stream_workload_runs(workload: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_gorpc-bench"))
-        .args(["--system", "all", "--workload", "stream", "--secs", "1"])
+        .args(["--system", "all", "--workload", workload, "--secs", "1"])
         .args(["--warmup", "0", "--concurrency", "2", "--payload", "64"])
         .args(["--messages", "1000"])
         .output()
@@ -125,4 +134,16 @@ fn the_stream_workload_refuses_systems_without_streams() {
         stderr.contains("gorpc-tokio, gorpc-smol, tonic and raw only"),
         "{stderr}"
     );
+}
+
+#[test]
+fn the_upload_workload_refuses_client_windows() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gorpc-bench"))
+        .args(["--system", "gorpc-tokio", "--workload", "upload"])
+        .args(["--stream-window", "1048576"])
+        .output()
+        .expect("the benchmark runs");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).expect("utf-8 stderr");
+    assert!(stderr.contains("which an upload does not use"), "{stderr}");
 }

@@ -3,23 +3,25 @@
 //! Echo: a raw-codec route answering with the request body. Hello: the codegen-free msgpack
 //! style with serde structs, as the Go gorpc benchmark does it. Stream: a typed
 //! server-streaming route over the raw codec, sending through its `ResponseSink` as a handler
-//! would, each send waiting for the client's flow-control credit.
+//! would, each send waiting for the client's flow-control credit. Upload: a typed
+//! client-streaming route over the raw codec, reading its `RequestStream` as a handler would.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use ::gorpc::client::{ConnectionConfig, PoolConfig};
-use ::gorpc::stream::ResponseSink;
+use ::gorpc::stream::{RequestStream, ResponseSink};
 use ::gorpc::{
-    CallOptions, Client, ClientConfig, Code, Raw, Request, Router, Runtime, Server, ServerReply,
-    ServerRequest, Status,
+    CallOptions, Client, ClientConfig, Code, Raw, Request, Response, Router, Runtime, Server,
+    ServerReply, ServerRequest, Status,
 };
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    greeting, make_payload, ClientParams, DownloadOrder, Workload, DOWNLOAD_METHOD, ECHO_METHOD,
-    HELLO_METHOD, HELLO_NAME,
+    greeting, make_payload, ClientParams, DownloadOrder, UploadTally, Workload, DOWNLOAD_METHOD,
+    ECHO_METHOD, HELLO_METHOD, HELLO_NAME, UPLOAD_METHOD,
 };
 use crate::loadgen::{Caller, StreamCaller, StreamTally};
 
@@ -45,6 +47,7 @@ pub async fn serve<R: Runtime>(rt: R, workload: Workload) -> std::io::Result<Soc
             })
         }),
         Workload::Stream => Router::new().server_stream(DOWNLOAD_METHOD, Raw, download),
+        Workload::Upload => Router::new().client_stream(UPLOAD_METHOD, Raw, upload),
     };
     let server = Server::new(rt, router)
         .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -62,6 +65,17 @@ async fn download(req: Request<Bytes>, mut sink: ResponseSink<Bytes>) -> Result<
         sink.send(&message).await?;
     }
     Ok(())
+}
+
+/// The upload workload's handler: counts what the client sends.
+async fn upload(req: Request<RequestStream<Bytes>>) -> Result<Response<Bytes>, Status> {
+    let mut messages = req.message;
+    let mut tally = UploadTally { count: 0, bytes: 0 };
+    while let Some(message) = messages.next().await {
+        tally.count += 1;
+        tally.bytes += message?.len() as u64;
+    }
+    Ok(Response::new(tally.encode()))
 }
 
 pub enum GorpcCaller {
@@ -120,20 +134,58 @@ pub async fn callers<R: Runtime>(rt: R, p: &ClientParams) -> Result<Vec<GorpcCal
                 },
                 expected: greeting(HELLO_NAME),
             },
-            Workload::Stream => unreachable!("stream callers come from stream_callers"),
+            Workload::Stream | Workload::Upload => {
+                unreachable!("stream callers come from stream_callers")
+            }
         })
         .collect())
 }
 
-/// One stream task of the stream workload.
+/// One stream task of the stream workload (downloads) or the upload workload.
 pub struct GorpcStreamCaller {
     client: Client,
     order: DownloadOrder,
-    expected: Bytes,
+    /// Every message of the stream.
+    payload: Bytes,
+    upload: bool,
 }
 
 impl StreamCaller for GorpcStreamCaller {
-    async fn stream(&mut self, tally: &StreamTally) -> bool {
+    async fn stream(&mut self, tally: &Arc<StreamTally>) -> bool {
+        if self.upload {
+            self.upload(tally).await
+        } else {
+            self.download(tally).await
+        }
+    }
+}
+
+impl GorpcStreamCaller {
+    async fn upload(&self, tally: &StreamTally) -> bool {
+        let mut upload = match self
+            .client
+            .client_stream::<_, Bytes, Bytes>(UPLOAD_METHOD, Raw, CallOptions::default())
+            .await
+        {
+            Ok(upload) => upload,
+            Err(_) => return false,
+        };
+        for _ in 0..self.order.count {
+            if upload.send(&self.payload).await.is_err() {
+                return false;
+            }
+            if !tally.message() {
+                return true;
+            }
+        }
+        let expected = UploadTally::of(self.order.count, self.payload.len());
+        match upload.finish().await {
+            Ok(rsp) => UploadTally::decode(&rsp.message) == Some(expected),
+            Err(_) => false,
+        }
+    }
+
+    async fn download(&self, tally: &StreamTally) -> bool {
         let request = Request::new(self.order.encode());
         let mut messages = match self
             .client
@@ -146,7 +198,7 @@ impl StreamCaller for GorpcStreamCaller {
         let mut taken = 0u32;
         while let Some(item) = messages.next().await {
             match item {
-                Ok(message) if message == self.expected => {
+                Ok(message) if message == self.payload => {
                     taken += 1;
                     if !tally.message() {
                         return true;
@@ -173,7 +225,8 @@ pub async fn stream_callers<R: Runtime>(
         .map(|_| GorpcStreamCaller {
             client: client.clone(),
             order,
-            expected: p.payload.clone(),
+            payload: p.payload.clone(),
+            upload: p.workload == Workload::Upload,
         })
         .collect())
 }

@@ -62,11 +62,20 @@ pub enum Workload {
     Hello,
     /// A server stream: one small request, `messages` messages of `payload` bytes back.
     Stream,
+    /// A client stream: `messages` messages of `payload` bytes up, a count back.
+    Upload,
+}
+
+impl Workload {
+    /// Whether the workload counts stream messages rather than calls.
+    pub fn streams(self) -> bool {
+        matches!(self, Workload::Stream | Workload::Upload)
+    }
 }
 
 /// The message the stream-less systems give when asked for the stream workload.
 pub const NO_STREAMS: &str =
-    "the stream workload runs on gorpc-tokio, gorpc-smol, tonic and raw only";
+    "the stream and upload workloads run on gorpc-tokio, gorpc-smol, tonic and raw only";
 
 /// The name the hello workload sends.
 pub const HELLO_NAME: &str = "gorpc";
@@ -80,6 +89,7 @@ pub fn greeting(name: &str) -> String {
 pub const ECHO_METHOD: &str = "/bench.Echo/Echo";
 pub const HELLO_METHOD: &str = "/bench.Echo/SayHello";
 pub const DOWNLOAD_METHOD: &str = "/bench.Echo/Download";
+pub const UPLOAD_METHOD: &str = "/bench.Echo/Upload";
 
 /// What a stream call asks for: `count` messages of `size` bytes. gorpc and raw send it as 8
 /// bytes (two little-endian u32s); tonic as the protobuf `DownloadRequest`.
@@ -103,6 +113,40 @@ impl DownloadOrder {
             count: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             size: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
         })
+    }
+}
+
+/// What the server of an upload answers: the messages and bytes it took. gorpc and raw send
+/// it as 16 bytes (two little-endian u64s); tonic as the protobuf `UploadReply`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UploadTally {
+    pub count: u64,
+    pub bytes: u64,
+}
+
+impl UploadTally {
+    pub fn encode(self) -> Bytes {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.count.to_le_bytes());
+        b[8..].copy_from_slice(&self.bytes.to_le_bytes());
+        Bytes::copy_from_slice(&b)
+    }
+
+    pub fn decode(body: &[u8]) -> Option<Self> {
+        let b: &[u8; 16] = body.try_into().ok()?;
+        let (count, bytes) = b.split_at(8);
+        Some(UploadTally {
+            count: u64::from_le_bytes(count.try_into().ok()?),
+            bytes: u64::from_le_bytes(bytes.try_into().ok()?),
+        })
+    }
+
+    /// What a complete upload of `count` messages of `size` bytes is answered with.
+    pub fn of(count: u32, size: usize) -> Self {
+        UploadTally {
+            count: count.into(),
+            bytes: u64::from(count) * size as u64,
+        }
     }
 }
 
@@ -318,7 +362,7 @@ pub fn run_client(system: System, p: &ClientParams) -> Result<Measurement, Strin
     }
 }
 
-/// Runs `system`'s client side of the stream workload for one measured run.
+/// Runs `system`'s client side of the stream or upload workload for one measured run.
 pub fn run_stream_client(system: System, p: &ClientParams) -> Result<StreamMeasurement, String> {
     match system {
         System::GorpcSmol => smol_run(p.threads, |ex| async move {
@@ -365,6 +409,14 @@ mod tests {
         };
         assert_eq!(DownloadOrder::decode(&order.encode()), Some(order));
         assert_eq!(DownloadOrder::decode(&[0; 7]), None);
+    }
+
+    #[test]
+    fn an_upload_tally_round_trips() {
+        let tally = UploadTally::of(100_000, 1024);
+        assert_eq!(tally.bytes, 102_400_000);
+        assert_eq!(UploadTally::decode(&tally.encode()), Some(tally));
+        assert_eq!(UploadTally::decode(&[0; 15]), None);
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //! no body), and waits for the next order on the same connection. The client checks every
 //! message against the payload. There is no flow control but TCP's own, so
 //! `--stream-window` and `--connection-window` do not apply.
+//!
+//! The upload workload is the same the other way: each task writes `count` frames of the
+//! payload about 64 KiB at a time, then the end marker; the server counts them and answers
+//! with the 16-byte [`UploadTally`].
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -23,7 +27,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use super::{greeting, make_payload, ClientParams, DownloadOrder, Workload, HELLO_NAME};
+use super::{
+    greeting, make_payload, ClientParams, DownloadOrder, UploadTally, Workload, HELLO_NAME,
+};
 use crate::loadgen::{
     take_recorder, Measurement, Recorder, StreamCaller, StreamTally, Window, GRACE,
 };
@@ -49,6 +55,7 @@ pub async fn serve(workload: Workload) -> std::io::Result<SocketAddr> {
                     tokio::spawn(async move {
                         let served = match workload {
                             Workload::Stream => serve_streams(stream).await,
+                            Workload::Upload => serve_uploads(stream).await,
                             _ => serve_conn(stream, workload).await,
                         };
                         if let Err(e) = served {
@@ -89,7 +96,9 @@ async fn serve_conn(mut stream: TcpStream, workload: Workload) -> std::io::Resul
                     output.extend_from_slice(b"Hello ");
                     output.extend_from_slice(&input[4..4 + len]);
                 }
-                Workload::Stream => unreachable!("streams are served by serve_streams"),
+                Workload::Stream | Workload::Upload => {
+                    unreachable!("streams are served by serve_streams and serve_uploads")
+                }
             }
             input.advance(4 + len);
         }
@@ -141,6 +150,47 @@ async fn serve_streams(mut stream: TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// One connection of the upload workload: upload after upload, each a run of frames ended by
+/// the end marker and answered with its tally. A client that goes away ends the connection
+/// quietly.
+async fn serve_uploads(mut stream: TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut input = BytesMut::with_capacity(4 * STREAM_BATCH);
+    let mut tally = UploadTally { count: 0, bytes: 0 };
+    let served: std::io::Result<()> = async {
+        loop {
+            input.reserve(STREAM_BATCH);
+            if stream.read_buf(&mut input).await? == 0 {
+                return Ok(());
+            }
+            while input.len() >= 4 {
+                let len = u32::from_be_bytes([input[0], input[1], input[2], input[3]]);
+                if len == END_OF_STREAM {
+                    input.advance(4);
+                    stream.write_all(&tally.encode()).await?;
+                    tally = UploadTally { count: 0, bytes: 0 };
+                    continue;
+                }
+                let len = len as usize;
+                if len > MAX_FRAME {
+                    return Err(std::io::Error::other("upload message too long"));
+                }
+                if input.len() < 4 + len {
+                    break;
+                }
+                input.advance(4 + len);
+                tally.count += 1;
+                tally.bytes += len as u64;
+            }
+        }
+    }
+    .await;
+    match served {
+        Err(e) if is_disconnect(&e) => Ok(()),
+        other => other,
+    }
+}
+
 /// Whether `e` means the peer closed or reset the connection.
 fn is_disconnect(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
@@ -158,7 +208,9 @@ pub async fn run(p: &ClientParams) -> Result<Measurement, String> {
             Bytes::from_static(HELLO_NAME.as_bytes()),
             Bytes::from(greeting(HELLO_NAME)),
         ),
-        Workload::Stream => unreachable!("stream callers come from stream_callers"),
+        Workload::Stream | Workload::Upload => {
+            unreachable!("stream callers come from stream_callers")
+        }
     };
     let mut streams = Vec::with_capacity(p.connections);
     for _ in 0..p.connections {
@@ -304,7 +356,7 @@ async fn pipeline(
     read_result.and(written)
 }
 
-/// One stream task of the stream workload, on a connection of its own.
+/// One stream task of the stream or upload workload, on a connection of its own.
 pub struct RawStreamCaller {
     addr: SocketAddr,
     /// Dropped when a stream is cut short or goes wrong, opened again by the next stream.
@@ -312,6 +364,9 @@ pub struct RawStreamCaller {
     order: DownloadOrder,
     expected: Bytes,
     input: BytesMut,
+    /// For uploads: as many whole frames of the payload as fit in `STREAM_BATCH` (one at
+    /// least), written as often as an upload needs.
+    upload_batch: Option<Bytes>,
 }
 
 /// How a stream read ended.
@@ -325,7 +380,7 @@ enum Ended {
 }
 
 impl StreamCaller for RawStreamCaller {
-    async fn stream(&mut self, tally: &StreamTally) -> bool {
+    async fn stream(&mut self, tally: &Arc<StreamTally>) -> bool {
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => match connect(self.addr).await {
@@ -336,6 +391,13 @@ impl StreamCaller for RawStreamCaller {
                 Err(_) => return false,
             },
         };
+        if let Some(batch) = &self.upload_batch {
+            let ended = upload(conn, batch, self.order, tally).await;
+            if !matches!(ended, Ended::Marker(_)) {
+                self.conn = None;
+            }
+            return !matches!(ended, Ended::Broken | Ended::Marker(false));
+        }
         let ended = match conn.write_all(&self.order.encode()).await {
             Ok(()) => {
                 take_stream(
@@ -360,6 +422,44 @@ impl StreamCaller for RawStreamCaller {
                 false
             }
         }
+    }
+}
+
+/// Writes one upload of `order.count` messages on `conn`, `batch` (whole frames) at a time,
+/// then the end marker, and reads the server's tally: `Marker(true)` when it matches.
+async fn upload(
+    conn: &mut TcpStream,
+    batch: &Bytes,
+    order: DownloadOrder,
+    tally: &StreamTally,
+) -> Ended {
+    let frame_len = 4 + order.size as usize;
+    let per_batch = (batch.len() / frame_len) as u32;
+    let mut left = order.count;
+    while left > 0 {
+        let n = left.min(per_batch);
+        if conn
+            .write_all(&batch[..n as usize * frame_len])
+            .await
+            .is_err()
+        {
+            return Ended::Broken;
+        }
+        left -= n;
+        if !tally.messages(n.into()) {
+            return Ended::Stopped;
+        }
+    }
+    let mut answer = [0u8; 16];
+    let answered = async {
+        conn.write_all(&END_OF_STREAM.to_be_bytes()).await?;
+        conn.read_exact(&mut answer).await
+    };
+    match answered.await {
+        Ok(_) => Ended::Marker(
+            UploadTally::decode(&answer) == Some(UploadTally::of(order.count, order.size as usize)),
+        ),
+        Err(_) => Ended::Broken,
     }
 }
 
@@ -430,6 +530,15 @@ pub async fn stream_callers(p: &ClientParams) -> Result<Vec<RawStreamCaller>, St
         count: p.stream_messages,
         size: p.payload.len() as u32,
     };
+    let upload_batch = (p.workload == Workload::Upload).then(|| {
+        let frame_len = 4 + p.payload.len();
+        let mut batch = BytesMut::new();
+        for _ in 0..(STREAM_BATCH / frame_len).max(1) {
+            batch.put_u32(p.payload.len() as u32);
+            batch.extend_from_slice(&p.payload);
+        }
+        batch.freeze()
+    });
     let mut callers = Vec::with_capacity(p.concurrency);
     for _ in 0..p.concurrency {
         let conn = connect(p.addr)
@@ -441,6 +550,7 @@ pub async fn stream_callers(p: &ClientParams) -> Result<Vec<RawStreamCaller>, St
             order,
             expected: p.payload.clone(),
             input: BytesMut::with_capacity(4 * STREAM_BATCH),
+            upload_batch: upload_batch.clone(),
         });
     }
     Ok(callers)
@@ -481,6 +591,44 @@ mod tests {
             assert_eq!(measured.errors, 0, "{size} B: {measured:?}");
             assert!(measured.messages > 0, "{size} B: {measured:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn raw_uploads_are_counted_and_stop_cleanly() {
+        let addr = serve(Workload::Upload).await.expect("serves");
+        for (size, messages) in [(64, 1001), (100_000, 7), (1024, u32::MAX)] {
+            let mut p = params(addr, make_payload(size), messages);
+            p.workload = Workload::Upload;
+            let callers = stream_callers(&p).await.expect("connects");
+            let measured = stream_loop_tokio(callers, Window::starting_now(p.warmup, p.secs)).await;
+            assert_eq!(measured.errors, 0, "{size} B: {measured:?}");
+            assert!(measured.messages > 0, "{size} B: {measured:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wrong_upload_tally_fails_the_upload() {
+        // A server that reads to the end marker and answers one message short.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            while !seen.ends_with(&END_OF_STREAM.to_be_bytes()) {
+                let mut buf = [0u8; 4096];
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client wrote no end marker");
+                seen.extend_from_slice(&buf[..n]);
+            }
+            let short = UploadTally::of(9, 64);
+            conn.write_all(&short.encode()).await.unwrap();
+        });
+        let mut p = params(addr, make_payload(64), 10);
+        p.workload = Workload::Upload;
+        let mut caller = stream_callers(&p).await.expect("connects").remove(0);
+        let tally = Arc::new(StreamTally::new(Arc::default()));
+        assert!(!caller.stream(&tally).await, "a short count is an error");
+        assert_eq!(tally.total(), 10);
     }
 
     #[tokio::test]

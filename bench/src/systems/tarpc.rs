@@ -122,7 +122,7 @@ pub async fn callers(p: &ClientParams) -> Result<Vec<TarpcCaller>, String> {
                     name: HELLO_NAME.to_owned(),
                     expected: greeting(HELLO_NAME),
                 },
-                Workload::Stream => unreachable!("refused above"),
+                Workload::Stream | Workload::Upload => unreachable!("refused above"),
             }
         })
         .collect())

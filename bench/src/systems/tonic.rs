@@ -3,18 +3,20 @@
 //!
 //! The stream workload's `Download` answers with a plain stream that repeats one message:
 //! tonic's encoder polls it directly as HTTP/2 flow control allows, with no channel or
-//! producer task in between, the cheapest way to feed a tonic server stream.
+//! producer task in between, the cheapest way to feed a tonic server stream. The upload
+//! workload's client feeds `Upload` the same way, counting each message as tonic takes it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use ::tonic::transport::server::TcpIncoming;
 use ::tonic::transport::{Channel, Endpoint, Server};
-use ::tonic::{Request, Response, Status};
+use ::tonic::{Request, Response, Status, Streaming};
 use bytes::Bytes;
 use futures::stream::{self, Repeat, Take};
 use futures::StreamExt;
 
-use super::{greeting, make_payload, ClientParams, Workload, HELLO_NAME};
+use super::{greeting, make_payload, ClientParams, UploadTally, Workload, HELLO_NAME};
 use crate::loadgen::{Caller, StreamCaller, StreamTally};
 
 #[allow(clippy::all, clippy::pedantic)]
@@ -24,7 +26,7 @@ pub mod pb {
 
 use pb::echo_client::EchoClient;
 use pb::echo_server::{Echo, EchoServer};
-use pb::{Chunk, DownloadRequest, EchoReply, EchoRequest, HelloReply, HelloRequest};
+use pb::{Chunk, DownloadRequest, EchoReply, EchoRequest, HelloReply, HelloRequest, UploadReply};
 
 #[derive(Debug, Default)]
 struct EchoService;
@@ -60,6 +62,19 @@ impl Echo for EchoService {
         Ok(Response::new(
             stream::repeat(Ok(chunk)).take(order.count as usize),
         ))
+    }
+
+    async fn upload(
+        &self,
+        request: Request<Streaming<Chunk>>,
+    ) -> Result<Response<UploadReply>, Status> {
+        let mut chunks = request.into_inner();
+        let mut reply = UploadReply { count: 0, bytes: 0 };
+        while let Some(chunk) = chunks.message().await? {
+            reply.count += 1;
+            reply.bytes += chunk.payload.len() as u64;
+        }
+        Ok(Response::new(reply))
     }
 }
 
@@ -137,21 +152,60 @@ pub async fn callers(p: &ClientParams) -> Result<Vec<TonicCaller>, String> {
                     name: HELLO_NAME.to_owned(),
                     expected: greeting(HELLO_NAME),
                 },
-                Workload::Stream => unreachable!("stream callers come from stream_callers"),
+                Workload::Stream | Workload::Upload => {
+                    unreachable!("stream callers come from stream_callers")
+                }
             }
         })
         .collect())
 }
 
-/// One stream task of the stream workload.
+/// One stream task of the stream workload (downloads) or the upload workload.
 pub struct TonicStreamCaller {
     client: EchoClient<Channel>,
     request: DownloadRequest,
-    expected: Bytes,
+    /// Every message of the stream.
+    payload: Bytes,
+    upload: bool,
 }
 
 impl StreamCaller for TonicStreamCaller {
-    async fn stream(&mut self, tally: &StreamTally) -> bool {
+    async fn stream(&mut self, tally: &Arc<StreamTally>) -> bool {
+        if self.upload {
+            self.upload(tally).await
+        } else {
+            self.download(tally).await
+        }
+    }
+}
+
+impl TonicStreamCaller {
+    async fn upload(&mut self, tally: &Arc<StreamTally>) -> bool {
+        let count = self.request.count;
+        let chunk = Chunk {
+            payload: self.payload.clone(),
+        };
+        // The request stream ends early once the run is over (tonic then finishes the call).
+        let counter = tally.clone();
+        let chunks = stream::repeat(chunk)
+            .take(count as usize)
+            .take_while(move |_| futures::future::ready(counter.message()));
+        let expected = UploadTally::of(count, self.payload.len());
+        match self.client.upload(chunks).await {
+            Ok(rsp) => {
+                let reply = rsp.into_inner();
+                let taken = UploadTally {
+                    count: reply.count,
+                    bytes: reply.bytes,
+                };
+                // An upload cut short when the run ended is answered with fewer.
+                taken == expected || tally.stopped()
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn download(&mut self, tally: &StreamTally) -> bool {
         let mut messages = match self.client.download(self.request).await {
             Ok(rsp) => rsp.into_inner(),
             Err(_) => return false,
@@ -159,7 +213,7 @@ impl StreamCaller for TonicStreamCaller {
         let mut taken = 0u32;
         loop {
             match messages.message().await {
-                Ok(Some(chunk)) if chunk.payload == self.expected => {
+                Ok(Some(chunk)) if chunk.payload == self.payload => {
                     taken += 1;
                     if !tally.message() {
                         return true;
@@ -183,7 +237,8 @@ pub async fn stream_callers(p: &ClientParams) -> Result<Vec<TonicStreamCaller>, 
         .map(|i| TonicStreamCaller {
             client: EchoClient::new(channels[p.conn_of(i)].clone()),
             request,
-            expected: p.payload.clone(),
+            payload: p.payload.clone(),
+            upload: p.workload == Workload::Upload,
         })
         .collect())
 }
