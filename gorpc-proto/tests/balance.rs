@@ -357,6 +357,38 @@ fn p2c_avoids_an_endpoint_with_many_calls_in_flight() {
 }
 
 #[test]
+fn p2c_counts_open_streams_as_load_without_latency() {
+    let mut lb = PowerOfTwoChoices::new(16);
+    lb.update(&eps(&[(1, 1), (2, 1), (3, 1)]));
+    // Endpoint 1 carries 50 long streams, each opened in 1 ms.
+    for _ in 0..50 {
+        lb.on_start(id(1));
+        lb.on_finish(id(1), Duration::from_millis(1), true);
+        lb.on_stream_open(id(1));
+    }
+    assert_eq!(lb.in_flight(id(1)), Some(50));
+    assert_eq!(lb.latency_estimate(id(1)), Some(Duration::from_millis(1)));
+    let c = p2c_shares(&mut lb, 10_000);
+    let busy = c.get(&1).copied().unwrap_or(0);
+    assert!(
+        busy < 10_000 / 20,
+        "endpoint with open streams got {busy} of 10,000"
+    );
+    // Ended streams no longer count, and gave no latency sample however long they ran.
+    for _ in 0..50 {
+        lb.on_stream_end(id(1));
+    }
+    assert_eq!(lb.in_flight(id(1)), Some(0));
+    assert_eq!(lb.latency_estimate(id(1)), Some(Duration::from_millis(1)));
+    lb.on_stream_end(id(1));
+    assert_eq!(
+        lb.in_flight(id(1)),
+        Some(0),
+        "an extra end does not go below zero"
+    );
+}
+
+#[test]
 fn p2c_avoids_a_slow_endpoint() {
     let mut lb = PowerOfTwoChoices::new(12);
     lb.update(&eps(&[(1, 1), (2, 1), (3, 1)]));
@@ -570,6 +602,8 @@ enum Op {
     Pick(Option<u64>),
     Start(u64),
     Finish(u64, u64, bool),
+    StreamOpen(u64),
+    StreamEnd(u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -580,6 +614,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u64..10).prop_map(Op::Start),
         2 => (0u64..10, prop_oneof![0u64..1_000_000, Just(u64::MAX)], any::<bool>())
             .prop_map(|(e, us, ok)| Op::Finish(e, us, ok)),
+        1 => (0u64..10).prop_map(Op::StreamOpen),
+        1 => (0u64..10).prop_map(Op::StreamEnd),
     ]
 }
 
@@ -623,6 +659,8 @@ proptest! {
                 }
                 Op::Start(e) => lb.on_start(id(e)),
                 Op::Finish(e, us, ok) => lb.on_finish(id(e), Duration::from_micros(us), ok),
+                Op::StreamOpen(e) => lb.on_stream_open(id(e)),
+                Op::StreamEnd(e) => lb.on_stream_end(id(e)),
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Stream calls over real TCP on every runtime pairing: order, flow control against a slow
 //! reader, cancel and deadline mid-stream, client streams, bidirectional echo, streams
-//! beside unary calls on one connection, streams to a discovered service, and client
-//! interceptors on stream calls.
+//! beside unary calls on one connection, streams to a discovered service (and counted as
+//! open on their instance), and client interceptors on stream calls.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::stream::{FuturesUnordered, StreamExt};
+use gorpc::proto::balance::{Balancer, Endpoint, EndpointId};
 use gorpc::stream::ResponseSink;
 use gorpc::{CallOptions, Client, Code, Raw, Request, Response, Router, Runtime, Server, Status};
 use gorpc_tests::{client_config, loopback, on_every_runtime, sleep, within, SECOND};
@@ -225,6 +226,88 @@ async fn streams_to_a_discovered_service<S: Runtime, C: Runtime>(server_rt: S, c
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+    for server in servers {
+        assert_eq!(server.shutdown(SECOND).await, gorpc::Shutdown::Graceful);
+    }
+}
+
+/// Round robin that keeps count of the streams open on each instance, as a load-aware
+/// balancer does.
+struct OpenStreamCounter {
+    inner: gorpc::proto::balance::RoundRobin,
+    open: Arc<Mutex<std::collections::HashMap<EndpointId, i64>>>,
+}
+
+impl Balancer for OpenStreamCounter {
+    fn update(&mut self, endpoints: &[Endpoint]) {
+        self.inner.update(endpoints);
+    }
+
+    fn pick(&mut self, key: Option<u64>) -> Option<EndpointId> {
+        self.inner.pick(key)
+    }
+
+    fn on_stream_open(&mut self, id: EndpointId) {
+        *self.open.lock().unwrap().entry(id).or_default() += 1;
+    }
+
+    fn on_stream_end(&mut self, id: EndpointId) {
+        *self.open.lock().unwrap().entry(id).or_default() -= 1;
+    }
+}
+
+/// A stream to a discovered instance counts as open on it from its start until its end is
+/// read or its receiver dropped; a unary call does not count.
+async fn streams_count_as_open_on_their_instance<S: Runtime, C: Runtime>(
+    server_rt: S,
+    client_rt: C,
+) {
+    let registry = gorpc::discovery::MemoryRegistry::new();
+    let servers = [
+        who_server(&server_rt, registry.clone()).await,
+        who_server(&server_rt, registry.clone()).await,
+    ];
+    let open = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let client = Client::builder(client_rt.clone())
+        .discover(registry.clone(), "who")
+        .balance(OpenStreamCounter {
+            inner: gorpc::proto::balance::RoundRobin::new(0),
+            open: open.clone(),
+        })
+        .build()
+        .unwrap();
+    // The open counts, largest first.
+    let counts = || {
+        let mut counts: Vec<i64> = open.lock().unwrap().values().copied().collect();
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        counts
+    };
+    within(&client_rt, Duration::from_secs(30), "open streams", async {
+        let mut first = client
+            .server_stream::<_, Bytes, Bytes>(WHO, Raw, long_call())
+            .await
+            .unwrap();
+        first.next().await.unwrap().unwrap();
+        assert_eq!(counts(), [1]);
+        let mut second = client
+            .server_stream::<_, Bytes, Bytes>(WHO, Raw, long_call())
+            .await
+            .unwrap();
+        second.next().await.unwrap().unwrap();
+        assert_eq!(counts(), [1, 1], "one stream on each instance");
+        let rsp = client
+            .call_raw(WHO, 0, Bytes::new(), CallOptions::default())
+            .await;
+        assert!(rsp.is_err(), "WHO streams; a unary call of it is refused");
+        assert_eq!(counts(), [1, 1], "unary calls are not streams");
+        drop(second);
+        assert_eq!(counts(), [1, 0], "a dropped stream no longer counts");
+        first.next().await.unwrap().unwrap();
+        assert_eq!(counts(), [1, 0], "open until its end is read");
+        assert!(first.next().await.is_none());
+        assert_eq!(counts(), [0, 0]);
+    })
+    .await;
     for server in servers {
         assert_eq!(server.shutdown(SECOND).await, gorpc::Shutdown::Graceful);
     }
@@ -618,6 +701,7 @@ on_every_runtime!(
     streams_and_unary_calls_share_a_connection,
     mismatched_framing_is_unimplemented,
     streams_to_a_discovered_service,
+    streams_count_as_open_on_their_instance,
     streams_need_the_binary_protocol,
     a_request_held_behind_unread_answers_is_served,
 );

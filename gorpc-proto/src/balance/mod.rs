@@ -159,6 +159,20 @@ pub trait Balancer {
     fn on_finish(&mut self, id: EndpointId, latency: Duration, ok: bool) {
         let _ = (id, latency, ok);
     }
+
+    /// A stream call to `id` opened (its opening was a call of its own, reported through
+    /// `on_start` and `on_finish`): load-aware balancers count it as load on `id` until
+    /// `on_stream_end`, without a latency sample, since a stream lasts as long as its
+    /// caller wants. Ids not in the set are ignored.
+    fn on_stream_open(&mut self, id: EndpointId) {
+        let _ = id;
+    }
+
+    /// A stream call to `id` that `on_stream_open` reported ended. Ids not in the set are
+    /// ignored.
+    fn on_stream_end(&mut self, id: EndpointId) {
+        let _ = id;
+    }
 }
 
 impl<B: Balancer + ?Sized> Balancer for Box<B> {
@@ -176,6 +190,14 @@ impl<B: Balancer + ?Sized> Balancer for Box<B> {
 
     fn on_finish(&mut self, id: EndpointId, latency: Duration, ok: bool) {
         (**self).on_finish(id, latency, ok)
+    }
+
+    fn on_stream_open(&mut self, id: EndpointId) {
+        (**self).on_stream_open(id)
+    }
+
+    fn on_stream_end(&mut self, id: EndpointId) {
+        (**self).on_stream_end(id)
     }
 }
 

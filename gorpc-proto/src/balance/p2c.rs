@@ -44,6 +44,8 @@ struct Load {
 /// many clients from all piling onto the same "best" endpoint. Load is
 /// `(latency EWMA + 1 ns) × (in-flight calls + 1) / weight`, from [`Balancer::on_start`] and
 /// [`Balancer::on_finish`]; call both for every call picked, or the in-flight counts drift.
+/// Open streams count as calls in flight, from [`Balancer::on_stream_open`] to
+/// [`Balancer::on_stream_end`], and give no latency sample.
 /// In-flight counts and latency estimates survive updates for endpoints that stay (down or
 /// not) and are dropped for endpoints that leave; a call that finishes after its endpoint
 /// left and came back does not count against it.
@@ -148,6 +150,16 @@ impl Balancer for PowerOfTwoChoices {
     fn on_start(&mut self, id: EndpointId) {
         if let Some(load) = self.slots.state_mut(id) {
             load.in_flight = load.in_flight.saturating_add(1);
+        }
+    }
+
+    fn on_stream_open(&mut self, id: EndpointId) {
+        self.on_start(id);
+    }
+
+    fn on_stream_end(&mut self, id: EndpointId) {
+        if let Some(load) = self.slots.state_mut(id) {
+            load.in_flight = load.in_flight.saturating_sub(1);
         }
     }
 

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -440,10 +440,10 @@ impl Balanced {
 
     /// Starts a stream call on an instance the balancer picks, skipping (and reporting)
     /// instances that cannot be reached, like [`send`](Self::send). The instance is
-    /// reported healthy once the stream started: load-aware balancers count a stream as
-    /// in flight only while it starts, not for its whole life.
+    /// reported healthy once the stream started, and the stream then counts as open on it
+    /// (load for load-aware balancers) until its receiver sees the end or is dropped.
     pub(crate) async fn start_stream(
-        &self,
+        self: &Arc<Self>,
         mut call: OutgoingCall,
         kind: StreamKind,
     ) -> Result<StreamHalves, Status> {
@@ -461,9 +461,14 @@ impl Balanced {
                 verdict: Verdict::Abandoned,
             };
             match start_stream_on(&*pool, call, kind).await {
-                Ok(halves) => {
+                Ok((sender, receiver)) => {
                     report.verdict = Verdict::Healthy;
-                    return Ok(halves);
+                    self.lock().balancer.on_stream_open(id);
+                    let open = OpenStream {
+                        balanced: Arc::downgrade(self),
+                        id,
+                    };
+                    return Ok((sender, receiver.counted_open(open)));
                 }
                 Err((status, unsent)) => {
                     report.verdict = Verdict::Unreachable;
@@ -494,6 +499,21 @@ impl Balanced {
 impl Drop for Balanced {
     fn drop(&mut self) {
         self.watch.abort();
+    }
+}
+
+/// A stream open on one instance: reports the stream's end to the balancer when dropped.
+/// Weak, so that a stream outliving its client does not keep the client's table alive.
+pub(crate) struct OpenStream {
+    balanced: Weak<Balanced>,
+    id: EndpointId,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if let Some(balanced) = self.balanced.upgrade() {
+            balanced.lock().balancer.on_stream_end(self.id);
+        }
     }
 }
 

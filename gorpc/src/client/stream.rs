@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use gorpc_proto::{CallId, Code, Status};
 
+use super::balanced::OpenStream;
 use super::conn::{Command, StreamEnd};
 use super::RawResponse;
 use crate::codec::{id_name, Codec};
@@ -48,6 +49,8 @@ pub struct RawStreamReceiver {
     commands: Arc<Commands>,
     /// The call ended and its end was handed out.
     done: bool,
+    /// A stream to a discovered instance counts as open on it until it ends.
+    open: Option<OpenStream>,
 }
 
 impl std::fmt::Debug for RawStreamReceiver {
@@ -75,7 +78,19 @@ impl RawStreamReceiver {
             id: None,
             commands,
             done: false,
+            open: None,
         }
+    }
+
+    /// Holds `open` until the call's end is handed out or the receiver is dropped.
+    pub(crate) fn counted_open(mut self, open: OpenStream) -> Self {
+        self.open = Some(open);
+        self
+    }
+
+    fn end(&mut self) {
+        self.done = true;
+        self.open = None;
     }
 
     /// Waits for the call's end, skipping any message, and returns its single response
@@ -86,7 +101,7 @@ impl RawStreamReceiver {
             match event {
                 Delivery::Message(_) => {}
                 Delivery::End(result) => {
-                    self.done = true;
+                    self.end();
                     let rsp = result?;
                     if !rsp.status.is_ok() {
                         return Err(rsp.status);
@@ -99,7 +114,7 @@ impl RawStreamReceiver {
                     });
                 }
                 Delivery::Gone => {
-                    self.done = true;
+                    self.end();
                     return Err(driver_gone());
                 }
             }
@@ -126,7 +141,7 @@ impl Stream for RawStreamReceiver {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Delivery::Message(body)) => Poll::Ready(Some(Ok(body))),
             Poll::Ready(Delivery::End(result)) => {
-                this.done = true;
+                this.end();
                 match result {
                     Ok(rsp) if rsp.status.is_ok() => Poll::Ready(None),
                     Ok(rsp) => Poll::Ready(Some(Err(rsp.status))),
@@ -134,7 +149,7 @@ impl Stream for RawStreamReceiver {
                 }
             }
             Poll::Ready(Delivery::Gone) => {
-                this.done = true;
+                this.end();
                 Poll::Ready(Some(Err(driver_gone())))
             }
         }
