@@ -1,5 +1,5 @@
 //! Stream calls over real TCP on every runtime pairing: order, flow control against a slow
-//! reader, cancel and deadline mid-stream, client streams, bidirectional echo, streams
+//! reader, cancel and deadline mid-stream, client streams, bidirectional echo, trailers, streams
 //! beside unary calls on one connection, streams to a discovered service (and counted as
 //! open on their instance), and client interceptors on stream calls.
 
@@ -26,6 +26,9 @@ const BLOB: &str = "/test.Stream/Blob";
 const BLOB_MESSAGE: usize = 64 * 1024;
 /// Server stream of the request's metadata value under `x-tag` and the server's port.
 const WHO: &str = "/test.Stream/Who";
+/// Server stream: the request holds n; answers 0..n and ends with trailers `x-sent: n`,
+/// with status OK, or FailedPrecondition when n is 0.
+const TRAILED: &str = "/test.Stream/Trailed";
 
 /// Message size of the flood: small, so the window holds many.
 const FLOOD_MESSAGE: usize = 100;
@@ -102,6 +105,18 @@ fn router<S: Runtime>(server_rt: S, probes: Arc<Probes>) -> Router {
             }
             Ok(())
         })
+        .server_stream(TRAILED, Raw, |req: Request<Bytes>, mut sink: ResponseSink<Bytes>| async move {
+            let n = body_u32(&req.message);
+            for i in 0..n {
+                sink.send(&u32_body(i)).await?;
+            }
+            sink.set_trailers([("x-first", "overwritten")].into_iter().collect());
+            sink.set_trailers([("x-sent", n.to_string())].into_iter().collect());
+            if n == 0 {
+                return Err(Status::new(Code::FailedPrecondition, "nothing to send"));
+            }
+            Ok(())
+        })
         // Sum: adds the client's 4-byte numbers.
         .client_stream(SUM, Raw, |req: Request<gorpc::stream::RequestStream<Bytes>>| async move {
             let mut messages = req.message;
@@ -117,9 +132,12 @@ fn router<S: Runtime>(server_rt: S, probes: Arc<Probes>) -> Router {
             Raw,
             |req: Request<gorpc::stream::RequestStream<Bytes>>, mut sink: ResponseSink<Bytes>| async move {
                 let mut messages = req.message;
+                let mut echoed = 0u32;
                 while let Some(message) = messages.next().await {
                     sink.send(&message?).await?;
+                    echoed += 1;
                 }
+                sink.set_trailers([("x-echoed", echoed.to_string())].into_iter().collect());
                 Ok(())
             },
         )
@@ -558,6 +576,8 @@ async fn client_stream_and_bidi_echo<S: Runtime, C: Runtime>(server_rt: S, clien
         };
         let ((), got) = futures::join!(writer, reader);
         assert_eq!(got, 50_000);
+        let trailers = rx.trailers().expect("the call ended with trailers");
+        assert_eq!(trailers.get_str("x-echoed"), Some("51000"));
     })
     .await;
 
@@ -573,6 +593,51 @@ async fn client_stream_and_bidi_echo<S: Runtime, C: Runtime>(server_rt: S, clien
         .await
         .unwrap();
     assert_eq!(rsp.body, "ok");
+    assert_eq!(server.shutdown(SECOND).await, gorpc::Shutdown::Graceful);
+}
+
+/// A handler's trailers reach the client after its last message, with an OK end and with
+/// an error; before the end there are none.
+async fn trailers_end_a_server_stream<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let (server, client, _) = setup(&server_rt, &client_rt).await;
+    within(&client_rt, Duration::from_secs(30), "trailers", async {
+        let mut request = long_call();
+        request.message = u32_body(3);
+        let mut stream = client
+            .server_stream::<_, Bytes, Bytes>(TRAILED, Raw, request)
+            .await
+            .unwrap();
+        for i in 0..3 {
+            assert_eq!(body_u32(&stream.next().await.unwrap().unwrap()), i);
+            assert!(stream.trailers().is_none(), "no trailers before the end");
+        }
+        assert!(stream.next().await.is_none(), "ends OK");
+        let trailers = stream.trailers().expect("trailers after the end");
+        assert_eq!(trailers.get_str("x-sent"), Some("3"));
+        assert_eq!(trailers.get("x-first"), None, "the last set wins");
+
+        let mut request = long_call();
+        request.message = u32_body(0);
+        let mut failed = client
+            .server_stream::<_, Bytes, Bytes>(TRAILED, Raw, request)
+            .await
+            .unwrap();
+        let status = failed.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
+        assert_eq!(failed.trailers().unwrap().get_str("x-sent"), Some("0"));
+        assert!(failed.next().await.is_none());
+
+        // A stream whose handler sets none ends with empty trailers.
+        let mut request = long_call();
+        request.message = u32_body(1);
+        let mut plain = client
+            .server_stream::<_, Bytes, Bytes>(COUNT, Raw, request)
+            .await
+            .unwrap();
+        while plain.next().await.is_some() {}
+        assert!(plain.trailers().unwrap().is_empty());
+    })
+    .await;
     assert_eq!(server.shutdown(SECOND).await, gorpc::Shutdown::Graceful);
 }
 
@@ -698,6 +763,7 @@ on_every_runtime!(
     dropping_the_receiver_drops_the_handler,
     deadline_mid_stream_ends_both_sides,
     client_stream_and_bidi_echo,
+    trailers_end_a_server_stream,
     streams_and_unary_calls_share_a_connection,
     mismatched_framing_is_unimplemented,
     streams_to_a_discovered_service,

@@ -55,6 +55,15 @@ impl Metadata {
         self.entries.is_empty()
     }
 
+    /// Appends every entry of `other`, after the ones here.
+    pub(crate) fn append_all(&mut self, other: Metadata) {
+        if self.entries.is_empty() {
+            self.entries = other.entries;
+        } else {
+            self.entries.extend(other.entries);
+        }
+    }
+
     /// Copies received metadata out of a frame head; values share the frame's buffer.
     pub(crate) fn from_wire(iter: MetadataIter<'_>, frame: &Bytes) -> Self {
         let entries = iter

@@ -21,6 +21,7 @@ use futures::Stream;
 use gorpc_proto::{batch, CallId, Code, SendError, Status};
 
 use crate::codec::Codec;
+use crate::metadata::Metadata;
 use crate::recycle::Recycler;
 
 /// Taken bytes a receiving half lets accumulate before giving them back to the driver.
@@ -108,6 +109,8 @@ struct OutboxState {
     notified: bool,
     /// The sending half, waiting for room or for the call to start.
     sender: Option<Waker>,
+    /// Metadata a handler asked to end its call with ([`RawResponseSink::set_trailers`]).
+    trailers: Metadata,
 }
 
 impl Outbox {
@@ -151,6 +154,15 @@ impl Outbox {
             waker.wake();
         }
         id
+    }
+
+    /// Sets the metadata the call ends with; the last set wins.
+    pub(crate) fn set_trailers(&self, trailers: Metadata) {
+        lock(&self.state).trailers = trailers;
+    }
+
+    pub(crate) fn take_trailers(&self) -> Metadata {
+        std::mem::take(&mut lock(&self.state).trailers)
     }
 
     pub(crate) fn is_ended(&self) -> bool {
@@ -695,6 +707,14 @@ impl RawResponseSink {
     pub async fn send(&mut self, body: Bytes) -> Result<(), Status> {
         self.sender.send_bytes(&body, call_ended).await
     }
+
+    /// Metadata to end the call with (trailers), sent after the messages beside the
+    /// handler's status, OK or not; the client reads it from its stream once the stream
+    /// ended (`ResponseStream::trailers`). The last set wins; set after the call ended, it
+    /// goes nowhere.
+    pub fn set_trailers(&mut self, trailers: Metadata) {
+        self.sender.outbox.set_trailers(trailers);
+    }
 }
 
 /// The response stream of a call, typed: messages encoded with the method's codec
@@ -724,6 +744,11 @@ impl<T: 'static> ResponseSink<T> {
             .sender
             .send(|buf| codec.encode(message, buf), call_ended)
             .await
+    }
+
+    /// Metadata to end the call with; see [`RawResponseSink::set_trailers`].
+    pub fn set_trailers(&mut self, trailers: Metadata) {
+        self.raw.set_trailers(trailers);
     }
 
     /// The undecoded sink.

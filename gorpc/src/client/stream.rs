@@ -51,6 +51,8 @@ pub struct RawStreamReceiver {
     done: bool,
     /// A stream to a discovered instance counts as open on it until it ends.
     open: Option<OpenStream>,
+    /// The metadata the call ended with, once its end was handed out.
+    trailers: Option<Metadata>,
 }
 
 impl std::fmt::Debug for RawStreamReceiver {
@@ -79,7 +81,15 @@ impl RawStreamReceiver {
             commands,
             done: false,
             open: None,
+            trailers: None,
         }
+    }
+
+    /// The metadata the server ended the call with (its handler's trailers), once this
+    /// stream handed out its end: after the last item, OK or not. `None` before that, or
+    /// when the call ended without an answer (a broken connection, a local deadline).
+    pub fn trailers(&self) -> Option<&Metadata> {
+        self.trailers.as_ref()
     }
 
     /// Holds `open` until the call's end is handed out or the receiver is dropped.
@@ -143,8 +153,16 @@ impl Stream for RawStreamReceiver {
             Poll::Ready(Delivery::End(result)) => {
                 this.end();
                 match result {
-                    Ok(rsp) if rsp.status.is_ok() => Poll::Ready(None),
-                    Ok(rsp) => Poll::Ready(Some(Err(rsp.status))),
+                    Ok(rsp) => {
+                        let trailers =
+                            Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
+                        this.trailers = Some(trailers);
+                        if rsp.status.is_ok() {
+                            Poll::Ready(None)
+                        } else {
+                            Poll::Ready(Some(Err(rsp.status)))
+                        }
+                    }
                     Err(status) => Poll::Ready(Some(Err(status))),
                 }
             }
@@ -265,6 +283,11 @@ impl<T> std::fmt::Debug for ResponseStream<T> {
 impl<T: 'static> ResponseStream<T> {
     pub(crate) fn new(raw: RawStreamReceiver, codec: Arc<dyn Codec<T>>) -> Self {
         ResponseStream { raw, codec }
+    }
+
+    /// The metadata the server ended the call with; see [`RawStreamReceiver::trailers`].
+    pub fn trailers(&self) -> Option<&Metadata> {
+        self.raw.trailers()
     }
 
     /// The undecoded stream.

@@ -411,9 +411,10 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
 
     /// Ends a call with `reply`; a stream call once every message its handler queued
     /// before returning is in the core. Messages sent after that are refused.
-    fn finish(&mut self, now: Instant, id: CallId, reply: ServerReply) {
+    fn finish(&mut self, now: Instant, id: CallId, mut reply: ServerReply) {
         if let Some(stream) = self.streams.get_mut(&id) {
             stream.outbox.end();
+            reply.metadata.append_all(stream.outbox.take_trailers());
             stream.reply = Some(reply);
             return self.feed_stream(now, id);
         }
