@@ -69,11 +69,18 @@ const READ_MAX: usize = 128 * 1024;
 /// A TCP stream. Reads land straight in gorpc's buffer, in room zeroed first (safe code
 /// cannot read into uninitialised memory): zeroing the room costs less than copying every
 /// byte again out of a scratch buffer (eight server streams of 1 KiB messages: 2.8M to
-/// 3.2M messages/s), and sizing the room by recent reads keeps small reads cheap.
+/// 3.2M messages/s), and sizing the room by recent reads keeps small reads cheap. A read
+/// that took less than its room drained the socket, so the next one waits until the
+/// reactor says readable rather than trying at once (tokio's sockets do the same): a
+/// one-stream client otherwise read 390,000 times a second, about 7 KiB each, zeroing a
+/// whole room every time; waiting first, 57,000 reads, and 2.9M to 3.3M messages/s
+/// (medians of six alternating runs; unary calls unchanged within noise).
 pub struct SmolIo {
     stream: Async<TcpStream>,
     /// How much room a read is given: doubles while reads fill it.
     read_size: usize,
+    /// The last read took less than its room: the socket is probably empty.
+    drained: bool,
 }
 
 impl fmt::Debug for SmolIo {
@@ -90,6 +97,7 @@ impl SmolIo {
         Ok(SmolIo {
             stream,
             read_size: READ_MIN,
+            drained: false,
         })
     }
 }
@@ -102,6 +110,10 @@ impl gorpc::runtime::Io for SmolIo {
         max: usize,
     ) -> Poll<io::Result<usize>> {
         let start = buf.len();
+        if self.drained {
+            ready!(self.stream.poll_readable(cx))?;
+            self.drained = false;
+        }
         let room = (buf.capacity() - start)
             .clamp(READ_MIN, self.read_size)
             .min(max.max(1));
@@ -112,6 +124,7 @@ impl gorpc::runtime::Io for SmolIo {
             buf.truncate(start + *read.as_ref().unwrap_or(&0));
             match read {
                 Ok(n) => {
+                    self.drained = n < room;
                     if n == room && self.read_size < READ_MAX {
                         self.read_size *= 2;
                     }
@@ -264,5 +277,64 @@ impl gorpc::Runtime for Smol {
 
     async fn bind_udp(&self, addr: SocketAddr) -> io::Result<SmolUdpSocket> {
         Ok(SmolUdpSocket(Async::<UdpSocket>::bind(addr)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::AsyncWriteExt;
+    use gorpc::runtime::Io;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::task::Wake;
+    use std::time::Duration;
+
+    struct Flag(AtomicBool);
+
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// After a read that drained the socket, the next read waits for the reactor without
+    /// reading, is woken when data comes, and then takes it.
+    #[test]
+    fn a_read_after_draining_waits_for_data_and_is_woken() {
+        smol::block_on(async {
+            let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
+            let addr = listener.get_ref().local_addr().unwrap();
+            let mut peer = Async::<TcpStream>::connect(addr).await.unwrap();
+            let (accepted, _) = listener.accept().await.unwrap();
+            let mut io = SmolIo::new(accepted).unwrap();
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+
+            peer.write_all(b"hello").await.unwrap();
+            let n = futures::future::poll_fn(|cx| io.poll_read_buf(cx, &mut buf, usize::MAX))
+                .await
+                .unwrap();
+            assert_eq!((n, &buf[..]), (5, &b"hello"[..]));
+            assert!(io.drained, "five bytes in 2 KiB of room: a short read");
+
+            let flag = Arc::new(Flag(AtomicBool::new(false)));
+            let waker = std::task::Waker::from(flag.clone());
+            let mut cx = Context::from_waker(&waker);
+            assert!(io.poll_read_buf(&mut cx, &mut buf, usize::MAX).is_pending());
+            assert!(!flag.0.load(Ordering::SeqCst));
+
+            peer.write_all(b" world").await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !flag.0.load(Ordering::SeqCst) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the waiting read was never woken"
+                );
+                Timer::after(Duration::from_millis(1)).await;
+            }
+            match io.poll_read_buf(&mut cx, &mut buf, usize::MAX) {
+                Poll::Ready(Ok(6)) => assert_eq!(&buf[..], b"hello world"),
+                other => panic!("expected the six new bytes, got {other:?}"),
+            }
+        });
     }
 }
