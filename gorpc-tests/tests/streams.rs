@@ -489,6 +489,63 @@ async fn dropping_the_receiver_drops_the_handler<S: Runtime, C: Runtime>(
     assert_eq!(server.shutdown(SECOND).await, gorpc::Shutdown::Graceful);
 }
 
+/// Shutdown lets an open stream finish within the grace period; one that would not finish
+/// is ended when the grace runs out: its handler is dropped and the client's stream ends
+/// with an error rather than hanging or ending OK.
+async fn shutdown_drains_or_ends_open_streams<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let (server, client, _) = setup(&server_rt, &client_rt).await;
+    let mut request = long_call();
+    request.message = u32_body(20_000);
+    let mut counted = client.server_stream(COUNT, Raw, request).await.unwrap();
+    assert_eq!(body_u32(&counted.next().await.unwrap().unwrap()), 0);
+    let reader = async {
+        let mut next = 1u32;
+        while let Some(message) = counted.next().await {
+            assert_eq!(body_u32(&message.unwrap()), next);
+            next += 1;
+        }
+        next
+    };
+    let drained = futures::future::join(server.shutdown(10 * SECOND), reader);
+    let (outcome, taken) = within(&client_rt, Duration::from_secs(30), "drain", drained).await;
+    assert_eq!(outcome, gorpc::Shutdown::Graceful);
+    assert_eq!(taken, 20_000, "every message before the end");
+
+    let (server, client, probes) = setup(&server_rt, &client_rt).await;
+    let (tx, dropped) = oneshot::channel();
+    probes.dropped.lock().unwrap().push(tx);
+    let mut hanging = client
+        .server_stream::<_, Bytes, Bytes>(HANG, Raw, long_call())
+        .await
+        .unwrap();
+    hanging.next().await.unwrap().unwrap();
+    let reader = async {
+        loop {
+            match hanging.next().await {
+                Some(Ok(_)) => {}
+                Some(Err(status)) => break Some(status),
+                None => break None,
+            }
+        }
+    };
+    let forced = futures::future::join(server.shutdown(Duration::from_millis(300)), reader);
+    let (outcome, end) = within(&client_rt, Duration::from_secs(30), "forced", forced).await;
+    assert_eq!(outcome, gorpc::Shutdown::Forced);
+    let status = end.expect("the stream ends with an error, not OK");
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::Cancelled),
+        "{status}"
+    );
+    within(
+        &client_rt,
+        Duration::from_secs(5),
+        "handler dropped",
+        dropped,
+    )
+    .await
+    .expect("the guard signals, not just drops its sender");
+}
+
 async fn deadline_mid_stream_ends_both_sides<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
     let (server, client, probes) = setup(&server_rt, &client_rt).await;
     let (tx, dropped) = oneshot::channel();
@@ -762,6 +819,7 @@ on_every_runtime!(
     slow_consumer_bounds_the_producer,
     dropping_the_receiver_drops_the_handler,
     deadline_mid_stream_ends_both_sides,
+    shutdown_drains_or_ends_open_streams,
     client_stream_and_bidi_echo,
     trailers_end_a_server_stream,
     streams_and_unary_calls_share_a_connection,
