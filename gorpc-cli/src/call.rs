@@ -1,4 +1,5 @@
-//! `gorpc call`: a unary call with the request given as JSON, typed by a .proto file.
+//! `gorpc call`: a call of any kind with its requests given as JSON, typed by a .proto
+//! file; responses are printed as JSON as they arrive.
 
 use std::io::Read as _;
 use std::net::{SocketAddr, ToSocketAddrs as _};
@@ -7,6 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Args;
+use futures::StreamExt as _;
+use gorpc_tokio::client::RawStreamReceiver;
+use gorpc_tokio::proto::StreamKind;
 use gorpc_tokio::{CallOptions, Client, ClientConfig, Metadata, Status, Tokio};
 use prost::Message as _;
 use prost_reflect::{
@@ -31,8 +35,10 @@ pub struct CallArgs {
     /// searched last.
     #[arg(short = 'I', long = "include", value_name = "DIR")]
     include: Vec<PathBuf>,
-    /// The request message as JSON (protobuf JSON mapping); @FILE reads it from a file,
-    /// @- from stdin.
+    /// The request message as JSON (protobuf JSON mapping); for a client-streaming or
+    /// bidirectional method, the messages one after another (`{..} {..}`, none for an
+    /// empty stream). @FILE reads it from a file, @- from stdin (read to its end before
+    /// the call starts).
     #[arg(short, long, value_name = "JSON", default_value = "{}")]
     data: String,
     /// Call timeout in seconds (default 30); also bounds the connect (default 5).
@@ -49,7 +55,20 @@ pub struct CallArgs {
 pub fn run(args: CallArgs) -> Result<(), Failure> {
     let pool = load_pool(&args.proto, &args.include)?;
     let method = find_method(&pool, &args.method, &args.proto)?;
-    let request = parse_request(method.input(), &read_data(&args.data)?)?;
+    let kind = stream_kind(&method);
+    let requests = parse_requests(method.input(), &read_data(&args.data)?)?;
+    let takes_one = matches!(kind, None | Some(StreamKind::ServerStreaming));
+    if takes_one && requests.len() != 1 {
+        return Err(Failure::usage(format!(
+            "--data holds {} messages; {} takes exactly one",
+            requests.len(),
+            args.method
+        )));
+    }
+    let bodies: Vec<Bytes> = requests
+        .iter()
+        .map(|r| Bytes::from(r.encode_to_vec()))
+        .collect();
     let metadata = parse_headers(&args.headers)?;
     let timeout = match args.timeout {
         Some(secs) => Some(
@@ -71,44 +90,120 @@ pub fn run(args: CallArgs) -> Result<(), Failure> {
         .build()
         .map_err(|e| Failure::other(format!("cannot start the tokio runtime: {e}")))?;
     let path = args.method.clone();
-    let body = Bytes::from(request.encode_to_vec());
-    let raw = runtime.block_on(async move {
+    let printer = Printer {
+        desc: method.output(),
+        options: SerializeOptions::new().skip_default_fields(!args.emit_defaults),
+    };
+    runtime.block_on(async move {
         let client = connect(&addrs, timeout).await?;
         let options = CallOptions {
             timeout,
             metadata,
             ..CallOptions::default()
         };
-        client
-            .call_raw(path, gorpc_proto::codec::PROTOBUF, body, options)
+        let protobuf = gorpc_proto::codec::PROTOBUF;
+        let Some(kind) = kind else {
+            let body = bodies.into_iter().next().expect("one request, checked");
+            let raw = client
+                .call_raw(path, protobuf, body, options)
+                .await
+                .map_err(status_failure)?;
+            check_codec(raw.codec)?;
+            return printer.print(raw.body);
+        };
+        let first = match kind {
+            StreamKind::ServerStreaming => bodies[0].clone(),
+            _ => Bytes::new(),
+        };
+        let (sender, receiver) = client
+            .stream_raw(path, protobuf, kind, first, options)
             .await
-            .map_err(|status| Failure {
-                exit_code: EXIT_STATUS,
-                message: format!("{}: {}", status.code(), status.message()),
-            })
-    })?;
+            .map_err(status_failure)?;
+        let send_all = async move {
+            let Some(mut sender) = sender.filter(|_| kind != StreamKind::ServerStreaming) else {
+                return Ok(());
+            };
+            for body in bodies {
+                // A send fails once the call ended; the receiver then has the reason.
+                if sender.send(body).await.is_err() {
+                    return Ok(());
+                }
+            }
+            sender.close_send().await.or(Ok(()))
+        };
+        match kind {
+            StreamKind::ClientStreaming => {
+                send_all.await?;
+                let raw = receiver.response().await.map_err(status_failure)?;
+                check_codec(raw.codec)?;
+                printer.print(raw.body)
+            }
+            _ => {
+                let (sent, printed) = futures::join!(send_all, printer.print_all(receiver));
+                sent.and(printed)
+            }
+        }
+    })
+}
 
-    if raw.codec != gorpc_proto::codec::PROTOBUF {
-        return Err(Failure::other(format!(
-            "the server answered in codec {}, expected protobuf ({})",
-            raw.codec,
-            gorpc_proto::codec::PROTOBUF
-        )));
+/// The method's stream kind; `None` for a unary method.
+fn stream_kind(method: &MethodDescriptor) -> Option<StreamKind> {
+    match (method.is_client_streaming(), method.is_server_streaming()) {
+        (false, false) => None,
+        (false, true) => Some(StreamKind::ServerStreaming),
+        (true, false) => Some(StreamKind::ClientStreaming),
+        (true, true) => Some(StreamKind::Bidirectional),
     }
-    let reply = DynamicMessage::decode(method.output(), raw.body).map_err(|e| {
-        Failure::other(format!(
-            "cannot decode the reply as {}: {e}",
-            method.output().full_name()
-        ))
-    })?;
-    let options = SerializeOptions::new().skip_default_fields(!args.emit_defaults);
-    let mut out = Vec::new();
-    let mut serializer = serde_json::Serializer::pretty(&mut out);
-    reply
-        .serialize_with_options(&mut serializer, &options)
-        .map_err(|e| Failure::other(format!("cannot print the reply as JSON: {e}")))?;
-    println!("{}", String::from_utf8_lossy(&out));
-    Ok(())
+}
+
+fn status_failure(status: Status) -> Failure {
+    Failure {
+        exit_code: EXIT_STATUS,
+        message: format!("{}: {}", status.code(), status.message()),
+    }
+}
+
+fn check_codec(codec: u8) -> Result<(), Failure> {
+    if codec == gorpc_proto::codec::PROTOBUF {
+        return Ok(());
+    }
+    Err(Failure::other(format!(
+        "the server answered in codec {codec}, expected protobuf ({})",
+        gorpc_proto::codec::PROTOBUF
+    )))
+}
+
+/// Prints responses as pretty JSON, one after another on stdout.
+struct Printer {
+    desc: MessageDescriptor,
+    options: SerializeOptions,
+}
+
+impl Printer {
+    fn print(&self, body: Bytes) -> Result<(), Failure> {
+        let reply = DynamicMessage::decode(self.desc.clone(), body).map_err(|e| {
+            Failure::other(format!(
+                "cannot decode the reply as {}: {e}",
+                self.desc.full_name()
+            ))
+        })?;
+        let mut out = Vec::new();
+        let mut serializer = serde_json::Serializer::pretty(&mut out);
+        reply
+            .serialize_with_options(&mut serializer, &self.options)
+            .map_err(|e| Failure::other(format!("cannot print the reply as JSON: {e}")))?;
+        println!("{}", String::from_utf8_lossy(&out));
+        Ok(())
+    }
+
+    /// Prints each message of a response stream as it comes; an error status that ends
+    /// the stream is the failure, after the messages before it.
+    async fn print_all(&self, mut receiver: RawStreamReceiver) -> Result<(), Failure> {
+        while let Some(item) = receiver.next().await {
+            self.print(item.map_err(status_failure)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Parses `proto` (and its imports) with protox.
@@ -187,11 +282,6 @@ fn find_method(
                 list(&known)
             ))
         })?;
-    if method.is_client_streaming() || method.is_server_streaming() {
-        return Err(Failure::usage(format!(
-            "{path} is a streaming method; gorpc call supports unary methods only"
-        )));
-    }
     Ok(method)
 }
 
@@ -219,32 +309,42 @@ fn read_data(data: &str) -> Result<String, Failure> {
     }
 }
 
-/// Parses JSON into a message of type `desc`, refusing unknown fields.
-fn parse_request(desc: MessageDescriptor, json: &str) -> Result<DynamicMessage, Failure> {
-    let bad = |at: Option<String>, e: serde_json::Error| {
+/// Parses JSON values, one after another, into messages of type `desc`, refusing unknown
+/// fields.
+fn parse_requests(desc: MessageDescriptor, json: &str) -> Result<Vec<DynamicMessage>, Failure> {
+    let bad = |n: usize, at: Option<String>, e: serde_json::Error| {
         let at = at
             .map(|path| format!("field `{path}`: "))
             .unwrap_or_default();
+        let which = if n == 0 {
+            String::new()
+        } else {
+            format!(" (message {})", n + 1)
+        };
         Failure::usage(format!(
-            "--data is not a valid {} request: {at}{e}",
+            "--data is not a valid {} request{which}: {at}{e}",
             desc.full_name()
         ))
     };
-    let mut deserializer = serde_json::Deserializer::from_str(json);
     let options = DeserializeOptions::new().deny_unknown_fields(true);
-    // Tracks where in the JSON an error happened, so a type error names its field.
-    let mut track = serde_path_to_error::Track::new();
-    let message = DynamicMessage::deserialize_with_options(
-        desc.clone(),
-        serde_path_to_error::Deserializer::new(&mut deserializer, &mut track),
-        &options,
-    )
-    .map_err(|e| {
-        let path = track.path().to_string();
-        bad((path != "." && path != "?").then_some(path), e)
-    })?;
-    deserializer.end().map_err(|e| bad(None, e))?;
-    Ok(message)
+    let mut messages = Vec::new();
+    let values = serde_json::Deserializer::from_str(json).into_iter::<serde_json::Value>();
+    for (n, value) in values.enumerate() {
+        let value = value.map_err(|e| bad(n, None, e))?;
+        // Tracks where in the JSON an error happened, so a type error names its field.
+        let mut track = serde_path_to_error::Track::new();
+        let message = DynamicMessage::deserialize_with_options(
+            desc.clone(),
+            serde_path_to_error::Deserializer::new(value, &mut track),
+            &options,
+        )
+        .map_err(|e| {
+            let path = track.path().to_string();
+            bad(n, (path != "." && path != "?").then_some(path), e)
+        })?;
+        messages.push(message);
+    }
+    Ok(messages)
 }
 
 /// `-H key=value` pairs.

@@ -1,4 +1,5 @@
-//! `gorpc call` against the helloworld service, served in-process on tokio.
+//! `gorpc call` against the helloworld and route guide services, served in-process on
+//! tokio: unary calls, and streams of every kind.
 
 mod common;
 
@@ -7,9 +8,14 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::{gorpc, helloworld_proto, run};
+use futures::StreamExt;
 use gorpc_examples::helloworld::{
     Greeter, GreeterServer, HelloAllReply, HelloAllRequest, HelloReply, HelloRequest,
 };
+use gorpc_examples::routeguide::{
+    Feature, Point, Rectangle, RouteGuide, RouteGuideServer, RouteNote, RouteSummary,
+};
+use gorpc_tokio::stream::{RequestStream, ResponseSink};
 use gorpc_tokio::{Code, Request, Response, Router, Server, ServerHandle, Status, Tokio};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -49,6 +55,73 @@ impl Greeter for TestGreeter {
     }
 }
 
+/// A route guide with one method of each kind.
+struct TestGuide;
+
+/// ListFeatures ends with this error past this latitude, after the features up to it.
+const LAST_LATITUDE: i32 = 10;
+
+impl RouteGuide for TestGuide {
+    async fn get_feature(&self, request: Request<Point>) -> Result<Response<Feature>, Status> {
+        Ok(Response::new(Feature {
+            name: "here".to_owned(),
+            location: Some(request.message),
+        }))
+    }
+
+    /// A feature at each latitude from `lo` to `hi`.
+    async fn list_features(
+        &self,
+        request: Request<Rectangle>,
+        mut sink: ResponseSink<Feature>,
+    ) -> Result<(), Status> {
+        let lo = request.message.lo.unwrap_or_default().latitude;
+        let hi = request.message.hi.unwrap_or_default().latitude;
+        for latitude in lo..=hi.min(LAST_LATITUDE) {
+            let feature = Feature {
+                name: format!("f{latitude}"),
+                location: Some(Point {
+                    latitude,
+                    longitude: 0,
+                }),
+            };
+            sink.send(&feature).await?;
+        }
+        if hi > LAST_LATITUDE {
+            return Err(Status::new(Code::OutOfRange, "the map ends at latitude 10"));
+        }
+        Ok(())
+    }
+
+    async fn record_route(
+        &self,
+        request: Request<RequestStream<Point>>,
+    ) -> Result<Response<RouteSummary>, Status> {
+        let mut points = request.message;
+        let mut summary = RouteSummary::default();
+        while let Some(point) = points.next().await {
+            point?;
+            summary.point_count += 1;
+        }
+        Ok(Response::new(summary))
+    }
+
+    /// Each note back, shouted.
+    async fn route_chat(
+        &self,
+        request: Request<RequestStream<RouteNote>>,
+        mut sink: ResponseSink<RouteNote>,
+    ) -> Result<(), Status> {
+        let mut notes = request.message;
+        while let Some(note) = notes.next().await {
+            let mut note = note?;
+            note.message = note.message.to_uppercase();
+            sink.send(&note).await?;
+        }
+        Ok(())
+    }
+}
+
 /// The server keeps running on the runtime's worker threads while the test blocks on the
 /// CLI.
 struct TestServer {
@@ -65,7 +138,9 @@ impl TestServer {
             .build()
             .expect("tokio runtime");
         let handle = runtime.block_on(async {
-            let router = Router::new().add_service(GreeterServer::new(TestGreeter));
+            let router = Router::new()
+                .add_service(GreeterServer::new(TestGreeter))
+                .add_service(RouteGuideServer::new(TestGuide));
             Server::new(Tokio::current(), router)
                 .bind("127.0.0.1:0".parse().unwrap())
                 .await
@@ -81,6 +156,15 @@ impl TestServer {
 
     fn call(&self, method: &str, extra: &[&str]) -> Output {
         call_at(&self.addr.to_string(), method, &helloworld_proto(), extra)
+    }
+
+    fn call_route_guide(&self, method: &str, extra: &[&str]) -> Output {
+        let proto = format!(
+            "{}/../examples/proto/route_guide.proto",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let path = format!("/routeguide.RouteGuide/{method}");
+        call_at(&self.addr.to_string(), &path, &proto, extra)
     }
 }
 
@@ -248,4 +332,93 @@ fn method_the_server_does_not_serve_exits_4() {
         4,
         &["error: unimplemented", "/helloworld.Greeter/SayGoodbye"],
     );
+}
+
+/// Every JSON value on stdout, in order.
+fn json_values(output: &Output) -> Vec<serde_json::Value> {
+    serde_json::Deserializer::from_slice(&output.stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON values ({e}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+}
+
+fn names(values: &[serde_json::Value]) -> Vec<&str> {
+    values.iter().map(|v| v["name"].as_str().unwrap()).collect()
+}
+
+#[test]
+fn server_stream_prints_each_message() {
+    let server = TestServer::start();
+    let output = server.call_route_guide(
+        "ListFeatures",
+        &["-d", r#"{"lo":{"latitude":1},"hi":{"latitude":3}}"#],
+    );
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    assert_eq!(names(&json_values(&output)), ["f1", "f2", "f3"]);
+
+    // An error status after some messages: they are printed, then the error, exit 4.
+    let output = server.call_route_guide(
+        "ListFeatures",
+        &["-d", r#"{"lo":{"latitude":9},"hi":{"latitude":12}}"#],
+    );
+    assert_eq!(output.status.code(), Some(4), "stderr: {}", stderr(&output));
+    assert_eq!(names(&json_values(&output)), ["f9", "f10"]);
+    assert!(
+        stderr(&output).contains("out of range: the map ends at latitude 10"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn client_stream_sends_every_message() {
+    let server = TestServer::start();
+    let output = server.call_route_guide(
+        "RecordRoute",
+        &[
+            "-d",
+            r#"{"latitude":1} {"latitude":2}
+            {"latitude":3}"#,
+        ],
+    );
+    assert_eq!(json_stdout(&output), serde_json::json!({"pointCount": 3}));
+    // No messages at all: an empty stream.
+    let output = server.call_route_guide("RecordRoute", &["-d", " ", "--emit-defaults"]);
+    assert_eq!(json_stdout(&output)["pointCount"], 0);
+}
+
+#[test]
+fn bidirectional_stream_sends_and_prints() {
+    let server = TestServer::start();
+    let output = server.call_route_guide(
+        "RouteChat",
+        &["-d", r#"{"message":"a"} {"message":"b"} {"message":"c"}"#],
+    );
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    let values = json_values(&output);
+    let messages: Vec<&str> = values
+        .iter()
+        .map(|v| v["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages, ["A", "B", "C"]);
+}
+
+#[test]
+fn message_counts_and_stream_inputs_are_checked() {
+    let server = TestServer::start();
+    let output = server.call_route_guide("GetFeature", &["-d", "{} {}"]);
+    assert_exit(
+        &output,
+        2,
+        &["--data holds 2 messages", "takes exactly one"],
+    );
+    let output = server.call_route_guide("ListFeatures", &["-d", ""]);
+    assert_exit(&output, 2, &["--data holds 0 messages"]);
+    let output = server.call_route_guide("RecordRoute", &["-d", r#"{"latitude":1} {"lat":2}"#]);
+    assert_exit(&output, 2, &["(message 2)", "lat", "routeguide.Point"]);
 }
