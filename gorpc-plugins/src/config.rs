@@ -31,8 +31,11 @@
 //! `protobuf`, `msgpack`, `json`; transports: servers `tcp`, `tcp+http` (both on one port);
 //! clients `tcp`, `http`, `udp` (with `idempotent_methods`, resent until answered), where
 //! discovery and balancing need `tcp`.
-//! Interceptors that sleep on the runtime (`retry::Retry`) are added in code, to the client
-//! [`ClientSettings::build`] returns.
+//! Client interceptors that run on the client's runtime, made when [`ClientSettings::build`]
+//! is given it: `retry` (`max_attempts`, default 3; `codes`, default `["unavailable"]`;
+//! `backoff_base_ms`, default 50; `backoff_max_ms`, default 5000; `no_retry`, methods that
+//! are not idempotent, sent once; `seed`) and `hedge` (`methods`, the idempotent methods to
+//! hedge; `delay_ms`, before each further attempt; `max_attempts`, default 2).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -308,6 +311,7 @@ type ServerInterceptorFactory =
     Box<dyn Fn(&mut Options) -> Result<Arc<dyn ServerInterceptor>, ConfigError> + Send + Sync>;
 type ClientInterceptorFactory =
     Box<dyn Fn(&mut Options) -> Result<Arc<dyn ClientInterceptor>, ConfigError> + Send + Sync>;
+type RuntimeInterceptorFactory = fn(&mut Options) -> Result<RuntimeInterceptor, ConfigError>;
 type RegistryFactory =
     Box<dyn Fn(&mut Options) -> Result<RegistryPlugin, ConfigError> + Send + Sync>;
 type BalancerFactory =
@@ -317,6 +321,8 @@ type BalancerFactory =
 pub struct Plugins {
     server_interceptors: BTreeMap<String, ServerInterceptorFactory>,
     client_interceptors: BTreeMap<String, ClientInterceptorFactory>,
+    /// Built-in client interceptors made on the client's runtime (retry, hedge).
+    runtime_client_interceptors: BTreeMap<String, RuntimeInterceptorFactory>,
     registries: BTreeMap<String, RegistryFactory>,
     balancers: BTreeMap<String, BalancerFactory>,
     codecs: BTreeMap<String, u8>,
@@ -348,6 +354,7 @@ impl Plugins {
         Plugins {
             server_interceptors: BTreeMap::new(),
             client_interceptors: BTreeMap::new(),
+            runtime_client_interceptors: BTreeMap::new(),
             registries: BTreeMap::new(),
             balancers: BTreeMap::new(),
             codecs: BTreeMap::new(),
@@ -435,6 +442,18 @@ impl Plugins {
                 .server_interceptor("otel", |_| Ok(Arc::new(crate::otel::OtelServer::global())))
                 .client_interceptor("otel", |_| Ok(Arc::new(crate::otel::OtelClient::global())));
         }
+        #[cfg(feature = "retry")]
+        {
+            plugins
+                .runtime_client_interceptors
+                .insert("retry".to_owned(), retry_interceptor);
+        }
+        #[cfg(feature = "hedge")]
+        {
+            plugins
+                .runtime_client_interceptors
+                .insert("hedge".to_owned(), hedge_interceptor);
+        }
         #[cfg(feature = "consul")]
         {
             plugins = plugins.registry("consul", consul_registry);
@@ -507,6 +526,141 @@ impl Plugins {
 
 fn seed(options: &mut Options) -> Result<u64, ConfigError> {
     Ok(options.u64("seed")?.unwrap_or_else(|| fastrand::u64(..)))
+}
+
+/// A client interceptor that needs the client's runtime, as configured.
+enum RuntimeInterceptor {
+    #[cfg(feature = "retry")]
+    Retry {
+        policy: gorpc::proto::policy::RetryPolicy,
+        no_retry: Vec<String>,
+    },
+    #[cfg(feature = "hedge")]
+    Hedge {
+        hedging: gorpc::proto::policy::Hedging,
+        methods: Vec<String>,
+    },
+}
+
+impl RuntimeInterceptor {
+    #[allow(unused_variables)] // a build without retry and hedge has no variant
+    fn on<R: Runtime>(self, runtime: &R) -> Arc<dyn ClientInterceptor> {
+        match self {
+            #[cfg(feature = "retry")]
+            RuntimeInterceptor::Retry { policy, no_retry } => {
+                let once = policy.clone().with_max_attempts(1);
+                let mut retry = crate::retry::Retry::new(runtime.clone(), policy);
+                for method in no_retry {
+                    retry = retry.method(method, once.clone());
+                }
+                Arc::new(retry)
+            }
+            #[cfg(feature = "hedge")]
+            RuntimeInterceptor::Hedge { hedging, methods } => {
+                let mut hedge = crate::hedge::Hedge::new(runtime.clone());
+                for method in methods {
+                    hedge = hedge.method(method, hedging);
+                }
+                Arc::new(hedge)
+            }
+        }
+    }
+}
+
+/// `"unavailable"`, `"resource_exhausted"`, `"deadline exceeded"`...: a status code by the
+/// name it prints with, spaces or underscores alike.
+#[cfg(feature = "retry")]
+fn code_named(name: &str) -> Option<gorpc::Code> {
+    let name = name.trim().to_ascii_lowercase().replace('_', " ");
+    (1..=16)
+        .map(gorpc::Code::from_u32)
+        .find(|code| code.as_str() == name)
+}
+
+// The factories read every option before judging any, so that a misspelt option, found
+// by `make_with` after them, is not masked by a complaint about another one.
+
+#[cfg(feature = "retry")]
+fn retry_interceptor(o: &mut Options) -> Result<RuntimeInterceptor, ConfigError> {
+    use gorpc::proto::policy::{Backoff, RetryPolicy};
+    let seed = seed(o)?;
+    let max_attempts = o.u64("max_attempts")?;
+    let codes = o.strings("codes")?;
+    let base = o.millis("backoff_base_ms")?;
+    let max = o.millis("backoff_max_ms")?;
+    let no_retry = o.strings("no_retry")?.unwrap_or_default();
+
+    let mut policy = RetryPolicy::new(seed);
+    if let Some(n) = max_attempts {
+        policy = policy.with_max_attempts(at_least_one(o, n)?);
+    }
+    if let Some(names) = codes {
+        let mut codes = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            codes.push(code_named(name).ok_or_else(|| {
+                ConfigError::new(
+                    o.key(&format!("codes[{i}]")),
+                    format!(
+                        "{name:?} is not a status code (e.g. \"unavailable\", \"resource_exhausted\")"
+                    ),
+                )
+            })?);
+        }
+        policy = policy.with_retryable_codes(&codes);
+    }
+    let mut backoff = Backoff::default();
+    backoff.base = base.unwrap_or(backoff.base);
+    backoff.max = max.unwrap_or(backoff.max);
+    if backoff.max < backoff.base {
+        return Err(ConfigError::new(
+            o.key("backoff_max_ms"),
+            "must not be below backoff_base_ms",
+        ));
+    }
+    Ok(RuntimeInterceptor::Retry {
+        policy: policy.with_backoff(backoff),
+        no_retry,
+    })
+}
+
+#[cfg(feature = "hedge")]
+fn hedge_interceptor(o: &mut Options) -> Result<RuntimeInterceptor, ConfigError> {
+    let methods = o.strings("methods")?;
+    let delay = o.millis("delay_ms")?;
+    let max_attempts = o.u64("max_attempts")?;
+
+    let methods = methods.ok_or_else(|| {
+        ConfigError::new(
+            o.key("methods"),
+            "missing: the idempotent methods to hedge (full paths)",
+        )
+    })?;
+    let delay = delay.ok_or_else(|| {
+        ConfigError::new(
+            o.key("delay_ms"),
+            "missing: how long an attempt runs before the next one starts",
+        )
+    })?;
+    let max_attempts = match max_attempts {
+        None => 2,
+        Some(n) => at_least_one(o, n)?,
+    };
+    Ok(RuntimeInterceptor::Hedge {
+        hedging: gorpc::proto::policy::Hedging::new(max_attempts, delay),
+        methods,
+    })
+}
+
+/// `max_attempts` as a count that includes the first attempt.
+#[cfg(any(feature = "retry", feature = "hedge"))]
+fn at_least_one(o: &Options, n: u64) -> Result<u32, ConfigError> {
+    if n == 0 {
+        return Err(ConfigError::new(
+            o.key("max_attempts"),
+            "must be at least 1 (the first attempt counts)",
+        ));
+    }
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
 }
 
 #[cfg(feature = "consul")]
@@ -759,15 +913,26 @@ impl Config {
         }
         let mut interceptors = Vec::new();
         for (name, options) in o.components("interceptors")? {
-            let make = plugins.client_interceptors.get(&name).ok_or_else(|| {
-                unknown(
+            if let Some(make) = plugins.client_interceptors.get(&name) {
+                interceptors.push(ClientLayer::Made(make_with(options, make)?));
+            } else if let Some(make) = plugins.runtime_client_interceptors.get(&name) {
+                interceptors.push(ClientLayer::OnRuntime(make_with(options, make)?));
+            } else {
+                let mut known: BTreeMap<String, ()> = BTreeMap::new();
+                for name in plugins
+                    .client_interceptors
+                    .keys()
+                    .chain(plugins.runtime_client_interceptors.keys())
+                {
+                    known.insert(name.clone(), ());
+                }
+                return Err(unknown(
                     "client interceptor",
                     options.key("name"),
                     &name,
-                    &plugins.client_interceptors,
-                )
-            })?;
-            interceptors.push(make_with(options, make)?);
+                    &known,
+                ));
+            }
         }
         o.finish()?;
         Ok(ClientSettings {
@@ -857,7 +1022,14 @@ pub struct ClientSettings {
     pub codec: u8,
     config: ClientConfig,
     balancer: Option<Box<dyn Balancer + Send>>,
-    interceptors: Vec<Arc<dyn ClientInterceptor>>,
+    interceptors: Vec<ClientLayer>,
+}
+
+/// A configured client interceptor, in the order the configuration lists them.
+enum ClientLayer {
+    Made(Arc<dyn ClientInterceptor>),
+    /// Made by `build`, on the client's runtime.
+    OnRuntime(RuntimeInterceptor),
 }
 
 impl fmt::Debug for ClientSettings {
@@ -874,6 +1046,14 @@ impl ClientSettings {
     /// The client these settings describe, on `runtime` (a udp client binds its socket
     /// here). Settings make one client: the balancer they hold moves into it.
     pub async fn build<R: Runtime>(self, runtime: R) -> Result<Client, Status> {
+        let interceptors: Vec<Arc<dyn ClientInterceptor>> = self
+            .interceptors
+            .into_iter()
+            .map(|layer| match layer {
+                ClientLayer::Made(interceptor) => interceptor,
+                ClientLayer::OnRuntime(interceptor) => interceptor.on(&runtime),
+            })
+            .collect();
         let mut client = match (self.transport, self.target) {
             (ClientTransport::Tcp, target) => {
                 let mut builder: ClientBuilder<R> = Client::builder(runtime).config(self.config);
@@ -904,7 +1084,7 @@ impl ClientSettings {
                 unreachable!("Config::client allows discovery only over tcp")
             }
         };
-        for interceptor in self.interceptors {
+        for interceptor in interceptors {
             client = client.with_interceptor(SharedClientInterceptor(interceptor));
         }
         Ok(client)

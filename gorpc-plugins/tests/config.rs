@@ -187,9 +187,99 @@ async fn transports_are_chosen_by_name<S: Runtime, C: Runtime>(server_rt: S, cli
     udp.shutdown(SECOND).await;
 }
 
+/// `retry` and `hedge` are made on the client's runtime: a method failing twice with
+/// `Unavailable` succeeds on its third attempt, one listed in `no_retry` fails at once, and
+/// a hedged call whose first attempt stalls is answered by its second.
+async fn retry_and_hedge_are_configured_by_name<S: Runtime, C: Runtime>(
+    server_rt: S,
+    client_rt: C,
+) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counted = attempts.clone();
+    let sleeper = server_rt.clone();
+    let router = Router::new()
+        // Unavailable, then Unavailable, then OK; the count starts over after an OK.
+        .route("/t.Flaky/Call", move |_req: ServerRequest| {
+            let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                if n.is_multiple_of(3) {
+                    ServerReply::ok(Bytes::from_static(b"third time"))
+                } else {
+                    ServerReply::error(gorpc::Status::new(Code::Unavailable, "not yet"))
+                }
+            }
+        })
+        // The first call stalls for a minute; every later one answers at once.
+        .route("/t.Slow/Call", {
+            let calls = Arc::new(AtomicU32::new(0));
+            move |_req: ServerRequest| {
+                let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+                let sleeper = sleeper.clone();
+                async move {
+                    if first {
+                        gorpc_tests::sleep(&sleeper, 60 * SECOND).await;
+                    }
+                    ServerReply::ok(Bytes::from_static(b"fast"))
+                }
+            }
+        });
+    let server = gorpc::Server::new(server_rt.clone(), router)
+        .bind(gorpc_tests::loopback())
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let client = |interceptors: &str| {
+        let toml = format!(
+            "[client]\naddress = \"{addr}\"\ntimeout_ms = 10000\ninterceptors = [{interceptors}]"
+        );
+        Config::from_toml(&toml)
+            .unwrap()
+            .client(&Plugins::builtin())
+            .unwrap()
+            .build(client_rt.clone())
+    };
+    let call = |client: gorpc::Client, method: &'static str| async move {
+        client
+            .call_raw(method, 0, Bytes::new(), CallOptions::default())
+            .await
+    };
+
+    let retrying = client(
+        r#"{ name = "retry", max_attempts = 3, codes = ["unavailable"], backoff_base_ms = 1, backoff_max_ms = 5, seed = 7 }"#,
+    )
+    .await
+    .unwrap();
+    let rsp = call(retrying, "/t.Flaky/Call").await.unwrap();
+    assert_eq!(&rsp.body[..], b"third time");
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+
+    let once = client(r#"{ name = "retry", backoff_base_ms = 1, no_retry = ["/t.Flaky/Call"] }"#)
+        .await
+        .unwrap();
+    let err = call(once, "/t.Flaky/Call").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert_eq!(attempts.load(Ordering::SeqCst), 4, "sent once");
+
+    let hedged = client(r#"{ name = "hedge", methods = ["/t.Slow/Call"], delay_ms = 50 }"#)
+        .await
+        .unwrap();
+    let rsp = gorpc_tests::within(
+        &client_rt,
+        20 * SECOND,
+        "the hedge answers before the stalled attempt",
+        call(hedged, "/t.Slow/Call"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(&rsp.body[..], b"fast");
+    server.shutdown(SECOND).await;
+}
+
 on_every_runtime!(
     a_configured_server_and_client_talk,
-    transports_are_chosen_by_name
+    transports_are_chosen_by_name,
+    retry_and_hedge_are_configured_by_name
 );
 
 fn server_error(toml: &str) -> ConfigError {
@@ -312,6 +402,50 @@ fn bad_options_name_their_key() {
         server_error("[server]\nlisten = \"127.0.0.1:0\"\nregistry = \"memory\""),
         "server.service",
         "the name to register under",
+    );
+}
+
+#[test]
+fn retry_and_hedge_check_their_options() {
+    let with = |interceptor: &str| {
+        client_error(&format!(
+            "[client]\naddress = \"127.0.0.1:1\"\ninterceptors = [{interceptor}]"
+        ))
+    };
+    assert_error(
+        with(r#"{ name = "retry", codes = ["unavailable", "flaky"] }"#),
+        "client.interceptors[0].codes[1]",
+        "\"flaky\" is not a status code",
+    );
+    assert_error(
+        with(r#"{ name = "retry", max_attempts = 0 }"#),
+        "client.interceptors[0].max_attempts",
+        "at least 1",
+    );
+    assert_error(
+        with(r#"{ name = "retry", backoff_base_ms = 100, backoff_max_ms = 10 }"#),
+        "client.interceptors[0].backoff_max_ms",
+        "below backoff_base_ms",
+    );
+    assert_error(
+        with(r#"{ name = "retry", max_attempt = 2 }"#),
+        "client.interceptors[0].max_attempt",
+        "unknown option",
+    );
+    assert_error(
+        with(r#"{ name = "hedge", delay_ms = 20 }"#),
+        "client.interceptors[0].methods",
+        "the idempotent methods to hedge",
+    );
+    assert_error(
+        with(r#"{ name = "hedge", methods = ["/a.B/C"] }"#),
+        "client.interceptors[0].delay_ms",
+        "missing",
+    );
+    assert_error(
+        with(r#""retries""#),
+        "client.interceptors[0].name",
+        "unknown client interceptor \"retries\" (known: auth, hedge, logging, metrics, otel, retry)",
     );
 }
 
