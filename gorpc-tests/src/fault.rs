@@ -487,7 +487,8 @@ pub mod methods {
     pub const STALL: &str = "/fault.Test/Stall";
     /// Server stream: the request is a [`count::request`]; the handler sends its `n`
     /// messages ([`count::message`], indices 0 to n − 1), pausing before each one, then
-    /// ends with OK. A request failing its checksum ends the stream with InvalidArgument.
+    /// ends with OK and the trailer [`count::END_TRAILER`], `count::message(id, n, 0)`. A
+    /// request failing its checksum ends the stream with InvalidArgument.
     pub const COUNT: &str = "/fault.Test/Count";
 }
 
@@ -495,6 +496,10 @@ pub mod methods {
 /// it, so that a garbled body is told from an intact one that belongs to another call.
 pub mod count {
     use bytes::{BufMut, Bytes, BytesMut};
+
+    /// The trailer a complete stream ends with: [`message`]`(id, n, 0)`, so that the end
+    /// can be checked for its call as the messages are.
+    pub const END_TRAILER: &str = "x-count-end";
 
     /// A parsed [`request`].
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -646,6 +651,8 @@ impl<S: Runtime> TestServer<S> {
                             sink.send(&count::message(count.id, index, count.size))
                                 .await?;
                         }
+                        let end = count::message(count.id, count.n, 0);
+                        sink.set_trailers([(count::END_TRAILER, end)].into_iter().collect());
                         guard.answered();
                         Ok(())
                     }

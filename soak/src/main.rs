@@ -19,7 +19,8 @@
 //!   its checksum is `corrupted`, which only corruption faults may cause (the protocol, like
 //!   HTTP/2 over plain TCP, has no checksum of its own: TLS is what guarantees integrity);
 //!   a stream with any misrouted message counts as misrouted, else one with any corrupted
-//!   message as corrupted;
+//!   message as corrupted; a stream that ends OK must end with its own call's trailer
+//!   (id, count and checksum), so the end of a stream is checked as its messages are;
 //! - stream messages arrive in order (`stream_disorder`, streams breaching it): each stream
 //!   message carries its index, and the intact ones must be 0, 1, 2, … with no gap and no
 //!   repeat (a message failing its checksum stands for the next index); a stream ending
@@ -186,6 +187,19 @@ struct StreamCheck {
 }
 
 impl StreamCheck {
+    /// The trailer of a stream that ended OK: its call's id and message count, intact.
+    fn end(&mut self, trailer: Option<&[u8]>) {
+        match trailer.and_then(count::parse_message) {
+            // Missing (its key garbled) or failing its checksum.
+            None => self.corrupted = true,
+            Some((other, _)) if other != self.id => self.misrouted = true,
+            Some((_, n)) if n != self.n && self.disorder.is_none() => {
+                self.disorder = Some(format!("ended with the trailer of n={n}, not {}", self.n));
+            }
+            Some(_) => {}
+        }
+    }
+
     fn message(&mut self, body: &[u8]) {
         match count::parse_message(body) {
             None => {
@@ -241,6 +255,8 @@ async fn read_stream(
     while let Some(item) = stream.next().await {
         check.message(&item?);
     }
+    let end = stream.trailers().and_then(|t| t.get(count::END_TRAILER));
+    check.end(end.map(|value| &value[..]));
     Ok(())
 }
 
