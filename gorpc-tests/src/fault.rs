@@ -16,7 +16,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gorpc::stream::ResponseSink;
+use futures::StreamExt;
+use gorpc::stream::{RequestStream, ResponseSink};
 use gorpc::{
     Code, Raw, Request, Router, Runtime, Server, ServerHandle, ServerReply, ServerRequest, Status,
 };
@@ -490,6 +491,12 @@ pub mod methods {
     /// ends with OK and the trailer [`count::END_TRAILER`], `count::message(id, n, 0)`. A
     /// request failing its checksum ends the stream with InvalidArgument.
     pub const COUNT: &str = "/fault.Test/Count";
+    /// Bidirectional: each message the client sends comes back as it is; when the client
+    /// finishes, the call ends with OK and the trailer [`count::END_TRAILER`],
+    /// `count::message(id, received, 0)`, where `id` is the call's, from the request
+    /// metadata [`count::ID_METADATA`] (`count::message(id, 0, 0)`; garbled or missing:
+    /// InvalidArgument).
+    pub const ECHOES: &str = "/fault.Test/Echoes";
 }
 
 /// The bodies of [`methods::COUNT`]. Each carries an FNV-1a-64 checksum of everything before
@@ -500,6 +507,9 @@ pub mod count {
     /// The trailer a complete stream ends with: [`message`]`(id, n, 0)`, so that the end
     /// can be checked for its call as the messages are.
     pub const END_TRAILER: &str = "x-count-end";
+
+    /// The request metadata that names an [`ECHOES`](super::methods::ECHOES) call.
+    pub const ID_METADATA: &str = "x-count-id";
 
     /// A parsed [`request`].
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -658,6 +668,32 @@ impl<S: Runtime> TestServer<S> {
                     }
                 }
             });
+        let router = router.bidi(methods::ECHOES, Raw, {
+            let handlers = handlers.clone();
+            move |req: Request<RequestStream<Bytes>>, mut sink: ResponseSink<Bytes>| {
+                let guard = handlers.guard();
+                async move {
+                    let id = req
+                        .metadata
+                        .get(count::ID_METADATA)
+                        .and_then(|value| count::parse_message(value))
+                        .map(|(id, _)| id)
+                        .ok_or_else(|| {
+                            Status::new(Code::InvalidArgument, "garbled or missing call id")
+                        })?;
+                    let mut messages = req.message;
+                    let mut received = 0u32;
+                    while let Some(message) = messages.next().await {
+                        sink.send(&message?).await?;
+                        received += 1;
+                    }
+                    let end = count::message(id, received, 0);
+                    sink.set_trailers([(count::END_TRAILER, end)].into_iter().collect());
+                    guard.answered();
+                    Ok(())
+                }
+            }
+        });
         let handle = Server::new(runtime, router)
             .config(config)
             .bind(addr)

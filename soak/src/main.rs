@@ -3,9 +3,10 @@
 //!
 //! A tokio server and a smol server each sit behind a `FaultProxy`; a tokio client and a
 //! smol client call both proxies (four pairings), with random methods (echo, handlers that
-//! sleep, handlers that never answer, and one call in five a server stream of 1 to 200
-//! messages, sent at once or paced), random body sizes, random deadlines and random
-//! cancellations (the call future, or the stream mid-way, dropped). Meanwhile a scheduler
+//! sleep, handlers that never answer; one call in ten a server stream of 1 to 200
+//! messages, sent at once or paced, and one in ten a bidirectional stream that echoes as
+//! many), random body sizes, random deadlines and random cancellations (the call future, or
+//! the stream mid-way, dropped). Meanwhile a scheduler
 //! switches the proxies through delays, blackholes, resets, truncations and corruption, back
 //! to pass between faults.
 //!
@@ -241,17 +242,72 @@ async fn give_up_after<C: Runtime, F: std::future::Future>(
     }
 }
 
-async fn read_stream(
+/// Which kind of stream a stream call is.
+#[derive(Clone, Copy, Debug)]
+enum StreamKind {
+    /// [`methods::COUNT`]: the server sends the messages.
+    Server,
+    /// [`methods::ECHOES`]: the client sends them, the server echoes each one.
+    Echo,
+}
+
+/// Runs one stream of `n` messages of `size` bytes for call `id`, checking each message
+/// and the end: the server's [`methods::COUNT`] stream, or an [`methods::ECHOES`] call the
+/// client feeds (pausing `pause_ms` before each message either way).
+async fn run_stream<C: Runtime>(
+    rt: &C,
     client: &Client,
-    request: Bytes,
+    kind: StreamKind,
+    (id, n, size, pause_ms): (u64, u32, u32, u16),
     deadline: Instant,
     check: &mut StreamCheck,
 ) -> Result<(), Status> {
-    let mut request = gorpc::Request::new(request);
-    request.deadline = Some(deadline);
-    let mut stream = client
-        .server_stream::<_, Bytes, Bytes>(methods::COUNT, gorpc::Raw, request)
-        .await?;
+    let mut stream = match kind {
+        StreamKind::Server => {
+            let mut request = gorpc::Request::new(count::request(id, n, size, pause_ms));
+            request.deadline = Some(deadline);
+            client
+                .server_stream::<_, Bytes, Bytes>(methods::COUNT, gorpc::Raw, request)
+                .await?
+        }
+        StreamKind::Echo => {
+            let mut options = CallOptions {
+                timeout: Some(deadline.saturating_duration_since(Instant::now())),
+                ..CallOptions::default()
+            };
+            options
+                .metadata
+                .insert(count::ID_METADATA, count::message(id, 0, 0));
+            let (mut sender, echoes) = client
+                .bidi::<_, Bytes, Bytes>(methods::ECHOES, gorpc::Raw, options)
+                .await?;
+            let rt = rt.clone();
+            let feed = async move {
+                for index in 0..n {
+                    if pause_ms > 0 {
+                        let pause = Duration::from_millis(pause_ms.into());
+                        rt.sleep_until(Instant::now() + pause).await;
+                    }
+                    // A send fails once the call ended; the echoes then hold why.
+                    if sender.send(&count::message(id, index, size)).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = sender.close_send().await;
+            };
+            // The feed runs beside the reading; both go when the call is dropped.
+            let read = async {
+                let mut echoes = echoes;
+                while let Some(item) = echoes.next().await {
+                    check.message(&item?);
+                }
+                Ok(echoes)
+            };
+            let ((), read) = future::join(feed, read).await;
+            // Read to its end: the loop below finds nothing more, and the trailer is there.
+            read?
+        }
+    };
     while let Some(item) = stream.next().await {
         check.message(&item?);
     }
@@ -272,9 +328,16 @@ async fn caller<C: Runtime>(
     let mut rng = fastrand::Rng::with_seed(seed);
     while Instant::now() < stop_at {
         let id = ids.fetch_add(1, Ordering::Relaxed);
-        if rng.u32(0..5) == 0 {
-            stream_call(&rt, &client, &stats, id, &mut rng).await;
-            continue;
+        match rng.u32(0..10) {
+            0 => {
+                stream_call(&rt, &client, &stats, id, StreamKind::Server, &mut rng).await;
+                continue;
+            }
+            1 => {
+                stream_call(&rt, &client, &stats, id, StreamKind::Echo, &mut rng).await;
+                continue;
+            }
+            _ => {}
         }
         let (method, sleep_ms) = match rng.u32(0..100) {
             0..=59 => (methods::ECHO, 0),
@@ -328,12 +391,13 @@ async fn caller<C: Runtime>(
     }
 }
 
-/// One server-streaming call with a random count, size, pace, deadline and cancellation.
+/// One stream call of `kind` with a random count, size, pace, deadline and cancellation.
 async fn stream_call<C: Runtime>(
     rt: &C,
     client: &Client,
     stats: &Stats,
     id: u64,
+    kind: StreamKind,
     rng: &mut fastrand::Rng,
 ) {
     let n = rng.u32(1..=200);
@@ -356,8 +420,14 @@ async fn stream_call<C: Runtime>(
     };
     stats.started.fetch_add(1, Ordering::SeqCst);
     stats.streams.fetch_add(1, Ordering::SeqCst);
-    let request = count::request(id, n, size, pause_ms);
-    let call = read_stream(client, request, deadline, &mut check);
+    let call = run_stream(
+        rt,
+        client,
+        kind,
+        (id, n, size, pause_ms),
+        deadline,
+        &mut check,
+    );
     let result = give_up_after(rt, cancel_after, call).await;
     if Instant::now() > deadline + OVERDUE_AFTER {
         stats.overdue.fetch_add(1, Ordering::SeqCst);
@@ -374,7 +444,7 @@ async fn stream_call<C: Runtime>(
         if notes.len() < 10 {
             let fault = *stats.fault_now.lock().unwrap();
             notes.push(format!(
-                "stream {id} (size={size} pause_ms={pause_ms}, last fault {fault}): {disorder}; \
+                "{kind:?} stream {id} (size={size} pause_ms={pause_ms}, last fault {fault}): {disorder}; \
                  ended {result:?}"
             ));
         }
