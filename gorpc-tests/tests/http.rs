@@ -568,6 +568,119 @@ async fn binary_and_http_share_the_port_and_the_shutdown<S: Runtime, C: Runtime>
 }
 
 /// Runs `/usr/bin/curl` with `args` (in a thread), returning its output.
+/// A POST request for `path` with a chunked body: `chunks` as they are (size lines,
+/// data, trailers and all).
+fn post_chunked(path: &str, content_type: &str, chunks: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: {content_type}\r\n\
+         transfer-encoding: chunked\r\n\r\n{chunks}"
+    )
+    .into_bytes()
+}
+
+/// Chunked request bodies are decoded (extensions and trailers ignored), and the
+/// connection goes on to the next request.
+async fn chunked_request_bodies_are_served<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let server = start(&server_rt, ServerConfig::default(), Arc::default()).await;
+    let addr = server.local_addr();
+    let mut requests = post_chunked(
+        "/test.Calc/add",
+        "application/json",
+        "2;note=first\r\n[4\r\n3\r\n0,3\r\n1\r\n]\r\n0\r\nx-trailer: ignored\r\n\r\n",
+    );
+    requests.extend(post_chunked(
+        "/test.Http/Meta",
+        "application/octet-stream",
+        "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    ));
+    requests.extend(post("/test.Calc/add", "application/json", "", b"[1,1]"));
+    let (replies, _) = exchange(&client_rt, addr, requests, 3, false).await;
+    assert_eq!(replies[0].status, 200, "{:?}", replies[0]);
+    assert_eq!(replies[0].json(), serde_json::json!(43));
+    assert_eq!(replies[1].body, b"hello world");
+    assert_eq!(replies[2].json(), serde_json::json!(2));
+
+    // Refused, and the connection closed: other codings, both framings at once, a broken
+    // chunk, a body over the limit.
+    let refusals: [(Vec<u8>, u16, Code, &str); 4] = [
+        (
+            b"POST /test.Calc/add HTTP/1.1\r\ncontent-type: application/json\r\n\
+              transfer-encoding: gzip, chunked\r\n\r\n"
+                .to_vec(),
+            501,
+            Code::Unimplemented,
+            "not supported",
+        ),
+        (
+            post(
+                "/test.Calc/add",
+                "application/json",
+                "transfer-encoding: chunked\r\n",
+                b"[1,1]",
+            ),
+            400,
+            Code::InvalidArgument,
+            "ambiguous",
+        ),
+        (
+            post_chunked(
+                "/test.Calc/add",
+                "application/json",
+                "5\r\n[1,1]XX0\r\n\r\n",
+            ),
+            400,
+            Code::InvalidArgument,
+            "malformed chunked request body",
+        ),
+        (
+            post_chunked("/test.Calc/add", "application/json", "fffffffff\r\n"),
+            413,
+            Code::ResourceExhausted,
+            "over the server's limit",
+        ),
+    ];
+    for (request, http, code, message) in refusals {
+        let (replies, closed) = exchange(&client_rt, addr, request, 1, true).await;
+        assert_eq!(replies[0].status, http, "{:?}", replies[0]);
+        assert_eq!(replies[0].gorpc_status(), code as u32);
+        let got = replies[0].header("x-gorpc-message").unwrap();
+        assert!(got.contains(message), "{got}");
+        assert!(closed, "{got}: the connection is closed");
+    }
+    server.abort().await;
+}
+
+/// `curl` sends a chunked body when asked to.
+async fn curl_sends_chunked_bodies<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let server = start(&server_rt, ServerConfig::default(), Arc::default()).await;
+    let args = [
+        "--silent",
+        "--show-error",
+        "--max-time",
+        "10",
+        "--header",
+        "content-type: application/json",
+        "--header",
+        "transfer-encoding: chunked",
+        "--data",
+        "[20,22]",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("http://{}/test.Calc/add", server.local_addr())])
+    .collect();
+    let output = within(&client_rt, 20 * SECOND, "curl", curl(args))
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "42");
+    server.abort().await;
+}
+
 fn curl(args: Vec<String>) -> oneshot::Receiver<std::process::Output> {
     const CURL: &str = "/usr/bin/curl";
     assert!(
@@ -637,6 +750,8 @@ on_every_runtime!(
     http_client_calls_protobuf_msgpack_and_raw_methods,
     json_reaches_msgpack_macro_and_protobuf_methods,
     two_requests_on_one_keep_alive_connection_answer_in_order,
+    chunked_request_bodies_are_served,
+    curl_sends_chunked_bodies,
     malformed_http_gets_400_and_the_server_keeps_serving,
     unknown_method_is_404_unimplemented,
     wrong_content_type_is_415_naming_the_accepted_ones,

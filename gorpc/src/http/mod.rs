@@ -18,6 +18,7 @@
 //!   through their descriptors). Handlers never see JSON. Methods without a schema get the
 //!   JSON bytes as they are, with codec id [`JSON`](gorpc_proto::codec::JSON).
 
+mod chunked;
 mod client;
 mod server;
 mod transcode;
@@ -149,12 +150,12 @@ fn reason_phrase(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
-        411 => "Length Required",
         413 => "Content Too Large",
         415 => "Unsupported Media Type",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         _ => "",

@@ -15,6 +15,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use futures::FutureExt;
 use gorpc_proto::{Code, ConnConfig, Limits, RequestHead, Status};
 
+use super::chunked::{ChunkedBody, ChunkedError};
 use super::transcode::{self, Descriptors};
 use super::{
     http_status, is_header_value, is_token, poll_read_more, put_percent_encoded, range_in,
@@ -194,7 +195,10 @@ impl Refusal {
 struct ParsedHead {
     head_len: usize,
     path: Range<usize>,
+    /// From Content-Length; 0 for a chunked body.
     body_len: usize,
+    /// `Transfer-Encoding: chunked`: the body's length shows as it is decoded.
+    chunked: bool,
     content_type: Option<ContentType>,
     timeout: Option<Duration>,
     keep_alive: bool,
@@ -308,11 +312,15 @@ impl<S: Sleep, I: Io> HttpConnection<S, I> {
 
     /// Reads the body, runs the call and writes the answer.
     async fn serve(&mut self, head: ParsedHead) -> Result<Next, ConnectionLost> {
-        let total = head.head_len + head.body_len;
-        if head.expect_continue && self.read_buf.len() < total {
+        let mut total = head.head_len + head.body_len;
+        let mut chunked = head.chunked.then(ChunkedBody::default);
+        if head.expect_continue && (chunked.is_some() || self.read_buf.len() < total) {
             write_all(&mut self.io, b"HTTP/1.1 100 Continue\r\n\r\n", &[])
                 .await
                 .map_err(|_| ConnectionLost)?;
+        }
+        if let Some(body) = &mut chunked {
+            total = head.head_len + self.read_chunked(head.head_len, body).await?;
         }
         while self.read_buf.len() < total {
             if self.read(false).await != ReadOutcome::Data {
@@ -331,8 +339,16 @@ impl<S: Sleep, I: Io> HttpConnection<S, I> {
             return Ok(next);
         }
         let request_head = self.encode_request_head(&head);
-        self.read_buf.advance(head.head_len);
-        let body = self.read_buf.split_to(head.body_len).freeze();
+        let body = match chunked {
+            Some(body) => {
+                self.read_buf.advance(total);
+                body.into_body()
+            }
+            None => {
+                self.read_buf.advance(head.head_len);
+                self.read_buf.split_to(head.body_len).freeze()
+            }
+        };
         let Some(request_head) = request_head else {
             let status = Status::new(Code::InvalidArgument, "request target is not a method path");
             self.respond_error(400, &status, &next).await?;
@@ -400,6 +416,44 @@ impl<S: Sleep, I: Io> HttpConnection<S, I> {
             .await
             .map_err(|_| ConnectionLost)?;
         Ok(next)
+    }
+
+    /// Reads a chunked body that starts at `start` in the read buffer to its end, decoding
+    /// it into `body`, and returns its encoded length. A malformed or oversized body is
+    /// refused and the connection closed. The encoded bytes may be at most twice the
+    /// body limit and 64 KiB (a client framing one byte per chunk is refused).
+    async fn read_chunked(
+        &mut self,
+        start: usize,
+        body: &mut ChunkedBody,
+    ) -> Result<usize, ConnectionLost> {
+        let max_body = self.limits.max_frame_len as usize;
+        let max_encoded = max_body.saturating_mul(2).saturating_add(64 * 1024);
+        let max_trailers = self.limits.max_head_len as usize;
+        loop {
+            let encoded = &self.read_buf[start..];
+            let refusal = match body.decode(encoded, max_body, max_trailers) {
+                Ok(Some(len)) => return Ok(len),
+                Ok(None) if encoded.len() <= max_encoded => {
+                    if self.read(false).await != ReadOutcome::Data {
+                        return Err(ConnectionLost);
+                    }
+                    continue;
+                }
+                Ok(None) | Err(ChunkedError::TooLarge) => Refusal::new(
+                    413,
+                    Code::ResourceExhausted,
+                    format!("chunked request body over the server's limit of {max_body} bytes"),
+                ),
+                Err(ChunkedError::Malformed(why)) => Refusal::new(
+                    400,
+                    Code::InvalidArgument,
+                    format!("malformed chunked request body: {why}"),
+                ),
+            };
+            self.refuse(refusal).await;
+            return Err(ConnectionLost);
+        }
     }
 
     /// The request's head as the binary protocol's, so handlers and interceptors see the
@@ -573,6 +627,7 @@ fn inspect(
         )));
     }
     let mut body_len: Option<usize> = None;
+    let mut chunked = false;
     let mut content_type: Option<Result<ContentType, &[u8]>> = None;
     let mut timeout = None;
     let (mut close, mut keep_alive_token, mut expect_continue) = (false, false, false);
@@ -595,11 +650,19 @@ fn inspect(
                 }
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(Refusal::new(
-                411,
-                Code::InvalidArgument,
-                "transfer-coded (chunked) request bodies are not supported: send Content-Length",
-            ));
+            // Only `chunked` alone: any other coding would have to be undone to frame the
+            // body, and a repeated header is how smuggled requests disagree.
+            if chunked || !value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(Refusal::new(
+                    501,
+                    Code::Unimplemented,
+                    format!(
+                        "Transfer-Encoding {:?} is not supported: send the body chunked or with Content-Length",
+                        String::from_utf8_lossy(value)
+                    ),
+                ));
+            }
+            chunked = true;
         } else if name.eq_ignore_ascii_case("content-type") {
             content_type = Some(ContentType::parse(value).ok_or(value));
         } else if name.eq_ignore_ascii_case("connection") {
@@ -651,12 +714,27 @@ fn inspect(
             None
         }
     };
+    if chunked && body_len.is_some() {
+        return Err(Refusal::new(
+            400,
+            Code::InvalidArgument,
+            "both Transfer-Encoding and Content-Length: the body's length is ambiguous",
+        ));
+    }
+    if chunked && request.version != Some(1) {
+        return Err(Refusal::new(
+            400,
+            Code::InvalidArgument,
+            "a chunked request body needs HTTP/1.1",
+        ));
+    }
     // HTTP/1.1 keeps connections by default, HTTP/1.0 only when asked.
     let keep_alive = !close && (request.version == Some(1) || keep_alive_token);
     Ok(ParsedHead {
         head_len,
         path: range_in(buf, path.as_bytes()),
         body_len: body_len.unwrap_or(0),
+        chunked,
         content_type,
         timeout,
         keep_alive,
