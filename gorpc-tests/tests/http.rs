@@ -653,47 +653,43 @@ async fn chunked_request_bodies_are_served<S: Runtime, C: Runtime>(server_rt: S,
 /// `curl` sends a chunked body when asked to.
 async fn curl_sends_chunked_bodies<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
     let server = start(&server_rt, ServerConfig::default(), Arc::default()).await;
-    let args = [
-        "--silent",
-        "--show-error",
-        "--max-time",
-        "10",
-        "--header",
-        "content-type: application/json",
-        "--header",
-        "transfer-encoding: chunked",
-        "--data",
-        "[20,22]",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!("http://{}/test.Calc/add", server.local_addr())])
-    .collect();
-    let output = within(&client_rt, 20 * SECOND, "curl", curl(args))
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "42");
+    let url = format!("http://{}/test.Calc/add", server.local_addr());
+    let curl = curl_json(url, "[20,22]", &["transfer-encoding: chunked"]);
+    let (body, code) = within(&client_rt, 20 * SECOND, "curl", curl).await.unwrap();
+    assert_eq!((body.as_str(), code.as_str()), ("42", "200"));
     server.abort().await;
 }
 
-fn curl(args: Vec<String>) -> oneshot::Receiver<std::process::Output> {
+/// Runs the real curl: POSTs `json` to `url` with `headers` beside the JSON content type,
+/// and hands back the answer's body and HTTP status.
+fn curl_json(url: String, json: &str, headers: &[&str]) -> oneshot::Receiver<(String, String)> {
     const CURL: &str = "/usr/bin/curl";
     assert!(
         std::path::Path::new(CURL).exists(),
         "{CURL} not found: this test runs the real curl (apt-get install curl)"
     );
+    let mut args: Vec<String> = ["--silent", "--show-error", "--max-time", "10"]
+        .into_iter()
+        .chain(["--header", "content-type: application/json"])
+        .chain(headers.iter().flat_map(|h| ["--header", h]))
+        .chain(["--data", json, "--write-out", "\n%{http_code}"])
+        .map(str::to_owned)
+        .collect();
+    args.push(url);
     let (tx, rx) = oneshot::channel();
     std::thread::spawn(move || {
         let output = std::process::Command::new(CURL)
             .args(&args)
             .output()
             .expect("curl runs");
-        let _ = tx.send(output);
+        assert!(
+            output.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let (body, code) = stdout.rsplit_once('\n').expect("curl wrote the status");
+        let _ = tx.send((body.to_owned(), code.to_owned()));
     });
     rx
 }
@@ -713,34 +709,11 @@ async fn curl_calls_json_methods<S: Runtime, C: Runtime>(server_rt: S, client_rt
         ),
     ];
     for (path, json, expected) in cases {
-        let args = [
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "10",
-            "--header",
-            "content-type: application/json",
-            "--data",
-            json,
-            "--write-out",
-            "\n%{http_code}",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([format!("http://{}{path}", server.local_addr())])
-        .collect();
-        let output = within(&client_rt, 20 * SECOND, "curl", curl(args))
-            .await
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "curl failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let (body, code) = stdout.rsplit_once('\n').unwrap();
-        assert_eq!(code, "200", "{stdout}");
-        let answer: serde_json::Value = serde_json::from_str(body).unwrap();
+        let url = format!("http://{}{path}", server.local_addr());
+        let curl = curl_json(url, json, &[]);
+        let (body, code) = within(&client_rt, 20 * SECOND, "curl", curl).await.unwrap();
+        assert_eq!(code, "200", "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(answer, expected, "{path}");
     }
     server.abort().await;
