@@ -385,8 +385,58 @@ async fn thousand_concurrent_calls_over_one_tls_connection<S: Runtime, C: Runtim
     assert_eq!(server.shutdown(5 * SECOND).await, Shutdown::Graceful);
 }
 
+/// HTTPS: the HTTP client speaks TLS when its config asks, to a server that answers HTTP
+/// and the binary protocol over TLS on one port; the handler sees the client's
+/// certificate, and an untrusted server is refused at the handshake.
+async fn http_client_calls_over_tls<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let pki = pki();
+    let server = Server::new(server_rt.clone(), router(&server_rt, Arc::default()))
+        .tls(mtls_server_config(&pki))
+        .http()
+        .bind(loopback())
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let client = Client::http(
+        client_rt.clone(),
+        addr,
+        tls_client_config(client_tls(&pki.ca, Some(&pki.client))),
+    );
+    let calls = async {
+        for _ in 0..3 {
+            let der = whoami(&client).await.expect("HTTPS call");
+            assert_eq!(der.as_ref(), pki.client.cert.der().as_ref());
+        }
+        let echo = client
+            .call_raw(
+                "/test.Tls/Echo",
+                0,
+                Bytes::from_static(b"over https"),
+                CallOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(echo.body, "over https");
+    };
+    within(&client_rt, 20 * SECOND, "HTTPS calls", calls).await;
+
+    let untrusting = Client::http(
+        client_rt.clone(),
+        addr,
+        tls_client_config(client_tls(&pki.other_ca, Some(&pki.client))),
+    );
+    let err = within(&client_rt, 10 * SECOND, "untrusted", whoami(&untrusting))
+        .await
+        .expect_err("the server's certificate is not trusted");
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.message().contains("TLS handshake"), "{err}");
+    drop(client);
+    assert_eq!(server.shutdown(5 * SECOND).await, Shutdown::Graceful);
+}
+
 on_every_runtime!(
     mutual_tls_call_sees_the_client_certificate,
+    http_client_calls_over_tls,
     client_with_an_untrusted_certificate_is_refused,
     client_without_a_certificate_is_refused,
     client_refuses_an_untrusted_server,

@@ -648,7 +648,7 @@ impl<R: Runtime, I: Io> Future for ClientDriver<R, I> {
 
 /// Wraps a connected socket in TLS and completes the handshake by `deadline`.
 #[cfg(feature = "tls")]
-async fn tls_connect<R: Runtime>(
+pub(crate) async fn tls_connect<R: Runtime>(
     runtime: &R,
     io: R::Io,
     addr: SocketAddr,

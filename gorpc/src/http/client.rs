@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{BufMut, BytesMut};
 use futures::future::BoxFuture;
@@ -47,12 +47,61 @@ struct ChannelShared<R: Runtime> {
     addr: SocketAddr,
     /// The `Host` header.
     host: Box<str>,
-    connect_timeout: Duration,
-    limits: Limits,
-    /// HTTPS was asked for, which this channel does not speak: every call fails saying so
-    /// rather than going out in the clear.
-    tls_requested: bool,
-    idle: Mutex<Vec<HttpClientConn<R::Io>>>,
+    /// Connect timeout, limits and TLS.
+    config: ConnectionConfig,
+    idle: Mutex<Vec<HttpClientConn<HttpIo<R::Io>>>>,
+}
+
+/// A connection of the channel: a plain socket, or a TLS session over one when the
+/// channel's config asks for TLS (HTTPS).
+enum HttpIo<I: Io> {
+    Plain(I),
+    /// Boxed: a session is over a kilobyte, a socket a few words.
+    #[cfg(feature = "tls")]
+    Tls(Box<crate::tls::TlsIo<I>>),
+}
+
+impl<I: Io> Io for HttpIo<I> {
+    fn poll_read_buf(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut BytesMut,
+        max: usize,
+    ) -> Poll<std::io::Result<usize>> {
+        match self {
+            HttpIo::Plain(io) => io.poll_read_buf(cx, buf, max),
+            #[cfg(feature = "tls")]
+            HttpIo::Tls(io) => io.poll_read_buf(cx, buf, max),
+        }
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self {
+            HttpIo::Plain(io) => io.poll_write_vectored(cx, bufs),
+            #[cfg(feature = "tls")]
+            HttpIo::Tls(io) => io.poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        match self {
+            HttpIo::Plain(io) => io.poll_flush(cx),
+            #[cfg(feature = "tls")]
+            HttpIo::Tls(io) => io.poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        match self {
+            HttpIo::Plain(io) => io.poll_shutdown(cx),
+            #[cfg(feature = "tls")]
+            HttpIo::Tls(io) => io.poll_shutdown(cx),
+        }
+    }
 }
 
 /// One connection with its buffers, reused from call to call.
@@ -66,20 +115,14 @@ struct HttpClientConn<I: Io> {
 }
 
 impl<R: Runtime> HttpChannel<R> {
-    /// A channel to `addr`, with the connect timeout and limits of `config`.
+    /// A channel to `addr`, with the connect timeout, limits and TLS (HTTPS) of `config`.
     pub fn new(runtime: R, addr: SocketAddr, config: ConnectionConfig) -> Self {
-        #[cfg(feature = "tls")]
-        let tls_requested = config.tls.is_some();
-        #[cfg(not(feature = "tls"))]
-        let tls_requested = false;
         HttpChannel {
             shared: Arc::new(ChannelShared {
                 runtime,
                 addr,
                 host: addr.to_string().into(),
-                connect_timeout: config.connect_timeout,
-                limits: config.conn.limits,
-                tls_requested,
+                config,
                 idle: Mutex::new(Vec::new()),
             }),
         }
@@ -95,8 +138,8 @@ impl<R: Runtime> Channel for HttpChannel<R> {
 
 impl Client {
     /// A client that sends its calls to `addr` as HTTP/1.1 requests (see [`crate::http`])
-    /// instead of over the binary protocol, with the connect timeout, limits and default
-    /// timeout of `config`. Plain HTTP only.
+    /// instead of over the binary protocol, with the connect timeout, limits, TLS (HTTPS,
+    /// when `config.pool.connection.tls` is set) and default timeout of `config`.
     pub fn http<R: Runtime>(runtime: R, addr: SocketAddr, config: ClientConfig) -> Client {
         let channel = HttpChannel::new(runtime, addr, config.pool.connection);
         Client::from_channel(channel, config.default_timeout)
@@ -111,12 +154,6 @@ struct Answer {
 
 impl<R: Runtime> ChannelShared<R> {
     async fn send(&self, call: OutgoingCall) -> Result<RawResponse, Status> {
-        if self.tls_requested {
-            return Err(Status::new(
-                Code::Unimplemented,
-                "the HTTP client speaks plain HTTP only, and TLS was configured",
-            ));
-        }
         let content_type = ContentType::from_codec(call.codec).ok_or_else(|| {
             Status::new(
                 Code::InvalidArgument,
@@ -124,13 +161,14 @@ impl<R: Runtime> ChannelShared<R> {
             )
         })?;
         // Refuse what the server's limits (assumed equal to ours) would refuse.
-        if call.body.len() > self.limits.max_frame_len as usize {
+        let limits = &self.config.conn.limits;
+        if call.body.len() > limits.max_frame_len as usize {
             return Err(Status::new(
                 Code::ResourceExhausted,
                 format!(
                     "request body of {} bytes is over the limit of {} bytes",
                     call.body.len(),
-                    self.limits.max_frame_len
+                    limits.max_frame_len
                 ),
             ));
         }
@@ -153,7 +191,7 @@ impl<R: Runtime> ChannelShared<R> {
             None => self.connect().await?,
         };
         let answer = conn
-            .exchange(call, content_type, &self.host, &self.limits)
+            .exchange(call, content_type, &self.host, &self.config.conn.limits)
             .await?;
         if answer.reusable {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -165,7 +203,7 @@ impl<R: Runtime> ChannelShared<R> {
     }
 
     /// An idle connection that is still open, if there is one.
-    async fn reuse(&self) -> Option<HttpClientConn<R::Io>> {
+    async fn reuse(&self) -> Option<HttpClientConn<HttpIo<R::Io>>> {
         loop {
             let mut conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
             // An idle connection has nothing to read: end of stream (the server closed it)
@@ -180,28 +218,62 @@ impl<R: Runtime> ChannelShared<R> {
         }
     }
 
-    async fn connect(&self) -> Result<HttpClientConn<R::Io>, Status> {
-        let deadline = Instant::now() + self.connect_timeout;
+    async fn connect(&self) -> Result<HttpClientConn<HttpIo<R::Io>>, Status> {
+        let deadline = Instant::now() + self.config.connect_timeout;
         let addr = self.addr;
-        match timeout(&self.runtime, deadline, self.runtime.connect(addr)).await {
-            Some(Ok(io)) => Ok(HttpClientConn {
-                io,
-                read_buf: BytesMut::new(),
-                out: BytesMut::new(),
-                metadata: Vec::new(),
-            }),
-            Some(Err(e)) => Err(Status::new(
-                Code::Unavailable,
-                format!("connect to {addr} failed: {e}"),
-            )),
-            None => Err(Status::new(
-                Code::Unavailable,
-                format!(
-                    "connect to {addr} timed out after {:?}",
-                    self.connect_timeout
-                ),
-            )),
-        }
+        let connected = match timeout(&self.runtime, deadline, self.runtime.connect(addr)).await {
+            Some(Ok(io)) => io,
+            Some(Err(e)) => {
+                return Err(Status::new(
+                    Code::Unavailable,
+                    format!("connect to {addr} failed: {e}"),
+                ))
+            }
+            None => {
+                return Err(Status::new(
+                    Code::Unavailable,
+                    format!(
+                        "connect to {addr} timed out after {:?}",
+                        self.config.connect_timeout
+                    ),
+                ))
+            }
+        };
+        let io = match self.tls() {
+            #[cfg(feature = "tls")]
+            Some(tls) => {
+                let tls = tls.clone();
+                let runtime = &self.runtime;
+                let session = crate::client::tls_connect(
+                    runtime,
+                    connected,
+                    addr,
+                    deadline,
+                    tls,
+                    &self.config,
+                )
+                .await?;
+                HttpIo::Tls(Box::new(session))
+            }
+            _ => HttpIo::Plain(connected),
+        };
+        Ok(HttpClientConn {
+            io,
+            read_buf: BytesMut::new(),
+            out: BytesMut::new(),
+            metadata: Vec::new(),
+        })
+    }
+
+    /// The TLS the config asks for; never any without the `tls` feature.
+    #[cfg(feature = "tls")]
+    fn tls(&self) -> Option<&crate::tls::ClientTls> {
+        self.config.tls.as_ref()
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn tls(&self) -> Option<std::convert::Infallible> {
+        None
     }
 }
 
