@@ -5,7 +5,8 @@
 //! - `Append` (client streaming): the client sends lines, the server answers once with how
 //!   many it appended.
 //! - `Count` (bidirectional): the client asks for levels one at a time; each answer comes
-//!   back on the same call as soon as it is asked.
+//!   back on the same call as soon as it is asked, and the call ends with a trailer saying
+//!   how many were asked.
 //!
 //! A writer appends lines every 100 ms while a follower tails them, so lines print as they
 //! arrive. Then the example asks for counts and stops.
@@ -124,11 +125,16 @@ fn router(log: Arc<Log>) -> Router {
                 let log = log.clone();
                 async move {
                     let mut levels = req.message;
+                    let mut asked = 0;
                     while let Some(level) = levels.next().await {
                         let level = level?;
                         let lines = log.count(&level);
                         sink.send(&LevelCount { level, lines }).await?;
+                        asked += 1;
                     }
+                    // Metadata that ends the call, after the last answer.
+                    let trailers = [("x-levels-asked", asked.to_string())];
+                    sink.set_trailers(trailers.into_iter().collect());
                     Ok(())
                 }
             },
@@ -213,10 +219,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("count: {:<5} {}", count.level, count.lines);
     }
     ask.close_send().await?;
-    // After the half-close the server's stream ends with OK.
+    // After the half-close the server's stream ends with OK, and its trailers.
     if let Some(extra) = answers.next().await {
         return Err(format!("unexpected message after the half-close: {extra:?}").into());
     }
+    let asked = answers.trailers().and_then(|t| t.get_str("x-levels-asked"));
+    println!("count: the server answered {} levels", asked.unwrap_or("?"));
 
     println!(
         "server: {:?}",
