@@ -119,28 +119,29 @@ pub fn run(args: CallArgs) -> Result<(), Failure> {
             .stream_raw(path, protobuf, kind, first, options)
             .await
             .map_err(status_failure)?;
+        // A server stream's one request went with the call; a send fails once the call
+        // ended, and the receiver then has the reason.
+        let sender = sender.filter(|_| kind.client_streams());
         let send_all = async move {
-            let Some(mut sender) = sender.filter(|_| kind != StreamKind::ServerStreaming) else {
-                return Ok(());
-            };
-            for body in bodies {
-                // A send fails once the call ended; the receiver then has the reason.
-                if sender.send(body).await.is_err() {
-                    return Ok(());
+            if let Some(mut sender) = sender {
+                for body in bodies {
+                    if sender.send(body).await.is_err() {
+                        return;
+                    }
                 }
+                let _ = sender.close_send().await;
             }
-            sender.close_send().await.or(Ok(()))
         };
         match kind {
             StreamKind::ClientStreaming => {
-                send_all.await?;
+                send_all.await;
                 let raw = receiver.response().await.map_err(status_failure)?;
                 check_codec(raw.codec)?;
                 printer.print(raw.body)
             }
             _ => {
-                let (sent, printed) = futures::join!(send_all, printer.print_all(receiver));
-                sent.and(printed)
+                let ((), printed) = futures::join!(send_all, printer.print_all(receiver));
+                printed
             }
         }
     })
