@@ -341,7 +341,18 @@ impl fmt::Debug for Plugins {
 }
 
 fn unknown<T>(kind: &str, key: String, name: &str, known: &BTreeMap<String, T>) -> ConfigError {
-    let names: Vec<&str> = known.keys().map(String::as_str).collect();
+    unknown_among(kind, key, name, known.keys())
+}
+
+/// An unknown name, and the `known` ones in order.
+fn unknown_among<'a>(
+    kind: &str,
+    key: String,
+    name: &str,
+    known: impl Iterator<Item = &'a String>,
+) -> ConfigError {
+    let mut names: Vec<&str> = known.map(String::as_str).collect();
+    names.sort_unstable();
     ConfigError::new(
         key,
         format!("unknown {kind} {name:?} (known: {})", names.join(", ")),
@@ -918,19 +929,12 @@ impl Config {
             } else if let Some(make) = plugins.runtime_client_interceptors.get(&name) {
                 interceptors.push(ClientLayer::OnRuntime(make_with(options, make)?));
             } else {
-                let mut known: BTreeMap<String, ()> = BTreeMap::new();
-                for name in plugins
-                    .client_interceptors
-                    .keys()
-                    .chain(plugins.runtime_client_interceptors.keys())
-                {
-                    known.insert(name.clone(), ());
-                }
-                return Err(unknown(
+                let known = plugins.client_interceptors.keys();
+                return Err(unknown_among(
                     "client interceptor",
                     options.key("name"),
                     &name,
-                    &known,
+                    known.chain(plugins.runtime_client_interceptors.keys()),
                 ));
             }
         }
