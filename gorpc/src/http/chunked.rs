@@ -160,6 +160,59 @@ mod tests {
         assert!(malformed(&long_trailer).contains("trailer"));
     }
 
+    proptest::proptest! {
+        /// Any body, cut into any chunks and received in any pieces, decodes to itself and
+        /// leaves what follows it untouched.
+        #[test]
+        fn any_chunking_round_trips(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000),
+            cuts in proptest::collection::vec(1usize..300, 1..20),
+            step in 1usize..64,
+            upper in proptest::prelude::any::<bool>(),
+        ) {
+            let mut encoded = Vec::new();
+            let mut rest = &body[..];
+            for &cut in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (chunk, after) = rest.split_at(cut.min(rest.len()));
+                let size = if upper { format!("{:X}", chunk.len()) } else { format!("{:x}", chunk.len()) };
+                encoded.extend_from_slice(size.as_bytes());
+                encoded.extend_from_slice(b";ext=1\r\n");
+                encoded.extend_from_slice(chunk);
+                encoded.extend_from_slice(b"\r\n");
+                rest = after;
+            }
+            encoded.extend_from_slice(b"0\r\nx-trailer: y\r\n\r\nPOST /next");
+            let (decoded, n) = decode_in_steps(&encoded, step).unwrap();
+            proptest::prop_assert_eq!(&decoded[..], &body[..]);
+            proptest::prop_assert_eq!(&encoded[n..], b"POST /next");
+        }
+
+        /// Arbitrary bytes, received in any pieces, never panic, and a body that is
+        /// complete took no more bytes than it was given.
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            step in 1usize..32,
+        ) {
+            let mut body = ChunkedBody::default();
+            let mut fed = 0;
+            while fed < bytes.len() {
+                fed = (fed + step).min(bytes.len());
+                match body.decode(&bytes[..fed], 256, 64) {
+                    Ok(None) => {}
+                    Ok(Some(n)) => {
+                        proptest::prop_assert!(n <= fed);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_body_limit_counts_decoded_bytes() {
         let mut body = ChunkedBody::default();
