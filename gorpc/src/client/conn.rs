@@ -191,24 +191,7 @@ impl Connection {
         config: ConnectionConfig,
     ) -> Result<Self, Status> {
         let deadline = Instant::now() + config.connect_timeout;
-        let io = match timeout(runtime, deadline, runtime.connect(addr)).await {
-            Some(Ok(io)) => io,
-            Some(Err(e)) => {
-                return Err(Status::new(
-                    Code::Unavailable,
-                    format!("connect to {addr} failed: {e}"),
-                ))
-            }
-            None => {
-                return Err(Status::new(
-                    Code::Unavailable,
-                    format!(
-                        "connect to {addr} timed out after {:?}",
-                        config.connect_timeout
-                    ),
-                ))
-            }
-        };
+        let io = connect_socket(runtime, addr, deadline, &config).await?;
         #[cfg(feature = "tls")]
         if let Some(tls) = config.tls.clone() {
             let io = tls_connect(runtime, io, addr, deadline, tls, &config).await?;
@@ -643,6 +626,30 @@ impl<R: Runtime, I: Io> Future for ClientDriver<R, I> {
             return Poll::Ready(());
         }
         Poll::Pending
+    }
+}
+
+/// Connects a socket to `addr` by `deadline` (the connect timeout of `config` from now),
+/// failing with `Unavailable` and why.
+pub(crate) async fn connect_socket<R: Runtime>(
+    runtime: &R,
+    addr: SocketAddr,
+    deadline: Instant,
+    config: &ConnectionConfig,
+) -> Result<R::Io, Status> {
+    match timeout(runtime, deadline, runtime.connect(addr)).await {
+        Some(Ok(io)) => Ok(io),
+        Some(Err(e)) => Err(Status::new(
+            Code::Unavailable,
+            format!("connect to {addr} failed: {e}"),
+        )),
+        None => Err(Status::new(
+            Code::Unavailable,
+            format!(
+                "connect to {addr} timed out after {:?}",
+                config.connect_timeout
+            ),
+        )),
     }
 }
 

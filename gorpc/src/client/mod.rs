@@ -29,6 +29,8 @@ use crate::metadata::Metadata;
 use crate::runtime::Runtime;
 use crate::service::{Request, Response};
 use crate::stream::{Inbox, InboxReader, Outbox};
+#[cfg(feature = "http")]
+pub(crate) use conn::connect_socket;
 #[cfg(feature = "tls")]
 pub(crate) use conn::tls_connect;
 use conn::{CallOutcome, ClientStream};

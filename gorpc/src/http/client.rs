@@ -221,29 +221,12 @@ impl<R: Runtime> ChannelShared<R> {
     async fn connect(&self) -> Result<HttpClientConn<HttpIo<R::Io>>, Status> {
         let deadline = Instant::now() + self.config.connect_timeout;
         let addr = self.addr;
-        let connected = match timeout(&self.runtime, deadline, self.runtime.connect(addr)).await {
-            Some(Ok(io)) => io,
-            Some(Err(e)) => {
-                return Err(Status::new(
-                    Code::Unavailable,
-                    format!("connect to {addr} failed: {e}"),
-                ))
-            }
-            None => {
-                return Err(Status::new(
-                    Code::Unavailable,
-                    format!(
-                        "connect to {addr} timed out after {:?}",
-                        self.config.connect_timeout
-                    ),
-                ))
-            }
-        };
+        let connected =
+            crate::client::connect_socket(&self.runtime, addr, deadline, &self.config).await?;
         let io = match self.tls() {
             #[cfg(feature = "tls")]
             Some(tls) => {
-                let tls = tls.clone();
-                let runtime = &self.runtime;
+                let (runtime, tls) = (&self.runtime, tls.clone());
                 let session = crate::client::tls_connect(
                     runtime,
                     connected,
@@ -251,9 +234,8 @@ impl<R: Runtime> ChannelShared<R> {
                     deadline,
                     tls,
                     &self.config,
-                )
-                .await?;
-                HttpIo::Tls(Box::new(session))
+                );
+                HttpIo::Tls(Box::new(session.await?))
             }
             _ => HttpIo::Plain(connected),
         };
