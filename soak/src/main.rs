@@ -262,13 +262,14 @@ async fn run_stream<C: Runtime>(
     deadline: Instant,
     check: &mut StreamCheck,
 ) -> Result<(), Status> {
-    let mut stream = match kind {
+    match kind {
         StreamKind::Server => {
             let mut request = gorpc::Request::new(count::request(id, n, size, pause_ms));
             request.deadline = Some(deadline);
-            client
+            let messages = client
                 .server_stream::<_, Bytes, Bytes>(methods::COUNT, gorpc::Raw, request)
-                .await?
+                .await?;
+            take_stream(messages, check).await
         }
         StreamKind::Echo => {
             let mut options = CallOptions {
@@ -296,18 +297,17 @@ async fn run_stream<C: Runtime>(
                 let _ = sender.close_send().await;
             };
             // The feed runs beside the reading; both go when the call is dropped.
-            let read = async {
-                let mut echoes = echoes;
-                while let Some(item) = echoes.next().await {
-                    check.message(&item?);
-                }
-                Ok(echoes)
-            };
-            let ((), read) = future::join(feed, read).await;
-            // Read to its end: the loop below finds nothing more, and the trailer is there.
-            read?
+            let ((), taken) = future::join(feed, take_stream(echoes, check)).await;
+            taken
         }
-    };
+    }
+}
+
+/// Checks every message of `stream`, then the trailer it ended with.
+async fn take_stream(
+    mut stream: gorpc::client::ResponseStream<Bytes>,
+    check: &mut StreamCheck,
+) -> Result<(), Status> {
     while let Some(item) = stream.next().await {
         check.message(&item?);
     }
