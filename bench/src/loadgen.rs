@@ -236,10 +236,7 @@ impl StreamTally {
     /// Counts one message that was the one expected. False once the run is over: the caller
     /// then drops its stream (which cancels the call) and returns.
     pub fn message(&self) -> bool {
-        // One writer: a load and a store, so a message costs no locked read-modify-write.
-        let n = self.messages.load(Ordering::Relaxed);
-        self.messages.store(n + 1, Ordering::Relaxed);
-        !self.stop.load(Ordering::Relaxed)
+        self.messages(1)
     }
 
     /// The messages counted so far.
@@ -249,6 +246,7 @@ impl StreamTally {
 
     /// Counts `n` messages at once, as [`message`](Self::message) does one.
     pub fn messages(&self, n: u64) -> bool {
+        // One writer: a load and a store, so a message costs no locked read-modify-write.
         let total = self.messages.load(Ordering::Relaxed);
         self.messages.store(total + n, Ordering::Relaxed);
         !self.stop.load(Ordering::Relaxed)
