@@ -38,7 +38,7 @@
 //! hedge; `delay_ms`, before each further attempt; `max_attempts`, default 2).
 
 use std::collections::BTreeMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -353,10 +353,33 @@ fn unknown_among<'a>(
 ) -> ConfigError {
     let mut names: Vec<&str> = known.map(String::as_str).collect();
     names.sort_unstable();
-    ConfigError::new(
-        key,
-        format!("unknown {kind} {name:?} (known: {})", names.join(", ")),
-    )
+    let mut message = format!("unknown {kind} {name:?} (known: {})", names.join(", "));
+    if let Some(feature) = compiled_out(name) {
+        let _ = write!(
+            message,
+            "; {name:?} is built in but this build leaves it out: enable gorpc-plugins' \
+             `{feature}` cargo feature"
+        );
+    }
+    ConfigError::new(key, message)
+}
+
+/// The cargo feature that brings the built-in component `name`, when this build lacks it.
+fn compiled_out(name: &str) -> Option<&'static str> {
+    let features: &[(&str, &str, bool)] = &[
+        ("consul", "consul", cfg!(feature = "consul")),
+        ("etcd", "etcd", cfg!(feature = "etcd")),
+        ("otel", "otel", cfg!(feature = "otel")),
+        ("auth", "auth", cfg!(feature = "auth")),
+        ("metrics", "metrics", cfg!(feature = "metrics")),
+        ("retry", "retry", cfg!(feature = "retry")),
+        ("hedge", "hedge", cfg!(feature = "hedge")),
+        ("http", "http", cfg!(feature = "http")),
+    ];
+    features
+        .iter()
+        .find(|&&(component, _, built)| component == name && !built)
+        .map(|&(_, feature, _)| feature)
 }
 
 impl Plugins {

@@ -1,13 +1,16 @@
-//! gorpc's concrete plugins, each behind a feature of its own (all on by default), built on
-//! the interceptor traits of [`gorpc::interceptor`]:
+//! gorpc's concrete plugins, each behind a cargo feature of its own, built on the
+//! interceptor traits of [`gorpc::interceptor`]. The light ones are on by default (`auth`,
+//! `metrics`, `retry`, `hedge`, `config`, `http`); the ones with heavy dependencies are
+//! opt-in: `consul` (reqwest and OpenSSL), `otel` (OpenTelemetry), `etcd` (etcd-client, and
+//! protoc to build it).
 //!
 //! - `auth`: [`auth::BearerToken`] attaches a bearer token to every call a client sends;
 //!   [`auth::BearerAuth`] checks it on the server and hands the handler the caller's subject.
 //! - `metrics`: [`metrics::Metrics`] counts calls by status and records their latency per
 //!   method, on either side.
-//! - `otel`: [`otel::OtelClient`] and [`otel::OtelServer`] trace calls with OpenTelemetry,
+//! - `otel` (opt-in): [`otel::OtelClient`] and [`otel::OtelServer`] trace calls with OpenTelemetry,
 //!   passing the trace context along as W3C `traceparent`/`tracestate` metadata.
-//! - `consul`: [`consul::Consul`], the default service registry: servers register through the
+//! - `consul` (opt-in): [`consul::Consul`], the registry gorpc has always defaulted to: servers register through the
 //!   local Consul agent with a TTL check they keep passing, clients watch the passing instances
 //!   with blocking queries. Works on every runtime.
 //! - `retry`: [`retry::Retry`] retries failed calls on the client, as a
@@ -19,7 +22,7 @@
 //! - `hedge`: [`hedge::Hedge`] sends a second attempt of a slow call to an idempotent
 //!   method, as its [`Hedging`](gorpc::proto::policy::Hedging) schedule decides, and keeps
 //!   the first answer.
-//! - `etcd` (not default: etcd-client's build runs `protoc`): [`etcd::Etcd`] discovers and
+//! - `etcd` (opt-in: etcd-client's build runs `protoc`): [`etcd::Etcd`] discovers and
 //!   registers services in etcd, under leases kept alive by the server.
 //!
 //! The core crates stay free of these dependencies and policies.
