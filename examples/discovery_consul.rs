@@ -3,7 +3,7 @@
 //!
 //! Needs a Consul agent, e.g. `consul agent -dev` (HTTP API on 127.0.0.1:8500):
 //!
-//! cargo run -p gorpc-examples --example discovery-consul [-- http://127.0.0.1:8500]
+//! cargo run -p gorpc-examples --features consul --example discovery-consul [-- http://127.0.0.1:8500]
 //!
 //! The agent URL comes from the first argument, else `CONSUL_HTTP_ADDR`, else
 //! `http://127.0.0.1:8500`.

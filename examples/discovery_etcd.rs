@@ -5,7 +5,7 @@
 //! Needs an etcd server, e.g. `etcd` run with no arguments (client URL 127.0.0.1:2379;
 //! Debian package etcd-server):
 //!
-//! cargo run -p gorpc-examples --example discovery-etcd [-- http://127.0.0.1:2379]
+//! cargo run -p gorpc-examples --features etcd --example discovery-etcd [-- http://127.0.0.1:2379]
 //!
 //! The endpoint comes from the first argument, else `ETCD_ENDPOINT`, else
 //! `http://127.0.0.1:2379`.
