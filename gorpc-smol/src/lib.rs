@@ -147,8 +147,14 @@ impl gorpc::runtime::Io for SmolIo {
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
-    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_close(cx)
+    /// Sends FIN. async-io's `poll_close` only flushes (it is generic over any handle), so
+    /// the peer learnt of a close when the socket was dropped, not when it was shut down.
+    fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.stream.get_ref().shutdown(std::net::Shutdown::Write) {
+            // Already closed by the peer: nothing left to tell it.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
+            result => Poll::Ready(result),
+        }
     }
 
     fn release_buffers(&mut self) {
