@@ -11,6 +11,7 @@
 pub mod discovery;
 pub mod etcd;
 pub mod fault;
+pub mod raw_http;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -57,7 +57,7 @@ pub trait Io: Send + Unpin + 'static {
 }
 
 /// A timer that can be re-armed without allocating.
-pub trait Sleep: Future<Output = ()> + Send + Unpin + 'static {
+pub trait Sleep: Future<Output = ()> + Send + Sync + Unpin + 'static {
     fn reset(&mut self, deadline: Instant);
 }
 

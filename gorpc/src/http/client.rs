@@ -1,23 +1,24 @@
-//! The client side: calls as HTTP/1.1 requests over kept-alive connections, one call at a
-//! time on each.
+//! The client side: calls as HTTP/1.1 requests through hyper's client, over kept-alive
+//! connections, one call at a time on each.
 
-use std::borrow::Cow;
-use std::fmt::Write as _;
-use std::future::poll_fn;
-use std::net::SocketAddr;
-use std::ops::Range;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
+use bytes::Bytes;
 use futures::future::BoxFuture;
-use gorpc_proto::{Code, Limits, Status};
+use gorpc_proto::{Code, Status};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, HOST};
+use http::{Method, Request, Uri};
+use hyper::client::conn::http1::SendRequest;
 
+use super::body::{read_body, BodyError, Full};
+use super::rt::HyperIo;
 use super::{
-    code_for_http_status, is_header_value, is_token, percent_decode, poll_read_more, range_in,
-    write_all, ContentType, MAX_HEADERS, MESSAGE_HEADER, METADATA_PREFIX, STATUS_HEADER,
-    TIMEOUT_HEADER,
+    code_for_http_status, is_header_value, is_token, percent_decode, ContentType, MESSAGE_HEADER,
+    METADATA_PREFIX, STATUS_HEADER, TIMEOUT_HEADER,
 };
 use crate::client::{Channel, Client, ClientConfig, ConnectionConfig, OutgoingCall, RawResponse};
 use crate::metadata::Metadata;
@@ -25,6 +26,97 @@ use crate::runtime::{timeout, Io, Runtime};
 
 /// Idle connections a channel keeps for reuse; more are closed after their call.
 const MAX_IDLE: usize = 16;
+/// Longest pause inside an answer's body before the call fails.
+const BODY_IDLE: Duration = Duration::from_secs(60);
+
+/// Where an HTTP client sends its calls: an address, or a host name and port resolved at
+/// each new connection. The `Host` header names it as given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpTarget {
+    Addr(SocketAddr),
+    Host { name: String, port: u16 },
+}
+
+impl HttpTarget {
+    /// `name:port`; an IP address stays an address.
+    pub fn host(name: impl Into<String>, port: u16) -> Self {
+        let name = name.into();
+        match name.trim_matches(['[', ']']).parse::<IpAddr>() {
+            Ok(ip) => HttpTarget::Addr(SocketAddr::new(ip, port)),
+            Err(_) => HttpTarget::Host { name, port },
+        }
+    }
+
+    /// The addresses to try, resolving a host name off the caller's task (name lookup
+    /// blocks, and no runtime is assumed).
+    async fn resolve(&self) -> Result<Vec<SocketAddr>, Status> {
+        let (name, port) = match self {
+            HttpTarget::Addr(addr) => return Ok(vec![*addr]),
+            HttpTarget::Host { name, port } => (name.clone(), *port),
+        };
+        let (tx, rx) = futures::channel::oneshot::channel();
+        let lookup = name.clone();
+        std::thread::Builder::new()
+            .name("gorpc-resolve".into())
+            .spawn(move || {
+                use std::net::ToSocketAddrs;
+                let _ = tx.send(
+                    (lookup.as_str(), port)
+                        .to_socket_addrs()
+                        .map(Vec::from_iter),
+                );
+            })
+            .map_err(|e| Status::new(Code::Unavailable, format!("cannot resolve {name}: {e}")))?;
+        match rx.await {
+            Ok(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
+            Ok(Ok(_)) => Err(Status::new(
+                Code::Unavailable,
+                format!("{name} has no address"),
+            )),
+            Ok(Err(e)) => Err(Status::new(
+                Code::Unavailable,
+                format!("cannot resolve {name}: {e}"),
+            )),
+            Err(_) => Err(Status::new(
+                Code::Unavailable,
+                format!("cannot resolve {name}"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for HttpTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpTarget::Addr(addr) => write!(f, "{addr}"),
+            HttpTarget::Host { name, port } => write!(f, "{name}:{port}"),
+        }
+    }
+}
+
+impl From<SocketAddr> for HttpTarget {
+    fn from(addr: SocketAddr) -> Self {
+        HttpTarget::Addr(addr)
+    }
+}
+
+impl FromStr for HttpTarget {
+    type Err = Status;
+
+    /// `host:port` or `ip:port` (`[v6]:port`).
+    fn from_str(s: &str) -> Result<Self, Status> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(HttpTarget::Addr(addr));
+        }
+        let invalid = || Status::new(Code::InvalidArgument, format!("{s:?} is not host:port"));
+        let (name, port) = s.rsplit_once(':').ok_or_else(invalid)?;
+        let port = port.parse::<u16>().map_err(|_| invalid())?;
+        if name.is_empty() || name.contains(['/', ' ', '@']) {
+            return Err(invalid());
+        }
+        Ok(HttpTarget::host(name, port))
+    }
+}
 
 /// Sends calls to one server as HTTP/1.1 requests (see [`crate::http`]). Each connection
 /// carries one call at a time and is kept for the next; calls made at once open
@@ -34,94 +126,35 @@ pub struct HttpChannel<R: Runtime> {
     shared: Arc<ChannelShared<R>>,
 }
 
-impl<R: Runtime> std::fmt::Debug for HttpChannel<R> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl<R: Runtime> fmt::Debug for HttpChannel<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpChannel")
-            .field("addr", &self.shared.addr)
+            .field("target", &self.shared.target)
             .finish_non_exhaustive()
     }
 }
 
 struct ChannelShared<R: Runtime> {
     runtime: R,
-    addr: SocketAddr,
+    target: HttpTarget,
     /// The `Host` header.
-    host: Box<str>,
+    host: HeaderValue,
     /// Connect timeout, limits and TLS.
     config: ConnectionConfig,
-    idle: Mutex<Vec<HttpClientConn<HttpIo<R::Io>>>>,
-}
-
-/// A connection of the channel: a plain socket, or a TLS session over one when the
-/// channel's config asks for TLS (HTTPS).
-enum HttpIo<I: Io> {
-    Plain(I),
-    /// Boxed: a session is over a kilobyte, a socket a few words.
-    #[cfg(feature = "tls")]
-    Tls(Box<crate::tls::TlsIo<I>>),
-}
-
-impl<I: Io> Io for HttpIo<I> {
-    fn poll_read_buf(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut BytesMut,
-        max: usize,
-    ) -> Poll<std::io::Result<usize>> {
-        match self {
-            HttpIo::Plain(io) => io.poll_read_buf(cx, buf, max),
-            #[cfg(feature = "tls")]
-            HttpIo::Tls(io) => io.poll_read_buf(cx, buf, max),
-        }
-    }
-
-    fn poll_write_vectored(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self {
-            HttpIo::Plain(io) => io.poll_write_vectored(cx, bufs),
-            #[cfg(feature = "tls")]
-            HttpIo::Tls(io) => io.poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn poll_flush(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
-        match self {
-            HttpIo::Plain(io) => io.poll_flush(cx),
-            #[cfg(feature = "tls")]
-            HttpIo::Tls(io) => io.poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
-        match self {
-            HttpIo::Plain(io) => io.poll_shutdown(cx),
-            #[cfg(feature = "tls")]
-            HttpIo::Tls(io) => io.poll_shutdown(cx),
-        }
-    }
-}
-
-/// One connection with its buffers, reused from call to call.
-struct HttpClientConn<I: Io> {
-    io: I,
-    read_buf: BytesMut,
-    /// The request head being written.
-    out: BytesMut,
-    /// The answer's metadata headers, as positions in `read_buf`.
-    metadata: Vec<(Range<usize>, Range<usize>)>,
+    idle: Mutex<Vec<SendRequest<Full>>>,
 }
 
 impl<R: Runtime> HttpChannel<R> {
-    /// A channel to `addr`, with the connect timeout, limits and TLS (HTTPS) of `config`.
-    pub fn new(runtime: R, addr: SocketAddr, config: ConnectionConfig) -> Self {
+    /// A channel to `target`, with the connect timeout, limits and TLS (HTTPS) of `config`.
+    pub fn new(runtime: R, target: impl Into<HttpTarget>, config: ConnectionConfig) -> Self {
+        let target = target.into();
+        let host = HeaderValue::from_str(&target.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         HttpChannel {
             shared: Arc::new(ChannelShared {
                 runtime,
-                addr,
-                host: addr.to_string().into(),
+                target,
+                host,
                 config,
                 idle: Mutex::new(Vec::new()),
             }),
@@ -137,19 +170,18 @@ impl<R: Runtime> Channel for HttpChannel<R> {
 }
 
 impl Client {
-    /// A client that sends its calls to `addr` as HTTP/1.1 requests (see [`crate::http`])
-    /// instead of over the binary protocol, with the connect timeout, limits, TLS (HTTPS,
-    /// when `config.pool.connection.tls` is set) and default timeout of `config`.
-    pub fn http<R: Runtime>(runtime: R, addr: SocketAddr, config: ClientConfig) -> Client {
-        let channel = HttpChannel::new(runtime, addr, config.pool.connection);
+    /// A client that sends its calls to `target` (an address, or an [`HttpTarget`] host
+    /// name and port) as HTTP/1.1 requests (see [`crate::http`]) instead of over the binary
+    /// protocol, with the connect timeout, limits, TLS (HTTPS, when
+    /// `config.pool.connection.tls` is set) and default timeout of `config`.
+    pub fn http<R: Runtime>(
+        runtime: R,
+        target: impl Into<HttpTarget>,
+        config: ClientConfig,
+    ) -> Client {
+        let channel = HttpChannel::new(runtime, target, config.pool.connection);
         Client::from_channel(channel, config.default_timeout)
     }
-}
-
-/// How one exchange ended: the call's result, and whether the connection can carry the next.
-struct Answer {
-    result: Result<RawResponse, Status>,
-    reusable: bool,
 }
 
 impl<R: Runtime> ChannelShared<R> {
@@ -161,18 +193,18 @@ impl<R: Runtime> ChannelShared<R> {
             )
         })?;
         // Refuse what the server's limits (assumed equal to ours) would refuse.
-        let limits = &self.config.conn.limits;
-        if call.body.len() > limits.max_frame_len as usize {
+        let max = self.config.conn.limits.max_frame_len as usize;
+        if call.body.len() > max {
             return Err(Status::new(
                 Code::ResourceExhausted,
                 format!(
-                    "request body of {} bytes is over the limit of {} bytes",
-                    call.body.len(),
-                    limits.max_frame_len
+                    "request body of {} bytes is over the limit of {max} bytes",
+                    call.body.len()
                 ),
             ));
         }
-        let exchange = self.exchange(&call, content_type);
+        let request = self.request(&call, content_type)?;
+        let exchange = self.exchange(request, call.codec);
         match call.deadline {
             None => exchange.await,
             Some(deadline) => timeout(&self.runtime, deadline, exchange)
@@ -181,191 +213,29 @@ impl<R: Runtime> ChannelShared<R> {
         }
     }
 
-    async fn exchange(
+    /// The request for `call`. Fails for calls HTTP cannot carry.
+    fn request(
         &self,
         call: &OutgoingCall,
         content_type: ContentType,
-    ) -> Result<RawResponse, Status> {
-        let mut conn = match self.reuse().await {
-            Some(conn) => conn,
-            None => self.connect().await?,
-        };
-        let answer = conn
-            .exchange(call, content_type, &self.host, &self.config.conn.limits)
-            .await?;
-        if answer.reusable {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.len() < MAX_IDLE {
-                idle.push(conn);
-            }
-        }
-        answer.result
-    }
-
-    /// An idle connection that is still open, if there is one.
-    async fn reuse(&self) -> Option<HttpClientConn<HttpIo<R::Io>>> {
-        loop {
-            let mut conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-            // An idle connection has nothing to read: end of stream (the server closed it)
-            // or stray bytes mean it is unusable.
-            let open = poll_fn(|cx| {
-                Poll::Ready(poll_read_more(&mut conn.io, cx, &mut conn.read_buf).is_pending())
-            })
-            .await;
-            if open {
-                return Some(conn);
-            }
-        }
-    }
-
-    async fn connect(&self) -> Result<HttpClientConn<HttpIo<R::Io>>, Status> {
-        let deadline = Instant::now() + self.config.connect_timeout;
-        let addr = self.addr;
-        let connected =
-            crate::client::connect_socket(&self.runtime, addr, deadline, &self.config).await?;
-        let io = match self.tls() {
-            #[cfg(feature = "tls")]
-            Some(tls) => {
-                let (runtime, tls) = (&self.runtime, tls.clone());
-                let session = crate::client::tls_connect(
-                    runtime,
-                    connected,
-                    addr,
-                    deadline,
-                    tls,
-                    &self.config,
-                );
-                HttpIo::Tls(Box::new(session.await?))
-            }
-            _ => HttpIo::Plain(connected),
-        };
-        Ok(HttpClientConn {
-            io,
-            read_buf: BytesMut::new(),
-            out: BytesMut::new(),
-            metadata: Vec::new(),
-        })
-    }
-
-    /// The TLS the config asks for; never any without the `tls` feature.
-    #[cfg(feature = "tls")]
-    fn tls(&self) -> Option<&crate::tls::ClientTls> {
-        self.config.tls.as_ref()
-    }
-
-    #[cfg(not(feature = "tls"))]
-    fn tls(&self) -> Option<std::convert::Infallible> {
-        None
-    }
-}
-
-fn deadline_exceeded() -> Status {
-    Status::new(Code::DeadlineExceeded, "deadline exceeded")
-}
-
-/// What the connection needs from a response head, as positions in the read buffer.
-struct ResponseHead {
-    head_len: usize,
-    http: u16,
-    body_len: usize,
-    content_type: Option<ContentType>,
-    /// The `x-gorpc-status` value, if sent.
-    code: Option<Code>,
-    message: Option<Range<usize>>,
-    keep_alive: bool,
-}
-
-impl<I: Io> HttpClientConn<I> {
-    /// Writes `call` and reads its answer. `Err`: the connection failed and is dropped.
-    async fn exchange(
-        &mut self,
-        call: &OutgoingCall,
-        content_type: ContentType,
-        host: &str,
-        limits: &Limits,
-    ) -> Result<Answer, Status> {
-        if let Err(status) = self.put_request_head(call, content_type, host) {
-            return Ok(Answer {
-                result: Err(status),
-                reusable: true,
-            });
-        }
-        write_all(&mut self.io, &self.out, &call.body)
-            .await
-            .map_err(|e| Status::new(Code::Unavailable, format!("HTTP request not sent: {e}")))?;
-        let head = self.read_head(limits).await?;
-        if head.body_len > limits.max_frame_len as usize {
-            return Err(Status::new(
-                Code::ResourceExhausted,
-                format!(
-                    "answer body of {} bytes is over the limit of {} bytes",
-                    head.body_len, limits.max_frame_len
-                ),
-            ));
-        }
-        while self.read_buf.len() < head.head_len + head.body_len {
-            self.read_more().await?;
-        }
-        let raw_head = self.read_buf.split_to(head.head_len).freeze();
-        let body = self.read_buf.split_to(head.body_len).freeze();
-        let code = head.code.unwrap_or_else(|| code_for_http_status(head.http));
-        let result = if code == Code::Ok {
-            let codec = match head.content_type {
-                Some(content_type) => Ok(content_type.codec()),
-                None if body.is_empty() => Ok(call.codec),
-                None => Err(Status::new(
-                    Code::Internal,
-                    "answer without a known Content-Type",
-                )),
-            };
-            codec.map(|codec| RawResponse {
-                codec,
-                metadata: self
-                    .metadata
-                    .iter()
-                    .map(|(key, value)| {
-                        let key = String::from_utf8_lossy(&raw_head[key.clone()]).to_lowercase();
-                        (key, raw_head.slice(value.clone()))
-                    })
-                    .collect::<Metadata>(),
-                body,
-            })
-        } else {
-            let message = match &head.message {
-                Some(message) => percent_decode(&raw_head[message.clone()]),
-                None => format!("HTTP status {}", head.http),
-            };
-            Err(Status::new(code, message))
-        };
-        Ok(Answer {
-            result,
-            reusable: head.keep_alive,
-        })
-    }
-
-    /// The request line and headers. Fails for calls HTTP cannot carry.
-    fn put_request_head(
-        &mut self,
-        call: &OutgoingCall,
-        content_type: ContentType,
-        host: &str,
-    ) -> Result<(), Status> {
-        let method = call.method.as_bytes();
-        if method.first() != Some(&b'/') || !method.iter().all(|b| (b'!'..=b'~').contains(b)) {
-            return Err(Status::new(
-                Code::InvalidArgument,
-                format!("method {:?} is not a path HTTP can carry", call.method),
-            ));
-        }
-        let out = &mut self.out;
-        out.clear();
-        // Writing to a BytesMut cannot fail.
-        let _ = write!(
-            out,
-            "POST {} HTTP/1.1\r\nhost: {host}\r\ncontent-type: {}\r\ncontent-length: {}\r\n",
-            call.method,
-            content_type.as_str(),
-            call.body.len(),
+    ) -> Result<Request<Full>, Status> {
+        let uri = Uri::try_from(&*call.method)
+            .ok()
+            .filter(|uri| uri.scheme().is_none() && call.method.starts_with('/'))
+            .ok_or_else(|| {
+                Status::new(
+                    Code::InvalidArgument,
+                    format!("method {:?} is not a path HTTP can carry", call.method),
+                )
+            })?;
+        let mut request = Request::new(Full::new(call.body.clone()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        headers.insert(HOST, self.host.clone());
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(content_type.as_str()),
         );
         if let Some(deadline) = call.deadline {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -374,10 +244,17 @@ impl<I: Io> HttpClientConn<I> {
             }
             // Rounded up, so the server never gives up before the client.
             let millis = left.as_nanos().div_ceil(1_000_000);
-            let _ = write!(out, "{TIMEOUT_HEADER}: {millis}\r\n");
+            headers.insert(TIMEOUT_HEADER, HeaderValue::from(millis as u64));
         }
         for (key, value) in call.metadata.iter() {
-            if !is_token(key.as_bytes()) || !is_header_value(value) {
+            let header = (is_token(key.as_bytes()) && is_header_value(value))
+                .then(|| {
+                    let name = format!("{METADATA_PREFIX}{key}").to_ascii_lowercase();
+                    let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+                    Some((name, HeaderValue::from_bytes(value).ok()?))
+                })
+                .flatten();
+            let Some((name, value)) = header else {
                 return Err(Status::new(
                     Code::InvalidArgument,
                     format!(
@@ -385,130 +262,214 @@ impl<I: Io> HttpClientConn<I> {
                          token, a value printable without surrounding blanks)"
                     ),
                 ));
-            }
-            out.put_slice(METADATA_PREFIX.as_bytes());
-            out.put_slice(key.as_bytes());
-            out.put_slice(b": ");
-            out.put_slice(value);
-            out.put_slice(b"\r\n");
+            };
+            headers.append(name, value);
         }
-        out.put_slice(b"\r\n");
-        Ok(())
+        Ok(request)
     }
 
-    /// Waits for a whole final response head (skipping `100 Continue` and the like).
-    async fn read_head(&mut self, limits: &Limits) -> Result<ResponseHead, Status> {
+    async fn exchange(&self, request: Request<Full>, codec: u8) -> Result<RawResponse, Status> {
+        let failed = |e: &hyper::Error| {
+            Status::new(
+                Code::Unavailable,
+                format!("HTTP request failed: {}", super::server::error_chain(e)),
+            )
+        };
+        let (mut sender, response) = match self.reuse().await {
+            Some(mut sender) => match sender.try_send_request(request).await {
+                Ok(response) => (sender, response),
+                // The kept connection closed before the request left (the server timed
+                // it out): the request goes on a new one.
+                Err(mut e) => match e.take_message() {
+                    Some(request) => {
+                        let mut sender = self.connect().await?;
+                        let response = sender.send_request(request).await;
+                        (sender, response.map_err(|e| failed(&e))?)
+                    }
+                    None => return Err(failed(e.error())),
+                },
+            },
+            None => {
+                let mut sender = self.connect().await?;
+                let response = sender.send_request(request).await;
+                (sender, response.map_err(|e| failed(&e))?)
+            }
+        };
+        let (parts, body) = response.into_parts();
+        let max = self.config.conn.limits.max_frame_len as usize;
+        let body = read_body(&self.runtime, body, max, None, BODY_IDLE)
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge => Status::new(
+                    Code::ResourceExhausted,
+                    format!("answer body over the limit of {max} bytes"),
+                ),
+                other => Status::new(
+                    Code::Unavailable,
+                    format!("reading the answer failed: {other}"),
+                ),
+            })?;
+        // The answer is read whole: the connection can carry the next call.
+        if !sender.is_closed() {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < MAX_IDLE {
+                idle.push(sender);
+            }
+        }
+        answer(parts.status.as_u16(), &parts.headers, body, codec)
+    }
+
+    /// An idle connection that is still open, if there is one. One just put back may not
+    /// be ready yet (its driver has yet to see the last answer end): it is waited for,
+    /// which ends at once if it closed.
+    async fn reuse(&self) -> Option<SendRequest<Full>> {
         loop {
-            if !self.read_buf.is_empty() {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let mut response = httparse::Response::new(&mut headers);
-                match response.parse(&self.read_buf) {
-                    Ok(httparse::Status::Complete(head_len)) => {
-                        let head =
-                            inspect(&response, &self.read_buf, head_len, &mut self.metadata)?;
-                        if (100..200).contains(&head.http) {
-                            bytes::Buf::advance(&mut self.read_buf, head_len);
-                            continue;
-                        }
-                        return Ok(head);
-                    }
-                    Ok(httparse::Status::Partial) => {}
-                    Err(e) => {
-                        return Err(Status::new(
-                            Code::Internal,
-                            format!("malformed HTTP answer: {e}"),
-                        ))
-                    }
-                }
-                if self.read_buf.len() > limits.max_head_len as usize {
-                    return Err(Status::new(
-                        Code::Internal,
-                        format!(
-                            "answer head over the limit of {} bytes",
-                            limits.max_head_len
-                        ),
-                    ));
-                }
+            let mut sender = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if sender.ready().await.is_ok() {
+                return Some(sender);
             }
-            self.read_more().await?;
         }
     }
 
-    async fn read_more(&mut self) -> Result<(), Status> {
-        let (io, buf) = (&mut self.io, &mut self.read_buf);
-        match poll_fn(|cx| poll_read_more(io, cx, buf)).await {
-            Ok(0) => Err(Status::new(
-                Code::Unavailable,
-                "the server closed the connection before answering",
-            )),
-            Ok(_) => Ok(()),
-            Err(e) => Err(Status::new(
-                Code::Unavailable,
-                format!("reading the answer failed: {e}"),
-            )),
+    /// A new connection, its driver running on the runtime.
+    async fn connect(&self) -> Result<SendRequest<Full>, Status> {
+        let deadline = Instant::now() + self.config.connect_timeout;
+        let addrs = match timeout(&self.runtime, deadline, self.target.resolve()).await {
+            Some(addrs) => addrs?,
+            None => {
+                return Err(Status::new(
+                    Code::Unavailable,
+                    format!("resolving {} timed out", self.target),
+                ))
+            }
+        };
+        let mut failure = None;
+        for addr in addrs {
+            match self.connect_to(addr, deadline).await {
+                Ok(sender) => return Ok(sender),
+                Err(status) => failure = Some(status),
+            }
         }
+        Err(failure.unwrap_or_else(|| Status::new(Code::Unavailable, "no address to connect to")))
+    }
+
+    async fn connect_to(
+        &self,
+        addr: SocketAddr,
+        deadline: Instant,
+    ) -> Result<SendRequest<Full>, Status> {
+        let connected =
+            crate::client::connect_socket(&self.runtime, addr, deadline, &self.config).await?;
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.config.tls {
+            let (runtime, tls) = (&self.runtime, tls.clone());
+            let session =
+                crate::client::tls_connect(runtime, connected, addr, deadline, tls, &self.config);
+            return self.handshake(session.await?).await;
+        }
+        self.handshake(connected).await
+    }
+
+    async fn handshake<I: Io>(&self, io: I) -> Result<SendRequest<Full>, Status> {
+        let io = HyperIo::new(io, bytes::BytesMut::new());
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| Status::new(Code::Unavailable, format!("HTTP handshake failed: {e}")))?;
+        self.runtime.spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "HTTP client connection ended");
+            }
+        });
+        Ok(sender)
     }
 }
 
-/// Reads what the client needs from a complete response head.
-fn inspect(
-    response: &httparse::Response<'_, '_>,
-    buf: &[u8],
-    head_len: usize,
-    metadata: &mut Vec<(Range<usize>, Range<usize>)>,
-) -> Result<ResponseHead, Status> {
-    let malformed = |what: Cow<'static, str>| {
-        Status::new(Code::Internal, format!("malformed HTTP answer: {what}"))
-    };
-    metadata.clear();
-    let http = response.code.unwrap_or_default();
-    let mut head = ResponseHead {
-        head_len,
-        http,
-        body_len: 0,
-        content_type: None,
-        code: None,
-        message: None,
-        keep_alive: response.version == Some(1),
-    };
-    let mut has_length = false;
-    for header in response.headers.iter() {
-        let (name, value) = (header.name, header.value);
-        let number = || {
-            std::str::from_utf8(value)
+/// The call's result from an answer's status, headers and body.
+fn answer(
+    http: u16,
+    headers: &HeaderMap,
+    body: Bytes,
+    request_codec: u8,
+) -> Result<RawResponse, Status> {
+    let code = match headers.get(STATUS_HEADER) {
+        Some(value) => {
+            let code = value
+                .to_str()
                 .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .ok_or_else(|| {
+                    Status::new(
+                        Code::Internal,
+                        format!("malformed HTTP answer: bad {STATUS_HEADER}"),
+                    )
+                })?;
+            Code::from_u32(code)
+        }
+        None => code_for_http_status(http),
+    };
+    if code != Code::Ok {
+        let message = match headers.get(MESSAGE_HEADER) {
+            Some(message) => percent_decode(message.as_bytes()),
+            None => format!("HTTP status {http}"),
         };
-        if name.eq_ignore_ascii_case("content-length") {
-            let length = number().and_then(|n| usize::try_from(n).ok());
-            head.body_len = length.ok_or_else(|| malformed("bad Content-Length".into()))?;
-            has_length = true;
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(malformed("transfer-coded answers are not supported".into()));
-        } else if name.eq_ignore_ascii_case("content-type") {
-            head.content_type = ContentType::parse(value);
-        } else if name.eq_ignore_ascii_case("connection") {
-            let close = value
-                .split(|&b| b == b',')
-                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
-            head.keep_alive &= !close;
-        } else if name.eq_ignore_ascii_case(STATUS_HEADER) {
-            let code = number().and_then(|n| u32::try_from(n).ok());
-            let code = code.ok_or_else(|| malformed(format!("bad {STATUS_HEADER}").into()))?;
-            head.code = Some(Code::from_u32(code));
-        } else if name.eq_ignore_ascii_case(MESSAGE_HEADER) {
-            head.message = Some(range_in(buf, value));
-        } else if name.len() > METADATA_PREFIX.len()
-            && name.as_bytes()[..METADATA_PREFIX.len()]
-                .eq_ignore_ascii_case(METADATA_PREFIX.as_bytes())
-        {
-            let key = &name.as_bytes()[METADATA_PREFIX.len()..];
-            metadata.push((range_in(buf, key), range_in(buf, value)));
+        return Err(Status::new(code, message));
+    }
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| ContentType::parse(v.as_bytes()));
+    let codec = match content_type {
+        Some(content_type) => content_type.codec(),
+        None if body.is_empty() => request_codec,
+        None => {
+            return Err(Status::new(
+                Code::Internal,
+                "answer without a known Content-Type",
+            ))
+        }
+    };
+    let metadata = headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let key = name.as_str().strip_prefix(METADATA_PREFIX)?;
+            (!key.is_empty()).then(|| (key.to_owned(), Bytes::copy_from_slice(value.as_bytes())))
+        })
+        .collect::<Metadata>();
+    Ok(RawResponse {
+        codec,
+        metadata,
+        body,
+    })
+}
+
+fn deadline_exceeded() -> Status {
+    Status::new(Code::DeadlineExceeded, "deadline exceeded")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_addresses_and_host_names() {
+        assert_eq!(
+            "127.0.0.1:80".parse::<HttpTarget>().unwrap(),
+            HttpTarget::Addr("127.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(
+            "[::1]:8080".parse::<HttpTarget>().unwrap(),
+            HttpTarget::Addr("[::1]:8080".parse().unwrap())
+        );
+        assert_eq!(
+            "localhost:9000".parse::<HttpTarget>().unwrap(),
+            HttpTarget::host("localhost", 9000)
+        );
+        assert_eq!(
+            HttpTarget::host("localhost", 9000).to_string(),
+            "localhost:9000"
+        );
+        for bad in ["localhost", "host:port", ":80", "a b:1", "http://x:1"] {
+            assert!(bad.parse::<HttpTarget>().is_err(), "{bad}");
         }
     }
-    // Informational answers have no body; a final one must say how long its body is.
-    if !has_length && !(100..200).contains(&http) && http != 204 && http != 304 {
-        return Err(malformed("no Content-Length".into()));
-    }
-    Ok(head)
 }

@@ -18,22 +18,22 @@
 //!   through their descriptors). Handlers never see JSON. Methods without a schema get the
 //!   JSON bytes as they are, with codec id [`JSON`](gorpc_proto::codec::JSON).
 
-mod chunked;
+mod body;
 mod client;
+pub(crate) mod rt;
 mod server;
 mod transcode;
 
-pub use client::HttpChannel;
+pub use client::{HttpChannel, HttpTarget};
 pub(crate) use server::{serve_sniffed, Accepted, HttpShared};
+pub use server::{GetHandler, HttpConfig};
 
-use std::future::poll_fn;
-use std::io::{self, IoSlice};
-use std::task::{Context, Poll};
+/// The request and response types of GET endpoints ([`crate::Server::get`]), from the
+/// `http` crate that hyper, tower and the rest of the ecosystem share.
+pub use ::http::{Request, Response, StatusCode};
 
 use bytes::{BufMut, BytesMut};
 use gorpc_proto::{codec, Code};
-
-use crate::runtime::Io;
 
 /// Response header: the call's status code in gRPC numbering (0 is OK), on every response.
 pub const STATUS_HEADER: &str = "x-gorpc-status";
@@ -46,10 +46,9 @@ pub const TIMEOUT_HEADER: &str = "x-gorpc-timeout-ms";
 /// Header names ignore case, so keys arrive lowercased.
 pub const METADATA_PREFIX: &str = "x-gorpc-md-";
 
-/// Headers read from one request or response at most.
-const MAX_HEADERS: usize = 64;
-/// Spare room the read buffer is given before each read.
-const READ_CHUNK: usize = 8 * 1024;
+/// Request header with the standard credentials; it reaches handlers as the metadata
+/// entry `authorization`, as gRPC carries it.
+pub const AUTHORIZATION_METADATA: &str = "authorization";
 
 /// The body formats HTTP bodies may come in, by `Content-Type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,27 +140,6 @@ fn code_for_http_status(status: u16) -> Code {
     }
 }
 
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        413 => "Content Too Large",
-        415 => "Unsupported Media Type",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "",
-    }
-}
-
 /// Writes `message` as a header value: printable ASCII as is, every other byte (and `%`)
 /// as `%XX`, so any message fits on one header line.
 fn put_percent_encoded(out: &mut BytesMut, message: &str) {
@@ -211,45 +189,6 @@ fn is_header_value(value: &[u8]) -> bool {
     let trimmed =
         !matches!(value.first(), Some(b' ' | b'\t')) && !matches!(value.last(), Some(b' ' | b'\t'));
     clean && trimmed
-}
-
-/// Where `part` (a slice of `buf`) sits in `buf`.
-fn range_in(buf: &[u8], part: &[u8]) -> std::ops::Range<usize> {
-    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
-    start..start + part.len()
-}
-
-/// Reads once into `buf`, appending, after making room.
-fn poll_read_more<I: Io>(
-    io: &mut I,
-    cx: &mut Context<'_>,
-    buf: &mut BytesMut,
-) -> Poll<io::Result<usize>> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
-    }
-    let room = buf.capacity() - buf.len();
-    io.poll_read_buf(cx, buf, room)
-}
-
-/// Writes `head` then `body`, all of both, and flushes.
-async fn write_all<I: Io>(io: &mut I, mut head: &[u8], mut body: &[u8]) -> io::Result<()> {
-    poll_fn(|cx| {
-        while !head.is_empty() || !body.is_empty() {
-            let slices = [IoSlice::new(head), IoSlice::new(body)];
-            let written = match io.poll_write_vectored(cx, &slices) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            };
-            let from_head = written.min(head.len());
-            head = &head[from_head..];
-            body = &body[written - from_head..];
-        }
-        io.poll_flush(cx)
-    })
-    .await
 }
 
 #[cfg(test)]

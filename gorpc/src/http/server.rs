@@ -1,47 +1,104 @@
-//! The server side: telling the two protocols apart on an accepted connection, and serving
-//! HTTP/1.1 requests on it one at a time, answered in order.
+//! The server side: telling the protocols apart on an accepted connection, and the mapping
+//! from HTTP requests (parsed and framed by hyper) to the same [`ServerRequest`]s the binary
+//! driver builds, answered by the same [`Service`].
 
-use std::fmt::Write as _;
+use std::collections::HashMap;
+use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
 use futures::FutureExt;
 use gorpc_proto::{Code, ConnConfig, Limits, RequestHead, Status};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, HOST, TRANSFER_ENCODING,
+};
+use http::{Method, Request, Response, StatusCode, Version};
 
-use super::chunked::{ChunkedBody, ChunkedError};
+use super::body::{read_body, BodyBudget, BodyError, BodyHold, Full};
+use super::rt::{HyperIo, HyperTimer};
 use super::transcode::{self, Descriptors};
 use super::{
-    http_status, is_header_value, is_token, poll_read_more, put_percent_encoded, range_in,
-    reason_phrase, write_all, ContentType, ACCEPTED_CONTENT_TYPES, MAX_HEADERS, MESSAGE_HEADER,
-    METADATA_PREFIX, STATUS_HEADER, TIMEOUT_HEADER,
+    http_status, is_header_value, is_token, put_percent_encoded, ContentType,
+    ACCEPTED_CONTENT_TYPES, AUTHORIZATION_METADATA, MESSAGE_HEADER, METADATA_PREFIX, STATUS_HEADER,
+    TIMEOUT_HEADER,
 };
 use crate::metadata::Metadata;
-use crate::runtime::{Io, PeerCertificates, Runtime, Sleep};
+use crate::runtime::{Io, PeerCertificates, Runtime};
 use crate::server::conn::{poll_closed, ServerConnection, SignalRx, Signals};
 use crate::service::{ServerReply, ServerRequest, Service};
 
 /// How long a new connection may stay silent before it is handed to the binary protocol,
 /// whose clients may keep a connection open without a call; HTTP clients speak first.
 const SNIFF_WAIT: Duration = Duration::from_secs(10);
-/// How long an HTTP connection waits for the next bytes of a request, or for the next
-/// request, before closing.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// After refusing a request, how long the server reads and discards what the client still
-/// sends before closing: closing with unread bytes would reset the connection, and the
-/// client could lose the answer.
-const LINGER: Duration = Duration::from_secs(2);
+/// Request headers read at most; more is 431.
+const MAX_HEADERS: usize = 64;
+/// What every HTTP/2 connection opens with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// HTTP settings of a server ([`crate::ServerConfig::http`]).
+#[derive(Clone, Copy, Debug)]
+pub struct HttpConfig {
+    /// The whole head of a request must arrive within this, counted from when the
+    /// connection starts waiting for it (so it also closes a kept-alive connection idle that
+    /// long). A client dripping its headers a byte at a time is cut off here.
+    pub head_timeout: Duration,
+    /// Longest wait for the next piece of a request body.
+    pub body_idle_timeout: Duration,
+    /// Request-body bytes all HTTP connections together may hold (bodies being read and
+    /// those of running calls). A request that would go over it gets 503.
+    pub max_body_bytes_held: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            head_timeout: Duration::from_secs(30),
+            body_idle_timeout: Duration::from_secs(60),
+            max_body_bytes_held: 128 * 1024 * 1024,
+        }
+    }
+}
+
+/// A GET endpoint beside the RPC routes ([`crate::Server::get`]): `/healthz`, `/metrics`.
+pub type GetHandler =
+    Arc<dyn Fn(Request<()>) -> BoxFuture<'static, Response<Bytes>> + Send + Sync + 'static>;
+
+/// The path of the health endpoint every HTTP server answers.
+pub const HEALTH_PATH: &str = "/healthz";
 
 /// State shared by one server's HTTP connections.
-#[derive(Debug, Default)]
 pub(crate) struct HttpShared {
     descriptors: Descriptors,
+    endpoints: HashMap<String, GetHandler>,
+    budget: Arc<BodyBudget>,
+    config: HttpConfig,
+}
+
+impl std::fmt::Debug for HttpShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpShared")
+            .field("endpoints", &self.endpoints.keys())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpShared {
+    pub(crate) fn new(config: HttpConfig, endpoints: HashMap<String, GetHandler>) -> Self {
+        HttpShared {
+            descriptors: Descriptors::default(),
+            endpoints,
+            budget: Arc::new(BodyBudget::new(config.max_body_bytes_held)),
+            config,
+        }
+    }
 }
 
 /// A connection the accept loop took, with what serving it needs.
@@ -61,22 +118,27 @@ pub(crate) struct Accepted<R: Runtime, I: Io> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Protocol {
     Binary,
-    Http,
+    Http1,
+    Http2,
 }
 
 /// Which protocol a connection that opened with `bytes` speaks; `None` until it can tell.
 fn sniff(bytes: &[u8]) -> Option<Protocol> {
+    let prefix = bytes.len().min(H2_PREFACE.len());
     match bytes {
         [] | [b'G'] => None, // "GR…" (a frame) or "GET"
         [b'G', b'R', ..] => Some(Protocol::Binary),
-        [first, ..] if first.is_ascii_uppercase() => Some(Protocol::Http),
+        _ if bytes[..prefix] == H2_PREFACE[..prefix] => {
+            (bytes.len() >= H2_PREFACE.len()).then_some(Protocol::Http2)
+        }
+        [first, ..] if first.is_ascii_uppercase() => Some(Protocol::Http1),
         // Neither: the binary driver reports the bad magic in a go-away.
         _ => Some(Protocol::Binary),
     }
 }
 
 /// Serves one accepted connection in whichever protocol it speaks, to its end. The bytes
-/// read to tell the protocols apart go to the driver that takes the connection.
+/// read to tell the protocols apart go to whichever takes the connection.
 pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
     accepted: Accepted<R, I>,
     shared: Arc<HttpShared>,
@@ -106,13 +168,29 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
         if poll_closed(&mut drain, cx) || Pin::new(&mut silence).poll(cx).is_ready() {
             return Poll::Ready(Some(Protocol::Binary));
         }
-        match poll_read_more(&mut io, cx, &mut first_bytes) {
+        if first_bytes.capacity() - first_bytes.len() < 1024 {
+            first_bytes.reserve(4096);
+        }
+        let room = first_bytes.capacity() - first_bytes.len();
+        match io.poll_read_buf(cx, &mut first_bytes, room) {
             Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
             Poll::Ready(Ok(_)) => {}
             Poll::Pending => return Poll::Pending,
         }
     })
     .await;
+    let peer_certificates = io.peer_certificates();
+    let edge = |protocol| Edge {
+        runtime: runtime.clone(),
+        shared: shared.clone(),
+        service: service.clone(),
+        peer,
+        peer_certificates: peer_certificates.clone(),
+        limits: config.limits,
+        refusal: refusal.clone(),
+        serving: signals.serving.clone(),
+        protocol,
+    };
     match protocol {
         None => {}
         Some(Protocol::Binary) => {
@@ -123,258 +201,373 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
             }
             conn.await;
         }
-        Some(Protocol::Http) => {
-            let conn = HttpConnection {
-                peer_certificates: io.peer_certificates(),
-                timer: runtime.sleep_until(Instant::now() + IDLE_TIMEOUT),
-                io,
-                peer,
-                service,
-                shared,
-                limits: config.limits,
-                read_buf: first_bytes,
-                head_buf: BytesMut::new(),
-                out: BytesMut::new(),
-                metadata: Vec::new(),
-                drain,
-            };
-            let mut run = std::pin::pin!(conn.run(refusal));
-            // Aborting the server drops the connection wherever it is.
-            poll_fn(|cx| {
+        // HTTP/2 without the `grpc` feature goes to HTTP/1.1, which refuses it.
+        Some(Protocol::Http1 | Protocol::Http2) => {
+            let edge = Arc::new(edge(Protocol::Http1));
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(HyperTimer(runtime.clone()))
+                .header_read_timeout(shared.config.head_timeout)
+                .max_headers(MAX_HEADERS)
+                .max_buf_size((config.limits.max_head_len as usize).max(8192) * 2);
+            let io = HyperIo::new(io, first_bytes);
+            let mut conn = builder.serve_connection(io, HyperService(edge));
+            let mut draining = false;
+            let ended = poll_fn(|cx| {
+                // Aborting the server drops the connection wherever it is.
                 if poll_closed(&mut abort, cx) {
-                    return Poll::Ready(());
+                    return Poll::Ready(false);
                 }
-                run.as_mut().poll(cx)
+                if !draining && poll_closed(&mut drain, cx) {
+                    // The answer under way is the last; an idle connection closes now.
+                    draining = true;
+                    Pin::new(&mut conn).graceful_shutdown();
+                }
+                conn.poll_without_shutdown(cx).map(|result| {
+                    if let Err(error) = result {
+                        tracing::debug!(%peer, %error, "HTTP/1.1 connection ended");
+                    }
+                    true
+                })
             })
             .await;
+            if ended {
+                let io = conn.into_parts().io.into_inner();
+                linger(&runtime, io, &mut abort).await;
+            }
         }
     }
 }
 
-/// One HTTP connection's state between requests; buffers are reused from one request to
-/// the next.
-struct HttpConnection<S: Sleep, I: Io> {
-    io: I,
-    peer: SocketAddr,
-    peer_certificates: Option<PeerCertificates>,
-    service: Arc<dyn Service>,
-    shared: Arc<HttpShared>,
-    limits: Limits,
-    read_buf: BytesMut,
-    /// Each request's head (method, metadata) is encoded here as the binary protocol's,
-    /// then split off for its `ServerRequest`.
-    head_buf: BytesMut,
-    /// The response head being written.
-    out: BytesMut,
-    /// The current request's metadata headers: key (after the prefix) and value, as
-    /// positions in `read_buf`.
-    metadata: Vec<(Range<usize>, Range<usize>)>,
-    /// Idle timeout while reading, the call's deadline while its handler runs.
-    timer: S,
-    drain: SignalRx,
+/// After refusing a request, how long the server reads and discards what the client still
+/// sends before closing: closing with unread bytes would reset the connection, and the
+/// client could lose the answer.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Closes a connection hyper is done with: the write side at once, the read side once the
+/// client closes too, or after discarding what it still sends for [`LINGER`].
+async fn linger<R: Runtime, I: Io>(runtime: &R, mut io: I, abort: &mut SignalRx) {
+    let _ = poll_fn(|cx| io.poll_shutdown(cx)).await;
+    let mut timer = runtime.sleep_until(Instant::now() + LINGER);
+    let mut buf = BytesMut::new();
+    poll_fn(|cx| loop {
+        if poll_closed(abort, cx) {
+            return Poll::Ready(());
+        }
+        buf.clear();
+        if buf.capacity() == 0 {
+            buf.reserve(4096);
+        }
+        match io.poll_read_buf(cx, &mut buf, 4096) {
+            Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(_)) => {}
+            Poll::Pending => {
+                return match Pin::new(&mut timer).poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(()),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    })
+    .await;
 }
 
-/// A request the connection cannot frame: answered, then the connection closes.
-#[derive(Debug)]
+/// One connection's way into the service, as hyper calls it for each request.
+struct Edge<R> {
+    runtime: R,
+    shared: Arc<HttpShared>,
+    service: Arc<dyn Service>,
+    peer: SocketAddr,
+    peer_certificates: Option<PeerCertificates>,
+    limits: Limits,
+    refusal: Option<Status>,
+    /// What `/healthz` reports.
+    serving: Arc<crate::server::Serving>,
+    #[allow(dead_code)]
+    protocol: Protocol,
+}
+
+/// hyper's view of an [`Edge`].
+struct HyperService<R>(Arc<Edge<R>>);
+
+impl<R: Runtime> hyper::service::Service<Request<hyper::body::Incoming>> for HyperService<R> {
+    type Response = Response<Full>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Full>, Infallible>>;
+
+    fn call(&self, request: Request<hyper::body::Incoming>) -> Self::Future {
+        let edge = self.0.clone();
+        Box::pin(async move { Ok(edge.serve_http1(request).await) })
+    }
+}
+
+/// A request refused before its call: the HTTP status, the call status, and whether the
+/// connection must close after the answer (the request could not be framed).
 struct Refusal {
-    http: u16,
+    http: StatusCode,
     status: Status,
+    close: bool,
+    allow: Option<&'static str>,
 }
 
 impl Refusal {
-    fn new(http: u16, code: Code, message: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+    fn new(
+        http: StatusCode,
+        code: Code,
+        message: impl Into<std::borrow::Cow<'static, str>>,
+    ) -> Self {
         Refusal {
             http,
             status: Status::new(code, message),
+            close: false,
+            allow: None,
         }
+    }
+
+    fn closing(mut self) -> Self {
+        self.close = true;
+        self
+    }
+
+    fn allowing(mut self, methods: &'static str) -> Self {
+        self.allow = Some(methods);
+        self
+    }
+
+    fn into_response(self) -> Response<Full> {
+        let mut response = error_response(self.http, &self.status);
+        let headers = response.headers_mut();
+        if let Some(methods) = self.allow {
+            headers.insert(ALLOW, HeaderValue::from_static(methods));
+        }
+        if self.close {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
-/// What a request head says, as positions in the read buffer.
-#[derive(Debug)]
-struct ParsedHead {
-    head_len: usize,
-    path: Range<usize>,
-    /// From Content-Length; 0 for a chunked body.
-    body_len: usize,
-    /// `Transfer-Encoding: chunked`: the body's length shows as it is decoded.
-    chunked: bool,
-    content_type: Option<ContentType>,
-    timeout: Option<Duration>,
-    keep_alive: bool,
-    expect_continue: bool,
-    /// Something wrong that the framing survives: answered once the body is read, and the
-    /// connection stays open.
-    problem: Option<Refusal>,
-}
-
-/// What waiting for bytes ended with.
-#[derive(Debug, PartialEq, Eq)]
-enum ReadOutcome {
-    Data,
-    /// End of stream, or a failed read.
-    Closed,
-    /// The server is draining and no request is under way.
-    Drained,
-    TimedOut,
-}
-
-/// How a served request leaves the connection.
-#[derive(Debug, PartialEq, Eq)]
-enum Next {
-    KeepAlive,
-    Close,
-}
-
-impl<S: Sleep, I: Io> HttpConnection<S, I> {
-    async fn run(mut self, refusal: Option<Status>) {
-        if let Some(status) = refusal {
-            let http = http_status(status.code());
-            return self.refuse(Refusal { http, status }).await;
-        }
-        loop {
-            let head = match self.read_head().await {
-                Ok(Some(head)) => head,
-                Ok(None) => break,
-                Err(refusal) => return self.refuse(refusal).await,
-            };
-            match self.serve(head).await {
-                Ok(Next::KeepAlive) => {}
-                Ok(Next::Close) => break,
-                Err(ConnectionLost) => return,
-            }
-        }
-        let _ = poll_fn(|cx| self.io.poll_shutdown(cx)).await;
-    }
-
-    /// Waits for a whole request head. `Ok(None)`: the connection ends without one (closed,
-    /// idle too long, or the server drains).
-    async fn read_head(&mut self) -> Result<Option<ParsedHead>, Refusal> {
-        loop {
-            if !self.read_buf.is_empty() {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let mut request = httparse::Request::new(&mut headers);
-                match request.parse(&self.read_buf) {
-                    Ok(httparse::Status::Complete(head_len)) => {
-                        let parsed =
-                            inspect(&request, &self.read_buf, head_len, &mut self.metadata);
-                        return parsed.and_then(|head| self.check_limits(head)).map(Some);
-                    }
-                    Ok(httparse::Status::Partial) => {}
-                    Err(httparse::Error::TooManyHeaders) => {
-                        return Err(Refusal::new(
-                            431,
-                            Code::ResourceExhausted,
-                            format!("more than {MAX_HEADERS} request headers"),
-                        ))
-                    }
-                    Err(e) => {
-                        return Err(Refusal::new(
-                            400,
-                            Code::InvalidArgument,
-                            format!("malformed HTTP request: {e}"),
-                        ))
-                    }
-                }
-                if self.read_buf.len() > self.limits.max_head_len as usize {
-                    return Err(Refusal::new(
-                        431,
-                        Code::ResourceExhausted,
-                        format!(
-                            "request head over the server's limit of {} bytes",
-                            self.limits.max_head_len
-                        ),
-                    ));
-                }
-            }
-            let between_requests = self.read_buf.is_empty();
-            if self.read(between_requests).await != ReadOutcome::Data {
-                return Ok(None);
+impl<R: Runtime> Edge<R> {
+    async fn serve_http1(&self, request: Request<hyper::body::Incoming>) -> Response<Full> {
+        match self.serve_http1_or_refuse(request).await {
+            Ok(response) => response,
+            Err(refusal) => {
+                tracing::debug!(peer = %self.peer, status = %refusal.status, "HTTP request refused");
+                refusal.into_response()
             }
         }
     }
 
-    /// Refuses a body over the frame limit before reading it.
-    fn check_limits(&self, head: ParsedHead) -> Result<ParsedHead, Refusal> {
-        let max = self.limits.max_frame_len as usize;
-        if head.body_len > max {
+    async fn serve_http1_or_refuse(
+        &self,
+        request: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Full>, Refusal> {
+        if let Some(status) = &self.refusal {
+            let http = StatusCode::from_u16(http_status(status.code()))
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return Err(Refusal {
+                http,
+                status: status.clone(),
+                close: true,
+                allow: None,
+            });
+        }
+        // RFC 9112 3.2: an HTTP/1.1 request has exactly one Host.
+        let hosts = request.headers().get_all(HOST).iter().count();
+        if request.version() == Version::HTTP_11 && hosts != 1 {
             return Err(Refusal::new(
-                413,
-                Code::ResourceExhausted,
+                StatusCode::BAD_REQUEST,
+                Code::InvalidArgument,
+                if hosts == 0 {
+                    "an HTTP/1.1 request needs a Host header"
+                } else {
+                    "more than one Host header"
+                },
+            )
+            .closing());
+        }
+        let path = request.uri().path();
+        if let Some(endpoint) = self.shared.endpoints.get(path) {
+            if request.method() != Method::GET && request.method() != Method::HEAD {
+                return Err(Refusal::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    Code::Unimplemented,
+                    format!("{path} answers GET and HEAD"),
+                )
+                .allowing("GET, HEAD"));
+            }
+            let (parts, _body) = request.into_parts();
+            let response = endpoint(Request::from_parts(parts, ())).await;
+            return Ok(response.map(Full::new));
+        }
+        if path == HEALTH_PATH && !self.shared.endpoints.contains_key(HEALTH_PATH) {
+            return self.health(request.method());
+        }
+        if request.method() != Method::POST {
+            return Err(Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Code::Unimplemented,
                 format!(
-                    "request body of {} bytes is over the server's limit of {max} bytes",
-                    head.body_len
+                    "HTTP method {} is not served here: call methods with POST",
+                    request.method()
+                ),
+            )
+            .allowing("POST"));
+        }
+        self.call_http1(request).await
+    }
+
+    /// `/healthz`: 200 while serving, 503 once the server is not (it shuts down, or was
+    /// told so).
+    fn health(&self, method: &Method) -> Result<Response<Full>, Refusal> {
+        if method != Method::GET && method != Method::HEAD {
+            return Err(Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Code::Unimplemented,
+                format!("{HEALTH_PATH} answers GET and HEAD"),
+            )
+            .allowing("GET, HEAD"));
+        }
+        let (http, text) = if self.serving.is_serving() {
+            (StatusCode::OK, "serving\n")
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "not serving\n")
+        };
+        let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+        *response.status_mut() = http;
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        Ok(response)
+    }
+
+    /// A unary call over HTTP/1.1: `POST /package.Service/Method`.
+    async fn call_http1(
+        &self,
+        request: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Full>, Refusal> {
+        let (parts, body) = request.into_parts();
+        let path = parts.uri.path();
+        // hyper frames any coding list that ends in chunked as chunked, and would hand over
+        // a body still gzipped: only `chunked` alone is served, once.
+        let mut codings = parts.headers.get_all(TRANSFER_ENCODING).iter();
+        if let Some(coding) = codings.next() {
+            if codings.next().is_some()
+                || !coding
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"chunked")
+            {
+                let named = String::from_utf8_lossy(coding.as_bytes()).into_owned();
+                return Err(Refusal::new(
+                    StatusCode::NOT_IMPLEMENTED,
+                    Code::Unimplemented,
+                    format!(
+                        "Transfer-Encoding {named:?} is not supported: send the body chunked or \
+                         with Content-Length"
+                    ),
+                )
+                .closing());
+            }
+        }
+        // Problems that leave the framing intact are answered once the body is read, so
+        // the connection goes on.
+        let mut problem = None;
+        if !path.starts_with('/') || path.len() < 2 {
+            problem = Some(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                Code::InvalidArgument,
+                format!(
+                    "request target {:?} is not a method path (/package.Service/Method)",
+                    parts.uri
                 ),
             ));
         }
-        Ok(head)
-    }
+        let content_type = match parts.headers.get(CONTENT_TYPE) {
+            Some(value) => ContentType::parse(value.as_bytes()).ok_or_else(|| {
+                let named = String::from_utf8_lossy(value.as_bytes());
+                format!("Content-Type {named:?} is not served; accepted: {ACCEPTED_CONTENT_TYPES}")
+            }),
+            None => Err(format!(
+                "Content-Type missing; accepted: {ACCEPTED_CONTENT_TYPES}"
+            )),
+        };
+        let content_type = match content_type {
+            Ok(content_type) => Some(content_type),
+            Err(message) => {
+                problem = problem.or(Some(Refusal::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    Code::InvalidArgument,
+                    message,
+                )));
+                None
+            }
+        };
+        let timeout = match parts.headers.get(TIMEOUT_HEADER).map(parse_millis) {
+            None => None,
+            Some(Some(timeout)) => Some(timeout),
+            Some(None) => {
+                problem = problem.or(Some(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    Code::InvalidArgument,
+                    format!("{TIMEOUT_HEADER} must be a whole number of milliseconds"),
+                )));
+                None
+            }
+        };
+        if let Some(kind) = self.service.stream_kind(path) {
+            problem = problem.or(Some(Refusal::new(
+                StatusCode::NOT_IMPLEMENTED,
+                Code::Unimplemented,
+                format!(
+                    "{path} is a {} method: HTTP/1.1 carries unary calls only; call it over \
+                     gRPC (HTTP/2) or the binary protocol",
+                    describe(kind)
+                ),
+            )));
+        }
 
-    /// Reads the body, runs the call and writes the answer.
-    async fn serve(&mut self, head: ParsedHead) -> Result<Next, ConnectionLost> {
-        let mut total = head.head_len + head.body_len;
-        let mut chunked = head.chunked.then(ChunkedBody::default);
-        if head.expect_continue && (chunked.is_some() || self.read_buf.len() < total) {
-            write_all(&mut self.io, b"HTTP/1.1 100 Continue\r\n\r\n", &[])
-                .await
-                .map_err(|_| ConnectionLost)?;
+        let mut hold = BodyHold::new(&self.shared.budget);
+        let max = self.limits.max_frame_len as usize;
+        let body = read_body(
+            &self.runtime,
+            body,
+            max,
+            Some(&mut hold),
+            self.shared.config.body_idle_timeout,
+        )
+        .await
+        .map_err(|e| body_refusal(e, max))?;
+        if let Some(problem) = problem {
+            return Err(problem);
         }
-        if let Some(body) = &mut chunked {
-            total = head.head_len + self.read_chunked(head.head_len, body).await?;
-        }
-        while self.read_buf.len() < total {
-            if self.read(false).await != ReadOutcome::Data {
-                return Err(ConnectionLost);
-            }
-        }
-        let next = if head.keep_alive && !self.draining() {
-            Next::KeepAlive
-        } else {
-            Next::Close
-        };
-        if let Some(problem) = head.problem {
-            self.read_buf.advance(total);
-            self.respond_error(problem.http, &problem.status, &next)
-                .await?;
-            return Ok(next);
-        }
-        let request_head = self.encode_request_head(&head);
-        let body = match chunked {
-            Some(body) => {
-                self.read_buf.advance(total);
-                body.into_body()
-            }
-            None => {
-                self.read_buf.advance(head.head_len);
-                self.read_buf.split_to(head.body_len).freeze()
-            }
-        };
-        let Some(request_head) = request_head else {
-            let status = Status::new(Code::InvalidArgument, "request target is not a method path");
-            self.respond_error(400, &status, &next).await?;
-            return Ok(next);
-        };
-        let content_type = head.content_type.unwrap_or(ContentType::OctetStream);
+        let content_type = content_type.unwrap_or(ContentType::OctetStream);
+
+        let metadata = http1_metadata(&parts.headers);
+        let head = request_head(path, timeout, metadata).ok_or_else(|| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                Code::InvalidArgument,
+                "request target is not a method path",
+            )
+        })?;
         let schema = match content_type {
-            ContentType::Json => self.service.schema(request_head.method()),
+            ContentType::Json => self.service.schema(head.method()),
             _ => None,
         };
         let (codec, body) = match &schema {
             Some(schema) => {
                 match transcode::json_to_native(&self.shared.descriptors, schema, &body) {
                     Ok(native) => (schema.codec(), native),
-                    Err(status) => {
-                        self.respond_error(http_status(status.code()), &status, &next)
-                            .await?;
-                        return Ok(next);
-                    }
+                    Err(status) => return Err(refusal_for(status)),
                 }
             }
             None => (content_type.codec(), body),
         };
-        let deadline = head.timeout.and_then(|t| Instant::now().checked_add(t));
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let request = ServerRequest {
-            head: request_head,
+            head,
             edited: None,
             codec,
             body,
@@ -383,404 +576,221 @@ impl<S: Sleep, I: Io> HttpConnection<S, I> {
             peer_certificates: self.peer_certificates.clone(),
             streams: Default::default(),
         };
-        let reply = self.call(request, deadline).await;
+        let reply = call_within(&self.runtime, &*self.service, request, deadline).await;
+        drop(hold);
         if !reply.status.is_ok() {
-            let http = http_status(reply.status.code());
-            self.respond_error(http, &reply.status, &next).await?;
-            return Ok(next);
+            return Err(refusal_for(reply.status));
         }
         let body = match &schema {
             Some(schema) => {
-                match transcode::native_to_json(&self.shared.descriptors, schema, &reply.body) {
-                    Ok(json) => json,
-                    Err(status) => {
-                        self.respond_error(http_status(status.code()), &status, &next)
-                            .await?;
-                        return Ok(next);
-                    }
-                }
+                transcode::native_to_json(&self.shared.descriptors, schema, &reply.body)
+                    .map_err(refusal_for)?
             }
             None => reply.body,
         };
-        self.out.clear();
-        put_response_head(
-            &mut self.out,
-            200,
-            &reply.status,
-            content_type.as_str(),
-            body.len(),
-            &reply.metadata,
-            &next,
+        let mut response = Response::new(Full::new(body));
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(content_type.as_str()),
         );
-        write_all(&mut self.io, &self.out, &body)
-            .await
-            .map_err(|_| ConnectionLost)?;
-        Ok(next)
-    }
-
-    /// Reads a chunked body that starts at `start` in the read buffer to its end, decoding
-    /// it into `body`, and returns its encoded length. A malformed or oversized body is
-    /// refused and the connection closed. The encoded bytes may be at most twice the
-    /// body limit and 64 KiB (a client framing one byte per chunk is refused).
-    async fn read_chunked(
-        &mut self,
-        start: usize,
-        body: &mut ChunkedBody,
-    ) -> Result<usize, ConnectionLost> {
-        let max_body = self.limits.max_frame_len as usize;
-        let max_encoded = max_body.saturating_mul(2).saturating_add(64 * 1024);
-        let max_trailers = self.limits.max_head_len as usize;
-        loop {
-            let encoded = &self.read_buf[start..];
-            let refusal = match body.decode(encoded, max_body, max_trailers) {
-                Ok(Some(len)) => return Ok(len),
-                Ok(None) if encoded.len() <= max_encoded => {
-                    if self.read(false).await != ReadOutcome::Data {
-                        return Err(ConnectionLost);
-                    }
-                    continue;
-                }
-                Ok(None) | Err(ChunkedError::TooLarge) => Refusal::new(
-                    413,
-                    Code::ResourceExhausted,
-                    format!("chunked request body over the server's limit of {max_body} bytes"),
-                ),
-                Err(ChunkedError::Malformed(why)) => Refusal::new(
-                    400,
-                    Code::InvalidArgument,
-                    format!("malformed chunked request body: {why}"),
-                ),
-            };
-            self.refuse(refusal).await;
-            return Err(ConnectionLost);
-        }
-    }
-
-    /// The request's head as the binary protocol's, so handlers and interceptors see the
-    /// same `ServerRequest` either way. Lowercases the metadata keys in place (HTTP
-    /// header names ignore case). `None` if the target is no method path.
-    fn encode_request_head(&mut self, head: &ParsedHead) -> Option<RequestHead> {
-        for (key, _) in &self.metadata {
-            self.read_buf[key.clone()].make_ascii_lowercase();
-        }
-        let text = |range: &Range<usize>| std::str::from_utf8(&self.read_buf[range.clone()]);
-        let path = text(&head.path).ok()?;
-        let entries = self.metadata.iter().filter_map(|(key, value)| {
-            // Header names are tokens, so always UTF-8.
-            let key = text(key).ok()?;
-            Some((key, &self.read_buf[value.clone()]))
-        });
-        let timeout_micros = head
-            .timeout
-            .map_or(0, |t| u64::try_from(t.as_micros()).unwrap_or(u64::MAX));
-        gorpc_proto::head::encode_request_head(path, timeout_micros, entries, &mut self.head_buf);
-        RequestHead::decode(self.head_buf.split().freeze()).ok()
-    }
-
-    /// Runs the service (and its interceptors), within the call's deadline. A panic is an
-    /// `Internal` answer, as on the binary protocol.
-    async fn call(&mut self, request: ServerRequest, deadline: Option<Instant>) -> ServerReply {
-        let panicked = || ServerReply::error(Status::new(Code::Internal, "handler panicked"));
-        let service = &self.service;
-        let future = match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(request))) {
-            Ok(future) => future,
-            Err(_) => return panicked(),
-        };
-        let mut future = AssertUnwindSafe(future).catch_unwind();
-        if let Some(deadline) = deadline {
-            self.timer.reset(deadline);
-        }
-        let timer = &mut self.timer;
-        poll_fn(|cx| {
-            if let Poll::Ready(result) = future.poll_unpin(cx) {
-                return Poll::Ready(result.unwrap_or_else(|_| panicked()));
-            }
-            if deadline.is_some() && Pin::new(&mut *timer).poll(cx).is_ready() {
-                let status = Status::new(
-                    Code::DeadlineExceeded,
-                    "deadline exceeded before the handler answered",
-                );
-                return Poll::Ready(ServerReply::error(status));
-            }
-            Poll::Pending
-        })
-        .await
-    }
-
-    /// Answers with an error status, its message also as a plain-text body for people
-    /// reading `curl` output.
-    async fn respond_error(
-        &mut self,
-        http: u16,
-        status: &Status,
-        next: &Next,
-    ) -> Result<(), ConnectionLost> {
-        self.out.clear();
-        let body_len = status.message().len() + 1;
-        let text = "text/plain; charset=utf-8";
-        put_response_head(
-            &mut self.out,
-            http,
-            status,
-            text,
-            body_len,
-            &Metadata::new(),
-            next,
-        );
-        self.out.put_slice(status.message().as_bytes());
-        self.out.put_u8(b'\n');
-        write_all(&mut self.io, &self.out, &[])
-            .await
-            .map_err(|_| ConnectionLost)
-    }
-
-    /// Answers a request the connection cannot go on after, then closes: the write side at
-    /// once, the read side after discarding what the client still sends (for a while).
-    async fn refuse(&mut self, refusal: Refusal) {
-        tracing::debug!(peer = %self.peer, status = %refusal.status, "HTTP request refused");
-        if self
-            .respond_error(refusal.http, &refusal.status, &Next::Close)
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let _ = poll_fn(|cx| self.io.poll_shutdown(cx)).await;
-        self.timer.reset(Instant::now() + LINGER);
-        let (io, buf, timer) = (&mut self.io, &mut self.read_buf, &mut self.timer);
-        poll_fn(|cx| loop {
-            buf.clear();
-            match poll_read_more(io, cx, buf) {
-                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(_)) => {}
-                Poll::Pending => {
-                    return match Pin::new(&mut *timer).poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(()),
-                        Poll::Pending => Poll::Pending,
-                    }
-                }
-            }
-        })
-        .await;
-    }
-
-    /// Reads once more, waiting at most [`IDLE_TIMEOUT`]. Between requests, a drain ends
-    /// the wait too.
-    async fn read(&mut self, between_requests: bool) -> ReadOutcome {
-        self.timer.reset(Instant::now() + IDLE_TIMEOUT);
-        let (io, buf) = (&mut self.io, &mut self.read_buf);
-        let (drain, timer) = (&mut self.drain, &mut self.timer);
-        poll_fn(|cx| {
-            if between_requests && poll_closed(drain, cx) {
-                return Poll::Ready(ReadOutcome::Drained);
-            }
-            match poll_read_more(io, cx, buf) {
-                Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(ReadOutcome::Closed),
-                Poll::Ready(Ok(_)) => Poll::Ready(ReadOutcome::Data),
-                Poll::Pending => match Pin::new(&mut *timer).poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(ReadOutcome::TimedOut),
-                    Poll::Pending => Poll::Pending,
-                },
-            }
-        })
-        .await
-    }
-
-    /// Whether the server has started draining: the answer in progress is then the
-    /// connection's last.
-    fn draining(&mut self) -> bool {
-        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        poll_closed(&mut self.drain, &mut cx)
+        put_status(headers, &reply.status);
+        put_metadata(headers, &reply.metadata);
+        Ok(response)
     }
 }
 
-/// The connection failed or the peer left: nothing more to write.
-#[derive(Debug)]
-struct ConnectionLost;
+fn describe(kind: gorpc_proto::StreamKind) -> &'static str {
+    match kind {
+        gorpc_proto::StreamKind::ServerStreaming => "server-streaming",
+        gorpc_proto::StreamKind::ClientStreaming => "client-streaming",
+        gorpc_proto::StreamKind::Bidirectional => "bidirectional",
+    }
+}
 
-/// Reads what the connection needs from a complete request head. Errors are framing
-/// problems; other problems are kept in `problem` and answered after the body.
-fn inspect(
-    request: &httparse::Request<'_, '_>,
-    buf: &[u8],
-    head_len: usize,
-    metadata: &mut Vec<(Range<usize>, Range<usize>)>,
-) -> Result<ParsedHead, Refusal> {
-    metadata.clear();
-    let mut problem = None;
-    // `Complete` guarantees the method, path and version.
-    let method = request.method.unwrap_or_default();
-    if method != "POST" {
-        problem = Some(Refusal::new(
-            405,
-            Code::Unimplemented,
-            format!("HTTP method {method} is not served: call methods with POST"),
-        ));
+/// Whole milliseconds, as [`TIMEOUT_HEADER`] carries them.
+fn parse_millis(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    let target = request.path.unwrap_or_default();
-    let path = target.split('?').next().unwrap_or_default();
-    if !path.starts_with('/') || path.len() < 2 {
-        problem = problem.or(Some(Refusal::new(
-            400,
-            Code::InvalidArgument,
-            format!("request target {target:?} is not a method path (/package.Service/Method)"),
-        )));
-    }
-    let mut body_len: Option<usize> = None;
-    let mut chunked = false;
-    let mut content_type: Option<Result<ContentType, &[u8]>> = None;
-    let mut timeout = None;
-    let (mut close, mut keep_alive_token, mut expect_continue) = (false, false, false);
-    for header in request.headers.iter() {
-        let (name, value) = (header.name, header.value);
-        if name.eq_ignore_ascii_case("content-length") {
-            let length = std::str::from_utf8(value)
-                .ok()
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<usize>().ok());
-            match (length, body_len) {
-                (Some(n), None) => body_len = Some(n),
-                (Some(n), Some(earlier)) if n == earlier => {}
-                _ => {
-                    return Err(Refusal::new(
-                        400,
-                        Code::InvalidArgument,
-                        "invalid or conflicting Content-Length",
-                    ))
-                }
-            }
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            // Only `chunked` alone: any other coding would have to be undone to frame the
-            // body, and a repeated header is how smuggled requests disagree.
-            if chunked || !value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Err(Refusal::new(
-                    501,
-                    Code::Unimplemented,
-                    format!(
-                        "Transfer-Encoding {:?} is not supported: send the body chunked or with Content-Length",
-                        String::from_utf8_lossy(value)
-                    ),
-                ));
-            }
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("content-type") {
-            content_type = Some(ContentType::parse(value).ok_or(value));
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
-        } else if name.eq_ignore_ascii_case("expect") {
-            expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
-        } else if name.eq_ignore_ascii_case(TIMEOUT_HEADER) {
-            let millis = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            match millis {
-                Some(millis) => timeout = Some(Duration::from_millis(millis)),
-                None => {
-                    problem = problem.or(Some(Refusal::new(
-                        400,
-                        Code::InvalidArgument,
-                        format!("{TIMEOUT_HEADER} must be a whole number of milliseconds"),
-                    )))
-                }
-            }
-        } else if name.len() > METADATA_PREFIX.len()
-            && name.as_bytes()[..METADATA_PREFIX.len()]
-                .eq_ignore_ascii_case(METADATA_PREFIX.as_bytes())
-        {
-            let key = &name.as_bytes()[METADATA_PREFIX.len()..];
-            metadata.push((range_in(buf, key), range_in(buf, value)));
-        }
-    }
-    let content_type = match content_type {
-        Some(Ok(content_type)) => Some(content_type),
-        Some(Err(unsupported)) => {
-            let named = String::from_utf8_lossy(unsupported);
-            problem = problem.or(Some(Refusal::new(
-                415,
-                Code::InvalidArgument,
-                format!("Content-Type {named:?} is not served; accepted: {ACCEPTED_CONTENT_TYPES}"),
-            )));
-            None
-        }
-        None => {
-            problem = problem.or(Some(Refusal::new(
-                415,
-                Code::InvalidArgument,
-                format!("Content-Type missing; accepted: {ACCEPTED_CONTENT_TYPES}"),
-            )));
-            None
-        }
-    };
-    if chunked && body_len.is_some() {
-        return Err(Refusal::new(
-            400,
-            Code::InvalidArgument,
-            "both Transfer-Encoding and Content-Length: the body's length is ambiguous",
-        ));
-    }
-    if chunked && request.version != Some(1) {
-        return Err(Refusal::new(
-            400,
-            Code::InvalidArgument,
-            "a chunked request body needs HTTP/1.1",
-        ));
-    }
-    // HTTP/1.1 keeps connections by default, HTTP/1.0 only when asked.
-    let keep_alive = !close && (request.version == Some(1) || keep_alive_token);
-    Ok(ParsedHead {
-        head_len,
-        path: range_in(buf, path.as_bytes()),
-        body_len: body_len.unwrap_or(0),
-        chunked,
-        content_type,
-        timeout,
-        keep_alive,
-        expect_continue,
-        problem,
+    text.parse::<u64>().ok().map(Duration::from_millis)
+}
+
+/// The metadata an HTTP/1.1 request carries: its `x-gorpc-md-*` headers, and
+/// `Authorization` as `authorization`. Header names are lowercase already.
+fn http1_metadata(headers: &HeaderMap) -> impl Iterator<Item = (&str, &[u8])> {
+    headers.iter().filter_map(|(name, value)| {
+        let name = name.as_str();
+        let key = match name.strip_prefix(METADATA_PREFIX) {
+            Some(key) if !key.is_empty() => key,
+            _ if name == AUTHORIZATION_METADATA => name,
+            _ => return None,
+        };
+        Some((key, value.as_bytes()))
     })
 }
 
-/// Writes a response's status line and headers.
-fn put_response_head(
-    out: &mut BytesMut,
-    http: u16,
-    status: &Status,
-    content_type: &str,
-    body_len: usize,
-    metadata: &Metadata,
-    next: &Next,
-) {
-    // Writing to a BytesMut cannot fail.
-    let _ = write!(
-        out,
-        "HTTP/1.1 {http} {}\r\ncontent-type: {content_type}\r\ncontent-length: {body_len}\r\n\
-         {STATUS_HEADER}: {}\r\n{MESSAGE_HEADER}: ",
-        reason_phrase(http),
-        status.code() as u32,
+/// A request's head as the binary protocol's, so handlers and interceptors see the same
+/// `ServerRequest` from every protocol. `None` if `path` cannot be a method path.
+pub(crate) fn request_head<'m>(
+    path: &str,
+    timeout: Option<Duration>,
+    metadata: impl Iterator<Item = (&'m str, &'m [u8])>,
+) -> Option<RequestHead> {
+    let timeout_micros = timeout.map_or(0, |t| u64::try_from(t.as_micros()).unwrap_or(u64::MAX));
+    let mut raw = BytesMut::new();
+    gorpc_proto::head::encode_request_head(path, timeout_micros, metadata, &mut raw);
+    RequestHead::decode(raw.freeze()).ok()
+}
+
+/// Runs the service (and its interceptors) until it answers or `deadline` passes. A panic
+/// is an `Internal` answer, as on the binary protocol; at the deadline the handler is
+/// dropped and the answer is `DeadlineExceeded`.
+pub(crate) async fn call_within<R: Runtime>(
+    runtime: &R,
+    service: &dyn Service,
+    request: ServerRequest,
+    deadline: Option<Instant>,
+) -> ServerReply {
+    let panicked = || ServerReply::error(Status::new(Code::Internal, "handler panicked"));
+    let future = match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(request))) {
+        Ok(future) => future,
+        Err(_) => return panicked(),
+    };
+    let mut future = AssertUnwindSafe(future).catch_unwind();
+    // Armed only if the handler has to wait: an inline answer costs no timer.
+    let mut timer: Option<R::Sleep> = None;
+    poll_fn(|cx| {
+        if let Poll::Ready(result) = future.poll_unpin(cx) {
+            return Poll::Ready(result.unwrap_or_else(|_| panicked()));
+        }
+        let Some(deadline) = deadline else {
+            return Poll::Pending;
+        };
+        let timer = timer.get_or_insert_with(|| runtime.sleep_until(deadline));
+        if Pin::new(timer).poll(cx).is_ready() {
+            let status = Status::new(
+                Code::DeadlineExceeded,
+                "deadline exceeded before the handler answered",
+            );
+            return Poll::Ready(ServerReply::error(status));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// The refusal of a request whose body could not be read.
+fn body_refusal(error: BodyError, max: usize) -> Refusal {
+    match error {
+        BodyError::TooLarge => Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::ResourceExhausted,
+            format!("request body over the server's limit of {max} bytes"),
+        )
+        .closing(),
+        BodyError::OverBudget => Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::Unavailable,
+            "the server holds too many request bodies; try again later",
+        )
+        .closing(),
+        BodyError::Trailers => Refusal::new(
+            StatusCode::BAD_REQUEST,
+            Code::InvalidArgument,
+            "trailer fields after a chunked request body are not accepted",
+        )
+        .closing(),
+        BodyError::Stalled => Refusal::new(
+            StatusCode::REQUEST_TIMEOUT,
+            Code::DeadlineExceeded,
+            "the request body stopped arriving",
+        )
+        .closing(),
+        BodyError::Broken(error) => Refusal::new(
+            StatusCode::BAD_REQUEST,
+            Code::InvalidArgument,
+            format!("malformed request body: {}", error_chain(&error)),
+        )
+        .closing(),
+    }
+}
+
+/// An error and its causes, as hyper's own messages say little ("error reading a body")
+/// and their sources say what was wrong ("invalid chunk size line").
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The answer to a call that ended with `status`, not OK.
+fn refusal_for(status: Status) -> Refusal {
+    let http = StatusCode::from_u16(http_status(status.code()))
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Refusal {
+        http,
+        status,
+        close: false,
+        allow: None,
+    }
+}
+
+/// An error answer: the status in headers, its message also as a plain-text body for people
+/// reading `curl` output.
+fn error_response(http: StatusCode, status: &Status) -> Response<Full> {
+    let mut text = String::with_capacity(status.message().len() + 1);
+    text.push_str(status.message());
+    text.push('\n');
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = http;
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    put_percent_encoded(out, status.message());
-    out.put_slice(b"\r\n");
+    put_status(headers, status);
+    response
+}
+
+/// `x-gorpc-status` and `x-gorpc-message`.
+fn put_status(headers: &mut HeaderMap, status: &Status) {
+    headers.insert(STATUS_HEADER, HeaderValue::from(status.code() as u32));
+    let mut message = BytesMut::new();
+    put_percent_encoded(&mut message, status.message());
+    // Percent-encoding leaves printable ASCII only.
+    if let Ok(value) = HeaderValue::from_maybe_shared(message.freeze()) {
+        headers.insert(MESSAGE_HEADER, value);
+    }
+}
+
+/// Response metadata as `x-gorpc-md-*` headers; entries no header can carry are left out.
+fn put_metadata(headers: &mut HeaderMap, metadata: &Metadata) {
     for (key, value) in metadata.iter() {
-        if !is_token(key.as_bytes()) || !is_header_value(value) {
-            tracing::warn!(
+        let name = format!("{METADATA_PREFIX}{key}");
+        let header = (is_token(key.as_bytes()) && is_header_value(value))
+            .then(|| {
+                let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+                let value = HeaderValue::from_bytes(value).ok()?;
+                Some((name, value))
+            })
+            .flatten();
+        match header {
+            Some((name, value)) => {
+                headers.append(name, value);
+            }
+            None => tracing::warn!(
                 key,
                 "response metadata cannot travel as an HTTP header; left out"
-            );
-            continue;
+            ),
         }
-        out.put_slice(METADATA_PREFIX.as_bytes());
-        out.put_slice(key.as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value);
-        out.put_slice(b"\r\n");
     }
-    if *next == Next::Close {
-        out.put_slice(b"connection: close\r\n");
-    }
-    out.put_slice(b"\r\n");
 }
 
 #[cfg(test)]
@@ -792,59 +802,41 @@ mod tests {
         assert_eq!(sniff(b""), None);
         assert_eq!(sniff(b"G"), None);
         assert_eq!(sniff(b"GR\x01"), Some(Protocol::Binary));
-        assert_eq!(sniff(b"GE"), Some(Protocol::Http));
-        assert_eq!(sniff(b"POST /"), Some(Protocol::Http));
+        assert_eq!(sniff(b"GE"), Some(Protocol::Http1));
+        assert_eq!(sniff(b"POST /"), Some(Protocol::Http1));
+        assert_eq!(sniff(b"P"), None, "POST or the HTTP/2 preface");
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), None);
+        assert_eq!(sniff(H2_PREFACE), Some(Protocol::Http2));
+        assert_eq!(sniff(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(sniff(b"\x00\x01"), Some(Protocol::Binary));
     }
 
     #[test]
-    fn a_request_head_is_read_into_positions() {
-        let raw = b"POST /pkg.Svc/Call?x=1 HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n\
-                    Content-Length: 2\r\nX-Gorpc-Md-Trace: abc\r\nx-gorpc-timeout-ms: 1500\r\n\r\n{}";
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        let head_len = match request.parse(raw).unwrap() {
-            httparse::Status::Complete(n) => n,
-            httparse::Status::Partial => panic!("complete head"),
-        };
-        let mut metadata = Vec::new();
-        let head = inspect(&request, raw, head_len, &mut metadata).unwrap();
-        assert!(head.problem.is_none(), "{:?}", head.problem);
-        assert_eq!(&raw[head.path.clone()], b"/pkg.Svc/Call");
-        assert_eq!(head.body_len, 2);
-        assert_eq!(head.content_type, Some(ContentType::Json));
-        assert_eq!(head.timeout, Some(Duration::from_millis(1500)));
-        assert!(head.keep_alive);
-        assert_eq!(metadata.len(), 1);
-        assert_eq!(&raw[metadata[0].0.clone()], b"Trace");
-        assert_eq!(&raw[metadata[0].1.clone()], b"abc");
+    fn metadata_comes_from_prefixed_headers_and_authorization() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-gorpc-md-trace-id", HeaderValue::from_static("abc"));
+        headers.insert("authorization", HeaderValue::from_static("Bearer t"));
+        headers.insert("x-gorpc-md-", HeaderValue::from_static("no key"));
+        headers.insert("x-other", HeaderValue::from_static("ignored"));
+        let mut found: Vec<_> = http1_metadata(&headers).collect();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                ("authorization", &b"Bearer t"[..]),
+                ("trace-id", &b"abc"[..])
+            ]
+        );
     }
 
     #[test]
-    fn response_heads_carry_status_and_metadata() {
-        let mut out = BytesMut::new();
-        let mut metadata = Metadata::new();
-        metadata.append("trace", &b"abc"[..]);
-        metadata.append("bad key", &b"x"[..]);
-        let status = Status::new(Code::NotFound, "no such user: ü");
-        put_response_head(
-            &mut out,
-            404,
-            &status,
-            "text/plain",
-            3,
-            &metadata,
-            &Next::Close,
-        );
-        let text = std::str::from_utf8(&out).unwrap();
-        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"), "{text}");
-        assert!(text.contains("\r\nx-gorpc-status: 5\r\n"), "{text}");
-        assert!(
-            text.contains("\r\nx-gorpc-message: no such user: %C3%BC\r\n"),
-            "{text}"
-        );
-        assert!(text.contains("\r\nx-gorpc-md-trace: abc\r\n"), "{text}");
-        assert!(!text.contains("bad key"), "{text}");
-        assert!(text.ends_with("connection: close\r\n\r\n"), "{text}");
+    fn timeouts_are_whole_milliseconds() {
+        let parse = |v: &'static str| parse_millis(&HeaderValue::from_static(v));
+        assert_eq!(parse("250"), Some(Duration::from_millis(250)));
+        assert_eq!(parse(" 7 "), Some(Duration::from_millis(7)));
+        assert_eq!(parse("-1"), None);
+        assert_eq!(parse("1.5"), None);
+        assert_eq!(parse(""), None);
+        assert_eq!(parse("99999999999999999999999"), None);
     }
 }

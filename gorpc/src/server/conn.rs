@@ -79,6 +79,8 @@ pub(crate) struct Signals {
     pub(crate) drain: async_channel::Receiver<()>,
     /// Closed when the grace period is over: connections drop what is left.
     pub(crate) abort: async_channel::Receiver<()>,
+    /// What health checks report.
+    pub(crate) serving: Arc<super::Serving>,
 }
 
 /// A signal channel as one connection polls it.

@@ -1,6 +1,7 @@
 //! Serving: accept connections, run a driver per connection, shut down gracefully.
 
 pub(crate) mod conn;
+mod serving;
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use crate::interceptor::{ServerChain, ServerInterceptor};
 use crate::runtime::{timeout, Listener, Runtime};
 use crate::service::Service;
 use conn::{ServerConnection, Signals};
+pub(crate) use serving::Serving;
 
 /// Server settings.
 #[derive(Clone, Copy, Debug)]
@@ -25,6 +27,9 @@ pub struct ServerConfig {
     pub conn: ConnConfig,
     /// Connections served at once; one more is told `ResourceExhausted` and closed.
     pub max_connections: usize,
+    /// HTTP's own limits, when the server answers HTTP ([`Server::http`]).
+    #[cfg(feature = "http")]
+    pub http: crate::http::HttpConfig,
 }
 
 impl Default for ServerConfig {
@@ -39,6 +44,8 @@ impl Default for ServerConfig {
         ServerConfig {
             conn,
             max_connections: 10_000,
+            #[cfg(feature = "http")]
+            http: crate::http::HttpConfig::default(),
         }
     }
 }
@@ -55,6 +62,9 @@ pub struct Server<R: Runtime> {
     /// Also answer HTTP/1.1 on the port.
     #[cfg(feature = "http")]
     http: bool,
+    /// GET endpoints beside the RPC routes, by path.
+    #[cfg(feature = "http")]
+    endpoints: std::collections::HashMap<String, crate::http::GetHandler>,
 }
 
 /// How long an accepted connection may take to finish its TLS handshake.
@@ -81,13 +91,39 @@ impl<R: Runtime> Server<R> {
             tls: None,
             #[cfg(feature = "http")]
             http: false,
+            #[cfg(feature = "http")]
+            endpoints: std::collections::HashMap::new(),
         }
     }
 
     /// Also answers HTTP/1.1 on the same port (`POST /package.Service/Method`, see
-    /// [`crate::http`]): each connection's first bytes tell the two protocols apart.
+    /// [`crate::http`]): each connection's first bytes tell the protocols apart. `GET
+    /// /healthz` answers 200 while the server serves and 503 once it drains, for load
+    /// balancers and probes.
     #[cfg(feature = "http")]
     pub fn http(mut self) -> Self {
+        self.http = true;
+        self
+    }
+
+    /// Answers `GET path` (and `HEAD`) over HTTP with `handler`, beside the RPC routes;
+    /// turns HTTP on ([`http`](Self::http)). A handler for `/healthz` replaces the built-in
+    /// one.
+    ///
+    /// ```no_run
+    /// # fn demo<R: gorpc::Runtime>(server: gorpc::Server<R>) -> gorpc::Server<R> {
+    /// use gorpc::http::Response;
+    /// server.get("/version", |_request| async { Response::new("1.2.3\n".into()) })
+    /// # }
+    /// ```
+    #[cfg(feature = "http")]
+    pub fn get<F, Fut>(mut self, path: &str, handler: F) -> Self
+    where
+        F: Fn(crate::http::Request<()>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = crate::http::Response<bytes::Bytes>> + Send + 'static,
+    {
+        let handler: crate::http::GetHandler = Arc::new(move |request| Box::pin(handler(request)));
+        self.endpoints.insert(path.to_owned(), handler);
         self.http = true;
         self
     }
@@ -154,7 +190,12 @@ impl<R: Runtime> Server<R> {
         let (drain_tx, drain) = async_channel::bounded(1);
         let (abort_tx, abort) = async_channel::bounded(1);
         let (alive_tx, alive_rx) = async_channel::bounded::<()>(1);
-        let signals = Signals { drain, abort };
+        let serving = Arc::new(Serving::default());
+        let signals = Signals {
+            drain,
+            abort,
+            serving: serving.clone(),
+        };
         let accept = AcceptLoop {
             runtime: self.runtime.clone(),
             listener,
@@ -169,12 +210,18 @@ impl<R: Runtime> Server<R> {
             #[cfg(feature = "tls")]
             tls: self.tls,
             #[cfg(feature = "http")]
-            http: self.http.then(Arc::default),
+            http: self.http.then(|| {
+                Arc::new(crate::http::HttpShared::new(
+                    self.config.http,
+                    self.endpoints,
+                ))
+            }),
         };
         self.runtime.spawn(accept.run());
         Ok(ServerHandle {
             runtime: self.runtime,
             local_addr,
+            serving,
             drain_tx,
             abort_tx,
             alive_rx,
@@ -188,6 +235,7 @@ impl<R: Runtime> Server<R> {
 pub struct ServerHandle<R: Runtime> {
     runtime: R,
     local_addr: SocketAddr,
+    serving: Arc<Serving>,
     drain_tx: async_channel::Sender<()>,
     abort_tx: async_channel::Sender<()>,
     alive_rx: async_channel::Receiver<()>,
@@ -224,6 +272,14 @@ pub enum Shutdown {
 impl<R: Runtime> ServerHandle<R> {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Sets what health checks report (`GET /healthz` over HTTP: 200 or 503; gRPC's
+    /// health service: SERVING or NOT_SERVING) without changing how calls are served: for
+    /// instance not serving on SIGTERM, while load balancers and probes take the server
+    /// out, before [`shutdown`](Self::shutdown). A shutdown sets it not serving first.
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.set(serving);
     }
 
     /// Announces this server in `registry` and keeps the registration up (heartbeats,
@@ -281,6 +337,7 @@ impl<R: Runtime> ServerHandle<R> {
         let deadline = Instant::now()
             .checked_add(grace)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+        self.serving.set(false);
         self.deregister_all(deadline).await;
         self.drain_tx.close();
         if timeout(&self.runtime, deadline, self.alive_rx.recv())
@@ -297,6 +354,7 @@ impl<R: Runtime> ServerHandle<R> {
     /// Closes every connection at once, answering nothing more. Registrations stop being
     /// kept up but are not withdrawn: the registry expires them (TTL, lease).
     pub async fn abort(self) {
+        self.serving.set(false);
         for registration in &self.registrations {
             registration.upkeep.abort();
         }
