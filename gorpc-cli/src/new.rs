@@ -5,7 +5,9 @@
 //! messages, for each of the four kinds: unary, server streaming (one response),
 //! client streaming (reads all requests, then one response) and bidirectional (one
 //! response per request). The client calls the first method of the first service with a
-//! default request (for a client stream: one request) and prints what comes back.
+//! default request (for a client stream: one request) and prints what comes back. The
+//! binaries are `NAME-server` and `NAME-client`, so that projects sharing a target
+//! directory keep theirs apart.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -24,6 +26,9 @@ const PROST_VERSION: &str = "0.14";
 const PROST_TYPES_VERSION: &str = "0.14";
 const TOKIO_VERSION: &str = "1.45";
 const FUTURES_VERSION: &str = "0.3.31";
+
+/// Where the scaffold's server listens, and its client calls, when given no address.
+const DEFAULT_ADDR: &str = "127.0.0.1:50051";
 
 #[derive(Debug, Args)]
 pub struct NewArgs {
@@ -73,9 +78,10 @@ pub fn run(args: NewArgs) -> Result<(), Failure> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let name = &plan.name;
     println!("  cd {}", root.display());
-    println!("  cargo run --bin server            # listens on 127.0.0.1:50051");
-    println!("  cargo run --bin client            # calls it");
+    println!("  cargo run --bin {name}-server    # listens on {DEFAULT_ADDR}");
+    println!("  cargo run --bin {name}-client    # in another terminal: calls it");
     Ok(())
 }
 
@@ -332,6 +338,15 @@ publish = false
 # A project of its own, even when created inside another Cargo workspace.
 [workspace]
 
+# Named after the project, so that projects sharing a target directory keep their binaries.
+[[bin]]
+name = "{name}-server"
+path = "src/bin/server.rs"
+
+[[bin]]
+name = "{name}-client"
+path = "src/bin/client.rs"
+
 [dependencies]
 gorpc = {{ path = {gorpc} }}
 gorpc-tokio = {{ path = {gorpc_tokio} }}
@@ -483,7 +498,7 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         let mut out = format!(
             "//! Serves every service of proto/{proto}.\n\
              //!\n\
-             //! cargo run --bin server -- [ADDR]      (default 127.0.0.1:50051)\n\
+             //! cargo run --bin {name}-server -- [ADDR]      (default {DEFAULT_ADDR})\n\
              \n\
              use std::net::SocketAddr;\n\
              use std::sync::Arc;\n\
@@ -495,6 +510,7 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
              #[derive(Debug, Default)]\n\
              struct Handlers;\n",
             proto = self.proto_name,
+            name = self.name,
             uses = uses.join("\n"),
         );
         for service in &self.services {
@@ -511,12 +527,13 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
             }
             out.push_str("}\n");
         }
-        out.push_str(
+        let _ = write!(
+            out,
             "\n#[tokio::main]\n\
-             async fn main() -> Result<(), Box<dyn std::error::Error>> {\n    \
+             async fn main() -> Result<(), Box<dyn std::error::Error>> {{\n    \
                  let addr: SocketAddr = std::env::args()\n        \
                      .nth(1)\n        \
-                     .unwrap_or_else(|| \"127.0.0.1:50051\".into())\n        \
+                     .unwrap_or_else(|| \"{DEFAULT_ADDR}\".into())\n        \
                      .parse()?;\n    \
                  let handlers = Arc::new(Handlers);\n    \
                  let router = Router::new()",
@@ -670,7 +687,7 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         format!(
             "//! {doc}\n\
              //!\n\
-             //! cargo run --bin client -- [ADDR]      (default 127.0.0.1:50051)\n\
+             //! cargo run --bin {name}-client -- [ADDR]      (default {DEFAULT_ADDR})\n\
              \n\
              use std::net::SocketAddr;\n\
              \n\
@@ -680,13 +697,14 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
              async fn main() -> Result<(), Box<dyn std::error::Error>> {{\n    \
                  let addr: SocketAddr = std::env::args()\n        \
                      .nth(1)\n        \
-                     .unwrap_or_else(|| \"127.0.0.1:50051\".into())\n        \
+                     .unwrap_or_else(|| \"{DEFAULT_ADDR}\".into())\n        \
                      .parse()?;\n    \
                  let client = Client::connect(Tokio::current(), addr, ClientConfig::default()).await?;\n    \
                  let client = {client}::new(client);\n    \
                  {call}    \
                  Ok(())\n\
              }}\n",
+            name = self.name,
             client = self.service_item(service, "Client"),
         )
     }

@@ -5,7 +5,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use common::{gorpc, helloworld_proto, run, spawn_until_line};
@@ -19,23 +18,10 @@ fn scaffold_target_dir() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("gorpc-new-target")
 }
 
-/// Every scaffold's build writes its binaries to the same `server` and `client` in the shared
-/// target dir: a test holds this from building a scaffold until it has run its binaries.
-static SCAFFOLD_BINARIES: Mutex<()> = Mutex::new(());
-
-fn lock_scaffold_binaries() -> MutexGuard<'static, ()> {
-    SCAFFOLD_BINARIES
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-}
-
 /// Builds the scaffold `name` in `project` into the shared target dir, and checks that its
-/// own code compiles without warnings. Returns the path of one of its binaries by name.
-fn build_scaffold(
-    project: &Path,
-    name: &str,
-    _binaries: &MutexGuard<'static, ()>,
-) -> impl Fn(&str) -> PathBuf {
+/// own code compiles without warnings. Returns the path of one of its binaries by name
+/// (binaries are named after their project, so scaffolds built side by side keep theirs).
+fn build_scaffold(project: &Path, name: &str) -> impl Fn(&str) -> PathBuf {
     let target = scaffold_target_dir();
     let build = run(
         Command::new(env!("CARGO"))
@@ -106,14 +92,13 @@ fn scaffold_builds_and_its_client_calls_its_server() {
         stderr(&again)
     );
 
-    let binaries = lock_scaffold_binaries();
-    let bin = build_scaffold(&project, "hello-app", &binaries);
+    let bin = build_scaffold(&project, "hello-app");
     let (_server, addr) = spawn_until_line(
-        Command::new(bin("server")).arg("127.0.0.1:0"),
+        Command::new(bin("hello-app-server")).arg("127.0.0.1:0"),
         "listening on ",
         LIMIT,
     );
-    let client = run(Command::new(bin("client")).arg(&addr), LIMIT);
+    let client = run(Command::new(bin("hello-app-client")).arg(&addr), LIMIT);
     let stdout = String::from_utf8_lossy(&client.stdout);
     assert!(client.status.success(), "client: {}", stderr(&client));
     assert!(
@@ -204,14 +189,16 @@ fn scaffolds_every_kind_of_method() {
         let cargo_toml = std::fs::read_to_string(project.join("Cargo.toml")).unwrap();
         assert!(cargo_toml.contains("\nfutures = "), "{cargo_toml}");
 
-        let binaries = lock_scaffold_binaries();
-        let bin = build_scaffold(&project, &name, &binaries);
+        let bin = build_scaffold(&project, &name);
         let (_server, addr) = spawn_until_line(
-            Command::new(bin("server")).arg("127.0.0.1:0"),
+            Command::new(bin(&format!("{name}-server"))).arg("127.0.0.1:0"),
             "listening on ",
             LIMIT,
         );
-        let client = run(Command::new(bin("client")).arg(&addr), LIMIT);
+        let client = run(
+            Command::new(bin(&format!("{name}-client"))).arg(&addr),
+            LIMIT,
+        );
         assert!(
             client.status.success(),
             "{name} client: {}",
