@@ -70,7 +70,7 @@ enum Command {
     ///
     /// The server has a handler stub for every method of every service, of any kind (unary,
     /// server streaming, client streaming, bidirectional), answering default messages; the
-    /// client calls the first method of the first service and prints what comes back.
+    /// client calls each method of the first service and prints what comes back.
     New(new::NewArgs),
 }
 

@@ -4,7 +4,7 @@
 //! The server implements every method of every service with a stub answering default
 //! messages, for each of the four kinds: unary, server streaming (one response),
 //! client streaming (reads all requests, then one response) and bidirectional (one
-//! response per request). The client calls the first method of the first service with a
+//! response per request). The client calls each method of the first service with a
 //! default request (for a client stream: one request) and prints what comes back. The
 //! binaries are `NAME-server` and `NAME-client`, so that projects sharing a target
 //! directory keep theirs apart.
@@ -621,71 +621,29 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
 
     fn client_rs(&self) -> String {
         let service = &self.services[0];
-        let method = &service.methods[0];
-        let kind = Kind::of(method);
-        let path = method_path(service, &method.proto_name);
-        let input = self.type_path(service, &method.input_type);
-        let name = &method.name;
-        let proto_name = &method.proto_name;
-        let (doc, call) = match kind {
-            Kind::Unary => (
-                format!("Calls {path} with a default request."),
-                format!(
-                    "let request: {input} = Default::default();\n    \
-                     let reply = client.{name}(request).await?;\n    \
-                     println!(\"{proto_name} -> {{:?}}\", reply.message);\n"
-                ),
-            ),
-            Kind::ServerStreaming => (
-                format!("Calls {path} with a default request and prints each response."),
-                format!(
-                    "let request: {input} = Default::default();\n    \
-                     let mut replies = client.{name}(request).await?;\n    \
-                     while let Some(reply) = replies.next().await {{\n        \
-                         println!(\"{proto_name} -> {{:?}}\", reply?);\n    \
-                     }}\n"
-                ),
-            ),
-            Kind::ClientStreaming => (
-                format!("Calls {path} with a stream of one default request."),
-                format!(
-                    "let mut call = client.{name}(CallOptions::default()).await?;\n    \
-                     let request: {input} = Default::default();\n    \
-                     call.send(&request).await?;\n    \
-                     let reply = call.finish().await?;\n    \
-                     println!(\"{proto_name} -> {{:?}}\", reply.message);\n"
-                ),
-            ),
-            Kind::Bidirectional => (
-                format!(
-                    "Calls {path} with a stream of one default request and prints each \
-                     response."
-                ),
-                format!(
-                    "let (mut requests, mut replies) = client.{name}(CallOptions::default()).await?;\n    \
-                     let request: {input} = Default::default();\n    \
-                     requests.send(&request).await?;\n    \
-                     requests.close_send().await?;\n    \
-                     while let Some(reply) = replies.next().await {{\n        \
-                         println!(\"{proto_name} -> {{:?}}\", reply?);\n    \
-                     }}\n"
-                ),
-            ),
-        };
+        let mut calls = String::new();
+        for method in &service.methods {
+            self.client_call(&mut calls, service, method);
+        }
+        let kinds: Vec<Kind> = service.methods.iter().map(Kind::of).collect();
         let mut uses = String::new();
-        if matches!(kind, Kind::ServerStreaming | Kind::Bidirectional) {
+        if kinds
+            .iter()
+            .any(|kind| matches!(kind, Kind::ServerStreaming | Kind::Bidirectional))
+        {
             uses.push_str("use futures::StreamExt;\n");
         }
-        uses.push_str(match kind {
-            Kind::Unary | Kind::ServerStreaming => {
-                "use gorpc_tokio::{Client, ClientConfig, Tokio};\n"
-            }
-            Kind::ClientStreaming | Kind::Bidirectional => {
-                "use gorpc_tokio::{CallOptions, Client, ClientConfig, Tokio};\n"
-            }
-        });
+        if kinds
+            .iter()
+            .any(|kind| matches!(kind, Kind::ClientStreaming | Kind::Bidirectional))
+        {
+            uses.push_str("use gorpc_tokio::{CallOptions, Client, ClientConfig, Tokio};\n");
+        } else {
+            uses.push_str("use gorpc_tokio::{Client, ClientConfig, Tokio};\n");
+        }
         format!(
-            "//! {doc}\n\
+            "//! Calls each method of {service_path} with default requests and prints what comes\n\
+             //! back.\n\
              //!\n\
              //! cargo run --bin {name}-client -- [ADDR]      (default {DEFAULT_ADDR})\n\
              \n\
@@ -700,13 +658,60 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
                      .unwrap_or_else(|| \"{DEFAULT_ADDR}\".into())\n        \
                      .parse()?;\n    \
                  let client = Client::connect(Tokio::current(), addr, ClientConfig::default()).await?;\n    \
-                 let client = {client}::new(client);\n    \
-                 {call}    \
+                 let client = {client}::new(client);\n\
+                 {calls}    \
                  Ok(())\n\
              }}\n",
+            service_path = service.proto_path(),
             name = self.name,
             client = self.service_item(service, "Client"),
         )
+    }
+
+    /// The client's call of one method, shaped like gorpc-build's client method of its kind.
+    fn client_call(&self, out: &mut String, service: &Service, method: &Method) {
+        let path = method_path(service, &method.proto_name);
+        let input = self.type_path(service, &method.input_type);
+        let name = &method.name;
+        let proto_name = &method.proto_name;
+        let _ = match Kind::of(method) {
+            Kind::Unary => write!(
+                out,
+                "\n    // {path}: one request, one response.\n    \
+                 let request: {input} = Default::default();\n    \
+                 let reply = client.{name}(request).await?;\n    \
+                 println!(\"{proto_name} -> {{:?}}\", reply.message);\n"
+            ),
+            Kind::ServerStreaming => write!(
+                out,
+                "\n    // {path}: one request, a stream of responses.\n    \
+                 let request: {input} = Default::default();\n    \
+                 let mut replies = client.{name}(request).await?;\n    \
+                 while let Some(reply) = replies.next().await {{\n        \
+                     println!(\"{proto_name} -> {{:?}}\", reply?);\n    \
+                 }}\n"
+            ),
+            Kind::ClientStreaming => write!(
+                out,
+                "\n    // {path}: a stream of requests (here one), one response.\n    \
+                 let mut call = client.{name}(CallOptions::default()).await?;\n    \
+                 let request: {input} = Default::default();\n    \
+                 call.send(&request).await?;\n    \
+                 let reply = call.finish().await?;\n    \
+                 println!(\"{proto_name} -> {{:?}}\", reply.message);\n"
+            ),
+            Kind::Bidirectional => write!(
+                out,
+                "\n    // {path}: a stream of requests (here one), a stream of responses.\n    \
+                 let (mut requests, mut replies) = client.{name}(CallOptions::default()).await?;\n    \
+                 let request: {input} = Default::default();\n    \
+                 requests.send(&request).await?;\n    \
+                 requests.close_send().await?;\n    \
+                 while let Some(reply) = replies.next().await {{\n        \
+                     println!(\"{proto_name} -> {{:?}}\", reply?);\n    \
+                 }}\n"
+            ),
+        };
     }
 }
 

@@ -99,11 +99,12 @@ fn scaffold_builds_and_its_client_calls_its_server() {
         LIMIT,
     );
     let client = run(Command::new(bin("hello-app-client")).arg(&addr), LIMIT);
-    let stdout = String::from_utf8_lossy(&client.stdout);
     assert!(client.status.success(), "client: {}", stderr(&client));
-    assert!(
-        stdout.contains("SayHello -> HelloReply"),
-        "client printed: {stdout}"
+    assert_eq!(
+        String::from_utf8_lossy(&client.stdout),
+        "SayHello -> HelloReply { message: \"\" }\n\
+         SayHelloToAll -> HelloAllReply { messages: [] }\n",
+        "the client calls each method"
     );
 
     // And the call tool talks to it too.
@@ -128,9 +129,9 @@ fn scaffold_builds_and_its_client_calls_its_server() {
     );
 }
 
-/// One method of each kind, with the line the scaffold's client prints for it when it is
-/// the first method (the one the client calls): one response for each kind, since the
-/// stubs answer one default response to a call, to a stream of requests, or to each request.
+/// One method of each kind, with the line the scaffold's client prints for it: one response
+/// for each kind, since the stubs answer one default response to a call, to a stream of
+/// requests, or to each request.
 const KINDS: [(&str, &str, &str); 4] = [
     (
         "get",
@@ -157,12 +158,12 @@ const KINDS: [(&str, &str, &str); 4] = [
 #[test]
 fn scaffolds_every_kind_of_method() {
     let parent = tempfile::tempdir().unwrap();
-    // Each kind first once: the server serves all four, the client calls the first.
+    // Each kind first once: the server serves all four, the client calls them in order.
     for first in 0..KINDS.len() {
-        let (method, _, printed) = KINDS[first];
-        let rpcs: Vec<&str> = (0..KINDS.len())
-            .map(|i| KINDS[(first + i) % KINDS.len()].1)
-            .collect();
+        let (method, _, _) = KINDS[first];
+        let order = (0..KINDS.len()).map(|i| KINDS[(first + i) % KINDS.len()]);
+        let rpcs: Vec<&str> = order.clone().map(|(_, rpc, _)| rpc).collect();
+        let printed: String = order.map(|(_, _, line)| format!("{line}\n")).collect();
         let proto = parent.path().join(format!("{method}.proto"));
         std::fs::write(
             &proto,
@@ -206,7 +207,7 @@ fn scaffolds_every_kind_of_method() {
         );
         assert_eq!(
             String::from_utf8_lossy(&client.stdout),
-            format!("{printed}\n"),
+            printed,
             "{name} client"
         );
     }
