@@ -4,9 +4,10 @@
 //! The server implements every method of every service with a stub answering default
 //! messages, for each of the four kinds: unary, server streaming (one response),
 //! client streaming (reads all requests, then one response) and bidirectional (one
-//! response per request). The client calls each method of the first service with a
-//! default request (for a client stream: one request) and prints what comes back. The
-//! binaries are `NAME-server` and `NAME-client`, so that projects sharing a target
+//! response per request). It also answers HTTP/1.1 with JSON on its port. The client calls
+//! each method of the first service with a default request (for a client stream: one
+//! request) and prints what comes back. Both log through tracing, filtered by `RUST_LOG`.
+//! The binaries are `NAME-server` and `NAME-client`, so that projects sharing a target
 //! directory keep theirs apart.
 
 use std::collections::BTreeMap;
@@ -26,6 +27,9 @@ const PROST_VERSION: &str = "0.14";
 const PROST_TYPES_VERSION: &str = "0.14";
 const TOKIO_VERSION: &str = "1.45";
 const FUTURES_VERSION: &str = "0.3.31";
+/// Not a dependency of this workspace: gorpc-cli's dev-dependency on the same line (checked by
+/// a test) is what makes `cargo fetch` download it.
+const TRACING_SUBSCRIBER_VERSION: &str = "0.3.23";
 
 /// Where the scaffold's server listens, and its client calls, when given no address.
 const DEFAULT_ADDR: &str = "127.0.0.1:50051";
@@ -352,10 +356,12 @@ gorpc = {{ path = {gorpc} }}
 gorpc-tokio = {{ path = {gorpc_tokio} }}
 prost = {{ version = "{PROST_VERSION}", features = ["derive"] }}
 tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros", "signal"] }}
+{tracing_subscriber}
 "#,
             name = self.name,
             gorpc = dep("gorpc"),
             gorpc_tokio = dep("gorpc-tokio"),
+            tracing_subscriber = tracing_subscriber_dependency(),
         );
         if self.uses_well_known_types {
             let _ = writeln!(text, "prost-types = \"{PROST_TYPES_VERSION}\"");
@@ -494,12 +500,15 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         }
         items.extend(["Router", "Server", "Status", "Tokio"]);
         uses.push(format!("use gorpc_tokio::{{{}}};", items.join(", ")));
+        uses.push(LOGGING_USE.to_owned());
 
         let mut out = format!(
-            "//! Serves every service of proto/{proto}.\n\
+            "//! Serves every service of proto/{proto}, over gorpc and, on the same port,\n\
+             //! HTTP/1.1 with JSON bodies.\n\
              //!\n\
              //! cargo run --bin {name}-server -- [ADDR]      (default {DEFAULT_ADDR})\n\
              \n\
+             use std::io::IsTerminal as _;\n\
              use std::net::SocketAddr;\n\
              use std::sync::Arc;\n\
              use std::time::Duration;\n\
@@ -530,7 +539,8 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         let _ = write!(
             out,
             "\n#[tokio::main]\n\
-             async fn main() -> Result<(), Box<dyn std::error::Error>> {{\n    \
+             async fn main() -> Result<(), Box<dyn std::error::Error>> {{\n\
+                 {LOGGING}    \
                  let addr: SocketAddr = std::env::args()\n        \
                      .nth(1)\n        \
                      .unwrap_or_else(|| \"{DEFAULT_ADDR}\".into())\n        \
@@ -547,7 +557,11 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         }
         out.push_str(
             ";\n    \
-                 let server = Server::new(Tokio::current(), router).bind(addr).await?;\n    \
+                 // http(): also answers HTTP/1.1 requests on the same port, JSON included.\n    \
+                 let server = Server::new(Tokio::current(), router)\n        \
+                     .http()\n        \
+                     .bind(addr)\n        \
+                     .await?;\n    \
                  println!(\"listening on {}\", server.local_addr());\n    \
                  tokio::signal::ctrl_c().await?;\n    \
                  server.shutdown(Duration::from_secs(5)).await;\n    \
@@ -641,18 +655,22 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         } else {
             uses.push_str("use gorpc_tokio::{Client, ClientConfig, Tokio};\n");
         }
+        uses.push_str(LOGGING_USE);
+        uses.push('\n');
         format!(
             "//! Calls each method of {service_path} with default requests and prints what comes\n\
              //! back.\n\
              //!\n\
              //! cargo run --bin {name}-client -- [ADDR]      (default {DEFAULT_ADDR})\n\
              \n\
+             use std::io::IsTerminal as _;\n\
              use std::net::SocketAddr;\n\
              \n\
              {uses}\
              \n\
              #[tokio::main]\n\
-             async fn main() -> Result<(), Box<dyn std::error::Error>> {{\n    \
+             async fn main() -> Result<(), Box<dyn std::error::Error>> {{\n\
+                 {LOGGING}    \
                  let addr: SocketAddr = std::env::args()\n        \
                      .nth(1)\n        \
                      .unwrap_or_else(|| \"{DEFAULT_ADDR}\".into())\n        \
@@ -715,6 +733,22 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
     }
 }
 
+/// What the binaries use to log, beside `std::io::IsTerminal` (colours on a terminal only).
+const LOGGING_USE: &str = "use tracing_subscriber::filter::{EnvFilter, LevelFilter};";
+
+/// The first lines of the binaries' `main`: logs go to stderr, filtered by RUST_LOG.
+const LOGGING: &str = "    \
+    // Logs go to stderr; RUST_LOG picks which (default: info), e.g. RUST_LOG=debug.\n    \
+    tracing_subscriber::fmt()\n        \
+        .with_env_filter(\n            \
+            EnvFilter::builder()\n                \
+                .with_default_directive(LevelFilter::INFO.into())\n                \
+                .from_env_lossy(),\n        \
+        )\n        \
+        .with_writer(std::io::stderr)\n        \
+        .with_ansi(std::io::stderr().is_terminal())\n        \
+        .init();\n";
+
 /// The four shapes of an rpc, from its `stream` keywords.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -764,6 +798,14 @@ impl ServiceGenerator for Recorder {
         buf.push_str("// service\n");
         self.0.lock().expect("recorder lock").push(service);
     }
+}
+
+/// The scaffold's line for tracing-subscriber, which gorpc-cli's Cargo.toml repeats.
+fn tracing_subscriber_dependency() -> String {
+    format!(
+        "tracing-subscriber = {{ version = \"{TRACING_SUBSCRIBER_VERSION}\", \
+         features = [\"env-filter\", \"fmt\"] }}"
+    )
 }
 
 /// A TOML basic string.
@@ -826,6 +868,22 @@ mod tests {
                 "{krate}: workspace says `{line}`, the scaffold {version}"
             );
         }
+    }
+
+    /// The scaffold's tracing-subscriber is gorpc-cli's dev-dependency, features and all, so
+    /// that `cargo fetch` here downloads what the scaffold's offline builds need.
+    #[test]
+    fn tracing_subscriber_is_fetched_for_the_scaffold() {
+        let manifest = include_str!("../Cargo.toml");
+        let dev = manifest
+            .split("[dev-dependencies]")
+            .nth(1)
+            .expect("dev-dependencies");
+        let wanted = tracing_subscriber_dependency();
+        assert!(
+            dev.lines().any(|line| line == wanted),
+            "gorpc-cli's [dev-dependencies] need the line `{wanted}`"
+        );
     }
 
     #[test]

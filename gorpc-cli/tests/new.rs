@@ -1,5 +1,6 @@
 //! `gorpc new`: the scaffold builds (offline, from the crates already in ~/.cargo), and its
-//! client calls its server, for every kind of method.
+//! client calls its server, for every kind of method; the server also answers curl, and logs
+//! as RUST_LOG says.
 
 mod common;
 
@@ -7,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{gorpc, helloworld_proto, run, spawn_until_line};
+use common::{
+    gorpc, helloworld_proto, run, spawn_until_line, spawn_until_line_capturing_stderr,
+    wait_for_line,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// A cold build compiles tokio, prost, protox and gorpc; later runs reuse them.
@@ -93,8 +97,10 @@ fn scaffold_builds_and_its_client_calls_its_server() {
     );
 
     let bin = build_scaffold(&project, "hello-app");
-    let (_server, addr) = spawn_until_line(
-        Command::new(bin("hello-app-server")).arg("127.0.0.1:0"),
+    let (_server, addr, server_log) = spawn_until_line_capturing_stderr(
+        Command::new(bin("hello-app-server"))
+            .arg("127.0.0.1:0")
+            .env("RUST_LOG", "debug"),
         "listening on ",
         LIMIT,
     );
@@ -127,6 +133,38 @@ fn scaffold_builds_and_its_client_calls_its_server() {
         serde_json::json!({}),
         "the scaffold answers defaults"
     );
+
+    // And curl, with JSON, on the same port.
+    let curl = run(
+        Command::new("curl")
+            .args(["-sS", "-i", "-X", "POST"])
+            .arg(format!("http://{addr}/helloworld.Greeter/SayHello"))
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-d",
+                r#"{"name":"x"}"#,
+            ]),
+        LIMIT,
+    );
+    assert!(curl.status.success(), "curl: {}", stderr(&curl));
+    let answer = String::from_utf8_lossy(&curl.stdout).to_ascii_lowercase();
+    for header in [
+        "http/1.1 200 ok\r\n",
+        "\r\ncontent-type: application/json\r\n",
+        "\r\nx-gorpc-status: 0\r\n",
+    ] {
+        assert!(answer.contains(header), "{header:?} in {answer}");
+    }
+    assert!(answer.ends_with("\r\n\r\n{}"), "{answer}");
+
+    // RUST_LOG=debug shows the framework's debug logs: here, a client's connection ending.
+    let logged = wait_for_line(
+        &server_log,
+        |line| line.contains("DEBUG") && line.contains("connection closed"),
+        LIMIT,
+    );
+    assert!(logged.is_ok(), "no debug log from the server: {logged:?}");
 }
 
 /// One method of each kind, with the line the scaffold's client prints for it: one response
