@@ -66,11 +66,14 @@ struct Cli {
 enum Command {
     /// Call a unary method with a JSON request and print the JSON reply.
     Call(call::CallArgs),
-    /// Scaffold a runnable Cargo project (server and client) from a .proto file.
+    /// Scaffold a runnable Cargo project (server and client) from a .proto file, or from a
+    /// starter one.
     ///
-    /// The server has a handler stub for every method of every service, of any kind (unary,
-    /// server streaming, client streaming, bidirectional), answering default messages; the
-    /// client calls each method of the first service and prints what comes back.
+    /// Without --proto, writes a starter .proto (a `Greeter` service with a unary and a
+    /// server-streaming method) and scaffolds from it. The server has a handler stub for
+    /// every method of every service, of any kind (unary, server streaming, client
+    /// streaming, bidirectional), answering default messages; the client calls each method
+    /// of the first service and prints what comes back.
     New(new::NewArgs),
 }
 

@@ -1,5 +1,6 @@
 //! `gorpc new`: scaffolds a Cargo project with a server and a client of the services in a
-//! .proto file, built by gorpc-build.
+//! .proto file, built by gorpc-build. Without a .proto file it writes a starter one (a
+//! `Greeter` with a unary and a server-streaming method) and scaffolds from it the same way.
 //!
 //! The server implements every method of every service with a stub answering default
 //! messages, for each of the four kinds: unary, server streaming (one response),
@@ -40,8 +41,10 @@ pub struct NewArgs {
     #[arg(value_name = "NAME")]
     name: String,
     /// The .proto file with the services (copied into the project, with its imports).
+    /// Default: a starter .proto, its package and file named after NAME, with a service
+    /// `Greeter` of a unary and a server-streaming method.
     #[arg(long, value_name = "FILE")]
-    proto: PathBuf,
+    proto: Option<PathBuf>,
     /// Directory to create the project in.
     #[arg(long, value_name = "PARENT", default_value = ".")]
     dir: PathBuf,
@@ -61,7 +64,21 @@ pub fn run(args: NewArgs) -> Result<(), Failure> {
         )));
     }
     let gorpc_path = gorpc_path(args.gorpc_path.as_deref())?;
-    let plan = Plan::new(&args.name, &args.proto)?;
+    // The starter proto goes through the same path as a given one: a file, parsed, then
+    // copied into the project (so its directory lives until the project is written).
+    let (proto, starter) = match args.proto {
+        Some(proto) => (proto, None),
+        None => {
+            let dir = tempfile::tempdir()
+                .map_err(|e| Failure::other(format!("cannot create a temporary directory: {e}")))?;
+            let package = starter_package(&args.name);
+            let path = dir.path().join(format!("{package}.proto"));
+            fs::write(&path, starter_proto(&package))
+                .map_err(|e| Failure::other(format!("{}: {e}", path.display())))?;
+            (path, Some(dir))
+        }
+    };
+    let plan = Plan::new(&args.name, &proto)?;
 
     fs::create_dir_all(&args.dir)
         .map_err(|e| Failure::other(format!("{}: {e}", args.dir.display())))?;
@@ -72,7 +89,7 @@ pub fn run(args: NewArgs) -> Result<(), Failure> {
         return Err(Failure::other(e));
     }
     println!(
-        "created {} ({} service{}: {})",
+        "created {} ({} service{}: {}){}",
         root.display(),
         plan.services.len(),
         if plan.services.len() == 1 { "" } else { "s" },
@@ -80,7 +97,12 @@ pub fn run(args: NewArgs) -> Result<(), Failure> {
             .iter()
             .map(|s| s.proto_path())
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        if starter.is_some() {
+            format!(" from a starter proto/{}", plan.proto_name)
+        } else {
+            String::new()
+        }
     );
     let name = &plan.name;
     println!("  cd {}", root.display());
@@ -206,6 +228,43 @@ fn gorpc_path(given: Option<&Path>) -> Result<PathBuf, Failure> {
         }
     }
     Ok(path)
+}
+
+/// The starter proto's package: the crate's name as a lowercase identifier (`my-app` is
+/// `my_app`), the style protobuf packages follow.
+fn starter_package(name: &str) -> String {
+    name.replace('-', "_").to_ascii_lowercase()
+}
+
+/// The .proto file `gorpc new` writes when given none.
+fn starter_proto(package: &str) -> String {
+    format!(
+        r#"// The project's service, written by `gorpc new` as a start: change it, and the next
+// build regenerates the Rust code (build.rs); then fill in the handlers in
+// src/bin/server.rs.
+syntax = "proto3";
+
+package {package};
+
+// Greets people by name.
+service Greeter {{
+  // Answers with a greeting.
+  rpc SayHello (HelloRequest) returns (HelloReply);
+
+  // Answers with a stream of greetings.
+  rpc SayHelloStream (HelloRequest) returns (stream HelloReply);
+}}
+
+message HelloRequest {{
+  // Who to greet.
+  string name = 1;
+}}
+
+message HelloReply {{
+  string message = 1;
+}}
+"#
+    )
 }
 
 /// What to write: the .proto files, and what prost-build and gorpc-build will generate from
@@ -904,6 +963,37 @@ mod tests {
             "_",
         ] {
             assert!(check_crate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The starter proto parses for any crate name, with the service and methods it
+    /// promises.
+    #[test]
+    fn starter_protos() {
+        for name in [
+            "demo", "my-app", "MyApp", "_x", "message", "service", "syntax",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let package = starter_package(name);
+            let path = dir.path().join(format!("{package}.proto"));
+            fs::write(&path, starter_proto(&package)).unwrap();
+            let plan = Plan::new(name, &path).unwrap_or_else(|e| panic!("{name}: {}", e.message));
+            assert_eq!(plan.proto_name, format!("{package}.proto"));
+            assert_eq!(plan.services.len(), 1);
+            let service = &plan.services[0];
+            assert_eq!(service.proto_path(), format!("{package}.Greeter"));
+            let kinds: Vec<(&str, Kind)> = service
+                .methods
+                .iter()
+                .map(|m| (m.proto_name.as_str(), Kind::of(m)))
+                .collect();
+            assert_eq!(
+                kinds,
+                [
+                    ("SayHello", Kind::Unary),
+                    ("SayHelloStream", Kind::ServerStreaming)
+                ]
+            );
         }
     }
 

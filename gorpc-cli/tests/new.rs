@@ -267,3 +267,43 @@ fn refuses_bad_names() {
     let output = new_project("nothing", "no/such.proto", parent.path());
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
 }
+
+/// `gorpc new demo`, as a newcomer types it in an empty directory: a starter project that
+/// builds, whose client calls its server's unary and stream methods.
+#[test]
+fn starter_project_builds_and_its_client_calls_its_server() {
+    let parent = tempfile::tempdir().unwrap();
+    let output = run(
+        gorpc().args(["new", "demo"]).current_dir(parent.path()),
+        LIMIT,
+    );
+    assert!(output.status.success(), "gorpc new: {}", stderr(&output));
+    let printed = String::from_utf8_lossy(&output.stdout);
+    for step in ["cargo run --bin demo-server", "cargo run --bin demo-client"] {
+        assert!(printed.contains(step), "{printed}");
+    }
+    let project = parent.path().join("demo");
+    let proto = std::fs::read_to_string(project.join("proto/demo.proto")).unwrap();
+    for line in [
+        "package demo;",
+        "service Greeter {",
+        "rpc SayHello (HelloRequest) returns (HelloReply);",
+        "rpc SayHelloStream (HelloRequest) returns (stream HelloReply);",
+    ] {
+        assert!(proto.contains(line), "{line} in {proto}");
+    }
+    let bin = build_scaffold(&project, "demo");
+    let (_server, addr) = spawn_until_line(
+        Command::new(bin("demo-server")).arg("127.0.0.1:0"),
+        "listening on ",
+        LIMIT,
+    );
+    let client = run(Command::new(bin("demo-client")).arg(&addr), LIMIT);
+    assert!(client.status.success(), "client: {}", stderr(&client));
+    assert_eq!(
+        String::from_utf8_lossy(&client.stdout),
+        "SayHello -> HelloReply { message: \"\" }\n\
+         SayHelloStream -> HelloReply { message: \"\" }\n",
+        "the client calls the unary and the stream method"
+    );
+}
