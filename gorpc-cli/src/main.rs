@@ -73,7 +73,8 @@ enum Command {
     /// server-streaming method) and scaffolds from it. The server has a handler stub for
     /// every method of every service, of any kind (unary, server streaming, client
     /// streaming, bidirectional), answering default messages; the client calls each method
-    /// of the first service and prints what comes back.
+    /// of the first service and prints what comes back. Refuses to create the project inside
+    /// another Cargo workspace without --in-workspace.
     New(new::NewArgs),
 }
 

@@ -10,6 +10,9 @@
 //! request) and prints what comes back. Both log through tracing, filtered by `RUST_LOG`.
 //! The binaries are `NAME-server` and `NAME-client`, so that projects sharing a target
 //! directory keep theirs apart.
+//!
+//! The project is a workspace of its own; `gorpc new` still refuses to create it inside
+//! another Cargo workspace unless given `--in-workspace`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -48,6 +51,10 @@ pub struct NewArgs {
     /// Directory to create the project in.
     #[arg(long, value_name = "PARENT", default_value = ".")]
     dir: PathBuf,
+    /// Create the project even inside another Cargo workspace (it is a workspace of its
+    /// own either way).
+    #[arg(long)]
+    in_workspace: bool,
     /// The gorpc-rs checkout the project depends on by path. Default: the one this tool
     /// was built from.
     #[arg(long, value_name = "PATH")]
@@ -62,6 +69,17 @@ pub fn run(args: NewArgs) -> Result<(), Failure> {
             "{} already exists; refusing to overwrite it",
             root.display()
         )));
+    }
+    if !args.in_workspace {
+        if let Some(manifest) = enclosing_workspace(&args.dir)? {
+            return Err(Failure::usage(format!(
+                "{} would be inside the Cargo workspace of {}; pass --in-workspace to create \
+                 it there anyway (as a workspace of its own, nested in that one), or choose \
+                 another --dir",
+                std::path::absolute(&root).unwrap_or(root).display(),
+                manifest.display()
+            )));
+        }
     }
     let gorpc_path = gorpc_path(args.gorpc_path.as_deref())?;
     // The starter proto goes through the same path as a given one: a file, parsed, then
@@ -228,6 +246,43 @@ fn gorpc_path(given: Option<&Path>) -> Result<PathBuf, Failure> {
         }
     }
     Ok(path)
+}
+
+/// The Cargo.toml of the workspace `dir` lies in, if any: the nearest one up from it with a
+/// `workspace` table, as Cargo finds a package's workspace root.
+fn enclosing_workspace(dir: &Path) -> Result<Option<PathBuf>, Failure> {
+    let dir = std::path::absolute(dir)
+        .map_err(|e| Failure::usage(format!("--dir {}: {e}", dir.display())))?;
+    // The part of it that exists yet (the root always does), links resolved as Cargo sees them.
+    let existing = dir
+        .ancestors()
+        .find(|a| a.is_dir())
+        .unwrap_or(dir.as_path());
+    let existing = existing
+        .canonicalize()
+        .map_err(|e| Failure::usage(format!("--dir {}: {e}", existing.display())))?;
+    for ancestor in existing.ancestors() {
+        let manifest = ancestor.join("Cargo.toml");
+        // A missing or unreadable manifest is no workspace Cargo could use either.
+        if let Ok(text) = fs::read_to_string(&manifest) {
+            if declares_workspace(&text) {
+                return Ok(Some(manifest));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Whether a Cargo.toml has a `workspace` table (`[workspace]`, or only `[workspace.*]`).
+fn declares_workspace(manifest: &str) -> bool {
+    match manifest.parse::<toml::Table>() {
+        Ok(table) => table.contains_key("workspace"),
+        // Cargo refuses to build with it; what matters is whether it meant a workspace.
+        Err(_) => manifest.lines().any(|line| {
+            let line = line.trim();
+            line == "[workspace]" || line.starts_with("[workspace.")
+        }),
+    }
 }
 
 /// The starter proto's package: the crate's name as a lowercase identifier (`my-app` is
@@ -963,6 +1018,29 @@ mod tests {
             "_",
         ] {
             assert!(check_crate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn workspace_manifests() {
+        for yes in [
+            "[workspace]\nmembers = [\"a\"]\n",
+            "[package]\nname = \"x\"\n\n[workspace]\n",
+            "[workspace.package]\nedition = \"2021\"\n",
+            "workspace = { members = [] }\n",
+            // Not TOML, but meant as a workspace.
+            "[workspace]\nmembers = [\n",
+        ] {
+            assert!(declares_workspace(yes), "{yes}");
+        }
+        for no in [
+            "[package]\nname = \"x\"\n",
+            "[package]\nname = \"x\"\nworkspace = \"..\"\n",
+            "[dependencies]\nworkspace = \"1\"\n",
+            "# [workspace]\n[package]\nname = \"x\"\n",
+            "",
+        ] {
+            assert!(!declares_workspace(no), "{no}");
         }
     }
 

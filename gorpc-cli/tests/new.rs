@@ -1,6 +1,6 @@
 //! `gorpc new`: the scaffold builds (offline, from the crates already in ~/.cargo), and its
 //! client calls its server, for every kind of method; the server also answers curl, and logs
-//! as RUST_LOG says.
+//! as RUST_LOG says; no project inside another workspace unless asked.
 
 mod common;
 
@@ -22,20 +22,25 @@ fn scaffold_target_dir() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("gorpc-new-target")
 }
 
+/// cargo in a scaffold, offline, with the shared target dir and the same settings every time
+/// (so that a later `cargo run` finds the build fresh).
+fn cargo_in(project: &Path) -> Command {
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .current_dir(project)
+        .env("CARGO_TARGET_DIR", scaffold_target_dir())
+        .env("CARGO_NET_OFFLINE", "true")
+        // The scaffold is its own workspace: keep its build as small as ours.
+        .env("CARGO_PROFILE_DEV_DEBUG", "line-tables-only");
+    cargo
+}
+
 /// Builds the scaffold `name` in `project` into the shared target dir, and checks that its
 /// own code compiles without warnings. Returns the path of one of its binaries by name
 /// (binaries are named after their project, so scaffolds built side by side keep theirs).
 fn build_scaffold(project: &Path, name: &str) -> impl Fn(&str) -> PathBuf {
     let target = scaffold_target_dir();
-    let build = run(
-        Command::new(env!("CARGO"))
-            .args(["build", "--offline", "--bins"])
-            .current_dir(project)
-            .env("CARGO_TARGET_DIR", &target)
-            // The scaffold is its own workspace: keep its build as small as ours.
-            .env("CARGO_PROFILE_DEV_DEBUG", "line-tables-only"),
-        BUILD_LIMIT,
-    );
+    let build = run(cargo_in(project).args(["build", "--bins"]), BUILD_LIMIT);
     assert!(build.status.success(), "cargo build: {}", stderr(&build));
     // cargo's summary of a package's warnings: "warning: `name` (bin "server") generated 1
     // warning".
@@ -305,5 +310,65 @@ fn starter_project_builds_and_its_client_calls_its_server() {
         "SayHello -> HelloReply { message: \"\" }\n\
          SayHelloStream -> HelloReply { message: \"\" }\n",
         "the client calls the unary and the stream method"
+    );
+}
+
+/// Inside another Cargo workspace, `gorpc new` creates nothing unless given
+/// `--in-workspace`; then the project is a workspace of its own all the same.
+#[test]
+fn refuses_to_scaffold_inside_a_workspace_unless_asked() {
+    let temp = tempfile::tempdir().unwrap();
+    let workspace = temp.path().join("ws");
+    std::fs::create_dir(&workspace).unwrap();
+    std::fs::write(
+        workspace.join("Cargo.toml"),
+        "[workspace]\nresolver = \"2\"\nmembers = []\n",
+    )
+    .unwrap();
+    let manifest = workspace.canonicalize().unwrap().join("Cargo.toml");
+
+    // In the workspace's directory itself, and with a --dir below it that does not exist yet.
+    let apps = workspace.join("apps");
+    for (cwd, dir) in [
+        (workspace.as_path(), None),
+        (temp.path(), Some(apps.as_path())),
+    ] {
+        let mut command = gorpc();
+        command.args(["new", "nested"]).current_dir(cwd);
+        if let Some(dir) = dir {
+            command.arg("--dir").arg(dir);
+        }
+        let output = run(&mut command, LIMIT);
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        let message = stderr(&output);
+        for part in [
+            manifest.display().to_string().as_str(),
+            "pass --in-workspace",
+            "choose another --dir",
+        ] {
+            assert!(message.contains(part), "{part:?} in {message}");
+        }
+        assert!(!workspace.join("nested").exists(), "created a project");
+        assert!(!apps.exists(), "created --dir");
+    }
+
+    let output = run(
+        gorpc()
+            .args(["new", "nested", "--in-workspace", "--dir"])
+            .arg(&apps),
+        LIMIT,
+    );
+    assert!(output.status.success(), "gorpc new: {}", stderr(&output));
+    let project = apps.join("nested");
+    assert!(project.join("src/bin/server.rs").is_file());
+    // Cargo takes the project, not the workspace around it, for its workspace root.
+    let located = run(
+        cargo_in(&project).args(["locate-project", "--workspace", "--message-format", "plain"]),
+        LIMIT,
+    );
+    assert!(located.status.success(), "cargo: {}", stderr(&located));
+    assert_eq!(
+        Path::new(String::from_utf8_lossy(&located.stdout).trim()),
+        project.canonicalize().unwrap().join("Cargo.toml")
     );
 }
