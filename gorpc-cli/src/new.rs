@@ -9,7 +9,8 @@
 //! each method of the first service with a default request (for a client stream: one
 //! request) and prints what comes back. Both log through tracing, filtered by `RUST_LOG`.
 //! The binaries are `NAME-server` and `NAME-client`, so that projects sharing a target
-//! directory keep theirs apart.
+//! directory keep theirs apart. README.md says how to run them and how to call the server
+//! with `gorpc call` and curl.
 //!
 //! The project is a workspace of its own; `gorpc new` still refuses to create it inside
 //! another Cargo workspace unless given `--in-workspace`.
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use prost_build::{Method, Module, Service, ServiceGenerator};
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 
 use crate::call::protox_error;
 use crate::Failure;
@@ -124,8 +126,9 @@ pub fn run(args: NewArgs) -> Result<(), Failure> {
     );
     let name = &plan.name;
     println!("  cd {}", root.display());
-    println!("  cargo run --bin {name}-server    # listens on {DEFAULT_ADDR}");
+    println!("  cargo run --bin {name}-server    # listens on {DEFAULT_ADDR}, also to HTTP/JSON");
     println!("  cargo run --bin {name}-client    # in another terminal: calls it");
+    println!("README.md shows how to call it with `gorpc call` and with curl.");
     Ok(())
 }
 
@@ -335,6 +338,8 @@ struct Plan {
     generated: Vec<String>,
     services: Vec<Service>,
     uses_well_known_types: bool,
+    /// The messages, for the example requests of README.md.
+    pool: DescriptorPool,
 }
 
 impl Plan {
@@ -370,6 +375,7 @@ impl Plan {
             }
         }
         let proto_name = proto_name.expect("the opened file is not an import");
+        let pool = compiler.descriptor_pool();
 
         // Run prost-build as gorpc-build will, recording the services it hands to
         // generators, so the scaffold names exactly the types and methods that get generated.
@@ -418,6 +424,7 @@ impl Plan {
             generated,
             services,
             uses_well_known_types,
+            pool,
         })
     }
 
@@ -440,6 +447,7 @@ impl Plan {
         write("src/lib.rs", &self.lib_rs())?;
         write("src/bin/server.rs", &self.server_rs())?;
         write("src/bin/client.rs", &self.client_rs())?;
+        write("README.md", &self.readme(gorpc_path))?;
         rustfmt(root);
         Ok(())
     }
@@ -618,7 +626,7 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
 
         let mut out = format!(
             "//! Serves every service of proto/{proto}, over gorpc and, on the same port,\n\
-             //! HTTP/1.1 with JSON bodies.\n\
+             //! HTTP/1.1 with JSON bodies (see README.md).\n\
              //!\n\
              //! cargo run --bin {name}-server -- [ADDR]      (default {DEFAULT_ADDR})\n\
              \n\
@@ -845,6 +853,152 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
             ),
         };
     }
+
+    /// README.md: what the project is, how to run it, and how to call it with `gorpc call`
+    /// and with curl: commands that work from the project's directory as they are.
+    fn readme(&self, gorpc: &Path) -> String {
+        let name = &self.name;
+        let proto = format!("proto/{}", self.proto_name);
+        let first = self.services[0].proto_path();
+        let services = self
+            .services
+            .iter()
+            .map(|s| format!("`{}`", s.proto_path()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let install = shell_word(&gorpc.join("gorpc-cli").display().to_string());
+        let mut out = format!(
+            "# {name}\n\
+             \n\
+             A gorpc service, {services}, declared in `{proto}`; created by `gorpc new`.\n\
+             \n\
+             - `{proto}`: the services and their messages. Each build generates their Rust \
+             code with gorpc-build (`build.rs`): the messages, and for each service a trait, a \
+             server and a client, which `src/lib.rs` includes.\n\
+             - `src/bin/server.rs`, the binary `{name}-server`: implements every method with a \
+             stub answering default messages. Fill in the `TODO`s.\n\
+             - `src/bin/client.rs`, the binary `{name}-client`: calls each method of `{first}` \
+             and prints what comes back.\n\
+             \n\
+             ## Run it\n\
+             \n\
+             ```sh\n\
+             cargo run --bin {name}-server\n\
+             ```\n\
+             \n\
+             The server listens on {DEFAULT_ADDR}, for gorpc and, on the same port, HTTP. In \
+             another terminal:\n\
+             \n\
+             ```sh\n\
+             cargo run --bin {name}-client\n\
+             ```\n\
+             \n\
+             Both take another address after `--`: `cargo run --bin {name}-server -- \
+             127.0.0.1:50052`. They log to stderr; `RUST_LOG` picks what (default `info`), \
+             e.g. `RUST_LOG=debug cargo run --bin {name}-server`.\n\
+             \n\
+             ## Call it with `gorpc call`\n\
+             \n\
+             `gorpc call` sends requests written in JSON (protobuf's JSON mapping), typed by \
+             the .proto file, and prints each response as JSON as it arrives. Install it from \
+             the gorpc-rs checkout this project depends on:\n\
+             \n\
+             ```sh\n\
+             cargo install --path {install}\n\
+             ```\n\
+             \n\
+             Then, in this directory, while the server runs:\n\
+             \n\
+             ```sh\n"
+        );
+        let mut client_streams = false;
+        for service in &self.services {
+            for method in &service.methods {
+                let kind = Kind::of(method);
+                let sample = self.sample_request(method);
+                let data = match kind {
+                    Kind::Unary | Kind::ServerStreaming => sample,
+                    Kind::ClientStreaming | Kind::Bidirectional => {
+                        client_streams = true;
+                        format!("{sample} {sample}")
+                    }
+                };
+                let _ = writeln!(
+                    out,
+                    "gorpc call {DEFAULT_ADDR} {} --proto {} --data {}",
+                    method_path(service, &method.proto_name),
+                    shell_word(&proto),
+                    shell_word(&data)
+                );
+            }
+        }
+        out.push_str("```\n\n");
+        if client_streams {
+            out.push_str(
+                "The requests of a client stream are the JSON values of `--data` one after \
+                 another.\n",
+            );
+        }
+        out.push_str(
+            "Each request above has every field at its default value: change them. \
+             `gorpc call --help` tells the rest.\n\
+             \n\
+             ## Call it with curl\n\
+             \n",
+        );
+        let unary: Vec<(&Service, &Method)> = self
+            .services
+            .iter()
+            .flat_map(|s| s.methods.iter().map(move |m| (s, m)))
+            .filter(|(_, m)| Kind::of(m) == Kind::Unary)
+            .collect();
+        if unary.is_empty() {
+            out.push_str(
+                "The server also answers HTTP/1.1 on its port, but for unary methods only (one \
+                 request, one response), and this project has none.\n",
+            );
+            return out;
+        }
+        out.push_str(
+            "The server also answers HTTP/1.1 on its port, for unary methods (one request, one \
+             response): POST the request as JSON to the method's path, with the JSON content \
+             type, and the response comes back as JSON.\n\
+             \n\
+             ```sh\n",
+        );
+        for (service, method) in unary {
+            let _ = writeln!(
+                out,
+                "curl -X POST http://{DEFAULT_ADDR}{} -H 'content-type: application/json' -d {}",
+                method_path(service, &method.proto_name),
+                shell_word(&self.sample_request(method))
+            );
+        }
+        out.push_str(
+            "```\n\
+             \n\
+             The call's status is in the `x-gorpc-status` response header (0 for OK) and its \
+             message in `x-gorpc-message`; `curl -i` shows them.\n",
+        );
+        out
+    }
+
+    /// A request for `method` in protobuf's JSON mapping, with every field that has no
+    /// presence at its default value: the shape of the message, to fill in.
+    fn sample_request(&self, method: &Method) -> String {
+        let name = method.input_proto_type.trim_start_matches('.');
+        let Some(desc) = self.pool.get_message_by_name(name) else {
+            return "{}".to_owned();
+        };
+        let mut out = Vec::new();
+        let options = SerializeOptions::new().skip_default_fields(false);
+        match DynamicMessage::new(desc)
+            .serialize_with_options(&mut serde_json::Serializer::new(&mut out), &options)
+        {
+            Ok(()) => String::from_utf8(out).unwrap_or_else(|_| "{}".to_owned()),
+            Err(_) => "{}".to_owned(),
+        }
+    }
 }
 
 /// What the binaries use to log, beside `std::io::IsTerminal` (colours on a terminal only).
@@ -920,6 +1074,15 @@ fn tracing_subscriber_dependency() -> String {
         "tracing-subscriber = {{ version = \"{TRACING_SUBSCRIBER_VERSION}\", \
          features = [\"env-filter\", \"fmt\"] }}"
     )
+}
+
+/// `s` as one word for a POSIX shell: as it is when that is safe, else in single quotes.
+fn shell_word(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+:@%=,".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        return s.to_owned();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// A TOML basic string.
@@ -1072,7 +1235,16 @@ mod tests {
                     ("SayHelloStream", Kind::ServerStreaming)
                 ]
             );
+            assert_eq!(plan.sample_request(&service.methods[0]), r#"{"name":""}"#);
         }
+    }
+
+    #[test]
+    fn shell_words() {
+        assert_eq!(shell_word("proto/a.proto"), "proto/a.proto");
+        assert_eq!(shell_word(r#"{"a":""}"#), r#"'{"a":""}'"#);
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "''");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `gorpc new`: the scaffold builds (offline, from the crates already in ~/.cargo), and its
 //! client calls its server, for every kind of method; the server also answers curl, and logs
-//! as RUST_LOG says; no project inside another workspace unless asked.
+//! as RUST_LOG says; the starter project does what its README says; no project inside
+//! another workspace unless asked.
 
 mod common;
 
@@ -77,6 +78,7 @@ fn scaffold_builds_and_its_client_calls_its_server() {
     let project = parent.path().join("hello-app");
     for file in [
         "Cargo.toml",
+        "README.md",
         "build.rs",
         "proto/helloworld.proto",
         "src/lib.rs",
@@ -273,10 +275,16 @@ fn refuses_bad_names() {
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
 }
 
-/// `gorpc new demo`, as a newcomer types it in an empty directory: a starter project that
-/// builds, whose client calls its server's unary and stream methods.
+/// What the starter project's client prints: the two methods of the starter Greeter.
+const STARTER_CLIENT_OUTPUT: &str = "SayHello -> HelloReply { message: \"\" }\n\
+                                     SayHelloStream -> HelloReply { message: \"\" }\n";
+
+/// `gorpc new demo`, as a newcomer types it in an empty directory: the starter project
+/// builds, and everything its README says to run works against its running server: the
+/// server and the client through `cargo run`, `gorpc call` of both methods, curl with JSON on
+/// the same port, the logs RUST_LOG asks for.
 #[test]
-fn starter_project_builds_and_its_client_calls_its_server() {
+fn starter_project_works_as_its_readme_says() {
     let parent = tempfile::tempdir().unwrap();
     let output = run(
         gorpc().args(["new", "demo"]).current_dir(parent.path()),
@@ -298,19 +306,124 @@ fn starter_project_builds_and_its_client_calls_its_server() {
         assert!(proto.contains(line), "{line} in {proto}");
     }
     let bin = build_scaffold(&project, "demo");
-    let (_server, addr) = spawn_until_line(
-        Command::new(bin("demo-server")).arg("127.0.0.1:0"),
-        "listening on ",
-        LIMIT,
+    for binary in ["demo-server", "demo-client"] {
+        assert!(bin(binary).is_file(), "no binary {binary}");
+    }
+
+    let readme = std::fs::read_to_string(project.join("README.md")).unwrap();
+    let commands = shell_blocks(&readme);
+    // Every command the README gives is run below; a new one needs a test.
+    let mut calls = Vec::new();
+    let mut curls = Vec::new();
+    for command in &commands {
+        match command.as_str() {
+            "cargo run --bin demo-server" | "cargo run --bin demo-client" => {}
+            c if c.starts_with("cargo install --path ") => {
+                let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+                assert_eq!(
+                    Path::new(&c["cargo install --path ".len()..])
+                        .canonicalize()
+                        .unwrap(),
+                    checkout.canonicalize().unwrap(),
+                    "the README installs gorpc from this checkout's gorpc-cli"
+                );
+            }
+            c if c.starts_with("gorpc call ") => calls.push(c),
+            c if c.starts_with("curl ") => curls.push(c),
+            c => panic!("README.md has a command this test does not run: {c}"),
+        }
+    }
+    assert_eq!(
+        calls,
+        [
+            "gorpc call 127.0.0.1:50051 /demo.Greeter/SayHello --proto proto/demo.proto \
+             --data '{\"name\":\"\"}'",
+            "gorpc call 127.0.0.1:50051 /demo.Greeter/SayHelloStream --proto proto/demo.proto \
+             --data '{\"name\":\"\"}'",
+        ]
     );
-    let client = run(Command::new(bin("demo-client")).arg(&addr), LIMIT);
+    assert_eq!(
+        curls,
+        ["curl -X POST http://127.0.0.1:50051/demo.Greeter/SayHello \
+          -H 'content-type: application/json' -d '{\"name\":\"\"}'"]
+    );
+
+    // The README's server and client, on a free port instead of 50051 (given after `--`,
+    // as the README says); cargo run replaces itself with the binary, so killing it stops
+    // the server.
+    let (_server, addr, server_log) = spawn_until_line_capturing_stderr(
+        cargo_in(&project)
+            .args(["run", "--bin", "demo-server", "--", "127.0.0.1:0"])
+            .env("RUST_LOG", "debug"),
+        "listening on ",
+        BUILD_LIMIT,
+    );
+    let client = run(
+        cargo_in(&project).args(["run", "--bin", "demo-client", "--", &addr]),
+        BUILD_LIMIT,
+    );
     assert!(client.status.success(), "client: {}", stderr(&client));
     assert_eq!(
         String::from_utf8_lossy(&client.stdout),
-        "SayHello -> HelloReply { message: \"\" }\n\
-         SayHelloStream -> HelloReply { message: \"\" }\n",
+        STARTER_CLIENT_OUTPUT,
         "the client calls the unary and the stream method"
     );
+
+    // The README's own command lines, through a shell, with this gorpc first on the PATH.
+    let gorpc_dir = Path::new(env!("CARGO_BIN_EXE_gorpc")).parent().unwrap();
+    let path = std::env::join_paths(std::iter::once(gorpc_dir.to_owned()).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
+    .unwrap();
+    for command in calls.iter().chain(&curls) {
+        let output = run(
+            Command::new("sh")
+                .arg("-c")
+                .arg(command.replace("127.0.0.1:50051", &addr))
+                .current_dir(&project)
+                .env("PATH", &path),
+            LIMIT,
+        );
+        assert!(output.status.success(), "{command}: {}", stderr(&output));
+        let reply: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{command} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        });
+        assert_eq!(
+            reply,
+            serde_json::json!({}),
+            "{command}: the stubs answer defaults"
+        );
+    }
+
+    // RUST_LOG=debug shows the framework's debug logs: here, the client's connection ending.
+    let logged = wait_for_line(
+        &server_log,
+        |line| line.contains("DEBUG") && line.contains("connection closed"),
+        LIMIT,
+    );
+    assert!(logged.is_ok(), "no debug log from the server: {logged:?}");
+}
+
+/// The command lines of a README's ```sh blocks.
+fn shell_blocks(readme: &str) -> Vec<String> {
+    let mut commands = Vec::new();
+    let mut in_block = false;
+    for line in readme.lines() {
+        if in_block {
+            if line.trim() == "```" {
+                in_block = false;
+            } else if !line.trim().is_empty() {
+                commands.push(line.trim().to_owned());
+            }
+        } else if line.trim() == "```sh" {
+            in_block = true;
+        }
+    }
+    assert!(!in_block, "unclosed ```sh block in {readme}");
+    commands
 }
 
 /// Inside another Cargo workspace, `gorpc new` creates nothing unless given
