@@ -1,8 +1,14 @@
 //! `gorpc`: calls gorpc services described by .proto files (like grpcurl), and scaffolds new
-//! gorpc projects from a .proto file.
+//! gorpc projects, from a .proto file or a starter one.
+//!
+//! `gorpc call` calls a method of any kind: unary, server streaming, client streaming or
+//! bidirectional. `--data` holds the request as JSON, or for a client stream the requests,
+//! JSON values one after another; each response is printed as JSON as it arrives.
 //!
 //! ```text
 //! gorpc call 127.0.0.1:50051 /helloworld.Greeter/SayHello --proto helloworld.proto --data '{"name":"x"}'
+//! gorpc call 127.0.0.1:50051 /routeguide.RouteGuide/RecordRoute --proto route_guide.proto --data '{"latitude":1} {"latitude":2}'
+//! gorpc new my-service
 //! gorpc new my-service --proto helloworld.proto
 //! ```
 //!
@@ -64,13 +70,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Call a unary method with a JSON request and print the JSON reply.
-    Call(call::CallArgs),
-    /// Scaffold a runnable Cargo project (server and client) from a .proto file.
+    /// Call a method of any kind with JSON requests and print the JSON responses.
     ///
-    /// The server has a handler stub for every method of every service, of any kind (unary,
-    /// server streaming, client streaming, bidirectional), answering default messages; the
-    /// client calls the first method of the first service and prints what comes back.
+    /// Unary, server streaming, client streaming and bidirectional methods alike: --data
+    /// holds the request, or for a client-streaming or bidirectional method the requests,
+    /// JSON values one after another, sent in order (for a bidirectional method, while its
+    /// responses come). Each response is printed as JSON as it arrives. A non-OK status fails
+    /// the call (exit code 4), after any responses that came before it.
+    Call(call::CallArgs),
+    /// Scaffold a runnable Cargo project (server and client) from a .proto file, or from a
+    /// starter one.
+    ///
+    /// Without --proto, writes a starter .proto (a `Greeter` service with a unary and a
+    /// server-streaming method) and scaffolds from it. The server has a handler stub
+    /// for every method of every service, of any kind (unary, server streaming, client
+    /// streaming, bidirectional), answering default messages, and also answers HTTP/1.1 with
+    /// JSON on its port; the client calls each method of the first service and prints what
+    /// comes back. The binaries are NAME-server and NAME-client; README.md says how to run
+    /// them and how to call the server with `gorpc call` and curl. Refuses to create the
+    /// project inside another Cargo workspace without --in-workspace.
     New(new::NewArgs),
 }
 

@@ -1,11 +1,19 @@
 //! `gorpc new`: scaffolds a Cargo project with a server and a client of the services in a
-//! .proto file, built by gorpc-build.
+//! .proto file, built by gorpc-build. Without a .proto file it writes a starter one (a
+//! `Greeter` with a unary and a server-streaming method) and scaffolds from it the same way.
 //!
 //! The server implements every method of every service with a stub answering default
 //! messages, for each of the four kinds: unary, server streaming (one response),
 //! client streaming (reads all requests, then one response) and bidirectional (one
-//! response per request). The client calls the first method of the first service with a
-//! default request (for a client stream: one request) and prints what comes back.
+//! response per request). It also answers HTTP/1.1 with JSON on its port. The client calls
+//! each method of the first service with a default request (for a client stream: one
+//! request) and prints what comes back. Both log through tracing, filtered by `RUST_LOG`.
+//! The binaries are `NAME-server` and `NAME-client`, so that projects sharing a target
+//! directory keep theirs apart. README.md says how to run them and how to call the server
+//! with `gorpc call` and curl.
+//!
+//! The project is a workspace of its own; `gorpc new` still refuses to create it inside
+//! another Cargo workspace unless given `--in-workspace`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -15,6 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use prost_build::{Method, Module, Service, ServiceGenerator};
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 
 use crate::call::protox_error;
 use crate::Failure;
@@ -24,6 +33,12 @@ const PROST_VERSION: &str = "0.14";
 const PROST_TYPES_VERSION: &str = "0.14";
 const TOKIO_VERSION: &str = "1.45";
 const FUTURES_VERSION: &str = "0.3.31";
+/// Not a dependency of this workspace: gorpc-cli's dev-dependency on the same line (checked by
+/// a test) is what makes `cargo fetch` download it.
+const TRACING_SUBSCRIBER_VERSION: &str = "0.3.23";
+
+/// Where the scaffold's server listens, and its client calls, when given no address.
+const DEFAULT_ADDR: &str = "127.0.0.1:50051";
 
 #[derive(Debug, Args)]
 pub struct NewArgs {
@@ -31,11 +46,17 @@ pub struct NewArgs {
     #[arg(value_name = "NAME")]
     name: String,
     /// The .proto file with the services (copied into the project, with its imports).
+    /// Default: a starter .proto, its package and file named after NAME, with a service
+    /// `Greeter` of a unary and a server-streaming method.
     #[arg(long, value_name = "FILE")]
-    proto: PathBuf,
+    proto: Option<PathBuf>,
     /// Directory to create the project in.
     #[arg(long, value_name = "PARENT", default_value = ".")]
     dir: PathBuf,
+    /// Create the project even inside another Cargo workspace (it is a workspace of its
+    /// own either way).
+    #[arg(long)]
+    in_workspace: bool,
     /// The gorpc-rs checkout the project depends on by path. Default: the one this tool
     /// was built from.
     #[arg(long, value_name = "PATH")]
@@ -51,8 +72,33 @@ pub fn run(args: NewArgs) -> Result<(), Failure> {
             root.display()
         )));
     }
+    if !args.in_workspace {
+        if let Some(manifest) = enclosing_workspace(&args.dir)? {
+            return Err(Failure::usage(format!(
+                "{} would be inside the Cargo workspace of {}; pass --in-workspace to create \
+                 it there anyway (as a workspace of its own, nested in that one), or choose \
+                 another --dir",
+                std::path::absolute(&root).unwrap_or(root).display(),
+                manifest.display()
+            )));
+        }
+    }
     let gorpc_path = gorpc_path(args.gorpc_path.as_deref())?;
-    let plan = Plan::new(&args.name, &args.proto)?;
+    // The starter proto goes through the same path as a given one: a file, parsed, then
+    // copied into the project (so its directory lives until the project is written).
+    let (proto, starter) = match args.proto {
+        Some(proto) => (proto, None),
+        None => {
+            let dir = tempfile::tempdir()
+                .map_err(|e| Failure::other(format!("cannot create a temporary directory: {e}")))?;
+            let package = starter_package(&args.name);
+            let path = dir.path().join(format!("{package}.proto"));
+            fs::write(&path, starter_proto(&package))
+                .map_err(|e| Failure::other(format!("{}: {e}", path.display())))?;
+            (path, Some(dir))
+        }
+    };
+    let plan = Plan::new(&args.name, &proto)?;
 
     fs::create_dir_all(&args.dir)
         .map_err(|e| Failure::other(format!("{}: {e}", args.dir.display())))?;
@@ -63,7 +109,7 @@ pub fn run(args: NewArgs) -> Result<(), Failure> {
         return Err(Failure::other(e));
     }
     println!(
-        "created {} ({} service{}: {})",
+        "created {} ({} service{}: {}){}",
         root.display(),
         plan.services.len(),
         if plan.services.len() == 1 { "" } else { "s" },
@@ -71,11 +117,18 @@ pub fn run(args: NewArgs) -> Result<(), Failure> {
             .iter()
             .map(|s| s.proto_path())
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        if starter.is_some() {
+            format!(" from a starter proto/{}", plan.proto_name)
+        } else {
+            String::new()
+        }
     );
+    let name = &plan.name;
     println!("  cd {}", root.display());
-    println!("  cargo run --bin server            # listens on 127.0.0.1:50051");
-    println!("  cargo run --bin client            # calls it");
+    println!("  cargo run --bin {name}-server    # listens on {DEFAULT_ADDR}, also to HTTP/JSON");
+    println!("  cargo run --bin {name}-client    # in another terminal: calls it");
+    println!("README.md shows how to call it with `gorpc call` and with curl.");
     Ok(())
 }
 
@@ -198,6 +251,80 @@ fn gorpc_path(given: Option<&Path>) -> Result<PathBuf, Failure> {
     Ok(path)
 }
 
+/// The Cargo.toml of the workspace `dir` lies in, if any: the nearest one up from it with a
+/// `workspace` table, as Cargo finds a package's workspace root.
+fn enclosing_workspace(dir: &Path) -> Result<Option<PathBuf>, Failure> {
+    let dir = std::path::absolute(dir)
+        .map_err(|e| Failure::usage(format!("--dir {}: {e}", dir.display())))?;
+    // The part of it that exists yet (the root always does), links resolved as Cargo sees them.
+    let existing = dir
+        .ancestors()
+        .find(|a| a.is_dir())
+        .unwrap_or(dir.as_path());
+    let existing = existing
+        .canonicalize()
+        .map_err(|e| Failure::usage(format!("--dir {}: {e}", existing.display())))?;
+    for ancestor in existing.ancestors() {
+        let manifest = ancestor.join("Cargo.toml");
+        // A missing or unreadable manifest is no workspace Cargo could use either.
+        if let Ok(text) = fs::read_to_string(&manifest) {
+            if declares_workspace(&text) {
+                return Ok(Some(manifest));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Whether a Cargo.toml has a `workspace` table (`[workspace]`, or only `[workspace.*]`).
+fn declares_workspace(manifest: &str) -> bool {
+    match manifest.parse::<toml::Table>() {
+        Ok(table) => table.contains_key("workspace"),
+        // Cargo refuses to build with it; what matters is whether it meant a workspace.
+        Err(_) => manifest.lines().any(|line| {
+            let line = line.trim();
+            line == "[workspace]" || line.starts_with("[workspace.")
+        }),
+    }
+}
+
+/// The starter proto's package: the crate's name as a lowercase identifier (`my-app` is
+/// `my_app`), the style protobuf packages follow.
+fn starter_package(name: &str) -> String {
+    name.replace('-', "_").to_ascii_lowercase()
+}
+
+/// The .proto file `gorpc new` writes when given none.
+fn starter_proto(package: &str) -> String {
+    format!(
+        r#"// The project's service, written by `gorpc new` as a start: change it, and the next
+// build regenerates the Rust code (build.rs); then fill in the handlers in
+// src/bin/server.rs.
+syntax = "proto3";
+
+package {package};
+
+// Greets people by name.
+service Greeter {{
+  // Answers with a greeting.
+  rpc SayHello (HelloRequest) returns (HelloReply);
+
+  // Answers with a stream of greetings.
+  rpc SayHelloStream (HelloRequest) returns (stream HelloReply);
+}}
+
+message HelloRequest {{
+  // Who to greet.
+  string name = 1;
+}}
+
+message HelloReply {{
+  string message = 1;
+}}
+"#
+    )
+}
+
 /// What to write: the .proto files, and what prost-build and gorpc-build will generate from
 /// them (the same code the project's build.rs generates).
 struct Plan {
@@ -211,6 +338,8 @@ struct Plan {
     generated: Vec<String>,
     services: Vec<Service>,
     uses_well_known_types: bool,
+    /// The messages, for the example requests of README.md.
+    pool: DescriptorPool,
 }
 
 impl Plan {
@@ -246,6 +375,7 @@ impl Plan {
             }
         }
         let proto_name = proto_name.expect("the opened file is not an import");
+        let pool = compiler.descriptor_pool();
 
         // Run prost-build as gorpc-build will, recording the services it hands to
         // generators, so the scaffold names exactly the types and methods that get generated.
@@ -294,6 +424,7 @@ impl Plan {
             generated,
             services,
             uses_well_known_types,
+            pool,
         })
     }
 
@@ -316,6 +447,7 @@ impl Plan {
         write("src/lib.rs", &self.lib_rs())?;
         write("src/bin/server.rs", &self.server_rs())?;
         write("src/bin/client.rs", &self.client_rs())?;
+        write("README.md", &self.readme(gorpc_path))?;
         rustfmt(root);
         Ok(())
     }
@@ -332,15 +464,26 @@ publish = false
 # A project of its own, even when created inside another Cargo workspace.
 [workspace]
 
+# Named after the project, so that projects sharing a target directory keep their binaries.
+[[bin]]
+name = "{name}-server"
+path = "src/bin/server.rs"
+
+[[bin]]
+name = "{name}-client"
+path = "src/bin/client.rs"
+
 [dependencies]
 gorpc = {{ path = {gorpc} }}
 gorpc-tokio = {{ path = {gorpc_tokio} }}
 prost = {{ version = "{PROST_VERSION}", features = ["derive"] }}
 tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros", "signal"] }}
+{tracing_subscriber}
 "#,
             name = self.name,
             gorpc = dep("gorpc"),
             gorpc_tokio = dep("gorpc-tokio"),
+            tracing_subscriber = tracing_subscriber_dependency(),
         );
         if self.uses_well_known_types {
             let _ = writeln!(text, "prost-types = \"{PROST_TYPES_VERSION}\"");
@@ -479,12 +622,15 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         }
         items.extend(["Router", "Server", "Status", "Tokio"]);
         uses.push(format!("use gorpc_tokio::{{{}}};", items.join(", ")));
+        uses.push(LOGGING_USE.to_owned());
 
         let mut out = format!(
-            "//! Serves every service of proto/{proto}.\n\
+            "//! Serves every service of proto/{proto}, over gorpc and, on the same port,\n\
+             //! HTTP/1.1 with JSON bodies (see README.md).\n\
              //!\n\
-             //! cargo run --bin server -- [ADDR]      (default 127.0.0.1:50051)\n\
+             //! cargo run --bin {name}-server -- [ADDR]      (default {DEFAULT_ADDR})\n\
              \n\
+             use std::io::IsTerminal as _;\n\
              use std::net::SocketAddr;\n\
              use std::sync::Arc;\n\
              use std::time::Duration;\n\
@@ -495,6 +641,7 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
              #[derive(Debug, Default)]\n\
              struct Handlers;\n",
             proto = self.proto_name,
+            name = self.name,
             uses = uses.join("\n"),
         );
         for service in &self.services {
@@ -511,12 +658,14 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
             }
             out.push_str("}\n");
         }
-        out.push_str(
+        let _ = write!(
+            out,
             "\n#[tokio::main]\n\
-             async fn main() -> Result<(), Box<dyn std::error::Error>> {\n    \
+             async fn main() -> Result<(), Box<dyn std::error::Error>> {{\n\
+                 {LOGGING}    \
                  let addr: SocketAddr = std::env::args()\n        \
                      .nth(1)\n        \
-                     .unwrap_or_else(|| \"127.0.0.1:50051\".into())\n        \
+                     .unwrap_or_else(|| \"{DEFAULT_ADDR}\".into())\n        \
                      .parse()?;\n    \
                  let handlers = Arc::new(Handlers);\n    \
                  let router = Router::new()",
@@ -530,7 +679,11 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         }
         out.push_str(
             ";\n    \
-                 let server = Server::new(Tokio::current(), router).bind(addr).await?;\n    \
+                 // http(): also answers HTTP/1.1 requests on the same port, JSON included.\n    \
+                 let server = Server::new(Tokio::current(), router)\n        \
+                     .http()\n        \
+                     .bind(addr)\n        \
+                     .await?;\n    \
                  println!(\"listening on {}\", server.local_addr());\n    \
                  tokio::signal::ctrl_c().await?;\n    \
                  server.shutdown(Duration::from_secs(5)).await;\n    \
@@ -604,93 +757,265 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
 
     fn client_rs(&self) -> String {
         let service = &self.services[0];
-        let method = &service.methods[0];
-        let kind = Kind::of(method);
-        let path = method_path(service, &method.proto_name);
-        let input = self.type_path(service, &method.input_type);
-        let name = &method.name;
-        let proto_name = &method.proto_name;
-        let (doc, call) = match kind {
-            Kind::Unary => (
-                format!("Calls {path} with a default request."),
-                format!(
-                    "let request: {input} = Default::default();\n    \
-                     let reply = client.{name}(request).await?;\n    \
-                     println!(\"{proto_name} -> {{:?}}\", reply.message);\n"
-                ),
-            ),
-            Kind::ServerStreaming => (
-                format!("Calls {path} with a default request and prints each response."),
-                format!(
-                    "let request: {input} = Default::default();\n    \
-                     let mut replies = client.{name}(request).await?;\n    \
-                     while let Some(reply) = replies.next().await {{\n        \
-                         println!(\"{proto_name} -> {{:?}}\", reply?);\n    \
-                     }}\n"
-                ),
-            ),
-            Kind::ClientStreaming => (
-                format!("Calls {path} with a stream of one default request."),
-                format!(
-                    "let mut call = client.{name}(CallOptions::default()).await?;\n    \
-                     let request: {input} = Default::default();\n    \
-                     call.send(&request).await?;\n    \
-                     let reply = call.finish().await?;\n    \
-                     println!(\"{proto_name} -> {{:?}}\", reply.message);\n"
-                ),
-            ),
-            Kind::Bidirectional => (
-                format!(
-                    "Calls {path} with a stream of one default request and prints each \
-                     response."
-                ),
-                format!(
-                    "let (mut requests, mut replies) = client.{name}(CallOptions::default()).await?;\n    \
-                     let request: {input} = Default::default();\n    \
-                     requests.send(&request).await?;\n    \
-                     requests.close_send().await?;\n    \
-                     while let Some(reply) = replies.next().await {{\n        \
-                         println!(\"{proto_name} -> {{:?}}\", reply?);\n    \
-                     }}\n"
-                ),
-            ),
-        };
+        let mut calls = String::new();
+        for method in &service.methods {
+            self.client_call(&mut calls, service, method);
+        }
+        let kinds: Vec<Kind> = service.methods.iter().map(Kind::of).collect();
         let mut uses = String::new();
-        if matches!(kind, Kind::ServerStreaming | Kind::Bidirectional) {
+        if kinds
+            .iter()
+            .any(|kind| matches!(kind, Kind::ServerStreaming | Kind::Bidirectional))
+        {
             uses.push_str("use futures::StreamExt;\n");
         }
-        uses.push_str(match kind {
-            Kind::Unary | Kind::ServerStreaming => {
-                "use gorpc_tokio::{Client, ClientConfig, Tokio};\n"
-            }
-            Kind::ClientStreaming | Kind::Bidirectional => {
-                "use gorpc_tokio::{CallOptions, Client, ClientConfig, Tokio};\n"
-            }
-        });
+        if kinds
+            .iter()
+            .any(|kind| matches!(kind, Kind::ClientStreaming | Kind::Bidirectional))
+        {
+            uses.push_str("use gorpc_tokio::{CallOptions, Client, ClientConfig, Tokio};\n");
+        } else {
+            uses.push_str("use gorpc_tokio::{Client, ClientConfig, Tokio};\n");
+        }
+        uses.push_str(LOGGING_USE);
+        uses.push('\n');
         format!(
-            "//! {doc}\n\
+            "//! Calls each method of {service_path} with default requests and prints what comes\n\
+             //! back.\n\
              //!\n\
-             //! cargo run --bin client -- [ADDR]      (default 127.0.0.1:50051)\n\
+             //! cargo run --bin {name}-client -- [ADDR]      (default {DEFAULT_ADDR})\n\
              \n\
+             use std::io::IsTerminal as _;\n\
              use std::net::SocketAddr;\n\
              \n\
              {uses}\
              \n\
              #[tokio::main]\n\
-             async fn main() -> Result<(), Box<dyn std::error::Error>> {{\n    \
+             async fn main() -> Result<(), Box<dyn std::error::Error>> {{\n\
+                 {LOGGING}    \
                  let addr: SocketAddr = std::env::args()\n        \
                      .nth(1)\n        \
-                     .unwrap_or_else(|| \"127.0.0.1:50051\".into())\n        \
+                     .unwrap_or_else(|| \"{DEFAULT_ADDR}\".into())\n        \
                      .parse()?;\n    \
                  let client = Client::connect(Tokio::current(), addr, ClientConfig::default()).await?;\n    \
-                 let client = {client}::new(client);\n    \
-                 {call}    \
+                 let client = {client}::new(client);\n\
+                 {calls}    \
                  Ok(())\n\
              }}\n",
+            service_path = service.proto_path(),
+            name = self.name,
             client = self.service_item(service, "Client"),
         )
     }
+
+    /// The client's call of one method, shaped like gorpc-build's client method of its kind.
+    fn client_call(&self, out: &mut String, service: &Service, method: &Method) {
+        let path = method_path(service, &method.proto_name);
+        let input = self.type_path(service, &method.input_type);
+        let name = &method.name;
+        let proto_name = &method.proto_name;
+        let _ = match Kind::of(method) {
+            Kind::Unary => write!(
+                out,
+                "\n    // {path}: one request, one response.\n    \
+                 let request: {input} = Default::default();\n    \
+                 let reply = client.{name}(request).await?;\n    \
+                 println!(\"{proto_name} -> {{:?}}\", reply.message);\n"
+            ),
+            Kind::ServerStreaming => write!(
+                out,
+                "\n    // {path}: one request, a stream of responses.\n    \
+                 let request: {input} = Default::default();\n    \
+                 let mut replies = client.{name}(request).await?;\n    \
+                 while let Some(reply) = replies.next().await {{\n        \
+                     println!(\"{proto_name} -> {{:?}}\", reply?);\n    \
+                 }}\n"
+            ),
+            Kind::ClientStreaming => write!(
+                out,
+                "\n    // {path}: a stream of requests (here one), one response.\n    \
+                 let mut call = client.{name}(CallOptions::default()).await?;\n    \
+                 let request: {input} = Default::default();\n    \
+                 call.send(&request).await?;\n    \
+                 let reply = call.finish().await?;\n    \
+                 println!(\"{proto_name} -> {{:?}}\", reply.message);\n"
+            ),
+            Kind::Bidirectional => write!(
+                out,
+                "\n    // {path}: a stream of requests (here one), a stream of responses.\n    \
+                 let (mut requests, mut replies) = client.{name}(CallOptions::default()).await?;\n    \
+                 let request: {input} = Default::default();\n    \
+                 requests.send(&request).await?;\n    \
+                 requests.close_send().await?;\n    \
+                 while let Some(reply) = replies.next().await {{\n        \
+                     println!(\"{proto_name} -> {{:?}}\", reply?);\n    \
+                 }}\n"
+            ),
+        };
+    }
+
+    /// README.md: what the project is, how to run it, and how to call it with `gorpc call`
+    /// and with curl: commands that work from the project's directory as they are.
+    fn readme(&self, gorpc: &Path) -> String {
+        let name = &self.name;
+        let proto = format!("proto/{}", self.proto_name);
+        let first = self.services[0].proto_path();
+        let services = self
+            .services
+            .iter()
+            .map(|s| format!("`{}`", s.proto_path()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let install = shell_word(&gorpc.join("gorpc-cli").display().to_string());
+        let mut out = format!(
+            "# {name}\n\
+             \n\
+             A gorpc service, {services}, declared in `{proto}`; created by `gorpc new`.\n\
+             \n\
+             - `{proto}`: the services and their messages. Each build generates their Rust \
+             code with gorpc-build (`build.rs`): the messages, and for each service a trait, a \
+             server and a client, which `src/lib.rs` includes.\n\
+             - `src/bin/server.rs`, the binary `{name}-server`: implements every method with a \
+             stub answering default messages. Fill in the `TODO`s.\n\
+             - `src/bin/client.rs`, the binary `{name}-client`: calls each method of `{first}` \
+             and prints what comes back.\n\
+             \n\
+             ## Run it\n\
+             \n\
+             ```sh\n\
+             cargo run --bin {name}-server\n\
+             ```\n\
+             \n\
+             The server listens on {DEFAULT_ADDR}, for gorpc and, on the same port, HTTP. In \
+             another terminal:\n\
+             \n\
+             ```sh\n\
+             cargo run --bin {name}-client\n\
+             ```\n\
+             \n\
+             Both take another address after `--`: `cargo run --bin {name}-server -- \
+             127.0.0.1:50052`. They log to stderr; `RUST_LOG` picks what (default `info`), \
+             e.g. `RUST_LOG=debug cargo run --bin {name}-server`.\n\
+             \n\
+             ## Call it with `gorpc call`\n\
+             \n\
+             `gorpc call` sends requests written in JSON (protobuf's JSON mapping), typed by \
+             the .proto file, and prints each response as JSON as it arrives. Install it from \
+             the gorpc-rs checkout this project depends on:\n\
+             \n\
+             ```sh\n\
+             cargo install --path {install}\n\
+             ```\n\
+             \n\
+             Then, in this directory, while the server runs:\n\
+             \n\
+             ```sh\n"
+        );
+        let mut client_streams = false;
+        for service in &self.services {
+            for method in &service.methods {
+                let kind = Kind::of(method);
+                let sample = self.sample_request(method);
+                let data = match kind {
+                    Kind::Unary | Kind::ServerStreaming => sample,
+                    Kind::ClientStreaming | Kind::Bidirectional => {
+                        client_streams = true;
+                        format!("{sample} {sample}")
+                    }
+                };
+                let _ = writeln!(
+                    out,
+                    "gorpc call {DEFAULT_ADDR} {} --proto {} --data {}",
+                    method_path(service, &method.proto_name),
+                    shell_word(&proto),
+                    shell_word(&data)
+                );
+            }
+        }
+        out.push_str("```\n\n");
+        if client_streams {
+            out.push_str(
+                "The requests of a client stream are the JSON values of `--data` one after \
+                 another.\n",
+            );
+        }
+        out.push_str(
+            "Each request above has every field at its default value: change them. \
+             `gorpc call --help` tells the rest.\n\
+             \n\
+             ## Call it with curl\n\
+             \n",
+        );
+        let unary: Vec<(&Service, &Method)> = self
+            .services
+            .iter()
+            .flat_map(|s| s.methods.iter().map(move |m| (s, m)))
+            .filter(|(_, m)| Kind::of(m) == Kind::Unary)
+            .collect();
+        if unary.is_empty() {
+            out.push_str(
+                "The server also answers HTTP/1.1 on its port, but for unary methods only (one \
+                 request, one response), and this project has none.\n",
+            );
+            return out;
+        }
+        out.push_str(
+            "The server also answers HTTP/1.1 on its port, for unary methods (one request, one \
+             response): POST the request as JSON to the method's path, with the JSON content \
+             type, and the response comes back as JSON.\n\
+             \n\
+             ```sh\n",
+        );
+        for (service, method) in unary {
+            let _ = writeln!(
+                out,
+                "curl -X POST http://{DEFAULT_ADDR}{} -H 'content-type: application/json' -d {}",
+                method_path(service, &method.proto_name),
+                shell_word(&self.sample_request(method))
+            );
+        }
+        out.push_str(
+            "```\n\
+             \n\
+             The call's status is in the `x-gorpc-status` response header (0 for OK) and its \
+             message in `x-gorpc-message`; `curl -i` shows them.\n",
+        );
+        out
+    }
+
+    /// A request for `method` in protobuf's JSON mapping, with every field that has no
+    /// presence at its default value: the shape of the message, to fill in.
+    fn sample_request(&self, method: &Method) -> String {
+        let name = method.input_proto_type.trim_start_matches('.');
+        let Some(desc) = self.pool.get_message_by_name(name) else {
+            return "{}".to_owned();
+        };
+        let mut out = Vec::new();
+        let options = SerializeOptions::new().skip_default_fields(false);
+        match DynamicMessage::new(desc)
+            .serialize_with_options(&mut serde_json::Serializer::new(&mut out), &options)
+        {
+            Ok(()) => String::from_utf8(out).unwrap_or_else(|_| "{}".to_owned()),
+            Err(_) => "{}".to_owned(),
+        }
+    }
 }
+
+/// What the binaries use to log, beside `std::io::IsTerminal` (colours on a terminal only).
+const LOGGING_USE: &str = "use tracing_subscriber::filter::{EnvFilter, LevelFilter};";
+
+/// The first lines of the binaries' `main`: logs go to stderr, filtered by RUST_LOG.
+const LOGGING: &str = "    \
+    // Logs go to stderr; RUST_LOG picks which (default: info), e.g. RUST_LOG=debug.\n    \
+    tracing_subscriber::fmt()\n        \
+        .with_env_filter(\n            \
+            EnvFilter::builder()\n                \
+                .with_default_directive(LevelFilter::INFO.into())\n                \
+                .from_env_lossy(),\n        \
+        )\n        \
+        .with_writer(std::io::stderr)\n        \
+        .with_ansi(std::io::stderr().is_terminal())\n        \
+        .init();\n";
 
 /// The four shapes of an rpc, from its `stream` keywords.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -741,6 +1066,23 @@ impl ServiceGenerator for Recorder {
         buf.push_str("// service\n");
         self.0.lock().expect("recorder lock").push(service);
     }
+}
+
+/// The scaffold's line for tracing-subscriber, which gorpc-cli's Cargo.toml repeats.
+fn tracing_subscriber_dependency() -> String {
+    format!(
+        "tracing-subscriber = {{ version = \"{TRACING_SUBSCRIBER_VERSION}\", \
+         features = [\"env-filter\", \"fmt\"] }}"
+    )
+}
+
+/// `s` as one word for a POSIX shell: as it is when that is safe, else in single quotes.
+fn shell_word(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+:@%=,".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        return s.to_owned();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// A TOML basic string.
@@ -805,6 +1147,22 @@ mod tests {
         }
     }
 
+    /// The scaffold's tracing-subscriber is gorpc-cli's dev-dependency, features and all, so
+    /// that `cargo fetch` here downloads what the scaffold's offline builds need.
+    #[test]
+    fn tracing_subscriber_is_fetched_for_the_scaffold() {
+        let manifest = include_str!("../Cargo.toml");
+        let dev = manifest
+            .split("[dev-dependencies]")
+            .nth(1)
+            .expect("dev-dependencies");
+        let wanted = tracing_subscriber_dependency();
+        assert!(
+            dev.lines().any(|line| line == wanted),
+            "gorpc-cli's [dev-dependencies] need the line `{wanted}`"
+        );
+    }
+
     #[test]
     fn crate_names() {
         for ok in ["hello", "my-service", "my_service2", "_x"] {
@@ -824,6 +1182,69 @@ mod tests {
         ] {
             assert!(check_crate_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn workspace_manifests() {
+        for yes in [
+            "[workspace]\nmembers = [\"a\"]\n",
+            "[package]\nname = \"x\"\n\n[workspace]\n",
+            "[workspace.package]\nedition = \"2021\"\n",
+            "workspace = { members = [] }\n",
+            // Not TOML, but meant as a workspace.
+            "[workspace]\nmembers = [\n",
+        ] {
+            assert!(declares_workspace(yes), "{yes}");
+        }
+        for no in [
+            "[package]\nname = \"x\"\n",
+            "[package]\nname = \"x\"\nworkspace = \"..\"\n",
+            "[dependencies]\nworkspace = \"1\"\n",
+            "# [workspace]\n[package]\nname = \"x\"\n",
+            "",
+        ] {
+            assert!(!declares_workspace(no), "{no}");
+        }
+    }
+
+    /// The starter proto parses for any crate name, with the service and methods it
+    /// promises.
+    #[test]
+    fn starter_protos() {
+        for name in [
+            "demo", "my-app", "MyApp", "_x", "message", "service", "syntax",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let package = starter_package(name);
+            let path = dir.path().join(format!("{package}.proto"));
+            fs::write(&path, starter_proto(&package)).unwrap();
+            let plan = Plan::new(name, &path).unwrap_or_else(|e| panic!("{name}: {}", e.message));
+            assert_eq!(plan.proto_name, format!("{package}.proto"));
+            assert_eq!(plan.services.len(), 1);
+            let service = &plan.services[0];
+            assert_eq!(service.proto_path(), format!("{package}.Greeter"));
+            let kinds: Vec<(&str, Kind)> = service
+                .methods
+                .iter()
+                .map(|m| (m.proto_name.as_str(), Kind::of(m)))
+                .collect();
+            assert_eq!(
+                kinds,
+                [
+                    ("SayHello", Kind::Unary),
+                    ("SayHelloStream", Kind::ServerStreaming)
+                ]
+            );
+            assert_eq!(plan.sample_request(&service.methods[0]), r#"{"name":""}"#);
+        }
+    }
+
+    #[test]
+    fn shell_words() {
+        assert_eq!(shell_word("proto/a.proto"), "proto/a.proto");
+        assert_eq!(shell_word(r#"{"a":""}"#), r#"'{"a":""}'"#);
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "''");
     }
 
     #[test]

@@ -76,11 +76,40 @@ pub fn spawn_until_line(
     prefix: &str,
     limit: Duration,
 ) -> (KillOnDrop, String) {
+    spawn_with_stderr(command, Stdio::inherit(), prefix, limit)
+}
+
+/// Like [`spawn_until_line`], with the lines of the process's stderr on a channel.
+pub fn spawn_until_line_capturing_stderr(
+    command: &mut Command,
+    prefix: &str,
+    limit: Duration,
+) -> (KillOnDrop, String, mpsc::Receiver<String>) {
+    let (mut child, rest) = spawn_with_stderr(command, Stdio::piped(), prefix, limit);
+    let stderr = child.0.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rest, rx)
+}
+
+fn spawn_with_stderr(
+    command: &mut Command,
+    stderr: Stdio,
+    prefix: &str,
+    limit: Duration,
+) -> (KillOnDrop, String) {
     let mut child = KillOnDrop(
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}")),
     );
@@ -100,4 +129,23 @@ pub fn spawn_until_line(
         .recv_timeout(limit)
         .unwrap_or_else(|e| panic!("{command:?} printed no `{prefix}` line: {e}"));
     (child, rest)
+}
+
+/// Waits up to `limit` for a line from `lines` that `wanted` accepts, and returns it; the
+/// lines before it otherwise.
+pub fn wait_for_line(
+    lines: &mpsc::Receiver<String>,
+    wanted: impl Fn(&str) -> bool,
+    limit: Duration,
+) -> Result<String, Vec<String>> {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if wanted(&line) => return Ok(line),
+            Ok(line) => seen.push(line),
+            Err(_) => return Err(seen),
+        }
+    }
 }
