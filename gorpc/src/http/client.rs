@@ -275,7 +275,7 @@ impl<R: Runtime> ChannelShared<R> {
                 format!("HTTP request failed: {}", super::server::error_chain(e)),
             )
         };
-        let (mut sender, response) = match self.reuse().await {
+        let (sender, response) = match self.reuse().await {
             Some(mut sender) => match sender.try_send_request(request).await {
                 Ok(response) => (sender, response),
                 // The kept connection closed before the request left (the server timed
