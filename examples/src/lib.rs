@@ -11,3 +11,5 @@ pub mod helloworld {
 pub mod routeguide {
     include!(concat!(env!("OUT_DIR"), "/routeguide.rs"));
 }
+
+pub mod services;

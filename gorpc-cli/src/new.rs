@@ -475,7 +475,7 @@ path = "src/bin/client.rs"
 
 [dependencies]
 gorpc = {{ path = {gorpc} }}
-gorpc-tokio = {{ path = {gorpc_tokio} }}
+gorpc-tokio = {{ path = {gorpc_tokio}, features = ["grpc"] }}
 prost = {{ version = "{PROST_VERSION}", features = ["derive"] }}
 tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros", "signal"] }}
 {tracing_subscriber}

@@ -99,6 +99,8 @@ pub(crate) struct Outbox {
 #[derive(Debug, Default)]
 struct OutboxState {
     id: Option<CallId>,
+    /// How each message is framed in `messages`.
+    framing: Framing,
     ended: bool,
     /// The sending half asked to half-close after its queued messages.
     close_send: bool,
@@ -113,14 +115,66 @@ struct OutboxState {
     trailers: Metadata,
 }
 
+/// How an outbox frames the messages it queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// Behind a 4-byte length: the binary protocol's batch layout.
+    #[default]
+    Batch,
+    /// gRPC's Length-Prefixed-Message: a compressed flag (0), then the 4-byte length, so
+    /// the queue is a call's DATA as it goes on the wire.
+    #[cfg(feature = "grpc")]
+    Grpc,
+}
+
+/// What [`Outbox::take`] took.
+#[cfg(feature = "grpc")]
+#[derive(Debug)]
+pub(crate) struct Taken {
+    /// The queued messages, framed.
+    pub(crate) messages: Bytes,
+    /// The sending half asked to half-close after them.
+    pub(crate) close_send: bool,
+}
+
 impl Outbox {
     pub(crate) fn new(id: Option<CallId>) -> Self {
+        Outbox::framed(id, Framing::default())
+    }
+
+    pub(crate) fn framed(id: Option<CallId>, framing: Framing) -> Self {
         Outbox {
             state: Mutex::new(OutboxState {
                 id,
+                framing,
                 ..OutboxState::default()
             }),
         }
+    }
+
+    /// Whether no message is queued.
+    #[cfg(feature = "grpc")]
+    pub(crate) fn is_empty(&self) -> bool {
+        lock(&self.state).messages.is_empty()
+    }
+
+    /// Takes every queued message at once (a driver with no core to feed: gRPC's), and
+    /// wakes a sender waiting for room.
+    #[cfg(feature = "grpc")]
+    pub(crate) fn take(&self) -> Taken {
+        let (taken, waker) = {
+            let mut state = lock(&self.state);
+            state.notified = false;
+            let taken = Taken {
+                messages: state.messages.split().freeze(),
+                close_send: state.close_send,
+            };
+            (taken, state.sender.take())
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        taken
     }
 
     pub(crate) fn id(&self) -> Option<CallId> {
@@ -207,7 +261,12 @@ impl OutboxSender {
                 return Poll::Pending;
             }
             let encode = encode.take().expect("not polled after it was ready");
-            match batch::push_message(&mut state.messages, encode) {
+            let pushed = match state.framing {
+                Framing::Batch => batch::push_message(&mut state.messages, encode),
+                #[cfg(feature = "grpc")]
+                Framing::Grpc => push_grpc_message(&mut state.messages, encode),
+            };
+            match pushed {
                 Ok(()) => {
                     let first = !std::mem::replace(&mut state.notified, true);
                     Poll::Ready(Ok(first.then_some(id)))
@@ -255,6 +314,31 @@ impl OutboxSender {
         match notify {
             Some(id) if !self.control.ready(id) => Err(ended()),
             _ => Ok(()),
+        }
+    }
+}
+
+/// Appends one message in gRPC's framing; nothing stays if `encode` fails.
+#[cfg(feature = "grpc")]
+fn push_grpc_message(
+    messages: &mut BytesMut,
+    encode: impl FnOnce(&mut BytesMut) -> Result<(), Status>,
+) -> Result<(), batch::PushError<Status>> {
+    let start = messages.len();
+    messages.extend_from_slice(&[0; 5]);
+    let encoded = encode(messages)
+        .map_err(batch::PushError::Encode)
+        .and_then(|()| {
+            u32::try_from(messages.len() - start - 5).map_err(|_| batch::PushError::TooLong)
+        });
+    match encoded {
+        Ok(len) => {
+            messages[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+            Ok(())
+        }
+        Err(e) => {
+            messages.truncate(start);
+            Err(e)
         }
     }
 }

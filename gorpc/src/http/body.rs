@@ -1,6 +1,7 @@
 //! Bodies at the HTTP edge: reading a request's body within the server's limits, and the one
 //! response body type hyper writes.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -179,33 +180,71 @@ pub(crate) async fn read_body<R: Runtime>(
     Ok(first.unwrap_or_else(|| rest.freeze()))
 }
 
-/// The response body of every HTTP answer: one piece, then nothing.
-#[derive(Debug, Default)]
-pub(crate) struct Full(Option<Bytes>);
+/// The response body of every answer at the edge: frames known up front (an HTTP answer,
+/// a unary gRPC answer), or a stream call's body that produces them as the call goes on.
+pub(crate) enum EdgeBody {
+    Frames(VecDeque<Frame<Bytes>>),
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    Stream(Pin<Box<dyn Body<Data = Bytes, Error = Infallible> + Send>>),
+}
 
-impl Full {
-    pub(crate) fn new(bytes: Bytes) -> Self {
-        Full((!bytes.is_empty()).then_some(bytes))
+impl std::fmt::Debug for EdgeBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EdgeBody::Frames(frames) => f.debug_tuple("Frames").field(&frames.len()).finish(),
+            EdgeBody::Stream(_) => f.write_str("Stream"),
+        }
     }
 }
 
-impl Body for Full {
+impl EdgeBody {
+    /// `bytes`, then the end.
+    pub(crate) fn full(bytes: Bytes) -> Self {
+        let mut frames = VecDeque::new();
+        if !bytes.is_empty() {
+            frames.push_back(Frame::data(bytes));
+        }
+        EdgeBody::Frames(frames)
+    }
+
+    /// Nothing: the headers end the answer.
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    pub(crate) fn empty() -> Self {
+        EdgeBody::Frames(VecDeque::new())
+    }
+}
+
+impl Body for EdgeBody {
     type Data = Bytes;
     type Error = Infallible;
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.get_mut().0.take().map(|bytes| Ok(Frame::data(bytes))))
+        match self.get_mut() {
+            EdgeBody::Frames(frames) => Poll::Ready(frames.pop_front().map(Ok)),
+            EdgeBody::Stream(body) => body.as_mut().poll_frame(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_none()
+        match self {
+            EdgeBody::Frames(frames) => frames.is_empty(),
+            EdgeBody::Stream(body) => body.is_end_stream(),
+        }
     }
 
+    /// Exact for one piece of data, so HTTP/1.1 answers carry a Content-Length.
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.0.as_ref().map_or(0, |b| b.len() as u64))
+        match self {
+            EdgeBody::Frames(frames) => match frames.front().and_then(Frame::data_ref) {
+                None if frames.is_empty() => SizeHint::with_exact(0),
+                Some(data) if frames.len() == 1 => SizeHint::with_exact(data.len() as u64),
+                _ => SizeHint::default(),
+            },
+            EdgeBody::Stream(body) => body.size_hint(),
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, HOST};
 use http::{Method, Request, Uri};
 use hyper::client::conn::http1::SendRequest;
 
-use super::body::{read_body, BodyError, Full};
+use super::body::{read_body, BodyError, EdgeBody};
 use super::rt::HyperIo;
 use super::{
     code_for_http_status, is_header_value, is_token, percent_decode, ContentType, MESSAGE_HEADER,
@@ -141,7 +141,7 @@ struct ChannelShared<R: Runtime> {
     host: HeaderValue,
     /// Connect timeout, limits and TLS.
     config: ConnectionConfig,
-    idle: Mutex<Vec<SendRequest<Full>>>,
+    idle: Mutex<Vec<SendRequest<EdgeBody>>>,
 }
 
 impl<R: Runtime> HttpChannel<R> {
@@ -218,7 +218,7 @@ impl<R: Runtime> ChannelShared<R> {
         &self,
         call: &OutgoingCall,
         content_type: ContentType,
-    ) -> Result<Request<Full>, Status> {
+    ) -> Result<Request<EdgeBody>, Status> {
         let uri = Uri::try_from(&*call.method)
             .ok()
             .filter(|uri| uri.scheme().is_none() && call.method.starts_with('/'))
@@ -228,7 +228,7 @@ impl<R: Runtime> ChannelShared<R> {
                     format!("method {:?} is not a path HTTP can carry", call.method),
                 )
             })?;
-        let mut request = Request::new(Full::new(call.body.clone()));
+        let mut request = Request::new(EdgeBody::full(call.body.clone()));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
@@ -268,7 +268,7 @@ impl<R: Runtime> ChannelShared<R> {
         Ok(request)
     }
 
-    async fn exchange(&self, request: Request<Full>, codec: u8) -> Result<RawResponse, Status> {
+    async fn exchange(&self, request: Request<EdgeBody>, codec: u8) -> Result<RawResponse, Status> {
         let failed = |e: &hyper::Error| {
             Status::new(
                 Code::Unavailable,
@@ -322,7 +322,7 @@ impl<R: Runtime> ChannelShared<R> {
     /// An idle connection that is still open, if there is one. One just put back may not
     /// be ready yet (its driver has yet to see the last answer end): it is waited for,
     /// which ends at once if it closed.
-    async fn reuse(&self) -> Option<SendRequest<Full>> {
+    async fn reuse(&self) -> Option<SendRequest<EdgeBody>> {
         loop {
             let mut sender = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
             if sender.ready().await.is_ok() {
@@ -332,7 +332,7 @@ impl<R: Runtime> ChannelShared<R> {
     }
 
     /// A new connection, its driver running on the runtime.
-    async fn connect(&self) -> Result<SendRequest<Full>, Status> {
+    async fn connect(&self) -> Result<SendRequest<EdgeBody>, Status> {
         let deadline = Instant::now() + self.config.connect_timeout;
         let addrs = match timeout(&self.runtime, deadline, self.target.resolve()).await {
             Some(addrs) => addrs?,
@@ -357,7 +357,7 @@ impl<R: Runtime> ChannelShared<R> {
         &self,
         addr: SocketAddr,
         deadline: Instant,
-    ) -> Result<SendRequest<Full>, Status> {
+    ) -> Result<SendRequest<EdgeBody>, Status> {
         let connected =
             crate::client::connect_socket(&self.runtime, addr, deadline, &self.config).await?;
         #[cfg(feature = "tls")]
@@ -370,7 +370,7 @@ impl<R: Runtime> ChannelShared<R> {
         self.handshake(connected).await
     }
 
-    async fn handshake<I: Io>(&self, io: I) -> Result<SendRequest<Full>, Status> {
+    async fn handshake<I: Io>(&self, io: I) -> Result<SendRequest<EdgeBody>, Status> {
         let io = HyperIo::new(io, bytes::BytesMut::new());
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake(io)

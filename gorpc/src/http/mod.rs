@@ -18,11 +18,11 @@
 //!   through their descriptors). Handlers never see JSON. Methods without a schema get the
 //!   JSON bytes as they are, with codec id [`JSON`](gorpc_proto::codec::JSON).
 
-mod body;
+pub(crate) mod body;
 mod client;
 pub(crate) mod rt;
-mod server;
-mod transcode;
+pub(crate) mod server;
+pub(crate) mod transcode;
 
 pub use client::{HttpChannel, HttpTarget};
 pub(crate) use server::{serve_sniffed, Accepted, HttpShared};
@@ -142,7 +142,7 @@ fn code_for_http_status(status: u16) -> Code {
 
 /// Writes `message` as a header value: printable ASCII as is, every other byte (and `%`)
 /// as `%XX`, so any message fits on one header line.
-fn put_percent_encoded(out: &mut BytesMut, message: &str) {
+pub(crate) fn put_percent_encoded(out: &mut BytesMut, message: &str) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in message.as_bytes() {
         if (b' '..=b'~').contains(&b) && b != b'%' {
@@ -154,7 +154,7 @@ fn put_percent_encoded(out: &mut BytesMut, message: &str) {
 }
 
 /// Undoes [`put_percent_encoded`]; a `%` not followed by two hex digits stays as it is.
-fn percent_decode(raw: &[u8]) -> String {
+pub(crate) fn percent_decode(raw: &[u8]) -> String {
     let hex = |b: u8| char::from(b).to_digit(16);
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;

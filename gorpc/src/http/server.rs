@@ -21,7 +21,7 @@ use http::header::{
 };
 use http::{Method, Request, Response, StatusCode, Version};
 
-use super::body::{read_body, BodyBudget, BodyError, BodyHold, Full};
+use super::body::{read_body, BodyBudget, BodyError, BodyHold, EdgeBody};
 use super::rt::{HyperIo, HyperTimer};
 use super::transcode::{self, Descriptors};
 use super::{
@@ -54,6 +54,10 @@ pub struct HttpConfig {
     /// Request-body bytes all HTTP connections together may hold (bodies being read and
     /// those of running calls). A request that would go over it gets 503.
     pub max_body_bytes_held: usize,
+    /// Gzip gRPC answers for clients that accept it (`grpc-accept-encoding: gzip`). Off by
+    /// default: compression costs more CPU than it saves bytes on fast links.
+    #[cfg(feature = "grpc")]
+    pub compress_grpc_responses: bool,
 }
 
 impl Default for HttpConfig {
@@ -62,6 +66,8 @@ impl Default for HttpConfig {
             head_timeout: Duration::from_secs(30),
             body_idle_timeout: Duration::from_secs(60),
             max_body_bytes_held: 128 * 1024 * 1024,
+            #[cfg(feature = "grpc")]
+            compress_grpc_responses: false,
         }
     }
 }
@@ -75,10 +81,10 @@ pub const HEALTH_PATH: &str = "/healthz";
 
 /// State shared by one server's HTTP connections.
 pub(crate) struct HttpShared {
-    descriptors: Descriptors,
+    pub(crate) descriptors: Descriptors,
     endpoints: HashMap<String, GetHandler>,
-    budget: Arc<BodyBudget>,
-    config: HttpConfig,
+    pub(crate) budget: Arc<BodyBudget>,
+    pub(crate) config: HttpConfig,
 }
 
 impl std::fmt::Debug for HttpShared {
@@ -187,9 +193,11 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
         peer,
         peer_certificates: peer_certificates.clone(),
         limits: config.limits,
+        stream_window: config.stream_window as usize,
         refusal: refusal.clone(),
         serving: signals.serving.clone(),
         protocol,
+        calls: Default::default(),
     };
     match protocol {
         None => {}
@@ -201,7 +209,43 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
             }
             conn.await;
         }
+        #[cfg(feature = "grpc")]
+        Some(Protocol::Http2) => {
+            let edge = Arc::new(edge(Protocol::Http2));
+            let mut builder =
+                hyper::server::conn::http2::Builder::new(super::rt::HyperExecutor(runtime.clone()));
+            builder
+                .timer(HyperTimer(runtime.clone()))
+                .initial_stream_window_size(config.stream_window)
+                .initial_connection_window_size(config.connection_window)
+                .max_concurrent_streams(config.limits.max_concurrent_calls)
+                .max_header_list_size(config.limits.max_head_len)
+                .keep_alive_interval(config.keepalive.interval)
+                .keep_alive_timeout(config.keepalive.timeout);
+            let io = HyperIo::new(io, first_bytes);
+            let conn = builder.serve_connection(io, HyperService(edge));
+            let mut conn = std::pin::pin!(conn);
+            let mut draining = false;
+            poll_fn(|cx| {
+                // Aborting the server drops the connection and its calls wherever they are.
+                if poll_closed(&mut abort, cx) {
+                    return Poll::Ready(());
+                }
+                if !draining && poll_closed(&mut drain, cx) {
+                    // GOAWAY: calls under way finish, no new ones start.
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                conn.as_mut().poll(cx).map(|result| {
+                    if let Err(error) = result {
+                        tracing::debug!(%peer, %error, "HTTP/2 connection ended");
+                    }
+                })
+            })
+            .await;
+        }
         // HTTP/2 without the `grpc` feature goes to HTTP/1.1, which refuses it.
+        #[allow(unreachable_patterns)]
         Some(Protocol::Http1 | Protocol::Http2) => {
             let edge = Arc::new(edge(Protocol::Http1));
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -273,31 +317,69 @@ async fn linger<R: Runtime, I: Io>(runtime: &R, mut io: I, abort: &mut SignalRx)
 }
 
 /// One connection's way into the service, as hyper calls it for each request.
-struct Edge<R> {
-    runtime: R,
-    shared: Arc<HttpShared>,
-    service: Arc<dyn Service>,
-    peer: SocketAddr,
-    peer_certificates: Option<PeerCertificates>,
-    limits: Limits,
-    refusal: Option<Status>,
+pub(crate) struct Edge<R> {
+    pub(crate) runtime: R,
+    pub(crate) shared: Arc<HttpShared>,
+    pub(crate) service: Arc<dyn Service>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) peer_certificates: Option<PeerCertificates>,
+    pub(crate) limits: Limits,
+    /// Request bytes a stream call's handler may leave untaken before the client is held.
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    pub(crate) stream_window: usize,
+    /// Set when the server is at its connection limit: every request is refused with it.
+    pub(crate) refusal: Option<Status>,
     /// What `/healthz` reports.
     serving: Arc<crate::server::Serving>,
-    #[allow(dead_code)]
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
     protocol: Protocol,
+    /// The last call id given out on this connection (gRPC calls have ids for their
+    /// stream halves, as binary ones do).
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    calls: std::sync::atomic::AtomicU32,
+}
+
+impl<R> Edge<R> {
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    pub(crate) fn next_call_id(&self) -> gorpc_proto::CallId {
+        let id = self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        gorpc_proto::CallId::from(id.wrapping_add(1))
+    }
 }
 
 /// hyper's view of an [`Edge`].
 struct HyperService<R>(Arc<Edge<R>>);
 
 impl<R: Runtime> hyper::service::Service<Request<hyper::body::Incoming>> for HyperService<R> {
-    type Response = Response<Full>;
+    type Response = Response<EdgeBody>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Full>, Infallible>>;
+    type Future = BoxFuture<'static, Result<Response<EdgeBody>, Infallible>>;
 
     fn call(&self, request: Request<hyper::body::Incoming>) -> Self::Future {
         let edge = self.0.clone();
-        Box::pin(async move { Ok(edge.serve_http1(request).await) })
+        Box::pin(async move {
+            #[cfg(feature = "grpc")]
+            if edge.protocol == Protocol::Http2 {
+                let grpc = request
+                    .headers()
+                    .get(CONTENT_TYPE)
+                    .map(|value| crate::grpc::headers::content_codec(value.as_bytes()));
+                match grpc {
+                    Some(Ok(Some(codec))) => {
+                        return Ok(crate::grpc::server::serve(&edge, request, codec).await)
+                    }
+                    Some(Err(message)) => {
+                        let status = Status::new(Code::Unimplemented, message);
+                        return Ok(crate::grpc::server::refuse(&status));
+                    }
+                    // Not gRPC: HTTP requests over HTTP/2 are served as over HTTP/1.1.
+                    Some(Ok(None)) | None => {}
+                }
+            }
+            Ok(edge.serve_http(request).await)
+        })
     }
 }
 
@@ -334,7 +416,7 @@ impl Refusal {
         self
     }
 
-    fn into_response(self) -> Response<Full> {
+    fn into_response(self) -> Response<EdgeBody> {
         let mut response = error_response(self.http, &self.status);
         let headers = response.headers_mut();
         if let Some(methods) = self.allow {
@@ -348,8 +430,8 @@ impl Refusal {
 }
 
 impl<R: Runtime> Edge<R> {
-    async fn serve_http1(&self, request: Request<hyper::body::Incoming>) -> Response<Full> {
-        match self.serve_http1_or_refuse(request).await {
+    async fn serve_http(&self, request: Request<hyper::body::Incoming>) -> Response<EdgeBody> {
+        match self.serve_http_or_refuse(request).await {
             Ok(response) => response,
             Err(refusal) => {
                 tracing::debug!(peer = %self.peer, status = %refusal.status, "HTTP request refused");
@@ -358,10 +440,10 @@ impl<R: Runtime> Edge<R> {
         }
     }
 
-    async fn serve_http1_or_refuse(
+    async fn serve_http_or_refuse(
         &self,
         request: Request<hyper::body::Incoming>,
-    ) -> Result<Response<Full>, Refusal> {
+    ) -> Result<Response<EdgeBody>, Refusal> {
         if let Some(status) = &self.refusal {
             let http = StatusCode::from_u16(http_status(status.code()))
                 .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
@@ -398,7 +480,7 @@ impl<R: Runtime> Edge<R> {
             }
             let (parts, _body) = request.into_parts();
             let response = endpoint(Request::from_parts(parts, ())).await;
-            return Ok(response.map(Full::new));
+            return Ok(response.map(EdgeBody::full));
         }
         if path == HEALTH_PATH && !self.shared.endpoints.contains_key(HEALTH_PATH) {
             return self.health(request.method());
@@ -414,12 +496,12 @@ impl<R: Runtime> Edge<R> {
             )
             .allowing("POST"));
         }
-        self.call_http1(request).await
+        self.call_http(request).await
     }
 
     /// `/healthz`: 200 while serving, 503 once the server is not (it shuts down, or was
     /// told so).
-    fn health(&self, method: &Method) -> Result<Response<Full>, Refusal> {
+    fn health(&self, method: &Method) -> Result<Response<EdgeBody>, Refusal> {
         if method != Method::GET && method != Method::HEAD {
             return Err(Refusal::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -433,7 +515,7 @@ impl<R: Runtime> Edge<R> {
         } else {
             (StatusCode::SERVICE_UNAVAILABLE, "not serving\n")
         };
-        let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+        let mut response = Response::new(EdgeBody::full(Bytes::from_static(text.as_bytes())));
         *response.status_mut() = http;
         response.headers_mut().insert(
             CONTENT_TYPE,
@@ -442,11 +524,11 @@ impl<R: Runtime> Edge<R> {
         Ok(response)
     }
 
-    /// A unary call over HTTP/1.1: `POST /package.Service/Method`.
-    async fn call_http1(
+    /// A unary call over HTTP (1.1, or 2 without gRPC): `POST /package.Service/Method`.
+    async fn call_http(
         &self,
         request: Request<hyper::body::Incoming>,
-    ) -> Result<Response<Full>, Refusal> {
+    ) -> Result<Response<EdgeBody>, Refusal> {
         let (parts, body) = request.into_parts();
         let path = parts.uri.path();
         // hyper frames any coding list that ends in chunked as chunked, and would hand over
@@ -544,7 +626,7 @@ impl<R: Runtime> Edge<R> {
         }
         let content_type = content_type.unwrap_or(ContentType::OctetStream);
 
-        let metadata = http1_metadata(&parts.headers);
+        let metadata = http_metadata(&parts.headers);
         let head = request_head(path, timeout, metadata).ok_or_else(|| {
             Refusal::new(
                 StatusCode::BAD_REQUEST,
@@ -588,7 +670,7 @@ impl<R: Runtime> Edge<R> {
             }
             None => reply.body,
         };
-        let mut response = Response::new(Full::new(body));
+        let mut response = Response::new(EdgeBody::full(body));
         let headers = response.headers_mut();
         headers.insert(
             CONTENT_TYPE,
@@ -617,9 +699,9 @@ fn parse_millis(value: &HeaderValue) -> Option<Duration> {
     text.parse::<u64>().ok().map(Duration::from_millis)
 }
 
-/// The metadata an HTTP/1.1 request carries: its `x-gorpc-md-*` headers, and
+/// The metadata an HTTP request carries: its `x-gorpc-md-*` headers, and
 /// `Authorization` as `authorization`. Header names are lowercase already.
-fn http1_metadata(headers: &HeaderMap) -> impl Iterator<Item = (&str, &[u8])> {
+fn http_metadata(headers: &HeaderMap) -> impl Iterator<Item = (&str, &[u8])> {
     headers.iter().filter_map(|(name, value)| {
         let name = name.as_str();
         let key = match name.strip_prefix(METADATA_PREFIX) {
@@ -744,11 +826,11 @@ fn refusal_for(status: Status) -> Refusal {
 
 /// An error answer: the status in headers, its message also as a plain-text body for people
 /// reading `curl` output.
-fn error_response(http: StatusCode, status: &Status) -> Response<Full> {
+fn error_response(http: StatusCode, status: &Status) -> Response<EdgeBody> {
     let mut text = String::with_capacity(status.message().len() + 1);
     text.push_str(status.message());
     text.push('\n');
-    let mut response = Response::new(Full::new(Bytes::from(text)));
+    let mut response = Response::new(EdgeBody::full(Bytes::from(text)));
     *response.status_mut() = http;
     let headers = response.headers_mut();
     headers.insert(
@@ -818,7 +900,7 @@ mod tests {
         headers.insert("authorization", HeaderValue::from_static("Bearer t"));
         headers.insert("x-gorpc-md-", HeaderValue::from_static("no key"));
         headers.insert("x-other", HeaderValue::from_static("ignored"));
-        let mut found: Vec<_> = http1_metadata(&headers).collect();
+        let mut found: Vec<_> = http_metadata(&headers).collect();
         found.sort();
         assert_eq!(
             found,
