@@ -45,18 +45,38 @@ fn generated_server_reports_stream_kinds() {
     }
 }
 
+/// How the test's client reaches the server.
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Binary,
+    Grpc,
+}
+
 async fn all_four_kinds<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
-    // Through a Router, which learns the stream kinds from the generated server.
+    every_kind_over(server_rt, client_rt, Transport::Binary).await;
+}
+
+/// The same calls over gRPC (HTTP/2), gorpc's client against gorpc's server.
+async fn all_four_kinds_over_grpc<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    every_kind_over(server_rt, client_rt, Transport::Grpc).await;
+}
+
+async fn every_kind_over<S: Runtime, C: Runtime>(server_rt: S, client_rt: C, transport: Transport) {
     let router = Router::new().add_service(RouteGuideServer::new(Guide));
     let server = Server::new(server_rt, router)
+        .http()
         .bind(loopback())
         .await
         .unwrap();
-    let client = RouteGuideClient::new(
-        Client::connect(client_rt.clone(), server.local_addr(), client_config())
-            .await
-            .unwrap(),
-    );
+    let client = match transport {
+        Transport::Binary => {
+            Client::connect(client_rt.clone(), server.local_addr(), client_config())
+                .await
+                .unwrap()
+        }
+        Transport::Grpc => Client::grpc(client_rt.clone(), server.local_addr(), client_config()),
+    };
+    let client = RouteGuideClient::new(client);
 
     within(&client_rt, Duration::from_secs(60), "route guide", async {
         // Unary, with metadata both ways.
@@ -160,4 +180,4 @@ async fn all_four_kinds<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
     assert_eq!(server.shutdown(SECOND).await, gorpc::Shutdown::Graceful);
 }
 
-on_every_runtime!(all_four_kinds);
+on_every_runtime!(all_four_kinds, all_four_kinds_over_grpc);

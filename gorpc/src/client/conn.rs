@@ -81,8 +81,31 @@ pub(crate) enum Command {
     Cancel(CallId),
 }
 
-/// How a stream call ends for its receiving half.
-pub(crate) type StreamEnd = Result<gorpc_proto::Response, Status>;
+/// How a stream call ends for its receiving half: the server's answer (its status may be
+/// an error), or why there is none.
+pub(crate) type StreamEnd = Result<StreamAnswer, Status>;
+
+/// The answer that ends a stream call, whatever protocol carried it.
+#[derive(Debug)]
+pub(crate) struct StreamAnswer {
+    pub(crate) status: Status,
+    pub(crate) codec: u8,
+    /// The handler's end metadata (trailers).
+    pub(crate) metadata: Metadata,
+    /// The one response of a client-streaming call; empty otherwise.
+    pub(crate) body: Bytes,
+}
+
+impl From<gorpc_proto::Response> for StreamAnswer {
+    fn from(response: gorpc_proto::Response) -> Self {
+        StreamAnswer {
+            metadata: Metadata::from_wire(response.head.metadata(), response.head.as_bytes()),
+            status: response.status,
+            codec: response.codec,
+            body: response.body,
+        }
+    }
+}
 
 /// What a stream call's halves share with the driver.
 #[derive(Debug)]
@@ -417,7 +440,7 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                     result,
                 } => {
                     self.streams.remove(&id);
-                    stream.end(result);
+                    stream.end(result.map(StreamAnswer::from));
                 }
                 ClientEvent::Message { id, body } => {
                     if !self.delivering.joins(id) {

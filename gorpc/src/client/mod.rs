@@ -34,6 +34,8 @@ pub(crate) use conn::connect_socket;
 #[cfg(feature = "tls")]
 pub(crate) use conn::tls_connect;
 use conn::{CallOutcome, ClientStream};
+pub(crate) use conn::{StreamAnswer, StreamEnd};
+pub(crate) use stream::StreamDriver;
 
 /// Options of one call.
 #[derive(Clone, Debug, Default)]
@@ -75,6 +77,20 @@ impl Default for ClientConfig {
 /// test double). [`Client::from_channel`] puts any of them behind the usual call API.
 pub trait Channel: Send + Sync + 'static {
     fn send(&self, call: OutgoingCall) -> BoxFuture<'static, Result<RawResponse, Status>>;
+
+    /// Starts a stream call of `kind` (see [`Client::stream_raw`]). By default a channel
+    /// carries unary calls only and refuses with `Unimplemented`.
+    fn start_stream(
+        &self,
+        call: OutgoingCall,
+        kind: StreamKind,
+    ) -> BoxFuture<'static, Result<StreamHalves, Status>> {
+        let _ = (call, kind);
+        Box::pin(std::future::ready(Err(Status::new(
+            Code::Unimplemented,
+            "stream calls need the binary protocol or gRPC; this channel carries unary calls",
+        ))))
+    }
 }
 
 /// Where a client's calls go.
@@ -260,7 +276,7 @@ impl Client {
     /// [`intercept_stream`](ClientInterceptor::intercept_stream) on the opening call. A
     /// discovered service's stream goes to the instance its balancer picks (one that
     /// cannot be reached is skipped, as for unary calls); streams need the binary
-    /// protocol, so HTTP and UDP clients refuse them with `Unimplemented`.
+    /// protocol or gRPC, so HTTP and UDP clients refuse them with `Unimplemented`.
     pub async fn stream_raw(
         &self,
         method: impl Into<Cow<'static, str>>,
@@ -286,10 +302,7 @@ impl Client {
                 .await
                 .map_err(|(status, _)| status),
             Route::Balanced(balanced) => balanced.start_stream(call, kind).await,
-            Route::Channel(_) => Err(Status::new(
-                Code::Unimplemented,
-                "stream calls need the binary protocol; HTTP and UDP clients carry unary calls",
-            )),
+            Route::Channel(channel) => channel.start_stream(call, kind).await,
         }
     }
 
@@ -466,7 +479,8 @@ pub(crate) async fn start_stream_on(
         };
         match conn.start_stream(call, kind, stream) {
             Ok(()) => {
-                let commands = Arc::new(stream::Commands(conn.commands()));
+                let commands: Arc<dyn stream::StreamDriver> =
+                    Arc::new(stream::Commands(conn.commands()));
                 let sender = kind
                     .client_streams()
                     .then(|| RawStreamSender::new(outbox.clone(), commands.clone()));

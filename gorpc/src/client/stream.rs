@@ -17,6 +17,13 @@ use crate::metadata::Metadata;
 use crate::service::Response;
 use crate::stream::{Delivery, InboxReader, Outbox, OutboxSender, StreamControl};
 
+/// What drives a client's stream call (a binary connection's driver, a gRPC call's), as its
+/// halves reach it: they say when messages are queued or taken, and when they give up.
+pub(crate) trait StreamDriver: StreamControl {
+    /// The application gave up on call `id` before its end.
+    fn cancel(&self, id: CallId);
+}
+
 /// A stream half's way to its connection's driver.
 pub(crate) struct Commands(pub(crate) async_channel::Sender<Command>);
 
@@ -30,11 +37,17 @@ impl StreamControl for Commands {
     }
 }
 
+impl StreamDriver for Commands {
+    fn cancel(&self, id: CallId) {
+        let _ = self.0.try_send(Command::Cancel(id));
+    }
+}
+
 /// Gives up on a call whose half was dropped before the call ended.
-fn abandon(outbox: &Outbox, commands: &Commands) {
+fn abandon(outbox: &Outbox, driver: &dyn StreamDriver) {
     // Without an id the call has not started; the driver sees the ended outbox instead.
     if let Some(id) = outbox.end() {
-        let _ = commands.0.try_send(Command::Cancel(id));
+        driver.cancel(id);
     }
 }
 
@@ -46,7 +59,7 @@ pub struct RawStreamReceiver {
     outbox: Arc<Outbox>,
     /// The call's id, once read from the outbox (the call may start after this exists).
     id: Option<CallId>,
-    commands: Arc<Commands>,
+    commands: Arc<dyn StreamDriver>,
     /// The call ended and its end was handed out.
     done: bool,
     /// A stream to a discovered instance counts as open on it until it ends.
@@ -72,7 +85,7 @@ impl RawStreamReceiver {
     pub(crate) fn new(
         reader: InboxReader<StreamEnd>,
         outbox: Arc<Outbox>,
-        commands: Arc<Commands>,
+        commands: Arc<dyn StreamDriver>,
     ) -> Self {
         RawStreamReceiver {
             reader,
@@ -116,10 +129,9 @@ impl RawStreamReceiver {
                     if !rsp.status.is_ok() {
                         return Err(rsp.status);
                     }
-                    let metadata = Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
                     return Ok(RawResponse {
                         codec: rsp.codec,
-                        metadata,
+                        metadata: rsp.metadata,
                         body: rsp.body,
                     });
                 }
@@ -154,9 +166,7 @@ impl Stream for RawStreamReceiver {
                 this.end();
                 match result {
                     Ok(rsp) => {
-                        let trailers =
-                            Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
-                        this.trailers = Some(trailers);
+                        this.trailers = Some(rsp.metadata);
                         if rsp.status.is_ok() {
                             Poll::Ready(None)
                         } else {
@@ -177,7 +187,7 @@ impl Stream for RawStreamReceiver {
 impl Drop for RawStreamReceiver {
     fn drop(&mut self) {
         if !self.done {
-            abandon(&self.outbox, &self.commands);
+            abandon(&self.outbox, &*self.commands);
         }
         self.reader.close(self.outbox.id(), &*self.commands);
     }
@@ -188,7 +198,7 @@ impl Drop for RawStreamReceiver {
 /// dropping the sender without it cancels the call.
 pub struct RawStreamSender {
     sender: OutboxSender,
-    commands: Arc<Commands>,
+    commands: Arc<dyn StreamDriver>,
     closed: bool,
 }
 
@@ -208,7 +218,7 @@ fn stream_ended() -> Status {
 }
 
 impl RawStreamSender {
-    pub(crate) fn new(outbox: Arc<Outbox>, commands: Arc<Commands>) -> Self {
+    pub(crate) fn new(outbox: Arc<Outbox>, commands: Arc<dyn StreamDriver>) -> Self {
         RawStreamSender {
             sender: OutboxSender {
                 outbox,
@@ -247,7 +257,7 @@ impl RawStreamSender {
 impl Drop for RawStreamSender {
     fn drop(&mut self) {
         if !self.closed {
-            abandon(&self.sender.outbox, &self.commands);
+            abandon(&self.sender.outbox, &*self.commands);
         }
     }
 }

@@ -26,13 +26,6 @@ impl Encoding {
         }
     }
 
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Encoding::Identity => "identity",
-            Encoding::Gzip => "gzip",
-        }
-    }
-
     /// Whether a `grpc-accept-encoding` list names gzip.
     pub(crate) fn accepts_gzip(list: &[u8]) -> bool {
         list.split(|&b| b == b',')

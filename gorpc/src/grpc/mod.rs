@@ -13,6 +13,9 @@
 //!   headers alone when the call fails before any message. gzip (`grpc-encoding`) is
 //!   accepted, and offered in `grpc-accept-encoding`.
 
+mod client;
 pub(crate) mod headers;
 mod message;
 pub(crate) mod server;
+
+pub use client::GrpcChannel;

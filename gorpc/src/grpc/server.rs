@@ -10,7 +10,6 @@
 
 use std::any::Any;
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -525,12 +524,12 @@ impl<R: Runtime> Call<R> {
 
 impl<R: Runtime> Body for Call<R> {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = Status;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
         if this.pending.is_empty() && !this.done {
             this.progress(cx);

@@ -2,7 +2,6 @@
 //! response body type hyper writes.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use gorpc_proto::Status;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::runtime::{Runtime, Sleep};
@@ -185,7 +185,7 @@ pub(crate) async fn read_body<R: Runtime>(
 pub(crate) enum EdgeBody {
     Frames(VecDeque<Frame<Bytes>>),
     #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
-    Stream(Pin<Box<dyn Body<Data = Bytes, Error = Infallible> + Send>>),
+    Stream(Pin<Box<dyn Body<Data = Bytes, Error = Status> + Send>>),
 }
 
 impl std::fmt::Debug for EdgeBody {
@@ -214,14 +214,16 @@ impl EdgeBody {
     }
 }
 
+/// A stream body that fails (a client's request stream it gave up on) resets its HTTP/2
+/// stream; the others never fail.
 impl Body for EdgeBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = Status;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         match self.get_mut() {
             EdgeBody::Frames(frames) => Poll::Ready(frames.pop_front().map(Ok)),
             EdgeBody::Stream(body) => body.as_mut().poll_frame(cx),

@@ -49,7 +49,7 @@ impl HttpTarget {
 
     /// The addresses to try, resolving a host name off the caller's task (name lookup
     /// blocks, and no runtime is assumed).
-    async fn resolve(&self) -> Result<Vec<SocketAddr>, Status> {
+    pub(crate) async fn resolve(&self) -> Result<Vec<SocketAddr>, Status> {
         let (name, port) = match self {
             HttpTarget::Addr(addr) => return Ok(vec![*addr]),
             HttpTarget::Host { name, port } => (name.clone(), *port),
