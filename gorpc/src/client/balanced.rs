@@ -65,7 +65,68 @@ pub struct InstanceStatus {
 /// A call that could not reach an instance is tried on this many instances in all.
 const INSTANCES_PER_CALL: usize = 3;
 
-type NewPool = Box<dyn Fn(SocketAddr) -> Arc<dyn Pool> + Send + Sync>;
+type NewPool = Box<dyn Fn(SocketAddr) -> InstanceCalls + Send + Sync>;
+
+/// What carries a balanced client's calls to one instance.
+#[derive(Clone)]
+pub(crate) enum InstanceCalls {
+    /// Binary-protocol connections: the hot path, no boxing per call.
+    Pool(Arc<dyn Pool>),
+    /// Another protocol (gRPC), through boxed futures.
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    Boxed(Arc<dyn BoxedCalls>),
+}
+
+/// Unary and stream calls to one instance through boxed futures, which other protocols'
+/// channels provide (their calls box anyway), so that the table needs no runtime type.
+pub(crate) trait BoxedCalls: Send + Sync + 'static {
+    fn send(
+        &self,
+        call: OutgoingCall,
+    ) -> BoxFuture<'static, Result<Result<RawResponse, Status>, (Status, OutgoingCall)>>;
+
+    fn start_stream(
+        &self,
+        call: OutgoingCall,
+        kind: StreamKind,
+    ) -> BoxFuture<'static, Result<StreamHalves, (Status, OutgoingCall)>>;
+}
+
+/// How a balanced client talks to its instances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InstanceProtocol {
+    /// gorpc's binary protocol, over a pool of connections per instance.
+    #[default]
+    Binary,
+    /// gRPC over HTTP/2: the instances may be any gRPC servers.
+    #[cfg(feature = "grpc")]
+    Grpc,
+}
+
+impl InstanceCalls {
+    /// Sends `call`; one that never left comes back with the reason.
+    async fn send(
+        &self,
+        call: OutgoingCall,
+    ) -> Result<Result<RawResponse, Status>, (Status, OutgoingCall)> {
+        match self {
+            InstanceCalls::Pool(pool) => send_on(&**pool, call).await,
+            InstanceCalls::Boxed(calls) => calls.send(call).await,
+        }
+    }
+
+    async fn start_stream(
+        &self,
+        call: OutgoingCall,
+        kind: StreamKind,
+    ) -> Result<StreamHalves, (Status, OutgoingCall)> {
+        match self {
+            InstanceCalls::Pool(pool) => start_stream_on(&**pool, call, kind).await,
+            InstanceCalls::Boxed(calls) => calls.start_stream(call, kind).await,
+        }
+    }
+}
 type SleepUntil = Box<dyn Fn(Instant) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// The client side of one discovered service.
@@ -81,7 +142,7 @@ pub(crate) struct Balanced {
 struct Instance {
     addr: SocketAddr,
     weight: u32,
-    pool: Arc<dyn Pool>,
+    calls: InstanceCalls,
     breaker: CircuitBreaker,
     /// Out of the balancer's rotation until then (the breaker's open period).
     ejected_until: Option<Instant>,
@@ -151,7 +212,7 @@ impl Table {
                                 Instance {
                                     addr: found.addr,
                                     weight: found.weight,
-                                    pool: new_pool(found.addr),
+                                    calls: new_pool(found.addr),
                                     breaker: CircuitBreaker::new(
                                         outlier.consecutive_failures,
                                         outlier.ejection,
@@ -249,6 +310,7 @@ impl Balanced {
         balancer: Box<dyn Balancer + Send>,
         pool: PoolConfig,
         outlier: OutlierDetection,
+        protocol: InstanceProtocol,
     ) -> Arc<Self> {
         let (watch, registration) = AbortHandle::new_pair();
         let pool_runtime = runtime.clone();
@@ -263,8 +325,20 @@ impl Balanced {
                 next_return: None,
             }),
             outlier,
-            new_pool: Box::new(move |addr| {
-                Arc::new(EndpointPool::new(pool_runtime.clone(), addr, pool.clone()))
+            new_pool: Box::new(move |addr| match protocol {
+                InstanceProtocol::Binary => InstanceCalls::Pool(Arc::new(EndpointPool::new(
+                    pool_runtime.clone(),
+                    addr,
+                    pool.clone(),
+                ))),
+                #[cfg(feature = "grpc")]
+                InstanceProtocol::Grpc => InstanceCalls::Boxed(Arc::new(
+                    crate::grpc::GrpcChannel::new(
+                        pool_runtime.clone(),
+                        addr,
+                        pool.connection.clone(),
+                    ),
+                )),
             }),
             sleep_until: Box::new(move |at| Box::pin(sleep_runtime.sleep_until(at))),
             watch,
@@ -346,7 +420,7 @@ impl Balanced {
 
     /// Chooses an instance for one call, admits it through the instance's breaker and
     /// counts the call as started on it.
-    fn pick(&self, mut key: Option<u64>) -> Result<(EndpointId, Arc<dyn Pool>), Status> {
+    fn pick(&self, mut key: Option<u64>) -> Result<(EndpointId, InstanceCalls), Status> {
         let now = Instant::now();
         let mut table = self.lock();
         table.return_ejected(now);
@@ -364,9 +438,9 @@ impl Balanced {
             };
             match instance.breaker.allow(now) {
                 Admission::Allowed | Admission::Trial => {
-                    let pool = instance.pool.clone();
+                    let calls = instance.calls.clone();
                     table.balancer.on_start(id);
-                    return Ok((id, pool));
+                    return Ok((id, calls));
                 }
                 Admission::Open { .. } => table.eject(id),
                 Admission::TrialsBusy => key = None,
@@ -413,7 +487,7 @@ impl Balanced {
         self.resolved(call.deadline).await?;
         let mut last_error = None;
         for _ in 0..INSTANCES_PER_CALL {
-            let (id, pool) = match self.pick(call.key) {
+            let (id, calls) = match self.pick(call.key) {
                 Ok(picked) => picked,
                 Err(status) => return Err(last_error.unwrap_or(status)),
             };
@@ -423,7 +497,7 @@ impl Balanced {
                 started: Instant::now(),
                 verdict: Verdict::Abandoned,
             };
-            match send_on(&*pool, call).await {
+            match calls.send(call).await {
                 Ok(result) => {
                     report.verdict = verdict(&result);
                     return result;
@@ -450,7 +524,7 @@ impl Balanced {
         self.resolved(call.deadline).await?;
         let mut last_error = None;
         for _ in 0..INSTANCES_PER_CALL {
-            let (id, pool) = match self.pick(call.key) {
+            let (id, calls) = match self.pick(call.key) {
                 Ok(picked) => picked,
                 Err(status) => return Err(last_error.unwrap_or(status)),
             };
@@ -460,7 +534,7 @@ impl Balanced {
                 started: Instant::now(),
                 verdict: Verdict::Abandoned,
             };
-            match start_stream_on(&*pool, call, kind).await {
+            match calls.start_stream(call, kind).await {
                 Ok((sender, receiver)) => {
                     report.verdict = Verdict::Healthy;
                     self.lock().balancer.on_stream_open(id);

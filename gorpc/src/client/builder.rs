@@ -7,7 +7,7 @@ use std::sync::Arc;
 use gorpc_proto::balance::{Balancer, PowerOfTwoChoices};
 use gorpc_proto::{Code, Status};
 
-use super::balanced::{Balanced, OutlierDetection};
+use super::balanced::{Balanced, InstanceProtocol, OutlierDetection};
 use super::pool::EndpointPool;
 use super::{Client, ClientConfig, Route};
 use crate::discovery::Discover;
@@ -34,6 +34,7 @@ pub struct ClientBuilder<R: Runtime> {
     balancer: Option<Box<dyn Balancer + Send>>,
     config: ClientConfig,
     outlier: OutlierDetection,
+    protocol: InstanceProtocol,
     interceptors: Vec<Arc<dyn ClientInterceptor>>,
 }
 
@@ -54,6 +55,7 @@ impl<R: Runtime> ClientBuilder<R> {
             balancer: None,
             config: ClientConfig::default(),
             outlier: OutlierDetection::default(),
+            protocol: InstanceProtocol::default(),
             interceptors: Vec::new(),
         }
     }
@@ -83,6 +85,13 @@ impl<R: Runtime> ClientBuilder<R> {
         self
     }
 
+    /// The protocol the instances are called in: gorpc's binary protocol (the default), or
+    /// gRPC (feature `grpc`), for instances that are gRPC servers of any kind.
+    pub fn protocol(mut self, protocol: InstanceProtocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
     pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
         self.outlier = outlier;
         self
@@ -101,11 +110,19 @@ impl<R: Runtime> ClientBuilder<R> {
                 Code::InvalidArgument,
                 "client has nothing to call: set .discover(registry, service) or .endpoint(addr)",
             )),
-            Target::Endpoint(addr) => Route::Pool(Arc::new(EndpointPool::new(
-                self.runtime,
-                addr,
-                self.config.pool,
-            ))),
+            Target::Endpoint(addr) => match self.protocol {
+                InstanceProtocol::Binary => Route::Pool(Arc::new(EndpointPool::new(
+                    self.runtime,
+                    addr,
+                    self.config.pool,
+                ))),
+                #[cfg(feature = "grpc")]
+                InstanceProtocol::Grpc => Route::Channel(Arc::new(crate::grpc::GrpcChannel::new(
+                    self.runtime,
+                    addr,
+                    self.config.pool.connection,
+                ))),
+            },
             Target::Service(_, service) if service.trim().is_empty() => {
                 return Err(Status::new(
                     Code::InvalidArgument,
@@ -123,6 +140,7 @@ impl<R: Runtime> ClientBuilder<R> {
                     balancer,
                     self.config.pool,
                     self.outlier,
+                    self.protocol,
                 ))
             }
         };

@@ -6,7 +6,9 @@ mod conn;
 mod pool;
 mod stream;
 
-pub use balanced::{InstanceStatus, OutlierDetection};
+pub use balanced::{InstanceProtocol, InstanceStatus, OutlierDetection};
+#[cfg(feature = "grpc")]
+pub(crate) use balanced::BoxedCalls;
 pub use builder::ClientBuilder;
 pub use conn::{Connection, ConnectionConfig, OutgoingCall};
 pub use pool::{Checkout, EndpointPool, Pool, PoolConfig};
@@ -34,7 +36,9 @@ pub(crate) use conn::connect_socket;
 #[cfg(feature = "tls")]
 pub(crate) use conn::tls_connect;
 use conn::{CallOutcome, ClientStream};
+#[cfg(feature = "grpc")]
 pub(crate) use conn::{StreamAnswer, StreamEnd};
+#[cfg(feature = "grpc")]
 pub(crate) use stream::StreamDriver;
 
 /// Options of one call.

@@ -206,6 +206,25 @@ impl<R: Runtime> Channel for GrpcChannel<R> {
     }
 }
 
+impl<R: Runtime> crate::client::BoxedCalls for GrpcChannel<R> {
+    fn send(
+        &self,
+        call: OutgoingCall,
+    ) -> BoxFuture<'static, Result<Result<RawResponse, Status>, (Status, OutgoingCall)>> {
+        let channel = self.clone();
+        Box::pin(async move { channel.send_on(call).await })
+    }
+
+    fn start_stream(
+        &self,
+        call: OutgoingCall,
+        kind: StreamKind,
+    ) -> BoxFuture<'static, Result<StreamHalves, (Status, OutgoingCall)>> {
+        let channel = self.clone();
+        Box::pin(async move { channel.start_stream_on(call, kind).await })
+    }
+}
+
 impl Client {
     /// A client that calls `target` (an address, or a host name and port) over gRPC: any
     /// gRPC server, with the connect timeout, limits, TLS and default timeout of `config`.

@@ -80,6 +80,7 @@ pub(crate) struct Signals {
     /// Closed when the grace period is over: connections drop what is left.
     pub(crate) abort: async_channel::Receiver<()>,
     /// What health checks report.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) serving: Arc<super::Serving>,
 }
 

@@ -23,6 +23,7 @@ impl Serving {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) fn is_serving(&self) -> bool {
         !self.lock().not_serving
     }
