@@ -10,6 +10,8 @@
 pub mod client;
 pub mod codec;
 pub mod discovery;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod interceptor;
