@@ -12,10 +12,15 @@
 //!   base64); the status is `grpc-status` and `grpc-message`, in the trailers, or in the
 //!   headers alone when the call fails before any message. gzip (`grpc-encoding`) is
 //!   accepted, and offered in `grpc-accept-encoding`.
+//! - Standard services, written as ordinary gorpc services (so they answer on every
+//!   protocol): [`health`] (`grpc.health.v1.Health`) and [`reflection`]
+//!   (`grpc.reflection.v1` and `v1alpha`).
 
 mod client;
 pub(crate) mod headers;
+pub mod health;
 mod message;
+pub mod reflection;
 pub(crate) mod server;
 
 pub use client::GrpcChannel;
