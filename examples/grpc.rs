@@ -47,6 +47,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .add_service(RouteGuideServer::new(Guide));
     let server = Server::new(Tokio::current(), router)
         .http()
+        .health()
+        .reflection()
         .bind(addr)
         .await?;
     println!(

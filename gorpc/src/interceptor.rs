@@ -104,6 +104,10 @@ impl Service for ServerChain {
     fn stream_kind(&self, method: &str) -> Option<gorpc_proto::StreamKind> {
         self.service.stream_kind(method)
     }
+
+    fn method_paths(&self) -> Vec<String> {
+        self.service.method_paths()
+    }
 }
 
 /// Middleware around every call a client sends.

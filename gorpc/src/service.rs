@@ -175,6 +175,12 @@ pub trait Service: Send + Sync + 'static {
         let _ = method;
         None
     }
+
+    /// The method paths this service answers, where it knows them (a [`Router`] does);
+    /// empty by default. Health checks and reflection name the hosted services from them.
+    fn method_paths(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl<S: Service + ?Sized> Service for Arc<S> {
@@ -188,6 +194,10 @@ impl<S: Service + ?Sized> Service for Arc<S> {
 
     fn stream_kind(&self, method: &str) -> Option<StreamKind> {
         (**self).stream_kind(method)
+    }
+
+    fn method_paths(&self) -> Vec<String> {
+        (**self).method_paths()
     }
 }
 
@@ -459,6 +469,11 @@ impl Router {
     pub fn methods(&self) -> impl Iterator<Item = &str> {
         self.routes.keys().map(|k| k.as_ref())
     }
+
+    /// Whether `method` has a route.
+    pub(crate) fn serves(&self, method: &str) -> bool {
+        self.routes.contains_key(method)
+    }
 }
 
 /// A service that knows its method paths, so a [`Router`] can host it beside others.
@@ -672,6 +687,10 @@ impl Service for Router {
                 futures::future::ready(ServerReply::error(status)).boxed()
             }
         }
+    }
+
+    fn method_paths(&self) -> Vec<String> {
+        self.routes.keys().map(|path| path.to_string()).collect()
     }
 
     fn schema(&self, method: &str) -> Option<MethodSchema> {

@@ -332,13 +332,13 @@ impl Balanced {
                     pool.clone(),
                 ))),
                 #[cfg(feature = "grpc")]
-                InstanceProtocol::Grpc => InstanceCalls::Boxed(Arc::new(
-                    crate::grpc::GrpcChannel::new(
+                InstanceProtocol::Grpc => {
+                    InstanceCalls::Boxed(Arc::new(crate::grpc::GrpcChannel::new(
                         pool_runtime.clone(),
                         addr,
                         pool.connection.clone(),
-                    ),
-                )),
+                    )))
+                }
             }),
             sleep_until: Box::new(move |at| Box::pin(sleep_runtime.sleep_until(at))),
             watch,

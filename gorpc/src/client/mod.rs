@@ -6,9 +6,9 @@ mod conn;
 mod pool;
 mod stream;
 
-pub use balanced::{InstanceProtocol, InstanceStatus, OutlierDetection};
 #[cfg(feature = "grpc")]
 pub(crate) use balanced::BoxedCalls;
+pub use balanced::{InstanceProtocol, InstanceStatus, OutlierDetection};
 pub use builder::ClientBuilder;
 pub use conn::{Connection, ConnectionConfig, OutgoingCall};
 pub use pool::{Checkout, EndpointPool, Pool, PoolConfig};

@@ -182,6 +182,8 @@ struct Watcher {
     registry: Arc<Registry>,
     service: String,
     id: u64,
+    /// This call's id as a watcher of the server's serving state.
+    serving_watcher: u64,
     /// The versions of the server's serving state and of the statuses last looked at.
     seen_serving: Option<u64>,
     seen_version: Option<u64>,
@@ -196,10 +198,12 @@ impl Watcher {
             state.next_watcher += 1;
             state.next_watcher
         };
+        let serving_watcher = registry.serving.watch();
         Watcher {
             registry,
             service,
             id,
+            serving_watcher,
             seen_serving: None,
             seen_version: None,
             last: None,
@@ -207,17 +211,26 @@ impl Watcher {
     }
 
     /// The service's status, the first time at once, then each time it differs from the
-    /// one answered before.
-    async fn next(&mut self) -> ServingStatus {
+    /// one answered before; `None` once the server shuts down and `NotServing` was
+    /// answered.
+    async fn next(&mut self) -> Option<ServingStatus> {
         loop {
-            std::future::poll_fn(|cx| self.poll_change(cx)).await;
+            // Once the server shuts down nothing changes any more: the last status, then
+            // the end.
+            let stopping = self.registry.serving.is_stopping();
+            if !stopping {
+                std::future::poll_fn(|cx| self.poll_change(cx)).await;
+            }
             let status = self
                 .registry
                 .status(&self.service)
                 .unwrap_or(ServingStatus::ServiceUnknown);
             if self.last != Some(status) {
                 self.last = Some(status);
-                return status;
+                return Some(status);
+            }
+            if stopping {
+                return None;
             }
         }
     }
@@ -228,7 +241,7 @@ impl Watcher {
         let serving = self
             .registry
             .serving
-            .poll_change(cx, &mut self.seen_serving)
+            .poll_change(cx, self.serving_watcher, &mut self.seen_serving)
             .is_ready();
         let statuses = {
             let mut state = self.registry.lock();
@@ -256,20 +269,23 @@ impl Watcher {
 impl Drop for Watcher {
     fn drop(&mut self) {
         self.registry.lock().watchers.remove(&self.id);
+        self.registry.serving.unwatch(self.serving_watcher);
     }
 }
 
-/// `Watch`: the status at once, then each change, until the call ends (sending then fails).
+/// `Watch`: the status at once, then each change, until the call ends (sending then fails),
+/// or the server shuts down: then the call ends (OK) after `NotServing`, so that watchers
+/// do not hold a graceful shutdown up.
 async fn watch(
     registry: Arc<Registry>,
     request: Request<HealthCheckRequest>,
     mut sink: ResponseSink<HealthCheckResponse>,
 ) -> Result<(), Status> {
     let mut watcher = Watcher::new(registry, request.message.service);
-    loop {
-        let status = watcher.next().await;
+    while let Some(status) = watcher.next().await {
         sink.send(&HealthCheckResponse::new(status)).await?;
     }
+    Ok(())
 }
 
 /// The `grpc.health.v1.Health` service: mount it with
@@ -352,6 +368,10 @@ fn schema(input: &'static str, output: &'static str) -> MethodSchema {
 }
 
 impl Service for Health {
+    fn method_paths(&self) -> Vec<String> {
+        [CHECK, WATCH, LIST].map(String::from).to_vec()
+    }
+
     fn call(&self, request: ServerRequest) -> BoxFuture<'static, ServerReply> {
         let registry = self.registry.clone();
         match request.method() {

@@ -33,8 +33,8 @@ use prost_reflect::{DescriptorPool, FileDescriptor};
 
 use crate::codec::Protobuf;
 use crate::service::{
-    bidi_call, unimplemented, MethodSchema, NamedService, Request, Router, ServerReply,
-    ServerRequest, Service,
+    bidi_call, unimplemented, MethodSchema, NamedService, Request, ServerReply, ServerRequest,
+    Service,
 };
 use crate::stream::{RequestStream, ResponseSink};
 
@@ -418,7 +418,7 @@ impl Reflection {
         }
     }
 
-    /// A reflection service describing every method `router` routes with protobuf
+    /// A reflection service describing every method `service` answers with protobuf
     /// descriptors ([`MethodSchema::Protobuf`], as generated servers and [`Health`]
     /// report them), and listing their services beside itself. Methods without
     /// descriptors (msgpack, raw) are neither listed nor described.
@@ -428,11 +428,12 @@ impl Reflection {
     /// If a method's descriptors do not decode, as [`register`](Self::register).
     ///
     /// [`Health`]: super::health::Health
-    pub fn of(router: &Router) -> Self {
+    pub fn of(service: &(impl Service + ?Sized)) -> Self {
         let mut reflection = Reflection::new();
         let index = Arc::make_mut(&mut reflection.index);
-        for method in router.methods() {
-            let Some(MethodSchema::Protobuf { descriptors, .. }) = router.schema(method) else {
+        for method in service.method_paths() {
+            let method = method.as_str();
+            let Some(MethodSchema::Protobuf { descriptors, .. }) = service.schema(method) else {
                 continue;
             };
             index.add(descriptors);
@@ -479,6 +480,10 @@ fn schema(input: &'static str, output: &'static str) -> MethodSchema {
 }
 
 impl Service for Reflection {
+    fn method_paths(&self) -> Vec<String> {
+        [V1, V1ALPHA].map(String::from).to_vec()
+    }
+
     fn call(&self, request: ServerRequest) -> BoxFuture<'static, ServerReply> {
         match request.method() {
             V1 | V1ALPHA => {

@@ -65,6 +65,12 @@ pub struct Server<R: Runtime> {
     /// GET endpoints beside the RPC routes, by path.
     #[cfg(feature = "http")]
     endpoints: std::collections::HashMap<String, crate::http::GetHandler>,
+    /// Mount gRPC's health service, following this server's state.
+    #[cfg(feature = "grpc")]
+    health: bool,
+    /// Mount gRPC's reflection service, describing this server's services.
+    #[cfg(feature = "grpc")]
+    reflection: bool,
 }
 
 /// How long an accepted connection may take to finish its TLS handshake.
@@ -93,7 +99,33 @@ impl<R: Runtime> Server<R> {
             http: false,
             #[cfg(feature = "http")]
             endpoints: std::collections::HashMap::new(),
+            #[cfg(feature = "grpc")]
+            health: false,
+            #[cfg(feature = "grpc")]
+            reflection: false,
         }
+    }
+
+    /// Serves `grpc.health.v1.Health` (Check, Watch, List) beside the service: every
+    /// service it routes reads SERVING while the server serves, NOT_SERVING once it shuts
+    /// down or is told ([`ServerHandle::set_serving`]); change a service's own status with
+    /// [`ServerHandle::health`]. Kubernetes gRPC probes and load balancers call it. It is
+    /// answered beside the interceptors (an auth interceptor does not lock probes out),
+    /// over every protocol the server speaks.
+    #[cfg(feature = "grpc")]
+    pub fn health(mut self) -> Self {
+        self.health = true;
+        self
+    }
+
+    /// Serves gRPC server reflection (`grpc.reflection.v1` and `v1alpha`) beside the
+    /// service, describing every method it routes with protobuf descriptors (what
+    /// gorpc-build generates), so that grpcurl, Postman and `gorpc call` need no .proto
+    /// file. Answered beside the interceptors, like [`health`](Self::health).
+    #[cfg(feature = "grpc")]
+    pub fn reflection(mut self) -> Self {
+        self.reflection = true;
+        self
     }
 
     /// Also answers HTTP/1.1 on the same port (`POST /package.Service/Method`, see
@@ -191,6 +223,11 @@ impl<R: Runtime> Server<R> {
         let (abort_tx, abort) = async_channel::bounded(1);
         let (alive_tx, alive_rx) = async_channel::bounded::<()>(1);
         let serving = Arc::new(Serving::default());
+        let chain = ServerChain::wrap(self.interceptors, self.service);
+        #[cfg(feature = "grpc")]
+        let (service, health) = mount_standard(self.health, self.reflection, chain, &serving);
+        #[cfg(not(feature = "grpc"))]
+        let service = chain;
         let signals = Signals {
             drain,
             abort,
@@ -199,7 +236,7 @@ impl<R: Runtime> Server<R> {
         let accept = AcceptLoop {
             runtime: self.runtime.clone(),
             listener,
-            service: ServerChain::wrap(self.interceptors, self.service),
+            service,
             config: self.config,
             signals,
             active: Arc::new(AtomicUsize::new(0)),
@@ -222,11 +259,92 @@ impl<R: Runtime> Server<R> {
             runtime: self.runtime,
             local_addr,
             serving,
+            #[cfg(feature = "grpc")]
+            health,
             drain_tx,
             abort_tx,
             alive_rx,
             registrations: Vec::new(),
         })
+    }
+}
+
+/// The service with the standard gRPC services asked for mounted beside it (outside the
+/// interceptor chain), and the health service's reporter.
+#[cfg(feature = "grpc")]
+fn mount_standard(
+    with_health: bool,
+    with_reflection: bool,
+    inner: Arc<dyn Service>,
+    serving: &Arc<Serving>,
+) -> (
+    Arc<dyn Service>,
+    Option<crate::grpc::health::HealthReporter>,
+) {
+    use crate::grpc::{health, reflection};
+    if !with_health && !with_reflection {
+        return (inner, None);
+    }
+    let mut standard = crate::service::Router::new();
+    let mut services: std::collections::BTreeSet<String> = inner
+        .method_paths()
+        .iter()
+        .filter_map(|path| Some(path.strip_prefix('/')?.rsplit_once('/')?.0.to_owned()))
+        .collect();
+    let mut reporter = None;
+    if with_reflection {
+        let mut reflection = reflection::Reflection::of(&*inner);
+        if with_health {
+            reflection = reflection.register(health::FILE_DESCRIPTOR_SET);
+        }
+        services.extend(reflection.services().map(str::to_owned));
+        standard = standard.add_service(reflection);
+    }
+    if with_health {
+        services.insert("grpc.health.v1.Health".to_owned());
+        let health = health::Health::new(serving.clone(), services);
+        reporter = Some(health.reporter());
+        standard = standard.add_service(health);
+    }
+    let mounted = Standard { standard, inner };
+    (Arc::new(mounted), reporter)
+}
+
+/// A service with gRPC's standard services beside it.
+#[cfg(feature = "grpc")]
+struct Standard {
+    standard: crate::service::Router,
+    inner: Arc<dyn Service>,
+}
+
+#[cfg(feature = "grpc")]
+impl Service for Standard {
+    fn call(&self, request: crate::ServerRequest) -> BoxFuture<'static, crate::ServerReply> {
+        if self.standard.serves(request.method()) {
+            self.standard.call(request)
+        } else {
+            self.inner.call(request)
+        }
+    }
+
+    fn schema(&self, method: &str) -> Option<crate::MethodSchema> {
+        match self.standard.serves(method) {
+            true => self.standard.schema(method),
+            false => self.inner.schema(method),
+        }
+    }
+
+    fn stream_kind(&self, method: &str) -> Option<gorpc_proto::StreamKind> {
+        match self.standard.serves(method) {
+            true => self.standard.stream_kind(method),
+            false => self.inner.stream_kind(method),
+        }
+    }
+
+    fn method_paths(&self) -> Vec<String> {
+        let mut paths = self.inner.method_paths();
+        paths.extend(self.standard.method_paths());
+        paths
     }
 }
 
@@ -236,6 +354,9 @@ pub struct ServerHandle<R: Runtime> {
     runtime: R,
     local_addr: SocketAddr,
     serving: Arc<Serving>,
+    /// The statuses of the mounted health service, if any.
+    #[cfg(feature = "grpc")]
+    health: Option<crate::grpc::health::HealthReporter>,
     drain_tx: async_channel::Sender<()>,
     abort_tx: async_channel::Sender<()>,
     alive_rx: async_channel::Receiver<()>,
@@ -272,6 +393,13 @@ pub enum Shutdown {
 impl<R: Runtime> ServerHandle<R> {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The mounted health service's reporter ([`Server::health`]), to set a service's own
+    /// status; `None` without it.
+    #[cfg(feature = "grpc")]
+    pub fn health(&self) -> Option<&crate::grpc::health::HealthReporter> {
+        self.health.as_ref()
     }
 
     /// Sets what health checks report (`GET /healthz` over HTTP: 200 or 503; gRPC's
@@ -337,7 +465,7 @@ impl<R: Runtime> ServerHandle<R> {
         let deadline = Instant::now()
             .checked_add(grace)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
-        self.serving.set(false);
+        self.serving.stop();
         self.deregister_all(deadline).await;
         self.drain_tx.close();
         if timeout(&self.runtime, deadline, self.alive_rx.recv())
@@ -354,7 +482,7 @@ impl<R: Runtime> ServerHandle<R> {
     /// Closes every connection at once, answering nothing more. Registrations stop being
     /// kept up but are not withdrawn: the registry expires them (TTL, lease).
     pub async fn abort(self) {
-        self.serving.set(false);
+        self.serving.stop();
         for registration in &self.registrations {
             registration.upkeep.abort();
         }
