@@ -54,6 +54,11 @@ pub trait Io: Send + Unpin + 'static {
     fn peer_certificates(&self) -> Option<PeerCertificates> {
         None
     }
+
+    /// The application protocol the handshake chose (TLS ALPN: `h2`, `http/1.1`), if any.
+    fn alpn_protocol(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// A timer that can be re-armed without allocating.

@@ -471,6 +471,7 @@ impl Router {
     }
 
     /// Whether `method` has a route.
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
     pub(crate) fn serves(&self, method: &str) -> bool {
         self.routes.contains_key(method)
     }

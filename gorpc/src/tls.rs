@@ -272,6 +272,10 @@ impl<I: Io> Io for TlsIo<I> {
             .filter(|chain| !chain.is_empty())
             .map(Arc::from)
     }
+
+    fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.session.alpn_protocol()
+    }
 }
 
 /// `io` as a blocking writer for rustls's `write_tls`: a full socket is `WouldBlock`, with

@@ -33,7 +33,7 @@ use crate::service::{Request, Response};
 use crate::stream::{Inbox, InboxReader, Outbox};
 #[cfg(feature = "http")]
 pub(crate) use conn::connect_socket;
-#[cfg(feature = "tls")]
+#[cfg(all(feature = "tls", feature = "http"))]
 pub(crate) use conn::tls_connect;
 use conn::{CallOutcome, ClientStream};
 #[cfg(feature = "grpc")]

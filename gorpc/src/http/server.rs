@@ -162,7 +162,16 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
     let mut drain: SignalRx = Box::pin(signals.drain.clone());
     let mut abort: SignalRx = Box::pin(signals.abort.clone());
     let mut silence = runtime.sleep_until(Instant::now() + SNIFF_WAIT);
+    // Under TLS the handshake may have chosen already.
+    let chosen = match io.alpn_protocol() {
+        Some(b"h2") => Some(Protocol::Http2),
+        Some(b"http/1.1" | b"http/1.0") => Some(Protocol::Http1),
+        _ => None,
+    };
     let protocol = poll_fn(|cx| loop {
+        if let Some(protocol) = chosen {
+            return Poll::Ready(Some(protocol));
+        }
         if poll_closed(&mut abort, cx) {
             return Poll::Ready(None);
         }

@@ -245,7 +245,11 @@ impl<R: Runtime> Server<R> {
             keep_open: (drain_tx.clone(), abort_tx.clone()),
             alive: alive_tx,
             #[cfg(feature = "tls")]
-            tls: self.tls,
+            tls: self.tls.map(|config| {
+                #[cfg(feature = "http")]
+                let config = offer_alpn(config, self.http);
+                config
+            }),
             #[cfg(feature = "http")]
             http: self.http.then(|| {
                 Arc::new(crate::http::HttpShared::new(
@@ -617,6 +621,22 @@ impl<R: Runtime> AcceptLoop<R> {
         }
         drop(self.keep_open);
     }
+}
+
+/// A TLS config that offers HTTP's ALPN protocols (`h2` with gRPC, `http/1.1`) when the
+/// server answers HTTP and the config names none, so that gRPC clients, which require `h2`,
+/// and browsers pick their protocol in the handshake. A binary-protocol client offers no
+/// ALPN and is told apart by its first bytes, as over plain TCP.
+#[cfg(all(feature = "tls", feature = "http"))]
+fn offer_alpn(config: Arc<rustls::ServerConfig>, http: bool) -> Arc<rustls::ServerConfig> {
+    if !http || !config.alpn_protocols.is_empty() {
+        return config;
+    }
+    let mut config = (*config).clone();
+    #[cfg(feature = "grpc")]
+    config.alpn_protocols.push(b"h2".to_vec());
+    config.alpn_protocols.push(b"http/1.1".to_vec());
+    Arc::new(config)
 }
 
 fn at_limit() -> Status {
