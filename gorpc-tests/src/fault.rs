@@ -613,6 +613,21 @@ impl<S: Runtime> TestServer<S> {
         slow: Duration,
         config: gorpc::ServerConfig,
     ) -> io::Result<Self> {
+        Self::start_built(runtime, addr, slow, |server| server.config(config)).await
+    }
+
+    /// Binds `addr`, answering HTTP/1.1 and gRPC too, with gRPC's health service.
+    pub async fn start_grpc(runtime: S, addr: SocketAddr, slow: Duration) -> io::Result<Self> {
+        Self::start_built(runtime, addr, slow, |server| server.http().health()).await
+    }
+
+    /// Binds `addr` with the server `build` makes of the test methods' server.
+    pub async fn start_built(
+        runtime: S,
+        addr: SocketAddr,
+        slow: Duration,
+        build: impl FnOnce(Server<S>) -> Server<S>,
+    ) -> io::Result<Self> {
         let handlers = Arc::new(HandlerCounts::default());
         let router = Router::new()
             .route(methods::ECHO, echo_after(&runtime, &handlers, |_| None))
@@ -694,10 +709,7 @@ impl<S: Runtime> TestServer<S> {
                 }
             }
         });
-        let handle = Server::new(runtime, router)
-            .config(config)
-            .bind(addr)
-            .await?;
+        let handle = build(Server::new(runtime, router)).bind(addr).await?;
         Ok(TestServer { handle, handlers })
     }
 
