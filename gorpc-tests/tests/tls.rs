@@ -434,9 +434,52 @@ async fn http_client_calls_over_tls<S: Runtime, C: Runtime>(server_rt: S, client
     assert_eq!(server.shutdown(5 * SECOND).await, Shutdown::Graceful);
 }
 
+/// gRPC over TLS: the client offers ALPN h2 and the server, answering HTTP on the port,
+/// chooses it in the handshake; the handler sees the client's certificate; binary clients
+/// (no ALPN) share the port.
+async fn grpc_over_tls_chooses_h2_by_alpn<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let pki = pki();
+    let server = Server::new(server_rt.clone(), router(&server_rt, Arc::default()))
+        .tls(mtls_server_config(&pki))
+        .http()
+        .bind(loopback())
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let client = Client::grpc(
+        client_rt.clone(),
+        addr,
+        tls_client_config(client_tls(&pki.ca, Some(&pki.client))),
+    );
+    let calls = async {
+        for _ in 0..3 {
+            let der = whoami(&client).await.expect("gRPC call over TLS");
+            assert_eq!(der.as_ref(), pki.client.cert.der().as_ref());
+        }
+    };
+    within(&client_rt, 20 * SECOND, "gRPC calls over TLS", calls).await;
+    // The handshake itself chose h2 (gRPC clients such as grpc-go insist on it).
+    let tls = client_tls(&pki.ca, Some(&pki.client));
+    let mut config = (*tls.config).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let handshake = async {
+        let socket = client_rt.connect(addr).await.unwrap();
+        let mut session =
+            gorpc::tls::TlsIo::client(socket, Arc::new(config), tls.server_name).unwrap();
+        session.handshake().await.unwrap();
+        session.session().alpn_protocol().map(<[u8]>::to_vec)
+    };
+    let chosen = within(&client_rt, 10 * SECOND, "handshake", handshake).await;
+    assert_eq!(chosen.as_deref(), Some(&b"h2"[..]));
+    assert_still_serving(&client_rt, addr, &pki).await;
+    drop(client);
+    assert_eq!(server.shutdown(5 * SECOND).await, Shutdown::Graceful);
+}
+
 on_every_runtime!(
     mutual_tls_call_sees_the_client_certificate,
     http_client_calls_over_tls,
+    grpc_over_tls_chooses_h2_by_alpn,
     client_with_an_untrusted_certificate_is_refused,
     client_without_a_certificate_is_refused,
     client_refuses_an_untrusted_server,
