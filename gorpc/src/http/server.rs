@@ -262,6 +262,7 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
                 .timer(HyperTimer(runtime.clone()))
                 .header_read_timeout(shared.config.head_timeout)
                 .max_headers(MAX_HEADERS)
+                .max_header_size(config.limits.max_head_len as usize)
                 .max_buf_size((config.limits.max_head_len as usize).max(8192) * 2);
             let io = HyperIo::new(io, first_bytes);
             let mut conn = builder.serve_connection(io, HyperService(edge));
