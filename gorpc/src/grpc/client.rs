@@ -271,14 +271,7 @@ fn deadline_exceeded() -> Status {
 
 /// The status gRPC gives an answer that is not gRPC (a proxy's error page, say).
 fn http_failure(status: StatusCode) -> Status {
-    let code = match status.as_u16() {
-        400 => Code::Internal,
-        401 => Code::Unauthenticated,
-        403 => Code::PermissionDenied,
-        404 => Code::Unimplemented,
-        429 | 502 | 503 | 504 => Code::Unavailable,
-        _ => Code::Unknown,
-    };
+    let code = crate::http::code_for_http_status(status.as_u16());
     Status::new(
         code,
         format!("HTTP status {status} instead of a gRPC answer"),

@@ -128,7 +128,7 @@ pub fn http_status(code: Code) -> u16 {
 
 /// The status code of an answer that lacks [`STATUS_HEADER`] (a proxy's own error page,
 /// say), guessed from its HTTP status as gRPC does for HTTP errors.
-fn code_for_http_status(status: u16) -> Code {
+pub(crate) fn code_for_http_status(status: u16) -> Code {
     match status {
         200..=299 => Code::Ok,
         400 => Code::Internal,
