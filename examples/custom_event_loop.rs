@@ -19,6 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use gorpc_proto::Conn as _;
 use gorpc_proto::{
     codec, CallHead, CallId, ClientConn, ClientEvent, CloseReason, Code, ConnConfig, Request,
     Response, ServerConn, ServerEvent, Status,
@@ -106,7 +107,8 @@ fn main() -> Result<(), Box<dyn Error>> {
                 // This client starts no stream calls, and the core fails a unary call the
                 // server answers with a message stream, so neither event can arrive here.
                 ClientEvent::Message { id, body } => conn.release(id, body.len()),
-                ClientEvent::Writable { .. } => {}
+                // Writable, and whatever a later core adds: nothing for this client.
+                _ => {}
             }
         }
         if let Err(e) = write_out(&mut stream, || conn.poll_transmit()) {
@@ -134,13 +136,8 @@ fn main() -> Result<(), Box<dyn Error>> {
             .min();
         match read_some(&mut stream, &mut buf, read_timeout(wake)) {
             Ok(Input::Data) => {
-                if let Err(e) = conn.handle_read(Instant::now(), &mut buf) {
-                    log(
-                        start,
-                        "client",
-                        format_args!("protocol error from server: {e}"),
-                    );
-                }
+                // A protocol error closes the connection: its Closed event says why.
+                conn.handle_read(Instant::now(), &mut buf)
             }
             Ok(Input::Eof) => conn.handle_eof(),
             Ok(Input::TimedOut) => {}
@@ -228,7 +225,9 @@ fn serve(listener: TcpListener, start: Instant) -> io::Result<()> {
                 // Client streams are refused in `handle`; a message still racing in for one
                 // gives its credit straight back.
                 ServerEvent::Message { id, body } => conn.release(id, body.len()),
-                ServerEvent::HalfClosed { .. } | ServerEvent::Writable { .. } => {}
+                // HalfClosed, Writable, and whatever a later core adds: nothing for this
+                // server.
+                _ => {}
             }
         }
         if let Err(e) = write_out(&mut stream, || conn.poll_transmit()) {
@@ -254,15 +253,7 @@ fn serve(listener: TcpListener, start: Instant) -> io::Result<()> {
             .min();
         if conn.wants_read() {
             match read_some(&mut stream, &mut buf, read_timeout(wake)) {
-                Ok(Input::Data) => {
-                    if let Err(e) = conn.handle_read(Instant::now(), &mut buf) {
-                        log(
-                            start,
-                            "server",
-                            format_args!("protocol error from client: {e}"),
-                        );
-                    }
-                }
+                Ok(Input::Data) => conn.handle_read(Instant::now(), &mut buf),
                 Ok(Input::Eof) => conn.handle_eof(),
                 Ok(Input::TimedOut) => {}
                 Err(e) => conn.abort(Status::new(Code::Unavailable, format!("read failed: {e}"))),

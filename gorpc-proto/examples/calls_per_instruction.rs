@@ -9,6 +9,8 @@
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use gorpc_proto::sim::read;
+use gorpc_proto::Conn as _;
 use gorpc_proto::{
     codec, CallHead, ClientConn, ClientEvent, ConnConfig, ServerConn, ServerEvent, Status,
 };
@@ -42,9 +44,7 @@ fn main() {
         while let Some(b) = client.poll_transmit() {
             to_server.extend_from_slice(&b);
         }
-        server
-            .handle_read(now, &mut to_server)
-            .expect("clean stream");
+        read(&mut server, now, &mut to_server).expect("clean stream");
         while let Some(event) = server.poll_event() {
             if let ServerEvent::Request(req) = event {
                 server.respond(now, req.id, &Status::ok(), [], req.body);
@@ -53,9 +53,7 @@ fn main() {
         while let Some(b) = server.poll_transmit() {
             to_client.extend_from_slice(&b);
         }
-        client
-            .handle_read(now, &mut to_client)
-            .expect("clean stream");
+        read(&mut client, now, &mut to_client).expect("clean stream");
         while let Some(event) = client.poll_event() {
             if let ClientEvent::Finished { result: Ok(_), .. } = event {
                 finished += 1;

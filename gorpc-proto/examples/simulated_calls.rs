@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use gorpc_proto::sim::Pair;
+use gorpc_proto::Conn as _;
 use gorpc_proto::{codec, CallHead, ClientEvent, ConnConfig, ServerEvent, Status};
 
 fn main() {

@@ -7,15 +7,16 @@ use bytes::{Bytes, BytesMut};
 use hashbrown::HashMap;
 
 use crate::batch;
+use crate::calls::{CallCore, CallTable, HasCore, Side};
 use crate::config::ConnConfig;
-use crate::error::ProtoError;
-use crate::flow::{Blocked, RecvWindow, SendWindow, Sending, INITIAL_STREAM_WINDOW};
+use crate::error::{ProtoError, SendError};
+use crate::flow::{RecvWindow, SendWindow, INITIAL_STREAM_WINDOW};
 use crate::frame::{flags, FrameType};
 use crate::head::{encode_request_head, ResponseHead};
-use crate::link::{CallFrame, CloseReason, Inbound, Link, SendError};
+use crate::link::{CallFrame, CloseReason, Link};
 use crate::status::{Code, Status};
-use crate::timers::Deadlines;
-use crate::transmit::{Oversize, Payload};
+use crate::timers::timeout_micros;
+use crate::transmit::{FrameInfo, Oversize, Payload};
 use crate::{CallId, IdHasher};
 
 /// The next id not in `in_use`, advancing `next_id`. Ids wrap around after 2^32 calls,
@@ -42,6 +43,7 @@ pub struct Response {
 
 /// What a [`ClientConn`] reports to its driver.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ClientEvent<T> {
     /// A call ended, exactly once per started call: `Ok` with the server's response (whose
     /// status may be an error), or `Err` when it ended locally (deadline, connection lost,
@@ -149,26 +151,21 @@ impl<'a, M> CallHead<'a, M> {
 
 #[derive(Debug)]
 struct ClientCall<T> {
-    deadline: Option<Instant>,
+    core: CallCore,
     user: T,
-    codec: u8,
     /// The client may still send messages (a client stream not yet half-closed).
     sending: bool,
     /// The server answers with a stream of messages.
     receives_stream: bool,
-    /// Refused for lack of credit; a `Writable` event is owed once credit is back.
-    wants_writable: bool,
-    send_window: SendWindow,
-    recv_window: RecvWindow,
 }
 
-impl<T> Sending for ClientCall<T> {
-    fn send_window(&self) -> &SendWindow {
-        &self.send_window
+impl<T> HasCore for ClientCall<T> {
+    fn core(&self) -> &CallCore {
+        &self.core
     }
 
-    fn wants_writable(&mut self) -> &mut bool {
-        &mut self.wants_writable
+    fn core_mut(&mut self) -> &mut CallCore {
+        &mut self.core
     }
 }
 
@@ -192,12 +189,9 @@ impl<T> Sending for ClientCall<T> {
 #[derive(Debug)]
 pub struct ClientConn<T = ()> {
     link: Link,
-    calls: HashMap<u32, ClientCall<T>, IdHasher>,
+    calls: CallTable<ClientCall<T>>,
     next_id: u32,
-    deadlines: Deadlines,
     events: VecDeque<ClientEvent<T>>,
-    /// Calls refused for lack of credit, waiting for `Writable`.
-    blocked: Blocked,
 }
 
 impl<T> ClientConn<T> {
@@ -206,11 +200,9 @@ impl<T> ClientConn<T> {
     pub fn new(config: ConnConfig, now: Instant) -> Self {
         ClientConn {
             link: Link::new(config, now),
-            calls: HashMap::with_hasher(IdHasher::default()),
+            calls: CallTable::new(IdHasher::default()),
             next_id: 1,
-            deadlines: Deadlines::default(),
             events: VecDeque::new(),
-            blocked: Blocked::default(),
         }
     }
 
@@ -283,45 +275,35 @@ impl<T> ClientConn<T> {
                 user,
             })
         };
-        if self.link.closed {
+        if self.link.is_closed() {
             return reject(Code::Unavailable, "connection closed", user);
         }
-        if self.link.goaway_sent || self.link.goaway_received {
+        if !self.link.is_open() {
             return reject(Code::Unavailable, "connection is draining", user);
         }
-        if self.calls.len() >= self.link.limits.max_concurrent_calls as usize {
+        if self.calls.len() >= self.link.limits().max_concurrent_calls as usize {
             return reject(
                 Code::ResourceExhausted,
                 "too many calls in flight on this connection",
                 user,
             );
         }
-        let timeout_micros = match head.deadline {
-            None => 0,
-            Some(deadline) => match deadline.checked_duration_since(now) {
-                Some(left) if !left.is_zero() => (left.as_micros() as u64).max(1),
-                _ => {
-                    return reject(
-                        Code::DeadlineExceeded,
-                        "deadline passed before the call started",
-                        user,
-                    )
-                }
-            },
+        let Some(timeout_micros) = timeout_micros(head.deadline, now) else {
+            return reject(
+                Code::DeadlineExceeded,
+                "deadline passed before the call started",
+                user,
+            );
         };
         let sending = kind.is_some_and(StreamKind::client_streams);
         let receives_stream = kind.is_some_and(StreamKind::server_streams);
-        let id = allocate_id(&mut self.next_id, &self.calls);
-        let limits = self.link.limits;
+        let id = allocate_id(&mut self.next_id, self.calls.ids());
+        let flags = if sending { 0 } else { flags::END_STREAM };
+        let frame = FrameInfo::new(FrameType::Request, flags, head.codec, id);
         let pushed = self.link.out.push_frame(
-            FrameType::Request,
-            if sending { 0 } else { flags::END_STREAM },
-            head.codec,
-            id,
+            frame,
             |out| encode_request_head(head.method, timeout_micros, head.metadata, out),
             body,
-            limits.max_head_len,
-            limits.max_frame_len,
         );
         match pushed {
             Ok(()) => {}
@@ -348,20 +330,19 @@ impl<T> ClientConn<T> {
                 self.link.push_window_update(id, increment);
             }
         }
-        if let Some(deadline) = head.deadline {
-            self.deadlines.push(deadline, id);
-        }
         self.calls.insert(
             id,
             ClientCall {
-                deadline: head.deadline,
+                core: CallCore {
+                    deadline: head.deadline,
+                    codec: head.codec,
+                    wants_writable: false,
+                    send_window: SendWindow::new(INITIAL_STREAM_WINDOW),
+                    recv_window,
+                },
                 user,
-                codec: head.codec,
                 sending,
                 receives_stream,
-                wants_writable: false,
-                send_window: SendWindow::new(INITIAL_STREAM_WINDOW),
-                recv_window,
             },
         );
         Ok(CallId(id))
@@ -400,45 +381,33 @@ impl<T> ClientConn<T> {
         })
     }
 
-    /// Runs `send` with the window and codec of a call whose request stream is open (closed
-    /// after it, with `end`); parks the call when it was refused for lack of credit.
+    /// Runs `send` on a call whose request stream is open (closed after it, with `end`).
     fn send_on(
         &mut self,
         id: CallId,
         end: bool,
         send: impl FnOnce(&mut Link, &mut SendWindow, u8) -> Result<(), SendError>,
     ) -> Result<(), SendError> {
-        if self.link.closed {
-            return Err(SendError::CallGone);
-        }
-        let Some(call) = self.calls.get_mut(&id.0) else {
-            return Err(SendError::CallGone);
+        let open = |call: &mut ClientCall<T>| match call.sending {
+            true => Ok(()),
+            false => Err(SendError::SendClosed),
         };
-        if !call.sending {
-            return Err(SendError::SendClosed);
-        }
-        let sent = send(&mut self.link, &mut call.send_window, call.codec);
+        let sent = self.calls.send_on(&mut self.link, id.0, open, send);
         if sent.is_ok() && end {
-            call.sending = false;
+            if let Some(call) = self.calls.get_mut(id.0) {
+                call.sending = false;
+            }
         }
-        self.blocked.after_send(sent, id.0, &mut self.calls)
+        sent
     }
 
     /// Ends a call's request stream without a final message (half-close); needs no credit.
     /// Errors as [`send_message`](Self::send_message).
     pub fn close_send(&mut self, id: CallId) -> Result<(), SendError> {
-        if self.link.closed {
-            return Err(SendError::CallGone);
-        }
-        let Some(call) = self.calls.get_mut(&id.0) else {
-            return Err(SendError::CallGone);
-        };
-        if !call.sending {
-            return Err(SendError::SendClosed);
-        }
-        call.sending = false;
-        self.link.send_end_of_messages(id.0, call.codec);
-        Ok(())
+        self.send_on(id, true, |link, _, codec| {
+            link.send_end_of_messages(id.0, codec);
+            Ok(())
+        })
     }
 
     /// Gives back `bytes` of a call's received messages (at most what it holds): the
@@ -446,23 +415,12 @@ impl<T> ClientConn<T> {
     /// window. A finished call's bytes were given back when it finished, so releasing them
     /// does nothing.
     pub fn release(&mut self, id: CallId, bytes: usize) {
-        if self.link.closed {
-            return;
-        }
-        let Some(call) = self.calls.get_mut(&id.0) else {
-            return;
-        };
-        let bytes = (bytes as u64).min(call.recv_window.unreleased());
-        if let Some(increment) = call.recv_window.release(bytes, self.link.stream_window) {
-            self.link.push_window_update(id.0, increment);
-        }
-        self.link.release(bytes);
+        self.calls.release(&mut self.link, id.0, bytes);
     }
 
     /// Message bytes received on a call and not yet released; `None` once it finished.
     pub fn buffered(&self, id: CallId) -> Option<usize> {
-        let call = self.calls.get(&id.0)?;
-        Some(call.recv_window.unreleased() as usize)
+        self.calls.buffered(id.0)
     }
 
     /// Message bytes received on the connection and not yet released.
@@ -473,55 +431,21 @@ impl<T> ClientConn<T> {
     /// Gives up on a call: the server is told to drop it and no event will follow for it.
     /// Returns the call's data, or `None` if it already finished.
     pub fn cancel(&mut self, id: CallId) -> Option<T> {
-        let call = self.calls.remove(&id.0)?;
-        if !self.link.closed {
+        let call = self.calls.remove(&mut self.link, id.0)?;
+        if !self.link.is_closed() {
             self.link.out.push_control(FrameType::Cancel, id.0);
         }
-        self.link.release(call.recv_window.unreleased());
         self.after_removal();
         Some(call.user)
-    }
-
-    /// Consumes every whole frame at the front of `buf`.
-    ///
-    /// A protocol violation closes the connection (reported as [`ClientEvent::Closed`], and
-    /// returned); a malformed response head fails only its own call.
-    pub fn handle_read(&mut self, now: Instant, buf: &mut BytesMut) -> Result<(), ProtoError> {
-        if self.link.closed {
-            buf.clear();
-            return Ok(());
-        }
-        loop {
-            let result = match self.link.next_frame(now, buf) {
-                Ok(Some(Inbound::Call(frame))) => self.handle_call_frame(frame),
-                Ok(Some(Inbound::WindowUpdate { id, increment })) => {
-                    self.handle_window_update(id, increment)
-                }
-                Ok(Some(Inbound::GoAway(status))) => {
-                    self.events.push_back(ClientEvent::GoAway(status));
-                    self.check_drained();
-                    Ok(())
-                }
-                Ok(Some(Inbound::Handled)) => Ok(()),
-                Ok(None) => return Ok(()),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
-                buf.clear();
-                self.close(CloseReason::Error(e.clone()));
-                return Err(e);
-            }
-        }
     }
 
     fn handle_call_frame(&mut self, frame: CallFrame) -> Result<(), ProtoError> {
         let id = frame.header.call_id;
         match frame.header.frame_type {
             FrameType::Response => {
-                let Some(call) = self.calls.remove(&id) else {
+                let Some(call) = self.calls.remove(&mut self.link, id) else {
                     return Ok(()); // late answer to a call cancelled or timed out here
                 };
-                self.link.release(call.recv_window.unreleased());
                 let result = if frame.header.flags & flags::END_STREAM == 0 {
                     Err(Status::new(
                         Code::Internal,
@@ -561,11 +485,11 @@ impl<T> ClientConn<T> {
                 };
                 let len = frame.body.len();
                 self.link.receive_message(len)?;
-                match self.calls.get_mut(&id) {
+                match self.calls.get_mut(id) {
                     // A late message for a call that ended here: its credit goes straight back.
                     None => self.link.release(len as u64),
                     Some(call) if call.receives_stream => {
-                        if !call.recv_window.receive(len) {
+                        if !call.core.recv_window.receive(len) {
                             return Err(ProtoError::FlowControl { call_id: id });
                         }
                         let call_id = CallId(id);
@@ -580,9 +504,11 @@ impl<T> ClientConn<T> {
                     // The server streams a method this client calls as unary: the two
                     // disagree about this method, not about the connection. Fail the call.
                     Some(_) => {
-                        let call = self.calls.remove(&id).expect("call looked up above");
-                        self.link
-                            .release(len as u64 + call.recv_window.unreleased());
+                        let call = self
+                            .calls
+                            .remove(&mut self.link, id)
+                            .expect("call looked up above");
+                        self.link.release(len as u64);
                         self.link.out.push_control(FrameType::Cancel, id);
                         self.events.push_back(ClientEvent::Finished {
                             id: CallId(id),
@@ -603,43 +529,92 @@ impl<T> ClientConn<T> {
         Ok(())
     }
 
-    fn handle_window_update(&mut self, id: u32, increment: u32) -> Result<(), ProtoError> {
-        if id == 0 {
-            // Already applied to the connection window by the link.
-            if self.link.send_window.is_open() {
-                let events = &mut self.events;
-                self.blocked.wake(&mut self.calls, |id| {
-                    events.push_back(ClientEvent::Writable { id: CallId(id) })
-                });
-            }
-            return Ok(());
-        }
-        // Credit for a call that ended here is a late frame.
-        let Some(call) = self.calls.get_mut(&id) else {
-            return Ok(());
-        };
-        call.send_window.grant(increment)?;
-        if call.wants_writable && call.send_window.is_open() && self.link.send_window.is_open() {
-            call.wants_writable = false;
-            self.events
-                .push_back(ClientEvent::Writable { id: CallId(id) });
-        }
-        Ok(())
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ClientEvent<T>> {
+        self.events.pop_front()
     }
 
+    /// Starts a graceful close: no new calls; the connection closes once the server has
+    /// acknowledged and every call in flight has finished.
+    pub fn go_away(&mut self) {
+        if !self.link.is_closed() && !self.link.goaway_sent() {
+            self.link.send_goaway(&Status::ok());
+            self.check_drained();
+        }
+    }
+
+    /// The data of a call in flight.
+    pub fn user(&self, id: CallId) -> Option<&T> {
+        self.calls.get(id.0).map(|c| &c.user)
+    }
+
+    /// Whether new calls can start: not closed and no go-away sent or received.
+    pub fn is_accepting_calls(&self) -> bool {
+        self.link.is_open()
+    }
+
+    fn after_removal(&mut self) {
+        self.calls.prune();
+        self.check_drained();
+    }
+
+    fn check_drained(&mut self) {
+        if !self.link.is_closed() && self.link.is_draining_done(!self.calls.is_empty()) {
+            self.close(CloseReason::Drained);
+        }
+    }
+}
+
+impl<T> Side for ClientConn<T> {
+    fn link(&mut self) -> &mut Link {
+        &mut self.link
+    }
+
+    fn link_ref(&self) -> &Link {
+        &self.link
+    }
+
+    fn on_call_frame(&mut self, _now: Instant, frame: CallFrame) -> Result<(), ProtoError> {
+        self.handle_call_frame(frame)
+    }
+
+    fn on_credit(&mut self, id: u32, increment: u32) -> Result<(), ProtoError> {
+        let events = &mut self.events;
+        self.calls.credit(
+            &self.link,
+            id,
+            increment,
+            |_| None,
+            |id| events.push_back(ClientEvent::Writable { id: CallId(id) }),
+        )
+    }
+
+    fn on_go_away(&mut self, status: Status) {
+        self.events.push_back(ClientEvent::GoAway(status));
+        self.check_drained();
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        let status = reason.status();
+        self.link.close(reason.clone());
+        for (id, call) in self.calls.drain() {
+            self.events.push_back(ClientEvent::Finished {
+                id: CallId(id),
+                user: call.user,
+                result: Err(status.clone()),
+            });
+        }
+        self.events.push_back(ClientEvent::Closed(reason));
+    }
+}
+
+impl<T> crate::Conn for ClientConn<T> {
     /// Fails every call whose deadline is at or before `now`, and runs keepalive.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if self.link.closed {
+    fn handle_timeout(&mut self, now: Instant) {
+        if self.link.is_closed() {
             return;
         }
-        while let Some((at, id)) = self.deadlines.pop_due(now) {
-            if !matches!(self.calls.get(&id), Some(c) if c.deadline == Some(at)) {
-                continue;
-            }
-            let Some(call) = self.calls.remove(&id) else {
-                continue;
-            };
-            self.link.release(call.recv_window.unreleased());
+        while let Some((id, call)) = self.calls.pop_expired(&mut self.link, now) {
             // Free the server's work now rather than at its own copy of the deadline.
             self.link.out.push_control(FrameType::Cancel, id);
             self.events.push_back(ClientEvent::Finished {
@@ -657,99 +632,15 @@ impl<T> ClientConn<T> {
         }
     }
 
-    /// The earliest instant at which [`handle_timeout`](Self::handle_timeout) has work.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.link.poll_timeout(self.deadlines.next())
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.link.poll_timeout(self.calls.next_deadline())
     }
 
-    pub fn poll_event(&mut self) -> Option<ClientEvent<T>> {
-        self.events.pop_front()
-    }
-
-    /// The next bytes to write, in order. Everything queued since the last call comes out
-    /// as one chunk, except large bodies, which come out as their own chunk uncopied.
-    pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.link.out.pop()
-    }
-
-    /// Bytes queued for the transport.
-    pub fn transmit_len(&self) -> usize {
-        self.link.out.len()
-    }
-
-    /// Starts a graceful close: no new calls; the connection closes once the server has
-    /// acknowledged and every call in flight has finished.
-    pub fn go_away(&mut self) {
-        if !self.link.closed && !self.link.goaway_sent {
-            self.link.send_goaway(&Status::ok());
-            self.check_drained();
-        }
-    }
-
-    /// The peer closed its side of the byte stream.
-    pub fn handle_eof(&mut self) {
-        if !self.link.closed {
-            self.close(CloseReason::PeerClosed);
-        }
-    }
-
-    /// The driver gave up on the transport; calls in flight fail with `status`.
-    pub fn abort(&mut self, status: Status) {
-        if !self.link.closed {
-            self.close(CloseReason::Aborted(status));
-        }
-    }
-
-    /// The data of a call in flight.
-    pub fn user(&self, id: CallId) -> Option<&T> {
-        self.calls.get(&id.0).map(|c| &c.user)
-    }
-
-    /// Calls in flight.
-    pub fn calls_in_flight(&self) -> usize {
+    fn calls_in_flight(&self) -> usize {
         self.calls.len()
     }
 
-    /// No call in flight.
-    pub fn is_idle(&self) -> bool {
+    fn is_idle(&self) -> bool {
         self.calls.is_empty()
-    }
-
-    /// Whether new calls can start: not closed and no go-away sent or received.
-    pub fn is_accepting_calls(&self) -> bool {
-        !self.link.closed && !self.link.goaway_sent && !self.link.goaway_received
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.link.closed
-    }
-
-    fn after_removal(&mut self) {
-        let calls = &self.calls;
-        self.deadlines.prune(
-            calls.len(),
-            |at, id| matches!(calls.get(&id), Some(c) if c.deadline == Some(at)),
-        );
-        self.check_drained();
-    }
-
-    fn check_drained(&mut self) {
-        if !self.link.closed && self.link.is_draining_done(!self.calls.is_empty()) {
-            self.close(CloseReason::Drained);
-        }
-    }
-
-    fn close(&mut self, reason: CloseReason) {
-        self.link.close(&reason);
-        let status = reason.status();
-        for (id, call) in self.calls.drain() {
-            self.events.push_back(ClientEvent::Finished {
-                id: CallId(id),
-                user: call.user,
-                result: Err(status.clone()),
-            });
-        }
-        self.deadlines.clear();
-        self.events.push_back(ClientEvent::Closed(reason));
     }
 }

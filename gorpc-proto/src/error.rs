@@ -1,4 +1,5 @@
-//! Connection-fatal protocol errors.
+//! Errors: the peer's protocol violations, which end a connection, and why a message was
+//! not sent, which ends nothing.
 
 use std::fmt;
 
@@ -7,6 +8,7 @@ use crate::frame::FrameType;
 /// A violation of the wire protocol by the peer, or a dead peer. Each one ends the
 /// connection it happened on and no other; calls on it fail with `Unavailable`.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ProtoError {
     /// The bytes do not start with the frame magic: not a gorpc peer, or a corrupted stream.
     BadMagic,
@@ -96,3 +98,37 @@ impl fmt::Display for ProtoError {
 }
 
 impl std::error::Error for ProtoError {}
+
+/// Why a stream message was not sent. Nothing was queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SendError {
+    /// A flow-control window (the call's or the connection's) is used up. Wait for the
+    /// call's `Writable` event, then send again.
+    NoCredit,
+    /// The call is not in flight any more (finished, cancelled, past its deadline, or the
+    /// connection closed).
+    CallGone,
+    /// The message would make a frame over `max_frame_len`.
+    TooLarge,
+    /// A buffer of batched messages that does not hold whole length-prefixed messages
+    /// (see [`crate::batch`]); nothing from the first broken one on was sent.
+    MalformedBatch,
+    /// This side's message stream on the call has ended (half-closed), or never carried
+    /// messages (the request of a unary or server-streaming call).
+    SendClosed,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SendError::NoCredit => "no flow-control credit to send now",
+            SendError::CallGone => "the call is no longer in flight",
+            SendError::TooLarge => "message exceeds max_frame_len",
+            SendError::MalformedBatch => "batched messages are not whole length-prefixed messages",
+            SendError::SendClosed => "this side's message stream has ended",
+        })
+    }
+}
+
+impl std::error::Error for SendError {}

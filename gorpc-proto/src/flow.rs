@@ -8,12 +8,7 @@
 //! least half its window, so what it holds unreleased stays within one window plus one
 //! message.
 
-use std::hash::BuildHasher;
-
-use hashbrown::HashMap;
-
 use crate::error::ProtoError;
-use crate::link::SendError;
 
 /// Every stream's window in each direction when it opens, in bytes.
 pub const INITIAL_STREAM_WINDOW: u32 = 64 * 1024;
@@ -177,77 +172,5 @@ mod tests {
         assert_eq!(r.release(40, 100), Some(60), "clamped to what was held");
         assert_eq!(r.unreleased(), 0);
         assert!(r.receive(100));
-    }
-}
-
-/// A stream call's sending side, as [`Blocked`] sees it.
-pub(crate) trait Sending {
-    fn send_window(&self) -> &SendWindow;
-    /// Set while the call waits for a `Writable` event.
-    fn wants_writable(&mut self) -> &mut bool;
-}
-
-/// Calls refused for lack of credit, each waiting for one `Writable` once both its own
-/// window and the connection's are open. May hold ids of calls that ended since; those are
-/// dropped when the list outgrows the live calls, and when the connection window opens.
-#[derive(Debug, Default)]
-pub(crate) struct Blocked(Vec<u32>);
-
-impl Blocked {
-    /// Call `id` was refused for lack of credit.
-    pub(crate) fn park<C: Sending, S: BuildHasher>(
-        &mut self,
-        id: u32,
-        calls: &mut HashMap<u32, C, S>,
-    ) {
-        let Some(call) = calls.get_mut(&id) else {
-            return;
-        };
-        let waits = call.wants_writable();
-        if *waits {
-            return;
-        }
-        *waits = true;
-        self.0.push(id);
-        if self.0.len() > 2 * calls.len() + 64 {
-            self.0
-                .retain(|id| calls.get_mut(id).is_some_and(|c| *c.wants_writable()));
-        }
-    }
-
-    /// Passes a send's result on, parking call `id` if it was refused for lack of credit.
-    pub(crate) fn after_send<C: Sending, S: BuildHasher>(
-        &mut self,
-        sent: Result<(), SendError>,
-        id: u32,
-        calls: &mut HashMap<u32, C, S>,
-    ) -> Result<(), SendError> {
-        if sent == Err(SendError::NoCredit) {
-            self.park(id, calls);
-        }
-        sent
-    }
-
-    /// The connection window opened: `writable` for every parked call whose own window is
-    /// open too; the others stay parked.
-    pub(crate) fn wake<C: Sending, S: BuildHasher>(
-        &mut self,
-        calls: &mut HashMap<u32, C, S>,
-        mut writable: impl FnMut(u32),
-    ) {
-        self.0.retain(|&id| {
-            let Some(call) = calls.get_mut(&id) else {
-                return false;
-            };
-            if !*call.wants_writable() {
-                return false;
-            }
-            if !call.send_window().is_open() {
-                return true;
-            }
-            *call.wants_writable() = false;
-            writable(id);
-            false
-        });
     }
 }

@@ -8,7 +8,7 @@
 //! ```
 //! use std::time::Instant;
 //! use bytes::BytesMut;
-//! use gorpc_proto::{codec, CallHead, ClientConn, ClientEvent, ConnConfig, ServerConn, ServerEvent, Status};
+//! use gorpc_proto::{codec, CallHead, ClientConn, ClientEvent, Conn, ConnConfig, ServerConn, ServerEvent, Status};
 //!
 //! let now = Instant::now();
 //! let mut client: ClientConn<&str> = ClientConn::new(ConnConfig::default(), now);
@@ -18,14 +18,14 @@
 //! // The bytes would go over a socket; here they go straight across.
 //! let mut wire = BytesMut::new();
 //! while let Some(chunk) = client.poll_transmit() { wire.extend_from_slice(&chunk); }
-//! server.handle_read(now, &mut wire).unwrap();
+//! server.handle_read(now, &mut wire);
 //!
 //! let Some(ServerEvent::Request(req)) = server.poll_event() else { panic!() };
 //! assert_eq!(req.head.method(), "/demo.Echo/Say");
 //! server.respond(now, req.id, &Status::ok(), [], req.body.clone());
 //!
 //! while let Some(chunk) = server.poll_transmit() { wire.extend_from_slice(&chunk); }
-//! client.handle_read(now, &mut wire).unwrap();
+//! client.handle_read(now, &mut wire);
 //! let Some(ClientEvent::Finished { id: done, user, result }) = client.poll_event() else { panic!() };
 //! assert_eq!((done, user), (id, "caller 1"));
 //! assert_eq!(&result.unwrap().body[..], b"hi");
@@ -38,8 +38,10 @@
 
 pub mod balance;
 pub mod batch;
+mod calls;
 mod client;
 mod config;
+mod conn;
 pub mod datagram;
 mod error;
 pub mod flow;
@@ -48,6 +50,7 @@ pub mod head;
 mod link;
 pub mod policy;
 mod server;
+#[cfg(feature = "sim")]
 pub mod sim;
 mod status;
 mod timers;
@@ -55,9 +58,10 @@ mod transmit;
 
 pub use client::{CallHead, ClientConn, ClientEvent, Rejected, Response, StreamKind};
 pub use config::{ConnConfig, KeepaliveConfig, Limits};
-pub use error::ProtoError;
+pub use conn::Conn;
+pub use error::{ProtoError, SendError};
 pub use head::{HeadError, MetadataIter, RequestHead, ResponseHead};
-pub use link::{CloseReason, SendError};
+pub use link::CloseReason;
 pub use server::{CancelReason, Request, ServerConn, ServerEvent};
 pub use status::{Code, Status};
 pub use transmit::Payload;

@@ -6,8 +6,8 @@ use std::time::Instant;
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::batch;
-use crate::config::{ConnConfig, Limits};
-use crate::error::ProtoError;
+use crate::config::ConnConfig;
+use crate::error::{ProtoError, SendError};
 use crate::flow::{
     decode_increment, effective_window, RecvWindow, SendWindow, INITIAL_CONNECTION_WINDOW,
     INITIAL_STREAM_WINDOW,
@@ -16,47 +16,11 @@ use crate::frame::{flags, FrameHeader, FrameType, HEADER_LEN};
 use crate::head::{encode_response_head, ResponseHeadRef};
 use crate::status::{Code, Status};
 use crate::timers::{Keepalive, KeepaliveAction};
-use crate::transmit::{Oversize, Payload, TransmitQueue};
-
-/// A stream frame's body (a lone message or a batch) at least this long is queued by
-/// reference, split off the caller's buffer, not copied.
-const ZERO_COPY_LEN: usize = 8 * 1024;
-
-/// Why a stream message was not sent. Nothing was queued.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SendError {
-    /// A flow-control window (the call's or the connection's) is used up. Wait for the
-    /// call's `Writable` event, then send again.
-    NoCredit,
-    /// The call is not in flight any more (finished, cancelled, past its deadline, or the
-    /// connection closed).
-    CallGone,
-    /// The message would make a frame over `max_frame_len`.
-    TooLarge,
-    /// A buffer of batched messages that does not hold whole length-prefixed messages
-    /// (see [`crate::batch`]); nothing from the first broken one on was sent.
-    MalformedBatch,
-    /// This side's message stream on the call has ended (half-closed), or never carried
-    /// messages (the request of a unary or server-streaming call).
-    SendClosed,
-}
-
-impl std::fmt::Display for SendError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            SendError::NoCredit => "no flow-control credit to send now",
-            SendError::CallGone => "the call is no longer in flight",
-            SendError::TooLarge => "message exceeds max_frame_len",
-            SendError::MalformedBatch => "batched messages are not whole length-prefixed messages",
-            SendError::SendClosed => "this side's message stream has ended",
-        })
-    }
-}
-
-impl std::error::Error for SendError {}
+use crate::transmit::{FrameInfo, Oversize, Payload, TransmitQueue, ZERO_COPY_LEN};
 
 /// Why a connection ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CloseReason {
     /// Both sides sent go-away and every call finished: a clean end.
     Drained,
@@ -104,14 +68,25 @@ pub(crate) enum Inbound {
     Handled,
 }
 
+/// Where a connection is in its life.
+#[derive(Debug)]
+enum Life {
+    /// Calls start.
+    Open,
+    /// No new calls: a go-away went one way or both; closed once both went and no call
+    /// is left.
+    Draining {
+        sent: bool,
+        received: bool,
+    },
+    Closed(CloseReason),
+}
+
 #[derive(Debug)]
 pub(crate) struct Link {
-    pub(crate) limits: Limits,
+    life: Life,
     pub(crate) keepalive: Keepalive,
     pub(crate) out: TransmitQueue,
-    pub(crate) goaway_sent: bool,
-    pub(crate) goaway_received: bool,
-    pub(crate) closed: bool,
     /// Message bytes this side may still send on the connection.
     pub(crate) send_window: SendWindow,
     /// Message bytes the peer may still send on the connection.
@@ -126,12 +101,9 @@ impl Link {
         let connection_window =
             effective_window(config.connection_window, INITIAL_CONNECTION_WINDOW);
         let mut link = Link {
-            limits: config.limits,
+            life: Life::Open,
             keepalive: Keepalive::new(config.keepalive, now),
-            out: TransmitQueue::default(),
-            goaway_sent: false,
-            goaway_received: false,
-            closed: false,
+            out: TransmitQueue::new(config.limits),
             send_window: SendWindow::new(INITIAL_CONNECTION_WINDOW),
             recv_window: RecvWindow::new(INITIAL_CONNECTION_WINDOW),
             stream_window: effective_window(config.stream_window, INITIAL_STREAM_WINDOW),
@@ -146,18 +118,50 @@ impl Link {
         link
     }
 
+    /// New calls may start: no go-away either way, not closed.
+    pub(crate) fn is_open(&self) -> bool {
+        matches!(self.life, Life::Open)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(self.life, Life::Closed(_))
+    }
+
+    /// Why the connection closed, once it has.
+    pub(crate) fn close_reason(&self) -> Option<&CloseReason> {
+        match &self.life {
+            Life::Closed(reason) => Some(reason),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn goaway_sent(&self) -> bool {
+        matches!(self.life, Life::Draining { sent: true, .. })
+    }
+
+    pub(crate) fn goaway_received(&self) -> bool {
+        matches!(self.life, Life::Draining { received: true, .. })
+    }
+
+    fn mark_goaway(&mut self, sent_now: bool, received_now: bool) {
+        let (sent, received) = match self.life {
+            Life::Open => (false, false),
+            Life::Draining { sent, received } => (sent, received),
+            Life::Closed(_) => return,
+        };
+        self.life = Life::Draining {
+            sent: sent || sent_now,
+            received: received || received_now,
+        };
+    }
+
+    pub(crate) fn limits(&self) -> &crate::config::Limits {
+        self.out.limits()
+    }
+
     pub(crate) fn push_window_update(&mut self, id: u32, increment: u32) {
-        let limits = self.limits;
-        let _ = self.out.push_frame(
-            FrameType::WindowUpdate,
-            0,
-            0,
-            id,
-            |_| {},
-            Payload::Slice(&increment.to_be_bytes()),
-            limits.max_head_len,
-            limits.max_frame_len,
-        );
+        let frame = FrameInfo::new(FrameType::WindowUpdate, 0, 0, id);
+        self.out.push_small(frame, &increment.to_be_bytes());
     }
 
     /// Queues one stream message if both the call's window and the connection's are open,
@@ -174,17 +178,8 @@ impl Link {
             return Err(SendError::NoCredit);
         }
         let len = body.len();
-        let limits = self.limits;
-        match self.out.push_frame(
-            FrameType::Message,
-            flags,
-            codec,
-            id,
-            |_| {},
-            body,
-            limits.max_head_len,
-            limits.max_frame_len,
-        ) {
+        let frame = FrameInfo::new(FrameType::Message, flags, codec, id);
+        match self.out.push_frame(frame, |_| {}, body) {
             Ok(()) => {
                 window.spend(len);
                 self.send_window.spend(len);
@@ -205,7 +200,8 @@ impl Link {
         codec: u8,
         messages: &mut BytesMut,
     ) -> Result<(), SendError> {
-        let max_body = (self.limits.max_frame_len as usize).saturating_sub(HEADER_LEN);
+        let max_frame = self.limits().max_frame_len as usize;
+        let max_body = max_frame.saturating_sub(HEADER_LEN);
         while !messages.is_empty() {
             let credit = window.available().min(self.send_window.available());
             if credit <= 0 {
@@ -227,7 +223,7 @@ impl Link {
                 // Its message alone is over the frame limit (as a lone message it carries
                 // no length, so it may still fit).
                 let len = batch::length_at(messages).expect("checked above");
-                if HEADER_LEN + len > self.limits.max_frame_len as usize {
+                if HEADER_LEN + len > max_frame {
                     return Err(SendError::TooLarge);
                 }
                 end = batch::LENGTH_PREFIX + len;
@@ -242,19 +238,10 @@ impl Link {
                 (flags::BATCH, 0)
             };
             let len = end - start;
-            let limits = self.limits;
+            let frame = FrameInfo::new(FrameType::Message, flags, codec, id);
             let mut push = |payload: Payload<'_>| {
                 self.out
-                    .push_frame(
-                        FrameType::Message,
-                        flags,
-                        codec,
-                        id,
-                        |_| {},
-                        payload,
-                        limits.max_head_len,
-                        limits.max_frame_len,
-                    )
+                    .push_frame(frame, |_| {}, payload)
                     .expect("sized to the frame limit above")
             };
             if len >= ZERO_COPY_LEN {
@@ -272,17 +259,9 @@ impl Link {
 
     /// Ends this side's message stream without a final message; needs no credit.
     pub(crate) fn send_end_of_messages(&mut self, id: u32, codec: u8) {
-        let limits = self.limits;
-        let _ = self.out.push_frame(
-            FrameType::Message,
-            flags::END_STREAM | flags::NO_MESSAGE,
-            codec,
-            id,
-            |_| {},
-            Payload::Slice(&[]),
-            limits.max_head_len,
-            limits.max_frame_len,
-        );
+        let flags = flags::END_STREAM | flags::NO_MESSAGE;
+        let frame = FrameInfo::new(FrameType::Message, flags, codec, id);
+        self.out.push_small(frame, &[]);
     }
 
     /// Counts a received message against the connection window; `Err` when the peer had no
@@ -299,7 +278,7 @@ impl Link {
     /// them, or they belonged to a call that is gone), granting credit back in batches.
     pub(crate) fn release(&mut self, len: u64) {
         if let Some(increment) = self.recv_window.release(len, self.connection_window) {
-            if !self.closed {
+            if !self.is_closed() {
                 self.push_window_update(0, increment);
             }
         }
@@ -314,7 +293,7 @@ impl Link {
         now: Instant,
         buf: &mut BytesMut,
     ) -> Result<Option<Inbound>, ProtoError> {
-        let Some(header) = FrameHeader::decode(buf, &self.limits)? else {
+        let Some(header) = FrameHeader::decode(buf, self.out.limits())? else {
             return Ok(None);
         };
         let len = header.frame_len();
@@ -341,8 +320,8 @@ impl Link {
                 let head = ResponseHeadRef::decode(&buf[HEADER_LEN..len])
                     .map_err(|e| ProtoError::MalformedGoAway(e.0))?;
                 let status = Status::new(Code::from_u32(head.code), head.message.to_owned());
-                self.goaway_received = true;
-                if !self.goaway_sent {
+                self.mark_goaway(false, true);
+                if !self.goaway_sent() {
                     self.send_goaway(&Status::ok());
                 }
                 Inbound::GoAway(status)
@@ -365,31 +344,19 @@ impl Link {
     }
 
     pub(crate) fn send_goaway(&mut self, status: &Status) {
-        self.goaway_sent = true;
+        self.mark_goaway(true, false);
         let (code, message) = (status.code() as u32, status.message());
-        let max_head = self.limits.max_head_len;
+        let frame = FrameInfo::new(FrameType::GoAway, 0, 0, 0);
         // A message too long for the peer's head limit is dropped rather than the go-away.
-        let pushed = self.out.push_frame(
-            FrameType::GoAway,
-            0,
-            0,
-            0,
-            |out| encode_response_head(code, message, [], out),
-            Payload::Slice(&[]),
-            max_head,
-            self.limits.max_frame_len,
-        );
-        if pushed.is_err() {
-            let _ = self.out.push_frame(
-                FrameType::GoAway,
-                0,
-                0,
-                0,
-                |out| encode_response_head(code, "", [], out),
-                Payload::Slice(&[]),
-                max_head,
-                self.limits.max_frame_len,
-            );
+        for message in [message, ""] {
+            let write = |out: &mut BytesMut| encode_response_head(code, message, [], out);
+            if self
+                .out
+                .push_frame(frame, write, Payload::Slice(&[]))
+                .is_ok()
+            {
+                return;
+            }
         }
     }
 
@@ -407,18 +374,18 @@ impl Link {
 
     /// Marks the link closed. A protocol error caused by the peer is reported to it in a
     /// final go-away, which the driver flushes before closing the transport.
-    pub(crate) fn close(&mut self, reason: &CloseReason) {
-        if let CloseReason::Error(e) = reason {
+    pub(crate) fn close(&mut self, reason: CloseReason) {
+        if let CloseReason::Error(e) = &reason {
             if !matches!(e, ProtoError::KeepaliveTimeout) {
                 self.send_goaway(&Status::new(Code::Internal, e.to_string()));
             }
         }
-        self.closed = true;
+        self.life = Life::Closed(reason);
     }
 
     /// The earlier of the next call deadline and the keepalive timer; none once closed.
     pub(crate) fn poll_timeout(&self, next_deadline: Option<Instant>) -> Option<Instant> {
-        if self.closed {
+        if self.is_closed() {
             return None;
         }
         match (next_deadline, self.keepalive.next()) {
@@ -429,6 +396,12 @@ impl Link {
 
     /// Both sides said go-away; with no calls left, the connection is done.
     pub(crate) fn is_draining_done(&self, calls_left: bool) -> bool {
-        self.goaway_sent && self.goaway_received && !calls_left
+        matches!(
+            self.life,
+            Life::Draining {
+                sent: true,
+                received: true
+            }
+        ) && !calls_left
     }
 }

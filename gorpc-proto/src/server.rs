@@ -4,18 +4,18 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use hashbrown::HashMap;
 
 use crate::batch;
+use crate::calls::{CallCore, CallTable, HasCore, Side};
 use crate::config::ConnConfig;
-use crate::error::ProtoError;
-use crate::flow::{Blocked, RecvWindow, SendWindow, Sending, INITIAL_STREAM_WINDOW};
+use crate::error::{ProtoError, SendError};
+use crate::flow::{RecvWindow, SendWindow, INITIAL_STREAM_WINDOW};
 use crate::frame::{flags, FrameType};
 use crate::head::{encode_response_head, RequestHead};
-use crate::link::{CallFrame, CloseReason, Inbound, Link, SendError};
+use crate::link::{CallFrame, CloseReason, Link};
 use crate::status::{Code, Status};
-use crate::timers::{deadline_after, Deadlines};
-use crate::transmit::{Oversize, Payload};
+use crate::timers::deadline_after;
+use crate::transmit::{FrameInfo, Oversize, Payload};
 use crate::{CallId, IdHasher};
 
 /// A call for the server to run.
@@ -39,6 +39,7 @@ pub struct Request {
 
 /// Why a call the driver was running must stop. No response will be sent for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CancelReason {
     /// The client cancelled it.
     Peer,
@@ -48,6 +49,7 @@ pub enum CancelReason {
 
 /// What a [`ServerConn`] reports to its driver.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ServerEvent {
     /// Run this call and answer it with [`ServerConn::respond`] (which also ends a stream
     /// call; stream responses go out first through [`ServerConn::send_message`]).
@@ -71,23 +73,18 @@ pub enum ServerEvent {
 
 #[derive(Debug)]
 struct ServerCall {
-    deadline: Option<Instant>,
-    codec: u8,
+    core: CallCore,
     /// The client's message stream is open.
     receiving: bool,
-    /// Refused for lack of credit; a `Writable` event is owed once credit is back.
-    wants_writable: bool,
-    send_window: SendWindow,
-    recv_window: RecvWindow,
 }
 
-impl Sending for ServerCall {
-    fn send_window(&self) -> &SendWindow {
-        &self.send_window
+impl HasCore for ServerCall {
+    fn core(&self) -> &CallCore {
+        &self.core
     }
 
-    fn wants_writable(&mut self) -> &mut bool {
-        &mut self.wants_writable
+    fn core_mut(&mut self) -> &mut CallCore {
+        &mut self.core
     }
 }
 
@@ -114,13 +111,10 @@ struct Waiting {
 #[derive(Debug)]
 pub struct ServerConn {
     link: Link,
-    calls: HashMap<u32, ServerCall, IdHasher>,
+    calls: CallTable<ServerCall>,
     /// Requests read while at the concurrency limit, started as slots free up.
     waiting: VecDeque<Waiting>,
-    deadlines: Deadlines,
     events: VecDeque<ServerEvent>,
-    /// Calls refused for lack of credit, waiting for `Writable`.
-    blocked: Blocked,
 }
 
 impl ServerConn {
@@ -129,44 +123,9 @@ impl ServerConn {
     pub fn new(config: ConnConfig, now: Instant, hash_seed: u64) -> Self {
         ServerConn {
             link: Link::new(config, now),
-            calls: HashMap::with_hasher(IdHasher::with_seed(hash_seed)),
+            calls: CallTable::new(IdHasher::with_seed(hash_seed)),
             waiting: VecDeque::new(),
-            deadlines: Deadlines::default(),
             events: VecDeque::new(),
-            blocked: Blocked::default(),
-        }
-    }
-
-    /// Consumes every whole frame at the front of `buf`.
-    ///
-    /// A protocol violation closes the connection (reported as [`ServerEvent::Closed`], and
-    /// returned). A request that is malformed but well framed is answered with an error
-    /// status and harms nothing else.
-    pub fn handle_read(&mut self, now: Instant, buf: &mut BytesMut) -> Result<(), ProtoError> {
-        if self.link.closed {
-            buf.clear();
-            return Ok(());
-        }
-        loop {
-            let result = match self.link.next_frame(now, buf) {
-                Ok(Some(Inbound::Call(frame))) => self.handle_call_frame(now, frame),
-                Ok(Some(Inbound::WindowUpdate { id, increment })) => {
-                    self.handle_window_update(id, increment)
-                }
-                Ok(Some(Inbound::GoAway(status))) => {
-                    self.events.push_back(ServerEvent::GoAway(status));
-                    self.check_drained();
-                    Ok(())
-                }
-                Ok(Some(Inbound::Handled)) => Ok(()),
-                Ok(None) => return Ok(()),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
-                buf.clear();
-                self.close(CloseReason::Error(e.clone()));
-                return Err(e);
-            }
         }
     }
 
@@ -176,8 +135,7 @@ impl ServerConn {
             FrameType::Request => {}
             FrameType::Message => return self.handle_message(frame),
             FrameType::Cancel => {
-                if let Some(call) = self.calls.remove(&id) {
-                    self.link.release(call.recv_window.unreleased());
+                if self.calls.remove(&mut self.link, id).is_some() {
                     self.events.push_back(ServerEvent::Cancelled {
                         id: CallId(id),
                         reason: CancelReason::Peer,
@@ -185,7 +143,7 @@ impl ServerConn {
                     self.after_removal();
                 } else if let Some(i) = self.waiting.iter().position(|w| w.request.id.0 == id) {
                     if let Some(w) = self.waiting.remove(i) {
-                        self.link.release(w.call.recv_window.unreleased());
+                        self.link.release(w.call.core.recv_window.unreleased());
                     }
                     self.check_drained();
                 }
@@ -196,10 +154,10 @@ impl ServerConn {
         if id == 0 {
             return Err(ProtoError::ReservedCallId);
         }
-        if self.link.goaway_received {
+        if self.link.goaway_received() {
             return Err(ProtoError::RequestAfterGoAway(id));
         }
-        if self.calls.contains_key(&id) || self.waiting.iter().any(|w| w.request.id.0 == id) {
+        if self.calls.contains(id) || self.waiting.iter().any(|w| w.request.id.0 == id) {
             return Err(ProtoError::DuplicateCallId(id));
         }
         let codec = frame.header.codec;
@@ -241,14 +199,16 @@ impl ServerConn {
             }
         }
         let call = ServerCall {
-            deadline,
-            codec,
+            core: CallCore {
+                deadline,
+                codec,
+                wants_writable: false,
+                send_window: SendWindow::new(INITIAL_STREAM_WINDOW),
+                recv_window,
+            },
             receiving: client_streams,
-            wants_writable: false,
-            send_window: SendWindow::new(INITIAL_STREAM_WINDOW),
-            recv_window,
         };
-        if self.calls.len() < self.link.limits.max_concurrent_calls as usize {
+        if self.calls.len() < self.link.limits().max_concurrent_calls as usize {
             self.start(request, call);
         } else {
             self.waiting.push_back(Waiting {
@@ -278,7 +238,7 @@ impl ServerConn {
         if message {
             self.link.receive_message(len)?;
         }
-        let waiting_at = if self.calls.contains_key(&id) {
+        let waiting_at = if self.calls.contains(id) {
             None
         } else if let Some(i) = self.waiting.iter().position(|w| w.request.id.0 == id) {
             Some(i)
@@ -288,7 +248,7 @@ impl ServerConn {
             return Ok(());
         };
         let call = match waiting_at {
-            None => self.calls.get_mut(&id),
+            None => self.calls.get_mut(id),
             Some(i) => self.waiting.get_mut(i).map(|w| &mut w.call),
         };
         let Some(call) = call else {
@@ -297,12 +257,13 @@ impl ServerConn {
         if !call.receiving {
             return Err(ProtoError::MessageAfterEndStream(id));
         }
-        if message && !call.recv_window.receive(len) {
+        if message && !call.core.recv_window.receive(len) {
             return Err(ProtoError::FlowControl { call_id: id });
         }
         call.receiving = !end;
         if prefixes > 0 {
             if let Some(increment) = call
+                .core
                 .recv_window
                 .release(prefixes as u64, self.link.stream_window)
             {
@@ -325,38 +286,8 @@ impl ServerConn {
         Ok(())
     }
 
-    fn handle_window_update(&mut self, id: u32, increment: u32) -> Result<(), ProtoError> {
-        if id == 0 {
-            // Already applied to the connection window by the link.
-            if self.link.send_window.is_open() {
-                let events = &mut self.events;
-                self.blocked.wake(&mut self.calls, |id| {
-                    events.push_back(ServerEvent::Writable { id: CallId(id) })
-                });
-            }
-            return Ok(());
-        }
-        let call = if let Some(call) = self.calls.get_mut(&id) {
-            call
-        } else if let Some(w) = self.waiting.iter_mut().find(|w| w.request.id.0 == id) {
-            &mut w.call
-        } else {
-            return Ok(()); // credit for a call that ended here is a late frame
-        };
-        call.send_window.grant(increment)?;
-        if call.wants_writable && call.send_window.is_open() && self.link.send_window.is_open() {
-            call.wants_writable = false;
-            self.events
-                .push_back(ServerEvent::Writable { id: CallId(id) });
-        }
-        Ok(())
-    }
-
     fn start(&mut self, request: Request, call: ServerCall) {
         let id = request.id;
-        if let Some(at) = call.deadline {
-            self.deadlines.push(at, id.0);
-        }
         self.calls.insert(id.0, call);
         self.events.push_back(ServerEvent::Request(request));
     }
@@ -392,45 +323,25 @@ impl ServerConn {
         })
     }
 
-    /// Runs `send` with a running call's window and codec; parks the call when it was
-    /// refused for lack of credit.
     fn send_on(
         &mut self,
         id: CallId,
         send: impl FnOnce(&mut Link, &mut SendWindow, u8) -> Result<(), SendError>,
     ) -> Result<(), SendError> {
-        if self.link.closed {
-            return Err(SendError::CallGone);
-        }
-        let Some(call) = self.calls.get_mut(&id.0) else {
-            return Err(SendError::CallGone);
-        };
-        let sent = send(&mut self.link, &mut call.send_window, call.codec);
-        self.blocked.after_send(sent, id.0, &mut self.calls)
+        self.calls.send_on(&mut self.link, id.0, |_| Ok(()), send)
     }
 
     /// Gives back `bytes` of a call's received messages (at most what it holds): the
     /// handler has consumed them. Credit returns to the client in batches of half a window.
     /// Bytes of a call that ended were given back when it ended.
     pub fn release(&mut self, id: CallId, bytes: usize) {
-        if self.link.closed {
-            return;
-        }
-        let Some(call) = self.calls.get_mut(&id.0) else {
-            return;
-        };
-        let bytes = (bytes as u64).min(call.recv_window.unreleased());
-        if let Some(increment) = call.recv_window.release(bytes, self.link.stream_window) {
-            self.link.push_window_update(id.0, increment);
-        }
-        self.link.release(bytes);
+        self.calls.release(&mut self.link, id.0, bytes);
     }
 
     /// Message bytes received on a running call and not yet released; `None` if it is not
     /// running.
     pub fn buffered(&self, id: CallId) -> Option<usize> {
-        let call = self.calls.get(&id.0)?;
-        Some(call.recv_window.unreleased() as usize)
+        self.calls.buffered(id.0)
     }
 
     /// Message bytes received on the connection and not yet released (waiting requests'
@@ -455,14 +366,13 @@ impl ServerConn {
     where
         M: IntoIterator<Item = (&'m str, &'m [u8])>,
     {
-        if self.link.closed {
+        if self.link.is_closed() {
             return false;
         }
-        let Some(call) = self.calls.remove(&id.0) else {
+        let Some(call) = self.calls.remove(&mut self.link, id.0) else {
             return false;
         };
-        self.link.release(call.recv_window.unreleased());
-        self.send_response(id.0, call.codec, status, metadata, body.into());
+        self.send_response(id.0, call.core.codec, status, metadata, body.into());
         self.after_removal();
         self.start_waiting(now);
         true
@@ -478,32 +388,23 @@ impl ServerConn {
     ) where
         M: IntoIterator<Item = (&'m str, &'m [u8])>,
     {
-        let limits = self.link.limits;
         let (code, message) = (status.code() as u32, status.message());
+        let frame = FrameInfo::new(FrameType::Response, flags::END_STREAM, codec, id);
         let pushed = self.link.out.push_frame(
-            FrameType::Response,
-            flags::END_STREAM,
-            codec,
-            id,
+            frame,
             |out| encode_response_head(code, message, metadata, out),
             body,
-            limits.max_head_len,
-            limits.max_frame_len,
         );
         if let Err(why) = pushed {
             let message = match why {
                 Oversize::Head => "response head exceeds max_head_len",
                 Oversize::Frame => "response exceeds max_frame_len",
             };
+            let code = Code::ResourceExhausted as u32;
             let _ = self.link.out.push_frame(
-                FrameType::Response,
-                flags::END_STREAM,
-                codec,
-                id,
-                |out| encode_response_head(Code::ResourceExhausted as u32, message, [], out),
+                frame,
+                |out| encode_response_head(code, message, [], out),
                 Payload::Slice(&[]),
-                limits.max_head_len,
-                limits.max_frame_len,
             );
         }
     }
@@ -511,12 +412,12 @@ impl ServerConn {
     /// Starts requests that waited for a slot. One whose deadline passed while it waited
     /// is dropped unseen: its client has already given up.
     fn start_waiting(&mut self, now: Instant) {
-        while self.calls.len() < self.link.limits.max_concurrent_calls as usize {
+        while self.calls.len() < self.link.limits().max_concurrent_calls as usize {
             let Some(w) = self.waiting.pop_front() else {
                 break;
             };
             if w.request.deadline.is_some_and(|at| at <= now) {
-                self.link.release(w.call.recv_window.unreleased());
+                self.link.release(w.call.core.recv_window.unreleased());
                 continue;
             }
             let id = w.request.id;
@@ -531,18 +432,107 @@ impl ServerConn {
         self.check_drained();
     }
 
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// Whether the driver should read more from the transport: false at the concurrency
+    /// limit with requests already waiting, and once closed.
+    pub fn wants_read(&self) -> bool {
+        !self.link.is_closed() && self.waiting.is_empty()
+    }
+
+    /// Starts a graceful drain: the client is told to start no new calls. Every request it
+    /// sent before it saw the go-away is still served; the connection closes once the client
+    /// has acknowledged and every call has been answered.
+    pub fn go_away(&mut self) {
+        if !self.link.is_closed() && !self.link.goaway_sent() {
+            self.link
+                .send_goaway(&Status::new(Code::Unavailable, "server is shutting down"));
+            self.check_drained();
+        }
+    }
+
+    /// Turns the connection away without serving it: a go-away carrying `status` (e.g.
+    /// `ResourceExhausted` at a connection limit), then closed.
+    pub fn refuse(&mut self, status: Status) {
+        if !self.link.is_closed() {
+            if !self.link.goaway_sent() {
+                self.link.send_goaway(&status);
+            }
+            self.close(CloseReason::Aborted(status));
+        }
+    }
+
+    /// Requests read but not started, waiting for a free slot.
+    pub fn calls_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    fn after_removal(&mut self) {
+        self.calls.prune();
+        self.check_drained();
+    }
+
+    fn check_drained(&mut self) {
+        let busy = !self.calls.is_empty() || !self.waiting.is_empty();
+        if !self.link.is_closed() && self.link.is_draining_done(busy) {
+            self.close(CloseReason::Drained);
+        }
+    }
+}
+
+impl Side for ServerConn {
+    fn link(&mut self) -> &mut Link {
+        &mut self.link
+    }
+
+    fn link_ref(&self) -> &Link {
+        &self.link
+    }
+
+    fn on_call_frame(&mut self, now: Instant, frame: CallFrame) -> Result<(), ProtoError> {
+        self.handle_call_frame(now, frame)
+    }
+
+    fn on_credit(&mut self, id: u32, increment: u32) -> Result<(), ProtoError> {
+        let (events, waiting) = (&mut self.events, &mut self.waiting);
+        self.calls.credit(
+            &self.link,
+            id,
+            increment,
+            // A request waiting for a slot takes credit too.
+            move |id| {
+                waiting
+                    .iter_mut()
+                    .find(|w| w.request.id.0 == id)
+                    .map(|w| &mut w.call)
+            },
+            |id| events.push_back(ServerEvent::Writable { id: CallId(id) }),
+        )
+    }
+
+    fn on_go_away(&mut self, status: Status) {
+        self.events.push_back(ServerEvent::GoAway(status));
+        self.check_drained();
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        self.link.close(reason.clone());
+        self.calls.drain().for_each(drop);
+        self.waiting.clear();
+        self.events.push_back(ServerEvent::Closed(reason));
+    }
+}
+
+impl crate::Conn for ServerConn {
     /// Cancels every call whose deadline is at or before `now`, and runs keepalive.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if self.link.closed {
+    fn handle_timeout(&mut self, now: Instant) {
+        if self.link.is_closed() {
             return;
         }
-        while let Some((at, id)) = self.deadlines.pop_due(now) {
-            if !matches!(self.calls.get(&id), Some(c) if c.deadline == Some(at)) {
-                continue;
-            }
-            if let Some(call) = self.calls.remove(&id) {
-                self.link.release(call.recv_window.unreleased());
-            }
+        while let Some((id, _)) = self.calls.pop_expired(&mut self.link, now) {
             self.events.push_back(ServerEvent::Cancelled {
                 id: CallId(id),
                 reason: CancelReason::DeadlineExceeded,
@@ -555,103 +545,17 @@ impl ServerConn {
         }
     }
 
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.link.poll_timeout(self.deadlines.next())
-    }
-
-    pub fn poll_event(&mut self) -> Option<ServerEvent> {
-        self.events.pop_front()
-    }
-
-    /// The next bytes to write, in order; see [`ClientConn::poll_transmit`](crate::ClientConn::poll_transmit).
-    pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.link.out.pop()
-    }
-
-    pub fn transmit_len(&self) -> usize {
-        self.link.out.len()
-    }
-
-    /// Whether the driver should read more from the transport: false at the concurrency
-    /// limit with requests already waiting, and once closed.
-    pub fn wants_read(&self) -> bool {
-        !self.link.closed && self.waiting.is_empty()
-    }
-
-    /// Starts a graceful drain: the client is told to start no new calls. Every request it
-    /// sent before it saw the go-away is still served; the connection closes once the client
-    /// has acknowledged and every call has been answered.
-    pub fn go_away(&mut self) {
-        if !self.link.closed && !self.link.goaway_sent {
-            self.link
-                .send_goaway(&Status::new(Code::Unavailable, "server is shutting down"));
-            self.check_drained();
-        }
-    }
-
-    /// Turns the connection away without serving it: a go-away carrying `status` (e.g.
-    /// `ResourceExhausted` at a connection limit), then closed.
-    pub fn refuse(&mut self, status: Status) {
-        if !self.link.closed {
-            if !self.link.goaway_sent {
-                self.link.send_goaway(&status);
-            }
-            self.close(CloseReason::Aborted(status));
-        }
-    }
-
-    pub fn handle_eof(&mut self) {
-        if !self.link.closed {
-            self.close(CloseReason::PeerClosed);
-        }
-    }
-
-    pub fn abort(&mut self, status: Status) {
-        if !self.link.closed {
-            self.close(CloseReason::Aborted(status));
-        }
-    }
-
-    /// Calls running (requests handed out and not yet answered or cancelled).
-    pub fn calls_in_flight(&self) -> usize {
-        self.calls.len()
-    }
-
-    /// Requests read but not started, waiting for a free slot.
-    pub fn calls_waiting(&self) -> usize {
-        self.waiting.len()
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.link.poll_timeout(self.calls.next_deadline())
     }
 
     /// No call running or waiting.
-    pub fn is_idle(&self) -> bool {
+    fn is_idle(&self) -> bool {
         self.calls.is_empty() && self.waiting.is_empty()
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.link.closed
-    }
-
-    fn after_removal(&mut self) {
-        let calls = &self.calls;
-        self.deadlines.prune(
-            calls.len(),
-            |at, id| matches!(calls.get(&id), Some(c) if c.deadline == Some(at)),
-        );
-        self.check_drained();
-    }
-
-    fn check_drained(&mut self) {
-        let busy = !self.calls.is_empty() || !self.waiting.is_empty();
-        if !self.link.closed && self.link.is_draining_done(busy) {
-            self.close(CloseReason::Drained);
-        }
-    }
-
-    fn close(&mut self, reason: CloseReason) {
-        self.link.close(&reason);
-        self.calls.clear();
-        self.waiting.clear();
-        self.deadlines.clear();
-        self.events.push_back(ServerEvent::Closed(reason));
+    /// Calls running (requests handed out and not yet answered or cancelled).
+    fn calls_in_flight(&self) -> usize {
+        self.calls.len()
     }
 }

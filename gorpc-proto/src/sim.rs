@@ -11,8 +11,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::flow::{effective_window, INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW};
 use crate::{
-    codec, CallHead, CallId, ClientConn, ClientEvent, Code, ConnConfig, ProtoError, SendError,
-    ServerConn, ServerEvent, Status, StreamKind,
+    codec, CallHead, CallId, ClientConn, ClientEvent, CloseReason, Code, Conn, ConnConfig,
+    ProtoError, SendError, ServerConn, ServerEvent, Status, StreamKind,
 };
 
 /// Which end of a [`Pair`].
@@ -35,6 +35,17 @@ pub struct Pair<T = u64> {
     pub to_client: BytesMut,
     server_rx: BytesMut,
     client_rx: BytesMut,
+}
+
+/// Feeds `buf` to `conn` and reports the protocol error that closed it doing so, if any:
+/// what a test wants to see beside the `Closed` event.
+pub fn read(conn: &mut impl Conn, now: Instant, buf: &mut BytesMut) -> Result<(), ProtoError> {
+    let was_closed = conn.is_closed();
+    conn.handle_read(now, buf);
+    match conn.close_reason() {
+        Some(CloseReason::Error(e)) if !was_closed => Err(e.clone()),
+        _ => Ok(()),
+    }
 }
 
 impl<T> Pair<T> {
@@ -74,7 +85,7 @@ impl<T> Pair<T> {
             moved += n;
         }
         // Also re-offer buffered bytes: a slot may have freed up since the last read.
-        if let Err(e) = self.server.handle_read(self.now, &mut self.server_rx) {
+        if let Err(e) = read(&mut self.server, self.now, &mut self.server_rx) {
             error.get_or_insert((Side::Server, e));
         }
         if !self.to_client.is_empty() {
@@ -83,7 +94,7 @@ impl<T> Pair<T> {
                 .extend_from_slice(&self.to_client.split_to(n));
             moved += n;
         }
-        if let Err(e) = self.client.handle_read(self.now, &mut self.client_rx) {
+        if let Err(e) = read(&mut self.client, self.now, &mut self.client_rx) {
             error.get_or_insert((Side::Client, e));
         }
         self.flush();
@@ -1065,7 +1076,7 @@ pub mod targets {
         };
         for piece in data.chunks(chunk) {
             buf.extend_from_slice(piece);
-            let _ = client.handle_read(now, &mut buf);
+            client.handle_read(now, &mut buf);
             now += Duration::from_millis(1);
             client.handle_timeout(now);
             while client.poll_transmit().is_some() {}
@@ -1096,7 +1107,7 @@ pub mod targets {
         let big = vec![0u8; 1 << 16];
         for (i, piece) in data.chunks(chunk).enumerate() {
             buf.extend_from_slice(piece);
-            let _ = server.handle_read(now, &mut buf);
+            server.handle_read(now, &mut buf);
             now += Duration::from_millis(1);
             server.handle_timeout(now);
             while let Some(event) = server.poll_event() {

@@ -78,6 +78,18 @@ impl Deadlines {
     }
 }
 
+/// What a request carries of `deadline`: the time left in whole microseconds, at least 1;
+/// 0 without a deadline. `None` if it already passed.
+pub(crate) fn timeout_micros(deadline: Option<Instant>, now: Instant) -> Option<u64> {
+    let Some(deadline) = deadline else {
+        return Some(0);
+    };
+    let left = deadline
+        .checked_duration_since(now)
+        .filter(|d| !d.is_zero())?;
+    Some(u64::try_from(left.as_micros()).unwrap_or(u64::MAX).max(1))
+}
+
 /// `now + d`, or `None` where that is past what `Instant` can represent (treated as "never").
 pub(crate) fn deadline_after(now: Instant, d: Duration) -> Option<Instant> {
     now.checked_add(d)

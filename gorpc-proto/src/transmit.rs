@@ -8,10 +8,12 @@ use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::config::Limits;
 use crate::frame::{FrameHeader, FrameType, HEADER_LEN};
 
-/// Bodies at least this long are queued by reference instead of copied.
-const COPY_LIMIT: usize = 8 * 1024;
+/// Bodies at least this long are queued by reference (split off the caller's buffer, or a
+/// `Bytes` kept as it is) instead of copied into the outgoing buffer.
+pub(crate) const ZERO_COPY_LEN: usize = 8 * 1024;
 
 /// A message body handed to the core for sending.
 #[derive(Clone, Debug)]
@@ -66,8 +68,10 @@ pub(crate) enum Oversize {
     Frame,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct TransmitQueue {
+    /// The peer's limits, assumed equal to this side's: no frame over them is queued.
+    limits: Limits,
     /// Chunks ready to go, in order, before `tail`.
     chunks: VecDeque<Bytes>,
     /// Frames encoded after the last chunk.
@@ -81,24 +85,51 @@ pub(crate) struct TransmitQueue {
 /// The most a fresh tail reserves up front.
 const MAX_TAIL_HINT: usize = 1 << 20;
 
+/// A frame to queue: its header fields but the lengths.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FrameInfo {
+    pub(crate) frame_type: FrameType,
+    pub(crate) flags: u8,
+    pub(crate) codec: u8,
+    pub(crate) call_id: u32,
+}
+
+impl FrameInfo {
+    pub(crate) fn new(frame_type: FrameType, flags: u8, codec: u8, call_id: u32) -> Self {
+        FrameInfo {
+            frame_type,
+            flags,
+            codec,
+            call_id,
+        }
+    }
+}
+
 impl TransmitQueue {
+    pub(crate) fn new(limits: Limits) -> Self {
+        TransmitQueue {
+            limits,
+            chunks: VecDeque::new(),
+            tail: BytesMut::new(),
+            last_tail: 0,
+        }
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// Encodes one frame. The head is written by `write_head` straight into the buffer; the
     /// frame is rolled back, and nothing is queued, if it breaks `max_head_len` or
     /// `max_frame_len` (the limits the peer is assumed to enforce too).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn push_frame(
         &mut self,
-        frame_type: FrameType,
-        flags: u8,
-        codec: u8,
-        call_id: u32,
+        frame: FrameInfo,
         write_head: impl FnOnce(&mut BytesMut),
         body: Payload<'_>,
-        max_head_len: u32,
-        max_frame_len: u32,
     ) -> Result<(), Oversize> {
         let copied = match &body {
-            Payload::Bytes(b) if b.len() >= COPY_LIMIT => 0,
+            Payload::Bytes(b) if b.len() >= ZERO_COPY_LEN => 0,
             other => other.len(),
         };
         let wanted = HEADER_LEN + copied + 64;
@@ -110,9 +141,9 @@ impl TransmitQueue {
         write_head(&mut self.tail);
         let head_len = self.tail.len() - start - HEADER_LEN;
         let frame_len = HEADER_LEN as u64 + head_len as u64 + body.len() as u64;
-        let oversize = if head_len as u64 > max_head_len as u64 {
+        let oversize = if head_len as u64 > self.limits.max_head_len as u64 {
             Some(Oversize::Head)
-        } else if frame_len > max_frame_len as u64 {
+        } else if frame_len > self.limits.max_frame_len as u64 {
             Some(Oversize::Frame)
         } else {
             None
@@ -122,16 +153,16 @@ impl TransmitQueue {
             return Err(why);
         }
         let header = FrameHeader {
-            frame_type,
-            flags,
-            codec,
-            call_id,
+            frame_type: frame.frame_type,
+            flags: frame.flags,
+            codec: frame.codec,
+            call_id: frame.call_id,
             head_len: head_len as u32,
             body_len: body.len() as u32,
         };
         self.tail[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
         match body {
-            Payload::Bytes(b) if b.len() >= COPY_LIMIT => {
+            Payload::Bytes(b) if b.len() >= ZERO_COPY_LEN => {
                 if !self.tail.is_empty() {
                     self.chunks.push_back(self.tail.split().freeze());
                 }
@@ -141,6 +172,11 @@ impl TransmitQueue {
             Payload::Slice(s) => self.tail.put_slice(s),
         }
         Ok(())
+    }
+
+    /// A frame with no head, whose body (a window update's increment) is within any limit.
+    pub(crate) fn push_small(&mut self, frame: FrameInfo, body: &[u8]) {
+        let _ = self.push_frame(frame, |_| {}, Payload::Slice(body));
     }
 
     /// A frame with neither head nor body.

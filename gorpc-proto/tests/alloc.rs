@@ -10,6 +10,8 @@ use std::time::Instant;
 use bytes::{BufMut, BytesMut};
 use gorpc_proto::frame::{flags, FrameHeader, FrameRef, FrameType, HEADER_LEN};
 use gorpc_proto::head::{encode_request_head, RequestHeadRef};
+use gorpc_proto::sim::read;
+use gorpc_proto::Conn as _;
 use gorpc_proto::{
     codec, CallHead, ClientConn, ClientEvent, ConnConfig, Limits, ServerConn, ServerEvent, Status,
     StreamKind,
@@ -100,7 +102,7 @@ fn a_unary_call_through_both_state_machines_allocates_nothing_in_steady_state() 
         while let Some(b) = client.poll_transmit() {
             to_server.extend_from_slice(&b);
         }
-        server.handle_read(now, &mut to_server).unwrap();
+        read(&mut server, now, &mut to_server).unwrap();
         let Some(ServerEvent::Request(req)) = server.poll_event() else {
             panic!()
         };
@@ -109,7 +111,7 @@ fn a_unary_call_through_both_state_machines_allocates_nothing_in_steady_state() 
         while let Some(b) = server.poll_transmit() {
             to_client.extend_from_slice(&b);
         }
-        client.handle_read(now, &mut to_client).unwrap();
+        read(&mut client, now, &mut to_client).unwrap();
         let Some(ClientEvent::Finished {
             user,
             result: Ok(rsp),
@@ -148,7 +150,7 @@ fn stream_messages_through_both_state_machines_allocate_nothing_in_steady_state(
     while let Some(b) = client.poll_transmit() {
         to_server.extend_from_slice(&b);
     }
-    server.handle_read(now, &mut to_server).unwrap();
+    read(&mut server, now, &mut to_server).unwrap();
     let Some(ServerEvent::Request(_)) = server.poll_event() else {
         panic!()
     };
@@ -164,8 +166,8 @@ fn stream_messages_through_both_state_machines_allocate_nothing_in_steady_state(
         while let Some(b) = client.poll_transmit() {
             to_server.extend_from_slice(&b);
         }
-        client.handle_read(now, &mut to_client).unwrap();
-        server.handle_read(now, &mut to_server).unwrap();
+        read(&mut client, now, &mut to_client).unwrap();
+        read(&mut server, now, &mut to_server).unwrap();
         let Some(ClientEvent::Message { body: got, .. }) = client.poll_event() else {
             panic!()
         };

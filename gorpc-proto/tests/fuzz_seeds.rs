@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use gorpc_proto::sim::read;
 use gorpc_proto::sim::{targets, Pair};
 use gorpc_proto::{codec, CallHead, ConnConfig, ServerEvent, Status};
 
@@ -163,9 +164,12 @@ fn captured_traffic_is_what_the_seeds_claim() {
     // The generated seeds are only useful if they are real, complete traffic.
     let (to_server, to_client) = captured_traffic();
     let mut server = gorpc_proto::ServerConn::new(ConnConfig::default(), Instant::now(), 3);
-    server
-        .handle_read(Instant::now(), &mut BytesMut::from(&to_server[..]))
-        .unwrap();
+    read(
+        &mut server,
+        Instant::now(),
+        &mut BytesMut::from(&to_server[..]),
+    )
+    .unwrap();
     let requests = std::iter::from_fn(|| server.poll_event())
         .filter(|e| matches!(e, ServerEvent::Request(_)))
         .count();

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use gorpc_proto::frame::{flags, FrameHeader, FrameType};
 use gorpc_proto::head::encode_request_head;
+use gorpc_proto::sim::read;
 use gorpc_proto::sim::{Pair, Side};
+use gorpc_proto::Conn as _;
 use gorpc_proto::{
     codec, CallHead, CallId, CancelReason, ClientEvent, CloseReason, Code, ConnConfig,
     KeepaliveConfig, Limits, ProtoError, Request, ServerConn, ServerEvent, Status,
@@ -340,10 +342,12 @@ fn request_after_client_go_away_is_a_protocol_error() {
         head_len: 0,
         body_len: 0,
     };
+    // A call in flight keeps the connection draining rather than closed.
+    raw_request(&mut wire, 3, "/m", b"");
     goaway.encode(&mut wire);
     raw_request(&mut wire, 5, "/m", b"");
     assert_eq!(
-        server.handle_read(now, &mut wire),
+        read(&mut server, now, &mut wire),
         Err(ProtoError::RequestAfterGoAway(5))
     );
 }
@@ -457,7 +461,7 @@ fn oversized_frames_and_heads_close_the_connection_with_a_typed_error() {
     let mut wire = BytesMut::new();
     raw_request(&mut wire, 1, "/m", &[0; 1100]);
     assert!(matches!(
-        server.handle_read(now, &mut wire),
+        read(&mut server, now, &mut wire),
         Err(ProtoError::FrameTooLarge {
             len: 1124,
             max: 1024
@@ -478,7 +482,7 @@ fn oversized_frames_and_heads_close_the_connection_with_a_typed_error() {
     let mut wire = BytesMut::new();
     raw_request(&mut wire, 1, &"/m".repeat(40), b"");
     assert_eq!(
-        server.handle_read(now, &mut wire),
+        read(&mut server, now, &mut wire),
         Err(ProtoError::HeadTooLarge { len: 82, max: 64 })
     );
 }
@@ -584,7 +588,7 @@ fn bytes_split_at_every_boundary_decode_the_same() {
     let reference = {
         let mut server = ServerConn::new(ConnConfig::default(), p.now, 1);
         let mut buf = BytesMut::from(&stream[..]);
-        server.handle_read(p.now, &mut buf).unwrap();
+        read(&mut server, p.now, &mut buf).unwrap();
         format!(
             "{:?}",
             std::iter::from_fn(|| server.poll_event()).collect::<Vec<_>>()
@@ -593,9 +597,9 @@ fn bytes_split_at_every_boundary_decode_the_same() {
     for cut in 0..=stream.len() {
         let mut server = ServerConn::new(ConnConfig::default(), p.now, 1);
         let mut buf = BytesMut::from(&stream[..cut]);
-        server.handle_read(p.now, &mut buf).unwrap();
+        read(&mut server, p.now, &mut buf).unwrap();
         buf.extend_from_slice(&stream[cut..]);
-        server.handle_read(p.now, &mut buf).unwrap();
+        read(&mut server, p.now, &mut buf).unwrap();
         assert!(buf.is_empty());
         let events = format!(
             "{:?}",
@@ -643,7 +647,7 @@ fn corrupted_bytes_close_only_that_connection_or_fail_only_that_call() {
             let mut bytes = BytesMut::from(&stream[..]);
             bytes[i] = value;
             let mut server = ServerConn::new(ConnConfig::default(), p.now, 1);
-            match server.handle_read(p.now, &mut bytes) {
+            match read(&mut server, p.now, &mut bytes) {
                 Err(_) => {
                     outcomes[0] += 1;
                     assert!(server.is_closed());
@@ -683,7 +687,7 @@ fn malformed_request_head_is_answered_with_invalid_argument() {
     .encode(&mut wire);
     wire.put_slice(&[0x0a, 0x05]); // method field claiming 5 bytes that are not there
     raw_request(&mut wire, 10, "/ok", b"");
-    server.handle_read(now, &mut wire).unwrap();
+    read(&mut server, now, &mut wire).unwrap();
     let events: Vec<_> = std::iter::from_fn(|| server.poll_event()).collect();
     assert!(
         matches!(&events[..], [ServerEvent::Request(r)] if r.id.as_u32() == 10),
@@ -701,7 +705,7 @@ fn malformed_request_head_is_answered_with_invalid_argument() {
     while let Some(b) = server.poll_transmit() {
         out.extend_from_slice(&b);
     }
-    client.handle_read(now, &mut out).unwrap();
+    read(&mut client, now, &mut out).unwrap();
     let Some(ClientEvent::Finished {
         id,
         result: Ok(rsp),
@@ -726,7 +730,7 @@ fn call_id_zero_is_reserved() {
     let mut wire = BytesMut::new();
     raw_request(&mut wire, 0, "/m", b"");
     assert_eq!(
-        server.handle_read(now, &mut wire),
+        read(&mut server, now, &mut wire),
         Err(ProtoError::ReservedCallId)
     );
 }
@@ -739,7 +743,7 @@ fn duplicate_call_id_is_a_protocol_error() {
     raw_request(&mut wire, 4, "/m", b"");
     raw_request(&mut wire, 4, "/m", b"");
     assert_eq!(
-        server.handle_read(now, &mut wire),
+        read(&mut server, now, &mut wire),
         Err(ProtoError::DuplicateCallId(4))
     );
 }
@@ -749,7 +753,7 @@ fn unknown_version_and_garbage_are_refused_with_clear_errors() {
     let now = Instant::now();
     let mut server = ServerConn::new(ConnConfig::default(), now, 1);
     let mut wire = BytesMut::from(&b"GET / HTTP/1.1\r\n\r\n"[..]);
-    let err = server.handle_read(now, &mut wire).unwrap_err();
+    let err = read(&mut server, now, &mut wire).unwrap_err();
     assert_eq!(err, ProtoError::BadMagic);
     assert!(err.to_string().contains("not speaking gorpc"));
 
@@ -757,7 +761,7 @@ fn unknown_version_and_garbage_are_refused_with_clear_errors() {
     let mut wire = BytesMut::new();
     raw_request(&mut wire, 1, "/m", b"");
     wire[2] = 2;
-    let err = server.handle_read(now, &mut wire).unwrap_err();
+    let err = read(&mut server, now, &mut wire).unwrap_err();
     assert_eq!(err, ProtoError::UnsupportedVersion(2));
     assert_eq!(
         err.to_string(),
@@ -774,7 +778,7 @@ fn a_stream_opening_request_carries_no_message() {
     let at = wire.len();
     raw_request(&mut wire, 3, "/m", b"");
     wire[at + 4] = 0;
-    p.server.handle_read(p.now, &mut wire).unwrap();
+    read(&mut p.server, p.now, &mut wire).unwrap();
     // The one with a body fails alone, with INVALID_ARGUMENT; the other opens a stream.
     let events = p.server_events();
     assert!(

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use gorpc_proto::flow::{INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW};
 use gorpc_proto::frame::{flags, FrameHeader, FrameType};
+use gorpc_proto::sim::read;
 use gorpc_proto::sim::{Pair, Side};
+use gorpc_proto::Conn as _;
 use gorpc_proto::{
     codec, CallHead, CallId, CancelReason, ClientEvent, Code, ConnConfig, ProtoError, Request,
     SendError, ServerEvent, Status, StreamKind,
@@ -460,7 +462,7 @@ fn a_message_without_credit_is_a_connection_error() {
         &vec![0; 65_536],
     );
     raw_frame(&mut wire, FrameType::Message, 0, id.as_u32(), b"x");
-    let err = p.server.handle_read(p.now, &mut wire).unwrap_err();
+    let err = read(&mut p.server, p.now, &mut wire).unwrap_err();
     assert_eq!(
         err,
         ProtoError::FlowControl {
@@ -482,7 +484,7 @@ fn malformed_window_updates_are_connection_errors() {
         let mut p = pair();
         let mut wire = BytesMut::new();
         raw_frame(&mut wire, FrameType::WindowUpdate, 0, 0, body);
-        let err = p.server.handle_read(p.now, &mut wire).unwrap_err();
+        let err = read(&mut p.server, p.now, &mut wire).unwrap_err();
         assert_eq!(err, ProtoError::MalformedWindowUpdate(why));
     }
     // Growing a window past 2^31-1.
@@ -495,7 +497,7 @@ fn malformed_window_updates_are_connection_errors() {
         0,
         &0x7fff_ffffu32.to_be_bytes(),
     );
-    let err = p.client.handle_read(p.now, &mut wire).unwrap_err();
+    let err = read(&mut p.client, p.now, &mut wire).unwrap_err();
     assert_eq!(
         err,
         ProtoError::MalformedWindowUpdate("window would exceed 2^31-1")
@@ -529,8 +531,8 @@ fn late_stream_frames_are_ignored_and_their_credit_returned() {
         &5u32.to_be_bytes(),
     );
     let mut to_client = wire.clone();
-    p.server.handle_read(p.now, &mut wire).unwrap();
-    p.client.handle_read(p.now, &mut to_client).unwrap();
+    read(&mut p.server, p.now, &mut wire).unwrap();
+    read(&mut p.client, p.now, &mut to_client).unwrap();
     assert!(p.server_events().is_empty());
     assert!(matches!(client_messages(&mut p), (m, Some(Ok(_))) if m.is_empty()));
 }
@@ -547,7 +549,7 @@ fn stream_frames_breaking_the_rules_fail_as_documented() {
     let mut wire = BytesMut::new();
     raw_frame(&mut wire, FrameType::Message, 0, id.as_u32(), b"x");
     assert_eq!(
-        p.server.handle_read(p.now, &mut wire),
+        read(&mut p.server, p.now, &mut wire),
         Err(ProtoError::MessageAfterEndStream(id.as_u32()))
     );
 
@@ -560,7 +562,7 @@ fn stream_frames_breaking_the_rules_fail_as_documented() {
         let mut wire = BytesMut::new();
         raw_frame(&mut wire, FrameType::Message, flags, 1, body);
         assert!(matches!(
-            p.server.handle_read(p.now, &mut wire),
+            read(&mut p.server, p.now, &mut wire),
             Err(ProtoError::MalformedMessage(_))
         ));
     }
@@ -602,7 +604,7 @@ fn stream_frames_breaking_the_rules_fail_as_documented() {
         b"",
     );
     assert!(matches!(
-        p.client.handle_read(p.now, &mut wire),
+        read(&mut p.client, p.now, &mut wire),
         Err(ProtoError::MalformedMessage(_))
     ));
 }
@@ -703,9 +705,7 @@ fn stream_bytes_split_at_every_boundary_decode_the_same() {
     let stream = p.to_server.split().freeze();
     let reference = {
         let mut server = gorpc_proto::ServerConn::new(ConnConfig::default(), p.now, 1);
-        server
-            .handle_read(p.now, &mut BytesMut::from(&stream[..]))
-            .unwrap();
+        read(&mut server, p.now, &mut BytesMut::from(&stream[..])).unwrap();
         std::iter::from_fn(|| server.poll_event())
             .map(|e| format!("{e:?}"))
             .collect::<Vec<_>>()
@@ -714,9 +714,9 @@ fn stream_bytes_split_at_every_boundary_decode_the_same() {
     for cut in 0..=stream.len() {
         let mut server = gorpc_proto::ServerConn::new(ConnConfig::default(), p.now, 1);
         let mut buf = BytesMut::from(&stream[..cut]);
-        server.handle_read(p.now, &mut buf).unwrap();
+        read(&mut server, p.now, &mut buf).unwrap();
         buf.extend_from_slice(&stream[cut..]);
-        server.handle_read(p.now, &mut buf).unwrap();
+        read(&mut server, p.now, &mut buf).unwrap();
         let events: Vec<_> = std::iter::from_fn(|| server.poll_event())
             .map(|e| format!("{e:?}"))
             .collect();
@@ -912,9 +912,9 @@ fn malformed_batches_are_connection_errors() {
             body,
         );
         let read = if to_server {
-            p.server.handle_read(p.now, &mut wire)
+            read(&mut p.server, p.now, &mut wire)
         } else {
-            p.client.handle_read(p.now, &mut wire)
+            read(&mut p.client, p.now, &mut wire)
         };
         assert!(
             matches!(read, Err(ProtoError::MalformedMessage(_))),
@@ -933,6 +933,6 @@ fn malformed_batches_are_connection_errors() {
         let mut p = pair();
         let mut wire = BytesMut::new();
         raw_frame(&mut wire, frame_type, flags, 1, b"");
-        assert!(p.server.handle_read(p.now, &mut wire).is_err());
+        assert!(read(&mut p.server, p.now, &mut wire).is_err());
     }
 }

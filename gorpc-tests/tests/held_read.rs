@@ -15,6 +15,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use gorpc::proto::sim::read;
+use gorpc::proto::Conn as _;
 use gorpc::proto::{codec, CallHead, ClientConn, ClientEvent, ConnConfig, StreamKind};
 use gorpc::runtime::{Io, Listener, Runtime};
 use gorpc::stream::ResponseSink;
@@ -247,7 +249,7 @@ fn a_request_that_arrives_while_reads_are_held_is_served() {
         while answered.is_none() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
             let mut written = pipe.take_written();
-            client.handle_read(Instant::now(), &mut written).unwrap();
+            read(&mut client, Instant::now(), &mut written).unwrap();
             while let Some(event) = client.poll_event() {
                 match event {
                     ClientEvent::Message { id, body } => {

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
-use gorpc_proto::{frame, ClientConn, Code, ProtoError, ServerConn, Status};
+use gorpc_proto::{frame, Code, Conn, Status};
 
 use crate::recycle::Recycler;
 use crate::runtime::{Io, Runtime, Sleep};
@@ -32,45 +32,6 @@ const MAX_FRAME_RESERVE: usize = 256 * 1024;
 const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Chunks handed to one `writev`.
 const MAX_IOV: usize = 64;
-
-/// What a driver needs from either side's state machine.
-pub(crate) trait Endpoint {
-    fn handle_read(&mut self, now: Instant, buf: &mut BytesMut) -> Result<(), ProtoError>;
-    fn handle_eof(&mut self);
-    fn abort(&mut self, status: Status);
-    fn poll_transmit(&mut self) -> Option<Bytes>;
-    fn is_closed(&self) -> bool;
-    /// No call in flight or waiting.
-    fn is_idle(&self) -> bool;
-}
-
-macro_rules! forward_endpoint {
-    ($ty:ty $(, $generic:ident)?) => {
-        impl$(<$generic>)? Endpoint for $ty {
-            fn handle_read(&mut self, now: Instant, buf: &mut BytesMut) -> Result<(), ProtoError> {
-                <$ty>::handle_read(self, now, buf)
-            }
-            fn handle_eof(&mut self) {
-                <$ty>::handle_eof(self)
-            }
-            fn abort(&mut self, status: Status) {
-                <$ty>::abort(self, status)
-            }
-            fn poll_transmit(&mut self) -> Option<Bytes> {
-                <$ty>::poll_transmit(self)
-            }
-            fn is_closed(&self) -> bool {
-                <$ty>::is_closed(self)
-            }
-            fn is_idle(&self) -> bool {
-                <$ty>::is_idle(self)
-            }
-        }
-    };
-}
-
-forward_endpoint!(ClientConn<T>, T);
-forward_endpoint!(ServerConn);
 
 /// A socket with its read buffer, write queue and the connection's one timer. `I` is the
 /// runtime's own socket for plain TCP (so that path stays monomorphized and unchanged), or
@@ -108,10 +69,10 @@ impl<R: Runtime, I: Io> Transport<R, I> {
     /// Feeds `conn` bytes read from the socket before this transport took it over (while
     /// telling protocols apart), as if this transport had read them.
     #[cfg(feature = "http")]
-    pub(crate) fn feed_read(&mut self, conn: &mut impl Endpoint, now: Instant, bytes: BytesMut) {
+    pub(crate) fn feed_read(&mut self, conn: &mut impl Conn, now: Instant, bytes: BytesMut) {
         self.read_buf = bytes;
         self.last_read = now;
-        let _ = conn.handle_read(now, &mut self.read_buf);
+        conn.handle_read(now, &mut self.read_buf);
     }
 
     /// Reads once and feeds the bytes to `conn`. Returns whether anything happened.
@@ -119,7 +80,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
     pub(crate) fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
-        conn: &mut impl Endpoint,
+        conn: &mut impl Conn,
         now: Instant,
     ) -> bool {
         if self.read_closed || conn.is_closed() {
@@ -159,7 +120,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             }
             Poll::Ready(Ok(_)) => {
                 self.last_read = now;
-                let _ = conn.handle_read(now, &mut self.read_buf);
+                conn.handle_read(now, &mut self.read_buf);
             }
             Poll::Ready(Err(e)) => {
                 self.read_closed = true;
@@ -176,7 +137,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
     /// timer of its own (re-arming a timer at every idle moment of a busy connection costs
     /// more than it saves); an idle connection still wakes for keepalive pings, so its
     /// buffers go at the next ping at the latest.
-    pub(crate) fn release_if_idle(&mut self, conn: &impl Endpoint) {
+    pub(crate) fn release_if_idle(&mut self, conn: &impl Conn) {
         // The clock last: a busy connection rarely gets past the cheap checks.
         if self.read_buf.capacity() > 0
             && self.read_buf.is_empty()
@@ -214,7 +175,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
 
     /// Queues what `conn` has to send and writes as much as the socket takes. Returns
     /// whether anything happened (a write failure aborts `conn`).
-    pub(crate) fn poll_write(&mut self, cx: &mut Context<'_>, conn: &mut impl Endpoint) -> bool {
+    pub(crate) fn poll_write(&mut self, cx: &mut Context<'_>, conn: &mut impl Conn) -> bool {
         while let Some(chunk) = conn.poll_transmit() {
             self.write_queue.push(chunk);
         }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
+use gorpc_proto::Conn as _;
 use gorpc_proto::{
     CallHead, CallId, ClientConn, ClientEvent, Code, ConnConfig, SendError, Status, StreamKind,
 };
@@ -469,6 +470,8 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                         }
                     }
                 }
+                // Events a later core adds are ignored until this driver learns them.
+                _ => {}
             }
         }
 

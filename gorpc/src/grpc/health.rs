@@ -431,7 +431,9 @@ mod tests {
 
     fn poll_next(watcher: &mut Watcher) -> Poll<ServingStatus> {
         let mut cx = Context::from_waker(noop_waker_ref());
-        Box::pin(watcher.next()).poll_unpin(&mut cx)
+        Box::pin(watcher.next())
+            .poll_unpin(&mut cx)
+            .map(|status| status.expect("the server is not shutting down"))
     }
 
     /// A server's serving state (what `ServerHandle::set_serving` and a shutdown flip)

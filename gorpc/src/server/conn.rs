@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use futures::future::{AbortHandle, Abortable};
 use futures::{FutureExt, Stream};
+use gorpc_proto::Conn as _;
 use gorpc_proto::{
     CallId, Code, ConnConfig, SendError, ServerConn, ServerEvent, Status, StreamKind,
 };
@@ -241,6 +242,8 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                     }
                     self.streams.clear();
                 }
+                // Events a later core adds are ignored until this driver learns them.
+                _ => {}
             }
         }
         self.deliver();
