@@ -12,24 +12,22 @@
 //! The tests need python3 with its venv module (or `$GORPC_TEST_PYTHON`), and PyPI the
 //! first time: without them they fail, saying what to install.
 
+mod interop;
+
 use std::future::Future;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures::channel::{mpsc, oneshot};
-use futures::StreamExt;
-use gorpc::http::HttpConfig;
-use gorpc::proto::StreamKind;
-use gorpc::{Code, Metadata, Router, Runtime, Server, ServerConfig, ServerReply, Status};
+use futures::channel::oneshot;
+use gorpc::{Router, Runtime, Server};
 use gorpc_examples::helloworld::GreeterServer;
 use gorpc_examples::routeguide::RouteGuideServer;
 use gorpc_examples::services::{Guide, Hello};
-use gorpc_tests::{loopback, within, Smol, Tokio, SECOND};
+use gorpc_tests::{loopback, Smol, Tokio, SECOND};
+use interop::{servers, MetadataSeen, Seen};
 
 /// What the venv gets from PyPI: versions pinned, so that every run tests the same client.
 const PIP_PINS: &[&str] = &[
@@ -61,12 +59,6 @@ const CHECKS: &[&str] = &[
     "metadata",
     "gzip",
 ];
-
-/// Bytes no text header can carry, sent by the script under `x-blob-bin` (its `BLOB`).
-const BLOB: &[u8] = &[0x00, 0xFF, 0xC3, 0xA9, 0x80, 0x0A, 0x7F];
-
-/// The status /interop.Test/Missing answers: non-ASCII and '%' travel percent-encoded.
-const MISSING: &str = "no feature named «Ünïcode» (100%)";
 
 // ---- The Python environment ------------------------------------------------------------
 
@@ -386,146 +378,10 @@ async fn run_client<R: Runtime>(
     lines
 }
 
-// ---- The server ------------------------------------------------------------------------
-
-/// What the test's own routes saw.
-#[derive(Default)]
-struct Seen {
-    /// Calls of /interop.Test/Stall that started, and those whose handler was dropped.
-    stalls_started: AtomicUsize,
-    stalls_dropped: AtomicUsize,
-    /// Each drop of a Stall handler, for the test to wait on.
-    dropped: Mutex<Option<mpsc::UnboundedSender<()>>>,
-    /// The request metadata of each Echo and Trailers call.
-    metadata: Mutex<Vec<MetadataSeen>>,
-}
-
-/// What one call of Echo or Trailers found under `x-text` and `x-blob-bin`.
-#[derive(Clone, Debug, PartialEq)]
-struct MetadataSeen {
-    method: String,
-    text: Option<Vec<u8>>,
-    blob: Option<Vec<u8>>,
-}
-
-/// Drops with the handler that holds it.
-struct StallGuard(Arc<Seen>);
-
-impl Drop for StallGuard {
-    fn drop(&mut self) {
-        self.0.stalls_dropped.fetch_add(1, Ordering::SeqCst);
-        if let Some(tx) = &*self.0.dropped.lock().unwrap() {
-            let _ = tx.unbounded_send(());
-        }
-    }
-}
-
-/// The request metadata the Echo and Trailers routes send back, recorded first.
-fn echo_metadata(seen: &Seen, request: &gorpc::ServerRequest) -> Metadata {
-    let text = request.metadata_value("x-text").map(<[u8]>::to_vec);
-    let blob = request.metadata_value("x-blob-bin").map(<[u8]>::to_vec);
-    seen.metadata.lock().unwrap().push(MetadataSeen {
-        method: request.method().to_owned(),
-        text: text.clone(),
-        blob: blob.clone(),
-    });
-    let mut metadata = Metadata::new();
-    if let Some(text) = text {
-        metadata.insert("x-echo-text", text);
-    }
-    if let Some(blob) = blob {
-        metadata.insert("x-echo-blob-bin", blob);
-    }
-    metadata
-}
-
-/// Hello and Guide, and the test's routes:
-/// - `/interop.Test/Stall` (unary) never answers, and counts its starts and drops;
-/// - `/interop.Test/Missing` (unary) answers NOT_FOUND with [`MISSING`];
-/// - `/interop.Test/Echo` (unary) answers its request, with the request's `x-text` and
-///   `x-blob-bin` as `x-echo-text` and `x-echo-blob-bin` metadata;
-/// - `/interop.Test/Trailers` (server streaming) sends "one" and "two", and the same echo
-///   as trailers.
-fn router(seen: &Arc<Seen>) -> Router {
-    let stall = seen.clone();
-    let echo = seen.clone();
-    let trailers = seen.clone();
-    Router::new()
-        .add_service(GreeterServer::new(Hello))
-        .add_service(RouteGuideServer::new(Guide))
-        .route("/interop.Test/Stall", move |_request| {
-            stall.stalls_started.fetch_add(1, Ordering::SeqCst);
-            let guard = StallGuard(stall.clone());
-            async move {
-                let _guard = guard;
-                std::future::pending::<ServerReply>().await
-            }
-        })
-        .route("/interop.Test/Missing", |_request| async {
-            ServerReply::error(Status::new(Code::NotFound, MISSING))
-        })
-        .route("/interop.Test/Echo", move |request| {
-            let metadata = echo_metadata(&echo, &request);
-            async move {
-                ServerReply {
-                    status: Status::ok(),
-                    metadata,
-                    body: request.body,
-                }
-            }
-        })
-        .stream_route(
-            "/interop.Test/Trailers",
-            StreamKind::ServerStreaming,
-            move |mut request| {
-                let metadata = echo_metadata(&trailers, &request);
-                let mut sink = request.take_response_sink().expect("a server stream");
-                async move {
-                    for message in ["one", "two"] {
-                        if let Err(status) = sink.send(Bytes::from_static(message.as_bytes())).await
-                        {
-                            return ServerReply::error(status);
-                        }
-                    }
-                    sink.set_trailers(metadata);
-                    ServerReply::ok(Bytes::new())
-                }
-            },
-        )
-}
-
-/// The gorpc server on `rt`, and a second one that gzips its answers.
-async fn servers<R: Runtime>(
-    rt: R,
-    seen: &Arc<Seen>,
-) -> (gorpc::ServerHandle<R>, gorpc::ServerHandle<R>) {
-    let server = Server::new(rt.clone(), router(seen))
-        .http()
-        .bind(loopback())
-        .await
-        .expect("the server binds");
-    let gzip_config = ServerConfig {
-        http: HttpConfig {
-            compress_grpc_responses: true,
-            ..HttpConfig::default()
-        },
-        ..ServerConfig::default()
-    };
-    let gzip_server = Server::new(rt, router(seen))
-        .config(gzip_config)
-        .http()
-        .bind(loopback())
-        .await
-        .expect("the gzip server binds");
-    (server, gzip_server)
-}
-
 // ---- The tests -------------------------------------------------------------------------
 
 async fn python_client<R: Runtime>(rt: R) {
-    let seen = Arc::new(Seen::default());
-    let (dropped_tx, mut dropped) = mpsc::unbounded();
-    *seen.dropped.lock().unwrap() = Some(dropped_tx);
+    let seen = Seen::new();
     let (server, gzip_server) = servers(rt.clone(), &seen).await;
     let addr = server.local_addr().to_string();
     let gzip_addr = gzip_server.local_addr().to_string();
@@ -534,27 +390,15 @@ async fn python_client<R: Runtime>(rt: R) {
     let expected: Vec<String> = CHECKS.iter().map(|check| format!("ok {check}")).collect();
     assert_eq!(lines, expected, "the Python client's verdicts");
 
-    // The deadline dropped the handler, with no help from the server's shutdown.
-    within(
-        &rt,
-        Duration::from_secs(10),
-        "the Stall handler's drop",
-        dropped.next(),
-    )
-    .await;
-    assert_eq!(seen.stalls_started.load(Ordering::SeqCst), 1);
-    assert_eq!(seen.stalls_dropped.load(Ordering::SeqCst), 1);
-
+    // The deadline dropped the stalled handler, with no help from the server's shutdown.
+    seen.stalls.wait_dropped(&rt, 1).await;
     // The request metadata reached the handlers, the binary value decoded.
-    let calls = seen.metadata.lock().unwrap().clone();
-    let want = |method: &str| MetadataSeen {
-        method: method.to_owned(),
-        text: Some(b"interop".to_vec()),
-        blob: Some(BLOB.to_vec()),
-    };
     assert_eq!(
-        calls,
-        [want("/interop.Test/Echo"), want("/interop.Test/Trailers")],
+        seen.metadata(),
+        [
+            MetadataSeen::sent_to("/interop.Test/Echo"),
+            MetadataSeen::sent_to("/interop.Test/Trailers")
+        ],
         "what the handlers saw"
     );
 

@@ -7,7 +7,7 @@ examples/proto into a directory on PYTHONPATH and starts the server:
     interop_client.py --addr HOST:PORT --gzip-addr HOST:PORT CHECK...
 
 --gzip-addr is a server that gzips its answers. The checks are named below (CHECKS); the
-test's routes they call are described in grpc_python.rs.
+test's routes they call are described in tests/interop/mod.rs.
 """
 
 import argparse
@@ -180,6 +180,15 @@ def check_bidi(channel, _gzip_channel):
 
 
 def check_deadline(channel, _gzip_channel):
+    # /interop.Test/Deadline answers a Point whose latitude is the milliseconds the handler
+    # had left: grpcio's timeout is the handler's deadline. (gRPC core rounds the
+    # grpc-timeout it sends up: 20 s arrive as a little over 20 s.)
+    deadline = raw_unary(channel, "/interop.Test/Deadline")
+    left = route_guide_pb2.Point.FromString(deadline(b"", timeout=TIMEOUT)).latitude
+    expect(1000 < left <= TIMEOUT * 1100, f"{left} ms left of {TIMEOUT} s")
+    none = route_guide_pb2.Point.FromString(deadline(b"")).latitude
+    expect_eq(none, -1, "the deadline of a call without a timeout")
+
     # /interop.Test/Stall never answers: the deadline ends the call, and the server must
     # drop the handler (the Rust test checks that).
     stall = raw_unary(channel, "/interop.Test/Stall")
@@ -222,8 +231,8 @@ def check_metadata(channel, _gzip_channel):
 
     # A stream's trailers: set by the handler, after its messages.
     trailers = channel.unary_stream("/interop.Test/Trailers", _registered_method=False)
-    replies = trailers(b"", timeout=TIMEOUT, metadata=request_metadata)
-    expect_eq(list(replies), [b"one", b"two"], "Trailers messages")
+    replies = trailers(b"one", timeout=TIMEOUT, metadata=request_metadata)
+    expect_eq(list(replies), [b"one", b"one"], "Trailers messages")
     trailing = dict(replies.trailing_metadata())
     expect_eq(trailing.get("x-echo-text"), "interop", "Trailers trailing metadata x-echo-text")
     expect_eq(trailing.get("x-echo-blob-bin"), BLOB, "Trailers trailing metadata x-echo-blob-bin")
