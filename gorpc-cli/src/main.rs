@@ -1,13 +1,14 @@
-//! `gorpc`: calls gorpc services described by .proto files (like grpcurl), and scaffolds new
-//! gorpc projects, from a .proto file or a starter one.
+//! `gorpc`: calls gorpc and gRPC services described by .proto files (like grpcurl), and
+//! scaffolds new gorpc projects, from a .proto file or a starter one.
 //!
 //! `gorpc call` calls a method of any kind: unary, server streaming, client streaming or
 //! bidirectional. `--data` holds the request as JSON, or for a client stream the requests,
 //! JSON values one after another; each response is printed as JSON as it arrives.
+//! `--transport grpc` calls over gRPC instead of gorpc's binary protocol: any gRPC server.
 //!
 //! ```text
 //! gorpc call 127.0.0.1:50051 /helloworld.Greeter/SayHello --proto helloworld.proto --data '{"name":"x"}'
-//! gorpc call 127.0.0.1:50051 /routeguide.RouteGuide/RecordRoute --proto route_guide.proto --data '{"latitude":1} {"latitude":2}'
+//! gorpc call 127.0.0.1:50051 /routeguide.RouteGuide/RecordRoute --proto route_guide.proto --transport grpc --data '{"latitude":1} {"latitude":2}'
 //! gorpc new my-service
 //! gorpc new my-service --proto helloworld.proto
 //! ```
@@ -17,6 +18,7 @@
 
 mod call;
 mod new;
+mod remote;
 
 use std::fmt;
 use std::process::ExitCode;
@@ -59,7 +61,8 @@ impl Failure {
 #[command(
     name = "gorpc",
     version,
-    about = "Call gorpc services described by .proto files, and scaffold new gorpc projects",
+    about = "Call gorpc and gRPC services described by .proto files, and scaffold new gorpc \
+             projects",
     after_help = "Exit codes: 0 success, 1 other failure, 2 usage or input error, \
                   3 connection failure, 4 non-OK status from the server."
 )]
@@ -77,6 +80,9 @@ enum Command {
     /// JSON values one after another, sent in order (for a bidirectional method, while its
     /// responses come). Each response is printed as JSON as it arrives. A non-OK status fails
     /// the call (exit code 4), after any responses that came before it.
+    ///
+    /// --transport grpc calls any gRPC server, or a gorpc server with HTTP on
+    /// (`Server::http()`).
     Call(call::CallArgs),
     /// Scaffold a runnable Cargo project (server and client) from a .proto file, or from a
     /// starter one.
