@@ -1,5 +1,5 @@
 //! `gorpc call`: a call of any kind with its requests given as JSON, typed by a .proto
-//! file; responses are printed as JSON as they arrive.
+//! file or by the server's reflection; responses are printed as JSON as they arrive.
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ use prost_reflect::{
     SerializeOptions,
 };
 
+use crate::reflect::{reflect, Lookup};
 use crate::remote::{self, status_failure, Remote, RemoteArgs};
 use crate::Failure;
 
@@ -27,12 +28,13 @@ pub struct CallArgs {
     /// Method path, /package.Service/Method.
     #[arg(value_name = "METHOD")]
     method: String,
-    /// The .proto file that declares the service.
+    /// The .proto file that declares the service. Without it, the server's reflection
+    /// service describes the method (mounted on gorpc servers by `Server::reflection()`).
     #[arg(long, value_name = "FILE")]
-    proto: PathBuf,
-    /// Directory to resolve imports in (repeatable); the .proto file's own directory is
-    /// searched last.
-    #[arg(short = 'I', long = "include", value_name = "DIR")]
+    proto: Option<PathBuf>,
+    /// Directory to resolve --proto's imports in (repeatable); the .proto file's own
+    /// directory is searched last.
+    #[arg(short = 'I', long = "include", value_name = "DIR", requires = "proto")]
     include: Vec<PathBuf>,
     /// The request message as JSON (protobuf JSON mapping); for a client-streaming or
     /// bidirectional method, the messages one after another (`{..} {..}`, none for an
@@ -50,12 +52,29 @@ pub struct CallArgs {
 pub fn run(args: CallArgs) -> Result<(), Failure> {
     let path = MethodPath::parse(&args.method)?;
     let data = read_data(&args.data)?;
-    let pool = load_pool(&args.proto, &args.include)?;
-    let prepared = Prepared::new(&pool, &path, &data, Origin::File(&args.proto))?;
+    // With a .proto file, the requests are checked before anything is sent.
+    let local = match &args.proto {
+        Some(proto) => {
+            let pool = load_pool(proto, &args.include)?;
+            Some(Prepared::new(&pool, &path, &data, Origin::File(proto))?)
+        }
+        None => None,
+    };
     let remote = Remote::new(&args.addr, &args.remote)?;
     let emit_defaults = args.emit_defaults;
     remote::block_on(async move {
         let client = remote.connect().await?;
+        let prepared = match local {
+            Some(prepared) => prepared,
+            None => {
+                let reflection = reflect(&client, remote.options(), Some(&path.service)).await?;
+                let origin = Origin::Server(&reflection.services);
+                match reflection.lookup {
+                    Some(Lookup::Found(pool)) => Prepared::new(&pool, &path, &data, origin)?,
+                    _ => return Err(origin.unknown_service(&path.service, None)),
+                }
+            }
+        };
         let printer = Printer {
             desc: prepared.method.output(),
             options: SerializeOptions::new().skip_default_fields(!emit_defaults),
@@ -96,20 +115,30 @@ impl MethodPath {
 /// Where the descriptors came from, for the messages of unknown names.
 enum Origin<'a> {
     File(&'a Path),
+    /// The server's reflection, with the services it lists.
+    Server(&'a [String]),
 }
 
 impl Origin<'_> {
-    fn unknown_service(&self, service: &str, pool: &DescriptorPool) -> Failure {
+    fn unknown_service(&self, service: &str, pool: Option<&DescriptorPool>) -> Failure {
         match self {
             Origin::File(proto) => {
-                let known: Vec<String> =
-                    pool.services().map(|s| s.full_name().to_owned()).collect();
+                let known: Vec<String> = pool
+                    .into_iter()
+                    .flat_map(|pool| pool.services())
+                    .map(|s| s.full_name().to_owned())
+                    .collect();
                 Failure::usage(format!(
                     "unknown service `{service}` in {} (it declares: {})",
                     proto.display(),
                     list(&known)
                 ))
             }
+            Origin::Server(services) => Failure::usage(format!(
+                "unknown service `{service}`: the server's reflection does not describe it \
+                 (it lists: {})",
+                list(services)
+            )),
         }
     }
 }
@@ -312,7 +341,7 @@ fn find_method(
     let method_name = &path.method;
     let service = pool
         .get_service_by_name(service_name)
-        .ok_or_else(|| origin.unknown_service(service_name, pool))?;
+        .ok_or_else(|| origin.unknown_service(service_name, Some(pool)))?;
     let method = service
         .methods()
         .find(|m| m.name() == method_name)

@@ -1,5 +1,5 @@
 //! The server a command talks to: its address, the transport (gorpc's binary protocol or
-//! gRPC), the timeout and the request metadata.
+//! gRPC), the timeout and the request metadata, shared by `call`, `list` and `describe`.
 
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs as _};
@@ -26,10 +26,11 @@ pub struct RemoteArgs {
     /// The protocol to call in.
     #[arg(long, value_enum, value_name = "PROTOCOL", default_value_t)]
     transport: Transport,
-    /// Call timeout in seconds (default 30); also bounds the connect (default 5).
+    /// Timeout of each call in seconds (default 30), reflection's included; also bounds the
+    /// connect (default 5).
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
-    /// Request metadata, KEY=VALUE (repeatable).
+    /// Request metadata, KEY=VALUE (repeatable); sent with reflection's calls too.
     #[arg(short = 'H', long = "header", value_name = "KEY=VALUE")]
     headers: Vec<String>,
 }
