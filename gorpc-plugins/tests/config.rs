@@ -1,6 +1,6 @@
 //! Servers and clients from TOML: components chosen by name (built-in and user plugins) work
-//! end to end over TCP on every runtime pairing, and every kind of mistake is refused at
-//! start-up with the key that is wrong.
+//! end to end over TCP, HTTP, gRPC and UDP on every runtime pairing, and every kind of
+//! mistake is refused at start-up with the key that is wrong.
 
 use std::sync::Arc;
 
@@ -276,10 +276,78 @@ async fn retry_and_hedge_are_configured_by_name<S: Runtime, C: Runtime>(
     server.shutdown(SECOND).await;
 }
 
+/// `transport = "grpc"` calls over gRPC, to one address or to a discovered service: servers
+/// on `tcp+http` answer it, while servers of the binary protocol alone, which the same
+/// client reaches over `tcp`, refuse its HTTP/2 connection.
+async fn grpc_clients_call_over_grpc<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let registry = MemoryRegistry::new();
+    let plugins = plugins(&registry);
+    let start = |transport: &'static str, service: &'static str| {
+        let plugins = &plugins;
+        let server_rt = server_rt.clone();
+        async move {
+            let toml = format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\ntransport = \"{transport}\"\n\
+                 service = \"{service}\"\nregistry = \"memory\""
+            );
+            let settings = Config::from_toml(&toml).unwrap().server(plugins).unwrap();
+            let echo = Router::new().route("/t.Echo/Echo", |req: ServerRequest| async move {
+                ServerReply::ok(req.body)
+            });
+            settings
+                .server(server_rt, echo)
+                .bind(settings.listen)
+                .await
+                .unwrap()
+        }
+    };
+    let with_grpc = start("tcp+http", "echo-grpc").await;
+    let binary_only = start("tcp", "echo-binary").await;
+    let call = |client: &str, transport: &str| {
+        let toml = format!(
+            "[client]\n{client}\ntransport = \"{transport}\"\ncodec = \"raw\"\ntimeout_ms = 10000"
+        );
+        let settings = Config::from_toml(&toml).unwrap().client(&plugins).unwrap();
+        let client_rt = client_rt.clone();
+        async move {
+            let client = settings.build(client_rt).await.unwrap();
+            client
+                .call_raw(
+                    "/t.Echo/Echo",
+                    0,
+                    Bytes::from_static(b"ping"),
+                    CallOptions::default(),
+                )
+                .await
+        }
+    };
+    let address =
+        |server: &gorpc::ServerHandle<S>| format!("address = \"{}\"", server.local_addr());
+    let discovered = |service: &str| format!("service = \"{service}\"\nregistry = \"memory\"");
+
+    for client in [address(&with_grpc), discovered("echo-grpc")] {
+        let rsp = call(&client, "grpc")
+            .await
+            .unwrap_or_else(|e| panic!("{client}: {e}"));
+        assert_eq!(&rsp.body[..], b"ping", "{client}");
+    }
+    for client in [address(&binary_only), discovered("echo-binary")] {
+        let err = call(&client, "grpc").await.expect_err(&client);
+        assert_eq!(err.code(), Code::Unavailable, "{client}: {err}");
+        let rsp = call(&client, "tcp")
+            .await
+            .unwrap_or_else(|e| panic!("{client} over tcp: {e}"));
+        assert_eq!(&rsp.body[..], b"ping", "{client}");
+    }
+    with_grpc.shutdown(SECOND).await;
+    binary_only.shutdown(SECOND).await;
+}
+
 on_every_runtime!(
     a_configured_server_and_client_talk,
     transports_are_chosen_by_name,
-    retry_and_hedge_are_configured_by_name
+    retry_and_hedge_are_configured_by_name,
+    grpc_clients_call_over_grpc
 );
 
 fn server_error(toml: &str) -> ConfigError {
@@ -328,6 +396,11 @@ fn unknown_names_say_what_is_known() {
         server_error("[server]\nlisten = \"127.0.0.1:0\"\ntransport = \"quic\""),
         "server.transport",
         "unknown transport \"quic\"",
+    );
+    assert_error(
+        client_error("[client]\naddress = \"127.0.0.1:1\"\ntransport = \"quic\""),
+        "client.transport",
+        "unknown transport \"quic\" (known: tcp, http, grpc, udp)",
     );
     assert_error(
         server_error("[servers]\nlisten = \"127.0.0.1:0\""),
@@ -381,7 +454,7 @@ fn bad_options_name_their_key() {
     assert_error(
         client_error("[client]\nservice = \"g\"\nregistry = \"memory\"\ntransport = \"udp\""),
         "client.transport",
-        "take `address`",
+        "run over tcp or grpc; http and udp clients take `address`",
     );
     assert_error(
         client_error("[client]\naddress = \"127.0.0.1:1\"\nidempotent_methods = [\"/a/b\"]"),
