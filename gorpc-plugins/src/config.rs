@@ -5,6 +5,8 @@
 //! listen = "127.0.0.1:7070"
 //! service = "greeter"              # the name it registers under
 //! transport = "tcp+http"           # HTTP/1.1 and gRPC beside the binary protocol
+//! health = true                    # grpc.health.v1.Health, over every protocol
+//! reflection = true                # gRPC server reflection, over every protocol
 //! interceptors = ["logging", { name = "auth", tokens = { "s3cret" = "alice" } }]
 //! registry = { name = "consul", url = "http://127.0.0.1:8500", ttl_ms = 10000 }
 //!
@@ -35,6 +37,9 @@
 //! `http`, `grpc` (any gRPC server, or a gorpc server on `tcp+http`), `udp` (with
 //! `idempotent_methods`, resent until answered), where discovery and balancing need `tcp`
 //! or `grpc`.
+//! Servers with the `grpc` feature also take `health = true` and `reflection = true`, which
+//! mount gRPC's standard services beside the interceptors ([`Server::health`],
+//! [`Server::reflection`]); both answer over every protocol the server speaks.
 //! Client interceptors that run on the client's runtime, made when [`ClientSettings::build`]
 //! is given it: `retry` (`max_attempts`, default 3; `codes`, default `["unavailable"]`;
 //! `backoff_base_ms`, default 50; `backoff_max_ms`, default 5000; `no_retry`, methods that
@@ -808,6 +813,19 @@ impl Config {
                 ))
             }
         };
+        let mut standard = |key: &str| -> Result<bool, ConfigError> {
+            let on = o.bool(key)?.unwrap_or(false);
+            if on && !cfg!(feature = "grpc") {
+                return Err(ConfigError::new(
+                    o.key(key),
+                    "gRPC's standard services are built in but this build leaves them out: \
+                     enable gorpc-plugins' `grpc` cargo feature",
+                ));
+            }
+            Ok(on)
+        };
+        let health = standard("health")?;
+        let reflection = standard("reflection")?;
         let max_connections = o.u64("max_connections")?.map(|n| n as usize);
         let mut interceptors = Vec::new();
         for (name, options) in o.components("interceptors")? {
@@ -849,6 +867,8 @@ impl Config {
         Ok(ServerSettings {
             listen,
             http,
+            health,
+            reflection,
             max_connections,
             interceptors,
             registration,
@@ -1042,6 +1062,10 @@ pub struct ServerSettings {
     /// Also answer HTTP/1.1, and gRPC with the `grpc` feature, on the port (`transport =
     /// "tcp+http"`).
     pub http: bool,
+    /// Serve `grpc.health.v1.Health` beside the service ([`Server::health`]).
+    pub health: bool,
+    /// Serve gRPC server reflection beside the service ([`Server::reflection`]).
+    pub reflection: bool,
     max_connections: Option<usize>,
     interceptors: Vec<Arc<dyn ServerInterceptor>>,
     registration: Option<(Arc<dyn Register>, Registration)>,
@@ -1052,6 +1076,8 @@ impl fmt::Debug for ServerSettings {
         f.debug_struct("ServerSettings")
             .field("listen", &self.listen)
             .field("http", &self.http)
+            .field("health", &self.health)
+            .field("reflection", &self.reflection)
             .field("interceptors", &self.interceptors.len())
             .field("registration", &self.registration.as_ref().map(|r| &r.1))
             .finish()
@@ -1074,6 +1100,15 @@ impl ServerSettings {
         #[cfg(feature = "http")]
         if self.http {
             server = server.http();
+        }
+        #[cfg(feature = "grpc")]
+        {
+            if self.health {
+                server = server.health();
+            }
+            if self.reflection {
+                server = server.reflection();
+            }
         }
         server
     }

@@ -343,11 +343,102 @@ async fn grpc_clients_call_over_grpc<S: Runtime, C: Runtime>(server_rt: S, clien
     binary_only.shutdown(SECOND).await;
 }
 
+/// `health = true` and `reflection = true` mount gRPC's standard services, which answer over
+/// the binary protocol too; without them, the server has neither.
+async fn health_and_reflection_are_mounted_by_flags<S: Runtime, C: Runtime>(
+    server_rt: S,
+    client_rt: C,
+) {
+    use futures::StreamExt as _;
+    use gorpc::grpc::health::{self, HealthCheckRequest, HealthCheckResponse, ServingStatus};
+    use gorpc::grpc::reflection::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest, ServerReflectionResponse, V1,
+    };
+    use gorpc::{Protobuf, Request};
+
+    let plugins = Plugins::builtin();
+    for flags in ["health = true\nreflection = true", "health = false", ""] {
+        let toml = format!("[server]\nlisten = \"127.0.0.1:0\"\n{flags}");
+        let settings = Config::from_toml(&toml).unwrap().server(&plugins).unwrap();
+        let mounted = flags.contains("true");
+        assert_eq!(
+            (settings.health, settings.reflection),
+            (mounted, mounted),
+            "{flags:?}"
+        );
+        let echo = Router::new().route("/t.Echo/Echo", |req: ServerRequest| async move {
+            ServerReply::ok(req.body)
+        });
+        let server = settings
+            .server(server_rt.clone(), echo)
+            .bind(settings.listen)
+            .await
+            .unwrap();
+        let client = gorpc::Client::connect(
+            client_rt.clone(),
+            server.local_addr(),
+            gorpc_tests::client_config(),
+        )
+        .await
+        .unwrap();
+
+        let checked = client
+            .unary::<_, _, HealthCheckResponse>(
+                health::CHECK,
+                Protobuf,
+                Request::new(HealthCheckRequest::default()),
+            )
+            .await;
+        let (mut sender, mut answers) = client
+            .bidi::<_, ServerReflectionRequest, ServerReflectionResponse>(
+                V1,
+                Protobuf,
+                CallOptions::default(),
+            )
+            .await
+            .unwrap();
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        // A send fails once the call ended; the answers then end with its status.
+        if sender.send(&request).await.is_ok() {
+            let _ = sender.close_send().await;
+        }
+        let listed = answers.next().await.expect("an answer or a status");
+        if mounted {
+            let status = checked.unwrap().message.status;
+            assert_eq!(status, ServingStatus::Serving as i32, "{flags:?}");
+            let Some(MessageResponse::ListServicesResponse(list)) =
+                listed.unwrap().message_response
+            else {
+                panic!("{flags:?}: no list of services");
+            };
+            let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            assert!(
+                names.contains(&"grpc.health.v1.Health".to_owned())
+                    && names.contains(&"grpc.reflection.v1.ServerReflection".to_owned()),
+                "{flags:?}: {names:?}"
+            );
+        } else {
+            assert_eq!(
+                checked.unwrap_err().code(),
+                Code::Unimplemented,
+                "{flags:?}"
+            );
+            assert_eq!(listed.unwrap_err().code(), Code::Unimplemented, "{flags:?}");
+        }
+        server.shutdown(SECOND).await;
+    }
+}
+
 on_every_runtime!(
     a_configured_server_and_client_talk,
     transports_are_chosen_by_name,
     retry_and_hedge_are_configured_by_name,
-    grpc_clients_call_over_grpc
+    grpc_clients_call_over_grpc,
+    health_and_reflection_are_mounted_by_flags
 );
 
 fn server_error(toml: &str) -> ConfigError {
@@ -455,6 +546,16 @@ fn bad_options_name_their_key() {
         client_error("[client]\nservice = \"g\"\nregistry = \"memory\"\ntransport = \"udp\""),
         "client.transport",
         "run over tcp or grpc; http and udp clients take `address`",
+    );
+    assert_error(
+        server_error("[server]\nlisten = \"127.0.0.1:0\"\nhealth = \"yes\""),
+        "server.health",
+        "expected true or false, found string",
+    );
+    assert_error(
+        server_error("[server]\nlisten = \"127.0.0.1:0\"\nreflection = 1"),
+        "server.reflection",
+        "expected true or false, found integer",
     );
     assert_error(
         client_error("[client]\naddress = \"127.0.0.1:1\"\nidempotent_methods = [\"/a/b\"]"),
