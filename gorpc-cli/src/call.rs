@@ -1,24 +1,24 @@
 //! `gorpc call`: a call of any kind with its requests given as JSON, typed by a .proto
-//! file; responses are printed as JSON as they arrive.
+//! file or by the server's reflection; responses are printed as JSON as they arrive.
 
 use std::io::Read as _;
-use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Args;
 use futures::StreamExt as _;
 use gorpc_tokio::client::RawStreamReceiver;
 use gorpc_tokio::proto::StreamKind;
-use gorpc_tokio::{CallOptions, Client, ClientConfig, Metadata, Status, Tokio};
+use gorpc_tokio::{CallOptions, Client};
 use prost::Message as _;
 use prost_reflect::{
     DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor,
     SerializeOptions,
 };
 
-use crate::{Failure, EXIT_CONNECT, EXIT_STATUS};
+use crate::reflect::{reflect, Lookup};
+use crate::remote::{self, status_failure, Remote, RemoteArgs};
+use crate::Failure;
 
 #[derive(Debug, Args)]
 pub struct CallArgs {
@@ -28,12 +28,13 @@ pub struct CallArgs {
     /// Method path, /package.Service/Method.
     #[arg(value_name = "METHOD")]
     method: String,
-    /// The .proto file that declares the service.
+    /// The .proto file that declares the service. Without it, the server's reflection
+    /// service describes the method (mounted on gorpc servers by `Server::reflection()`).
     #[arg(long, value_name = "FILE")]
-    proto: PathBuf,
-    /// Directory to resolve imports in (repeatable); the .proto file's own directory is
-    /// searched last.
-    #[arg(short = 'I', long = "include", value_name = "DIR")]
+    proto: Option<PathBuf>,
+    /// Directory to resolve --proto's imports in (repeatable); the .proto file's own
+    /// directory is searched last.
+    #[arg(short = 'I', long = "include", value_name = "DIR", requires = "proto")]
     include: Vec<PathBuf>,
     /// The request message as JSON (protobuf JSON mapping); for a client-streaming or
     /// bidirectional method, the messages one after another (`{..} {..}`, none for an
@@ -41,66 +42,154 @@ pub struct CallArgs {
     /// the call starts).
     #[arg(short, long, value_name = "JSON", default_value = "{}")]
     data: String,
-    /// Call timeout in seconds (default 30); also bounds the connect (default 5).
-    #[arg(long, value_name = "SECS")]
-    timeout: Option<f64>,
-    /// Request metadata, KEY=VALUE (repeatable).
-    #[arg(short = 'H', long = "header", value_name = "KEY=VALUE")]
-    headers: Vec<String>,
+    #[command(flatten)]
+    remote: RemoteArgs,
     /// Print fields that hold their default value too.
     #[arg(long)]
     emit_defaults: bool,
 }
 
 pub fn run(args: CallArgs) -> Result<(), Failure> {
-    let pool = load_pool(&args.proto, &args.include)?;
-    let method = find_method(&pool, &args.method, &args.proto)?;
-    let kind = stream_kind(&method);
-    let requests = parse_requests(method.input(), &read_data(&args.data)?)?;
-    let takes_one = matches!(kind, None | Some(StreamKind::ServerStreaming));
-    if takes_one && requests.len() != 1 {
-        return Err(Failure::usage(format!(
-            "--data holds {} messages; {} takes exactly one",
-            requests.len(),
-            args.method
-        )));
-    }
-    let bodies: Vec<Bytes> = requests
-        .iter()
-        .map(|r| Bytes::from(r.encode_to_vec()))
-        .collect();
-    let metadata = parse_headers(&args.headers)?;
-    let timeout = match args.timeout {
-        Some(secs) => Some(
-            Duration::try_from_secs_f64(secs)
-                .ok()
-                .filter(|t| !t.is_zero())
-                .ok_or_else(|| {
-                    Failure::usage(format!(
-                        "--timeout {secs}: expected a positive number of seconds"
-                    ))
-                })?,
-        ),
+    let path = MethodPath::parse(&args.method)?;
+    let data = read_data(&args.data)?;
+    // With a .proto file, the requests are checked before anything is sent.
+    let local = match &args.proto {
+        Some(proto) => {
+            let pool = load_pool(proto, &args.include)?;
+            Some(Prepared::new(&pool, &path, &data, Origin::File(proto))?)
+        }
         None => None,
     };
-    let addrs = resolve(&args.addr)?;
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::other(format!("cannot start the tokio runtime: {e}")))?;
-    let path = args.method.clone();
-    let printer = Printer {
-        desc: method.output(),
-        options: SerializeOptions::new().skip_default_fields(!args.emit_defaults),
-    };
-    runtime.block_on(async move {
-        let client = connect(&addrs, timeout).await?;
-        let options = CallOptions {
-            timeout,
-            metadata,
-            ..CallOptions::default()
+    let remote = Remote::new(&args.addr, &args.remote)?;
+    let emit_defaults = args.emit_defaults;
+    remote::block_on(async move {
+        let client = remote.connect().await?;
+        let prepared = match local {
+            Some(prepared) => prepared,
+            None => {
+                let reflection = reflect(&client, remote.options(), Some(&path.service)).await?;
+                let origin = Origin::Server(&reflection.services);
+                match reflection.lookup {
+                    Some(Lookup::Found(pool)) => Prepared::new(&pool, &path, &data, origin)?,
+                    _ => return Err(origin.unknown_service(&path.service, None)),
+                }
+            }
         };
+        let printer = Printer {
+            desc: prepared.method.output(),
+            options: SerializeOptions::new().skip_default_fields(!emit_defaults),
+        };
+        prepared
+            .invoke(&client, path.full, remote.options(), printer)
+            .await
+    })
+}
+
+/// `/package.Service/Method`, split.
+struct MethodPath {
+    full: String,
+    service: String,
+    method: String,
+}
+
+impl MethodPath {
+    fn parse(path: &str) -> Result<Self, Failure> {
+        let malformed = || {
+            Failure::usage(format!(
+                "method path `{path}`: expected /package.Service/Method"
+            ))
+        };
+        let rest = path.strip_prefix('/').ok_or_else(malformed)?;
+        let (service, method) = rest.rsplit_once('/').ok_or_else(malformed)?;
+        if service.is_empty() || method.is_empty() {
+            return Err(malformed());
+        }
+        Ok(MethodPath {
+            full: path.to_owned(),
+            service: service.to_owned(),
+            method: method.to_owned(),
+        })
+    }
+}
+
+/// Where the descriptors came from, for the messages of unknown names.
+enum Origin<'a> {
+    File(&'a Path),
+    /// The server's reflection, with the services it lists.
+    Server(&'a [String]),
+}
+
+impl Origin<'_> {
+    fn unknown_service(&self, service: &str, pool: Option<&DescriptorPool>) -> Failure {
+        match self {
+            Origin::File(proto) => {
+                let known: Vec<String> = pool
+                    .into_iter()
+                    .flat_map(|pool| pool.services())
+                    .map(|s| s.full_name().to_owned())
+                    .collect();
+                Failure::usage(format!(
+                    "unknown service `{service}` in {} (it declares: {})",
+                    proto.display(),
+                    list(&known)
+                ))
+            }
+            Origin::Server(services) => Failure::usage(format!(
+                "unknown service `{service}`: the server's reflection does not describe it \
+                 (it lists: {})",
+                list(services)
+            )),
+        }
+    }
+}
+
+/// A call ready to go: its method and its requests, encoded.
+struct Prepared {
+    method: MethodDescriptor,
+    /// `None` for a unary method.
+    kind: Option<StreamKind>,
+    bodies: Vec<Bytes>,
+}
+
+impl Prepared {
+    /// Finds the method in `pool` and parses the requests of `data` as its input.
+    fn new(
+        pool: &DescriptorPool,
+        path: &MethodPath,
+        data: &str,
+        origin: Origin<'_>,
+    ) -> Result<Self, Failure> {
+        let method = find_method(pool, path, &origin)?;
+        let kind = stream_kind(&method);
+        let requests = parse_requests(method.input(), data)?;
+        let takes_one = matches!(kind, None | Some(StreamKind::ServerStreaming));
+        if takes_one && requests.len() != 1 {
+            return Err(Failure::usage(format!(
+                "--data holds {} messages; {} takes exactly one",
+                requests.len(),
+                path.full
+            )));
+        }
+        let bodies = requests
+            .iter()
+            .map(|r| Bytes::from(r.encode_to_vec()))
+            .collect();
+        Ok(Prepared {
+            method,
+            kind,
+            bodies,
+        })
+    }
+
+    /// Makes the call, printing each response as it comes.
+    async fn invoke(
+        self,
+        client: &Client,
+        path: String,
+        options: CallOptions,
+        printer: Printer,
+    ) -> Result<(), Failure> {
+        let Prepared { kind, bodies, .. } = self;
         let protobuf = gorpc_proto::codec::PROTOBUF;
         let Some(kind) = kind else {
             let body = bodies.into_iter().next().expect("one request, checked");
@@ -144,7 +233,7 @@ pub fn run(args: CallArgs) -> Result<(), Failure> {
                 printed
             }
         }
-    })
+    }
 }
 
 /// The method's stream kind; `None` for a unary method.
@@ -154,13 +243,6 @@ fn stream_kind(method: &MethodDescriptor) -> Option<StreamKind> {
         (false, true) => Some(StreamKind::ServerStreaming),
         (true, false) => Some(StreamKind::ClientStreaming),
         (true, true) => Some(StreamKind::Bidirectional),
-    }
-}
-
-fn status_failure(status: Status) -> Failure {
-    Failure {
-        exit_code: EXIT_STATUS,
-        message: format!("{}: {}", status.code(), status.message()),
     }
 }
 
@@ -252,27 +334,14 @@ pub fn protox_error(proto: &Path, error: &protox::Error) -> String {
 /// Finds `/package.Service/Method` in the pool.
 fn find_method(
     pool: &DescriptorPool,
-    path: &str,
-    proto: &Path,
+    path: &MethodPath,
+    origin: &Origin<'_>,
 ) -> Result<MethodDescriptor, Failure> {
-    let malformed = || {
-        Failure::usage(format!(
-            "method path `{path}`: expected /package.Service/Method"
-        ))
-    };
-    let rest = path.strip_prefix('/').ok_or_else(malformed)?;
-    let (service_name, method_name) = rest.rsplit_once('/').ok_or_else(malformed)?;
-    if service_name.is_empty() || method_name.is_empty() {
-        return Err(malformed());
-    }
-    let service = pool.get_service_by_name(service_name).ok_or_else(|| {
-        let known: Vec<String> = pool.services().map(|s| s.full_name().to_owned()).collect();
-        Failure::usage(format!(
-            "unknown service `{service_name}` in {} (it declares: {})",
-            proto.display(),
-            list(&known)
-        ))
-    })?;
+    let service_name = &path.service;
+    let method_name = &path.method;
+    let service = pool
+        .get_service_by_name(service_name)
+        .ok_or_else(|| origin.unknown_service(service_name, Some(pool)))?;
     let method = service
         .methods()
         .find(|m| m.name() == method_name)
@@ -346,52 +415,4 @@ fn parse_requests(desc: MessageDescriptor, json: &str) -> Result<Vec<DynamicMess
         messages.push(message);
     }
     Ok(messages)
-}
-
-/// `-H key=value` pairs.
-fn parse_headers(headers: &[String]) -> Result<Metadata, Failure> {
-    let mut metadata = Metadata::new();
-    for header in headers {
-        match header.split_once('=') {
-            Some((key, value)) if !key.trim().is_empty() => {
-                metadata.append(key.trim().to_owned(), value.to_owned().into_bytes());
-            }
-            _ => return Err(Failure::usage(format!("-H `{header}`: expected KEY=VALUE"))),
-        }
-    }
-    Ok(metadata)
-}
-
-fn resolve(addr: &str) -> Result<Vec<SocketAddr>, Failure> {
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| Failure::usage(format!("address `{addr}`: {e} (expected HOST:PORT)")))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(Failure::usage(format!(
-            "address `{addr}` resolves to nothing"
-        )));
-    }
-    Ok(addrs)
-}
-
-/// Connects to the first of `addrs` that answers.
-async fn connect(addrs: &[SocketAddr], timeout: Option<Duration>) -> Result<Client, Failure> {
-    let mut config = ClientConfig::default();
-    if let Some(timeout) = timeout {
-        config.default_timeout = Some(timeout);
-        config.pool.connection.connect_timeout = timeout;
-    }
-    let mut last: Option<(SocketAddr, Status)> = None;
-    for &addr in addrs {
-        match Client::connect(Tokio::current(), addr, config.clone()).await {
-            Ok(client) => return Ok(client),
-            Err(status) => last = Some((addr, status)),
-        }
-    }
-    let (addr, status) = last.expect("resolve returns at least one address");
-    Err(Failure {
-        exit_code: EXIT_CONNECT,
-        message: format!("cannot connect to {addr}: {}", status.message()),
-    })
 }

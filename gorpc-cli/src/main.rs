@@ -1,22 +1,31 @@
-//! `gorpc`: calls gorpc services described by .proto files (like grpcurl), and scaffolds new
-//! gorpc projects, from a .proto file or a starter one.
+//! `gorpc`: calls gorpc and gRPC services (like grpcurl), typed by .proto files or by the
+//! server's reflection, lists and describes what a server serves, and scaffolds new gorpc
+//! projects, from a .proto file or a starter one.
 //!
 //! `gorpc call` calls a method of any kind: unary, server streaming, client streaming or
 //! bidirectional. `--data` holds the request as JSON, or for a client stream the requests,
-//! JSON values one after another; each response is printed as JSON as it arrives.
+//! JSON values one after another; each response is printed as JSON as it arrives. Without
+//! `--proto`, the server's reflection service (`Server::reflection()`) describes the method.
+//! `--transport grpc` calls over gRPC instead of gorpc's binary protocol: any gRPC server.
 //!
 //! ```text
 //! gorpc call 127.0.0.1:50051 /helloworld.Greeter/SayHello --proto helloworld.proto --data '{"name":"x"}'
-//! gorpc call 127.0.0.1:50051 /routeguide.RouteGuide/RecordRoute --proto route_guide.proto --data '{"latitude":1} {"latitude":2}'
+//! gorpc call 127.0.0.1:50051 /helloworld.Greeter/SayHello --data '{"name":"x"}'
+//! gorpc call 127.0.0.1:50051 /routeguide.RouteGuide/RecordRoute --transport grpc --data '{"latitude":1} {"latitude":2}'
+//! gorpc list 127.0.0.1:50051
+//! gorpc describe 127.0.0.1:50051 routeguide.RouteGuide
 //! gorpc new my-service
 //! gorpc new my-service --proto helloworld.proto
 //! ```
 //!
 //! Exit codes: 0 success, 1 other failures (I/O, an undecodable reply), 2 usage or input
-//! errors, 3 connection failure, 4 the server answered with a non-OK status.
+//! errors (a server without reflection when no .proto is given included), 3 connection
+//! failure, 4 the server answered with a non-OK status.
 
 mod call;
 mod new;
+mod reflect;
+mod remote;
 
 use std::fmt;
 use std::process::ExitCode;
@@ -59,7 +68,8 @@ impl Failure {
 #[command(
     name = "gorpc",
     version,
-    about = "Call gorpc services described by .proto files, and scaffold new gorpc projects",
+    about = "Call gorpc and gRPC services, typed by .proto files or the server's reflection, \
+             and scaffold new gorpc projects",
     after_help = "Exit codes: 0 success, 1 other failure, 2 usage or input error, \
                   3 connection failure, 4 non-OK status from the server."
 )]
@@ -77,7 +87,17 @@ enum Command {
     /// JSON values one after another, sent in order (for a bidirectional method, while its
     /// responses come). Each response is printed as JSON as it arrives. A non-OK status fails
     /// the call (exit code 4), after any responses that came before it.
+    ///
+    /// Without --proto, the server's reflection service describes the method's service
+    /// (gorpc servers mount it with `Server::reflection()`); a server without one fails the
+    /// call with exit code 2. --transport grpc calls any gRPC server, or a gorpc server
+    /// with HTTP on (`Server::http()`); reflection goes over the same transport.
     Call(call::CallArgs),
+    /// List the services a server's reflection service lists, one a line.
+    List(reflect::ListArgs),
+    /// Describe a service, method, message, enum or field as the server's reflection
+    /// declares it, in .proto style.
+    Describe(reflect::DescribeArgs),
     /// Scaffold a runnable Cargo project (server and client) from a .proto file, or from a
     /// starter one.
     ///
@@ -96,6 +116,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Call(args) => call::run(args),
+        Command::List(args) => reflect::list(args),
+        Command::Describe(args) => reflect::describe(args),
         Command::New(args) => new::run(args),
     };
     match result {

@@ -1,5 +1,5 @@
 //! `gorpc call` against the helloworld and route guide services, served in-process on
-//! tokio: unary calls, and streams of every kind.
+//! tokio: unary calls, and streams of every kind, over gorpc's binary protocol and gRPC.
 
 mod common;
 
@@ -141,7 +141,9 @@ impl TestServer {
             let router = Router::new()
                 .add_service(GreeterServer::new(TestGreeter))
                 .add_service(RouteGuideServer::new(TestGuide));
+            // HTTP on: gRPC shares the port with the binary protocol.
             Server::new(Tokio::current(), router)
+                .http()
                 .bind("127.0.0.1:0".parse().unwrap())
                 .await
                 .expect("bind")
@@ -421,4 +423,54 @@ fn message_counts_and_stream_inputs_are_checked() {
     assert_exit(&output, 2, &["--data holds 0 messages"]);
     let output = server.call_route_guide("RecordRoute", &["-d", r#"{"latitude":1} {"lat":2}"#]);
     assert_exit(&output, 2, &["(message 2)", "lat", "routeguide.Point"]);
+}
+
+/// `extra` after `--transport grpc`.
+fn grpc<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    [&["--transport", "grpc"], extra].concat()
+}
+
+#[test]
+fn grpc_transport_calls_every_kind() {
+    let server = TestServer::start();
+
+    let output = server.call(
+        "/helloworld.Greeter/SayHello",
+        &grpc(&["-d", r#"{"name":"h2"}"#, "-H", "greeting=Hi"]),
+    );
+    assert_eq!(
+        json_stdout(&output),
+        serde_json::json!({"message": "Hi, h2!"})
+    );
+    let output = server.call("/helloworld.Greeter/SayHello", &grpc(&["-d", "{}"]));
+    assert_exit(&output, 4, &["invalid argument: name must not be empty"]);
+
+    let output = server.call_route_guide(
+        "ListFeatures",
+        &grpc(&["-d", r#"{"lo":{"latitude":9},"hi":{"latitude":12}}"#]),
+    );
+    assert_eq!(output.status.code(), Some(4), "stderr: {}", stderr(&output));
+    assert_eq!(names(&json_values(&output)), ["f9", "f10"]);
+    assert!(
+        stderr(&output).contains("out of range: the map ends at latitude 10"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = server.call_route_guide(
+        "RecordRoute",
+        &grpc(&["-d", r#"{"latitude":1} {"latitude":2}"#]),
+    );
+    assert_eq!(json_stdout(&output), serde_json::json!({"pointCount": 2}));
+
+    let output = server.call_route_guide(
+        "RouteChat",
+        &grpc(&["-d", r#"{"message":"a"} {"message":"b"}"#]),
+    );
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    let messages: Vec<String> = json_values(&output)
+        .iter()
+        .map(|v| v["message"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(messages, ["A", "B"]);
 }

@@ -4,11 +4,15 @@
 //! [server]
 //! listen = "127.0.0.1:7070"
 //! service = "greeter"              # the name it registers under
+//! transport = "tcp+http"           # HTTP/1.1 and gRPC beside the binary protocol
+//! health = true                    # grpc.health.v1.Health, over every protocol
+//! reflection = true                # gRPC server reflection, over every protocol
 //! interceptors = ["logging", { name = "auth", tokens = { "s3cret" = "alice" } }]
 //! registry = { name = "consul", url = "http://127.0.0.1:8500", ttl_ms = 10000 }
 //!
 //! [client]
 //! service = "greeter"              # or: address = "127.0.0.1:7070"
+//! transport = "grpc"               # or "tcp" (the default, gorpc's binary protocol)
 //! codec = "msgpack"
 //! timeout_ms = 2000
 //! registry = { name = "static", addresses = ["127.0.0.1:7070"] }
@@ -28,9 +32,14 @@
 //! `static` (`service`, `addresses`), `dns` (`names` as host:port, `every_ms`), `consul` (`url`, `token`, `ttl_ms`, `wait_ms`), `etcd`
 //! with its feature (`endpoints`, `prefix`, `lease_ttl_ms`); balancers `random`,
 //! `round_robin`, `weighted_round_robin`, `consistent_hash`, `p2c` (`seed`); codecs `raw`,
-//! `protobuf`, `msgpack`, `json`; transports: servers `tcp`, `tcp+http` (both on one port);
-//! clients `tcp`, `http`, `udp` (with `idempotent_methods`, resent until answered), where
-//! discovery and balancing need `tcp`.
+//! `protobuf`, `msgpack`, `json`; transports: servers `tcp`, `tcp+http` (the binary
+//! protocol, HTTP/1.1 and, with the `grpc` feature, gRPC, all on one port); clients `tcp`,
+//! `http`, `grpc` (any gRPC server, or a gorpc server on `tcp+http`), `udp` (with
+//! `idempotent_methods`, resent until answered), where discovery and balancing need `tcp`
+//! or `grpc`.
+//! Servers with the `grpc` feature also take `health = true` and `reflection = true`, which
+//! mount gRPC's standard services beside the interceptors ([`Server::health`],
+//! [`Server::reflection`]); both answer over every protocol the server speaks.
 //! Client interceptors that run on the client's runtime, made when [`ClientSettings::build`]
 //! is given it: `retry` (`max_attempts`, default 3; `codes`, default `["unavailable"]`;
 //! `backoff_base_ms`, default 50; `backoff_max_ms`, default 5000; `no_retry`, methods that
@@ -44,7 +53,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gorpc::client::{ClientBuilder, OutgoingCall};
+use gorpc::client::{ClientBuilder, InstanceProtocol, OutgoingCall};
 use gorpc::discovery::{Discover, Dns, Register, Registration, StaticList};
 use gorpc::proto::balance::{
     Balancer, ConsistentHash, PowerOfTwoChoices, Random, RoundRobin, WeightedRoundRobin,
@@ -375,6 +384,7 @@ fn compiled_out(name: &str) -> Option<&'static str> {
         ("retry", "retry", cfg!(feature = "retry")),
         ("hedge", "hedge", cfg!(feature = "hedge")),
         ("http", "http", cfg!(feature = "http")),
+        ("grpc", "grpc", cfg!(feature = "grpc")),
     ];
     features
         .iter()
@@ -796,10 +806,26 @@ impl Config {
             other => {
                 return Err(ConfigError::new(
                     o.key("transport"),
-                    format!("unknown transport {other:?} (known: {})", SERVER_TRANSPORTS),
+                    format!(
+                        "unknown transport {other:?} (known: {SERVER_TRANSPORTS}){}",
+                        left_out(other, "tcp+http", "http")
+                    ),
                 ))
             }
         };
+        let mut standard = |key: &str| -> Result<bool, ConfigError> {
+            let on = o.bool(key)?.unwrap_or(false);
+            if on && !cfg!(feature = "grpc") {
+                return Err(ConfigError::new(
+                    o.key(key),
+                    "gRPC's standard services are built in but this build leaves them out: \
+                     enable gorpc-plugins' `grpc` cargo feature",
+                ));
+            }
+            Ok(on)
+        };
+        let health = standard("health")?;
+        let reflection = standard("reflection")?;
         let max_connections = o.u64("max_connections")?.map(|n| n as usize);
         let mut interceptors = Vec::new();
         for (name, options) in o.components("interceptors")? {
@@ -841,6 +867,8 @@ impl Config {
         Ok(ServerSettings {
             listen,
             http,
+            health,
+            reflection,
             max_connections,
             interceptors,
             registration,
@@ -892,18 +920,22 @@ impl Config {
             None | Some("tcp") => ClientTransport::Tcp,
             #[cfg(feature = "http")]
             Some("http") => ClientTransport::Http,
+            #[cfg(feature = "grpc")]
+            Some("grpc") => ClientTransport::Grpc,
             Some("udp") => ClientTransport::Udp,
             Some(other) => {
+                let left_out = left_out(other, "http", "http") + &left_out(other, "grpc", "grpc");
                 return Err(ConfigError::new(
                     o.key("transport"),
-                    format!("unknown transport {other:?} (known: {CLIENT_TRANSPORTS})"),
-                ))
+                    format!("unknown transport {other:?} (known: {CLIENT_TRANSPORTS}){left_out}"),
+                ));
             }
         };
-        if transport != ClientTransport::Tcp && !matches!(target, Target::Endpoint(_)) {
+        if !transport.balances() && !matches!(target, Target::Endpoint(_)) {
             return Err(ConfigError::new(
                 o.key("transport"),
-                "discovery and balancing run over tcp; http and udp clients take `address`",
+                "discovery and balancing run over tcp or grpc; http and udp clients take \
+                 `address`",
             ));
         }
         let idempotent = o.strings("idempotent_methods")?;
@@ -979,25 +1011,61 @@ const SERVER_TRANSPORTS: &str = if cfg!(feature = "http") {
 } else {
     "tcp"
 };
-const CLIENT_TRANSPORTS: &str = if cfg!(feature = "http") {
+const CLIENT_TRANSPORTS: &str = if cfg!(feature = "grpc") {
+    "tcp, http, grpc, udp"
+} else if cfg!(feature = "http") {
     "tcp, http, udp"
 } else {
     "tcp, udp"
 };
+
+/// `"; "name" is built in but this build leaves it out..."` when `given` is the transport
+/// `name` and gorpc-plugins' `feature` is off; nothing otherwise.
+fn left_out(given: &str, name: &str, feature: &str) -> String {
+    match compiled_out(feature) {
+        Some(feature) if given == name => format!(
+            "; {name:?} is built in but this build leaves it out: enable gorpc-plugins' \
+             `{feature}` cargo feature"
+        ),
+        _ => String::new(),
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ClientTransport {
     Tcp,
     #[cfg(feature = "http")]
     Http,
+    /// gRPC over HTTP/2, to one address or to discovered instances.
+    #[cfg(feature = "grpc")]
+    Grpc,
     Udp,
+}
+
+impl ClientTransport {
+    /// Whether a client of this transport can call a discovered service, balanced.
+    fn balances(self) -> bool {
+        match self {
+            ClientTransport::Tcp => true,
+            #[cfg(feature = "grpc")]
+            ClientTransport::Grpc => true,
+            #[cfg(feature = "http")]
+            ClientTransport::Http => false,
+            ClientTransport::Udp => false,
+        }
+    }
 }
 
 /// A configured server, ready to be given its service.
 pub struct ServerSettings {
     pub listen: SocketAddr,
-    /// Also answer HTTP/1.1 on the port (`transport = "tcp+http"`).
+    /// Also answer HTTP/1.1, and gRPC with the `grpc` feature, on the port (`transport =
+    /// "tcp+http"`).
     pub http: bool,
+    /// Serve `grpc.health.v1.Health` beside the service ([`Server::health`]).
+    pub health: bool,
+    /// Serve gRPC server reflection beside the service ([`Server::reflection`]).
+    pub reflection: bool,
     max_connections: Option<usize>,
     interceptors: Vec<Arc<dyn ServerInterceptor>>,
     registration: Option<(Arc<dyn Register>, Registration)>,
@@ -1008,6 +1076,8 @@ impl fmt::Debug for ServerSettings {
         f.debug_struct("ServerSettings")
             .field("listen", &self.listen)
             .field("http", &self.http)
+            .field("health", &self.health)
+            .field("reflection", &self.reflection)
             .field("interceptors", &self.interceptors.len())
             .field("registration", &self.registration.as_ref().map(|r| &r.1))
             .finish()
@@ -1030,6 +1100,15 @@ impl ServerSettings {
         #[cfg(feature = "http")]
         if self.http {
             server = server.http();
+        }
+        #[cfg(feature = "grpc")]
+        {
+            if self.health {
+                server = server.health();
+            }
+            if self.reflection {
+                server = server.reflection();
+            }
         }
         server
     }
@@ -1082,17 +1161,21 @@ impl ClientSettings {
             })
             .collect();
         let mut client = match (self.transport, self.target) {
-            (ClientTransport::Tcp, target) => {
-                let mut builder: ClientBuilder<R> = Client::builder(runtime).config(self.config);
-                builder = match target {
-                    Target::Endpoint(addr) => builder.endpoint(addr),
-                    Target::Service(discover, service) => builder.discover(discover, &service),
-                };
-                if let Some(balancer) = self.balancer {
-                    builder = builder.balance(balancer);
-                }
-                builder.build()?
-            }
+            (ClientTransport::Tcp, target) => built(
+                runtime,
+                self.config,
+                target,
+                self.balancer,
+                InstanceProtocol::Binary,
+            )?,
+            #[cfg(feature = "grpc")]
+            (ClientTransport::Grpc, target) => built(
+                runtime,
+                self.config,
+                target,
+                self.balancer,
+                InstanceProtocol::Grpc,
+            )?,
             #[cfg(feature = "http")]
             (ClientTransport::Http, Target::Endpoint(addr)) => {
                 Client::http(runtime, addr, self.config)
@@ -1108,7 +1191,7 @@ impl ClientSettings {
                 Client::udp(runtime, addr, config).await?
             }
             (_, Target::Service(..)) => {
-                unreachable!("Config::client allows discovery only over tcp")
+                unreachable!("Config::client allows discovery only over tcp and grpc")
             }
         };
         for interceptor in interceptors {
@@ -1116,6 +1199,26 @@ impl ClientSettings {
         }
         Ok(client)
     }
+}
+
+/// A client of one address or of a discovered service, through [`ClientBuilder`], calling
+/// in `protocol`.
+fn built<R: Runtime>(
+    runtime: R,
+    config: ClientConfig,
+    target: Target,
+    balancer: Option<Box<dyn Balancer + Send>>,
+    protocol: InstanceProtocol,
+) -> Result<Client, Status> {
+    let mut builder: ClientBuilder<R> = Client::builder(runtime).config(config);
+    builder = match target {
+        Target::Endpoint(addr) => builder.endpoint(addr),
+        Target::Service(discover, service) => builder.discover(discover, &service),
+    };
+    if let Some(balancer) = balancer {
+        builder = builder.balance(balancer);
+    }
+    builder.protocol(protocol).build()
 }
 
 /// A configured interceptor, shared with the settings it came from.

@@ -1,8 +1,8 @@
 //! gorpc's concrete plugins, each behind a cargo feature of its own, built on the
 //! interceptor traits of [`gorpc::interceptor`]. The light ones are on by default (`auth`,
-//! `metrics`, `retry`, `hedge`, `config`, `http`); the ones with heavy dependencies are
-//! opt-in: `consul` (reqwest and OpenSSL), `otel` (OpenTelemetry), `etcd` (etcd-client, and
-//! protoc to build it).
+//! `metrics`, `retry`, `hedge`, `config`, `http`, `grpc`); the ones with heavy dependencies
+//! are opt-in: `consul` (reqwest and OpenSSL), `otel` (OpenTelemetry), `etcd` (etcd-client,
+//! and protoc to build it).
 //!
 //! - `auth`: [`auth::BearerToken`] attaches a bearer token to every call a client sends;
 //!   [`auth::BearerAuth`] checks it on the server and hands the handler the caller's subject.

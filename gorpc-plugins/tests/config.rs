@@ -1,6 +1,6 @@
 //! Servers and clients from TOML: components chosen by name (built-in and user plugins) work
-//! end to end over TCP on every runtime pairing, and every kind of mistake is refused at
-//! start-up with the key that is wrong.
+//! end to end over TCP, HTTP, gRPC and UDP on every runtime pairing, and every kind of
+//! mistake is refused at start-up with the key that is wrong.
 
 use std::sync::Arc;
 
@@ -276,10 +276,169 @@ async fn retry_and_hedge_are_configured_by_name<S: Runtime, C: Runtime>(
     server.shutdown(SECOND).await;
 }
 
+/// `transport = "grpc"` calls over gRPC, to one address or to a discovered service: servers
+/// on `tcp+http` answer it, while servers of the binary protocol alone, which the same
+/// client reaches over `tcp`, refuse its HTTP/2 connection.
+async fn grpc_clients_call_over_grpc<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let registry = MemoryRegistry::new();
+    let plugins = plugins(&registry);
+    let start = |transport: &'static str, service: &'static str| {
+        let plugins = &plugins;
+        let server_rt = server_rt.clone();
+        async move {
+            let toml = format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\ntransport = \"{transport}\"\n\
+                 service = \"{service}\"\nregistry = \"memory\""
+            );
+            let settings = Config::from_toml(&toml).unwrap().server(plugins).unwrap();
+            let echo = Router::new().route("/t.Echo/Echo", |req: ServerRequest| async move {
+                ServerReply::ok(req.body)
+            });
+            settings
+                .server(server_rt, echo)
+                .bind(settings.listen)
+                .await
+                .unwrap()
+        }
+    };
+    let with_grpc = start("tcp+http", "echo-grpc").await;
+    let binary_only = start("tcp", "echo-binary").await;
+    let call = |client: &str, transport: &str| {
+        let toml = format!(
+            "[client]\n{client}\ntransport = \"{transport}\"\ncodec = \"raw\"\ntimeout_ms = 10000"
+        );
+        let settings = Config::from_toml(&toml).unwrap().client(&plugins).unwrap();
+        let client_rt = client_rt.clone();
+        async move {
+            let client = settings.build(client_rt).await.unwrap();
+            client
+                .call_raw(
+                    "/t.Echo/Echo",
+                    0,
+                    Bytes::from_static(b"ping"),
+                    CallOptions::default(),
+                )
+                .await
+        }
+    };
+    let address =
+        |server: &gorpc::ServerHandle<S>| format!("address = \"{}\"", server.local_addr());
+    let discovered = |service: &str| format!("service = \"{service}\"\nregistry = \"memory\"");
+
+    for client in [address(&with_grpc), discovered("echo-grpc")] {
+        let rsp = call(&client, "grpc")
+            .await
+            .unwrap_or_else(|e| panic!("{client}: {e}"));
+        assert_eq!(&rsp.body[..], b"ping", "{client}");
+    }
+    for client in [address(&binary_only), discovered("echo-binary")] {
+        let err = call(&client, "grpc").await.expect_err(&client);
+        assert_eq!(err.code(), Code::Unavailable, "{client}: {err}");
+        let rsp = call(&client, "tcp")
+            .await
+            .unwrap_or_else(|e| panic!("{client} over tcp: {e}"));
+        assert_eq!(&rsp.body[..], b"ping", "{client}");
+    }
+    with_grpc.shutdown(SECOND).await;
+    binary_only.shutdown(SECOND).await;
+}
+
+/// `health = true` and `reflection = true` mount gRPC's standard services, which answer over
+/// the binary protocol too; without them, the server has neither.
+async fn health_and_reflection_are_mounted_by_flags<S: Runtime, C: Runtime>(
+    server_rt: S,
+    client_rt: C,
+) {
+    use futures::StreamExt as _;
+    use gorpc::grpc::health::{self, HealthCheckRequest, HealthCheckResponse, ServingStatus};
+    use gorpc::grpc::reflection::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest, ServerReflectionResponse, V1,
+    };
+    use gorpc::{Protobuf, Request};
+
+    let plugins = Plugins::builtin();
+    for flags in ["health = true\nreflection = true", "health = false", ""] {
+        let toml = format!("[server]\nlisten = \"127.0.0.1:0\"\n{flags}");
+        let settings = Config::from_toml(&toml).unwrap().server(&plugins).unwrap();
+        let mounted = flags.contains("true");
+        assert_eq!(
+            (settings.health, settings.reflection),
+            (mounted, mounted),
+            "{flags:?}"
+        );
+        let echo = Router::new().route("/t.Echo/Echo", |req: ServerRequest| async move {
+            ServerReply::ok(req.body)
+        });
+        let server = settings
+            .server(server_rt.clone(), echo)
+            .bind(settings.listen)
+            .await
+            .unwrap();
+        let client = gorpc::Client::connect(
+            client_rt.clone(),
+            server.local_addr(),
+            gorpc_tests::client_config(),
+        )
+        .await
+        .unwrap();
+
+        let checked = client
+            .unary::<_, _, HealthCheckResponse>(
+                health::CHECK,
+                Protobuf,
+                Request::new(HealthCheckRequest::default()),
+            )
+            .await;
+        let (mut sender, mut answers) = client
+            .bidi::<_, ServerReflectionRequest, ServerReflectionResponse>(
+                V1,
+                Protobuf,
+                CallOptions::default(),
+            )
+            .await
+            .unwrap();
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        // A send fails once the call ended; the answers then end with its status.
+        if sender.send(&request).await.is_ok() {
+            let _ = sender.close_send().await;
+        }
+        let listed = answers.next().await.expect("an answer or a status");
+        if mounted {
+            let status = checked.unwrap().message.status;
+            assert_eq!(status, ServingStatus::Serving as i32, "{flags:?}");
+            let Some(MessageResponse::ListServicesResponse(list)) =
+                listed.unwrap().message_response
+            else {
+                panic!("{flags:?}: no list of services");
+            };
+            let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            assert!(
+                names.contains(&"grpc.health.v1.Health".to_owned())
+                    && names.contains(&"grpc.reflection.v1.ServerReflection".to_owned()),
+                "{flags:?}: {names:?}"
+            );
+        } else {
+            assert_eq!(
+                checked.unwrap_err().code(),
+                Code::Unimplemented,
+                "{flags:?}"
+            );
+            assert_eq!(listed.unwrap_err().code(), Code::Unimplemented, "{flags:?}");
+        }
+        server.shutdown(SECOND).await;
+    }
+}
+
 on_every_runtime!(
     a_configured_server_and_client_talk,
     transports_are_chosen_by_name,
-    retry_and_hedge_are_configured_by_name
+    retry_and_hedge_are_configured_by_name,
+    grpc_clients_call_over_grpc,
+    health_and_reflection_are_mounted_by_flags
 );
 
 fn server_error(toml: &str) -> ConfigError {
@@ -328,6 +487,11 @@ fn unknown_names_say_what_is_known() {
         server_error("[server]\nlisten = \"127.0.0.1:0\"\ntransport = \"quic\""),
         "server.transport",
         "unknown transport \"quic\"",
+    );
+    assert_error(
+        client_error("[client]\naddress = \"127.0.0.1:1\"\ntransport = \"quic\""),
+        "client.transport",
+        "unknown transport \"quic\" (known: tcp, http, grpc, udp)",
     );
     assert_error(
         server_error("[servers]\nlisten = \"127.0.0.1:0\""),
@@ -381,7 +545,17 @@ fn bad_options_name_their_key() {
     assert_error(
         client_error("[client]\nservice = \"g\"\nregistry = \"memory\"\ntransport = \"udp\""),
         "client.transport",
-        "take `address`",
+        "run over tcp or grpc; http and udp clients take `address`",
+    );
+    assert_error(
+        server_error("[server]\nlisten = \"127.0.0.1:0\"\nhealth = \"yes\""),
+        "server.health",
+        "expected true or false, found string",
+    );
+    assert_error(
+        server_error("[server]\nlisten = \"127.0.0.1:0\"\nreflection = 1"),
+        "server.reflection",
+        "expected true or false, found integer",
     );
     assert_error(
         client_error("[client]\naddress = \"127.0.0.1:1\"\nidempotent_methods = [\"/a/b\"]"),
