@@ -422,11 +422,8 @@ fn python_client_against_smol_server() {
 }
 
 /// grpc.health.v1.Health/Check on "" answers SERVING, and reflection (grpcio's client
-/// speaks v1alpha) lists both services. To switch on where the standard services are
-/// (`Server::health` and `Server::reflection`, on main): mount them where the comment says
-/// and remove the `#[ignore]`. With main merged in, it passes.
+/// speaks v1alpha) lists both services.
 #[test]
-#[ignore = "needs the health and reflection services"]
 fn python_health_and_reflection() {
     smol::block_on(async {
         let rt = Smol::new();
@@ -435,7 +432,8 @@ fn python_health_and_reflection() {
             .add_service(RouteGuideServer::new(Guide));
         let server = Server::new(rt.clone(), router)
             .http()
-            // Here: .health().reflection()
+            .health()
+            .reflection()
             .bind(loopback())
             .await
             .expect("the server binds");

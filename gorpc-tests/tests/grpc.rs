@@ -210,6 +210,22 @@ async fn metadata_statuses_and_interceptors<S: Runtime, C: Runtime>(server_rt: S
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented, "{status}");
+    // A client holding its request stream open learns at once, not at its deadline.
+    let open = async {
+        let (_sender, mut receiver) = client
+            .stream_raw(
+                "/test.Meta/Nope",
+                0,
+                StreamKind::Bidirectional,
+                Bytes::new(),
+                CallOptions::default(),
+            )
+            .await
+            .unwrap();
+        receiver.next().await.unwrap().unwrap_err()
+    };
+    let status = within(&client_rt, 10 * SECOND, "unknown stream", open).await;
+    assert_eq!(status.code(), Code::Unimplemented, "{status}");
 
     let mut metadata = Metadata::new();
     metadata.append("bad key", "x");
@@ -233,6 +249,7 @@ async fn metadata_statuses_and_interceptors<S: Runtime, C: Runtime>(server_rt: S
         [
             ("/test.Meta/Echo".to_owned(), Code::Ok, true),
             ("/test.Meta/Fail".to_owned(), Code::NotFound, true),
+            ("/test.Meta/Nope".to_owned(), Code::Unimplemented, true),
             ("/test.Meta/Nope".to_owned(), Code::Unimplemented, true),
         ]
     );

@@ -108,6 +108,10 @@ impl Service for ServerChain {
     fn method_paths(&self) -> Vec<String> {
         self.service.method_paths()
     }
+
+    fn has_method(&self, method: &str) -> bool {
+        self.service.has_method(method)
+    }
 }
 
 /// Middleware around every call a client sends.

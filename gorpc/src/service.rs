@@ -181,6 +181,14 @@ pub trait Service: Send + Sync + 'static {
     fn method_paths(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Whether `method` may be answered (`true`, the default, when the service cannot
+    /// tell). A transport refuses an unknown method with `Unimplemented` before reading its
+    /// request: a gRPC client holding its request stream open must not wait for that.
+    fn has_method(&self, method: &str) -> bool {
+        let _ = method;
+        true
+    }
 }
 
 impl<S: Service + ?Sized> Service for Arc<S> {
@@ -198,6 +206,10 @@ impl<S: Service + ?Sized> Service for Arc<S> {
 
     fn method_paths(&self) -> Vec<String> {
         (**self).method_paths()
+    }
+
+    fn has_method(&self, method: &str) -> bool {
+        (**self).has_method(method)
     }
 }
 
@@ -688,6 +700,10 @@ impl Service for Router {
                 futures::future::ready(ServerReply::error(status)).boxed()
             }
         }
+    }
+
+    fn has_method(&self, method: &str) -> bool {
+        self.routes.contains_key(method)
     }
 
     fn method_paths(&self) -> Vec<String> {

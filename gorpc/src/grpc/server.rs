@@ -121,6 +121,21 @@ async fn start<R: Runtime>(
             "gRPC with JSON is translated for unary methods only; call stream methods in their own codec",
         ));
     }
+    // A method the service does not have is answered at once (through the interceptors,
+    // as on the binary protocol), not after the request: a client may hold its request
+    // stream open until it hears back.
+    if !edge.service.has_method(path) {
+        let request = edge_request(
+            edge,
+            head,
+            codec,
+            Bytes::new(),
+            deadline,
+            Default::default(),
+        );
+        let reply = call_within(&edge.runtime, &*edge.service, request, deadline).await;
+        return Ok(answer(codec, reply, false));
+    }
     let max = edge.limits.max_frame_len as usize;
     let id = edge.next_call_id();
     let control = Arc::new(Control::default());
@@ -178,16 +193,7 @@ async fn start<R: Runtime>(
         ),
         None => (codec, request_body),
     };
-    let request = ServerRequest {
-        streams,
-        head,
-        edited: None,
-        codec,
-        body,
-        deadline,
-        peer: Some(edge.peer),
-        peer_certificates: edge.peer_certificates.clone(),
-    };
+    let request = edge_request(edge, head, codec, body, deadline, streams);
 
     // A unary call needs no machinery: the answer is known before anything is sent.
     if kind.is_none() {
@@ -222,16 +228,24 @@ async fn start<R: Runtime>(
         done: false,
     };
     // Headers go once the first message is ready, or with the status if it comes first:
-    // a call that fails before answering gets a trailers-only response.
+    // a call that fails before answering gets a trailers-only response. A bidirectional
+    // call's go after the handler's first poll whatever it did: its client may wait for
+    // them before it sends (tonic's does), while the handler waits for a message.
+    let at_once = kind == Some(StreamKind::Bidirectional);
+    let mut polled = false;
     poll_fn(|cx| {
         call.progress(cx);
-        if call.outbox.as_ref().is_some_and(|o| !o.is_empty()) {
+        if at_once && std::mem::replace(&mut polled, true) {
             return Poll::Ready(());
         }
-        match &call.reply {
-            Some(_) => Poll::Ready(()),
-            None => Poll::Pending,
+        if call.outbox.as_ref().is_some_and(|o| !o.is_empty()) || call.reply.is_some() {
+            return Poll::Ready(());
         }
+        if at_once {
+            // Answered at the next poll, after whatever this one woke.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
     })
     .await;
     if let Some(reply) = call.reply.as_ref().filter(|_| !call.has_messages()) {
@@ -247,6 +261,27 @@ async fn start<R: Runtime>(
     let mut response = Response::new(EdgeBody::Stream(Box::pin(call)));
     put_response_headers(response.headers_mut(), codec, compress);
     Ok(response)
+}
+
+/// The request a handler sees, as the binary driver would build it.
+fn edge_request<R>(
+    edge: &Edge<R>,
+    head: gorpc_proto::RequestHead,
+    codec: u8,
+    body: Bytes,
+    deadline: Option<Instant>,
+    streams: CallStreams,
+) -> ServerRequest {
+    ServerRequest {
+        streams,
+        head,
+        edited: None,
+        codec,
+        body,
+        deadline,
+        peer: Some(edge.peer),
+        peer_certificates: edge.peer_certificates.clone(),
+    }
 }
 
 /// The single message of a unary or server-streaming request.

@@ -350,6 +350,10 @@ impl Service for Standard {
         paths.extend(self.standard.method_paths());
         paths
     }
+
+    fn has_method(&self, method: &str) -> bool {
+        self.standard.serves(method) || self.inner.has_method(method)
+    }
 }
 
 /// Controls a running server. Dropping it leaves the server running (and registered).
