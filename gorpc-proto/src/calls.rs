@@ -224,10 +224,18 @@ impl<C: HasCore> CallTable<C> {
     }
 }
 
+/// What both sides of a connection keep: the link and the calls in flight.
+#[derive(Debug)]
+pub(crate) struct Core<C> {
+    pub(crate) link: Link,
+    pub(crate) calls: CallTable<C>,
+}
+
 /// A side of a connection (client or server), as the read loop drives it.
 pub(crate) trait Side {
-    fn link(&mut self) -> &mut Link;
-    fn link_ref(&self) -> &Link;
+    type Call: HasCore;
+    fn core(&mut self) -> &mut Core<Self::Call>;
+    fn core_ref(&self) -> &Core<Self::Call>;
     /// A request, response, cancel or message for one call.
     fn on_call_frame(&mut self, now: Instant, frame: CallFrame) -> Result<(), ProtoError>;
     /// Credit from the peer (see [`CallTable::credit`]).
@@ -243,11 +251,12 @@ pub(crate) trait Side {
 /// arrives.
 pub(crate) fn read_frames<S: Side + ?Sized>(side: &mut S, now: Instant, buf: &mut BytesMut) {
     loop {
-        if side.link().is_closed() {
+        let link = &mut side.core().link;
+        if link.is_closed() {
             buf.clear();
             return;
         }
-        let result = match side.link().next_frame(now, buf) {
+        let result = match link.next_frame(now, buf) {
             Ok(Some(Inbound::Call(frame))) => side.on_call_frame(now, frame),
             Ok(Some(Inbound::WindowUpdate { id, increment })) => side.on_credit(id, increment),
             Ok(Some(Inbound::GoAway(status))) => {

@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use hashbrown::HashMap;
 
 use crate::batch;
-use crate::calls::{CallCore, CallTable, HasCore, Side};
+use crate::calls::{CallCore, CallTable, Core, HasCore, Side};
 use crate::config::ConnConfig;
 use crate::error::{ProtoError, SendError};
 use crate::flow::{RecvWindow, SendWindow, INITIAL_STREAM_WINDOW};
@@ -150,7 +150,7 @@ impl<'a, M> CallHead<'a, M> {
 }
 
 #[derive(Debug)]
-struct ClientCall<T> {
+pub(crate) struct ClientCall<T> {
     core: CallCore,
     user: T,
     /// The client may still send messages (a client stream not yet half-closed).
@@ -188,8 +188,7 @@ impl<T> HasCore for ClientCall<T> {
 /// leaves a partial one in the buffer for next time.
 #[derive(Debug)]
 pub struct ClientConn<T = ()> {
-    link: Link,
-    calls: CallTable<ClientCall<T>>,
+    core: Core<ClientCall<T>>,
     next_id: u32,
     events: VecDeque<ClientEvent<T>>,
 }
@@ -199,8 +198,10 @@ impl<T> ClientConn<T> {
     /// protocol's initial one, its window update is the first thing queued.
     pub fn new(config: ConnConfig, now: Instant) -> Self {
         ClientConn {
-            link: Link::new(config, now),
-            calls: CallTable::new(IdHasher::default()),
+            core: Core {
+                link: Link::new(config, now),
+                calls: CallTable::new(IdHasher::default()),
+            },
             next_id: 1,
             events: VecDeque::new(),
         }
@@ -275,13 +276,13 @@ impl<T> ClientConn<T> {
                 user,
             })
         };
-        if self.link.is_closed() {
+        if self.core.link.is_closed() {
             return reject(Code::Unavailable, "connection closed", user);
         }
-        if !self.link.is_open() {
+        if !self.core.link.is_open() {
             return reject(Code::Unavailable, "connection is draining", user);
         }
-        if self.calls.len() >= self.link.limits().max_concurrent_calls as usize {
+        if self.core.calls.len() >= self.core.link.limits().max_concurrent_calls as usize {
             return reject(
                 Code::ResourceExhausted,
                 "too many calls in flight on this connection",
@@ -297,10 +298,10 @@ impl<T> ClientConn<T> {
         };
         let sending = kind.is_some_and(StreamKind::client_streams);
         let receives_stream = kind.is_some_and(StreamKind::server_streams);
-        let id = allocate_id(&mut self.next_id, self.calls.ids());
+        let id = allocate_id(&mut self.next_id, self.core.calls.ids());
         let flags = if sending { 0 } else { flags::END_STREAM };
         let frame = FrameInfo::new(FrameType::Request, flags, head.codec, id);
-        let pushed = self.link.out.push_frame(
+        let pushed = self.core.link.out.push_frame(
             frame,
             |out| encode_request_head(head.method, timeout_micros, head.metadata, out),
             body,
@@ -325,12 +326,12 @@ impl<T> ClientConn<T> {
         let mut recv_window = RecvWindow::new(INITIAL_STREAM_WINDOW);
         if receives_stream {
             if let Some(increment) =
-                recv_window.widen(INITIAL_STREAM_WINDOW, self.link.stream_window)
+                recv_window.widen(INITIAL_STREAM_WINDOW, self.core.link.stream_window)
             {
-                self.link.push_window_update(id, increment);
+                self.core.link.push_window_update(id, increment);
             }
         }
-        self.calls.insert(
+        self.core.calls.insert(
             id,
             ClientCall {
                 core: CallCore {
@@ -392,9 +393,12 @@ impl<T> ClientConn<T> {
             true => Ok(()),
             false => Err(SendError::SendClosed),
         };
-        let sent = self.calls.send_on(&mut self.link, id.0, open, send);
+        let sent = self
+            .core
+            .calls
+            .send_on(&mut self.core.link, id.0, open, send);
         if sent.is_ok() && end {
-            if let Some(call) = self.calls.get_mut(id.0) {
+            if let Some(call) = self.core.calls.get_mut(id.0) {
                 call.sending = false;
             }
         }
@@ -410,30 +414,12 @@ impl<T> ClientConn<T> {
         })
     }
 
-    /// Gives back `bytes` of a call's received messages (at most what it holds): the
-    /// application has consumed them. Credit returns to the server in batches of half a
-    /// window. A finished call's bytes were given back when it finished, so releasing them
-    /// does nothing.
-    pub fn release(&mut self, id: CallId, bytes: usize) {
-        self.calls.release(&mut self.link, id.0, bytes);
-    }
-
-    /// Message bytes received on a call and not yet released; `None` once it finished.
-    pub fn buffered(&self, id: CallId) -> Option<usize> {
-        self.calls.buffered(id.0)
-    }
-
-    /// Message bytes received on the connection and not yet released.
-    pub fn buffered_bytes(&self) -> usize {
-        self.link.recv_window.unreleased() as usize
-    }
-
     /// Gives up on a call: the server is told to drop it and no event will follow for it.
     /// Returns the call's data, or `None` if it already finished.
     pub fn cancel(&mut self, id: CallId) -> Option<T> {
-        let call = self.calls.remove(&mut self.link, id.0)?;
-        if !self.link.is_closed() {
-            self.link.out.push_control(FrameType::Cancel, id.0);
+        let call = self.core.calls.remove(&mut self.core.link, id.0)?;
+        if !self.core.link.is_closed() {
+            self.core.link.out.push_control(FrameType::Cancel, id.0);
         }
         self.after_removal();
         Some(call.user)
@@ -443,7 +429,7 @@ impl<T> ClientConn<T> {
         let id = frame.header.call_id;
         match frame.header.frame_type {
             FrameType::Response => {
-                let Some(call) = self.calls.remove(&mut self.link, id) else {
+                let Some(call) = self.core.calls.remove(&mut self.core.link, id) else {
                     return Ok(()); // late answer to a call cancelled or timed out here
                 };
                 let result = if frame.header.flags & flags::END_STREAM == 0 {
@@ -484,10 +470,10 @@ impl<T> ClientConn<T> {
                     0
                 };
                 let len = frame.body.len();
-                self.link.receive_message(len)?;
-                match self.calls.get_mut(id) {
+                self.core.link.receive_message(len)?;
+                match self.core.calls.get_mut(id) {
                     // A late message for a call that ended here: its credit goes straight back.
-                    None => self.link.release(len as u64),
+                    None => self.core.link.release(len as u64),
                     Some(call) if call.receives_stream => {
                         if !call.core.recv_window.receive(len) {
                             return Err(ProtoError::FlowControl { call_id: id });
@@ -498,18 +484,20 @@ impl<T> ClientConn<T> {
                                 .map(|body| ClientEvent::Message { id: call_id, body }),
                         );
                         if prefixes > 0 {
-                            self.release(call_id, prefixes);
+                            let core = &mut self.core;
+                            core.calls.release(&mut core.link, id, prefixes);
                         }
                     }
                     // The server streams a method this client calls as unary: the two
                     // disagree about this method, not about the connection. Fail the call.
                     Some(_) => {
-                        let call = self
+                        let core = &mut self.core;
+                        let call = core
                             .calls
-                            .remove(&mut self.link, id)
+                            .remove(&mut core.link, id)
                             .expect("call looked up above");
-                        self.link.release(len as u64);
-                        self.link.out.push_control(FrameType::Cancel, id);
+                        self.core.link.release(len as u64);
+                        self.core.link.out.push_control(FrameType::Cancel, id);
                         self.events.push_back(ClientEvent::Finished {
                             id: CallId(id),
                             user: call.user,
@@ -537,41 +525,45 @@ impl<T> ClientConn<T> {
     /// Starts a graceful close: no new calls; the connection closes once the server has
     /// acknowledged and every call in flight has finished.
     pub fn go_away(&mut self) {
-        if !self.link.is_closed() && !self.link.goaway_sent() {
-            self.link.send_goaway(&Status::ok());
+        if !self.core.link.is_closed() && !self.core.link.goaway_sent() {
+            self.core.link.send_goaway(&Status::ok());
             self.check_drained();
         }
     }
 
     /// The data of a call in flight.
     pub fn user(&self, id: CallId) -> Option<&T> {
-        self.calls.get(id.0).map(|c| &c.user)
+        self.core.calls.get(id.0).map(|c| &c.user)
     }
 
     /// Whether new calls can start: not closed and no go-away sent or received.
     pub fn is_accepting_calls(&self) -> bool {
-        self.link.is_open()
+        self.core.link.is_open()
     }
 
     fn after_removal(&mut self) {
-        self.calls.prune();
+        self.core.calls.prune();
         self.check_drained();
     }
 
     fn check_drained(&mut self) {
-        if !self.link.is_closed() && self.link.is_draining_done(!self.calls.is_empty()) {
+        if !self.core.link.is_closed()
+            && self.core.link.is_draining_done(!self.core.calls.is_empty())
+        {
             self.close(CloseReason::Drained);
         }
     }
 }
 
 impl<T> Side for ClientConn<T> {
-    fn link(&mut self) -> &mut Link {
-        &mut self.link
+    type Call = ClientCall<T>;
+
+    fn core(&mut self) -> &mut Core<ClientCall<T>> {
+        &mut self.core
     }
 
-    fn link_ref(&self) -> &Link {
-        &self.link
+    fn core_ref(&self) -> &Core<ClientCall<T>> {
+        &self.core
     }
 
     fn on_call_frame(&mut self, _now: Instant, frame: CallFrame) -> Result<(), ProtoError> {
@@ -580,8 +572,8 @@ impl<T> Side for ClientConn<T> {
 
     fn on_credit(&mut self, id: u32, increment: u32) -> Result<(), ProtoError> {
         let events = &mut self.events;
-        self.calls.credit(
-            &self.link,
+        self.core.calls.credit(
+            &self.core.link,
             id,
             increment,
             |_| None,
@@ -596,8 +588,8 @@ impl<T> Side for ClientConn<T> {
 
     fn close(&mut self, reason: CloseReason) {
         let status = reason.status();
-        self.link.close(reason.clone());
-        for (id, call) in self.calls.drain() {
+        self.core.link.close(reason.clone());
+        for (id, call) in self.core.calls.drain() {
             self.events.push_back(ClientEvent::Finished {
                 id: CallId(id),
                 user: call.user,
@@ -611,12 +603,12 @@ impl<T> Side for ClientConn<T> {
 impl<T> crate::Conn for ClientConn<T> {
     /// Fails every call whose deadline is at or before `now`, and runs keepalive.
     fn handle_timeout(&mut self, now: Instant) {
-        if self.link.is_closed() {
+        if self.core.link.is_closed() {
             return;
         }
-        while let Some((id, call)) = self.calls.pop_expired(&mut self.link, now) {
+        while let Some((id, call)) = self.core.calls.pop_expired(&mut self.core.link, now) {
             // Free the server's work now rather than at its own copy of the deadline.
-            self.link.out.push_control(FrameType::Cancel, id);
+            self.core.link.out.push_control(FrameType::Cancel, id);
             self.events.push_back(ClientEvent::Finished {
                 id: CallId(id),
                 user: call.user,
@@ -627,20 +619,20 @@ impl<T> crate::Conn for ClientConn<T> {
             });
         }
         self.after_removal();
-        if let Err(e) = self.link.handle_keepalive(now) {
+        if let Err(e) = self.core.link.handle_keepalive(now) {
             self.close(CloseReason::Error(e));
         }
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        self.link.poll_timeout(self.calls.next_deadline())
+        self.core.link.poll_timeout(self.core.calls.next_deadline())
     }
 
     fn calls_in_flight(&self) -> usize {
-        self.calls.len()
+        self.core.calls.len()
     }
 
     fn is_idle(&self) -> bool {
-        self.calls.is_empty()
+        self.core.calls.is_empty()
     }
 }

@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use crate::calls::{read_frames, Side};
 use crate::link::CloseReason;
 use crate::status::Status;
+use crate::CallId;
 
 /// The byte-and-time side of a connection: bytes read go in, bytes to write and the next
 /// timer come out. Implemented by [`ClientConn`](crate::ClientConn) and
@@ -39,14 +40,14 @@ pub trait Conn: Side {
 
     /// The peer closed its side of the byte stream.
     fn handle_eof(&mut self) {
-        if !self.link_ref().is_closed() {
+        if !self.core_ref().link.is_closed() {
             self.close(CloseReason::PeerClosed);
         }
     }
 
     /// The driver gave up on the transport; calls in flight end with `status`.
     fn abort(&mut self, status: Status) {
-        if !self.link_ref().is_closed() {
+        if !self.core_ref().link.is_closed() {
             self.close(CloseReason::Aborted(status));
         }
     }
@@ -60,12 +61,32 @@ pub trait Conn: Side {
     /// as one chunk, except large bodies, which come out as their own chunk uncopied.
     #[must_use]
     fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.link().out.pop()
+        self.core().link.out.pop()
     }
 
     /// Bytes queued for the transport.
     fn transmit_len(&self) -> usize {
-        self.link_ref().out.len()
+        self.core_ref().link.out.len()
+    }
+
+    /// Gives back `bytes` of a call's received stream messages (at most what it holds): the
+    /// application has consumed them. Credit returns to the peer in batches of half a
+    /// window. A finished call's bytes were given back when it finished, so releasing them
+    /// does nothing.
+    fn release(&mut self, id: CallId, bytes: usize) {
+        let core = self.core();
+        core.calls.release(&mut core.link, id.as_u32(), bytes);
+    }
+
+    /// Message bytes received on a call in flight and not yet released; `None` once it
+    /// finished (or, on a server, while it waits for a slot).
+    fn buffered(&self, id: CallId) -> Option<usize> {
+        self.core_ref().calls.buffered(id.as_u32())
+    }
+
+    /// Message bytes received on the connection and not yet released.
+    fn buffered_bytes(&self) -> usize {
+        self.core_ref().link.recv_window.unreleased() as usize
     }
 
     /// Calls in flight (on a server: running).
@@ -75,11 +96,11 @@ pub trait Conn: Side {
     fn is_idle(&self) -> bool;
 
     fn is_closed(&self) -> bool {
-        self.link_ref().is_closed()
+        self.core_ref().link.is_closed()
     }
 
     /// Why the connection closed, once it has.
     fn close_reason(&self) -> Option<&CloseReason> {
-        self.link_ref().close_reason()
+        self.core_ref().link.close_reason()
     }
 }

@@ -57,7 +57,9 @@ mod timers;
 mod transmit;
 
 pub use client::{CallHead, ClientConn, ClientEvent, Rejected, Response, StreamKind};
-pub use config::{ConnConfig, KeepaliveConfig, Limits};
+pub use config::{
+    ConnConfig, KeepaliveConfig, Limits, DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW,
+};
 pub use conn::Conn;
 pub use error::{ProtoError, SendError};
 pub use head::{HeadError, MetadataIter, RequestHead, ResponseHead};

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::batch;
-use crate::calls::{CallCore, CallTable, HasCore, Side};
+use crate::calls::{CallCore, CallTable, Core, HasCore, Side};
 use crate::config::ConnConfig;
 use crate::error::{ProtoError, SendError};
 use crate::flow::{RecvWindow, SendWindow, INITIAL_STREAM_WINDOW};
@@ -72,7 +72,7 @@ pub enum ServerEvent {
 }
 
 #[derive(Debug)]
-struct ServerCall {
+pub(crate) struct ServerCall {
     core: CallCore,
     /// The client's message stream is open.
     receiving: bool,
@@ -110,8 +110,7 @@ struct Waiting {
 /// cancel, a deadline), requests already read are started and `wants_read` turns true again.
 #[derive(Debug)]
 pub struct ServerConn {
-    link: Link,
-    calls: CallTable<ServerCall>,
+    core: Core<ServerCall>,
     /// Requests read while at the concurrency limit, started as slots free up.
     waiting: VecDeque<Waiting>,
     events: VecDeque<ServerEvent>,
@@ -122,8 +121,10 @@ impl ServerConn {
     /// random one so a client cannot pick colliding ids.
     pub fn new(config: ConnConfig, now: Instant, hash_seed: u64) -> Self {
         ServerConn {
-            link: Link::new(config, now),
-            calls: CallTable::new(IdHasher::with_seed(hash_seed)),
+            core: Core {
+                link: Link::new(config, now),
+                calls: CallTable::new(IdHasher::with_seed(hash_seed)),
+            },
             waiting: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -135,7 +136,7 @@ impl ServerConn {
             FrameType::Request => {}
             FrameType::Message => return self.handle_message(frame),
             FrameType::Cancel => {
-                if self.calls.remove(&mut self.link, id).is_some() {
+                if self.core.calls.remove(&mut self.core.link, id).is_some() {
                     self.events.push_back(ServerEvent::Cancelled {
                         id: CallId(id),
                         reason: CancelReason::Peer,
@@ -143,7 +144,7 @@ impl ServerConn {
                     self.after_removal();
                 } else if let Some(i) = self.waiting.iter().position(|w| w.request.id.0 == id) {
                     if let Some(w) = self.waiting.remove(i) {
-                        self.link.release(w.call.core.recv_window.unreleased());
+                        self.core.link.release(w.call.core.recv_window.unreleased());
                     }
                     self.check_drained();
                 }
@@ -154,10 +155,10 @@ impl ServerConn {
         if id == 0 {
             return Err(ProtoError::ReservedCallId);
         }
-        if self.link.goaway_received() {
+        if self.core.link.goaway_received() {
             return Err(ProtoError::RequestAfterGoAway(id));
         }
-        if self.calls.contains(id) || self.waiting.iter().any(|w| w.request.id.0 == id) {
+        if self.core.calls.contains(id) || self.waiting.iter().any(|w| w.request.id.0 == id) {
             return Err(ProtoError::DuplicateCallId(id));
         }
         let codec = frame.header.codec;
@@ -193,9 +194,9 @@ impl ServerConn {
         let mut recv_window = RecvWindow::new(INITIAL_STREAM_WINDOW);
         if client_streams {
             if let Some(increment) =
-                recv_window.widen(INITIAL_STREAM_WINDOW, self.link.stream_window)
+                recv_window.widen(INITIAL_STREAM_WINDOW, self.core.link.stream_window)
             {
-                self.link.push_window_update(id, increment);
+                self.core.link.push_window_update(id, increment);
             }
         }
         let call = ServerCall {
@@ -208,7 +209,7 @@ impl ServerConn {
             },
             receiving: client_streams,
         };
-        if self.calls.len() < self.link.limits().max_concurrent_calls as usize {
+        if self.core.calls.len() < self.core.link.limits().max_concurrent_calls as usize {
             self.start(request, call);
         } else {
             self.waiting.push_back(Waiting {
@@ -236,19 +237,19 @@ impl ServerConn {
         };
         let len = frame.body.len();
         if message {
-            self.link.receive_message(len)?;
+            self.core.link.receive_message(len)?;
         }
-        let waiting_at = if self.calls.contains(id) {
+        let waiting_at = if self.core.calls.contains(id) {
             None
         } else if let Some(i) = self.waiting.iter().position(|w| w.request.id.0 == id) {
             Some(i)
         } else {
             // A late message for a call that ended here: its credit goes straight back.
-            self.link.release(len as u64);
+            self.core.link.release(len as u64);
             return Ok(());
         };
         let call = match waiting_at {
-            None => self.calls.get_mut(id),
+            None => self.core.calls.get_mut(id),
             Some(i) => self.waiting.get_mut(i).map(|w| &mut w.call),
         };
         let Some(call) = call else {
@@ -265,11 +266,11 @@ impl ServerConn {
             if let Some(increment) = call
                 .core
                 .recv_window
-                .release(prefixes as u64, self.link.stream_window)
+                .release(prefixes as u64, self.core.link.stream_window)
             {
-                self.link.push_window_update(id, increment);
+                self.core.link.push_window_update(id, increment);
             }
-            self.link.release(prefixes as u64);
+            self.core.link.release(prefixes as u64);
         }
         let bodies = batch::messages(frame.body, batched, message);
         if let Some(w) = waiting_at.and_then(|i| self.waiting.get_mut(i)) {
@@ -288,7 +289,7 @@ impl ServerConn {
 
     fn start(&mut self, request: Request, call: ServerCall) {
         let id = request.id;
-        self.calls.insert(id.0, call);
+        self.core.calls.insert(id.0, call);
         self.events.push_back(ServerEvent::Request(request));
     }
 
@@ -328,26 +329,9 @@ impl ServerConn {
         id: CallId,
         send: impl FnOnce(&mut Link, &mut SendWindow, u8) -> Result<(), SendError>,
     ) -> Result<(), SendError> {
-        self.calls.send_on(&mut self.link, id.0, |_| Ok(()), send)
-    }
-
-    /// Gives back `bytes` of a call's received messages (at most what it holds): the
-    /// handler has consumed them. Credit returns to the client in batches of half a window.
-    /// Bytes of a call that ended were given back when it ended.
-    pub fn release(&mut self, id: CallId, bytes: usize) {
-        self.calls.release(&mut self.link, id.0, bytes);
-    }
-
-    /// Message bytes received on a running call and not yet released; `None` if it is not
-    /// running.
-    pub fn buffered(&self, id: CallId) -> Option<usize> {
-        self.calls.buffered(id.0)
-    }
-
-    /// Message bytes received on the connection and not yet released (waiting requests'
-    /// included).
-    pub fn buffered_bytes(&self) -> usize {
-        self.link.recv_window.unreleased() as usize
+        self.core
+            .calls
+            .send_on(&mut self.core.link, id.0, |_| Ok(()), send)
     }
 
     /// Answers a call. Returns `false`, sending nothing, when the call is no longer running
@@ -366,10 +350,10 @@ impl ServerConn {
     where
         M: IntoIterator<Item = (&'m str, &'m [u8])>,
     {
-        if self.link.is_closed() {
+        if self.core.link.is_closed() {
             return false;
         }
-        let Some(call) = self.calls.remove(&mut self.link, id.0) else {
+        let Some(call) = self.core.calls.remove(&mut self.core.link, id.0) else {
             return false;
         };
         self.send_response(id.0, call.core.codec, status, metadata, body.into());
@@ -390,7 +374,7 @@ impl ServerConn {
     {
         let (code, message) = (status.code() as u32, status.message());
         let frame = FrameInfo::new(FrameType::Response, flags::END_STREAM, codec, id);
-        let pushed = self.link.out.push_frame(
+        let pushed = self.core.link.out.push_frame(
             frame,
             |out| encode_response_head(code, message, metadata, out),
             body,
@@ -401,7 +385,7 @@ impl ServerConn {
                 Oversize::Frame => "response exceeds max_frame_len",
             };
             let code = Code::ResourceExhausted as u32;
-            let _ = self.link.out.push_frame(
+            let _ = self.core.link.out.push_frame(
                 frame,
                 |out| encode_response_head(code, message, [], out),
                 Payload::Slice(&[]),
@@ -412,12 +396,12 @@ impl ServerConn {
     /// Starts requests that waited for a slot. One whose deadline passed while it waited
     /// is dropped unseen: its client has already given up.
     fn start_waiting(&mut self, now: Instant) {
-        while self.calls.len() < self.link.limits().max_concurrent_calls as usize {
+        while self.core.calls.len() < self.core.link.limits().max_concurrent_calls as usize {
             let Some(w) = self.waiting.pop_front() else {
                 break;
             };
             if w.request.deadline.is_some_and(|at| at <= now) {
-                self.link.release(w.call.core.recv_window.unreleased());
+                self.core.link.release(w.call.core.recv_window.unreleased());
                 continue;
             }
             let id = w.request.id;
@@ -440,15 +424,16 @@ impl ServerConn {
     /// Whether the driver should read more from the transport: false at the concurrency
     /// limit with requests already waiting, and once closed.
     pub fn wants_read(&self) -> bool {
-        !self.link.is_closed() && self.waiting.is_empty()
+        !self.core.link.is_closed() && self.waiting.is_empty()
     }
 
     /// Starts a graceful drain: the client is told to start no new calls. Every request it
     /// sent before it saw the go-away is still served; the connection closes once the client
     /// has acknowledged and every call has been answered.
     pub fn go_away(&mut self) {
-        if !self.link.is_closed() && !self.link.goaway_sent() {
-            self.link
+        if !self.core.link.is_closed() && !self.core.link.goaway_sent() {
+            self.core
+                .link
                 .send_goaway(&Status::new(Code::Unavailable, "server is shutting down"));
             self.check_drained();
         }
@@ -457,9 +442,9 @@ impl ServerConn {
     /// Turns the connection away without serving it: a go-away carrying `status` (e.g.
     /// `ResourceExhausted` at a connection limit), then closed.
     pub fn refuse(&mut self, status: Status) {
-        if !self.link.is_closed() {
-            if !self.link.goaway_sent() {
-                self.link.send_goaway(&status);
+        if !self.core.link.is_closed() {
+            if !self.core.link.goaway_sent() {
+                self.core.link.send_goaway(&status);
             }
             self.close(CloseReason::Aborted(status));
         }
@@ -471,25 +456,27 @@ impl ServerConn {
     }
 
     fn after_removal(&mut self) {
-        self.calls.prune();
+        self.core.calls.prune();
         self.check_drained();
     }
 
     fn check_drained(&mut self) {
-        let busy = !self.calls.is_empty() || !self.waiting.is_empty();
-        if !self.link.is_closed() && self.link.is_draining_done(busy) {
+        let busy = !self.core.calls.is_empty() || !self.waiting.is_empty();
+        if !self.core.link.is_closed() && self.core.link.is_draining_done(busy) {
             self.close(CloseReason::Drained);
         }
     }
 }
 
 impl Side for ServerConn {
-    fn link(&mut self) -> &mut Link {
-        &mut self.link
+    type Call = ServerCall;
+
+    fn core(&mut self) -> &mut Core<ServerCall> {
+        &mut self.core
     }
 
-    fn link_ref(&self) -> &Link {
-        &self.link
+    fn core_ref(&self) -> &Core<ServerCall> {
+        &self.core
     }
 
     fn on_call_frame(&mut self, now: Instant, frame: CallFrame) -> Result<(), ProtoError> {
@@ -498,8 +485,8 @@ impl Side for ServerConn {
 
     fn on_credit(&mut self, id: u32, increment: u32) -> Result<(), ProtoError> {
         let (events, waiting) = (&mut self.events, &mut self.waiting);
-        self.calls.credit(
-            &self.link,
+        self.core.calls.credit(
+            &self.core.link,
             id,
             increment,
             // A request waiting for a slot takes credit too.
@@ -519,8 +506,8 @@ impl Side for ServerConn {
     }
 
     fn close(&mut self, reason: CloseReason) {
-        self.link.close(reason.clone());
-        self.calls.drain().for_each(drop);
+        self.core.link.close(reason.clone());
+        self.core.calls.drain().for_each(drop);
         self.waiting.clear();
         self.events.push_back(ServerEvent::Closed(reason));
     }
@@ -529,10 +516,10 @@ impl Side for ServerConn {
 impl crate::Conn for ServerConn {
     /// Cancels every call whose deadline is at or before `now`, and runs keepalive.
     fn handle_timeout(&mut self, now: Instant) {
-        if self.link.is_closed() {
+        if self.core.link.is_closed() {
             return;
         }
-        while let Some((id, _)) = self.calls.pop_expired(&mut self.link, now) {
+        while let Some((id, _)) = self.core.calls.pop_expired(&mut self.core.link, now) {
             self.events.push_back(ServerEvent::Cancelled {
                 id: CallId(id),
                 reason: CancelReason::DeadlineExceeded,
@@ -540,22 +527,22 @@ impl crate::Conn for ServerConn {
         }
         self.after_removal();
         self.start_waiting(now);
-        if let Err(e) = self.link.handle_keepalive(now) {
+        if let Err(e) = self.core.link.handle_keepalive(now) {
             self.close(CloseReason::Error(e));
         }
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        self.link.poll_timeout(self.calls.next_deadline())
+        self.core.link.poll_timeout(self.core.calls.next_deadline())
     }
 
     /// No call running or waiting.
     fn is_idle(&self) -> bool {
-        self.calls.is_empty() && self.waiting.is_empty()
+        self.core.calls.is_empty() && self.waiting.is_empty()
     }
 
     /// Calls running (requests handed out and not yet answered or cancelled).
     fn calls_in_flight(&self) -> usize {
-        self.calls.len()
+        self.core.calls.len()
     }
 }

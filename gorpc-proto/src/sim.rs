@@ -1030,6 +1030,8 @@ pub mod targets {
         let t0 = Instant::now();
         let config = ConnConfig {
             limits: small_limits(),
+            stream_window: INITIAL_STREAM_WINDOW,
+            connection_window: INITIAL_CONNECTION_WINDOW,
             ..ConnConfig::default()
         };
         let mut client: ClientConn<u32> = ClientConn::new(config, t0);
@@ -1098,6 +1100,8 @@ pub mod targets {
         let t0 = Instant::now();
         let config = ConnConfig {
             limits: small_limits(),
+            stream_window: INITIAL_STREAM_WINDOW,
+            connection_window: INITIAL_CONNECTION_WINDOW,
             ..ConnConfig::default()
         };
         let mut server = ServerConn::new(config, t0, 42);
@@ -1167,6 +1171,8 @@ pub mod targets {
     pub fn pair_ops(data: &[u8]) {
         let config = ConnConfig {
             limits: small_limits(),
+            stream_window: INITIAL_STREAM_WINDOW,
+            connection_window: INITIAL_CONNECTION_WINDOW,
             ..ConnConfig::default()
         };
         if let Err(broken) = run_ops(&ops_from_bytes(data), config) {

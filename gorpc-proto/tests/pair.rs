@@ -13,8 +13,18 @@ use gorpc_proto::{
     KeepaliveConfig, Limits, ProtoError, Request, ServerConn, ServerEvent, Status,
 };
 
+/// A config with the protocol's initial windows: nothing but the test's own frames is
+/// queued (larger windows start with a window update).
+fn quiet() -> ConnConfig {
+    ConnConfig {
+        stream_window: gorpc_proto::flow::INITIAL_STREAM_WINDOW,
+        connection_window: gorpc_proto::flow::INITIAL_CONNECTION_WINDOW,
+        ..ConnConfig::default()
+    }
+}
+
 fn pair() -> Pair<u64> {
-    Pair::new(Instant::now(), ConnConfig::default(), ConnConfig::default())
+    Pair::new(Instant::now(), quiet(), quiet())
 }
 
 fn start(p: &mut Pair<u64>, tag: u64, timeout: Option<Duration>) -> CallId {
@@ -237,11 +247,11 @@ fn keepalive_pings_a_quiet_peer_and_a_silent_one_is_declared_dead() {
         Instant::now(),
         ConnConfig {
             keepalive,
-            ..ConnConfig::default()
+            ..quiet()
         },
         ConnConfig {
             keepalive: quiet_server,
-            ..ConnConfig::default()
+            ..quiet()
         },
     );
     start(&mut p, 1, None);
@@ -332,7 +342,7 @@ fn client_go_away_drains_after_the_last_response() {
 #[test]
 fn request_after_client_go_away_is_a_protocol_error() {
     let now = Instant::now();
-    let mut server = ServerConn::new(ConnConfig::default(), now, 1);
+    let mut server = ServerConn::new(quiet(), now, 1);
     let mut wire = BytesMut::new();
     let goaway = FrameHeader {
         frame_type: FrameType::GoAway,
@@ -358,14 +368,7 @@ fn client_refuses_calls_past_its_concurrency_limit() {
         max_concurrent_calls: 3,
         ..Limits::default()
     };
-    let mut p: Pair<u64> = Pair::new(
-        Instant::now(),
-        ConnConfig {
-            limits,
-            ..ConnConfig::default()
-        },
-        ConnConfig::default(),
-    );
+    let mut p: Pair<u64> = Pair::new(Instant::now(), ConnConfig { limits, ..quiet() }, quiet());
     for tag in 0..3 {
         start(&mut p, tag, None);
     }
@@ -383,14 +386,7 @@ fn server_stops_reading_at_its_concurrency_limit_and_resumes() {
         max_concurrent_calls: 2,
         ..Limits::default()
     };
-    let mut p: Pair<u64> = Pair::new(
-        Instant::now(),
-        ConnConfig::default(),
-        ConnConfig {
-            limits,
-            ..ConnConfig::default()
-        },
-    );
+    let mut p: Pair<u64> = Pair::new(Instant::now(), quiet(), ConnConfig { limits, ..quiet() });
     let ids: Vec<CallId> = (0..5)
         .map(|tag| start(&mut p, tag, Some(Duration::from_secs(1))))
         .collect();
@@ -451,10 +447,7 @@ fn oversized_frames_and_heads_close_the_connection_with_a_typed_error() {
         max_head_len: 64,
         ..Limits::default()
     };
-    let config = ConnConfig {
-        limits,
-        ..ConnConfig::default()
-    };
+    let config = ConnConfig { limits, ..quiet() };
     let now = Instant::now();
 
     let mut server = ServerConn::new(config, now, 1);
@@ -494,10 +487,7 @@ fn the_sender_refuses_what_the_receiver_would_refuse() {
         max_head_len: 64,
         ..Limits::default()
     };
-    let config = ConnConfig {
-        limits,
-        ..ConnConfig::default()
-    };
+    let config = ConnConfig { limits, ..quiet() };
     let mut p: Pair<u64> = Pair::new(Instant::now(), config, config);
     let big = p
         .client
@@ -586,7 +576,7 @@ fn bytes_split_at_every_boundary_decode_the_same() {
     let stream = p.to_server.split().freeze();
 
     let reference = {
-        let mut server = ServerConn::new(ConnConfig::default(), p.now, 1);
+        let mut server = ServerConn::new(quiet(), p.now, 1);
         let mut buf = BytesMut::from(&stream[..]);
         read(&mut server, p.now, &mut buf).unwrap();
         format!(
@@ -595,7 +585,7 @@ fn bytes_split_at_every_boundary_decode_the_same() {
         )
     };
     for cut in 0..=stream.len() {
-        let mut server = ServerConn::new(ConnConfig::default(), p.now, 1);
+        let mut server = ServerConn::new(quiet(), p.now, 1);
         let mut buf = BytesMut::from(&stream[..cut]);
         read(&mut server, p.now, &mut buf).unwrap();
         buf.extend_from_slice(&stream[cut..]);
@@ -646,7 +636,7 @@ fn corrupted_bytes_close_only_that_connection_or_fail_only_that_call() {
             }
             let mut bytes = BytesMut::from(&stream[..]);
             bytes[i] = value;
-            let mut server = ServerConn::new(ConnConfig::default(), p.now, 1);
+            let mut server = ServerConn::new(quiet(), p.now, 1);
             match read(&mut server, p.now, &mut bytes) {
                 Err(_) => {
                     outcomes[0] += 1;
@@ -674,7 +664,7 @@ fn corrupted_bytes_close_only_that_connection_or_fail_only_that_call() {
 #[test]
 fn malformed_request_head_is_answered_with_invalid_argument() {
     let now = Instant::now();
-    let mut server = ServerConn::new(ConnConfig::default(), now, 1);
+    let mut server = ServerConn::new(quiet(), now, 1);
     let mut wire = BytesMut::new();
     FrameHeader {
         frame_type: FrameType::Request,
@@ -694,7 +684,7 @@ fn malformed_request_head_is_answered_with_invalid_argument() {
         "the next call is unharmed"
     );
 
-    let mut client = gorpc_proto::ClientConn::<()>::new(ConnConfig::default(), now);
+    let mut client = gorpc_proto::ClientConn::<()>::new(quiet(), now);
     // Replay the server's answer for id 9 into a client that started call 9.
     for _ in 0..9 {
         client
@@ -726,7 +716,7 @@ fn malformed_request_head_is_answered_with_invalid_argument() {
 #[test]
 fn call_id_zero_is_reserved() {
     let now = Instant::now();
-    let mut server = ServerConn::new(ConnConfig::default(), now, 1);
+    let mut server = ServerConn::new(quiet(), now, 1);
     let mut wire = BytesMut::new();
     raw_request(&mut wire, 0, "/m", b"");
     assert_eq!(
@@ -738,7 +728,7 @@ fn call_id_zero_is_reserved() {
 #[test]
 fn duplicate_call_id_is_a_protocol_error() {
     let now = Instant::now();
-    let mut server = ServerConn::new(ConnConfig::default(), now, 1);
+    let mut server = ServerConn::new(quiet(), now, 1);
     let mut wire = BytesMut::new();
     raw_request(&mut wire, 4, "/m", b"");
     raw_request(&mut wire, 4, "/m", b"");
@@ -751,13 +741,13 @@ fn duplicate_call_id_is_a_protocol_error() {
 #[test]
 fn unknown_version_and_garbage_are_refused_with_clear_errors() {
     let now = Instant::now();
-    let mut server = ServerConn::new(ConnConfig::default(), now, 1);
+    let mut server = ServerConn::new(quiet(), now, 1);
     let mut wire = BytesMut::from(&b"GET / HTTP/1.1\r\n\r\n"[..]);
     let err = read(&mut server, now, &mut wire).unwrap_err();
     assert_eq!(err, ProtoError::BadMagic);
     assert!(err.to_string().contains("not speaking gorpc"));
 
-    let mut server = ServerConn::new(ConnConfig::default(), now, 1);
+    let mut server = ServerConn::new(quiet(), now, 1);
     let mut wire = BytesMut::new();
     raw_request(&mut wire, 1, "/m", b"");
     wire[2] = 2;

@@ -213,11 +213,20 @@ fn the_model_sees_every_kind_of_outcome() {
     );
 }
 
+/// The protocol's initial windows, small enough that streams stall for credit.
+fn small_windows() -> ConnConfig {
+    ConnConfig {
+        stream_window: gorpc_proto::flow::INITIAL_STREAM_WINDOW,
+        connection_window: gorpc_proto::flow::INITIAL_CONNECTION_WINDOW,
+        ..ConnConfig::default()
+    }
+}
+
 /// The same for streams: messages both ways, refusals for lack of credit and the
 /// `Writable` that follows, half-closes, a cancel and a deadline mid-stream.
 #[test]
 fn the_model_sees_streams_flow_and_stall() {
-    let outcome = run_ops(&stream_ops(1), ConnConfig::default()).unwrap();
+    let outcome = run_ops(&stream_ops(1), small_windows()).unwrap();
     assert_eq!((outcome.started, outcome.streams), (5, 4));
     assert!(
         outcome.messages > 30
@@ -234,7 +243,7 @@ fn the_model_sees_streams_flow_and_stall() {
 /// rest after the `Writable`, every message once and in order (the model checks each).
 #[test]
 fn the_model_sees_batched_streams_flow_and_stall() {
-    let outcome = run_ops(&stream_ops(3), ConnConfig::default()).unwrap();
+    let outcome = run_ops(&stream_ops(3), small_windows()).unwrap();
     assert_eq!((outcome.started, outcome.streams), (5, 4));
     assert!(
         outcome.messages > 30

@@ -14,8 +14,18 @@ use gorpc_proto::{
     SendError, ServerEvent, Status, StreamKind,
 };
 
+/// The protocol's initial windows: small, so that streams stall for credit, and nothing
+/// queued before the test's own frames.
+fn initial() -> ConnConfig {
+    ConnConfig {
+        stream_window: gorpc_proto::flow::INITIAL_STREAM_WINDOW,
+        connection_window: gorpc_proto::flow::INITIAL_CONNECTION_WINDOW,
+        ..ConnConfig::default()
+    }
+}
+
 fn pair() -> Pair<u64> {
-    Pair::new(Instant::now(), ConnConfig::default(), ConnConfig::default())
+    Pair::new(Instant::now(), initial(), initial())
 }
 
 fn open(p: &mut Pair<u64>, kind: StreamKind, request: &[u8], tag: u64) -> CallId {
@@ -306,9 +316,9 @@ fn a_larger_configured_window_is_granted_up_front() {
     let config = ConnConfig {
         stream_window: 1 << 20,
         connection_window: 4 << 20,
-        ..ConnConfig::default()
+        ..initial()
     };
-    let mut p: Pair<u64> = Pair::new(Instant::now(), config, ConnConfig::default());
+    let mut p: Pair<u64> = Pair::new(Instant::now(), config, initial());
     let id = open(&mut p, StreamKind::ServerStreaming, b"", 1);
     request(&mut p);
     let message = vec![0u8; 64 * 1024];
@@ -346,7 +356,7 @@ fn oversized_messages_are_refused_locally() {
             max_frame_len: 1024,
             ..Default::default()
         },
-        ..ConnConfig::default()
+        ..initial()
     };
     let mut p: Pair<u64> = Pair::new(Instant::now(), config, config);
     let id = open(&mut p, StreamKind::Bidirectional, b"", 1);
@@ -704,7 +714,7 @@ fn stream_bytes_split_at_every_boundary_decode_the_same() {
     p.flush();
     let stream = p.to_server.split().freeze();
     let reference = {
-        let mut server = gorpc_proto::ServerConn::new(ConnConfig::default(), p.now, 1);
+        let mut server = gorpc_proto::ServerConn::new(initial(), p.now, 1);
         read(&mut server, p.now, &mut BytesMut::from(&stream[..])).unwrap();
         std::iter::from_fn(|| server.poll_event())
             .map(|e| format!("{e:?}"))
@@ -712,7 +722,7 @@ fn stream_bytes_split_at_every_boundary_decode_the_same() {
     };
     assert_eq!(reference.len(), 4, "{reference:?}");
     for cut in 0..=stream.len() {
-        let mut server = gorpc_proto::ServerConn::new(ConnConfig::default(), p.now, 1);
+        let mut server = gorpc_proto::ServerConn::new(initial(), p.now, 1);
         let mut buf = BytesMut::from(&stream[..cut]);
         read(&mut server, p.now, &mut buf).unwrap();
         buf.extend_from_slice(&stream[cut..]);
@@ -745,9 +755,9 @@ fn messages_for_a_request_waiting_at_the_limit_follow_it() {
             max_concurrent_calls: 1,
             ..Default::default()
         },
-        ..ConnConfig::default()
+        ..initial()
     };
-    let mut p: Pair<u64> = Pair::new(Instant::now(), ConnConfig::default(), config);
+    let mut p: Pair<u64> = Pair::new(Instant::now(), initial(), config);
     let first = open(&mut p, StreamKind::ServerStreaming, b"", 1);
     let second = open(&mut p, StreamKind::ClientStreaming, b"", 2);
     p.client.send_message(second, &b"early"[..], true).unwrap();
@@ -865,7 +875,7 @@ fn batches_keep_to_the_frame_limit() {
     };
     let config = ConnConfig {
         limits,
-        ..ConnConfig::default()
+        ..initial()
     };
     let mut p = Pair::new(Instant::now(), config, config);
     let id = open(&mut p, StreamKind::ServerStreaming, b"", 1);

@@ -33,7 +33,7 @@ const TRAILED: &str = "/test.Stream/Trailed";
 /// Message size of the flood: small, so the window holds many.
 const FLOOD_MESSAGE: usize = 100;
 /// The per-call window clients grant by default.
-const WINDOW: usize = gorpc::stream::DEFAULT_STREAM_WINDOW as usize;
+const WINDOW: usize = gorpc::proto::DEFAULT_STREAM_WINDOW as usize;
 
 /// Sends on its channel when dropped: proves a handler future was dropped.
 struct DropSignal(Option<oneshot::Sender<()>>);

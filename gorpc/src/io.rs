@@ -23,8 +23,7 @@ const READ_BUFFER: usize = 2 * READ_CHUNK;
 const LARGE_READ_BUFFER: usize = 128 * 1024;
 /// Read buffers kept for reuse: as many as the messages a connection's streams may hold
 /// untaken (its default window) pin, and two.
-const READ_SPARES: usize =
-    crate::stream::DEFAULT_CONNECTION_WINDOW as usize / LARGE_READ_BUFFER + 2;
+const READ_SPARES: usize = gorpc_proto::DEFAULT_CONNECTION_WINDOW as usize / LARGE_READ_BUFFER + 2;
 /// The most reserved ahead for the rest of a frame: a header alone cannot make a
 /// connection hold more than this before the bytes arrive.
 const MAX_FRAME_RESERVE: usize = 256 * 1024;
@@ -44,8 +43,7 @@ pub(crate) struct Transport<R: Runtime, I: Io = <R as Runtime>::Io> {
     /// Large frames arrived since the connection was last idle: read buffers are large.
     large_frames: bool,
     write_queue: WriteQueue,
-    sleep: R::Sleep,
-    armed: Option<Instant>,
+    timer: Timer<R>,
     read_closed: bool,
     /// When bytes last arrived.
     last_read: Instant,
@@ -54,13 +52,12 @@ pub(crate) struct Transport<R: Runtime, I: Io = <R as Runtime>::Io> {
 impl<R: Runtime, I: Io> Transport<R, I> {
     pub(crate) fn new(runtime: &R, io: I) -> Self {
         Transport {
-            sleep: runtime.sleep_until(Instant::now()),
+            timer: Timer::new(runtime),
             io,
             read_buf: BytesMut::new(),
             recycler: Recycler::new(READ_SPARES),
             large_frames: false,
             write_queue: WriteQueue::default(),
-            armed: None,
             read_closed: false,
             last_read: Instant::now(),
         }
@@ -158,19 +155,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
         at: Option<Instant>,
         now: Instant,
     ) -> bool {
-        let Some(at) = at else { return false };
-        if at <= now {
-            return true;
-        }
-        if self.armed != Some(at) {
-            self.sleep.reset(at);
-            self.armed = Some(at);
-        }
-        if Pin::new(&mut self.sleep).poll(cx).is_ready() {
-            self.armed = None;
-            return true;
-        }
-        false
+        self.timer.poll(cx, at, now)
     }
 
     /// Queues what `conn` has to send and writes as much as the socket takes. Returns
@@ -205,6 +190,38 @@ impl<R: Runtime, I: Io> Transport<R, I> {
         if self.write_queue.is_empty() || self.read_closed {
             // Best effort: the peer learns of the close from EOF either way.
             let _ = self.io.poll_shutdown(cx);
+            return true;
+        }
+        false
+    }
+}
+
+/// A driver's one timer, re-armed only when the instant it waits for changes.
+pub(crate) struct Timer<R: Runtime> {
+    sleep: R::Sleep,
+    armed: Option<Instant>,
+}
+
+impl<R: Runtime> Timer<R> {
+    pub(crate) fn new(runtime: &R) -> Self {
+        Timer {
+            sleep: runtime.sleep_until(Instant::now()),
+            armed: None,
+        }
+    }
+
+    /// Whether `at` has come; registers for wake-up otherwise.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, at: Option<Instant>, now: Instant) -> bool {
+        let Some(at) = at else { return false };
+        if at <= now {
+            return true;
+        }
+        if self.armed != Some(at) {
+            self.sleep.reset(at);
+            self.armed = Some(at);
+        }
+        if Pin::new(&mut self.sleep).poll(cx).is_ready() {
+            self.armed = None;
             return true;
         }
         false

@@ -17,7 +17,7 @@ use gorpc_proto::balance::{Balancer, Endpoint, EndpointId, Health};
 use gorpc_proto::policy::{Admission, CircuitBreaker};
 use gorpc_proto::{Code, Status, StreamKind};
 
-use super::conn::OutgoingCall;
+use super::call::OutgoingCall;
 use super::pool::{EndpointPool, Pool, PoolConfig};
 use super::{send_on, start_stream_on, RawResponse, StreamHalves};
 use crate::discovery::{Change, Discover};

@@ -1,7 +1,6 @@
 //! One client connection: a driver task that owns the socket and a [`ClientConn`], and a
 //! cheap handle callers use to start calls on it.
 
-use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,23 +16,12 @@ use gorpc_proto::{
     CallHead, CallId, ClientConn, ClientEvent, Code, ConnConfig, SendError, Status, StreamKind,
 };
 
+use super::call::OutgoingCall;
 use crate::io::{drive, earliest, Transport};
 use crate::metadata::Metadata;
 use crate::runtime::{timeout, Io, Runtime};
-use crate::stream::{hold_write, unsendable, Delivering, Fed, Inbox, Outbox, OutboxDrain};
+use crate::stream::handoff::{hold_write, unsendable, Delivering, Fed, Inbox, Outbox, OutboxDrain};
 use crate::CallMap;
-
-/// A call as handed to a connection: method, options and the encoded body.
-#[derive(Clone, Debug)]
-pub struct OutgoingCall {
-    pub method: Cow<'static, str>,
-    pub codec: u8,
-    pub metadata: Metadata,
-    pub deadline: Option<Instant>,
-    /// Affinity key for hash-based balancing, from [`CallOptions::key`](super::CallOptions).
-    pub key: Option<u64>,
-    pub body: Bytes,
-}
 
 /// How a call on one connection ended, before any retry.
 #[derive(Debug)]
@@ -193,11 +181,7 @@ pub struct ConnectionConfig {
 impl Default for ConnectionConfig {
     fn default() -> Self {
         ConnectionConfig {
-            conn: ConnConfig {
-                stream_window: crate::stream::DEFAULT_STREAM_WINDOW,
-                connection_window: crate::stream::DEFAULT_CONNECTION_WINDOW,
-                ..ConnConfig::default()
-            },
+            conn: ConnConfig::default(),
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(300)),
             #[cfg(feature = "tls")]
@@ -707,5 +691,24 @@ pub(crate) async fn tls_connect<R: Runtime>(
                 config.connect_timeout
             ),
         )),
+    }
+}
+
+/// A stream half's way to its connection's driver.
+pub(crate) struct Commands(pub(crate) async_channel::Sender<Command>);
+
+impl crate::stream::handoff::StreamControl for Commands {
+    fn ready(&self, id: CallId) -> bool {
+        self.0.try_send(Command::Ready(id)).is_ok()
+    }
+
+    fn release(&self, id: CallId, bytes: usize) {
+        let _ = self.0.try_send(Command::Release(id, bytes));
+    }
+}
+
+impl crate::stream::StreamDriver for Commands {
+    fn cancel(&self, id: CallId) {
+        let _ = self.0.try_send(Command::Cancel(id));
     }
 }

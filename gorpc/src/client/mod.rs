@@ -1,20 +1,21 @@
 //! Calling: a [`Client`] sends calls through a [`Pool`] of connections.
 
-mod balanced;
+pub(crate) mod balanced;
 mod builder;
+mod call;
 mod conn;
 mod pool;
-mod stream;
 
+pub use crate::stream::{
+    ClientStreaming, RawStreamReceiver, RawStreamSender, ResponseStream, StreamSender,
+};
 #[cfg(feature = "grpc")]
 pub(crate) use balanced::BoxedCalls;
 pub use balanced::{InstanceProtocol, InstanceStatus, OutlierDetection};
 pub use builder::ClientBuilder;
-pub use conn::{Connection, ConnectionConfig, OutgoingCall};
+pub use call::{CallOptions, Channel, OutgoingCall, RawResponse};
+pub use conn::{Connection, ConnectionConfig};
 pub use pool::{Checkout, EndpointPool, Pool, PoolConfig};
-pub use stream::{
-    ClientStreaming, RawStreamReceiver, RawStreamSender, ResponseStream, StreamSender,
-};
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -22,7 +23,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use gorpc_proto::{Code, Status, StreamKind};
 
 use crate::codec::{id_name, Codec, MsgPack};
@@ -30,35 +30,17 @@ use crate::interceptor::{ClientInterceptor, ClientNext};
 use crate::metadata::Metadata;
 use crate::runtime::Runtime;
 use crate::service::{Request, Response};
-use crate::stream::{Inbox, InboxReader, Outbox};
+use crate::stream::handoff::{Inbox, InboxReader, Outbox};
+#[cfg(feature = "grpc")]
+pub(crate) use crate::stream::StreamDriver;
 #[cfg(feature = "http")]
 pub(crate) use conn::connect_socket;
 #[cfg(all(feature = "tls", feature = "http"))]
 pub(crate) use conn::tls_connect;
+#[cfg(feature = "grpc")]
+pub(crate) use conn::StreamAnswer;
+pub(crate) use conn::StreamEnd;
 use conn::{CallOutcome, ClientStream};
-#[cfg(feature = "grpc")]
-pub(crate) use conn::{StreamAnswer, StreamEnd};
-#[cfg(feature = "grpc")]
-pub(crate) use stream::StreamDriver;
-
-/// Options of one call.
-#[derive(Clone, Debug, Default)]
-pub struct CallOptions {
-    /// Overrides the client's default timeout.
-    pub timeout: Option<Duration>,
-    pub metadata: Metadata,
-    /// Affinity key for hash-based balancing (a user id, a shard key; see
-    /// [`gorpc_proto::balance::hash_bytes`]). Ignored by clients of one endpoint.
-    pub key: Option<u64>,
-}
-
-/// A successful raw response: body still encoded.
-#[derive(Clone, Debug)]
-pub struct RawResponse {
-    pub codec: u8,
-    pub metadata: Metadata,
-    pub body: Bytes,
-}
 
 /// Client settings.
 #[derive(Clone, Debug)]
@@ -74,26 +56,6 @@ impl Default for ClientConfig {
             pool: PoolConfig::default(),
             default_timeout: Some(Duration::from_secs(30)),
         }
-    }
-}
-
-/// A way to send calls other than over pooled binary-protocol connections (HTTP, UDP, a
-/// test double). [`Client::from_channel`] puts any of them behind the usual call API.
-pub trait Channel: Send + Sync + 'static {
-    fn send(&self, call: OutgoingCall) -> BoxFuture<'static, Result<RawResponse, Status>>;
-
-    /// Starts a stream call of `kind` (see [`Client::stream_raw`]). By default a channel
-    /// carries unary calls only and refuses with `Unimplemented`.
-    fn start_stream(
-        &self,
-        call: OutgoingCall,
-        kind: StreamKind,
-    ) -> BoxFuture<'static, Result<StreamHalves, Status>> {
-        let _ = (call, kind);
-        Box::pin(std::future::ready(Err(Status::new(
-            Code::Unimplemented,
-            "stream calls need the binary protocol or gRPC; this channel carries unary calls",
-        ))))
     }
 }
 
@@ -483,8 +445,8 @@ pub(crate) async fn start_stream_on(
         };
         match conn.start_stream(call, kind, stream) {
             Ok(()) => {
-                let commands: Arc<dyn stream::StreamDriver> =
-                    Arc::new(stream::Commands(conn.commands()));
+                let commands: Arc<dyn crate::stream::StreamDriver> =
+                    Arc::new(conn::Commands(conn.commands()));
                 let sender = kind
                     .client_streams()
                     .then(|| RawStreamSender::new(outbox.clone(), commands.clone()));

@@ -31,7 +31,7 @@ use crate::http::rt::{HyperExecutor, HyperIo, HyperTimer};
 use crate::http::HttpTarget;
 use crate::metadata::Metadata;
 use crate::runtime::{timeout, Io, Runtime};
-use crate::stream::{Framing, Inbox, InboxReader, Outbox, StreamControl};
+use crate::stream::handoff::{Framing, Inbox, InboxReader, Outbox, StreamControl};
 
 /// What a gorpc client says it is.
 const USER_AGENT_VALUE: &str = concat!("gorpc-rs/", env!("CARGO_PKG_VERSION"));

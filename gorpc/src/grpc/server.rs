@@ -33,10 +33,8 @@ use crate::http::server::{call_within, request_head, Edge};
 use crate::http::transcode;
 use crate::runtime::Runtime;
 use crate::service::{CallStreams, ServerReply, ServerRequest};
-use crate::stream::{
-    Framing, Inbox, InboxReader, Outbox, OutboxSender, RawRequestStream, RawResponseSink,
-    StreamControl,
-};
+use crate::stream::handoff::{Framing, Inbox, InboxReader, Outbox, OutboxSender, StreamControl};
+use crate::stream::{RawRequestStream, RawResponseSink};
 
 /// A message this large or smaller is copied behind its prefix into one DATA frame; a
 /// larger one goes as two frames, prefix then message, uncopied.

@@ -19,10 +19,11 @@ use gorpc_proto::{
 use crate::io::{drive, Transport};
 use crate::runtime::{Io, PeerCertificates, Runtime};
 use crate::service::{CallStreams, ServerReply, ServerRequest, Service};
-use crate::stream::{
+use crate::stream::handoff::{
     hold_write, unsendable, Delivering, Fed, Inbox, InboxReader, Outbox, OutboxDrain, OutboxSender,
-    RawRequestStream, RawResponseSink, StreamControl,
+    StreamControl,
 };
+use crate::stream::{RawRequestStream, RawResponseSink};
 use crate::CallMap;
 
 /// What handlers tell their connection's driver.

@@ -2,6 +2,7 @@
 
 pub(crate) mod conn;
 mod serving;
+pub(crate) mod stop;
 
 use std::io;
 use std::net::SocketAddr;
@@ -39,8 +40,6 @@ impl Default for ServerConfig {
         // clients through TCP.
         conn.keepalive.interval = Some(Duration::from_secs(120));
         conn.keepalive.timeout = Duration::from_secs(20);
-        conn.stream_window = crate::stream::DEFAULT_STREAM_WINDOW;
-        conn.connection_window = crate::stream::DEFAULT_CONNECTION_WINDOW;
         ServerConfig {
             conn,
             max_connections: 10_000,
@@ -219,20 +218,13 @@ impl<R: Runtime> Server<R> {
             ));
         }
         let local_addr = listener.local_addr()?;
-        let (drain_tx, drain) = async_channel::bounded(1);
-        let (abort_tx, abort) = async_channel::bounded(1);
-        let (alive_tx, alive_rx) = async_channel::bounded::<()>(1);
         let serving = Arc::new(Serving::default());
+        let (stopper, signals, alive, keep_open) = stop::stopper(serving.clone());
         let chain = ServerChain::wrap(self.interceptors, self.service);
         #[cfg(feature = "grpc")]
         let (service, health) = mount_standard(self.health, self.reflection, chain, &serving);
         #[cfg(not(feature = "grpc"))]
         let service = chain;
-        let signals = Signals {
-            drain,
-            abort,
-            serving: serving.clone(),
-        };
         let accept = AcceptLoop {
             runtime: self.runtime.clone(),
             listener,
@@ -240,10 +232,8 @@ impl<R: Runtime> Server<R> {
             config: self.config,
             signals,
             active: Arc::new(AtomicUsize::new(0)),
-            // The loop keeps the signal channels open until they are closed on purpose, so
-            // dropping the handle leaves the server running.
-            keep_open: (drain_tx.clone(), abort_tx.clone()),
-            alive: alive_tx,
+            keep_open,
+            alive,
             #[cfg(feature = "tls")]
             tls: self.tls.map(|config| {
                 #[cfg(feature = "http")]
@@ -265,9 +255,7 @@ impl<R: Runtime> Server<R> {
             serving,
             #[cfg(feature = "grpc")]
             health,
-            drain_tx,
-            abort_tx,
-            alive_rx,
+            stopper,
             registrations: Vec::new(),
         })
     }
@@ -365,9 +353,7 @@ pub struct ServerHandle<R: Runtime> {
     /// The statuses of the mounted health service, if any.
     #[cfg(feature = "grpc")]
     health: Option<crate::grpc::health::HealthReporter>,
-    drain_tx: async_channel::Sender<()>,
-    abort_tx: async_channel::Sender<()>,
-    alive_rx: async_channel::Receiver<()>,
+    stopper: stop::Stopper,
     registrations: Vec<ActiveRegistration>,
 }
 
@@ -470,21 +456,10 @@ impl<R: Runtime> ServerHandle<R> {
     /// away, and waits for calls in flight to be answered; after `grace`, closes whatever
     /// is left. Returns once every connection is closed.
     pub async fn shutdown(mut self, grace: Duration) -> Shutdown {
-        let deadline = Instant::now()
-            .checked_add(grace)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+        let deadline = stop::grace_deadline(grace);
         self.serving.stop();
         self.deregister_all(deadline).await;
-        self.drain_tx.close();
-        if timeout(&self.runtime, deadline, self.alive_rx.recv())
-            .await
-            .is_some()
-        {
-            return Shutdown::Graceful;
-        }
-        self.abort_tx.close();
-        let _ = self.alive_rx.recv().await;
-        Shutdown::Forced
+        self.stopper.drain(&self.runtime, deadline).await
     }
 
     /// Closes every connection at once, answering nothing more. Registrations stop being
@@ -494,9 +469,7 @@ impl<R: Runtime> ServerHandle<R> {
         for registration in &self.registrations {
             registration.upkeep.abort();
         }
-        self.drain_tx.close();
-        self.abort_tx.close();
-        let _ = self.alive_rx.recv().await;
+        self.stopper.abort().await;
     }
 }
 

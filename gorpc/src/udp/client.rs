@@ -19,9 +19,10 @@ use futures::{FutureExt, Stream};
 use gorpc_proto::datagram::{DatagramClient, DatagramConfig};
 use gorpc_proto::{CallHead, CallId, Code, Status};
 
-use super::{recv_buf, Timer, RECV_BATCH};
+use super::{recv_buf, RECV_BATCH};
 use crate::client::{Channel, Client, OutgoingCall, RawResponse};
 use crate::io::drive;
+use crate::io::Timer;
 use crate::metadata::Metadata;
 use crate::runtime::{Runtime, UdpSocket};
 

@@ -40,50 +40,11 @@ pub use client::{UdpChannel, UdpClientConfig, IDEMPOTENT};
 pub use gorpc_proto::datagram::{DatagramConfig, DatagramServerStats};
 pub use server::{UdpServer, UdpServerHandle};
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::Context;
-use std::time::Instant;
-
-use crate::runtime::{Runtime, Sleep};
-
 /// Receive buffer of each socket: the largest UDP payload fits, so no datagram is cut.
 const RECV_BUF_LEN: usize = 64 * 1024;
 
 /// Datagrams received in one pass of a driver before it turns to its other work.
 const RECV_BATCH: usize = 64;
-
-/// A driver's one timer, re-armed only when the instant it waits for changes.
-struct Timer<R: Runtime> {
-    sleep: R::Sleep,
-    armed: Option<Instant>,
-}
-
-impl<R: Runtime> Timer<R> {
-    fn new(runtime: &R) -> Self {
-        Timer {
-            sleep: runtime.sleep_until(Instant::now()),
-            armed: None,
-        }
-    }
-
-    /// Whether `at` has come; registers for wake-up otherwise.
-    fn poll(&mut self, cx: &mut Context<'_>, at: Option<Instant>, now: Instant) -> bool {
-        let Some(at) = at else { return false };
-        if at <= now {
-            return true;
-        }
-        if self.armed != Some(at) {
-            self.sleep.reset(at);
-            self.armed = Some(at);
-        }
-        if Pin::new(&mut self.sleep).poll(cx).is_ready() {
-            self.armed = None;
-            return true;
-        }
-        false
-    }
-}
 
 fn recv_buf() -> Box<[u8]> {
     vec![0; RECV_BUF_LEN].into_boxed_slice()

@@ -23,10 +23,11 @@ use gorpc_proto::datagram::{
 };
 use gorpc_proto::{Code, Status};
 
-use super::{recv_buf, Timer, RECV_BATCH};
+use super::{recv_buf, RECV_BATCH};
 use crate::interceptor::{ServerChain, ServerInterceptor};
-use crate::io::drive;
-use crate::runtime::{timeout, Runtime, UdpSocket};
+use crate::io::{drive, Timer};
+use crate::runtime::{Runtime, UdpSocket};
+use crate::server::stop::{self, Stopper};
 use crate::server::Shutdown;
 use crate::service::{ServerReply, ServerRequest, Service};
 
@@ -81,9 +82,7 @@ impl<R: Runtime> UdpServer<R> {
     /// Serves requests arriving on `socket`, in the background.
     pub fn serve(self, socket: R::UdpSocket) -> io::Result<UdpServerHandle<R>> {
         let local_addr = socket.local_addr()?;
-        let (drain_tx, drain_rx) = async_channel::bounded(1);
-        let (abort_tx, abort_rx) = async_channel::bounded(1);
-        let (alive_tx, alive_rx) = async_channel::bounded::<()>(1);
+        let (stopper, signals, alive, keep_open) = stop::stopper(Default::default());
         let stats = Arc::new(SharedStats::default());
         let (replies_tx, replies_rx) = mpsc::unbounded();
         let driver = UdpServerDriver {
@@ -100,24 +99,20 @@ impl<R: Runtime> UdpServer<R> {
             running: HashMap::new(),
             next_task: 0,
             deadlines: BinaryHeap::new(),
-            drain_signal: Box::pin(drain_rx),
-            abort_signal: Box::pin(abort_rx),
+            drain_signal: Box::pin(signals.drain),
+            abort_signal: Box::pin(signals.abort),
             draining: false,
             aborted: false,
             stats: stats.clone(),
             published: DatagramServerStats::default(),
-            // The driver keeps the signal channels open until they are closed on purpose,
-            // so dropping the handle leaves the server running.
-            _keep_open: (drain_tx.clone(), abort_tx.clone()),
-            _alive: alive_tx,
+            _keep_open: keep_open,
+            _alive: alive,
         };
         self.runtime.spawn(driver);
         Ok(UdpServerHandle {
             runtime: self.runtime,
             local_addr,
-            drain_tx,
-            abort_tx,
-            alive_rx,
+            stopper,
             stats,
         })
     }
@@ -128,9 +123,7 @@ impl<R: Runtime> UdpServer<R> {
 pub struct UdpServerHandle<R: Runtime> {
     runtime: R,
     local_addr: SocketAddr,
-    drain_tx: async_channel::Sender<()>,
-    abort_tx: async_channel::Sender<()>,
-    alive_rx: async_channel::Receiver<()>,
+    stopper: Stopper,
     stats: Arc<SharedStats>,
 }
 
@@ -148,26 +141,13 @@ impl<R: Runtime> UdpServerHandle<R> {
     /// Stops reading requests and waits for the handlers running to be answered; after
     /// `grace`, drops whatever is left. Returns once the socket is closed.
     pub async fn shutdown(self, grace: Duration) -> Shutdown {
-        self.drain_tx.close();
-        let deadline = Instant::now()
-            .checked_add(grace)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
-        if timeout(&self.runtime, deadline, self.alive_rx.recv())
-            .await
-            .is_some()
-        {
-            return Shutdown::Graceful;
-        }
-        self.abort_tx.close();
-        let _ = self.alive_rx.recv().await;
-        Shutdown::Forced
+        let deadline = stop::grace_deadline(grace);
+        self.stopper.drain(&self.runtime, deadline).await
     }
 
     /// Stops at once, answering nothing more.
     pub async fn abort(self) {
-        self.drain_tx.close();
-        self.abort_tx.close();
-        let _ = self.alive_rx.recv().await;
+        self.stopper.abort().await;
     }
 }
 

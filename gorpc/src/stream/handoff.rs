@@ -1,26 +1,14 @@
-//! Stream calls as the application sees them: the halves a handler or a caller holds, and
-//! the small shared state a half and its connection's driver use to hand messages across.
-//!
-//! Flow control stays in the core; these hand-offs only batch. A sending half encodes its
-//! messages into the call's [`Outbox`] (each behind its length, back to back: the core's
-//! batch layout) and tells the driver once per batch; the driver hands the outbox to the
-//! core, which frames as many messages per frame as credit allows, then writes everything
-//! in one go. So a message costs no wake-up, no allocation and no frame of its own, and a
-//! producer holds at most [`OUTBOX_LIMIT`] beside its window. A receiving half's [`Inbox`]
-//! gets the driver's messages; those bytes count against the window until the application
-//! takes them, and the credit goes back in batches (or whenever the reader runs dry), so a
-//! slow reader stops the producer on the other side.
+//! The hand-off between a stream call's halves and its driver: an outbox the sending half
+//! fills and the driver drains into the core, an inbox the driver fills and the receiving
+//! half drains, both under one short lock per batch.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
-use futures::Stream;
 use gorpc_proto::{batch, CallId, Code, SendError, Status};
 
-use crate::codec::Codec;
 use crate::metadata::Metadata;
 use crate::recycle::Recycler;
 
@@ -37,18 +25,6 @@ pub(crate) const RELEASE_BATCH: usize = 16 * 1024;
 /// 16 KiB instead (each a pass through the TCP stack and a wake-up of the reader) made a
 /// server stream of 1 KiB messages half as fast.
 pub const OUTBOX_LIMIT: usize = 64 * 1024;
-
-/// The receive window per stream call that clients and servers grant unless configured
-/// otherwise (`ConnConfig::stream_window`; the protocol starts every stream at 64 KiB and
-/// widens it by window update). A stream moves at most one window per round trip: at
-/// 64 KiB a loopback server stream of 1 KiB messages ran at a third of what it does at
-/// 1 MiB.
-pub const DEFAULT_STREAM_WINDOW: u32 = 1 << 20;
-
-/// The receive window of a connection's streams together, unless configured otherwise
-/// (`ConnConfig::connection_window`): what one connection's streams can hold for readers
-/// that fall behind.
-pub const DEFAULT_CONNECTION_WINDOW: u32 = 4 << 20;
 
 /// Outgoing bytes a driver lets gather before it writes, while producers it just made room
 /// for refill their outboxes (see [`hold_write`]).
@@ -76,7 +52,7 @@ pub(crate) trait StreamControl: Send + Sync + 'static {
     fn release(&self, id: CallId, bytes: usize);
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A codec that panicked while encoding under the lock leaves the state whole.
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -670,180 +646,10 @@ impl<E> InboxReader<E> {
     }
 }
 
-/// The messages of a client stream, as a handler reads them: raw bodies, in order; the
-/// stream ends when the client half-closes. Dropping it discards the rest.
-pub struct RawRequestStream {
-    pub(crate) id: CallId,
-    pub(crate) reader: InboxReader<()>,
-    pub(crate) control: Arc<dyn StreamControl>,
-    pub(crate) done: bool,
-}
-
-impl std::fmt::Debug for RawRequestStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RawRequestStream")
-            .field("id", &self.id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Stream for RawRequestStream {
-    type Item = Bytes;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
-        let this = self.get_mut();
-        if this.done {
-            return Poll::Ready(None);
-        }
-        match this.reader.poll_next(cx, Some(this.id), &*this.control) {
-            Poll::Ready(Delivery::Message(body)) => Poll::Ready(Some(body)),
-            Poll::Ready(Delivery::End(()) | Delivery::Gone) => {
-                this.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl Drop for RawRequestStream {
-    fn drop(&mut self) {
-        self.reader.close(Some(self.id), &*self.control);
-    }
-}
-
-/// A client stream's messages decoded with the method's codec. A message that does not
-/// decode ends the stream with that error.
-pub struct RequestStream<T> {
-    raw: RawRequestStream,
-    codec: Arc<dyn Codec<T>>,
-    failed: bool,
-}
-
-impl<T> std::fmt::Debug for RequestStream<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestStream")
-            .field("raw", &self.raw)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<T> RequestStream<T> {
-    pub(crate) fn new(raw: RawRequestStream, codec: Arc<dyn Codec<T>>) -> Self {
-        RequestStream {
-            raw,
-            codec,
-            failed: false,
-        }
-    }
-
-    /// The undecoded stream.
-    pub fn into_raw(self) -> RawRequestStream {
-        self.raw
-    }
-}
-
-impl<T: 'static> Stream for RequestStream<T> {
-    type Item = Result<T, Status>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        if this.failed {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.raw).poll_next(cx) {
-            Poll::Ready(Some(body)) => {
-                let item = this.codec.decode(body);
-                this.failed = item.is_err();
-                Poll::Ready(Some(item))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-/// The response stream of a call, as a handler writes it: raw bodies in the call's codec.
-/// [`send`](Self::send) returns once the message is queued for the connection; it waits
-/// only while the client is behind by more than its window and the queue.
-pub struct RawResponseSink {
-    pub(crate) sender: OutboxSender,
-}
-
-impl std::fmt::Debug for RawResponseSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RawResponseSink")
-            .field("sender", &self.sender)
-            .finish()
-    }
-}
-
-fn call_ended() -> Status {
-    Status::new(
-        Code::Cancelled,
-        "the call ended; its stream takes no more messages",
-    )
-}
-
-impl RawResponseSink {
-    /// Sends one message. Fails with `Cancelled` once the call ended (the client
-    /// cancelled, the deadline passed, the connection closed, the handler returned).
-    pub async fn send(&mut self, body: Bytes) -> Result<(), Status> {
-        self.sender.send_bytes(&body, call_ended).await
-    }
-
-    /// Metadata to end the call with (trailers), sent after the messages beside the
-    /// handler's status, OK or not; the client reads it from its stream once the stream
-    /// ended (`ResponseStream::trailers`). The last set wins; set after the call ended, it
-    /// goes nowhere.
-    pub fn set_trailers(&mut self, trailers: Metadata) {
-        self.sender.outbox.set_trailers(trailers);
-    }
-}
-
-/// The response stream of a call, typed: messages encoded with the method's codec
-/// straight into the call's outbox.
-pub struct ResponseSink<T> {
-    raw: RawResponseSink,
-    codec: Arc<dyn Codec<T>>,
-}
-
-impl<T> std::fmt::Debug for ResponseSink<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseSink")
-            .field("raw", &self.raw)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<T: 'static> ResponseSink<T> {
-    pub(crate) fn new(raw: RawResponseSink, codec: Arc<dyn Codec<T>>) -> Self {
-        ResponseSink { raw, codec }
-    }
-
-    /// Encodes and sends one message; see [`RawResponseSink::send`].
-    pub async fn send(&mut self, message: &T) -> Result<(), Status> {
-        let codec = &self.codec;
-        self.raw
-            .sender
-            .send(|buf| codec.encode(message, buf), call_ended)
-            .await
-    }
-
-    /// Metadata to end the call with; see [`RawResponseSink::set_trailers`].
-    pub fn set_trailers(&mut self, trailers: Metadata) {
-        self.raw.set_trailers(trailers);
-    }
-
-    /// The undecoded sink.
-    pub fn into_raw(self) -> RawResponseSink {
-        self.raw
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stream::server::call_ended;
 
     #[derive(Default)]
     struct Recorded {

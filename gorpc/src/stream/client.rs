@@ -1,4 +1,4 @@
-//! A stream call's halves on the client: a receiver of the server's messages and final
+//! A caller's halves of a stream call: a receiver of the server's messages and final
 //! status, and a sender of the client's messages.
 
 use std::pin::Pin;
@@ -9,38 +9,18 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use gorpc_proto::{CallId, Code, Status};
 
-use super::balanced::OpenStream;
-use super::conn::{Command, StreamEnd};
-use super::RawResponse;
+use super::handoff::{Delivery, InboxReader, Outbox, OutboxSender, StreamControl};
+use crate::client::balanced::OpenStream;
+use crate::client::{RawResponse, StreamEnd};
 use crate::codec::{id_name, Codec};
 use crate::metadata::Metadata;
 use crate::service::Response;
-use crate::stream::{Delivery, InboxReader, Outbox, OutboxSender, StreamControl};
 
 /// What drives a client's stream call (a binary connection's driver, a gRPC call's), as its
 /// halves reach it: they say when messages are queued or taken, and when they give up.
 pub(crate) trait StreamDriver: StreamControl {
     /// The application gave up on call `id` before its end.
     fn cancel(&self, id: CallId);
-}
-
-/// A stream half's way to its connection's driver.
-pub(crate) struct Commands(pub(crate) async_channel::Sender<Command>);
-
-impl StreamControl for Commands {
-    fn ready(&self, id: CallId) -> bool {
-        self.0.try_send(Command::Ready(id)).is_ok()
-    }
-
-    fn release(&self, id: CallId, bytes: usize) {
-        let _ = self.0.try_send(Command::Release(id, bytes));
-    }
-}
-
-impl StreamDriver for Commands {
-    fn cancel(&self, id: CallId) {
-        let _ = self.0.try_send(Command::Cancel(id));
-    }
 }
 
 /// Gives up on a call whose half was dropped before the call ended.
