@@ -607,8 +607,9 @@ impl<T> crate::Conn for ClientConn<T> {
             return;
         }
         while let Some((id, call)) = self.core.calls.pop_expired(&mut self.core.link, now) {
-            // Free the server's work now rather than at its own copy of the deadline.
-            self.core.link.out.push_control(FrameType::Cancel, id);
+            // No CANCEL: the server holds its own copy of the deadline, which ends the call
+            // there too (as DEADLINE_EXCEEDED, not as a cancel that raced it), and a CANCEL
+            // sent now would reach it no sooner.
             self.events.push_back(ClientEvent::Finished {
                 id: CallId(id),
                 user: call.user,
