@@ -6,20 +6,36 @@
 //! to observe the outcome and its latency. Interceptors run in the order they were added.
 //! With none installed, calls take exactly the path they take without this module: the
 //! chain is only built when there is something in it.
+//!
+//! Awaiting `next` shows how calls that are answered end, but not the calls that end
+//! without an answer: at their deadline, cancelled by the peer, or with their connection.
+//! Every call's end, those included, reaches [`ServerInterceptor::on_end`] and
+//! [`ClientInterceptor::on_end`].
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::future::BoxFuture;
-use futures::FutureExt;
 use gorpc_proto::Status;
 
 use crate::client::{OutgoingCall, RawResponse};
+use crate::observe::{EndListener, EndedCall};
 use crate::service::{MethodSchema, ServerReply, ServerRequest, Service};
 
 /// Middleware around every call a server answers.
 pub trait ServerInterceptor: Send + Sync + 'static {
-    fn intercept(&self, request: ServerRequest, next: Next) -> BoxFuture<'static, ServerReply>;
+    /// Runs around the call: returns `next.run(request)` (the default), changes the
+    /// request or the reply, or answers by itself.
+    fn intercept(&self, request: ServerRequest, next: Next) -> BoxFuture<'static, ServerReply> {
+        next.run(request)
+    }
+
+    /// Hears how every call the server took ended, with its duration: answered (with its
+    /// status), refused, past its deadline, cancelled by the client, or cut off with its
+    /// connection. Runs on the connection's task, inside the call's span: keep it short.
+    /// Does nothing unless implemented.
+    fn on_end(&self, call: &EndedCall<'_>) {
+        let _ = call;
+    }
 }
 
 impl<F> ServerInterceptor for F
@@ -116,11 +132,22 @@ impl Service for ServerChain {
 
 /// Middleware around every call a client sends.
 pub trait ClientInterceptor: Send + Sync + 'static {
+    /// Runs around the call: returns `next.run(call)` (the default), changes the call or
+    /// its outcome, or answers by itself.
     fn intercept(
         &self,
         call: OutgoingCall,
         next: ClientNext,
-    ) -> BoxFuture<'static, Result<RawResponse, Status>>;
+    ) -> BoxFuture<'static, Result<RawResponse, Status>> {
+        next.run(call)
+    }
+
+    /// Hears how every unary call ended, with its duration, including those the caller
+    /// stopped waiting for (`Cancelled`). Runs inside the call's span. Does nothing unless
+    /// implemented.
+    fn on_end(&self, call: &EndedCall<'_>) {
+        let _ = call;
+    }
 
     /// Runs, in chain order, before a stream call starts: may edit the opening call
     /// (metadata, deadline) or refuse it with an error the caller gets. The stream's
@@ -191,52 +218,45 @@ impl ClientNext {
     }
 }
 
-/// Logs every call through `tracing`: method, status, latency and, on servers, the peer.
-/// Successful calls at DEBUG, failed ones at INFO.
+/// Logs one INFO line for every call that succeeds, on a server or a client.
+///
+/// Failed calls are logged without it: at WARN, or ERROR for the codes that mean a bug or
+/// a broken server (`Internal`, `Unknown`, `DataLoss`), each inside the call's span, whose
+/// fields name the method, the peer, the call's id, its code and its duration. Successes
+/// are logged at DEBUG; this interceptor raises them to INFO.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Logging;
 
 impl ServerInterceptor for Logging {
-    fn intercept(&self, request: ServerRequest, next: Next) -> BoxFuture<'static, ServerReply> {
-        let method = request.method().to_owned();
-        let peer = request.peer;
-        let started = Instant::now();
-        next.run(request)
-            .map(move |reply| {
-                let (status, elapsed) = (&reply.status, started.elapsed());
-                if status.is_ok() {
-                    tracing::debug!(%method, ?peer, ?elapsed, "served");
-                } else {
-                    tracing::info!(%method, ?peer, ?elapsed, %status, "served with error");
-                }
-                reply
-            })
-            .boxed()
+    fn on_end(&self, call: &EndedCall<'_>) {
+        if call.end.is_ok() {
+            tracing::info!(target: "gorpc::call", "answered");
+        }
     }
 }
 
 impl ClientInterceptor for Logging {
-    fn intercept(
-        &self,
-        call: OutgoingCall,
-        next: ClientNext,
-    ) -> BoxFuture<'static, Result<RawResponse, Status>> {
-        let method = call.method.clone();
-        let started = Instant::now();
-        next.run(call)
-            .map(move |result| {
-                let elapsed = started.elapsed();
-                match &result {
-                    Ok(_) => tracing::debug!(%method, ?elapsed, "called"),
-                    Err(status) => tracing::info!(%method, ?elapsed, %status, "call failed"),
-                }
-                result
-            })
-            .boxed()
+    fn on_end(&self, call: &EndedCall<'_>) {
+        if call.end.is_ok() {
+            tracing::info!(target: "gorpc::call", "answered");
+        }
     }
+}
 
-    fn intercept_stream(&self, call: &mut OutgoingCall) -> Result<(), Status> {
-        tracing::debug!(method = %call.method, "stream call starting");
-        Ok(())
-    }
+/// The interceptors' `on_end`, for the observer of a server's calls.
+pub(crate) fn server_listeners(interceptors: &[Arc<dyn ServerInterceptor>]) -> Vec<EndListener> {
+    let listener = |interceptor: &Arc<dyn ServerInterceptor>| -> EndListener {
+        let interceptor = interceptor.clone();
+        Arc::new(move |call: &EndedCall<'_>| interceptor.on_end(call))
+    };
+    interceptors.iter().map(listener).collect()
+}
+
+/// The interceptors' `on_end`, for the observer of a client's calls.
+pub(crate) fn client_listeners(interceptors: &[Arc<dyn ClientInterceptor>]) -> Vec<EndListener> {
+    let listener = |interceptor: &Arc<dyn ClientInterceptor>| -> EndListener {
+        let interceptor = interceptor.clone();
+        Arc::new(move |call: &EndedCall<'_>| interceptor.on_end(call))
+    };
+    interceptors.iter().map(listener).collect()
 }

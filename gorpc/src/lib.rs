@@ -17,6 +17,7 @@ pub mod http;
 pub mod interceptor;
 mod io;
 pub mod metadata;
+pub mod observe;
 mod recycle;
 pub mod runtime;
 pub mod server;
@@ -24,6 +25,8 @@ pub mod service;
 pub mod stream;
 #[cfg(feature = "tls")]
 pub mod tls;
+#[cfg(feature = "tower")]
+pub mod tower;
 pub mod udp;
 
 pub use client::{CallOptions, Channel, Client, ClientConfig, RawResponse};

@@ -171,6 +171,16 @@ impl Client {
             key: options.key,
             body,
         };
+        self.send(call).await
+    }
+
+    /// The timeout of calls that set none.
+    pub fn default_timeout(&self) -> Option<Duration> {
+        self.default_timeout
+    }
+
+    /// Sends a call through the interceptors, then to its route.
+    pub(crate) async fn send(&self, call: OutgoingCall) -> Result<RawResponse, Status> {
         if self.interceptors.is_empty() {
             return match &self.route {
                 Route::Pool(pool) => send(&**pool, call).await,
@@ -252,7 +262,7 @@ impl Client {
         options: CallOptions,
     ) -> Result<StreamHalves, Status> {
         let timeout = options.timeout.or(self.default_timeout);
-        let mut call = OutgoingCall {
+        let call = OutgoingCall {
             method: method.into(),
             codec,
             metadata: options.metadata,
@@ -260,6 +270,15 @@ impl Client {
             key: options.key,
             body: request,
         };
+        self.start_stream(call, kind).await
+    }
+
+    /// Starts a stream call through the interceptors' `intercept_stream`, then its route.
+    pub(crate) async fn start_stream(
+        &self,
+        mut call: OutgoingCall,
+        kind: StreamKind,
+    ) -> Result<StreamHalves, Status> {
         for interceptor in self.interceptors.iter() {
             interceptor.intercept_stream(&mut call)?;
         }

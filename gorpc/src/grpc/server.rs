@@ -25,12 +25,14 @@ use gorpc_proto::{codec, CallId, Code, Status, StreamKind};
 use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use tracing::Instrument as _;
 
 use super::headers::{self, GRPC_ACCEPT_ENCODING, GRPC_ENCODING, GRPC_TIMEOUT};
 use super::message::{self, Decoder, Encoding, ACCEPT_ENCODING, PREFIX};
 use crate::http::body::{read_body, BodyError, BodyHold, EdgeBody};
 use crate::http::server::{call_within, request_head, Edge};
 use crate::http::transcode;
+use crate::observe::{answered, CallEnd, WatchGuard};
 use crate::runtime::Runtime;
 use crate::service::{CallStreams, ServerReply, ServerRequest};
 use crate::stream::handoff::{Framing, Inbox, InboxReader, Outbox, OutboxSender, StreamControl};
@@ -109,156 +111,179 @@ async fn start<R: Runtime>(
             format!("{path:?} is not a method path"),
         )
     })?;
-    let kind = edge.service.stream_kind(path);
-    let schema = (codec == codec::JSON)
-        .then(|| edge.service.schema(path))
-        .flatten();
-    if schema.is_some() && kind.is_some() {
-        return Err(Status::new(
-            Code::Unimplemented,
-            "gRPC with JSON is translated for unary methods only; call stream methods in their own codec",
-        ));
-    }
-    // A method the service does not have is answered at once (through the interceptors,
-    // as on the binary protocol), not after the request: a client may hold its request
-    // stream open until it hears back.
-    if !edge.service.has_method(path) {
-        let request = edge_request(
-            edge,
-            head,
-            codec,
-            Bytes::new(),
-            deadline,
-            Default::default(),
-        );
-        let reply = call_within(&edge.runtime, &*edge.service, request, deadline).await;
-        return Ok(answer(codec, reply, false));
-    }
-    let max = edge.limits.max_frame_len as usize;
-    let id = edge.next_call_id();
-    let control = Arc::new(Control::default());
-    let mut streams = CallStreams::default();
-    let mut pump = None;
-    let mut hold = BodyHold::new(&edge.shared.budget);
-    let request_body = if kind.is_some_and(|k| k.client_streams()) {
-        let inbox = Arc::new(Inbox::default());
-        streams.requests = Some(RawRequestStream {
-            id,
-            reader: InboxReader::new(inbox.clone()),
-            control: control.clone(),
-            done: false,
-        });
-        pump = Some(Pump {
-            body,
-            decoder: Decoder::new(max, encoding),
-            inbox,
-            window: edge.stream_window,
-            run: VecDeque::new(),
-            ended: false,
-        });
-        Bytes::new()
-    } else {
-        let whole = read_body(
-            &edge.runtime,
-            body,
-            max.saturating_add(PREFIX),
-            Some(&mut hold),
-            edge.shared.config.body_idle_timeout,
-        )
-        .await
-        .map_err(|e| match e {
-            BodyError::TooLarge | BodyError::OverBudget => {
-                Status::new(Code::ResourceExhausted, format!("request: {e}"))
-            }
-            other => Status::new(Code::Internal, format!("request body: {other}")),
-        })?;
-        one_message(whole, max, encoding)?
-    };
-    let outbox = kind.is_some_and(|k| k.server_streams()).then(|| {
-        let outbox = Arc::new(Outbox::framed(Some(id), Framing::Grpc));
-        streams.responses = Some(RawResponseSink {
-            sender: OutboxSender {
-                outbox: outbox.clone(),
+    // Watched from here (dropped unanswered: the client reset the stream or the
+    // connection went): every end below is the call's.
+    let mut watch = Some(edge.watch(&head, Instant::now(), CallEnd::Cancelled));
+    let result = async {
+        let kind = edge.served.service.stream_kind(path);
+        let schema = (codec == codec::JSON)
+            .then(|| edge.served.service.schema(path))
+            .flatten();
+        if schema.is_some() && kind.is_some() {
+            return Err(Status::new(
+                Code::Unimplemented,
+                "gRPC with JSON is translated for unary methods only; call stream methods in their own codec",
+            ));
+        }
+        // A method the service does not have is answered at once (through the interceptors,
+        // as on the binary protocol), not after the request: a client may hold its request
+        // stream open until it hears back.
+        if !edge.served.service.has_method(path) {
+            let request = edge_request(
+                edge,
+                head,
+                codec,
+                Bytes::new(),
+                deadline,
+                Default::default(),
+            );
+            let watch = watch.as_mut().expect("watched until the stream call starts");
+            let reply = call_within(&edge.runtime, &edge.served, request, deadline, watch).await;
+            watch.end(answered(&reply.status), Some(&reply.status));
+            return Ok(answer(codec, reply, false));
+        }
+        let max = edge.limits.max_frame_len as usize;
+        let id = edge.next_call_id();
+        let control = Arc::new(Control::default());
+        let mut streams = CallStreams::default();
+        let mut pump = None;
+        let mut hold = BodyHold::new(&edge.shared.budget);
+        let request_body = if kind.is_some_and(|k| k.client_streams()) {
+            let inbox = Arc::new(Inbox::default());
+            streams.requests = Some(RawRequestStream {
+                id,
+                reader: InboxReader::new(inbox.clone()),
                 control: control.clone(),
-            },
+                done: false,
+            });
+            pump = Some(Pump {
+                body,
+                decoder: Decoder::new(max, encoding),
+                inbox,
+                window: edge.stream_window,
+                run: VecDeque::new(),
+                ended: false,
+            });
+            Bytes::new()
+        } else {
+            let whole = read_body(
+                &edge.runtime,
+                body,
+                max.saturating_add(PREFIX),
+                Some(&mut hold),
+                edge.shared.config.body_idle_timeout,
+            )
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge | BodyError::OverBudget => {
+                    Status::new(Code::ResourceExhausted, format!("request: {e}"))
+                }
+                other => Status::new(Code::Internal, format!("request body: {other}")),
+            })?;
+            one_message(whole, max, encoding)?
+        };
+        let outbox = kind.is_some_and(|k| k.server_streams()).then(|| {
+            let outbox = Arc::new(Outbox::framed(Some(id), Framing::Grpc));
+            streams.responses = Some(RawResponseSink {
+                sender: OutboxSender {
+                    outbox: outbox.clone(),
+                    control: control.clone(),
+                },
+            });
+            outbox
         });
-        outbox
-    });
-    let (codec, body) = match &schema {
-        Some(schema) => (
-            schema.codec(),
-            transcode::json_to_native(&edge.shared.descriptors, schema, &request_body)?,
-        ),
-        None => (codec, request_body),
-    };
-    let request = edge_request(edge, head, codec, body, deadline, streams);
+        let (codec, body) = match &schema {
+            Some(schema) => (
+                schema.codec(),
+                transcode::json_to_native(&edge.shared.descriptors, schema, &request_body)?,
+            ),
+            None => (codec, request_body),
+        };
+        let request = edge_request(edge, head, codec, body, deadline, streams);
 
-    // A unary call needs no machinery: the answer is known before anything is sent.
-    if kind.is_none() {
-        let mut reply = call_within(&edge.runtime, &*edge.service, request, deadline).await;
-        drop(hold);
-        if let (Some(schema), true) = (&schema, reply.status.is_ok()) {
-            match transcode::native_to_json(&edge.shared.descriptors, schema, &reply.body) {
-                Ok(json) => reply.body = json,
-                Err(status) => reply = ServerReply::error(status),
+        // A unary call needs no machinery: the answer is known before anything is sent.
+        if kind.is_none() {
+            let watch = watch.as_mut().expect("watched until the stream call starts");
+            let mut reply = call_within(&edge.runtime, &edge.served, request, deadline, watch).await;
+            drop(hold);
+            if let (Some(schema), true) = (&schema, reply.status.is_ok()) {
+                match transcode::native_to_json(&edge.shared.descriptors, schema, &reply.body) {
+                    Ok(json) => reply.body = json,
+                    Err(status) => reply = ServerReply::error(status),
+                }
+            }
+            watch.sent(reply.body.len());
+            watch.end(answered(&reply.status), Some(&reply.status));
+            let response_codec = if schema.is_some() { codec::JSON } else { codec };
+            return Ok(answer(response_codec, reply, compress));
+        }
+
+        let watch = watch.take();
+        let span = watch.as_ref().map_or_else(tracing::Span::none, WatchGuard::span);
+        let call = || span.in_scope(|| edge.served.service.call(request));
+        let handler = match std::panic::catch_unwind(AssertUnwindSafe(call)) {
+            Ok(future) => Some(AssertUnwindSafe(future).catch_unwind().instrument(span).boxed()),
+            Err(_) => return Err(panicked()),
+        };
+        let mut call = Call {
+            watch,
+            end_as: CallEnd::Cancelled,
+            handler,
+            reply: None,
+            pump,
+            outbox,
+            control,
+            deadline,
+            timer: None,
+            runtime: edge.runtime.clone(),
+            kind,
+            compress,
+            pending: VecDeque::new(),
+            done: false,
+        };
+        // Headers go once the first message is ready, or with the status if it comes first:
+        // a call that fails before answering gets a trailers-only response. A bidirectional
+        // call's go after the handler's first poll whatever it did: its client may wait for
+        // them before it sends (tonic's does), while the handler waits for a message.
+        let at_once = kind == Some(StreamKind::Bidirectional);
+        let mut polled = false;
+        poll_fn(|cx| {
+            call.progress(cx);
+            if at_once && std::mem::replace(&mut polled, true) {
+                return Poll::Ready(());
+            }
+            if call.outbox.as_ref().is_some_and(|o| !o.is_empty()) || call.reply.is_some() {
+                return Poll::Ready(());
+            }
+            if at_once {
+                // Answered at the next poll, after whatever this one woke.
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
+        })
+        .await;
+        if let Some(reply) = call.reply.as_ref().filter(|_| !call.has_messages()) {
+            if !reply.status.is_ok() {
+                if let Some(watch) = &mut call.watch {
+                    watch.end(call.end_as, Some(&reply.status));
+                }
+                let trailers = call.outbox.as_ref().map(|o| o.take_trailers());
+                let mut metadata = reply.metadata.clone();
+                if let Some(trailers) = trailers {
+                    metadata.append_all(trailers);
+                }
+                return Ok(trailers_only(codec, &reply.status, &metadata));
             }
         }
-        let response_codec = if schema.is_some() { codec::JSON } else { codec };
-        return Ok(answer(response_codec, reply, compress));
+        let mut response = Response::new(EdgeBody::Stream(Box::pin(call)));
+        put_response_headers(response.headers_mut(), codec, compress);
+        Ok(response)
     }
-
-    let handler = match std::panic::catch_unwind(AssertUnwindSafe(|| edge.service.call(request))) {
-        Ok(future) => Some(AssertUnwindSafe(future).catch_unwind().boxed()),
-        Err(_) => return Err(panicked()),
-    };
-    let mut call = Call {
-        handler,
-        reply: None,
-        pump,
-        outbox,
-        control,
-        deadline,
-        timer: None,
-        runtime: edge.runtime.clone(),
-        kind,
-        compress,
-        pending: VecDeque::new(),
-        done: false,
-    };
-    // Headers go once the first message is ready, or with the status if it comes first:
-    // a call that fails before answering gets a trailers-only response. A bidirectional
-    // call's go after the handler's first poll whatever it did: its client may wait for
-    // them before it sends (tonic's does), while the handler waits for a message.
-    let at_once = kind == Some(StreamKind::Bidirectional);
-    let mut polled = false;
-    poll_fn(|cx| {
-        call.progress(cx);
-        if at_once && std::mem::replace(&mut polled, true) {
-            return Poll::Ready(());
-        }
-        if call.outbox.as_ref().is_some_and(|o| !o.is_empty()) || call.reply.is_some() {
-            return Poll::Ready(());
-        }
-        if at_once {
-            // Answered at the next poll, after whatever this one woke.
-            cx.waker().wake_by_ref();
-        }
-        Poll::Pending
-    })
     .await;
-    if let Some(reply) = call.reply.as_ref().filter(|_| !call.has_messages()) {
-        if !reply.status.is_ok() {
-            let trailers = call.outbox.as_ref().map(|o| o.take_trailers());
-            let mut metadata = reply.metadata.clone();
-            if let Some(trailers) = trailers {
-                metadata.append_all(trailers);
-            }
-            return Ok(trailers_only(codec, &reply.status, &metadata));
-        }
+    if let (Err(status), Some(watch)) = (&result, &mut watch) {
+        watch.end(answered(status), Some(status));
     }
-    let mut response = Response::new(EdgeBody::Stream(Box::pin(call)));
-    put_response_headers(response.headers_mut(), codec, compress);
-    Ok(response)
+    result
 }
 
 /// The request a handler sees, as the binary driver would build it.
@@ -397,10 +422,12 @@ struct Pump {
 }
 
 impl Pump {
-    fn poll(&mut self, cx: &mut Context<'_>, control: &Control) -> Result<(), Status> {
+    /// Returns the message bytes it delivered.
+    fn poll(&mut self, cx: &mut Context<'_>, control: &Control) -> Result<usize, Status> {
+        let mut delivered = 0;
         while !self.ended && control.held.load(Ordering::Relaxed) < self.window {
             match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Pending => return Ok(()),
+                Poll::Pending => return Ok(delivered),
                 Poll::Ready(Some(Ok(frame))) => {
                     // Trailers from a client carry nothing gRPC defines.
                     let Ok(data) = frame.into_data() else {
@@ -412,6 +439,7 @@ impl Pump {
                         len += message.len();
                         self.run.push_back(message);
                     }
+                    delivered += len;
                     if !self.run.is_empty() {
                         control.held.fetch_add(len, Ordering::Relaxed);
                         if !self.inbox.push(&mut self.run) {
@@ -441,7 +469,7 @@ impl Pump {
                 }
             }
         }
-        Ok(())
+        Ok(delivered)
     }
 }
 
@@ -450,6 +478,10 @@ type Handler = futures::future::BoxFuture<'static, Result<ServerReply, Box<dyn A
 /// A stream call once its request has arrived: the handler, the pump of its client stream,
 /// its outbox, its deadline; and, as the response body, what goes out next.
 struct Call<R: Runtime> {
+    /// Ends when the status is queued; dropped before, the call was cancelled.
+    watch: Option<WatchGuard>,
+    /// How the call ended, once `reply` is set.
+    end_as: CallEnd,
     handler: Option<Handler>,
     /// How the handler ended (or the deadline, or a broken request stream).
     reply: Option<ServerReply>,
@@ -472,15 +504,25 @@ impl<R: Runtime> Call<R> {
     fn progress(&mut self, cx: &mut Context<'_>) {
         self.control.waker.register(cx.waker());
         if let Some(pump) = &mut self.pump {
-            if let Err(status) = pump.poll(cx, &self.control) {
-                self.pump = None;
-                self.end(ServerReply::error(status));
+            match pump.poll(cx, &self.control) {
+                Ok(bytes) => {
+                    if let Some(watch) = self.watch.as_ref().filter(|_| bytes > 0) {
+                        watch.received(bytes);
+                    }
+                }
+                Err(status) => {
+                    self.pump = None;
+                    let end = answered(&status);
+                    self.end(ServerReply::error(status), end);
+                }
             }
         }
         if let Some(handler) = &mut self.handler {
             if let Poll::Ready(result) = handler.as_mut().poll(cx) {
                 self.handler = None;
-                self.end(result.unwrap_or_else(|_| ServerReply::error(panicked())));
+                let reply = result.unwrap_or_else(|_| ServerReply::error(panicked()));
+                let end = answered(&reply.status);
+                self.end(reply, end);
             }
         }
         if self.reply.is_none() {
@@ -489,10 +531,11 @@ impl<R: Runtime> Call<R> {
                     .timer
                     .get_or_insert_with(|| self.runtime.sleep_until(deadline));
                 if Pin::new(timer).poll(cx).is_ready() {
-                    self.end(ServerReply::error(Status::new(
+                    let status = Status::new(
                         Code::DeadlineExceeded,
                         "deadline exceeded before the handler finished",
-                    )));
+                    );
+                    self.end(ServerReply::error(status), CallEnd::DeadlineExceeded);
                 }
             }
         }
@@ -500,10 +543,11 @@ impl<R: Runtime> Call<R> {
 
     /// The call ends with `reply` (the first end wins): the handler is dropped, its stream
     /// takes no more messages, and what it queued before goes out ahead of the status.
-    fn end(&mut self, reply: ServerReply) {
+    fn end(&mut self, reply: ServerReply, how: CallEnd) {
         if self.reply.is_some() {
             return;
         }
+        self.end_as = how;
         self.handler = None;
         self.pump = None;
         if let Some(outbox) = &self.outbox {
@@ -520,6 +564,9 @@ impl<R: Runtime> Call<R> {
     fn collect(&mut self) {
         if let Some(outbox) = &self.outbox {
             let taken = outbox.take();
+            if let Some(watch) = self.watch.as_ref().filter(|_| !taken.messages.is_empty()) {
+                watch.sent(taken.messages.len());
+            }
             if !taken.messages.is_empty() {
                 let messages = if self.compress {
                     message::gzip_all(&taken.messages)
@@ -552,6 +599,9 @@ impl<R: Runtime> Call<R> {
         let _ = headers::put_metadata(&mut trailers, metadata.iter(), true);
         headers::put_status(&mut trailers, &status);
         self.pending.push_back(Frame::trailers(trailers));
+        if let Some(watch) = &mut self.watch {
+            watch.end(self.end_as, Some(&status));
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use http::header::{
     HeaderMap, HeaderName, HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, HOST, TRANSFER_ENCODING,
 };
 use http::{Method, Request, Response, StatusCode, Version};
+use tracing::Instrument as _;
 
 use super::body::{read_body, BodyBudget, BodyError, BodyHold, EdgeBody};
 use super::rt::{HyperIo, HyperTimer};
@@ -30,9 +31,11 @@ use super::{
     TIMEOUT_HEADER,
 };
 use crate::metadata::Metadata;
+use crate::observe::{answered, CallEnd, WatchGuard};
 use crate::runtime::{Io, PeerCertificates, Runtime};
 use crate::server::conn::{poll_closed, ServerConnection, SignalRx, Signals};
-use crate::service::{ServerReply, ServerRequest, Service};
+use crate::server::Served;
+use crate::service::{ServerReply, ServerRequest};
 
 /// How long a new connection may stay silent before it is handed to the binary protocol,
 /// whose clients may keep a connection open without a call; HTTP clients speak first.
@@ -114,7 +117,7 @@ pub(crate) struct Accepted<R: Runtime, I: Io> {
     pub(crate) io: I,
     pub(crate) peer: SocketAddr,
     pub(crate) config: ConnConfig,
-    pub(crate) service: Arc<dyn Service>,
+    pub(crate) served: Arc<Served>,
     pub(crate) signals: Signals,
     /// Set when the server is at its connection limit: the peer is told so, in its own
     /// protocol, and the connection closed.
@@ -154,7 +157,7 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
         mut io,
         peer,
         config,
-        service,
+        served,
         signals,
         refusal,
     } = accepted;
@@ -198,7 +201,7 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
     let edge = |protocol| Edge {
         runtime: runtime.clone(),
         shared: shared.clone(),
-        service: service.clone(),
+        served: served.clone(),
         peer,
         peer_certificates: peer_certificates.clone(),
         limits: config.limits,
@@ -211,7 +214,7 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
     match protocol {
         None => {}
         Some(Protocol::Binary) => {
-            let mut conn = ServerConnection::new(runtime, io, peer, config, service, signals);
+            let mut conn = ServerConnection::new(runtime, io, peer, config, served, signals);
             match refusal {
                 Some(status) => conn.refuse(status),
                 None => conn.feed_read(first_bytes),
@@ -330,7 +333,7 @@ async fn linger<R: Runtime, I: Io>(runtime: &R, mut io: I, abort: &mut SignalRx)
 pub(crate) struct Edge<R> {
     pub(crate) runtime: R,
     pub(crate) shared: Arc<HttpShared>,
-    pub(crate) service: Arc<dyn Service>,
+    pub(crate) served: Arc<Served>,
     pub(crate) peer: SocketAddr,
     pub(crate) peer_certificates: Option<PeerCertificates>,
     pub(crate) limits: Limits,
@@ -341,7 +344,6 @@ pub(crate) struct Edge<R> {
     pub(crate) refusal: Option<Status>,
     /// What `/healthz` reports.
     serving: Arc<crate::server::Serving>,
-    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
     protocol: Protocol,
     /// The last call id given out on this connection (gRPC calls have ids for their
     /// stream halves, as binary ones do).
@@ -608,7 +610,7 @@ impl<R: Runtime> Edge<R> {
                 None
             }
         };
-        if let Some(kind) = self.service.stream_kind(path) {
+        if let Some(kind) = self.served.service.stream_kind(path) {
             problem = problem.or(Some(Refusal::new(
                 StatusCode::NOT_IMPLEMENTED,
                 Code::Unimplemented,
@@ -645,7 +647,7 @@ impl<R: Runtime> Edge<R> {
             )
         })?;
         let schema = match content_type {
-            ContentType::Json => self.service.schema(head.method()),
+            ContentType::Json => self.served.service.schema(head.method()),
             _ => None,
         };
         let (codec, body) = match &schema {
@@ -657,7 +659,15 @@ impl<R: Runtime> Edge<R> {
             }
             None => (content_type.codec(), body),
         };
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let now = Instant::now();
+        let deadline = timeout.and_then(|t| now.checked_add(t));
+        // Only closing the connection stops an HTTP/1.1 request; HTTP/2 resets the stream.
+        let if_dropped = match self.protocol {
+            Protocol::Http2 => CallEnd::Cancelled,
+            _ => CallEnd::ConnectionLost,
+        };
+        let mut watch = self.watch(&head, now, if_dropped);
+        watch.received(body.len());
         let request = ServerRequest {
             head,
             edited: None,
@@ -668,18 +678,24 @@ impl<R: Runtime> Edge<R> {
             peer_certificates: self.peer_certificates.clone(),
             streams: Default::default(),
         };
-        let reply = call_within(&self.runtime, &*self.service, request, deadline).await;
+        let reply = call_within(&self.runtime, &self.served, request, deadline, &mut watch).await;
         drop(hold);
+        let body = match &schema {
+            Some(schema) if reply.status.is_ok() => {
+                transcode::native_to_json(&self.shared.descriptors, schema, &reply.body)
+            }
+            _ => Ok(reply.body),
+        };
+        let status = match &body {
+            Ok(_) => &reply.status,
+            Err(status) => status,
+        };
+        watch.end(answered(status), Some(status));
         if !reply.status.is_ok() {
             return Err(refusal_for(reply.status));
         }
-        let body = match &schema {
-            Some(schema) => {
-                transcode::native_to_json(&self.shared.descriptors, schema, &reply.body)
-                    .map_err(refusal_for)?
-            }
-            None => reply.body,
-        };
+        let body = body.map_err(refusal_for)?;
+        watch.sent(body.len());
         let mut response = Response::new(EdgeBody::full(body));
         let headers = response.headers_mut();
         headers.insert(
@@ -736,21 +752,37 @@ pub(crate) fn request_head<'m>(
     RequestHead::decode(raw.freeze()).ok()
 }
 
-/// Runs the service (and its interceptors) until it answers or `deadline` passes. A panic
-/// is an `Internal` answer, as on the binary protocol; at the deadline the handler is
-/// dropped and the answer is `DeadlineExceeded`.
+impl<R> Edge<R> {
+    /// Starts watching a call that arrived at `now`; dropped unended, it ends `if_dropped`.
+    pub(crate) fn watch(
+        &self,
+        head: &RequestHead,
+        now: Instant,
+        if_dropped: CallEnd,
+    ) -> WatchGuard {
+        let watch = self.served.watch(head, self.peer, None, now);
+        WatchGuard::new(self.served.observer.clone(), watch, if_dropped)
+    }
+}
+
+/// Runs the service (and its interceptors) in the call's span until it answers or
+/// `deadline` passes. A panic is an `Internal` answer, as on the binary protocol; at the
+/// deadline the handler is dropped, the answer is `DeadlineExceeded` and the call ends so.
 pub(crate) async fn call_within<R: Runtime>(
     runtime: &R,
-    service: &dyn Service,
+    served: &Served,
     request: ServerRequest,
     deadline: Option<Instant>,
+    watch: &mut WatchGuard,
 ) -> ServerReply {
     let panicked = || ServerReply::error(Status::new(Code::Internal, "handler panicked"));
-    let future = match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(request))) {
+    let span = watch.span();
+    let call = || span.in_scope(|| served.service.call(request));
+    let future = match std::panic::catch_unwind(AssertUnwindSafe(call)) {
         Ok(future) => future,
         Err(_) => return panicked(),
     };
-    let mut future = AssertUnwindSafe(future).catch_unwind();
+    let mut future = AssertUnwindSafe(future).catch_unwind().instrument(span);
     // Armed only if the handler has to wait: an inline answer costs no timer.
     let mut timer: Option<R::Sleep> = None;
     poll_fn(|cx| {
@@ -766,6 +798,7 @@ pub(crate) async fn call_within<R: Runtime>(
                 Code::DeadlineExceeded,
                 "deadline exceeded before the handler answered",
             );
+            watch.end(CallEnd::DeadlineExceeded, Some(&status));
             return Poll::Ready(ServerReply::error(status));
         }
         Poll::Pending

@@ -9,22 +9,27 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bytes::Bytes;
 use futures::future::{AbortHandle, Abortable};
 use futures::{FutureExt, Stream};
 use gorpc_proto::Conn as _;
 use gorpc_proto::{
-    CallId, Code, ConnConfig, SendError, ServerConn, ServerEvent, Status, StreamKind,
+    CallId, CancelReason, Code, ConnConfig, SendError, ServerConn, ServerEvent, Status, StreamKind,
 };
+use tracing::Instrument as _;
 
 use crate::io::{drive, Transport};
+use crate::observe::{answered, CallEnd, CallWatch};
 use crate::runtime::{Io, PeerCertificates, Runtime};
-use crate::service::{CallStreams, ServerReply, ServerRequest, Service};
+use crate::service::{CallStreams, ServerReply, ServerRequest};
 use crate::stream::handoff::{
     hold_write, unsendable, Delivering, Fed, Inbox, InboxReader, Outbox, OutboxDrain, OutboxSender,
     StreamControl,
 };
 use crate::stream::{RawRequestStream, RawResponseSink};
 use crate::CallMap;
+
+use super::Served;
 
 /// What handlers tell their connection's driver.
 enum HandlerOutput {
@@ -46,6 +51,13 @@ impl StreamControl for HandlerOut {
     fn release(&self, id: CallId, bytes: usize) {
         let _ = self.0.try_send(HandlerOutput::Release(id, bytes));
     }
+}
+
+/// A call from its dispatch until it is answered, cancelled or cut off.
+struct Running {
+    /// Stops the handler's task; `None` once the handler finished, or while it runs inline.
+    abort: Option<AbortHandle>,
+    watch: CallWatch,
 }
 
 /// The driver's side of one running stream call.
@@ -99,7 +111,7 @@ pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     runtime: R,
     transport: Transport<R, I>,
     conn: ServerConn,
-    service: Arc<dyn Service>,
+    served: Arc<Served>,
     peer: SocketAddr,
     /// Read from the socket once (after any TLS handshake) and shared by every request.
     peer_certificates: Option<PeerCertificates>,
@@ -107,8 +119,9 @@ pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     outputs_rx: Pin<Box<async_channel::Receiver<HandlerOutput>>>,
     /// The same channel, shared by every stream half of this connection.
     handler_out: Arc<HandlerOut>,
-    /// Handlers that did not finish when first polled, running as their own tasks.
-    running: CallMap<AbortHandle>,
+    /// Calls not yet answered: those whose handler did not finish when first polled (it
+    /// runs as its own task), and stream calls.
+    running: CallMap<Running>,
     /// Stream calls running.
     streams: CallMap<ServerStream>,
     /// Client-stream messages read for one call, delivered together.
@@ -131,7 +144,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         io: I,
         peer: SocketAddr,
         config: ConnConfig,
-        service: Arc<dyn Service>,
+        served: Arc<Served>,
         signals: Signals,
     ) -> Self {
         let now = Instant::now();
@@ -141,7 +154,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             transport: Transport::new(&runtime, io),
             runtime,
             conn: ServerConn::new(config, now, fastrand::u64(..)),
-            service,
+            served,
             peer,
             handler_out: Arc::new(HandlerOut(outputs_tx.clone())),
             outputs_tx,
@@ -192,7 +205,9 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             progress = true;
             match output {
                 HandlerOutput::Reply(id, reply) => {
-                    self.running.remove(&id);
+                    if let Some(running) = self.running.get_mut(&id) {
+                        running.abort = None; // the handler is done
+                    }
                     self.finish(now, id, reply);
                 }
                 HandlerOutput::Ready(id) => self.feed_stream(now, id),
@@ -216,6 +231,9 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             match event {
                 ServerEvent::Request(request) => self.dispatch(cx, now, request),
                 ServerEvent::Message { id, body } => {
+                    if let Some(running) = self.running.get(&id) {
+                        self.served.observer.received(&running.watch, body.len());
+                    }
                     if !self.delivering.joins(id) {
                         self.deliver();
                     }
@@ -228,20 +246,25 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                     }
                 }
                 ServerEvent::Writable { id } => self.feed_stream(now, id),
-                ServerEvent::Cancelled { id, .. } => {
-                    if let Some(handle) = self.running.remove(&id) {
-                        handle.abort();
-                    }
+                ServerEvent::Cancelled { id, reason } => {
                     self.streams.remove(&id);
+                    let end = match reason {
+                        CancelReason::Peer => CallEnd::Cancelled,
+                        CancelReason::DeadlineExceeded => CallEnd::DeadlineExceeded,
+                        _ => CallEnd::Cancelled,
+                    };
+                    if let Some(running) = self.running.remove(&id) {
+                        self.stop(running, end);
+                    }
                 }
                 ServerEvent::GoAway(_) => {}
                 ServerEvent::Closed(reason) => {
                     tracing::debug!(peer = %self.peer, ?reason, "connection closed");
                     self.closing = true;
-                    for (_, handle) in self.running.drain() {
-                        handle.abort();
-                    }
                     self.streams.clear();
+                    for (_, running) in std::mem::take(&mut self.running) {
+                        self.stop(running, CallEnd::ConnectionLost);
+                    }
                 }
                 // Events a later core adds are ignored until this driver learns them.
                 _ => {}
@@ -269,7 +292,10 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
     /// Runs the handler inline once; only a handler that has to wait gets a task of its own.
     fn dispatch(&mut self, cx: &mut Context<'_>, now: Instant, request: gorpc_proto::Request) {
         let id = request.id;
-        let kind = self.service.stream_kind(request.head.method());
+        let served = self.served.clone();
+        let watch = served.watch(&request.head, self.peer, Some(u64::from(id.as_u32())), now);
+        served.observer.received(&watch, request.body.len());
+        let kind = served.service.stream_kind(request.head.method());
         let streams = match (kind, request.client_streams) {
             (None, false) => CallStreams::default(),
             (Some(kind), client_streams) if kind.client_streams() == client_streams => {
@@ -289,7 +315,11 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                         },
                     ),
                 );
-                return self.respond(now, id, ServerReply::error(status));
+                self.conn
+                    .respond(now, id, &status, std::iter::empty(), Bytes::new());
+                return served
+                    .observer
+                    .end(watch, CallEnd::Refused(status.code()), Some(&status));
             }
         };
         let is_stream = kind.is_some();
@@ -303,36 +333,53 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             peer: Some(self.peer),
             peer_certificates: self.peer_certificates.clone(),
         };
-        // A stream handler may have queued messages on the channel before finishing:
-        // its reply goes behind them.
-        let answer = |this: &mut Self, reply: ServerReply| {
-            if is_stream {
-                let _ = this.outputs_tx.try_send(HandlerOutput::Reply(id, reply));
-            } else {
-                this.respond(now, id, reply);
-            }
+        // The handler (and the interceptors before it) run inside the call's span.
+        let span = watch.span.clone();
+        let entered = span.enter();
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut future = served.service.call(request);
+            let poll = future.poll_unpin(cx);
+            (future, poll)
+        }));
+        drop(entered);
+        let (future, reply) = match polled {
+            Ok((_, Poll::Ready(reply))) => (None, reply),
+            Ok((future, Poll::Pending)) => (Some(future), ServerReply::ok(Bytes::new())),
+            Err(_) => (None, panicked()),
         };
-        let mut future =
-            match std::panic::catch_unwind(AssertUnwindSafe(|| self.service.call(request))) {
-                Ok(future) => future,
-                Err(_) => return answer(self, panicked()),
-            };
-        match std::panic::catch_unwind(AssertUnwindSafe(|| future.poll_unpin(cx))) {
-            Ok(Poll::Ready(reply)) => answer(self, reply),
-            Ok(Poll::Pending) => {
-                let (handle, registration) = AbortHandle::new_pair();
-                let outputs = self.outputs_tx.clone();
-                let task = Abortable::new(AssertUnwindSafe(future).catch_unwind(), registration);
-                self.runtime.spawn(async move {
-                    if let Ok(result) = task.await {
-                        let reply = result.unwrap_or_else(|_| panicked());
-                        let _ = outputs.try_send(HandlerOutput::Reply(id, reply));
-                    }
-                });
-                self.running.insert(id, handle);
+        let Some(future) = future else {
+            if is_stream {
+                // Its handler may have queued messages on the channel before finishing:
+                // the reply goes behind them.
+                let _ = self.outputs_tx.try_send(HandlerOutput::Reply(id, reply));
+                self.running.insert(id, Running { abort: None, watch });
+            } else {
+                self.send_reply(now, id, reply, Some(watch));
             }
-            Err(_) => answer(self, panicked()),
+            return;
+        };
+        let (handle, registration) = AbortHandle::new_pair();
+        let outputs = self.outputs_tx.clone();
+        let task = Abortable::new(AssertUnwindSafe(future).catch_unwind(), registration);
+        self.runtime.spawn(
+            async move {
+                if let Ok(result) = task.await {
+                    let reply = result.unwrap_or_else(|_| panicked());
+                    let _ = outputs.try_send(HandlerOutput::Reply(id, reply));
+                }
+            }
+            .instrument(span),
+        );
+        let abort = Some(handle);
+        self.running.insert(id, Running { abort, watch });
+    }
+
+    /// Stops a call that ends unanswered: its handler is dropped, its end reported.
+    fn stop(&mut self, running: Running, end: CallEnd) {
+        if let Some(handle) = running.abort {
+            handle.abort();
         }
+        self.served.observer.end(running.watch, end, None);
     }
 
     /// The halves a stream call's handler gets, and the driver's side of them.
@@ -390,10 +437,17 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             return; // the call ended; its handler learns at its next send
         };
         let conn = &mut self.conn;
-        let fed = stream
-            .drain
-            .feed(&stream.outbox, |messages| conn.send_batch(id, messages));
+        let mut sent = 0;
+        let fed = stream.drain.feed(&stream.outbox, |messages| {
+            let before = messages.len();
+            let result = conn.send_batch(id, messages);
+            sent = before - messages.len();
+            result
+        });
         self.refilling |= stream.drain.made_room();
+        if let Some(running) = self.running.get(&id).filter(|_| sent > 0) {
+            self.served.observer.sent(&running.watch, sent);
+        }
         match fed {
             Ok(Fed::Blocked) => {} // the rest goes at the call's `Writable`
             Ok(Fed::Idle | Fed::CloseSend) => {
@@ -403,7 +457,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                 }
             }
             Err(e @ (SendError::TooLarge | SendError::MalformedBatch)) => {
-                if let Some(handle) = self.running.remove(&id) {
+                if let Some(handle) = self.running.get_mut(&id).and_then(|r| r.abort.take()) {
                     handle.abort();
                 }
                 self.streams.remove(&id);
@@ -428,13 +482,32 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         self.respond(now, id, reply);
     }
 
+    /// Answers a running call, which ends with the answer.
     fn respond(&mut self, now: Instant, id: CallId, reply: ServerReply) {
+        let watch = self.running.remove(&id).map(|running| running.watch);
+        self.send_reply(now, id, reply, watch);
+    }
+
+    fn send_reply(
+        &mut self,
+        now: Instant,
+        id: CallId,
+        reply: ServerReply,
+        watch: Option<CallWatch>,
+    ) {
         let ServerReply {
             status,
             metadata,
             body,
         } = reply;
+        let observer = &self.served.observer;
+        if let Some(watch) = &watch {
+            observer.sent(watch, body.len());
+        }
         self.conn.respond(now, id, &status, metadata.iter(), body);
+        if let Some(watch) = watch {
+            observer.end(watch, answered(&status), Some(&status));
+        }
     }
 }
 

@@ -15,7 +15,8 @@ use futures::future::{AbortHandle, Abortable, BoxFuture};
 use gorpc_proto::{Code, ConnConfig, Status};
 
 use crate::discovery::{Register, Registration};
-use crate::interceptor::{ServerChain, ServerInterceptor};
+use crate::interceptor::{server_listeners, ServerChain, ServerInterceptor};
+use crate::observe::{CallWatch, MethodName, Observer, Side};
 use crate::runtime::{timeout, Listener, Runtime};
 use crate::service::Service;
 use conn::{ServerConnection, Signals};
@@ -54,6 +55,9 @@ pub struct Server<R: Runtime> {
     runtime: R,
     service: Arc<dyn Service>,
     interceptors: Vec<Arc<dyn ServerInterceptor>>,
+    /// tower layers around the interceptors and the service, outermost first.
+    #[cfg(feature = "tower")]
+    layers: Vec<crate::tower::ApplyLayer>,
     config: ServerConfig,
     registrations: Vec<(Arc<dyn Register>, Registration)>,
     #[cfg(feature = "tls")]
@@ -90,6 +94,8 @@ impl<R: Runtime> Server<R> {
             runtime,
             service: Arc::new(service),
             interceptors: Vec::new(),
+            #[cfg(feature = "tower")]
+            layers: Vec::new(),
             config: ServerConfig::default(),
             registrations: Vec::new(),
             #[cfg(feature = "tls")]
@@ -187,6 +193,28 @@ impl<R: Runtime> Server<R> {
         self
     }
 
+    /// Wraps the server's calls (its interceptors, then its service) in a tower layer:
+    /// `tower::limit::ConcurrencyLimitLayer`, `tower::load_shed::LoadShedLayer`, a layer of
+    /// your own (see [`crate::tower`]). Layers run in the order added, the first outermost,
+    /// all before the interceptors. gRPC's health and reflection services stay beside
+    /// them, like beside interceptors.
+    #[cfg(feature = "tower")]
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower_layer::Layer<crate::tower::ServerCalls> + Send + 'static,
+        L::Service: tower_service::Service<crate::ServerRequest, Response = crate::ServerReply>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower_service::Service<crate::ServerRequest>>::Error:
+            Into<crate::tower::BoxError>,
+        <L::Service as tower_service::Service<crate::ServerRequest>>::Future: Send + 'static,
+    {
+        self.layers.push(crate::tower::server_layer(layer));
+        self
+    }
+
     pub fn max_connections(mut self, n: usize) -> Self {
         self.config.max_connections = n;
         self
@@ -220,7 +248,14 @@ impl<R: Runtime> Server<R> {
         let local_addr = listener.local_addr()?;
         let serving = Arc::new(Serving::default());
         let (stopper, signals, alive, keep_open) = stop::stopper(serving.clone());
+        let listeners = server_listeners(&self.interceptors);
         let chain = ServerChain::wrap(self.interceptors, self.service);
+        #[cfg(feature = "tower")]
+        let chain = self
+            .layers
+            .into_iter()
+            .rev()
+            .fold(chain, |inner, apply| apply(inner));
         #[cfg(feature = "grpc")]
         let (service, health) = mount_standard(self.health, self.reflection, chain, &serving);
         #[cfg(not(feature = "grpc"))]
@@ -228,7 +263,7 @@ impl<R: Runtime> Server<R> {
         let accept = AcceptLoop {
             runtime: self.runtime.clone(),
             listener,
-            service,
+            served: Arc::new(Served::new(service, listeners)),
             config: self.config,
             signals,
             active: Arc::new(AtomicUsize::new(0)),
@@ -249,6 +284,7 @@ impl<R: Runtime> Server<R> {
             }),
         };
         self.runtime.spawn(accept.run());
+        tracing::info!(addr = %local_addr, "serving");
         Ok(ServerHandle {
             runtime: self.runtime,
             local_addr,
@@ -258,6 +294,44 @@ impl<R: Runtime> Server<R> {
             stopper,
             registrations: Vec::new(),
         })
+    }
+}
+
+/// What every connection of one server shares to answer calls: the service, behind its
+/// interceptors, and the observer of how its calls end.
+pub(crate) struct Served {
+    pub(crate) service: Arc<dyn Service>,
+    pub(crate) observer: Arc<Observer>,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served").finish_non_exhaustive()
+    }
+}
+
+impl Served {
+    pub(crate) fn new(
+        service: Arc<dyn Service>,
+        listeners: Vec<crate::observe::EndListener>,
+    ) -> Self {
+        Served {
+            service,
+            observer: Arc::new(Observer::new(Side::Server, listeners)),
+        }
+    }
+
+    /// Starts watching a call that arrived at `now`.
+    pub(crate) fn watch(
+        &self,
+        head: &gorpc_proto::RequestHead,
+        peer: SocketAddr,
+        id: Option<u64>,
+        now: Instant,
+    ) -> CallWatch {
+        let known = |method: &str| self.service.has_method(method);
+        let name = MethodName::Head(head.clone());
+        self.observer.start(name, known, Some(peer), id, now)
     }
 }
 
@@ -424,6 +498,7 @@ impl<R: Runtime> ServerHandle<R> {
             ));
         }
         let registered = registry.register(&registration, addr).await?;
+        tracing::info!(service = %registration.service, %addr, "registered");
         let (upkeep, abort) = AbortHandle::new_pair();
         let task = Abortable::new(registered.upkeep, abort);
         self.runtime.spawn(async move {
@@ -457,9 +532,18 @@ impl<R: Runtime> ServerHandle<R> {
     /// is left. Returns once every connection is closed.
     pub async fn shutdown(mut self, grace: Duration) -> Shutdown {
         let deadline = stop::grace_deadline(grace);
+        tracing::info!(addr = %self.local_addr, ?grace, "shutting down");
         self.serving.stop();
         self.deregister_all(deadline).await;
-        self.stopper.drain(&self.runtime, deadline).await
+        let outcome = self.stopper.drain(&self.runtime, deadline).await;
+        match outcome {
+            Shutdown::Graceful => tracing::info!(addr = %self.local_addr, "shut down"),
+            Shutdown::Forced => tracing::warn!(
+                addr = %self.local_addr,
+                "shut down: connections still open at the end of the grace period were closed"
+            ),
+        }
+        outcome
     }
 
     /// Closes every connection at once, answering nothing more. Registrations stop being
@@ -476,7 +560,7 @@ impl<R: Runtime> ServerHandle<R> {
 struct AcceptLoop<R: Runtime> {
     runtime: R,
     listener: R::Listener,
-    service: Arc<dyn Service>,
+    served: Arc<Served>,
     config: ServerConfig,
     signals: Signals,
     active: Arc<AtomicUsize>,
@@ -488,12 +572,21 @@ struct AcceptLoop<R: Runtime> {
     http: Option<Arc<crate::http::HttpShared>>,
 }
 
-/// Counts a connection for `max_connections` while it lives.
-struct ActiveGuard(Arc<AtomicUsize>);
+/// Counts a connection for `max_connections`, and in the connections gauge, while it
+/// lives.
+struct ActiveGuard(Arc<AtomicUsize>, Arc<Observer>);
+
+impl ActiveGuard {
+    fn new(active: &Arc<AtomicUsize>, observer: &Arc<Observer>) -> Self {
+        observer.connection_opened();
+        ActiveGuard(active.clone(), observer.clone())
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.connection_closed();
     }
 }
 
@@ -519,14 +612,14 @@ impl<R: Runtime> AcceptLoop<R> {
                     continue;
                 }
             };
-            let guard = ActiveGuard(self.active.clone());
+            let guard = ActiveGuard::new(&self.active, &self.served.observer);
             let over_limit =
                 self.active.fetch_add(1, Ordering::Relaxed) >= self.config.max_connections;
             let alive = self.alive.clone();
             #[cfg(feature = "tls")]
             if let Some(tls) = &self.tls {
-                let (runtime, config, service) =
-                    (self.runtime.clone(), self.config.conn, self.service.clone());
+                let (runtime, config, served) =
+                    (self.runtime.clone(), self.config.conn, self.served.clone());
                 let (tls, signals) = (tls.clone(), self.signals.clone());
                 #[cfg(feature = "http")]
                 let http = self.http.clone();
@@ -542,7 +635,7 @@ impl<R: Runtime> AcceptLoop<R> {
                             io,
                             peer,
                             config,
-                            service,
+                            served,
                             signals,
                             refusal,
                         };
@@ -551,7 +644,7 @@ impl<R: Runtime> AcceptLoop<R> {
                         return;
                     }
                     let mut conn =
-                        ServerConnection::new(runtime, io, peer, config, service, signals);
+                        ServerConnection::new(runtime, io, peer, config, served, signals);
                     if over_limit {
                         conn.refuse(at_limit());
                     }
@@ -568,7 +661,7 @@ impl<R: Runtime> AcceptLoop<R> {
                     io,
                     peer,
                     config: self.config.conn,
-                    service: self.service.clone(),
+                    served: self.served.clone(),
                     signals: self.signals.clone(),
                     refusal: over_limit.then(at_limit),
                 };
@@ -584,7 +677,7 @@ impl<R: Runtime> AcceptLoop<R> {
                 io,
                 peer,
                 self.config.conn,
-                self.service.clone(),
+                self.served.clone(),
                 self.signals.clone(),
             );
             if over_limit {

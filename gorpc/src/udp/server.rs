@@ -24,12 +24,14 @@ use gorpc_proto::datagram::{
 use gorpc_proto::{Code, Status};
 
 use super::{recv_buf, RECV_BATCH};
-use crate::interceptor::{ServerChain, ServerInterceptor};
+use crate::interceptor::{server_listeners, ServerChain, ServerInterceptor};
 use crate::io::{drive, Timer};
+use crate::observe::{answered, CallEnd, CallWatch};
 use crate::runtime::{Runtime, UdpSocket};
 use crate::server::stop::{self, Stopper};
-use crate::server::Shutdown;
+use crate::server::{Served, Shutdown};
 use crate::service::{ServerReply, ServerRequest, Service};
+use tracing::Instrument as _;
 
 /// Unsent answers, in bytes, past which the server stops reading requests until the socket
 /// takes them: the kernel then drops new requests instead of this process buffering them.
@@ -90,7 +92,11 @@ impl<R: Runtime> UdpServer<R> {
             runtime: self.runtime.clone(),
             socket,
             core: DatagramServer::new(self.config, fastrand::u64(..)),
-            service: ServerChain::wrap(self.interceptors, self.service),
+            served: {
+                let listeners = server_listeners(&self.interceptors);
+                let service = ServerChain::wrap(self.interceptors, self.service);
+                Arc::new(Served::new(service, listeners))
+            },
             recv_buf: recv_buf(),
             unsent: VecDeque::new(),
             unsent_bytes: 0,
@@ -185,6 +191,7 @@ struct Running {
     abort: AbortHandle,
     from: SocketAddr,
     token: ReplyToken<SocketAddr>,
+    watch: CallWatch,
 }
 
 type SignalRx = Pin<Box<async_channel::Receiver<()>>>;
@@ -199,7 +206,7 @@ struct UdpServerDriver<R: Runtime> {
     runtime: R,
     socket: R::UdpSocket,
     core: DatagramServer<SocketAddr>,
-    service: Arc<dyn Service>,
+    served: Arc<Served>,
     recv_buf: Box<[u8]>,
     /// Answers the socket has not taken yet, with their destination.
     unsent: VecDeque<(SocketAddr, Bytes)>,
@@ -232,6 +239,9 @@ impl<R: Runtime> UdpServerDriver<R> {
             self.aborted = true;
             for (_, running) in self.running.drain() {
                 running.abort.abort();
+                self.served
+                    .observer
+                    .end(running.watch, CallEnd::ConnectionLost, None);
             }
             return false;
         }
@@ -244,7 +254,7 @@ impl<R: Runtime> UdpServerDriver<R> {
             progress = true;
             // Absent when the deadline fired first: that answer has been sent.
             if let Some(running) = self.running.remove(&task) {
-                self.respond(now, running.from, running.token, reply);
+                self.respond(now, running.from, running.token, reply, running.watch);
             }
         }
         // Handlers that finish early leave their deadline behind; keep the heap near the
@@ -303,6 +313,7 @@ impl<R: Runtime> UdpServerDriver<R> {
     ) {
         let DatagramRequest {
             from,
+            id,
             codec,
             head,
             body,
@@ -310,6 +321,9 @@ impl<R: Runtime> UdpServerDriver<R> {
             token,
             ..
         } = request;
+        let served = self.served.clone();
+        let watch = served.watch(&head, from, Some(u64::from(id.as_u32())), now);
+        served.observer.received(&watch, body.len());
         let request = ServerRequest {
             head,
             edited: None,
@@ -320,31 +334,43 @@ impl<R: Runtime> UdpServerDriver<R> {
             peer_certificates: None,
             streams: Default::default(),
         };
-        let mut future =
-            match std::panic::catch_unwind(AssertUnwindSafe(|| self.service.call(request))) {
-                Ok(future) => future,
-                Err(_) => return self.respond(now, from, token, panicked()),
-            };
-        match std::panic::catch_unwind(AssertUnwindSafe(|| future.poll_unpin(cx))) {
-            Ok(Poll::Ready(reply)) => self.respond(now, from, token, reply),
-            Ok(Poll::Pending) => {
-                let task = self.next_task;
-                self.next_task += 1;
-                let (abort, registration) = AbortHandle::new_pair();
-                let replies = self.replies_tx.clone();
-                let handler = Abortable::new(AssertUnwindSafe(future).catch_unwind(), registration);
-                self.runtime.spawn(async move {
-                    if let Ok(result) = handler.await {
-                        let reply = result.unwrap_or_else(|_| panicked());
-                        let _ = replies.unbounded_send((task, reply));
-                    }
-                });
-                self.running.insert(task, Running { abort, from, token });
-                if let Some(deadline) = deadline {
-                    self.deadlines.push(Reverse((deadline, task)));
+        // The handler (and the interceptors before it) run inside the call's span.
+        let span = watch.span.clone();
+        let entered = span.enter();
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut future = served.service.call(request);
+            let poll = future.poll_unpin(cx);
+            (future, poll)
+        }));
+        drop(entered);
+        let future = match polled {
+            Ok((_, Poll::Ready(reply))) => return self.respond(now, from, token, reply, watch),
+            Ok((future, Poll::Pending)) => future,
+            Err(_) => return self.respond(now, from, token, panicked(), watch),
+        };
+        let task = self.next_task;
+        self.next_task += 1;
+        let (abort, registration) = AbortHandle::new_pair();
+        let replies = self.replies_tx.clone();
+        let handler = Abortable::new(AssertUnwindSafe(future).catch_unwind(), registration);
+        self.runtime.spawn(
+            async move {
+                if let Ok(result) = handler.await {
+                    let reply = result.unwrap_or_else(|_| panicked());
+                    let _ = replies.unbounded_send((task, reply));
                 }
             }
-            Err(_) => self.respond(now, from, token, panicked()),
+            .instrument(span),
+        );
+        let running = Running {
+            abort,
+            from,
+            token,
+            watch,
+        };
+        self.running.insert(task, running);
+        if let Some(deadline) = deadline {
+            self.deadlines.push(Reverse((deadline, task)));
         }
     }
 
@@ -370,20 +396,41 @@ impl<R: Runtime> UdpServerDriver<R> {
             if let Some(running) = self.running.remove(&task) {
                 running.abort.abort();
                 let status = Status::new(Code::DeadlineExceeded, "deadline passed on the server");
-                self.respond(now, running.from, running.token, ServerReply::error(status));
+                let status =
+                    self.send(now, running.from, running.token, ServerReply::error(status));
+                let observer = &self.served.observer;
+                observer.end(running.watch, CallEnd::DeadlineExceeded, Some(&status));
                 progress = true;
             }
         }
         progress
     }
 
+    /// Answers a call, which ends with the status that went out.
     fn respond(
         &mut self,
         now: Instant,
         to: SocketAddr,
         token: ReplyToken<SocketAddr>,
         reply: ServerReply,
+        watch: CallWatch,
     ) {
+        self.served.observer.sent(&watch, reply.body.len());
+        let status = self.send(now, to, token, reply);
+        self.served
+            .observer
+            .end(watch, answered(&status), Some(&status));
+    }
+
+    /// Sends an answer; returns the status that went out (the reply's, or the error sent
+    /// instead when the reply does not fit in a datagram).
+    fn send(
+        &mut self,
+        now: Instant,
+        to: SocketAddr,
+        token: ReplyToken<SocketAddr>,
+        reply: ServerReply,
+    ) -> Status {
         let ServerReply {
             status,
             metadata,
@@ -393,8 +440,14 @@ impl<R: Runtime> UdpServerDriver<R> {
             .core
             .respond(now, token, &status, metadata.iter(), body)
         {
-            Ok(datagram) => self.queue(to, datagram),
-            Err(status) => tracing::warn!(%to, %status, "no answer fits in max_datagram"),
+            Ok(datagram) => {
+                self.queue(to, datagram);
+                status
+            }
+            Err(error) => {
+                tracing::warn!(%to, status = %error, "no answer fits in max_datagram");
+                error
+            }
         }
     }
 

@@ -1,0 +1,330 @@
+//! How every call ends, and who hears of it: the interceptors' `on_end`, a tracing span per
+//! call with its closing log line, and the `gorpc_*` metrics (through the [`metrics`]
+//! facade, to whatever recorder the application installed: Prometheus, OpenTelemetry, ...).
+//!
+//! The drivers open a [`CallWatch`] when a call starts and end it exactly once, with the
+//! [`CallEnd`] they saw: an answer, a refusal, the deadline, a cancel, or the connection
+//! going away. Calls that end unanswered are the ones worth seeing, so they are reported
+//! like the others.
+
+mod instruments;
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gorpc_proto::{Code, RequestHead, Status};
+use tracing::field::Empty;
+use tracing::Span;
+
+pub(crate) use instruments::Side;
+use instruments::{Instruments, Slot};
+
+/// How a call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallEnd {
+    /// Answered with this status: `Ok`, or the error a handler, an interceptor or the
+    /// framework (a codec, a limit) chose. On a client, the status it got back, or the
+    /// error that stopped it before it was sent.
+    Answered(Code),
+    /// Turned away before any handler ran: by admission control, or because it was framed
+    /// for another kind of method.
+    Refused(Code),
+    /// Its deadline passed before it was answered.
+    DeadlineExceeded,
+    /// On a server, the client cancelled it; on a client, the caller stopped waiting (its
+    /// future was dropped).
+    Cancelled,
+    /// The connection it was on closed before it was answered.
+    ConnectionLost,
+}
+
+impl CallEnd {
+    /// The status code the call counts under, in metrics and logs: the answer's, or the
+    /// one a client sees for an unanswered call.
+    pub fn code(self) -> Code {
+        match self {
+            CallEnd::Answered(code) | CallEnd::Refused(code) => code,
+            CallEnd::DeadlineExceeded => Code::DeadlineExceeded,
+            CallEnd::Cancelled => Code::Cancelled,
+            CallEnd::ConnectionLost => Code::Unavailable,
+        }
+    }
+
+    pub fn is_ok(self) -> bool {
+        self == CallEnd::Answered(Code::Ok)
+    }
+
+    /// How a client call that failed with `status` ended, from the status alone.
+    pub(crate) fn of_client_error(status: &Status) -> CallEnd {
+        match status.code() {
+            Code::DeadlineExceeded => CallEnd::DeadlineExceeded,
+            code => CallEnd::Answered(code),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            CallEnd::Answered(Code::Ok) => "answered",
+            CallEnd::Answered(_) => "answered with an error",
+            CallEnd::Refused(_) => "refused",
+            CallEnd::DeadlineExceeded => "deadline exceeded",
+            CallEnd::Cancelled => "cancelled",
+            CallEnd::ConnectionLost => "connection lost",
+        }
+    }
+}
+
+/// A call that just ended, as an interceptor's `on_end` sees it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct EndedCall<'a> {
+    /// "/package.Service/Method".
+    pub method: &'a str,
+    /// The other side: the client, on a server. `None` where it is not known (a client's
+    /// call through a balancer or a channel).
+    pub peer: Option<SocketAddr>,
+    /// The call's number on its connection, where the protocol numbers calls (the binary
+    /// protocol, UDP).
+    pub id: Option<u64>,
+    /// From the call's arrival (server) or start (client) to its end.
+    pub duration: Duration,
+    pub end: CallEnd,
+    /// The status of an answered call (with its message), or of a client call that
+    /// failed; `None` for the other endings.
+    pub status: Option<&'a Status>,
+}
+
+/// What hears of a call's end, besides metrics and logs: the interceptors' `on_end`.
+pub(crate) type EndListener = Arc<dyn Fn(&EndedCall<'_>) + Send + Sync>;
+
+/// What one server's (or client's) calls report to.
+pub(crate) struct Observer {
+    side: Side,
+    instruments: Instruments,
+    listeners: Box<[EndListener]>,
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observer")
+            .field("side", &self.side)
+            .field("listeners", &self.listeners.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A watched call's method path, held as the call carried it: no copy.
+#[derive(Debug)]
+pub(crate) enum MethodName {
+    /// A server's call: the request head, whose bytes hold the path.
+    Head(RequestHead),
+    /// A client's call.
+    Path(Cow<'static, str>),
+}
+
+impl MethodName {
+    fn as_str(&self) -> &str {
+        match self {
+            MethodName::Head(head) => head.method(),
+            MethodName::Path(path) => path,
+        }
+    }
+}
+
+/// One call being watched, from its start to its end.
+#[derive(Debug)]
+pub(crate) struct CallWatch {
+    method: MethodName,
+    slot: Slot,
+    started: Instant,
+    pub(crate) span: Span,
+    peer: Option<SocketAddr>,
+    id: Option<u64>,
+}
+
+impl Observer {
+    /// `listeners` hear of every call's end, in order.
+    pub(crate) fn new(side: Side, listeners: Vec<EndListener>) -> Self {
+        Observer {
+            side,
+            instruments: Instruments::new(side),
+            listeners: listeners.into(),
+        }
+    }
+
+    /// A new observer for the same side and numbers with other listeners (a client that
+    /// gained an interceptor).
+    pub(crate) fn with_listeners(&self, listeners: Vec<EndListener>) -> Self {
+        Observer {
+            side: self.side,
+            instruments: self.instruments.clone(),
+            listeners: listeners.into(),
+        }
+    }
+
+    /// Counts the open or closed connections of this side.
+    pub(crate) fn connection_opened(&self) {
+        self.instruments.connections.increment(1.0);
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.instruments.connections.decrement(1.0);
+    }
+
+    /// Starts watching a call to `method` that arrived (or was made) at `now`.
+    /// `known` says whether the service routes `method`: unknown methods are counted
+    /// together, so that made-up names cannot grow the metrics without bound.
+    pub(crate) fn start(
+        &self,
+        name: MethodName,
+        known: impl FnOnce(&str) -> bool,
+        peer: Option<SocketAddr>,
+        id: Option<u64>,
+        now: Instant,
+    ) -> CallWatch {
+        let method = name.as_str();
+        let slot = self.instruments.slot(method, || known(method));
+        self.instruments.started(slot);
+        let span = match self.side {
+            Side::Server => tracing::info_span!(
+                target: "gorpc::server",
+                "call",
+                %method,
+                peer = peer.map(tracing::field::display),
+                id,
+                code = Empty,
+                duration = Empty,
+            ),
+            Side::Client => tracing::info_span!(
+                target: "gorpc::client",
+                "call",
+                %method,
+                peer = peer.map(tracing::field::display),
+                id,
+                code = Empty,
+                duration = Empty,
+            ),
+        };
+        CallWatch {
+            method: name,
+            slot,
+            started: now,
+            span,
+            peer,
+            id,
+        }
+    }
+
+    /// Request body bytes of a watched call.
+    pub(crate) fn received(&self, watch: &CallWatch, bytes: usize) {
+        self.instruments.request_bytes(watch.slot, bytes);
+    }
+
+    /// Response body bytes of a watched call.
+    pub(crate) fn sent(&self, watch: &CallWatch, bytes: usize) {
+        self.instruments.response_bytes(watch.slot, bytes);
+    }
+
+    /// Ends a watched call: counts it, records its duration, closes its span with one log
+    /// line, and tells the listeners.
+    pub(crate) fn end(&self, watch: CallWatch, end: CallEnd, status: Option<&Status>) {
+        let duration = watch.started.elapsed();
+        let code = end.code();
+        self.instruments.ended(watch.slot, code, duration);
+        let span = &watch.span;
+        span.record(
+            "code",
+            tracing::field::display(instruments::code_label(code)),
+        );
+        span.record("duration", tracing::field::debug(duration));
+        let _entered = span.enter();
+        let what = end.describe();
+        let message = status.map(Status::message).filter(|m| !m.is_empty());
+        let (colon, message) = match message {
+            Some(message) => (": ", message),
+            None => ("", ""),
+        };
+        match code {
+            Code::Ok => tracing::debug!(target: "gorpc::call", "{what}"),
+            Code::Internal | Code::Unknown | Code::DataLoss => {
+                tracing::error!(target: "gorpc::call", "{what}{colon}{message}")
+            }
+            _ => tracing::warn!(target: "gorpc::call", "{what}{colon}{message}"),
+        }
+        if self.listeners.is_empty() {
+            return;
+        }
+        let ended = EndedCall {
+            method: watch.method.as_str(),
+            peer: watch.peer,
+            id: watch.id,
+            duration,
+            end,
+            status,
+        };
+        for listener in self.listeners.iter() {
+            listener(&ended);
+        }
+    }
+}
+
+/// A watched call that reports itself if dropped before it is ended (its future was
+/// dropped: the peer went away or cancelled), for drivers whose calls live in futures
+/// they do not own (hyper's).
+pub(crate) struct WatchGuard {
+    observer: Arc<Observer>,
+    watch: Option<CallWatch>,
+    /// How the call ended if it is dropped unended.
+    if_dropped: CallEnd,
+}
+
+impl WatchGuard {
+    pub(crate) fn new(observer: Arc<Observer>, watch: CallWatch, if_dropped: CallEnd) -> Self {
+        WatchGuard {
+            observer,
+            watch: Some(watch),
+            if_dropped,
+        }
+    }
+
+    /// The call's span, for its handler to run in.
+    pub(crate) fn span(&self) -> Span {
+        self.watch
+            .as_ref()
+            .map_or_else(Span::none, |watch| watch.span.clone())
+    }
+
+    pub(crate) fn sent(&self, bytes: usize) {
+        if let Some(watch) = &self.watch {
+            self.observer.sent(watch, bytes);
+        }
+    }
+
+    pub(crate) fn received(&self, bytes: usize) {
+        if let Some(watch) = &self.watch {
+            self.observer.received(watch, bytes);
+        }
+    }
+
+    /// Ends the call, once; later calls do nothing.
+    pub(crate) fn end(&mut self, end: CallEnd, status: Option<&Status>) {
+        if let Some(watch) = self.watch.take() {
+            self.observer.end(watch, end, status);
+        }
+    }
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        let end = self.if_dropped;
+        self.end(end, None);
+    }
+}
+
+/// How an answer ends a call: its status's code.
+pub(crate) fn answered(status: &Status) -> CallEnd {
+    CallEnd::Answered(status.code())
+}
