@@ -43,5 +43,7 @@ pub mod hedge;
 pub mod metrics;
 #[cfg(feature = "otel")]
 pub mod otel;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 #[cfg(feature = "retry")]
 pub mod retry;
