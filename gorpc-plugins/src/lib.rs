@@ -43,5 +43,7 @@ pub mod hedge;
 pub mod metrics;
 #[cfg(feature = "otel")]
 pub mod otel;
+#[cfg(feature = "otel-metrics")]
+pub mod otel_metrics;
 #[cfg(feature = "retry")]
 pub mod retry;
