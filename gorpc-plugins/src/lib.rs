@@ -1,8 +1,8 @@
 //! gorpc's concrete plugins, each behind a cargo feature of its own, built on the
 //! interceptor traits of [`gorpc::interceptor`]. The light ones are on by default (`auth`,
 //! `metrics`, `retry`, `hedge`, `config`, `http`, `grpc`); the ones with heavy dependencies
-//! are opt-in: `consul` (reqwest and OpenSSL), `otel` (OpenTelemetry), `etcd` (etcd-client,
-//! and protoc to build it).
+//! are opt-in: `consul` (reqwest and OpenSSL), `otel` and `otel-metrics` (OpenTelemetry),
+//! `etcd` (etcd-client, and protoc to build it).
 //!
 //! - `auth`: [`auth::BearerToken`] attaches a bearer token to every call a client sends;
 //!   [`auth::BearerAuth`] checks it on the server and hands the handler the caller's subject.
@@ -10,6 +10,9 @@
 //!   method, on either side.
 //! - `otel` (opt-in): [`otel::OtelClient`] and [`otel::OtelServer`] trace calls with OpenTelemetry,
 //!   passing the trace context along as W3C `traceparent`/`tracestate` metadata.
+//! - `otel-metrics` (opt-in): [`otel_metrics::OtelRecorder`], a recorder for the `metrics`
+//!   facade that reports counters, gauges (in-flight ones too) and histograms to an
+//!   OpenTelemetry meter.
 //! - `consul` (opt-in): [`consul::Consul`], the registry gorpc has always defaulted to: servers register through the
 //!   local Consul agent with a TTL check they keep passing, clients watch the passing instances
 //!   with blocking queries. Works on every runtime.
@@ -43,6 +46,8 @@ pub mod hedge;
 pub mod metrics;
 #[cfg(feature = "otel")]
 pub mod otel;
+#[cfg(feature = "otel-metrics")]
+pub mod otel_metrics;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 #[cfg(feature = "retry")]
