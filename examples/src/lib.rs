@@ -13,3 +13,15 @@ pub mod routeguide {
 }
 
 pub mod services;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: `info`): what every example and
+/// scaffold starts with, so that gorpc's warnings and per-call lines are seen.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
