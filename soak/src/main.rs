@@ -614,6 +614,7 @@ fn main() -> ExitCode {
         clients.push(smol_client);
     }
 
+    let progress = Progress::start(&stats, args.secs);
     // Faults until the load stops; samples after warm-up and at the end.
     let warm_up = Duration::from_secs((args.secs / 4).clamp(1, 15));
     let mut first_sample = None;
@@ -641,6 +642,7 @@ fn main() -> ExitCode {
     }
     std::thread::sleep(stop_at.saturating_duration_since(Instant::now()));
     let last_sample = (rss_kib(), open_fds());
+    drop(progress);
 
     // Every call has a deadline of at most 3 s: callers end within that after `stop_at`.
     let callers_done = wait_until(Duration::from_secs(15), || {
@@ -759,6 +761,61 @@ fn main() -> ExitCode {
             eprintln!("invariant broken: {breach}");
         }
         ExitCode::FAILURE
+    }
+}
+
+/// A progress bar on stderr while the load runs (hidden unless stderr is a terminal): the
+/// time gone, the calls so far and the fault in force.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    ticker: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Progress {
+    fn start(stats: &Arc<Stats>, secs: u64) -> Progress {
+        let bar = indicatif::ProgressBar::new(secs);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} s  {msg}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ticker = {
+            let (bar, stats, stop) = (bar.clone(), stats.clone(), stop.clone());
+            let started = Instant::now();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    bar.set_position(started.elapsed().as_secs().min(secs));
+                    let errors: u64 = stats.errors.lock().unwrap().values().sum();
+                    bar.set_message(format!(
+                        "calls {} ok {} errors {} fault {}",
+                        stats.started.load(Ordering::Relaxed),
+                        stats.ok.load(Ordering::Relaxed),
+                        errors,
+                        *stats.fault_now.lock().unwrap(),
+                    ));
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+        };
+        Progress {
+            bar,
+            ticker: Some(ticker),
+            stop,
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(ticker) = self.ticker.take() {
+            let _ = ticker.join();
+        }
+        self.bar.finish_and_clear();
     }
 }
 
