@@ -5,7 +5,7 @@
 use gorpc_examples::helloworld::{
     Greeter, GreeterClient, GreeterServer, HelloAllReply, HelloAllRequest, HelloReply, HelloRequest,
 };
-use gorpc_tokio::{Client, ClientConfig, Code, Request, Response, Router, Server, Status, Tokio};
+use gorpc_tokio::{Client, ClientConfig, Request, Response, Router, Server, Status, Tokio};
 
 struct MyGreeter;
 
@@ -16,7 +16,7 @@ impl Greeter for MyGreeter {
     ) -> Result<Response<HelloReply>, Status> {
         let name = request.message.name;
         if name.is_empty() {
-            return Err(Status::new(Code::InvalidArgument, "name must not be empty"));
+            return Err(Status::invalid_argument("name must not be empty"));
         }
         Ok(Response::new(HelloReply {
             message: format!("Hello, {name}!"),

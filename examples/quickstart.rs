@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use gorpc_tokio::{CallOptions, Client, ClientConfig, Code, Router, Server, Status, Tokio};
+use gorpc_tokio::{CallOptions, Client, ClientConfig, Router, Server, Status, Tokio};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -24,7 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "/helloworld.Greeter/SayHello",
             |req: HelloRequest| async move {
                 if req.name.is_empty() {
-                    return Err(Status::new(Code::InvalidArgument, "name must not be empty"));
+                    return Err(Status::invalid_argument("name must not be empty"));
                 }
                 Ok(HelloReply {
                     message: format!("Hello, {}!", req.name),

@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use gorpc_tokio::stream::{RequestStream, ResponseSink};
 use gorpc_tokio::{
-    CallOptions, Client, ClientConfig, Code, MsgPack, Request, Response, Router, Server, Status,
-    Tokio,
+    CallOptions, Client, ClientConfig, MsgPack, Request, Response, Router, Server, Status, Tokio,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -215,7 +214,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let count = answers
             .next()
             .await
-            .ok_or_else(|| Status::new(Code::Internal, "the count stream ended early"))??;
+            .ok_or_else(|| Status::internal("the count stream ended early"))??;
         println!("count: {:<5} {}", count.level, count.lines);
     }
     ask.close_send().await?;

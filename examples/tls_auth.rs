@@ -19,8 +19,7 @@ use gorpc_tokio::tls::rustls::server::WebPkiClientVerifier;
 use gorpc_tokio::tls::rustls::{self, RootCertStore};
 use gorpc_tokio::tls::{CertificateDer, ClientTls, PrivateKeyDer, ServerName};
 use gorpc_tokio::{
-    CallOptions, Client, ClientConfig, Code, Router, Server, ServerReply, ServerRequest, Status,
-    Tokio,
+    CallOptions, Client, ClientConfig, Router, Server, ServerReply, ServerRequest, Status, Tokio,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -126,7 +125,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_single_cert(server_cert.chain(), server_cert.key())?;
     let auth = BearerAuth::new(|token: &str, _method: &str| match token {
         "alice-token" => Ok(Identity::new("alice")),
-        _ => Err(Status::new(Code::Unauthenticated, "unknown token")),
+        _ => Err(Status::unauthenticated("unknown token")),
     });
     let router = Router::new().route(WHOAMI, |req: ServerRequest| async move {
         let subject = req.metadata_value(SUBJECT).unwrap_or_default();

@@ -283,6 +283,19 @@ async fn client_without_a_certificate_is_refused<S: Runtime, C: Runtime>(
     assert_still_serving(&client_rt, addr, &pki).await;
 }
 
+/// The status of a refused handshake has the rustls verdict as its source.
+fn assert_rustls_certificate_error(err: &gorpc::Status) {
+    use std::error::Error as _;
+    let cause = err
+        .source()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .unwrap_or_else(|| panic!("no rustls::Error under {err:?}"));
+    assert!(
+        matches!(cause, rustls::Error::InvalidCertificate(_)),
+        "{cause:?}"
+    );
+}
+
 async fn client_refuses_an_untrusted_server<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
     let pki = pki();
     let server = Server::new(server_rt.clone(), router(&server_rt, Arc::default()))
@@ -309,6 +322,7 @@ async fn client_refuses_an_untrusted_server<S: Runtime, C: Runtime>(server_rt: S
         err.message().contains("TLS handshake") && err.message().contains("certificate"),
         "the rustls error is in the message: {err}"
     );
+    assert_rustls_certificate_error(&err);
     assert_still_serving(&client_rt, addr, &pki).await;
 }
 
@@ -430,6 +444,7 @@ async fn http_client_calls_over_tls<S: Runtime, C: Runtime>(server_rt: S, client
         .expect_err("the server's certificate is not trusted");
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     assert!(err.message().contains("TLS handshake"), "{err}");
+    assert_rustls_certificate_error(&err);
     drop(client);
     assert_eq!(server.shutdown(5 * SECOND).await, Shutdown::Graceful);
 }
