@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use gorpc_proto::{Code, Status, StreamKind};
 
-use crate::codec::{id_name, Codec, MsgPack};
+use crate::codec::{id_name, Decoder, Encoder, MsgPack};
 use crate::interceptor::{ClientInterceptor, ClientNext};
 use crate::metadata::Metadata;
 use crate::runtime::Runtime;
@@ -204,9 +204,9 @@ impl Client {
         request: Request<Req>,
     ) -> Result<Response<Rsp>, Status>
     where
-        C: Codec<Req> + Codec<Rsp>,
+        C: Encoder<Req> + Decoder<Rsp>,
     {
-        let body = Codec::<Req>::encode_to_bytes(&codec, &request.message)?;
+        let body = Encoder::<Req>::encode_to_bytes(&codec, &request.message)?;
         let timeout = request
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()));
@@ -215,7 +215,7 @@ impl Client {
             metadata: request.metadata,
             key: None,
         };
-        let expected = Codec::<Rsp>::id(&codec);
+        let expected = Decoder::<Rsp>::id(&codec);
         let raw = self.call_raw(method, expected, body, options).await?;
         if raw.codec != expected {
             return Err(Status::new(
@@ -224,11 +224,11 @@ impl Client {
                     "server answered in codec {} ({}), expected {}",
                     raw.codec,
                     id_name(raw.codec),
-                    Codec::<Rsp>::name(&codec)
+                    Decoder::<Rsp>::name(&codec)
                 ),
             ));
         }
-        let message = Codec::<Rsp>::decode(&codec, raw.body)?;
+        let message = Decoder::<Rsp>::decode(&codec, raw.body)?;
         Ok(Response {
             message,
             metadata: raw.metadata,
@@ -281,7 +281,7 @@ impl Client {
         request: Request<Req>,
     ) -> Result<ResponseStream<Rsp>, Status>
     where
-        C: Codec<Req> + Codec<Rsp>,
+        C: Encoder<Req> + Decoder<Rsp>,
         Rsp: 'static,
     {
         let options = request_options(request.deadline, request.metadata);
@@ -299,11 +299,11 @@ impl Client {
         options: CallOptions,
     ) -> Result<ResponseStream<Rsp>, Status>
     where
-        C: Codec<Req> + Codec<Rsp>,
+        C: Encoder<Req> + Decoder<Rsp>,
         Rsp: 'static,
     {
-        let body = Codec::<Req>::encode_to_bytes(&codec, message)?;
-        let id = Codec::<Rsp>::id(&codec);
+        let body = Encoder::<Req>::encode_to_bytes(&codec, message)?;
+        let id = Decoder::<Rsp>::id(&codec);
         let (_, receiver) = self
             .stream_raw(method, id, StreamKind::ServerStreaming, body, options)
             .await?;
@@ -318,11 +318,11 @@ impl Client {
         options: CallOptions,
     ) -> Result<ClientStreaming<Req, Rsp>, Status>
     where
-        C: Codec<Req> + Codec<Rsp> + Clone,
+        C: Encoder<Req> + Decoder<Rsp> + Clone,
         Req: 'static,
         Rsp: 'static,
     {
-        let id = Codec::<Req>::id(&codec);
+        let id = Encoder::<Req>::id(&codec);
         let (sender, receiver) = self
             .stream_raw(
                 method,
@@ -349,11 +349,11 @@ impl Client {
         options: CallOptions,
     ) -> Result<(StreamSender<Req>, ResponseStream<Rsp>), Status>
     where
-        C: Codec<Req> + Codec<Rsp> + Clone,
+        C: Encoder<Req> + Decoder<Rsp> + Clone,
         Req: 'static,
         Rsp: 'static,
     {
-        let id = Codec::<Req>::id(&codec);
+        let id = Encoder::<Req>::id(&codec);
         let (sender, receiver) = self
             .stream_raw(method, id, StreamKind::Bidirectional, Bytes::new(), options)
             .await?;
@@ -371,8 +371,8 @@ impl Client {
         request: &Req,
     ) -> Result<Rsp, Status>
     where
-        Req: serde::Serialize + serde::de::DeserializeOwned,
-        Rsp: serde::Serialize + serde::de::DeserializeOwned,
+        Req: serde::Serialize,
+        Rsp: serde::de::DeserializeOwned,
     {
         self.call_with(method, request, CallOptions::default())
             .await
@@ -386,14 +386,14 @@ impl Client {
         options: CallOptions,
     ) -> Result<Rsp, Status>
     where
-        Req: serde::Serialize + serde::de::DeserializeOwned,
-        Rsp: serde::Serialize + serde::de::DeserializeOwned,
+        Req: serde::Serialize,
+        Rsp: serde::de::DeserializeOwned,
     {
-        let body = Codec::<Req>::encode_to_bytes(&MsgPack, request)?;
+        let body = Encoder::<Req>::encode_to_bytes(&MsgPack, request)?;
         let raw = self
             .call_raw(method, gorpc_proto::codec::MSGPACK, body, options)
             .await?;
-        Codec::<Rsp>::decode(&MsgPack, raw.body)
+        Decoder::<Rsp>::decode(&MsgPack, raw.body)
     }
 }
 
