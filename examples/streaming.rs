@@ -175,13 +175,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The follower: tails the log from the start, for as many lines as the writer sends.
     // The deadline covers the whole stream.
-    let mut follow = Request::new(FollowRequest {
+    let follow = FollowRequest {
         from: 0,
         lines: lines.len(),
-    });
-    follow.deadline = Some(Instant::now() + Duration::from_secs(10));
+    };
+    let options = CallOptions {
+        timeout: Some(Duration::from_secs(10)),
+        ..CallOptions::default()
+    };
     let mut tail = client
-        .server_stream::<_, FollowRequest, LogLine>(FOLLOW, MsgPack, follow)
+        .server_stream::<_, FollowRequest, LogLine>(FOLLOW, MsgPack, &follow, options)
         .await?;
     let follower = tokio::spawn(async move {
         while let Some(line) = tail.next().await {
@@ -206,9 +209,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("tail: the stream ended after {} lines", lines.len());
 
     // Counts by level, asked and answered one at a time on one bidirectional call.
-    let (mut ask, mut answers) = client
+    let counting = client
         .bidi::<_, String, LevelCount>(COUNT, MsgPack, CallOptions::default())
         .await?;
+    let (mut ask, mut answers) = counting.into_parts();
     for level in ["INFO", "WARN", "ERROR", "DEBUG"] {
         ask.send(&level.to_owned()).await?;
         let count = answers

@@ -35,9 +35,9 @@
 //!   | unary            | `m(&self, impl IntoRequest<Req>) -> Result<Response<Rsp>, Status>`          |
 //!   | server streaming | `m(&self, impl IntoRequest<Req>) -> Result<ResponseStream<Rsp>, Status>`    |
 //!   | client streaming | `m(&self, CallOptions) -> Result<ClientStreaming<Req, Rsp>, Status>`        |
-//!   | bidirectional    | `m(&self, CallOptions) -> Result<(StreamSender<Req>, ResponseStream<Rsp>), Status>` |
+//!   | bidirectional    | `m(&self, CallOptions) -> Result<Bidi<Req, Rsp>, Status>`                  |
 //!
-//!   (`gorpc::client::{ResponseStream, ClientStreaming, StreamSender}`; the request's or the
+//!   (`gorpc::client::{ResponseStream, ClientStreaming, Bidi}`; the request's or the
 //!   options' deadline covers the whole stream).
 //!
 //! Method paths are "/helloworld.Greeter/SayHello". Doc comments carry over.
@@ -487,7 +487,7 @@ impl {client} {{
                 request,
                 format!("{g}::client::ResponseStream<{output}>"),
                 "server_stream",
-                "request.into_request()",
+                "&message, options",
             ),
             Kind::ClientStreaming => (
                 options,
@@ -497,16 +497,21 @@ impl {client} {{
             ),
             Kind::Bidirectional => (
                 options,
-                format!(
-                    "({g}::client::StreamSender<{input}>, {g}::client::ResponseStream<{output}>)"
-                ),
+                format!("{g}::client::Bidi<{input}, {output}>"),
                 "bidi",
                 "options",
             ),
         };
+        // A server stream takes the message and the options the request carries.
+        let split = match Kind::of(method) {
+            Kind::ServerStreaming => {
+                "\n        let (message, options) = request.into_request().into_call();"
+            }
+            _ => "",
+        };
         let _ = writeln!(
             out,
-            r#"    pub async fn {m}(&self, {param}) -> ::core::result::Result<{result}, {g}::Status> {{
+            r#"    pub async fn {m}(&self, {param}) -> ::core::result::Result<{result}, {g}::Status> {{{split}
         self.inner.{call}({path:?}, {g}::Protobuf, {arg}).await
     }}"#,
             m = method.name,

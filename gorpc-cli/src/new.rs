@@ -843,11 +843,11 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
             Kind::Bidirectional => write!(
                 out,
                 "\n    // {path}: a stream of requests (here one), a stream of responses.\n    \
-                 let (mut requests, mut replies) = client.{name}(CallOptions::default()).await?;\n    \
+                 let mut call = client.{name}(CallOptions::default()).await?;\n    \
                  let request: {input} = Default::default();\n    \
-                 requests.send(&request).await?;\n    \
-                 requests.close_send().await?;\n    \
-                 while let Some(reply) = replies.next().await {{\n        \
+                 call.sender.send(&request).await?;\n    \
+                 call.sender.close_send().await?;\n    \
+                 while let Some(reply) = call.responses.next().await {{\n        \
                      println!(\"{proto_name} -> {{:?}}\", reply?);\n    \
                  }}\n"
             ),

@@ -74,7 +74,7 @@ use syn::{
 /// |---------------------------------------------------------------|------------------|------------------------------------------------|
 /// | `f(&self, args.., sink: ResponseSink<R>) -> Result<(), Status>` | server streaming | `ResponseStream<R>` (`f(args..)`)              |
 /// | `f(&self, items: RequestStream<I>) -> Result<T, Status>`        | client streaming | `ClientStreaming<I, T>` (`f()`)                |
-/// | `f(&self, items: RequestStream<I>, sink: ResponseSink<R>) -> Result<(), Status>` | bidirectional | `(StreamSender<I>, ResponseStream<R>)` (`f()`) |
+/// | `f(&self, items: RequestStream<I>, sink: ResponseSink<R>) -> Result<(), Status>` | bidirectional | `Bidi<I, R>` (`f()`)                           |
 ///
 /// (the client types are in `gorpc::client`). A method with a sink sends its responses
 /// through it and returns `Ok(())` to end the stream with OK, or the error status to end it
@@ -928,7 +928,7 @@ fn client(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
                 quote! { #g::client::ResponseStream<#rsp> },
                 quote! {
                     self.inner
-                        .server_stream_with(#path, #g::MsgPack, &#value, self.options.clone())
+                        .server_stream(#path, #g::MsgPack, &#value, self.options.clone())
                         .await
                 },
             ),
@@ -941,7 +941,7 @@ fn client(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
                 },
             ),
             (Some(item), Some(rsp)) => (
-                quote! { (#g::client::StreamSender<#item>, #g::client::ResponseStream<#rsp>) },
+                quote! { #g::client::Bidi<#item, #rsp> },
                 quote! {
                     self.inner
                         .bidi(#path, #g::MsgPack, self.options.clone())

@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use gorpc_proto::{Code, RequestHead, Status, StreamKind};
 
+use crate::client::CallOptions;
 use crate::codec::{id_name, Decoder, Encoder, MsgPack};
 use crate::metadata::Metadata;
 use crate::runtime::PeerCertificates;
@@ -264,6 +265,20 @@ impl<T> Request<T> {
 
     pub fn into_inner(self) -> T {
         self.message
+    }
+
+    /// The message, and the options of a call that sends it: the deadline as the timeout
+    /// (`None` without one) and the metadata. What a caller's [`Request`] becomes on the
+    /// way out.
+    pub fn into_call(self) -> (T, CallOptions) {
+        let options = CallOptions {
+            timeout: self
+                .deadline
+                .map(|d| d.saturating_duration_since(Instant::now())),
+            metadata: self.metadata,
+            key: None,
+        };
+        (self.message, options)
     }
 }
 

@@ -7,7 +7,7 @@ mod conn;
 mod pool;
 
 pub use crate::stream::{
-    ClientStreaming, RawStreamReceiver, RawStreamSender, ResponseStream, StreamSender,
+    Bidi, ClientStreaming, RawStreamReceiver, RawStreamSender, ResponseStream, StreamSender,
 };
 #[cfg(feature = "grpc")]
 pub(crate) use balanced::BoxedCalls;
@@ -206,15 +206,8 @@ impl Client {
     where
         C: Encoder<Req> + Decoder<Rsp>,
     {
-        let body = Encoder::<Req>::encode_to_bytes(&codec, &request.message)?;
-        let timeout = request
-            .deadline
-            .map(|d| d.saturating_duration_since(Instant::now()));
-        let options = CallOptions {
-            timeout,
-            metadata: request.metadata,
-            key: None,
-        };
+        let (message, options) = request.into_call();
+        let body = Encoder::<Req>::encode_to_bytes(&codec, &message)?;
         let expected = Decoder::<Rsp>::id(&codec);
         let raw = self.call_raw(method, expected, body, options).await?;
         if raw.codec != expected {
@@ -272,26 +265,11 @@ impl Client {
         }
     }
 
-    /// A server-streaming call: one request, a stream of typed responses that ends with
-    /// the call's status (an error status is the last item).
+    /// A server-streaming call: one request message, a stream of typed responses that ends
+    /// with the call's status (an error status is the last item). `options` (a timeout,
+    /// metadata, an affinity key) apply as to any call; the timeout covers the whole
+    /// stream.
     pub async fn server_stream<C, Req, Rsp>(
-        &self,
-        method: impl Into<Cow<'static, str>>,
-        codec: C,
-        request: Request<Req>,
-    ) -> Result<ResponseStream<Rsp>, Status>
-    where
-        C: Encoder<Req> + Decoder<Rsp>,
-        Rsp: 'static,
-    {
-        let options = request_options(request.deadline, request.metadata);
-        self.server_stream_with(method, codec, &request.message, options)
-            .await
-    }
-
-    /// [`server_stream`](Self::server_stream) with call options (a timeout, metadata, an
-    /// affinity key) instead of a [`Request`].
-    pub async fn server_stream_with<C, Req, Rsp>(
         &self,
         method: impl Into<Cow<'static, str>>,
         codec: C,
@@ -332,7 +310,7 @@ impl Client {
                 options,
             )
             .await?;
-        let sender = sender.expect("a client stream has a sender");
+        let sender = sender.ok_or_else(no_sender)?;
         Ok(ClientStreaming::new(
             StreamSender::new(sender, Arc::new(codec.clone())),
             receiver,
@@ -341,13 +319,13 @@ impl Client {
     }
 
     /// A bidirectional call: a sender of typed messages and a stream of typed responses,
-    /// used independently (from two tasks if need be).
+    /// used independently (from two tasks if need be; [`Bidi::into_parts`] splits them).
     pub async fn bidi<C, Req, Rsp>(
         &self,
         method: impl Into<Cow<'static, str>>,
         codec: C,
         options: CallOptions,
-    ) -> Result<(StreamSender<Req>, ResponseStream<Rsp>), Status>
+    ) -> Result<Bidi<Req, Rsp>, Status>
     where
         C: Encoder<Req> + Decoder<Rsp> + Clone,
         Req: 'static,
@@ -357,11 +335,11 @@ impl Client {
         let (sender, receiver) = self
             .stream_raw(method, id, StreamKind::Bidirectional, Bytes::new(), options)
             .await?;
-        let sender = sender.expect("a bidirectional call has a sender");
-        Ok((
-            StreamSender::new(sender, Arc::new(codec.clone())),
-            ResponseStream::new(receiver, Arc::new(codec)),
-        ))
+        let sender = sender.ok_or_else(no_sender)?;
+        Ok(Bidi {
+            sender: StreamSender::new(sender, Arc::new(codec.clone())),
+            responses: ResponseStream::new(receiver, Arc::new(codec)),
+        })
     }
 
     /// The codegen-free style: serde types over msgpack.
@@ -397,12 +375,10 @@ impl Client {
     }
 }
 
-fn request_options(deadline: Option<Instant>, metadata: Metadata) -> CallOptions {
-    CallOptions {
-        timeout: deadline.map(|d| d.saturating_duration_since(Instant::now())),
-        metadata,
-        key: None,
-    }
+/// A stream call whose client streams came back without its sending half: a [`Channel`]
+/// that broke its contract.
+fn no_sender() -> Status {
+    Status::internal("the stream call started without its sending half")
 }
 
 /// Sends `call` on a connection from `pool`, again on another one if it never left.

@@ -382,3 +382,27 @@ impl<Req: 'static, Rsp: 'static> ClientStreaming<Req, Rsp> {
         })
     }
 }
+
+/// A bidirectional call in progress: the sender of the client's messages and the stream of
+/// the server's, each usable on its own (from two tasks if need be). Close the sender
+/// with [`StreamSender::close_send`] when done sending; dropping it first cancels the call.
+pub struct Bidi<Req, Rsp> {
+    pub sender: StreamSender<Req>,
+    pub responses: ResponseStream<Rsp>,
+}
+
+impl<Req, Rsp> std::fmt::Debug for Bidi<Req, Rsp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bidi")
+            .field("sender", &self.sender)
+            .field("responses", &self.responses)
+            .finish()
+    }
+}
+
+impl<Req, Rsp> Bidi<Req, Rsp> {
+    /// The two halves, to move them apart.
+    pub fn into_parts(self) -> (StreamSender<Req>, ResponseStream<Rsp>) {
+        (self.sender, self.responses)
+    }
+}
