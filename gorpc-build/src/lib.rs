@@ -38,7 +38,9 @@
 //!   | bidirectional    | `m(&self, CallOptions) -> Result<Bidi<Req, Rsp>, Status>`                  |
 //!
 //!   (`gorpc::client::{ResponseStream, ClientStreaming, Bidi}`; the request's or the
-//!   options' deadline covers the whole stream).
+//!   options' deadline covers the whole stream). `with_options(CallOptions)` and
+//!   `with_timeout(Duration)` give a client whose calls carry those options; a call's own
+//!   deadline and metadata win where set.
 //!
 //! Method paths are "/helloworld.Greeter/SayHello". Doc comments carry over.
 //!
@@ -458,13 +460,30 @@ fn client(out: &mut String, service: &Service, g: &str) {
 #[derive(Clone, Debug)]
 pub struct {client} {{
     inner: {g}::Client,
+    options: {g}::CallOptions,
 }}
 
 impl {client} {{
+    /// Calls through `inner`, which may be shared with other clients.
     pub fn new(inner: {g}::Client) -> Self {{
-        {client} {{ inner }}
+        {client} {{ inner, options: {g}::CallOptions::default() }}
     }}
 
+    /// This client with `options` (a timeout, metadata, an affinity key) on every call it
+    /// makes; a stream's timeout is the deadline of the whole stream. A call's own deadline
+    /// and metadata (its `Request`'s, or its `CallOptions`) win where they are set.
+    pub fn with_options(mut self, options: {g}::CallOptions) -> Self {{
+        self.options = options;
+        self
+    }}
+
+    /// This client with `timeout` on every call that sets no deadline of its own.
+    pub fn with_timeout(mut self, timeout: ::core::time::Duration) -> Self {{
+        self.options.timeout = ::core::option::Option::Some(timeout);
+        self
+    }}
+
+    /// The underlying client, for calls by path.
     pub fn inner(&self) -> &{g}::Client {{
         &self.inner
     }}"#
@@ -480,31 +499,32 @@ impl {client} {{
             Kind::Unary => (
                 request,
                 format!("{g}::Response<{output}>"),
-                "unary",
-                "request.into_request()",
+                "unary_with",
+                "&message, options.with_defaults(&self.options)",
             ),
             Kind::ServerStreaming => (
                 request,
                 format!("{g}::client::ResponseStream<{output}>"),
                 "server_stream",
-                "&message, options",
+                "&message, options.with_defaults(&self.options)",
             ),
             Kind::ClientStreaming => (
                 options,
                 format!("{g}::client::ClientStreaming<{input}, {output}>"),
                 "client_stream",
-                "options",
+                "options.with_defaults(&self.options)",
             ),
             Kind::Bidirectional => (
                 options,
                 format!("{g}::client::Bidi<{input}, {output}>"),
                 "bidi",
-                "options",
+                "options.with_defaults(&self.options)",
             ),
         };
-        // A server stream takes the message and the options the request carries.
+        // A unary call or a server stream takes the message and the options its request
+        // carries.
         let split = match Kind::of(method) {
-            Kind::ServerStreaming => {
+            Kind::Unary | Kind::ServerStreaming => {
                 "\n        let (message, options) = request.into_request().into_call();"
             }
             _ => "",

@@ -207,7 +207,22 @@ impl Client {
         C: Encoder<Req> + Decoder<Rsp>,
     {
         let (message, options) = request.into_call();
-        let body = Encoder::<Req>::encode_to_bytes(&codec, &message)?;
+        self.unary_with(method, codec, &message, options).await
+    }
+
+    /// [`unary`](Self::unary) with the message and call options (a timeout, metadata, an
+    /// affinity key) apart, the shape of the stream calls and of [`call_with`](Self::call_with).
+    pub async fn unary_with<C, Req, Rsp>(
+        &self,
+        method: impl Into<Cow<'static, str>>,
+        codec: C,
+        message: &Req,
+        options: CallOptions,
+    ) -> Result<Response<Rsp>, Status>
+    where
+        C: Encoder<Req> + Decoder<Rsp>,
+    {
+        let body = Encoder::<Req>::encode_to_bytes(&codec, message)?;
         let expected = Decoder::<Rsp>::id(&codec);
         let raw = self.call_raw(method, expected, body, options).await?;
         if raw.codec != expected {
