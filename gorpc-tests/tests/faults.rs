@@ -628,16 +628,20 @@ async fn connect_failures_keep_their_io_error<S: Runtime, C: Runtime>(server_rt:
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     assert_eq!(io_source(&err), std::io::ErrorKind::ConnectionRefused);
 
+    // The builder's connect timeout bounds the connect.
     let (_listener, addr, _filling) = listener_that_never_completes_a_connect();
-    let mut config = client_config();
-    config.pool.connection.connect_timeout = Duration::from_millis(200);
-    let err = within(&client_rt, 10 * SECOND, "a connect that hangs", async {
-        Client::connect(client_rt.clone(), addr, config).await
-    })
-    .await
-    .unwrap_err();
+    let started = Instant::now();
+    let connecting = Client::builder(client_rt.clone())
+        .endpoint(addr)
+        .connect_timeout(Duration::from_millis(200))
+        .connect();
+    let err = within(&client_rt, 10 * SECOND, "a connect that hangs", connecting)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     assert_eq!(io_source(&err), std::io::ErrorKind::TimedOut);
+    assert!(err.message().contains("timed out after 200ms"), "{err}");
+    assert!(started.elapsed() < 3 * SECOND, "{:?}", started.elapsed());
 }
 
 on_every_runtime!(

@@ -229,6 +229,17 @@ async fn mutual_tls_call_sees_the_client_certificate<S: Runtime, C: Runtime>(
     let plain = ServerRequest::new("/x", 0, &Default::default(), Bytes::new());
     assert!(plain.peer_certificates().is_none());
     drop(client);
+
+    // The same through the builder's .tls.
+    let client = Client::builder(client_rt.clone())
+        .endpoint(server.local_addr())
+        .tls(client_tls(&pki.ca, Some(&pki.client)))
+        .connect()
+        .await
+        .expect("TLS connect through the builder");
+    let der = whoami(&client).await.expect("TLS call");
+    assert_eq!(der.as_ref(), pki.client.cert.der().as_ref());
+    drop(client);
     assert_eq!(server.shutdown(5 * SECOND).await, Shutdown::Graceful);
 }
 
