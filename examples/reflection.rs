@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use gorpc_smol::{Client, ClientConfig, Router, Server, Smol, Status};
+use gorpc_smol::{Router, Status};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -79,11 +79,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         methods.sort_unstable();
         println!("serving {methods:?}");
 
-        let server = Server::new(Smol::new(), router)
-            .bind("127.0.0.1:0".parse()?)
-            .await?;
-        let client =
-            Client::connect(Smol::new(), server.local_addr(), ClientConfig::default()).await?;
+        let server = gorpc_smol::serve("127.0.0.1:0".parse()?, router).await?;
+        let client = gorpc_smol::connect(server.local_addr()).await?;
         println!("server on {}", server.local_addr());
 
         // The closure route, by path.

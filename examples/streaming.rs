@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gorpc_tokio::stream::{RequestStream, ResponseSink};
-use gorpc_tokio::{
-    CallOptions, Client, ClientConfig, MsgPack, Request, Response, Router, Server, Status, Tokio,
-};
+use gorpc_tokio::{CallOptions, MsgPack, Request, Response, Router, Status};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -160,16 +158,10 @@ fn lines_to_write() -> Vec<LogLine> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let server = Server::new(Tokio::current(), router(Arc::new(Log::default())))
-        .bind("127.0.0.1:0".parse()?)
-        .await?;
+    let server =
+        gorpc_tokio::serve("127.0.0.1:0".parse()?, router(Arc::new(Log::default()))).await?;
     println!("log server on {}", server.local_addr());
-    let client = Client::connect(
-        Tokio::current(),
-        server.local_addr(),
-        ClientConfig::default(),
-    )
-    .await?;
+    let client = gorpc_tokio::connect(server.local_addr()).await?;
     let lines = lines_to_write();
     let started = Instant::now();
 
