@@ -34,7 +34,7 @@ use std::time::Duration;
 use gorpc_examples::helloworld::GreeterServer;
 use gorpc_examples::routeguide::RouteGuideServer;
 use gorpc_examples::services::{Guide, Hello};
-use gorpc_tokio::{Router, Server, Tokio};
+use gorpc_tokio::Router;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -45,7 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let router = Router::new()
         .add_service(GreeterServer::new(Hello))
         .add_service(RouteGuideServer::new(Guide));
-    let server = Server::new(Tokio::current(), router)
+    let server = gorpc_tokio::server(router)
         .http()
         .health()
         .reflection()

@@ -5,7 +5,9 @@
 use gorpc_examples::helloworld::{
     Greeter, GreeterClient, GreeterServer, HelloAllReply, HelloAllRequest, HelloReply, HelloRequest,
 };
-use gorpc_tokio::{Client, ClientConfig, Code, Request, Response, Router, Server, Status, Tokio};
+use std::time::Duration;
+
+use gorpc_tokio::{Request, Response, Router, Status};
 
 struct MyGreeter;
 
@@ -16,7 +18,7 @@ impl Greeter for MyGreeter {
     ) -> Result<Response<HelloReply>, Status> {
         let name = request.message.name;
         if name.is_empty() {
-            return Err(Status::new(Code::InvalidArgument, "name must not be empty"));
+            return Err(Status::invalid_argument("name must not be empty"));
         }
         Ok(Response::new(HelloReply {
             message: format!("Hello, {name}!"),
@@ -44,17 +46,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "127.0.0.1:0".into())
         .parse()?;
     let router = Router::new().add_service(GreeterServer::new(MyGreeter));
-    let server = Server::new(Tokio::current(), router).bind(addr).await?;
+    let server = gorpc_tokio::serve(addr, router).await?;
     println!("helloworld server on {}", server.local_addr());
 
-    let client = GreeterClient::new(
-        Client::connect(
-            Tokio::current(),
-            server.local_addr(),
-            ClientConfig::default(),
-        )
-        .await?,
-    );
+    // Every call of this client gets a 5 s deadline unless its request sets one.
+    let client = GreeterClient::new(gorpc_tokio::connect(server.local_addr()).await?)
+        .with_timeout(Duration::from_secs(5));
     let reply = client
         .say_hello(HelloRequest {
             name: "gorpc".into(),
@@ -74,6 +71,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("serving until Ctrl-C");
         tokio::signal::ctrl_c().await?;
     }
-    server.shutdown(std::time::Duration::from_secs(1)).await;
+    server.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use gorpc_examples::helloworld::{
     Greeter, GreeterClient, GreeterServer, HelloAllReply, HelloAllRequest, HelloReply, HelloRequest,
 };
-use gorpc_tokio::{Client, ClientConfig, Code, Request, Response, Router, Server, Status, Tokio};
+use gorpc_tokio::{Client, ClientConfig, Request, Response, Router, Server, Status, Tokio};
 use serde::{Deserialize, Serialize};
 
 struct MyGreeter;
@@ -61,10 +61,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .add_service(GreeterServer::new(MyGreeter))
         .msgpack("/shop.Till/Buy", |order: Order| async move {
             if order.quantity == 0 {
-                return Err(Status::new(
-                    Code::InvalidArgument,
-                    "quantity must be positive",
-                ));
+                return Err(Status::invalid_argument("quantity must be positive"));
             }
             Ok(Receipt {
                 total_cents: 250 * u64::from(order.quantity),

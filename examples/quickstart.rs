@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use gorpc_tokio::{CallOptions, Client, ClientConfig, Code, Router, Server, Status, Tokio};
+use gorpc_tokio::{CallOptions, Router, Status};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -24,7 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "/helloworld.Greeter/SayHello",
             |req: HelloRequest| async move {
                 if req.name.is_empty() {
-                    return Err(Status::new(Code::InvalidArgument, "name must not be empty"));
+                    return Err(Status::invalid_argument("name must not be empty"));
                 }
                 Ok(HelloReply {
                     message: format!("Hello, {}!", req.name),
@@ -35,17 +35,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokio::time::sleep(Duration::from_millis(millis)).await;
             Ok(millis)
         });
-    let server = Server::new(Tokio::current(), router)
-        .bind("127.0.0.1:0".parse()?)
-        .await?;
+    let server = gorpc_tokio::serve("127.0.0.1:0".parse()?, router).await?;
     println!("server listening on {}", server.local_addr());
 
-    let client = Client::connect(
-        Tokio::current(),
-        server.local_addr(),
-        ClientConfig::default(),
-    )
-    .await?;
+    let client = gorpc_tokio::connect(server.local_addr()).await?;
 
     let reply: HelloReply = client
         .call(
@@ -96,6 +89,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("Nope -> error {err}");
 
     // The deadline travels with the call: the server drops the handler when it passes.
+    // A client's default timeout is set on its builder...
+    let impatient = gorpc_tokio::client()
+        .endpoint(server.local_addr())
+        .timeout(Duration::from_millis(50))
+        .connect()
+        .await?;
+    let err = impatient
+        .call::<u64, u64>("/helloworld.Greeter/Slow", &500)
+        .await
+        .unwrap_err();
+    println!("Slow(500ms) on a client with a 50ms timeout -> error {err}");
+
+    // ...and one call's in its options.
     let options = CallOptions {
         timeout: Some(Duration::from_millis(50)),
         ..CallOptions::default()
@@ -104,7 +110,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .call_with::<u64, u64>("/helloworld.Greeter/Slow", &500, options)
         .await
         .unwrap_err();
-    println!("Slow(500ms) with a 50ms timeout -> error {err}");
+    println!("Slow(500ms) with a 50ms call timeout -> error {err}");
 
     let outcome = server.shutdown(Duration::from_secs(1)).await;
     println!("server shut down: {outcome:?}");

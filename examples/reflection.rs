@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use gorpc_smol::{Client, ClientConfig, Code, Router, Server, Smol, Status};
+use gorpc_smol::{Router, Status};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -47,13 +47,10 @@ impl Inventory for Shelf {
         let mut stock = self.stock.lock().unwrap();
         let count = stock
             .get_mut(&item)
-            .ok_or_else(|| Status::new(Code::NotFound, format!("no {item} here")))?;
-        *count = count.checked_sub(quantity).ok_or_else(|| {
-            Status::new(
-                Code::FailedPrecondition,
-                format!("only {count} {item} left"),
-            )
-        })?;
+            .ok_or_else(|| Status::not_found(format!("no {item} here")))?;
+        *count = count
+            .checked_sub(quantity)
+            .ok_or_else(|| Status::failed_precondition(format!("only {count} {item} left")))?;
         Ok(*count)
     }
 }
@@ -69,9 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let cents = match order.item.as_str() {
                     "apple" => 40,
                     "pear" => 55,
-                    other => {
-                        return Err(Status::new(Code::NotFound, format!("no price for {other}")))
-                    }
+                    other => return Err(Status::not_found(format!("no price for {other}"))),
                 };
                 Ok(Receipt {
                     total_cents: cents * u64::from(order.quantity),
@@ -84,11 +79,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         methods.sort_unstable();
         println!("serving {methods:?}");
 
-        let server = Server::new(Smol::new(), router)
-            .bind("127.0.0.1:0".parse()?)
-            .await?;
-        let client =
-            Client::connect(Smol::new(), server.local_addr(), ClientConfig::default()).await?;
+        let server = gorpc_smol::serve("127.0.0.1:0".parse()?, router).await?;
+        let client = gorpc_smol::connect(server.local_addr()).await?;
         println!("server on {}", server.local_addr());
 
         // The closure route, by path.

@@ -18,10 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gorpc_tokio::stream::{RequestStream, ResponseSink};
-use gorpc_tokio::{
-    CallOptions, Client, ClientConfig, Code, MsgPack, Request, Response, Router, Server, Status,
-    Tokio,
-};
+use gorpc_tokio::{CallOptions, MsgPack, Request, Response, Router, Status};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -161,28 +158,25 @@ fn lines_to_write() -> Vec<LogLine> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let server = Server::new(Tokio::current(), router(Arc::new(Log::default())))
-        .bind("127.0.0.1:0".parse()?)
-        .await?;
+    let server =
+        gorpc_tokio::serve("127.0.0.1:0".parse()?, router(Arc::new(Log::default()))).await?;
     println!("log server on {}", server.local_addr());
-    let client = Client::connect(
-        Tokio::current(),
-        server.local_addr(),
-        ClientConfig::default(),
-    )
-    .await?;
+    let client = gorpc_tokio::connect(server.local_addr()).await?;
     let lines = lines_to_write();
     let started = Instant::now();
 
     // The follower: tails the log from the start, for as many lines as the writer sends.
     // The deadline covers the whole stream.
-    let mut follow = Request::new(FollowRequest {
+    let follow = FollowRequest {
         from: 0,
         lines: lines.len(),
-    });
-    follow.deadline = Some(Instant::now() + Duration::from_secs(10));
+    };
+    let options = CallOptions {
+        timeout: Some(Duration::from_secs(10)),
+        ..CallOptions::default()
+    };
     let mut tail = client
-        .server_stream::<_, FollowRequest, LogLine>(FOLLOW, MsgPack, follow)
+        .server_stream::<_, FollowRequest, LogLine>(FOLLOW, MsgPack, &follow, options)
         .await?;
     let follower = tokio::spawn(async move {
         while let Some(line) = tail.next().await {
@@ -207,15 +201,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("tail: the stream ended after {} lines", lines.len());
 
     // Counts by level, asked and answered one at a time on one bidirectional call.
-    let (mut ask, mut answers) = client
+    let counting = client
         .bidi::<_, String, LevelCount>(COUNT, MsgPack, CallOptions::default())
         .await?;
+    let (mut ask, mut answers) = counting.into_parts();
     for level in ["INFO", "WARN", "ERROR", "DEBUG"] {
         ask.send(&level.to_owned()).await?;
         let count = answers
             .next()
             .await
-            .ok_or_else(|| Status::new(Code::Internal, "the count stream ended early"))??;
+            .ok_or_else(|| Status::internal("the count stream ended early"))??;
         println!("count: {:<5} {}", count.level, count.lines);
     }
     ask.close_send().await?;

@@ -8,20 +8,18 @@
 //!
 //!     cargo run -p gorpc-examples --example tls-auth
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use gorpc_plugins::auth::{BearerAuth, BearerToken, Identity, SUBJECT};
-use gorpc_tokio::client::{ConnectionConfig, PoolConfig};
+use gorpc_tokio::client::ClientBuilder;
 use gorpc_tokio::tls::rustls::pki_types::PrivatePkcs8KeyDer;
 use gorpc_tokio::tls::rustls::server::WebPkiClientVerifier;
 use gorpc_tokio::tls::rustls::{self, RootCertStore};
 use gorpc_tokio::tls::{CertificateDer, ClientTls, PrivateKeyDer, ServerName};
-use gorpc_tokio::{
-    CallOptions, Client, ClientConfig, Code, Router, Server, ServerReply, ServerRequest, Status,
-    Tokio,
-};
+use gorpc_tokio::{CallOptions, Router, ServerReply, ServerRequest, Status, Tokio};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -74,7 +72,7 @@ fn trusting(ca: &Certified) -> Arc<RootCertStore> {
     Arc::new(roots)
 }
 
-fn client_config(ca: &Certified, me: &Certified) -> ClientConfig {
+fn client_tls(ca: &Certified, me: &Certified) -> ClientTls {
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("TLS versions")
@@ -82,16 +80,15 @@ fn client_config(ca: &Certified, me: &Certified) -> ClientConfig {
         .with_client_auth_cert(me.chain(), me.key())
         .expect("client certificate");
     let server_name = ServerName::try_from("localhost").expect("name").to_owned();
-    ClientConfig {
-        pool: PoolConfig {
-            connection: ConnectionConfig {
-                tls: Some(ClientTls::new(Arc::new(tls), server_name)),
-                ..ConnectionConfig::default()
-            },
-            ..PoolConfig::default()
-        },
-        default_timeout: Some(Duration::from_secs(5)),
-    }
+    ClientTls::new(Arc::new(tls), server_name)
+}
+
+/// A client of `addr` over mutual TLS as `me`, trusting `ca`.
+fn client(addr: SocketAddr, ca: &Certified, me: &Certified) -> ClientBuilder<Tokio> {
+    gorpc_tokio::client()
+        .endpoint(addr)
+        .tls(client_tls(ca, me))
+        .timeout(Duration::from_secs(5))
 }
 
 #[tokio::main]
@@ -126,7 +123,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_single_cert(server_cert.chain(), server_cert.key())?;
     let auth = BearerAuth::new(|token: &str, _method: &str| match token {
         "alice-token" => Ok(Identity::new("alice")),
-        _ => Err(Status::new(Code::Unauthenticated, "unknown token")),
+        _ => Err(Status::unauthenticated("unknown token")),
     });
     let router = Router::new().route(WHOAMI, |req: ServerRequest| async move {
         let subject = req.metadata_value(SUBJECT).unwrap_or_default();
@@ -138,7 +135,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         ServerReply::ok(Bytes::from(answer))
     });
-    let server = Server::new(Tokio::current(), router)
+    let server = gorpc_tokio::server(router)
         .tls(Arc::new(tls))
         .interceptor(auth)
         .bind("127.0.0.1:0".parse()?)
@@ -147,15 +144,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("server on {addr} (mutual TLS + bearer token)");
 
     // Alice: trusted certificate and a valid token.
-    let alice = Client::lazy(Tokio::current(), addr, client_config(&ca, &alice_cert))
-        .with_interceptor(BearerToken::new("alice-token"));
+    let alice = client(addr, &ca, &alice_cert)
+        .interceptor(BearerToken::new("alice-token"))
+        .build()?;
     let rsp = alice
         .call_raw(WHOAMI, 0, Bytes::new(), CallOptions::default())
         .await?;
     println!("alice:          {}", String::from_utf8_lossy(&rsp.body));
 
     // A trusted certificate but no token: refused by the auth interceptor.
-    let no_token = Client::lazy(Tokio::current(), addr, client_config(&ca, &alice_cert));
+    let no_token = client(addr, &ca, &alice_cert).build()?;
     let err = no_token
         .call_raw(WHOAMI, 0, Bytes::new(), CallOptions::default())
         .await
@@ -163,8 +161,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("no token:       {err}");
 
     // A token but a certificate from an unknown CA: the TLS handshake fails.
-    let stranger = Client::lazy(Tokio::current(), addr, client_config(&ca, &stranger_cert))
-        .with_interceptor(BearerToken::new("alice-token"));
+    let stranger = client(addr, &ca, &stranger_cert)
+        .interceptor(BearerToken::new("alice-token"))
+        .build()?;
     let err = stranger
         .call_raw(WHOAMI, 0, Bytes::new(), CallOptions::default())
         .await

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use futures::StreamExt;
 use gorpc::stream::{RequestStream, ResponseSink};
-use gorpc::{Code, Request, Response, Status};
+use gorpc::{Request, Response, Status};
 
 use crate::helloworld::{Greeter, HelloAllReply, HelloAllRequest, HelloReply, HelloRequest};
 use crate::routeguide::{Feature, Point, Rectangle, RouteGuide, RouteNote, RouteSummary};
@@ -20,7 +20,7 @@ impl Greeter for Hello {
     ) -> Result<Response<HelloReply>, Status> {
         let name = request.message.name;
         if name.is_empty() {
-            return Err(Status::new(Code::InvalidArgument, "name must not be empty"));
+            return Err(Status::invalid_argument("name must not be empty"));
         }
         Ok(Response::new(HelloReply {
             message: format!("Hello, {name}!"),
@@ -91,10 +91,7 @@ impl RouteGuide for Guide {
         mut sink: ResponseSink<Feature>,
     ) -> Result<(), Status> {
         let (Some(lo), Some(hi)) = (request.message.lo, request.message.hi) else {
-            return Err(Status::new(
-                Code::InvalidArgument,
-                "a rectangle needs both corners",
-            ));
+            return Err(Status::invalid_argument("a rectangle needs both corners"));
         };
         for latitude in lo.latitude.max(0)..=hi.latitude.min(LATITUDES - 1) {
             for longitude in lo.longitude.max(0)..=hi.longitude.min(LONGITUDES - 1) {
@@ -108,7 +105,7 @@ impl RouteGuide for Guide {
         }
         // A latitude past the map's edge ends the stream with an error after the features.
         if hi.latitude >= LATITUDES {
-            return Err(Status::new(Code::OutOfRange, "the map ends at latitude 99"));
+            return Err(Status::out_of_range("the map ends at latitude 99"));
         }
         Ok(())
     }

@@ -770,7 +770,11 @@ async fn gorpc_client_against_tonic<C: Runtime>(tokio: Tokio, client_rt: C) {
         assert_eq!(summary, summary_of(&points));
 
         // Bidirectional, in lockstep.
-        let (mut notes, mut replies) = guide.route_chat(CallOptions::default()).await.unwrap();
+        let (mut notes, mut replies) = guide
+            .route_chat(CallOptions::default())
+            .await
+            .unwrap()
+            .into_parts();
         notes.send(&note(1, 1, "first")).await.unwrap();
         notes.send(&note(2, 2, "elsewhere")).await.unwrap();
         notes.send(&note(1, 1, "second")).await.unwrap();
@@ -851,7 +855,11 @@ async fn gorpc_client_against_tonic<C: Runtime>(tokio: Tokio, client_rt: C) {
         }
         let summary = recording.finish().await.expect("gzip RecordRoute").message;
         assert_eq!(summary, summary_of(&points));
-        let (mut notes, mut replies) = guide.route_chat(CallOptions::default()).await.unwrap();
+        let (mut notes, mut replies) = guide
+            .route_chat(CallOptions::default())
+            .await
+            .unwrap()
+            .into_parts();
         notes.send(&note(1, 1, "first")).await.unwrap();
         notes.send(&note(1, 1, "second")).await.unwrap();
         assert_eq!(replies.next().await.unwrap().unwrap(), note(1, 1, "first"));

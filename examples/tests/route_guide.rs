@@ -163,7 +163,11 @@ async fn every_kind_over<S: Runtime, C: Runtime>(server_rt: S, client_rt: C, tra
 
         // Bidirectional, in lockstep: a note comes back as soon as a later one arrives at
         // its point, while the call stays open.
-        let (mut notes, mut replies) = client.route_chat(CallOptions::default()).await.unwrap();
+        let (mut notes, mut replies) = client
+            .route_chat(CallOptions::default())
+            .await
+            .unwrap()
+            .into_parts();
         notes.send(&note(1, 1, "first")).await.unwrap();
         notes.send(&note(2, 2, "elsewhere")).await.unwrap();
         notes.send(&note(1, 1, "second")).await.unwrap();

@@ -35,10 +35,12 @@
 //!   | unary            | `m(&self, impl IntoRequest<Req>) -> Result<Response<Rsp>, Status>`          |
 //!   | server streaming | `m(&self, impl IntoRequest<Req>) -> Result<ResponseStream<Rsp>, Status>`    |
 //!   | client streaming | `m(&self, CallOptions) -> Result<ClientStreaming<Req, Rsp>, Status>`        |
-//!   | bidirectional    | `m(&self, CallOptions) -> Result<(StreamSender<Req>, ResponseStream<Rsp>), Status>` |
+//!   | bidirectional    | `m(&self, CallOptions) -> Result<Bidi<Req, Rsp>, Status>`                  |
 //!
-//!   (`gorpc::client::{ResponseStream, ClientStreaming, StreamSender}`; the request's or the
-//!   options' deadline covers the whole stream).
+//!   (`gorpc::client::{ResponseStream, ClientStreaming, Bidi}`; the request's or the
+//!   options' deadline covers the whole stream). `with_options(CallOptions)` and
+//!   `with_timeout(Duration)` give a client whose calls carry those options; a call's own
+//!   deadline and metadata win where set.
 //!
 //! Method paths are "/helloworld.Greeter/SayHello". Doc comments carry over.
 //!
@@ -458,13 +460,30 @@ fn client(out: &mut String, service: &Service, g: &str) {
 #[derive(Clone, Debug)]
 pub struct {client} {{
     inner: {g}::Client,
+    options: {g}::CallOptions,
 }}
 
 impl {client} {{
+    /// Calls through `inner`, which may be shared with other clients.
     pub fn new(inner: {g}::Client) -> Self {{
-        {client} {{ inner }}
+        {client} {{ inner, options: {g}::CallOptions::default() }}
     }}
 
+    /// This client with `options` (a timeout, metadata, an affinity key) on every call it
+    /// makes; a stream's timeout is the deadline of the whole stream. A call's own deadline
+    /// and metadata (its `Request`'s, or its `CallOptions`) win where they are set.
+    pub fn with_options(mut self, options: {g}::CallOptions) -> Self {{
+        self.options = options;
+        self
+    }}
+
+    /// This client with `timeout` on every call that sets no deadline of its own.
+    pub fn with_timeout(mut self, timeout: ::core::time::Duration) -> Self {{
+        self.options.timeout = ::core::option::Option::Some(timeout);
+        self
+    }}
+
+    /// The underlying client, for calls by path.
     pub fn inner(&self) -> &{g}::Client {{
         &self.inner
     }}"#
@@ -480,33 +499,39 @@ impl {client} {{
             Kind::Unary => (
                 request,
                 format!("{g}::Response<{output}>"),
-                "unary",
-                "request.into_request()",
+                "unary_with",
+                "&message, options.with_defaults(&self.options)",
             ),
             Kind::ServerStreaming => (
                 request,
                 format!("{g}::client::ResponseStream<{output}>"),
                 "server_stream",
-                "request.into_request()",
+                "&message, options.with_defaults(&self.options)",
             ),
             Kind::ClientStreaming => (
                 options,
                 format!("{g}::client::ClientStreaming<{input}, {output}>"),
                 "client_stream",
-                "options",
+                "options.with_defaults(&self.options)",
             ),
             Kind::Bidirectional => (
                 options,
-                format!(
-                    "({g}::client::StreamSender<{input}>, {g}::client::ResponseStream<{output}>)"
-                ),
+                format!("{g}::client::Bidi<{input}, {output}>"),
                 "bidi",
-                "options",
+                "options.with_defaults(&self.options)",
             ),
+        };
+        // A unary call or a server stream takes the message and the options its request
+        // carries.
+        let split = match Kind::of(method) {
+            Kind::Unary | Kind::ServerStreaming => {
+                "\n        let (message, options) = request.into_request().into_call();"
+            }
+            _ => "",
         };
         let _ = writeln!(
             out,
-            r#"    pub async fn {m}(&self, {param}) -> ::core::result::Result<{result}, {g}::Status> {{
+            r#"    pub async fn {m}(&self, {param}) -> ::core::result::Result<{result}, {g}::Status> {{{split}
         self.inner.{call}({path:?}, {g}::Protobuf, {arg}).await
     }}"#,
             m = method.name,

@@ -620,7 +620,7 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         if self.has_kind(|kind| matches!(kind, Kind::Unary | Kind::ClientStreaming)) {
             items.push("Response");
         }
-        items.extend(["Router", "Server", "Status", "Tokio"]);
+        items.extend(["Router", "Status"]);
         uses.push(format!("use gorpc_tokio::{{{}}};", items.join(", ")));
         uses.push(LOGGING_USE.to_owned());
 
@@ -680,7 +680,7 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
         out.push_str(
             ";\n    \
                  // http(): also answers HTTP/1.1 requests on the same port, JSON included.\n    \
-                 let server = Server::new(Tokio::current(), router)\n        \
+                 let server = gorpc_tokio::server(router)\n        \
                      .http()\n        \
                      .bind(addr)\n        \
                      .await?;\n    \
@@ -773,9 +773,7 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
             .iter()
             .any(|kind| matches!(kind, Kind::ClientStreaming | Kind::Bidirectional))
         {
-            uses.push_str("use gorpc_tokio::{CallOptions, Client, ClientConfig, Tokio};\n");
-        } else {
-            uses.push_str("use gorpc_tokio::{Client, ClientConfig, Tokio};\n");
+            uses.push_str("use gorpc_tokio::CallOptions;\n");
         }
         uses.push_str(LOGGING_USE);
         uses.push('\n');
@@ -787,6 +785,7 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
              \n\
              use std::io::IsTerminal as _;\n\
              use std::net::SocketAddr;\n\
+             use std::time::Duration;\n\
              \n\
              {uses}\
              \n\
@@ -797,8 +796,9 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
                      .nth(1)\n        \
                      .unwrap_or_else(|| \"{DEFAULT_ADDR}\".into())\n        \
                      .parse()?;\n    \
-                 let client = Client::connect(Tokio::current(), addr, ClientConfig::default()).await?;\n    \
-                 let client = {client}::new(client);\n\
+                 // Every call gets a 10 s deadline unless its request sets one.\n    \
+                 let client = {client}::new(gorpc_tokio::connect(addr).await?)\n        \
+                     .with_timeout(Duration::from_secs(10));\n\
                  {calls}    \
                  Ok(())\n\
              }}\n",
@@ -843,11 +843,11 @@ tokio = {{ version = "{TOKIO_VERSION}", features = ["rt-multi-thread", "macros",
             Kind::Bidirectional => write!(
                 out,
                 "\n    // {path}: a stream of requests (here one), a stream of responses.\n    \
-                 let (mut requests, mut replies) = client.{name}(CallOptions::default()).await?;\n    \
+                 let mut call = client.{name}(CallOptions::default()).await?;\n    \
                  let request: {input} = Default::default();\n    \
-                 requests.send(&request).await?;\n    \
-                 requests.close_send().await?;\n    \
-                 while let Some(reply) = replies.next().await {{\n        \
+                 call.sender.send(&request).await?;\n    \
+                 call.sender.close_send().await?;\n    \
+                 while let Some(reply) = call.responses.next().await {{\n        \
                      println!(\"{proto_name} -> {{:?}}\", reply?);\n    \
                  }}\n"
             ),

@@ -167,7 +167,8 @@ async fn ask(
             Protobuf,
             options.clone(),
         )
-        .await?;
+        .await?
+        .into_parts();
     let send_all = async move {
         for request in requests {
             let request = ServerReflectionRequest {

@@ -62,7 +62,8 @@ use syn::{
 /// - `{Trait}Client`: a typed client over a `gorpc::Client` (`new(client)`, `inner()`), on any
 ///   runtime, with one `pub async fn name(&self, args..) -> Result<T, gorpc::Status>` per
 ///   method (stream methods: see below). `with_options(gorpc::CallOptions)` gives a client
-///   whose calls carry that timeout, metadata and affinity key.
+///   whose calls carry that timeout, metadata and affinity key; `with_timeout(Duration)`
+///   sets the timeout alone.
 ///
 /// # Stream methods
 ///
@@ -74,14 +75,14 @@ use syn::{
 /// |---------------------------------------------------------------|------------------|------------------------------------------------|
 /// | `f(&self, args.., sink: ResponseSink<R>) -> Result<(), Status>` | server streaming | `ResponseStream<R>` (`f(args..)`)              |
 /// | `f(&self, items: RequestStream<I>) -> Result<T, Status>`        | client streaming | `ClientStreaming<I, T>` (`f()`)                |
-/// | `f(&self, items: RequestStream<I>, sink: ResponseSink<R>) -> Result<(), Status>` | bidirectional | `(StreamSender<I>, ResponseStream<R>)` (`f()`) |
+/// | `f(&self, items: RequestStream<I>, sink: ResponseSink<R>) -> Result<(), Status>` | bidirectional | `Bidi<I, R>` (`f()`)                           |
 ///
 /// (the client types are in `gorpc::client`). A method with a sink sends its responses
 /// through it and returns `Ok(())` to end the stream with OK, or the error status to end it
 /// with that; a method with a request stream has no other arguments, since everything the
 /// client sends is in the stream. Each stream message is one msgpack value of its type.
-/// The call's timeout (from `with_options`, else the client's default) is the deadline of
-/// the whole stream.
+/// The call's timeout (from `with_options` or `with_timeout`, else the client's default)
+/// is the deadline of the whole stream.
 ///
 /// ```
 /// use futures::StreamExt;
@@ -928,7 +929,7 @@ fn client(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
                 quote! { #g::client::ResponseStream<#rsp> },
                 quote! {
                     self.inner
-                        .server_stream_with(#path, #g::MsgPack, &#value, self.options.clone())
+                        .server_stream(#path, #g::MsgPack, &#value, self.options.clone())
                         .await
                 },
             ),
@@ -941,7 +942,7 @@ fn client(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
                 },
             ),
             (Some(item), Some(rsp)) => (
-                quote! { (#g::client::StreamSender<#item>, #g::client::ResponseStream<#rsp>) },
+                quote! { #g::client::Bidi<#item, #rsp> },
                 quote! {
                     self.inner
                         .bidi(#path, #g::MsgPack, self.options.clone())
@@ -976,6 +977,13 @@ fn client(service: &ItemTrait, methods: &[Method], g: &syn::Path) -> TokenStream
             /// call it makes; a stream's timeout is the deadline of the whole stream.
             pub fn with_options(mut self, options: #g::CallOptions) -> Self {
                 self.options = options;
+                self
+            }
+
+            /// This client with `timeout` on every call it makes (a stream's: its whole
+            /// stream), instead of the underlying client's default.
+            pub fn with_timeout(mut self, timeout: ::core::time::Duration) -> Self {
+                self.options.timeout = ::core::option::Option::Some(timeout);
                 self
             }
 

@@ -210,17 +210,16 @@ async fn stream_calls_are_authenticated<S: Runtime, C: Runtime>(server_rt: S, cl
     let alice = plain
         .clone()
         .with_interceptor(BearerToken::new("alice-token"));
-    let request = || gorpc::Request::new(Bytes::new());
 
     let mut stream = alice
-        .server_stream::<_, Bytes, Bytes>(WATCH, gorpc::Raw, request())
+        .server_stream::<_, Bytes, Bytes>(WATCH, gorpc::Raw, &Bytes::new(), Default::default())
         .await
         .unwrap();
     assert_eq!(stream.next().await.unwrap().unwrap(), "alice|-");
     assert!(stream.next().await.is_none());
 
     let mut refused = plain
-        .server_stream::<_, Bytes, Bytes>(WATCH, gorpc::Raw, request())
+        .server_stream::<_, Bytes, Bytes>(WATCH, gorpc::Raw, &Bytes::new(), Default::default())
         .await
         .unwrap();
     let status = refused.next().await.unwrap().unwrap_err();

@@ -397,7 +397,8 @@ async fn health_and_reflection_are_mounted_by_flags<S: Runtime, C: Runtime>(
                 CallOptions::default(),
             )
             .await
-            .unwrap();
+            .unwrap()
+            .into_parts();
         let request = ServerReflectionRequest {
             host: String::new(),
             message_request: Some(MessageRequest::ListServices(String::new())),

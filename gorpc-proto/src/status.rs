@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 /// Why a call ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -81,11 +82,28 @@ impl fmt::Display for Code {
     }
 }
 
-/// A code and a human-readable message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A code and a human-readable message, and optionally the error that caused it.
+///
+/// The cause ([`with_source`](Self::with_source)) stays on this side: it is what
+/// [`std::error::Error::source`] returns (an `io::Error` for a failed connect, a rustls
+/// error for a refused certificate), never sent to the peer, and not part of equality.
+#[derive(Clone)]
 pub struct Status {
     code: Code,
     message: Cow<'static, str>,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// One constructor per code, each `Status::new(Code::X, message)`.
+macro_rules! constructors {
+    ($($(#[$doc:meta])* $name:ident => $code:ident,)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(message: impl Into<Cow<'static, str>>) -> Status {
+                Status::new(Code::$code, message)
+            }
+        )*
+    };
 }
 
 impl Status {
@@ -93,6 +111,7 @@ impl Status {
         Status {
             code,
             message: message.into(),
+            source: None,
         }
     }
 
@@ -101,7 +120,58 @@ impl Status {
         Status {
             code: Code::Ok,
             message: Cow::Borrowed(""),
+            source: None,
         }
+    }
+
+    constructors! {
+        /// The caller gave up on the call.
+        cancelled => Cancelled,
+        /// An error with no better code.
+        unknown => Unknown,
+        /// The request is wrong whatever the server's state.
+        invalid_argument => InvalidArgument,
+        /// The call did not end before its deadline.
+        deadline_exceeded => DeadlineExceeded,
+        /// Something the request names does not exist.
+        not_found => NotFound,
+        /// What the request would create exists already.
+        already_exists => AlreadyExists,
+        /// The caller may not do this.
+        permission_denied => PermissionDenied,
+        /// A limit or quota ran out.
+        resource_exhausted => ResourceExhausted,
+        /// The system is not in the state the call needs.
+        failed_precondition => FailedPrecondition,
+        /// The call lost a race (a conflict, a transaction abort).
+        aborted => Aborted,
+        /// A value lies past a valid range.
+        out_of_range => OutOfRange,
+        /// The method is not implemented or not served.
+        unimplemented => Unimplemented,
+        /// An invariant broke.
+        internal => Internal,
+        /// The service cannot be reached now; trying again may succeed.
+        unavailable => Unavailable,
+        /// Data was lost or corrupted.
+        data_loss => DataLoss,
+        /// The call carries no valid credentials.
+        unauthenticated => Unauthenticated,
+    }
+
+    /// This status with `source` as its cause, returned by
+    /// [`std::error::Error::source`]. The cause is for this process (logs, a downcast to
+    /// `io::Error`); it does not travel to the peer.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Status {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// This status with another message (more context, say); the code and the source
+    /// stay.
+    pub fn with_message(mut self, message: impl Into<Cow<'static, str>>) -> Status {
+        self.message = message.into();
+        self
     }
 
     pub fn code(&self) -> Code {
@@ -117,6 +187,29 @@ impl Status {
     }
 }
 
+impl fmt::Debug for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("Status");
+        debug
+            .field("code", &self.code)
+            .field("message", &self.message);
+        if let Some(source) = &self.source {
+            debug.field("source", source);
+        }
+        debug.finish()
+    }
+}
+
+/// Code and message: the cause is not compared, so a status equals the one it becomes
+/// on the other side of the wire.
+impl PartialEq for Status {
+    fn eq(&self, other: &Status) -> bool {
+        self.code == other.code && self.message == other.message
+    }
+}
+
+impl Eq for Status {}
+
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.message.is_empty() {
@@ -127,7 +220,13 @@ impl fmt::Display for Status {
     }
 }
 
-impl std::error::Error for Status {}
+impl std::error::Error for Status {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -149,5 +248,53 @@ mod tests {
             "not found: no such method"
         );
         assert_eq!(Status::ok().to_string(), "ok");
+    }
+
+    #[test]
+    fn each_constructor_has_its_code() {
+        type Make = fn(&'static str) -> Status;
+        let cases: [(Make, Code); 16] = [
+            (Status::cancelled, Code::Cancelled),
+            (Status::unknown, Code::Unknown),
+            (Status::invalid_argument, Code::InvalidArgument),
+            (Status::deadline_exceeded, Code::DeadlineExceeded),
+            (Status::not_found, Code::NotFound),
+            (Status::already_exists, Code::AlreadyExists),
+            (Status::permission_denied, Code::PermissionDenied),
+            (Status::resource_exhausted, Code::ResourceExhausted),
+            (Status::failed_precondition, Code::FailedPrecondition),
+            (Status::aborted, Code::Aborted),
+            (Status::out_of_range, Code::OutOfRange),
+            (Status::unimplemented, Code::Unimplemented),
+            (Status::internal, Code::Internal),
+            (Status::unavailable, Code::Unavailable),
+            (Status::data_loss, Code::DataLoss),
+            (Status::unauthenticated, Code::Unauthenticated),
+        ];
+        for (make, code) in cases {
+            assert_eq!(make("why"), Status::new(code, "why"));
+        }
+        assert_eq!(Status::not_found(format!("no {}", 7)).message(), "no 7");
+    }
+
+    #[test]
+    fn the_source_is_the_cause_kept_by_clones_and_ignored_by_equality() {
+        use std::error::Error as _;
+        let plain = Status::unavailable("connect failed");
+        assert!(plain.source().is_none());
+        let caused = Status::unavailable("connect failed")
+            .with_source(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let cloned = caused.clone();
+        for status in [&caused, &cloned] {
+            let io = status
+                .source()
+                .and_then(|e| e.downcast_ref::<std::io::Error>())
+                .expect("the io::Error is the source");
+            assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
+        assert_eq!(caused, plain);
+        assert_ne!(caused, Status::unavailable("other"));
+        assert!(format!("{caused:?}").contains("ConnectionRefused"));
+        assert_eq!(caused.to_string(), "unavailable: connect failed");
     }
 }

@@ -8,6 +8,20 @@
 //!     # drop(task);
 //! });
 //! ```
+//!
+//! [`connect`], [`serve`], [`client()`] and [`server()`] are `Client::connect`,
+//! `Server::bind`, `Client::builder` and `Server::new` on [`Smol::new`]:
+//!
+//! ```no_run
+//! use gorpc_smol::{Router, Status};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let router = Router::new().msgpack("/echo.Echo/Say", |s: String| async move { Ok::<_, Status>(s) });
+//! let server = gorpc_smol::serve("127.0.0.1:0".parse()?, router).await?;
+//! let client = gorpc_smol::connect(server.local_addr()).await?;
+//! let reply: String = client.call("/echo.Echo/Say", &"hi").await?;
+//! # Ok(()) }
+//! ```
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +42,76 @@ use futures::io::AsyncWrite;
 use futures::FutureExt;
 
 type Spawner = Arc<dyn Fn(BoxFuture<'static, ()>) + Send + Sync>;
+
+/// A client of `addr` with the default settings ([`ClientConfig::default`]),
+/// on smol (tasks on its global executor), connected before this returns:
+/// `Client::connect(Smol::new(), addr, ClientConfig::default())`.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = gorpc_smol::connect("127.0.0.1:50051".parse()?).await?;
+/// let reply: String = client.call("/echo.Echo/Say", &"hi").await?;
+/// # Ok(()) }
+/// ```
+pub async fn connect(addr: SocketAddr) -> Result<Client, Status> {
+    Client::connect(Smol::new(), addr, ClientConfig::default()).await
+}
+
+/// Serves `service` (a [`Router`], a generated server...) on `addr`,
+/// on smol (tasks on its global executor), with the default settings:
+/// `Server::new(Smol::new(), service).bind(addr)`.
+/// [`server()`] gives the builder for TLS, HTTP, interceptors and the rest.
+///
+/// ```no_run
+/// use gorpc_smol::{Router, Status};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let router = Router::new().msgpack("/echo.Echo/Say", |s: String| async move {
+///     Ok::<_, Status>(s)
+/// });
+/// let server = gorpc_smol::serve("127.0.0.1:50051".parse()?, router).await?;
+/// println!("listening on {}", server.local_addr());
+/// # Ok(()) }
+/// ```
+pub async fn serve(addr: SocketAddr, service: impl Service) -> io::Result<ServerHandle<Smol>> {
+    Server::new(Smol::new(), service).bind(addr).await
+}
+
+/// A server of `service` on smol (tasks on its global executor), to configure before
+/// [`bind`](Server::bind): `Server::new(Smol::new(), service)`.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use gorpc_smol::{Router, Status};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let router = Router::new().msgpack("/echo.Echo/Say", |s: String| async move {
+///     Ok::<_, Status>(s)
+/// });
+/// let server = gorpc_smol::server(router).bind("127.0.0.1:50051".parse()?).await?;
+/// server.shutdown(Duration::from_secs(5)).await;
+/// # Ok(()) }
+/// ```
+pub fn server(service: impl Service) -> Server<Smol> {
+    Server::new(Smol::new(), service)
+}
+
+/// A client builder on smol (tasks on its global executor): `Client::builder(Smol::new())`.
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = gorpc_smol::client()
+///     .endpoint("127.0.0.1:50051".parse()?)
+///     .timeout(Duration::from_secs(2))
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub fn client() -> client::ClientBuilder<Smol> {
+    Client::builder(Smol::new())
+}
 
 /// The smol runtime, as gorpc's drivers use it.
 #[derive(Clone, Default)]

@@ -717,3 +717,66 @@ on_every_runtime!(
     killed_server_fails_calls_promptly_and_the_pool_reconnects,
     connection_limit_turns_extra_connections_away,
 );
+
+/// The tokio adapter's shortcuts: `serve` and `connect` on the current runtime, and the
+/// builders `server` and `client` from it.
+#[test]
+fn tokio_shortcuts_serve_and_call() {
+    let rt = gorpc_tests::tokio_runtime();
+    rt.block_on(async {
+        let router = Router::new().msgpack("/test.Short/Shout", |s: String| async move {
+            Ok::<_, gorpc::Status>(s.to_uppercase())
+        });
+        let server = gorpc_tokio::serve(loopback(), router.clone())
+            .await
+            .unwrap();
+        let client = gorpc_tokio::connect(server.local_addr()).await.unwrap();
+        let reply: String = client.call("/test.Short/Shout", &"hi").await.unwrap();
+        assert_eq!(reply, "HI");
+
+        let built = gorpc_tokio::server(router).bind(loopback()).await.unwrap();
+        let client = gorpc_tokio::client()
+            .endpoint(built.local_addr())
+            .timeout(10 * SECOND)
+            .connect()
+            .await
+            .unwrap();
+        let reply: String = client.call("/test.Short/Shout", &"built").await.unwrap();
+        assert_eq!(reply, "BUILT");
+
+        let closed = std::net::TcpListener::bind(loopback())
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = gorpc_tokio::connect(closed).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err}");
+        assert_eq!(server.shutdown(SECOND).await, Shutdown::Graceful);
+        assert_eq!(built.shutdown(SECOND).await, Shutdown::Graceful);
+    });
+}
+
+/// The same shortcuts of the smol adapter.
+#[test]
+fn smol_shortcuts_serve_and_call() {
+    gorpc_tests::smol::block_on(async {
+        let router = Router::new().msgpack("/test.Short/Shout", |s: String| async move {
+            Ok::<_, gorpc::Status>(s.to_uppercase())
+        });
+        let server = gorpc_smol::serve(loopback(), router.clone()).await.unwrap();
+        let client = gorpc_smol::connect(server.local_addr()).await.unwrap();
+        let reply: String = client.call("/test.Short/Shout", &"hi").await.unwrap();
+        assert_eq!(reply, "HI");
+
+        let built = gorpc_smol::server(router).bind(loopback()).await.unwrap();
+        let client = gorpc_smol::client()
+            .endpoint(built.local_addr())
+            .timeout(10 * SECOND)
+            .connect()
+            .await
+            .unwrap();
+        let reply: String = client.call("/test.Short/Shout", &"built").await.unwrap();
+        assert_eq!(reply, "BUILT");
+        assert_eq!(server.shutdown(SECOND).await, Shutdown::Graceful);
+        assert_eq!(built.shutdown(SECOND).await, Shutdown::Graceful);
+    });
+}

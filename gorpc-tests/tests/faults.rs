@@ -604,8 +604,49 @@ async fn connect_that_hangs<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) 
     );
 }
 
+/// The io::Error under a status, by `std::error::Error::source`.
+fn io_source(status: &Status) -> std::io::ErrorKind {
+    use std::error::Error as _;
+    status
+        .source()
+        .and_then(|e| e.downcast_ref::<std::io::Error>())
+        .unwrap_or_else(|| panic!("no io::Error under {status:?}"))
+        .kind()
+}
+
+/// A failed connect keeps its cause: the refusal of a closed port, the timeout of a
+/// connect that hangs.
+async fn connect_failures_keep_their_io_error<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let _ = server_rt;
+    let closed = {
+        let listener = std::net::TcpListener::bind(loopback()).unwrap();
+        listener.local_addr().unwrap()
+    };
+    let err = Client::connect(client_rt.clone(), closed, client_config())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert_eq!(io_source(&err), std::io::ErrorKind::ConnectionRefused);
+
+    // The builder's connect timeout bounds the connect.
+    let (_listener, addr, _filling) = listener_that_never_completes_a_connect();
+    let started = Instant::now();
+    let connecting = Client::builder(client_rt.clone())
+        .endpoint(addr)
+        .connect_timeout(Duration::from_millis(200))
+        .connect();
+    let err = within(&client_rt, 10 * SECOND, "a connect that hangs", connecting)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert_eq!(io_source(&err), std::io::ErrorKind::TimedOut);
+    assert!(err.message().contains("timed out after 200ms"), "{err}");
+    assert!(started.elapsed() < 3 * SECOND, "{:?}", started.elapsed());
+}
+
 on_every_runtime!(
     connect_that_hangs,
+    connect_failures_keep_their_io_error,
     server_killed_mid_call,
     connection_reset_by_the_proxy,
     half_open_connection,

@@ -15,8 +15,8 @@ use gorpc::discovery::{Instance, StaticList};
 use gorpc::grpc::health::{HealthCheckRequest, HealthCheckResponse, ServingStatus, WATCH};
 use gorpc::proto::StreamKind;
 use gorpc::{
-    CallOptions, Client, Code, Limits, Metadata, Protobuf, Request, Router, Runtime, Server,
-    ServerConfig, ServerReply, ServerRequest, Shutdown, Status,
+    CallOptions, Client, Code, Limits, Metadata, Protobuf, Router, Runtime, Server, ServerConfig,
+    ServerReply, ServerRequest, Shutdown, Status,
 };
 use gorpc_tests::fault::{count, methods, TestServer};
 use gorpc_tests::{client_config, loopback, on_every_runtime, within, SECOND};
@@ -266,14 +266,19 @@ async fn health_watch_follows_a_graceful_shutdown<S: Runtime, C: Runtime>(
         .await
         .unwrap();
     let client = grpc_client(&client_rt, &server);
-    let request = Request::new(HealthCheckRequest {
+    let request = HealthCheckRequest {
         service: String::new(),
-    });
+    };
     let mut watch = within(
         &client_rt,
         10 * SECOND,
         "watch",
-        client.server_stream::<_, _, HealthCheckResponse>(WATCH, Protobuf, request),
+        client.server_stream::<_, _, HealthCheckResponse>(
+            WATCH,
+            Protobuf,
+            &request,
+            CallOptions::default(),
+        ),
     )
     .await
     .unwrap();

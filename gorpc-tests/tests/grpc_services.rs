@@ -154,7 +154,12 @@ async fn list(client: &Client) -> HashMap<String, ServingStatus> {
 
 async fn watch(client: &Client, service: &str) -> ResponseStream<HealthCheckResponse> {
     client
-        .server_stream(health::WATCH, Protobuf, health_request(service))
+        .server_stream(
+            health::WATCH,
+            Protobuf,
+            &health_request(service).message,
+            CallOptions::default(),
+        )
         .await
         .unwrap()
 }
@@ -305,7 +310,8 @@ async fn reflect(
             CallOptions::default(),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .into_parts();
     let mut answers = Vec::new();
     for request in requests {
         sender.send(request).await.unwrap();

@@ -257,10 +257,12 @@ async fn a_dripped_head_is_cut_off_at_its_deadline<S: Runtime, C: Runtime>(
     client_rt: C,
 ) {
     let head_timeout = Duration::from_millis(400);
-    let mut config = ServerConfig::default();
-    config.http = HttpConfig {
-        head_timeout,
-        ..HttpConfig::default()
+    let config = ServerConfig {
+        http: HttpConfig {
+            head_timeout,
+            ..HttpConfig::default()
+        },
+        ..ServerConfig::default()
     };
     let server = start(&server_rt, config).await;
     let addr = server.addr();
@@ -311,10 +313,12 @@ async fn request_bodies_held_are_capped_server_wide<S: Runtime, C: Runtime>(
     server_rt: S,
     client_rt: C,
 ) {
-    let mut config = ServerConfig::default();
-    config.http = HttpConfig {
-        max_body_bytes_held: 64 * 1024,
-        ..HttpConfig::default()
+    let config = ServerConfig {
+        http: HttpConfig {
+            max_body_bytes_held: 64 * 1024,
+            ..HttpConfig::default()
+        },
+        ..ServerConfig::default()
     };
     let mut server = start(&server_rt, config).await;
     let addr = server.addr();

@@ -265,10 +265,85 @@ async fn package_option_changes_the_path<S: Runtime, C: Runtime>(server_rt: S, c
     assert_eq!(server.shutdown(SECOND).await, Shutdown::Graceful);
 }
 
+/// Handlers that never answer, to see whose deadline ends the call.
+#[gorpc::service]
+pub trait Stalled {
+    /// Never returns.
+    async fn wait(&self) -> Result<(), Status>;
+
+    /// Sends one tick, then never ends.
+    async fn ticks(&self, sink: gorpc::stream::ResponseSink<u32>) -> Result<(), Status>;
+}
+
+struct Staller;
+
+impl Stalled for Staller {
+    async fn wait(&self) -> Result<(), Status> {
+        std::future::pending().await
+    }
+
+    async fn ticks(&self, mut sink: gorpc::stream::ResponseSink<u32>) -> Result<(), Status> {
+        sink.send(&0).await?;
+        std::future::pending().await
+    }
+}
+
+/// `with_timeout` and `with_options` on a macro client set the deadline of each of its
+/// calls, streams included, below the underlying client's default (20 s here).
+async fn client_level_timeout_ends_slow_calls<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    use futures::StreamExt;
+    let router = Router::new().add_service(StalledServer::new(Staller));
+    let server = Server::new(server_rt, router)
+        .bind(loopback())
+        .await
+        .unwrap();
+    let client = Client::connect(client_rt.clone(), server.local_addr(), client_config())
+        .await
+        .unwrap();
+    let timed = StalledClient::new(client.clone()).with_timeout(Duration::from_millis(300));
+    let options = gorpc::CallOptions {
+        timeout: Some(Duration::from_millis(300)),
+        ..gorpc::CallOptions::default()
+    };
+    let optioned = StalledClient::new(client).with_options(options);
+
+    within(
+        &client_rt,
+        10 * SECOND,
+        "calls to stalled handlers",
+        async {
+            for stalled in [&timed, &optioned] {
+                let started = std::time::Instant::now();
+                let err = stalled.wait().await.unwrap_err();
+                assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+                let waited = started.elapsed();
+                assert!(
+                    waited >= Duration::from_millis(250),
+                    "ended early: {waited:?}"
+                );
+                assert!(
+                    waited < 5 * SECOND,
+                    "the client's timeout ended it: {waited:?}"
+                );
+
+                let started = std::time::Instant::now();
+                let mut ticks = stalled.ticks().await.unwrap();
+                assert_eq!(ticks.next().await.unwrap().unwrap(), 0);
+                let err = ticks.next().await.unwrap().unwrap_err();
+                assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+                assert!(started.elapsed() < 5 * SECOND, "{:?}", started.elapsed());
+            }
+        },
+    )
+    .await;
+    assert_eq!(server.shutdown(SECOND).await, Shutdown::Graceful);
+}
+
 on_every_runtime!(
     generated_client_calls_every_method,
     raw_calls_use_the_documented_wire_format,
     package_option_changes_the_path,
+    client_level_timeout_ends_slow_calls,
 );
 
 #[test]

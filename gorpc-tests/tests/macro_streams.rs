@@ -9,8 +9,8 @@ use futures::{FutureExt, StreamExt};
 use gorpc::proto::StreamKind;
 use gorpc::stream::{RequestStream, ResponseSink};
 use gorpc::{
-    CallOptions, Client, Code, Metadata, MsgPack, NamedService, Next, Request, Router, Runtime,
-    Server, ServerReply, ServerRequest, Service, Status,
+    CallOptions, Client, Code, Metadata, MsgPack, NamedService, Next, Router, Runtime, Server,
+    ServerReply, ServerRequest, Service, Status,
 };
 use gorpc_tests::{client_config, loopback, on_every_runtime, within, SECOND};
 use serde::{Deserialize, Serialize};
@@ -185,7 +185,10 @@ async fn macro_stream_methods<S: Runtime, C: Runtime>(server_rt: S, client_rt: C
         assert!(past_end.next().await.is_none());
 
         // Bidirectional, in lockstep.
-        let (mut patterns, mut found) = client.matches().await.unwrap();
+        let gorpc::client::Bidi {
+            sender: mut patterns,
+            responses: mut found,
+        } = client.matches().await.unwrap();
         let all: Vec<String> = (0..LINES).map(line_text).collect();
         for pattern in ["entry 59", "entry 1234", "no such entry", "7"] {
             patterns.send(&pattern.to_owned()).await.unwrap();
@@ -197,9 +200,9 @@ async fn macro_stream_methods<S: Runtime, C: Runtime>(server_rt: S, client_rt: C
 
         // The wire format: the request of a server stream is the tuple of its plain
         // arguments, each response one msgpack value.
-        let request = Request::new((LINES - 2, 10usize));
+        let request = (LINES - 2, 10usize);
         let by_path: Vec<Line> = raw
-            .server_stream("/test.Log/tail", MsgPack, request)
+            .server_stream("/test.Log/tail", MsgPack, &request, CallOptions::default())
             .await
             .unwrap()
             .map(Result::unwrap)
@@ -270,7 +273,8 @@ async fn macro_client_options<S: Runtime, C: Runtime>(server_rt: S, client_rt: C
 
             // A bidirectional call the client never sends on: the server waits for patterns
             // until the 300 ms deadline ends the stream on both sides.
-            let (_patterns, mut found) = client.matches().await.unwrap();
+            let mut call = client.matches().await.unwrap();
+            let found = &mut call.responses;
             let status = found.next().await.unwrap().unwrap_err();
             assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
         },

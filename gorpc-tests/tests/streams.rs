@@ -221,7 +221,7 @@ async fn streams_to_a_discovered_service<S: Runtime, C: Runtime>(server_rt: S, c
     let mut ports = std::collections::HashMap::<u32, usize>::new();
     for _ in 0..30 {
         let mut stream = client
-            .server_stream(WHO, Raw, long_call())
+            .server_stream(WHO, Raw, &Bytes::new(), long_call())
             .await
             .expect("the unreachable instance is skipped");
         let tag: Bytes = stream.next().await.unwrap().unwrap();
@@ -240,7 +240,7 @@ async fn streams_to_a_discovered_service<S: Runtime, C: Runtime>(server_rt: S, c
     assert_eq!(ports.len(), 2, "both live instances served: {ports:?}");
     assert!(ports.keys().all(|p| live.contains(p)), "{ports:?}");
     let refused = client
-        .server_stream::<_, Bytes, Bytes>("/refused.Who/Who", Raw, long_call())
+        .server_stream::<_, Bytes, Bytes>("/refused.Who/Who", Raw, &Bytes::new(), long_call())
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
@@ -302,13 +302,13 @@ async fn streams_count_as_open_on_their_instance<S: Runtime, C: Runtime>(
     };
     within(&client_rt, Duration::from_secs(30), "open streams", async {
         let mut first = client
-            .server_stream::<_, Bytes, Bytes>(WHO, Raw, long_call())
+            .server_stream::<_, Bytes, Bytes>(WHO, Raw, &Bytes::new(), long_call())
             .await
             .unwrap();
         first.next().await.unwrap().unwrap();
         assert_eq!(counts(), [1]);
         let mut second = client
-            .server_stream::<_, Bytes, Bytes>(WHO, Raw, long_call())
+            .server_stream::<_, Bytes, Bytes>(WHO, Raw, &Bytes::new(), long_call())
             .await
             .unwrap();
         second.next().await.unwrap().unwrap();
@@ -340,7 +340,7 @@ async fn streams_need_the_binary_protocol<S: Runtime, C: Runtime>(server_rt: S, 
         .unwrap();
     for client in [http, udp] {
         let status = client
-            .server_stream::<_, Bytes, Bytes>(COUNT, Raw, long_call())
+            .server_stream::<_, Bytes, Bytes>(COUNT, Raw, &Bytes::new(), long_call())
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::Unimplemented, "{status}");
@@ -363,10 +363,12 @@ async fn setup<S: Runtime, C: Runtime>(
     (server, client, probes)
 }
 
-fn long_call() -> Request<Bytes> {
-    let mut request = Request::new(Bytes::new());
-    request.deadline = Some(Instant::now() + Duration::from_secs(120));
-    request
+/// The options of a stream call that may run long.
+fn long_call() -> CallOptions {
+    CallOptions {
+        timeout: Some(Duration::from_secs(120)),
+        ..CallOptions::default()
+    }
 }
 
 /// A million messages, in order, through every pairing (a debug build moves them in about
@@ -381,10 +383,12 @@ fn stream_count() -> u32 {
 async fn server_stream_arrives_in_order<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
     let (server, client, _) = setup(&server_rt, &client_rt).await;
     let n = stream_count();
-    let mut request = long_call();
-    request.message = u32_body(n);
+    let request = u32_body(n);
     let started = Instant::now();
-    let mut stream = client.server_stream(COUNT, Raw, request).await.unwrap();
+    let mut stream = client
+        .server_stream(COUNT, Raw, &request, long_call())
+        .await
+        .unwrap();
     let mut expected = 0u32;
     within(
         &client_rt,
@@ -409,7 +413,10 @@ async fn server_stream_arrives_in_order<S: Runtime, C: Runtime>(server_rt: S, cl
 
 async fn slow_consumer_bounds_the_producer<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
     let (server, client, probes) = setup(&server_rt, &client_rt).await;
-    let mut stream = client.server_stream(FLOOD, Raw, long_call()).await.unwrap();
+    let mut stream = client
+        .server_stream(FLOOD, Raw, &Bytes::new(), long_call())
+        .await
+        .unwrap();
     // Read nothing: the producer must stall at the window. Filling a 1 MiB window takes a
     // while in a debug build beside other tests, so wait until the count holds still.
     let mut stalled_at = probes.flooded.load(Ordering::SeqCst);
@@ -473,7 +480,10 @@ async fn dropping_the_receiver_drops_the_handler<S: Runtime, C: Runtime>(
     let (server, client, probes) = setup(&server_rt, &client_rt).await;
     let (tx, dropped) = oneshot::channel();
     probes.dropped.lock().unwrap().push(tx);
-    let mut stream = client.server_stream(HANG, Raw, long_call()).await.unwrap();
+    let mut stream = client
+        .server_stream(HANG, Raw, &Bytes::new(), long_call())
+        .await
+        .unwrap();
     for i in 0..3u32 {
         assert_eq!(body_u32(&stream.next().await.unwrap().unwrap()), i);
     }
@@ -494,9 +504,11 @@ async fn dropping_the_receiver_drops_the_handler<S: Runtime, C: Runtime>(
 /// with an error rather than hanging or ending OK.
 async fn shutdown_drains_or_ends_open_streams<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
     let (server, client, _) = setup(&server_rt, &client_rt).await;
-    let mut request = long_call();
-    request.message = u32_body(20_000);
-    let mut counted = client.server_stream(COUNT, Raw, request).await.unwrap();
+    let request = u32_body(20_000);
+    let mut counted = client
+        .server_stream(COUNT, Raw, &request, long_call())
+        .await
+        .unwrap();
     assert_eq!(body_u32(&counted.next().await.unwrap().unwrap()), 0);
     let reader = async {
         let mut next = 1u32;
@@ -515,7 +527,7 @@ async fn shutdown_drains_or_ends_open_streams<S: Runtime, C: Runtime>(server_rt:
     let (tx, dropped) = oneshot::channel();
     probes.dropped.lock().unwrap().push(tx);
     let mut hanging = client
-        .server_stream::<_, Bytes, Bytes>(HANG, Raw, long_call())
+        .server_stream::<_, Bytes, Bytes>(HANG, Raw, &Bytes::new(), long_call())
         .await
         .unwrap();
     hanging.next().await.unwrap().unwrap();
@@ -550,9 +562,14 @@ async fn deadline_mid_stream_ends_both_sides<S: Runtime, C: Runtime>(server_rt: 
     let (server, client, probes) = setup(&server_rt, &client_rt).await;
     let (tx, dropped) = oneshot::channel();
     probes.dropped.lock().unwrap().push(tx);
-    let mut request = Request::new(Bytes::new());
-    request.deadline = Some(Instant::now() + Duration::from_millis(300));
-    let mut stream = client.server_stream(HANG, Raw, request).await.unwrap();
+    let options = CallOptions {
+        timeout: Some(Duration::from_millis(300)),
+        ..CallOptions::default()
+    };
+    let mut stream = client
+        .server_stream(HANG, Raw, &Bytes::new(), options)
+        .await
+        .unwrap();
     let mut received = 0;
     let status = within(&client_rt, Duration::from_secs(5), "deadline", async {
         loop {
@@ -610,7 +627,8 @@ async fn client_stream_and_bidi_echo<S: Runtime, C: Runtime>(server_rt: S, clien
         let (mut tx, mut rx) = client
             .bidi::<_, Bytes, Bytes>(ECHO, Raw, CallOptions::default())
             .await
-            .unwrap();
+            .unwrap()
+            .into_parts();
         // Lockstep: each message comes back before the next goes.
         for i in 0..1_000u32 {
             tx.send(&u32_body(i)).await.unwrap();
@@ -658,10 +676,9 @@ async fn client_stream_and_bidi_echo<S: Runtime, C: Runtime>(server_rt: S, clien
 async fn trailers_end_a_server_stream<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
     let (server, client, _) = setup(&server_rt, &client_rt).await;
     within(&client_rt, Duration::from_secs(30), "trailers", async {
-        let mut request = long_call();
-        request.message = u32_body(3);
+        let request = u32_body(3);
         let mut stream = client
-            .server_stream::<_, Bytes, Bytes>(TRAILED, Raw, request)
+            .server_stream::<_, Bytes, Bytes>(TRAILED, Raw, &request, long_call())
             .await
             .unwrap();
         for i in 0..3 {
@@ -673,10 +690,9 @@ async fn trailers_end_a_server_stream<S: Runtime, C: Runtime>(server_rt: S, clie
         assert_eq!(trailers.get_str("x-sent"), Some("3"));
         assert_eq!(trailers.get("x-first"), None, "the last set wins");
 
-        let mut request = long_call();
-        request.message = u32_body(0);
+        let request = u32_body(0);
         let mut failed = client
-            .server_stream::<_, Bytes, Bytes>(TRAILED, Raw, request)
+            .server_stream::<_, Bytes, Bytes>(TRAILED, Raw, &request, long_call())
             .await
             .unwrap();
         let status = failed.next().await.unwrap().unwrap_err();
@@ -685,10 +701,9 @@ async fn trailers_end_a_server_stream<S: Runtime, C: Runtime>(server_rt: S, clie
         assert!(failed.next().await.is_none());
 
         // A stream whose handler sets none ends with empty trailers.
-        let mut request = long_call();
-        request.message = u32_body(1);
+        let request = u32_body(1);
         let mut plain = client
-            .server_stream::<_, Bytes, Bytes>(COUNT, Raw, request)
+            .server_stream::<_, Bytes, Bytes>(COUNT, Raw, &request, long_call())
             .await
             .unwrap();
         while plain.next().await.is_some() {}
@@ -707,9 +722,11 @@ async fn streams_and_unary_calls_share_a_connection<S: Runtime, C: Runtime>(
         .map(|k| {
             let client = client.clone();
             async move {
-                let mut request = long_call();
-                request.message = u32_body(1_000 + k);
-                let stream = client.server_stream(COUNT, Raw, request).await.unwrap();
+                let request = u32_body(1_000 + k);
+                let stream = client
+                    .server_stream(COUNT, Raw, &request, long_call())
+                    .await
+                    .unwrap();
                 let got: Vec<u32> = stream.map(|m| body_u32(&m.unwrap())).collect().await;
                 assert_eq!(got, (0..1_000 + k).collect::<Vec<_>>(), "stream {k}");
             }
@@ -759,9 +776,11 @@ async fn a_request_held_behind_unread_answers_is_served<S: Runtime, C: Runtime>(
         .await
         .unwrap();
     let blobs = 256u32; // 16 MiB, far more than the sockets hold
-    let mut request = long_call();
-    request.message = u32_body(blobs);
-    let mut stream = client.server_stream(BLOB, Raw, request).await.unwrap();
+    let request = u32_body(blobs);
+    let mut stream = client
+        .server_stream(BLOB, Raw, &request, long_call())
+        .await
+        .unwrap();
     // Let the server queue its answers against a reader that reads nothing.
     sleep(&client_rt, Duration::from_millis(300)).await;
     let unary = client.call_raw(UNARY, 0, u32_body(7), CallOptions::default());

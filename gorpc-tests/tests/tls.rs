@@ -229,6 +229,17 @@ async fn mutual_tls_call_sees_the_client_certificate<S: Runtime, C: Runtime>(
     let plain = ServerRequest::new("/x", 0, &Default::default(), Bytes::new());
     assert!(plain.peer_certificates().is_none());
     drop(client);
+
+    // The same through the builder's .tls.
+    let client = Client::builder(client_rt.clone())
+        .endpoint(server.local_addr())
+        .tls(client_tls(&pki.ca, Some(&pki.client)))
+        .connect()
+        .await
+        .expect("TLS connect through the builder");
+    let der = whoami(&client).await.expect("TLS call");
+    assert_eq!(der.as_ref(), pki.client.cert.der().as_ref());
+    drop(client);
     assert_eq!(server.shutdown(5 * SECOND).await, Shutdown::Graceful);
 }
 
@@ -283,6 +294,19 @@ async fn client_without_a_certificate_is_refused<S: Runtime, C: Runtime>(
     assert_still_serving(&client_rt, addr, &pki).await;
 }
 
+/// The status of a refused handshake has the rustls verdict as its source.
+fn assert_rustls_certificate_error(err: &gorpc::Status) {
+    use std::error::Error as _;
+    let cause = err
+        .source()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .unwrap_or_else(|| panic!("no rustls::Error under {err:?}"));
+    assert!(
+        matches!(cause, rustls::Error::InvalidCertificate(_)),
+        "{cause:?}"
+    );
+}
+
 async fn client_refuses_an_untrusted_server<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
     let pki = pki();
     let server = Server::new(server_rt.clone(), router(&server_rt, Arc::default()))
@@ -309,6 +333,7 @@ async fn client_refuses_an_untrusted_server<S: Runtime, C: Runtime>(server_rt: S
         err.message().contains("TLS handshake") && err.message().contains("certificate"),
         "the rustls error is in the message: {err}"
     );
+    assert_rustls_certificate_error(&err);
     assert_still_serving(&client_rt, addr, &pki).await;
 }
 
@@ -430,6 +455,7 @@ async fn http_client_calls_over_tls<S: Runtime, C: Runtime>(server_rt: S, client
         .expect_err("the server's certificate is not trusted");
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     assert!(err.message().contains("TLS handshake"), "{err}");
+    assert_rustls_certificate_error(&err);
     drop(client);
     assert_eq!(server.shutdown(5 * SECOND).await, Shutdown::Graceful);
 }

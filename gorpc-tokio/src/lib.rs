@@ -1,15 +1,19 @@
 //! gorpc-rs on tokio. Re-exports [`gorpc`], so this is the one crate a tokio user needs.
 //!
 //! ```no_run
-//! use gorpc_tokio::{Client, ClientConfig, Router, Server, Status, Tokio};
+//! use gorpc_tokio::{Router, Status};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let router = Router::new().msgpack("/echo.Echo/Say", |s: String| async move { Ok::<_, Status>(s) });
-//! let server = Server::new(Tokio::current(), router).bind("127.0.0.1:0".parse()?).await?;
-//! let client = Client::connect(Tokio::current(), server.local_addr(), ClientConfig::default()).await?;
-//! let reply: String = client.call("/echo.Echo/Say", &"hi".to_string()).await?;
+//! let server = gorpc_tokio::serve("127.0.0.1:0".parse()?, router).await?;
+//! let client = gorpc_tokio::connect(server.local_addr()).await?;
+//! let reply: String = client.call("/echo.Echo/Say", &"hi").await?;
 //! # Ok(()) }
 //! ```
+//!
+//! [`connect`], [`serve`], [`client()`] and [`server()`] are `Client::connect`,
+//! `Server::bind`, `Client::builder` and `Server::new` on the current runtime
+//! ([`Tokio::current`]); pass a [`Tokio`] to those for another.
 //!
 //! Everything here is the few lines that bind gorpc's drivers to tokio's sockets, timers
 //! and tasks; the drivers themselves live in `gorpc`.
@@ -29,6 +33,84 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::runtime::Handle;
+
+/// A client of `addr` with the default settings ([`ClientConfig::default`]),
+/// on the current tokio runtime, connected before this returns:
+/// `Client::connect(Tokio::current(), addr, ClientConfig::default())`.
+///
+/// Panics outside a tokio runtime, as [`Tokio::current`] does.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = gorpc_tokio::connect("127.0.0.1:50051".parse()?).await?;
+/// let reply: String = client.call("/echo.Echo/Say", &"hi").await?;
+/// # Ok(()) }
+/// ```
+pub async fn connect(addr: SocketAddr) -> Result<Client, Status> {
+    Client::connect(Tokio::current(), addr, ClientConfig::default()).await
+}
+
+/// Serves `service` (a [`Router`], a generated server...) on `addr`,
+/// on the current tokio runtime, with the default settings:
+/// `Server::new(Tokio::current(), service).bind(addr)`.
+/// [`server()`] gives the builder for TLS, HTTP, interceptors and the rest.
+///
+/// Panics outside a tokio runtime, as [`Tokio::current`] does.
+///
+/// ```no_run
+/// use gorpc_tokio::{Router, Status};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let router = Router::new().msgpack("/echo.Echo/Say", |s: String| async move {
+///     Ok::<_, Status>(s)
+/// });
+/// let server = gorpc_tokio::serve("127.0.0.1:50051".parse()?, router).await?;
+/// println!("listening on {}", server.local_addr());
+/// # Ok(()) }
+/// ```
+pub async fn serve(addr: SocketAddr, service: impl Service) -> io::Result<ServerHandle<Tokio>> {
+    Server::new(Tokio::current(), service).bind(addr).await
+}
+
+/// A server of `service` on the current tokio runtime, to configure before
+/// [`bind`](Server::bind): `Server::new(Tokio::current(), service)`.
+///
+/// Panics outside a tokio runtime, as [`Tokio::current`] does.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use gorpc_tokio::{Router, Status};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let router = Router::new().msgpack("/echo.Echo/Say", |s: String| async move {
+///     Ok::<_, Status>(s)
+/// });
+/// let server = gorpc_tokio::server(router).bind("127.0.0.1:50051".parse()?).await?;
+/// server.shutdown(Duration::from_secs(5)).await;
+/// # Ok(()) }
+/// ```
+pub fn server(service: impl Service) -> Server<Tokio> {
+    Server::new(Tokio::current(), service)
+}
+
+/// A client builder on the current tokio runtime: `Client::builder(Tokio::current())`.
+///
+/// Panics outside a tokio runtime, as [`Tokio::current`] does.
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = gorpc_tokio::client()
+///     .endpoint("127.0.0.1:50051".parse()?)
+///     .timeout(Duration::from_secs(2))
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub fn client() -> client::ClientBuilder<Tokio> {
+    Client::builder(Tokio::current())
+}
 
 /// The tokio runtime, as gorpc's drivers use it: tasks go to the captured runtime handle.
 #[derive(Clone, Debug)]

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
-use gorpc_proto::{frame, Code, Conn, Status};
+use gorpc_proto::{frame, Conn, Status};
 
 use crate::recycle::Recycler;
 use crate::runtime::{Io, Runtime, Sleep};
@@ -121,7 +121,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             }
             Poll::Ready(Err(e)) => {
                 self.read_closed = true;
-                conn.abort(Status::new(Code::Unavailable, format!("read failed: {e}")));
+                conn.abort(Status::unavailable(format!("read failed: {e}")).with_source(e));
             }
             Poll::Pending => return false,
         }
@@ -168,7 +168,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             Poll::Ready(Err(e)) => {
                 self.write_queue = WriteQueue::default();
                 if !conn.is_closed() {
-                    conn.abort(Status::new(Code::Unavailable, format!("write failed: {e}")));
+                    conn.abort(Status::unavailable(format!("write failed: {e}")).with_source(e));
                     return true;
                 }
                 false

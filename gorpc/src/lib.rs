@@ -30,7 +30,7 @@ pub mod tower;
 pub mod udp;
 
 pub use client::{CallOptions, Channel, Client, ClientConfig, RawResponse};
-pub use codec::{Codec, MsgPack, Protobuf, Raw};
+pub use codec::{Codec, Decoder, Encoder, MsgPack, Protobuf, Raw};
 pub use gorpc_proto::{self as proto, Code, ConnConfig, KeepaliveConfig, Limits, Status};
 pub use interceptor::{ClientInterceptor, ClientNext, Next, ServerInterceptor};
 pub use metadata::Metadata;

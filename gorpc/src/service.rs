@@ -12,7 +12,8 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use gorpc_proto::{Code, RequestHead, Status, StreamKind};
 
-use crate::codec::{id_name, Codec, MsgPack};
+use crate::client::CallOptions;
+use crate::codec::{id_name, Decoder, Encoder, MsgPack};
 use crate::metadata::Metadata;
 use crate::runtime::PeerCertificates;
 use crate::stream::{RawRequestStream, RawResponseSink, RequestStream, ResponseSink};
@@ -265,6 +266,20 @@ impl<T> Request<T> {
     pub fn into_inner(self) -> T {
         self.message
     }
+
+    /// The message, and the options of a call that sends it: the deadline as the timeout
+    /// (`None` without one) and the metadata. What a caller's [`Request`] becomes on the
+    /// way out.
+    pub fn into_call(self) -> (T, CallOptions) {
+        let options = CallOptions {
+            timeout: self
+                .deadline
+                .map(|d| d.saturating_duration_since(Instant::now())),
+            metadata: self.metadata,
+            key: None,
+        };
+        (self.message, options)
+    }
 }
 
 /// A message, or a message with call context: what generated clients accept.
@@ -353,7 +368,7 @@ impl Router {
     /// Routes `method` to a handler of typed messages in `codec`.
     pub fn unary<C, Req, Rsp, F, Fut>(self, method: &str, codec: C, handler: F) -> Self
     where
-        C: Codec<Req> + Codec<Rsp> + Clone,
+        C: Decoder<Req> + Encoder<Rsp> + Clone,
         Req: Send + 'static,
         Rsp: Send + 'static,
         F: Fn(Request<Req>) -> Fut + Send + Sync + 'static,
@@ -387,8 +402,8 @@ impl Router {
     /// The codegen-free style: a handler of serde types, msgpack on the wire.
     pub fn msgpack<Req, Rsp, F, Fut>(self, method: &str, handler: F) -> Self
     where
-        Req: serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
-        Rsp: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+        Req: serde::de::DeserializeOwned + Send + 'static,
+        Rsp: serde::Serialize + Send + 'static,
         F: Fn(Req) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Rsp, Status>> + Send + 'static,
     {
@@ -426,7 +441,7 @@ impl Router {
     /// status. Sending waits for the client's flow-control credit.
     pub fn server_stream<C, Req, Rsp, F, Fut>(self, method: &str, codec: C, handler: F) -> Self
     where
-        C: Codec<Req> + Codec<Rsp> + Clone,
+        C: Decoder<Req> + Encoder<Rsp> + Clone,
         Req: Send + 'static,
         Rsp: Send + 'static,
         F: Fn(Request<Req>, ResponseSink<Rsp>) -> Fut + Send + Sync + 'static,
@@ -445,7 +460,7 @@ impl Router {
     /// request stream (it ends when the client finishes) and answers with one response.
     pub fn client_stream<C, Req, Rsp, F, Fut>(self, method: &str, codec: C, handler: F) -> Self
     where
-        C: Codec<Req> + Codec<Rsp> + Clone,
+        C: Decoder<Req> + Encoder<Rsp> + Clone,
         Req: Send + 'static,
         Rsp: Send + 'static,
         F: Fn(Request<RequestStream<Req>>) -> Fut + Send + Sync + 'static,
@@ -462,7 +477,7 @@ impl Router {
     /// its own, in any interleaving; returning ends the call with the status.
     pub fn bidi<C, Req, Rsp, F, Fut>(self, method: &str, codec: C, handler: F) -> Self
     where
-        C: Codec<Req> + Codec<Rsp> + Clone,
+        C: Decoder<Req> + Encoder<Rsp> + Clone,
         Req: Send + 'static,
         Rsp: Send + 'static,
         F: Fn(Request<RequestStream<Req>>, ResponseSink<Rsp>) -> Fut + Send + Sync + 'static,
@@ -503,7 +518,7 @@ pub fn unary_call<C, Req, Rsp, F, Fut>(
     handler: F,
 ) -> BoxFuture<'static, ServerReply>
 where
-    C: Codec<Req> + Codec<Rsp>,
+    C: Decoder<Req> + Encoder<Rsp>,
     Req: Send + 'static,
     Rsp: Send + 'static,
     F: FnOnce(Request<Req>) -> Fut,
@@ -515,7 +530,7 @@ where
     };
     async move {
         match future.await {
-            Ok(rsp) => match Codec::<Rsp>::encode_to_bytes(&codec, &rsp.message) {
+            Ok(rsp) => match Encoder::<Rsp>::encode_to_bytes(&codec, &rsp.message) {
                 Ok(body) => ServerReply {
                     status: Status::ok(),
                     metadata: rsp.metadata,
@@ -539,7 +554,7 @@ pub fn server_stream_call<C, Req, Rsp, F, Fut>(
     handler: F,
 ) -> BoxFuture<'static, ServerReply>
 where
-    C: Codec<Req> + Codec<Rsp>,
+    C: Decoder<Req> + Encoder<Rsp>,
     Req: Send + 'static,
     Rsp: Send + 'static,
     F: FnOnce(Request<Req>, ResponseSink<Rsp>) -> Fut,
@@ -563,7 +578,7 @@ pub fn client_stream_call<C, Req, Rsp, F, Fut>(
     handler: F,
 ) -> BoxFuture<'static, ServerReply>
 where
-    C: Codec<Req> + Codec<Rsp> + Clone,
+    C: Decoder<Req> + Encoder<Rsp> + Clone,
     Req: Send + 'static,
     Rsp: Send + 'static,
     F: FnOnce(Request<RequestStream<Req>>) -> Fut,
@@ -575,7 +590,7 @@ where
     };
     async move {
         match started.await.and_then(|rsp| {
-            Codec::<Rsp>::encode_to_bytes(&codec, &rsp.message).map(|b| (b, rsp.metadata))
+            Encoder::<Rsp>::encode_to_bytes(&codec, &rsp.message).map(|b| (b, rsp.metadata))
         }) {
             Ok((body, metadata)) => ServerReply {
                 status: Status::ok(),
@@ -597,7 +612,7 @@ pub fn bidi_call<C, Req, Rsp, F, Fut>(
     handler: F,
 ) -> BoxFuture<'static, ServerReply>
 where
-    C: Codec<Req> + Codec<Rsp> + Clone,
+    C: Decoder<Req> + Encoder<Rsp> + Clone,
     Req: Send + 'static,
     Rsp: Send + 'static,
     F: FnOnce(Request<RequestStream<Req>>, ResponseSink<Rsp>) -> Fut,
@@ -643,7 +658,7 @@ type StreamRequest<Req> = (Request<RequestStream<Req>>, Option<RawResponseSink>)
 
 fn stream_request<C, Req>(codec: &C, mut req: ServerRequest) -> Result<StreamRequest<Req>, Status>
 where
-    C: Codec<Req> + Clone,
+    C: Decoder<Req> + Clone,
 {
     check_codec(codec, &req)?;
     let stream = req.take_request_stream().ok_or_else(no_stream)?;
@@ -657,7 +672,7 @@ where
     Ok((request, sink))
 }
 
-fn check_codec<C: Codec<Req>, Req>(codec: &C, req: &ServerRequest) -> Result<(), Status> {
+fn check_codec<C: Decoder<Req>, Req>(codec: &C, req: &ServerRequest) -> Result<(), Status> {
     if req.codec == codec.id() {
         return Ok(());
     }
@@ -673,7 +688,7 @@ fn check_codec<C: Codec<Req>, Req>(codec: &C, req: &ServerRequest) -> Result<(),
     ))
 }
 
-fn decode_request<C: Codec<Req>, Req>(
+fn decode_request<C: Decoder<Req>, Req>(
     codec: &C,
     req: ServerRequest,
 ) -> Result<Request<Req>, Status> {

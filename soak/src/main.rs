@@ -264,10 +264,13 @@ async fn run_stream<C: Runtime>(
 ) -> Result<(), Status> {
     match kind {
         StreamKind::Server => {
-            let mut request = gorpc::Request::new(count::request(id, n, size, pause_ms));
-            request.deadline = Some(deadline);
+            let request = count::request(id, n, size, pause_ms);
+            let options = CallOptions {
+                timeout: Some(deadline.saturating_duration_since(Instant::now())),
+                ..CallOptions::default()
+            };
             let messages = client
-                .server_stream::<_, Bytes, Bytes>(methods::COUNT, gorpc::Raw, request)
+                .server_stream::<_, Bytes, Bytes>(methods::COUNT, gorpc::Raw, &request, options)
                 .await?;
             take_stream(messages, check).await
         }
@@ -281,7 +284,8 @@ async fn run_stream<C: Runtime>(
                 .insert(count::ID_METADATA, count::message(id, 0, 0));
             let (mut sender, echoes) = client
                 .bidi::<_, Bytes, Bytes>(methods::ECHOES, gorpc::Raw, options)
-                .await?;
+                .await?
+                .into_parts();
             let rt = rt.clone();
             let feed = async move {
                 for index in 0..n {

@@ -186,10 +186,10 @@ impl GorpcStreamCaller {
     }
 
     async fn download(&self, tally: &StreamTally) -> bool {
-        let request = Request::new(self.order.encode());
+        let request = self.order.encode();
         let mut messages = match self
             .client
-            .server_stream::<_, Bytes, Bytes>(DOWNLOAD_METHOD, Raw, request)
+            .server_stream::<_, Bytes, Bytes>(DOWNLOAD_METHOD, Raw, &request, Default::default())
             .await
         {
             Ok(messages) => messages,

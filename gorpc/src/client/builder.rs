@@ -1,11 +1,12 @@
 //! [`ClientBuilder`]: what a client calls (a discovered service or one address), how it
-//! balances, and its interceptors.
+//! balances, its interceptors, and its connections' settings.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use gorpc_proto::balance::{Balancer, PowerOfTwoChoices};
-use gorpc_proto::{Code, Status};
+use gorpc_proto::{Code, KeepaliveConfig, Limits, Status};
 
 use super::balanced::{Balanced, InstanceProtocol, OutlierDetection};
 use super::pool::EndpointPool;
@@ -27,7 +28,18 @@ enum Target {
 ///     .discover(consul, "greeter")
 ///     .balance(RoundRobin::new())
 ///     .build()?;
+///
+/// let client = Client::builder(runtime)
+///     .endpoint(addr)
+///     .timeout(Duration::from_secs(2))
+///     .pool_size(4)
+///     .connect()
+///     .await?;
 /// ```
+///
+/// The settings ([`timeout`](Self::timeout), [`pool_size`](Self::pool_size),
+/// [`limits`](Self::limits)...) each change one field of the [`ClientConfig`] that
+/// [`config`](Self::config) sets whole, so call `config` first if you use both.
 pub struct ClientBuilder<R: Runtime> {
     runtime: R,
     target: Target,
@@ -79,9 +91,64 @@ impl<R: Runtime> ClientBuilder<R> {
         self
     }
 
-    /// Pool (per instance), connection and timeout settings.
+    /// Pool (per instance), connection and timeout settings, all of them: it replaces what
+    /// the settings below set before it.
     pub fn config(mut self, config: ClientConfig) -> Self {
         self.config = config;
+        self
+    }
+
+    /// The timeout of calls that set none ([`ClientConfig::default_timeout`], 30 s unless
+    /// set). A stream's timeout covers the whole stream.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.default_timeout = Some(timeout);
+        self
+    }
+
+    /// How long a connect (TCP and TLS handshake together) may take
+    /// ([`ConnectionConfig::connect_timeout`](super::ConnectionConfig::connect_timeout)).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.pool.connection.connect_timeout = timeout;
+        self
+    }
+
+    /// Liveness probing of quiet connections.
+    pub fn keepalive(mut self, keepalive: KeepaliveConfig) -> Self {
+        self.config.pool.connection.conn.keepalive = keepalive;
+        self
+    }
+
+    /// The receive window of each stream call, in bytes
+    /// ([`ConnConfig::stream_window`](gorpc_proto::ConnConfig::stream_window)).
+    pub fn stream_window(mut self, bytes: u32) -> Self {
+        self.config.pool.connection.conn.stream_window = bytes;
+        self
+    }
+
+    /// The receive window of a connection's stream calls together, in bytes
+    /// ([`ConnConfig::connection_window`](gorpc_proto::ConnConfig::connection_window)).
+    pub fn connection_window(mut self, bytes: u32) -> Self {
+        self.config.pool.connection.conn.connection_window = bytes;
+        self
+    }
+
+    /// Connections kept to each endpoint (at least one); calls spread over them.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.config.pool.size = size;
+        self
+    }
+
+    /// Bounds on frames, heads and calls in flight per connection. A call whose frame
+    /// would pass `max_frame_len` is refused here, with `ResourceExhausted`.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.config.pool.connection.conn.limits = limits;
+        self
+    }
+
+    /// Speak TLS to the server (plain TCP otherwise).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::ClientTls) -> Self {
+        self.config.pool.connection.tls = Some(tls);
         self
     }
 
@@ -100,6 +167,23 @@ impl<R: Runtime> ClientBuilder<R> {
     pub fn interceptor(mut self, interceptor: impl ClientInterceptor) -> Self {
         self.interceptors.push(Arc::new(interceptor));
         self
+    }
+
+    /// The client of an [`endpoint`](Self::endpoint), connected before this returns (as
+    /// [`Client::connect`]), so that a bad address or a refused handshake fails here. A
+    /// client of a discovered service, or of a gRPC endpoint, is [`build`](Self::build)'s:
+    /// it connects on its first calls.
+    pub async fn connect(self) -> Result<Client, Status> {
+        if let (Target::Endpoint(addr), InstanceProtocol::Binary) = (&self.target, self.protocol) {
+            let pool = EndpointPool::new(self.runtime, *addr, self.config.pool);
+            pool.warm_up().await?;
+            return Ok(Client {
+                route: Route::Pool(Arc::new(pool)),
+                default_timeout: self.config.default_timeout,
+                interceptors: self.interceptors.into(),
+            });
+        }
+        self.build()
     }
 
     /// The client. Discovery starts now, in the background; calls made before it first

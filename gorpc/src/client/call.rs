@@ -22,6 +22,30 @@ pub struct CallOptions {
     pub key: Option<u64>,
 }
 
+impl CallOptions {
+    /// These options, with `defaults` filling what they leave unset: the timeout and the
+    /// key if these have none, and each metadata key these do not carry. What a typed
+    /// client does with its own options (`with_options`, `with_timeout`) and a call's.
+    pub fn with_defaults(mut self, defaults: &CallOptions) -> CallOptions {
+        self.timeout = self.timeout.or(defaults.timeout);
+        self.key = self.key.or(defaults.key);
+        if self.metadata.is_empty() {
+            self.metadata = defaults.metadata.clone();
+            return self;
+        }
+        let missing: Vec<_> = defaults
+            .metadata
+            .iter()
+            .filter(|(key, _)| self.metadata.get(key).is_none())
+            .collect();
+        for (key, value) in missing {
+            self.metadata
+                .append(key.to_owned(), Bytes::copy_from_slice(value));
+        }
+        self
+    }
+}
+
 /// A successful raw response: body still encoded.
 #[derive(Clone, Debug)]
 pub struct RawResponse {
@@ -59,5 +83,49 @@ pub trait Channel: Send + Sync + 'static {
             Code::Unimplemented,
             "stream calls need the binary protocol or gRPC; this channel carries unary calls",
         ))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_calls_own_options_win_and_defaults_fill_the_rest() {
+        let mut defaults = CallOptions {
+            timeout: Some(Duration::from_secs(1)),
+            key: Some(7),
+            ..CallOptions::default()
+        };
+        defaults.metadata.append("x-tenant", "acme");
+        defaults.metadata.append("x-tag", "a");
+        defaults.metadata.append("x-tag", "b");
+
+        let filled = CallOptions::default().with_defaults(&defaults);
+        assert_eq!(filled.timeout, Some(Duration::from_secs(1)));
+        assert_eq!(filled.key, Some(7));
+        assert_eq!(filled.metadata.len(), 3);
+
+        let mut own = CallOptions {
+            timeout: Some(Duration::from_millis(5)),
+            key: Some(1),
+            ..CallOptions::default()
+        };
+        own.metadata.append("x-tenant", "other");
+        let merged = own.with_defaults(&defaults);
+        assert_eq!(merged.timeout, Some(Duration::from_millis(5)));
+        assert_eq!(merged.key, Some(1));
+        assert_eq!(merged.metadata.get_str("x-tenant"), Some("other"));
+        let tags: Vec<_> = merged
+            .metadata
+            .iter()
+            .filter(|(k, _)| *k == "x-tag")
+            .collect();
+        assert_eq!(tags, [("x-tag", &b"a"[..]), ("x-tag", &b"b"[..])]);
+        assert_eq!(
+            merged.metadata.len(),
+            3,
+            "the own x-tenant replaces the default"
+        );
     }
 }

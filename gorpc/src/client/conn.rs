@@ -640,7 +640,8 @@ impl<R: Runtime, I: Io> Future for ClientDriver<R, I> {
 }
 
 /// Connects a socket to `addr` by `deadline` (the connect timeout of `config` from now),
-/// failing with `Unavailable` and why.
+/// failing with `Unavailable` and why; the status's source is the `io::Error` (of kind
+/// `TimedOut` when the connect timeout passed).
 pub(crate) async fn connect_socket<R: Runtime>(
     runtime: &R,
     addr: SocketAddr,
@@ -649,21 +650,20 @@ pub(crate) async fn connect_socket<R: Runtime>(
 ) -> Result<R::Io, Status> {
     match timeout(runtime, deadline, runtime.connect(addr)).await {
         Some(Ok(io)) => Ok(io),
-        Some(Err(e)) => Err(Status::new(
-            Code::Unavailable,
-            format!("connect to {addr} failed: {e}"),
-        )),
-        None => Err(Status::new(
-            Code::Unavailable,
-            format!(
-                "connect to {addr} timed out after {:?}",
-                config.connect_timeout
-            ),
-        )),
+        Some(Err(e)) => {
+            Err(Status::unavailable(format!("connect to {addr} failed: {e}")).with_source(e))
+        }
+        None => Err(Status::unavailable(format!(
+            "connect to {addr} timed out after {:?}",
+            config.connect_timeout
+        ))
+        .with_source(std::io::Error::from(std::io::ErrorKind::TimedOut))),
     }
 }
 
-/// Wraps a connected socket in TLS and completes the handshake by `deadline`.
+/// Wraps a connected socket in TLS and completes the handshake by `deadline`. A refused
+/// handshake's status has the rustls error as its source (the `io::Error` when the socket
+/// failed instead).
 #[cfg(feature = "tls")]
 pub(crate) async fn tls_connect<R: Runtime>(
     runtime: &R,
@@ -674,23 +674,29 @@ pub(crate) async fn tls_connect<R: Runtime>(
     config: &ConnectionConfig,
 ) -> Result<crate::tls::TlsIo<R::Io>, Status> {
     let failed = |e: &dyn std::fmt::Display| {
-        Status::new(
-            Code::Unavailable,
-            format!("TLS handshake with {addr} failed: {e}"),
-        )
+        Status::unavailable(format!("TLS handshake with {addr} failed: {e}"))
     };
-    let mut io =
-        crate::tls::TlsIo::client(io, tls.config, tls.server_name).map_err(|e| failed(&e))?;
+    let mut io = crate::tls::TlsIo::client(io, tls.config, tls.server_name)
+        .map_err(|e| failed(&e).with_source(e))?;
     match timeout(runtime, deadline, io.handshake()).await {
         Some(Ok(())) => Ok(io),
-        Some(Err(e)) => Err(failed(&e)),
-        None => Err(Status::new(
-            Code::Unavailable,
-            format!(
-                "TLS handshake with {addr} timed out (connect timeout {:?})",
-                config.connect_timeout
-            ),
-        )),
+        Some(Err(e)) => {
+            let status = failed(&e);
+            // The session's own verdict (a certificate refused...) is the better cause.
+            let rustls = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .cloned();
+            Err(match rustls {
+                Some(rustls) => status.with_source(rustls),
+                None => status.with_source(e),
+            })
+        }
+        None => Err(Status::unavailable(format!(
+            "TLS handshake with {addr} timed out (connect timeout {:?})",
+            config.connect_timeout
+        ))
+        .with_source(std::io::Error::from(std::io::ErrorKind::TimedOut))),
     }
 }
 

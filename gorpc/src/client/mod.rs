@@ -7,7 +7,7 @@ mod conn;
 mod pool;
 
 pub use crate::stream::{
-    ClientStreaming, RawStreamReceiver, RawStreamSender, ResponseStream, StreamSender,
+    Bidi, ClientStreaming, RawStreamReceiver, RawStreamSender, ResponseStream, StreamSender,
 };
 #[cfg(feature = "grpc")]
 pub(crate) use balanced::BoxedCalls;
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use gorpc_proto::{Code, Status, StreamKind};
 
-use crate::codec::{id_name, Codec, MsgPack};
+use crate::codec::{id_name, Decoder, Encoder, MsgPack};
 use crate::interceptor::{ClientInterceptor, ClientNext};
 use crate::metadata::Metadata;
 use crate::runtime::Runtime;
@@ -214,18 +214,26 @@ impl Client {
         request: Request<Req>,
     ) -> Result<Response<Rsp>, Status>
     where
-        C: Codec<Req> + Codec<Rsp>,
+        C: Encoder<Req> + Decoder<Rsp>,
     {
-        let body = Codec::<Req>::encode_to_bytes(&codec, &request.message)?;
-        let timeout = request
-            .deadline
-            .map(|d| d.saturating_duration_since(Instant::now()));
-        let options = CallOptions {
-            timeout,
-            metadata: request.metadata,
-            key: None,
-        };
-        let expected = Codec::<Rsp>::id(&codec);
+        let (message, options) = request.into_call();
+        self.unary_with(method, codec, &message, options).await
+    }
+
+    /// [`unary`](Self::unary) with the message and call options (a timeout, metadata, an
+    /// affinity key) apart, the shape of the stream calls and of [`call_with`](Self::call_with).
+    pub async fn unary_with<C, Req, Rsp>(
+        &self,
+        method: impl Into<Cow<'static, str>>,
+        codec: C,
+        message: &Req,
+        options: CallOptions,
+    ) -> Result<Response<Rsp>, Status>
+    where
+        C: Encoder<Req> + Decoder<Rsp>,
+    {
+        let body = Encoder::<Req>::encode_to_bytes(&codec, message)?;
+        let expected = Decoder::<Rsp>::id(&codec);
         let raw = self.call_raw(method, expected, body, options).await?;
         if raw.codec != expected {
             return Err(Status::new(
@@ -234,11 +242,11 @@ impl Client {
                     "server answered in codec {} ({}), expected {}",
                     raw.codec,
                     id_name(raw.codec),
-                    Codec::<Rsp>::name(&codec)
+                    Decoder::<Rsp>::name(&codec)
                 ),
             ));
         }
-        let message = Codec::<Rsp>::decode(&codec, raw.body)?;
+        let message = Decoder::<Rsp>::decode(&codec, raw.body)?;
         Ok(Response {
             message,
             metadata: raw.metadata,
@@ -291,26 +299,11 @@ impl Client {
         }
     }
 
-    /// A server-streaming call: one request, a stream of typed responses that ends with
-    /// the call's status (an error status is the last item).
+    /// A server-streaming call: one request message, a stream of typed responses that ends
+    /// with the call's status (an error status is the last item). `options` (a timeout,
+    /// metadata, an affinity key) apply as to any call; the timeout covers the whole
+    /// stream.
     pub async fn server_stream<C, Req, Rsp>(
-        &self,
-        method: impl Into<Cow<'static, str>>,
-        codec: C,
-        request: Request<Req>,
-    ) -> Result<ResponseStream<Rsp>, Status>
-    where
-        C: Codec<Req> + Codec<Rsp>,
-        Rsp: 'static,
-    {
-        let options = request_options(request.deadline, request.metadata);
-        self.server_stream_with(method, codec, &request.message, options)
-            .await
-    }
-
-    /// [`server_stream`](Self::server_stream) with call options (a timeout, metadata, an
-    /// affinity key) instead of a [`Request`].
-    pub async fn server_stream_with<C, Req, Rsp>(
         &self,
         method: impl Into<Cow<'static, str>>,
         codec: C,
@@ -318,11 +311,11 @@ impl Client {
         options: CallOptions,
     ) -> Result<ResponseStream<Rsp>, Status>
     where
-        C: Codec<Req> + Codec<Rsp>,
+        C: Encoder<Req> + Decoder<Rsp>,
         Rsp: 'static,
     {
-        let body = Codec::<Req>::encode_to_bytes(&codec, message)?;
-        let id = Codec::<Rsp>::id(&codec);
+        let body = Encoder::<Req>::encode_to_bytes(&codec, message)?;
+        let id = Decoder::<Rsp>::id(&codec);
         let (_, receiver) = self
             .stream_raw(method, id, StreamKind::ServerStreaming, body, options)
             .await?;
@@ -337,11 +330,11 @@ impl Client {
         options: CallOptions,
     ) -> Result<ClientStreaming<Req, Rsp>, Status>
     where
-        C: Codec<Req> + Codec<Rsp> + Clone,
+        C: Encoder<Req> + Decoder<Rsp> + Clone,
         Req: 'static,
         Rsp: 'static,
     {
-        let id = Codec::<Req>::id(&codec);
+        let id = Encoder::<Req>::id(&codec);
         let (sender, receiver) = self
             .stream_raw(
                 method,
@@ -351,7 +344,7 @@ impl Client {
                 options,
             )
             .await?;
-        let sender = sender.expect("a client stream has a sender");
+        let sender = sender.ok_or_else(no_sender)?;
         Ok(ClientStreaming::new(
             StreamSender::new(sender, Arc::new(codec.clone())),
             receiver,
@@ -360,27 +353,27 @@ impl Client {
     }
 
     /// A bidirectional call: a sender of typed messages and a stream of typed responses,
-    /// used independently (from two tasks if need be).
+    /// used independently (from two tasks if need be; [`Bidi::into_parts`] splits them).
     pub async fn bidi<C, Req, Rsp>(
         &self,
         method: impl Into<Cow<'static, str>>,
         codec: C,
         options: CallOptions,
-    ) -> Result<(StreamSender<Req>, ResponseStream<Rsp>), Status>
+    ) -> Result<Bidi<Req, Rsp>, Status>
     where
-        C: Codec<Req> + Codec<Rsp> + Clone,
+        C: Encoder<Req> + Decoder<Rsp> + Clone,
         Req: 'static,
         Rsp: 'static,
     {
-        let id = Codec::<Req>::id(&codec);
+        let id = Encoder::<Req>::id(&codec);
         let (sender, receiver) = self
             .stream_raw(method, id, StreamKind::Bidirectional, Bytes::new(), options)
             .await?;
-        let sender = sender.expect("a bidirectional call has a sender");
-        Ok((
-            StreamSender::new(sender, Arc::new(codec.clone())),
-            ResponseStream::new(receiver, Arc::new(codec)),
-        ))
+        let sender = sender.ok_or_else(no_sender)?;
+        Ok(Bidi {
+            sender: StreamSender::new(sender, Arc::new(codec.clone())),
+            responses: ResponseStream::new(receiver, Arc::new(codec)),
+        })
     }
 
     /// The codegen-free style: serde types over msgpack.
@@ -390,8 +383,8 @@ impl Client {
         request: &Req,
     ) -> Result<Rsp, Status>
     where
-        Req: serde::Serialize + serde::de::DeserializeOwned,
-        Rsp: serde::Serialize + serde::de::DeserializeOwned,
+        Req: serde::Serialize,
+        Rsp: serde::de::DeserializeOwned,
     {
         self.call_with(method, request, CallOptions::default())
             .await
@@ -405,23 +398,21 @@ impl Client {
         options: CallOptions,
     ) -> Result<Rsp, Status>
     where
-        Req: serde::Serialize + serde::de::DeserializeOwned,
-        Rsp: serde::Serialize + serde::de::DeserializeOwned,
+        Req: serde::Serialize,
+        Rsp: serde::de::DeserializeOwned,
     {
-        let body = Codec::<Req>::encode_to_bytes(&MsgPack, request)?;
+        let body = Encoder::<Req>::encode_to_bytes(&MsgPack, request)?;
         let raw = self
             .call_raw(method, gorpc_proto::codec::MSGPACK, body, options)
             .await?;
-        Codec::<Rsp>::decode(&MsgPack, raw.body)
+        Decoder::<Rsp>::decode(&MsgPack, raw.body)
     }
 }
 
-fn request_options(deadline: Option<Instant>, metadata: Metadata) -> CallOptions {
-    CallOptions {
-        timeout: deadline.map(|d| d.saturating_duration_since(Instant::now())),
-        metadata,
-        key: None,
-    }
+/// A stream call whose client streams came back without its sending half: a [`Channel`]
+/// that broke its contract.
+fn no_sender() -> Status {
+    Status::internal("the stream call started without its sending half")
 }
 
 /// Sends `call` on a connection from `pool`, again on another one if it never left.

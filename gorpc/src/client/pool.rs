@@ -232,14 +232,13 @@ impl<R: Runtime> Inner<R> {
             Err(error) => {
                 let failures = slot.failures.fetch_add(1, Ordering::Relaxed) as u32;
                 let wait = backoff(this.config.backoff_min, this.config.backoff_max, failures);
-                let error = Status::new(
-                    Code::Unavailable,
-                    format!(
-                        "{} (next attempt in {} ms)",
-                        error.message(),
-                        wait.as_millis()
-                    ),
+                let message = format!(
+                    "{} (next attempt in {} ms)",
+                    error.message(),
+                    wait.as_millis()
                 );
+                // Connects fail with `Unavailable`; the cause (an io::Error) stays under it.
+                let error = error.clone().with_message(message);
                 *state = SlotState::Backoff {
                     until: Instant::now() + wait,
                     error,

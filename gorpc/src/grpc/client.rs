@@ -376,10 +376,8 @@ impl<R: Runtime> Inner<R> {
             let addrs = match timeout(&runtime, deadline, target.resolve()).await {
                 Some(addrs) => addrs?,
                 None => {
-                    return Err(Status::new(
-                        Code::Unavailable,
-                        format!("resolving {target} timed out"),
-                    ))
+                    return Err(Status::unavailable(format!("resolving {target} timed out"))
+                        .with_source(std::io::Error::from(std::io::ErrorKind::TimedOut)))
                 }
             };
             let mut failure = None;
@@ -525,13 +523,8 @@ async fn handshake<R: Runtime, I: Io>(
         .handshake(HyperIo::new(io, BytesMut::new()))
         .await
         .map_err(|e| {
-            Status::new(
-                Code::Unavailable,
-                format!(
-                    "HTTP/2 handshake failed: {}",
-                    crate::http::server::error_chain(&e)
-                ),
-            )
+            let chain = crate::http::server::error_chain(&e);
+            Status::unavailable(format!("HTTP/2 handshake failed: {chain}")).with_source(e)
         })?;
     runtime.spawn(async move {
         if let Err(error) = connection.await {

@@ -66,17 +66,18 @@ impl HttpTarget {
                         .map(Vec::from_iter),
                 );
             })
-            .map_err(|e| Status::new(Code::Unavailable, format!("cannot resolve {name}: {e}")))?;
+            .map_err(|e| {
+                Status::unavailable(format!("cannot resolve {name}: {e}")).with_source(e)
+            })?;
         match rx.await {
             Ok(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
             Ok(Ok(_)) => Err(Status::new(
                 Code::Unavailable,
                 format!("{name} has no address"),
             )),
-            Ok(Err(e)) => Err(Status::new(
-                Code::Unavailable,
-                format!("cannot resolve {name}: {e}"),
-            )),
+            Ok(Err(e)) => {
+                Err(Status::unavailable(format!("cannot resolve {name}: {e}")).with_source(e))
+            }
             Err(_) => Err(Status::new(
                 Code::Unavailable,
                 format!("cannot resolve {name}"),
@@ -337,10 +338,10 @@ impl<R: Runtime> ChannelShared<R> {
         let addrs = match timeout(&self.runtime, deadline, self.target.resolve()).await {
             Some(addrs) => addrs?,
             None => {
-                return Err(Status::new(
-                    Code::Unavailable,
-                    format!("resolving {} timed out", self.target),
-                ))
+                return Err(
+                    Status::unavailable(format!("resolving {} timed out", self.target))
+                        .with_source(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+                )
             }
         };
         let mut failure = None;
@@ -375,7 +376,9 @@ impl<R: Runtime> ChannelShared<R> {
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|e| Status::new(Code::Unavailable, format!("HTTP handshake failed: {e}")))?;
+            .map_err(|e| {
+                Status::unavailable(format!("HTTP handshake failed: {e}")).with_source(e)
+            })?;
         self.runtime.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "HTTP client connection ended");

@@ -12,7 +12,7 @@ use gorpc_proto::{CallId, Code, Status};
 use super::handoff::{Delivery, InboxReader, Outbox, OutboxSender, StreamControl};
 use crate::client::balanced::OpenStream;
 use crate::client::{RawResponse, StreamEnd};
-use crate::codec::{id_name, Codec};
+use crate::codec::{id_name, Decoder, Encoder};
 use crate::metadata::Metadata;
 use crate::service::Response;
 
@@ -218,7 +218,7 @@ impl RawStreamSender {
 
     async fn send_encoded<T: 'static>(
         &mut self,
-        codec: &dyn Codec<T>,
+        codec: &dyn Encoder<T>,
         message: &T,
     ) -> Result<(), Status> {
         self.sender
@@ -259,7 +259,7 @@ fn check_codec(got: u8, expected: u8, name: &str) -> Result<(), Status> {
 /// [`RawStreamReceiver`].
 pub struct ResponseStream<T> {
     raw: RawStreamReceiver,
-    codec: Arc<dyn Codec<T>>,
+    codec: Arc<dyn Decoder<T>>,
 }
 
 impl<T> std::fmt::Debug for ResponseStream<T> {
@@ -271,7 +271,7 @@ impl<T> std::fmt::Debug for ResponseStream<T> {
 }
 
 impl<T: 'static> ResponseStream<T> {
-    pub(crate) fn new(raw: RawStreamReceiver, codec: Arc<dyn Codec<T>>) -> Self {
+    pub(crate) fn new(raw: RawStreamReceiver, codec: Arc<dyn Decoder<T>>) -> Self {
         ResponseStream { raw, codec }
     }
 
@@ -303,7 +303,7 @@ impl<T: 'static> Stream for ResponseStream<T> {
 /// The client's messages, encoded with the method's codec straight into the call's outbox.
 pub struct StreamSender<T> {
     raw: RawStreamSender,
-    codec: Arc<dyn Codec<T>>,
+    codec: Arc<dyn Encoder<T>>,
 }
 
 impl<T> std::fmt::Debug for StreamSender<T> {
@@ -315,7 +315,7 @@ impl<T> std::fmt::Debug for StreamSender<T> {
 }
 
 impl<T: 'static> StreamSender<T> {
-    pub(crate) fn new(raw: RawStreamSender, codec: Arc<dyn Codec<T>>) -> Self {
+    pub(crate) fn new(raw: RawStreamSender, codec: Arc<dyn Encoder<T>>) -> Self {
         StreamSender { raw, codec }
     }
 
@@ -335,7 +335,7 @@ impl<T: 'static> StreamSender<T> {
 pub struct ClientStreaming<Req, Rsp> {
     sender: StreamSender<Req>,
     receiver: RawStreamReceiver,
-    codec: Arc<dyn Codec<Rsp>>,
+    codec: Arc<dyn Decoder<Rsp>>,
 }
 
 impl<Req, Rsp> std::fmt::Debug for ClientStreaming<Req, Rsp> {
@@ -350,7 +350,7 @@ impl<Req: 'static, Rsp: 'static> ClientStreaming<Req, Rsp> {
     pub(crate) fn new(
         sender: StreamSender<Req>,
         receiver: RawStreamReceiver,
-        codec: Arc<dyn Codec<Rsp>>,
+        codec: Arc<dyn Decoder<Rsp>>,
     ) -> Self {
         ClientStreaming {
             sender,
@@ -380,5 +380,29 @@ impl<Req: 'static, Rsp: 'static> ClientStreaming<Req, Rsp> {
             message: codec.decode(raw.body)?,
             metadata: raw.metadata,
         })
+    }
+}
+
+/// A bidirectional call in progress: the sender of the client's messages and the stream of
+/// the server's, each usable on its own (from two tasks if need be). Close the sender
+/// with [`StreamSender::close_send`] when done sending; dropping it first cancels the call.
+pub struct Bidi<Req, Rsp> {
+    pub sender: StreamSender<Req>,
+    pub responses: ResponseStream<Rsp>,
+}
+
+impl<Req, Rsp> std::fmt::Debug for Bidi<Req, Rsp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bidi")
+            .field("sender", &self.sender)
+            .field("responses", &self.responses)
+            .finish()
+    }
+}
+
+impl<Req, Rsp> Bidi<Req, Rsp> {
+    /// The two halves, to move them apart.
+    pub fn into_parts(self) -> (StreamSender<Req>, ResponseStream<Rsp>) {
+        (self.sender, self.responses)
     }
 }

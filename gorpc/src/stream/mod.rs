@@ -1,6 +1,6 @@
 //! Stream calls as the application sees them: the halves a handler holds ([`RequestStream`],
 //! [`ResponseSink`]) and those a caller holds ([`ResponseStream`], [`StreamSender`],
-//! [`ClientStreaming`]), over the hand-off each shares with whatever drives its call
+//! [`ClientStreaming`], [`Bidi`]), over the hand-off each shares with whatever drives its call
 //! (`handoff`: the binary connection's driver, or a gRPC call's).
 //!
 //! Flow control stays in the core (or in HTTP/2); the hand-offs only batch. A sending half
@@ -19,7 +19,7 @@ mod server;
 
 pub(crate) use client::StreamDriver;
 pub use client::{
-    ClientStreaming, RawStreamReceiver, RawStreamSender, ResponseStream, StreamSender,
+    Bidi, ClientStreaming, RawStreamReceiver, RawStreamSender, ResponseStream, StreamSender,
 };
 pub use handoff::OUTBOX_LIMIT;
 pub use server::{RawRequestStream, RawResponseSink, RequestStream, ResponseSink};

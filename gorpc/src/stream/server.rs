@@ -9,7 +9,7 @@ use futures::Stream;
 use gorpc_proto::{CallId, Code, Status};
 
 use super::handoff::{Delivery, InboxReader, OutboxSender, StreamControl};
-use crate::codec::Codec;
+use crate::codec::{Decoder, Encoder};
 use crate::metadata::Metadata;
 
 /// The messages of a client stream, as a handler reads them: raw bodies, in order; the
@@ -58,7 +58,7 @@ impl Drop for RawRequestStream {
 /// decode ends the stream with that error.
 pub struct RequestStream<T> {
     raw: RawRequestStream,
-    codec: Arc<dyn Codec<T>>,
+    codec: Arc<dyn Decoder<T>>,
     failed: bool,
 }
 
@@ -71,7 +71,7 @@ impl<T> std::fmt::Debug for RequestStream<T> {
 }
 
 impl<T> RequestStream<T> {
-    pub(crate) fn new(raw: RawRequestStream, codec: Arc<dyn Codec<T>>) -> Self {
+    pub(crate) fn new(raw: RawRequestStream, codec: Arc<dyn Decoder<T>>) -> Self {
         RequestStream {
             raw,
             codec,
@@ -147,7 +147,7 @@ impl RawResponseSink {
 /// straight into the call's outbox.
 pub struct ResponseSink<T> {
     raw: RawResponseSink,
-    codec: Arc<dyn Codec<T>>,
+    codec: Arc<dyn Encoder<T>>,
 }
 
 impl<T> std::fmt::Debug for ResponseSink<T> {
@@ -159,7 +159,7 @@ impl<T> std::fmt::Debug for ResponseSink<T> {
 }
 
 impl<T: 'static> ResponseSink<T> {
-    pub(crate) fn new(raw: RawResponseSink, codec: Arc<dyn Codec<T>>) -> Self {
+    pub(crate) fn new(raw: RawResponseSink, codec: Arc<dyn Encoder<T>>) -> Self {
         ResponseSink { raw, codec }
     }
 
