@@ -62,7 +62,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let late = client.call_with::<_, u64>(SLOW, &1_000u64, options).await;
     tracing::info!(error = %late.unwrap_err(), "a call past its deadline, as the client sees it");
 
-    tracing::info!("metrics at http://{addr}/metrics, health at http://{addr}/healthz; Ctrl-C stops");
+    tracing::info!(
+        "metrics at http://{addr}/metrics, health at http://{addr}/healthz; Ctrl-C stops"
+    );
     tokio::signal::ctrl_c().await?;
     server.shutdown(Duration::from_secs(5)).await;
     Ok(())

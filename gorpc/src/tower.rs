@@ -12,6 +12,10 @@
 //!     .layer(ConcurrencyLimitLayer::new(64));  // at most 64 calls in the handlers
 //! ```
 //!
+//! Layered services are cloned for each call, as tower expects: `ConcurrencyLimit`'s clones
+//! share their semaphore, for instance. A service that is not `Clone` because its state is
+//! its own (`RateLimit`) goes behind a `tower::buffer::Buffer`, which shares it.
+//!
 //! Layers see unary calls and the opening of stream calls, as interceptors do. Errors a
 //! layer returns become statuses: tower's `Elapsed` (timeout) `DeadlineExceeded`, its
 //! `Overloaded` (load shedding) `ResourceExhausted`, a [`Status`] itself, anything else
