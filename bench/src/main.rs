@@ -22,6 +22,10 @@
 //! up, each answered with the count the server took; the server's receive windows are each
 //! system's default (`--stream-window` and `--connection-window` set the clients' only).
 //!
+//! Beside tonic run two gRPC rows: gorpc-grpc-server (gorpc's server answering gRPC, called
+//! by tonic's client) and gorpc-grpc-client (gorpc's gRPC client calling tonic's server),
+//! for the echo, hello, stream and upload workloads alike, each set against tonic.
+//!
 //! With `--sweep 1,4,16,64,256` instead of `--concurrency`, every selected system runs at each
 //! of those concurrencies in turn (one JSON line per system and concurrency), and `--plot
 //! PATH.png` draws qps and p99 latency against concurrency:
@@ -82,9 +86,13 @@ enum Selection {
     GorpcTokio,
     GorpcSmol,
     Tonic,
+    /// gorpc's server answering gRPC, called by tonic's client.
+    GorpcGrpcServer,
+    /// gorpc's gRPC client, calling tonic's server.
+    GorpcGrpcClient,
     Tarpc,
     Raw,
-    /// All five, one after another, in the order above.
+    /// All of them, one after another, in the order above.
     All,
 }
 
@@ -94,6 +102,8 @@ impl Selection {
             Selection::GorpcTokio => vec![System::GorpcTokio],
             Selection::GorpcSmol => vec![System::GorpcSmol],
             Selection::Tonic => vec![System::Tonic],
+            Selection::GorpcGrpcServer => vec![System::GorpcGrpcServer],
+            Selection::GorpcGrpcClient => vec![System::GorpcGrpcClient],
             Selection::Tarpc => vec![System::Tarpc],
             Selection::Raw => vec![System::Raw],
             Selection::All => System::ALL.to_vec(),
@@ -663,6 +673,13 @@ fn stream_summary(workload: Workload, rows: &[StreamRow]) -> String {
                 window(r.connection_window, "default (gorpc 4 MiB, tonic 5 MiB)"),
             )
         };
+        if rows.iter().any(|r| r.system.starts_with("gorpc-grpc-")) {
+            s += if workload == Workload::Upload {
+                "gorpc-grpc-server has gorpc's server windows, gorpc-grpc-client tonic's\n"
+            } else {
+                "gorpc-grpc-server has tonic's client windows, gorpc-grpc-client gorpc's\n"
+            };
+        }
     }
     let results: Vec<(&str, usize, f64)> = rows
         .iter()
@@ -696,6 +713,8 @@ fn ratio_lines(what: &str, results: &[(&str, usize, f64)]) -> String {
             ("gorpc-tokio", "raw"),
             ("gorpc-smol", "tonic"),
             ("gorpc-smol", "gorpc-tokio"),
+            ("gorpc-grpc-server", "tonic"),
+            ("gorpc-grpc-client", "tonic"),
         ]
         .iter()
         .filter_map(|&(a, b)| match (value(a), value(b)) {
@@ -877,6 +896,39 @@ mod tests {
         assert_eq!(cli.run.messages, 500);
         assert_eq!(cli.run.stream_window, Some(2 << 20));
         assert_eq!(cli.run.connection_window, None);
+    }
+
+    #[test]
+    fn the_grpc_rows_are_set_against_tonic() {
+        let s = summary(&[
+            row("tonic", 64, 100.0),
+            row("gorpc-grpc-server", 64, 150.0),
+            row("gorpc-grpc-client", 64, 120.0),
+        ]);
+        assert!(
+            s.ends_with(
+                "\n\nqps ratios: gorpc-grpc-server/tonic 1.50x, gorpc-grpc-client/tonic 1.20x\n"
+            ),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn the_stream_summary_says_whose_windows_the_grpc_rows_have() {
+        let rows = [
+            stream_row("tonic", 100_000.0),
+            stream_row("gorpc-grpc-server", 150_000.0),
+        ];
+        let s = stream_summary(Workload::Stream, &rows);
+        assert!(
+            s.contains("gorpc-grpc-server has tonic's client windows"),
+            "{s}"
+        );
+        let s = stream_summary(Workload::Upload, &rows);
+        assert!(
+            s.contains("gorpc-grpc-server has gorpc's server windows"),
+            "{s}"
+        );
     }
 
     #[test]

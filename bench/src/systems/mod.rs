@@ -2,6 +2,7 @@
 //! that builds callers for the shared load generator (run in the parent).
 
 pub mod gorpc;
+pub mod grpc;
 pub mod raw;
 pub mod tarpc;
 pub mod tonic;
@@ -23,15 +24,21 @@ pub enum System {
     GorpcTokio,
     GorpcSmol,
     Tonic,
+    /// gorpc's server on tokio answering gRPC (`Server::http`), called by tonic's client.
+    GorpcGrpcServer,
+    /// gorpc's gRPC client (`Client::grpc`) on tokio, calling tonic's server.
+    GorpcGrpcClient,
     Tarpc,
     Raw,
 }
 
 impl System {
-    pub const ALL: [System; 5] = [
+    pub const ALL: [System; 7] = [
         System::GorpcTokio,
         System::GorpcSmol,
         System::Tonic,
+        System::GorpcGrpcServer,
+        System::GorpcGrpcClient,
         System::Tarpc,
         System::Raw,
     ];
@@ -47,6 +54,8 @@ impl System {
             System::GorpcTokio => "gorpc-tokio",
             System::GorpcSmol => "gorpc-smol",
             System::Tonic => "tonic",
+            System::GorpcGrpcServer => "gorpc-grpc-server",
+            System::GorpcGrpcClient => "gorpc-grpc-client",
             System::Tarpc => "tarpc",
             System::Raw => "raw",
         }
@@ -75,7 +84,7 @@ impl Workload {
 
 /// The message the stream-less systems give when asked for the stream workload.
 pub const NO_STREAMS: &str =
-    "the stream and upload workloads run on gorpc-tokio, gorpc-smol, tonic and raw only";
+    "the stream and upload workloads run on every system but tarpc, which has no streams";
 
 /// The name the hello workload sends.
 pub const HELLO_NAME: &str = "gorpc";
@@ -311,7 +320,10 @@ pub fn serve_forever(
         _ => tokio_runtime(threads)?.block_on(async move {
             let addr = match system {
                 System::GorpcTokio => gorpc::serve(gorpc_tokio::Tokio::current(), workload).await?,
-                System::Tonic => tonic::serve(workload).await?,
+                System::GorpcGrpcServer => {
+                    grpc::serve(gorpc_tokio::Tokio::current(), workload).await?
+                }
+                System::Tonic | System::GorpcGrpcClient => tonic::serve(workload).await?,
                 System::Tarpc => tarpc::serve(workload).await?,
                 System::Raw => raw::serve(workload).await?,
                 System::GorpcSmol => unreachable!("served on smol above"),
@@ -341,8 +353,13 @@ pub fn run_client(system: System, p: &ClientParams) -> Result<Measurement, Strin
                         let window = Window::starting_now(p.warmup, p.secs);
                         Ok(closed_loop_tokio(callers, window).await)
                     }
-                    System::Tonic => {
+                    System::Tonic | System::GorpcGrpcServer => {
                         let callers = tonic::callers(p).await?;
+                        let window = Window::starting_now(p.warmup, p.secs);
+                        Ok(closed_loop_tokio(callers, window).await)
+                    }
+                    System::GorpcGrpcClient => {
+                        let callers = grpc::callers(gorpc_tokio::Tokio::current(), p).await?;
                         let window = Window::starting_now(p.warmup, p.secs);
                         Ok(closed_loop_tokio(callers, window).await)
                     }
@@ -372,14 +389,22 @@ pub fn run_stream_client(system: System, p: &ClientParams) -> Result<StreamMeasu
             let window = Window::starting_now(p.warmup, p.secs);
             Ok(stream_loop_smol(&ex, callers, window).await)
         }),
-        System::GorpcTokio | System::Tonic | System::Raw => {
+        System::GorpcTokio
+        | System::Tonic
+        | System::GorpcGrpcServer
+        | System::GorpcGrpcClient
+        | System::Raw => {
             let runtime = tokio_runtime(p.threads).map_err(|e| e.to_string())?;
             let out = runtime.block_on(async move {
                 // The measured window starts once the callers are ready.
                 let window = || Window::starting_now(p.warmup, p.secs);
                 Ok(match system {
-                    System::Tonic => {
+                    System::Tonic | System::GorpcGrpcServer => {
                         stream_loop_tokio(tonic::stream_callers(p).await?, window()).await
+                    }
+                    System::GorpcGrpcClient => {
+                        let rt = gorpc_tokio::Tokio::current();
+                        stream_loop_tokio(grpc::stream_callers(rt, p).await?, window()).await
                     }
                     System::Raw => stream_loop_tokio(raw::stream_callers(p).await?, window()).await,
                     System::GorpcTokio => {
@@ -426,6 +451,16 @@ mod tests {
             .filter(|s| s.streams())
             .map(|s| s.name())
             .collect();
-        assert_eq!(streaming, ["gorpc-tokio", "gorpc-smol", "tonic", "raw"]);
+        assert_eq!(
+            streaming,
+            [
+                "gorpc-tokio",
+                "gorpc-smol",
+                "tonic",
+                "gorpc-grpc-server",
+                "gorpc-grpc-client",
+                "raw"
+            ]
+        );
     }
 }
