@@ -22,6 +22,12 @@
 //! up, each answered with the count the server took; the server's receive windows are each
 //! system's default (`--stream-window` and `--connection-window` set the clients' only).
 //!
+//! `--workload http` is the echo over HTTP/1.1: gorpc's HTTP client (`Client::http`, one
+//! per caller, each keeping its connection alive) POSTs `--payload` bytes to gorpc's echo
+//! method on a server with HTTP on (`Server::http`), on tokio and on smol:
+//!
+//! cargo run --release -p gorpc-bench -- --system all --workload http --payload 1024 --secs 5
+//!
 //! Beside tonic run two gRPC rows: gorpc-grpc-server (gorpc's server answering gRPC, called
 //! by tonic's client) and gorpc-grpc-client (gorpc's gRPC client calling tonic's server),
 //! for the echo, hello, stream and upload workloads alike, each set against tonic.
@@ -48,7 +54,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use loadgen::{Measurement, StreamMeasurement};
-use systems::{ClientParams, System, Workload, HELLO_NAME, NO_STREAMS};
+use systems::{ClientParams, System, Workload, HELLO_NAME};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -117,7 +123,8 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "all")]
     system: Selection,
     /// Callers in the closed loop [default: 64; 100 with --workload hello]; with --workload
-    /// stream or upload, the streams open at once [default: 1].
+    /// stream or upload, the streams open at once [default: 1]; with --workload http, each
+    /// caller has a connection of its own.
     #[arg(long)]
     concurrency: Option<usize>,
     /// Run at each of these concurrencies (comma-separated, e.g. 1,4,16,64,256) instead of
@@ -139,14 +146,16 @@ struct RunArgs {
     /// Length of the measured window in seconds.
     #[arg(long, default_value_t = 5.0)]
     secs: f64,
-    /// Connections the callers are spread over.
+    /// Connections the callers are spread over (not with --workload http: a connection per
+    /// caller).
     #[arg(long, default_value_t = 1)]
     connections: usize,
     /// Warm-up before the measured window, in seconds; its samples are dropped.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
     /// echo: payload bytes there and back; hello: the Go gorpc benchmark's SayHello;
-    /// stream: server streams of payload-sized messages; upload: client streams of them.
+    /// stream: server streams of payload-sized messages; upload: client streams of them;
+    /// http: the echo as HTTP/1.1 requests to gorpc's server (gorpc-tokio and gorpc-smol).
     #[arg(long, value_enum, default_value = "echo")]
     workload: Workload,
     /// With --workload stream or upload: messages per stream call, after which the client
@@ -239,6 +248,7 @@ fn workload_name(w: Workload) -> &'static str {
         Workload::Hello => "hello",
         Workload::Stream => "stream",
         Workload::Upload => "upload",
+        Workload::Http => "http",
     }
 }
 
@@ -333,11 +343,12 @@ impl Drop for ServerProcess {
 fn run_main(args: RunArgs) -> ExitCode {
     let concurrencies = args.sweep.clone().unwrap_or_else(|| {
         vec![args.concurrency.unwrap_or(match args.workload {
-            Workload::Echo => 64,
+            Workload::Echo | Workload::Http => 64,
             Workload::Hello => 100,
             Workload::Stream | Workload::Upload => 1,
         })]
     });
+    let not_run = args.workload.not_run().unwrap_or_default();
     let problems = [
         (
             args.sweep.is_none() && concurrencies.contains(&0),
@@ -386,8 +397,8 @@ fn run_main(args: RunArgs) -> ExitCode {
             "--plot draws latency, which the stream workloads do not measure",
         ),
         (
-            args.workload.streams() && args.system.systems().iter().all(|s| !s.streams()),
-            NO_STREAMS,
+            args.system.systems().iter().all(|s| !s.runs(args.workload)),
+            not_run,
         ),
         (
             args.workload == Workload::Upload
@@ -401,18 +412,28 @@ fn run_main(args: RunArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     pin(args.client_cpu, "client");
+
+    let (systems, skipped): (Vec<System>, Vec<System>) = args
+        .system
+        .systems()
+        .into_iter()
+        .partition(|s| s.runs(args.workload));
+    if !skipped.is_empty() {
+        let names: Vec<&str> = skipped.iter().map(|s| s.name()).collect();
+        eprintln!("gorpc-bench: skipping {}: {not_run}", and_list(&names));
+    }
     if args.workload.streams() {
-        return run_streams(&args, &concurrencies);
+        return run_streams(&args, &systems, &concurrencies);
     }
 
     let payload = match args.workload {
-        Workload::Echo | Workload::Stream | Workload::Upload => args.payload,
+        Workload::Echo | Workload::Stream | Workload::Upload | Workload::Http => args.payload,
         Workload::Hello => HELLO_NAME.len(),
     };
     let mut rows = Vec::new();
     let mut failed = false;
     for &concurrency in &concurrencies {
-        for system in args.system.systems() {
+        for &system in &systems {
             let measured = measure(system, &args, concurrency).unwrap_or_else(|e| {
                 eprintln!("gorpc-bench: {}: {e}", system.name());
                 failed = true;
@@ -422,7 +443,12 @@ fn run_main(args: RunArgs) -> ExitCode {
                 system: system.name(),
                 concurrency,
                 payload,
-                connections: args.connections,
+                // Over HTTP/1.1 every caller has its own connection.
+                connections: if args.workload == Workload::Http {
+                    concurrency
+                } else {
+                    args.connections
+                },
                 qps: round(measured.qps(), 1),
                 p50_us: round(measured.quantile_us(0.50), 3),
                 p99_us: round(measured.quantile_us(0.99), 3),
@@ -441,7 +467,7 @@ fn run_main(args: RunArgs) -> ExitCode {
     }
     eprint!("{}", summary(&rows));
     if let Some(path) = &args.plot {
-        let series = plot_series(&args.system.systems(), &rows);
+        let series = plot_series(&systems, &rows);
         match plot::render(path, &plot_title(&args, payload), &series) {
             Ok(()) => eprintln!("\nplot: {}", path.display()),
             Err(e) => {
@@ -458,20 +484,11 @@ fn run_main(args: RunArgs) -> ExitCode {
 }
 
 /// The stream or upload workload: every selected system that streams, at each concurrency.
-fn run_streams(args: &RunArgs, concurrencies: &[usize]) -> ExitCode {
-    let (systems, skipped): (Vec<System>, Vec<System>) =
-        args.system.systems().into_iter().partition(|s| s.streams());
-    if !skipped.is_empty() {
-        let names: Vec<&str> = skipped.iter().map(|s| s.name()).collect();
-        eprintln!(
-            "gorpc-bench: skipping {}: {NO_STREAMS}",
-            names.join(" and ")
-        );
-    }
+fn run_streams(args: &RunArgs, systems: &[System], concurrencies: &[usize]) -> ExitCode {
     let mut rows = Vec::new();
     let mut failed = false;
     for &concurrency in concurrencies {
-        for &system in &systems {
+        for &system in systems {
             let measured = measure_streams(system, args, concurrency).unwrap_or_else(|e| {
                 eprintln!("gorpc-bench: {}: {e}", system.name());
                 failed = true;
@@ -597,6 +614,15 @@ fn plot_title(args: &RunArgs, payload: usize) -> String {
         plural(args.connections, "connection", "connections"),
         args.secs,
     )
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn and_list(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => (*one).to_owned(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
 }
 
 fn round(x: f64, digits: i32) -> f64 {
@@ -929,6 +955,13 @@ mod tests {
             s.contains("gorpc-grpc-server has gorpc's server windows"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn skipped_systems_are_listed() {
+        assert_eq!(and_list(&["tarpc"]), "tarpc");
+        assert_eq!(and_list(&["tarpc", "raw"]), "tarpc and raw");
+        assert_eq!(and_list(&["tonic", "tarpc", "raw"]), "tonic, tarpc and raw");
     }
 
     #[test]

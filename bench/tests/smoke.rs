@@ -166,3 +166,81 @@ fn the_upload_workload_refuses_client_windows() {
     let stderr = String::from_utf8(out.stderr).expect("utf-8 stderr");
     assert!(stderr.contains("which an upload does not use"), "{stderr}");
 }
+
+/// Runs the benchmark with `args` (and a short window) to its end; returns its JSON lines
+/// and its stderr, having checked that it succeeded.
+fn run_ok(args: &[&str]) -> (Vec<serde_json::Value>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gorpc-bench"))
+        .args(["--secs", "1", "--warmup", "0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the benchmark runs");
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 stdout");
+    let stderr = String::from_utf8(out.stderr).expect("utf-8 stderr");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}\n{stdout}\n{stderr}",
+        out.status
+    );
+    // Not a terminal: no progress line.
+    assert!(!stderr.contains('\r'), "{stderr:?}");
+    let rows = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    (rows, stderr)
+}
+
+fn systems_of(rows: &[serde_json::Value]) -> Vec<&str> {
+    rows.iter().map(|r| r["system"].as_str().unwrap()).collect()
+}
+
+#[test]
+fn the_http_workload_runs_on_gorpc() {
+    let (rows, stderr) = run_ok(&[
+        "--system",
+        "all",
+        "--workload",
+        "http",
+        "--concurrency",
+        "8",
+        "--payload",
+        "1024",
+    ]);
+    assert!(
+        stderr.contains(
+            "skipping tonic, gorpc-grpc-server, gorpc-grpc-client, tarpc and raw: \
+             the http workload runs on gorpc-tokio and gorpc-smol only"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(systems_of(&rows), ["gorpc-tokio", "gorpc-smol"]);
+    for row in &rows {
+        assert!(row["qps"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["errors"].as_u64(), Some(0), "{row}");
+        assert_eq!(row["payload"].as_u64(), Some(1024), "{row}");
+        // A connection per caller.
+        assert_eq!(row["connections"].as_u64(), Some(8), "{row}");
+    }
+    assert!(
+        stderr.contains("qps ratios: gorpc-smol/gorpc-tokio "),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_http_workload_refuses_the_other_systems() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gorpc-bench"))
+        .args(["--system", "tonic", "--workload", "http", "--secs", "1"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("the benchmark runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8(out.stderr).expect("utf-8 stderr");
+    assert!(
+        stderr.contains("runs on gorpc-tokio and gorpc-smol only"),
+        "{stderr}"
+    );
+}

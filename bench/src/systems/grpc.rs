@@ -39,6 +39,11 @@ pub async fn serve<R: Runtime>(rt: R, workload: Workload) -> std::io::Result<Soc
         Workload::Hello => Router::new().unary(HELLO_METHOD, Protobuf, say_hello),
         Workload::Stream => Router::new().server_stream(DOWNLOAD_METHOD, Protobuf, download),
         Workload::Upload => Router::new().client_stream(UPLOAD_METHOD, Protobuf, upload),
+        Workload::Http => {
+            return Err(std::io::Error::other(
+                "gorpc-grpc-server does not run the http workload",
+            ))
+        }
     };
     let server = Server::new(rt, router)
         .http()
@@ -142,6 +147,7 @@ pub async fn callers<R: Runtime>(rt: R, p: &ClientParams) -> Result<Vec<GrpcCall
                 Workload::Stream | Workload::Upload => {
                     unreachable!("stream callers come from stream_callers")
                 }
+                Workload::Http => unreachable!("gorpc-grpc-client does not run the http workload"),
             }
         })
         .collect())

@@ -49,6 +49,16 @@ impl System {
         !matches!(self, System::Tarpc)
     }
 
+    /// Whether the system runs `workload`: the stream workloads wherever there are streams,
+    /// the http workload on gorpc's own HTTP/1.1 server and client only.
+    pub fn runs(self, workload: Workload) -> bool {
+        match workload {
+            Workload::Echo | Workload::Hello => true,
+            Workload::Stream | Workload::Upload => self.streams(),
+            Workload::Http => matches!(self, System::GorpcTokio | System::GorpcSmol),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             System::GorpcTokio => "gorpc-tokio",
@@ -73,6 +83,10 @@ pub enum Workload {
     Stream,
     /// A client stream: `messages` messages of `payload` bytes up, a count back.
     Upload,
+    /// `payload` bytes out and back as HTTP/1.1 POSTs to gorpc's echo method, raw codec
+    /// (`application/octet-stream`), over kept-alive connections: gorpc's HTTP client
+    /// against gorpc's server with HTTP on.
+    Http,
 }
 
 impl Workload {
@@ -80,11 +94,23 @@ impl Workload {
     pub fn streams(self) -> bool {
         matches!(self, Workload::Stream | Workload::Upload)
     }
+
+    /// What the systems that do not run this workload are told (`None`: all run it).
+    pub fn not_run(self) -> Option<&'static str> {
+        match self {
+            Workload::Echo | Workload::Hello => None,
+            Workload::Stream | Workload::Upload => Some(NO_STREAMS),
+            Workload::Http => Some(NO_HTTP),
+        }
+    }
 }
 
 /// The message the stream-less systems give when asked for the stream workload.
 pub const NO_STREAMS: &str =
     "the stream and upload workloads run on every system but tarpc, which has no streams";
+
+/// The message the systems without gorpc's HTTP/1.1 give when asked for the http workload.
+pub const NO_HTTP: &str = "the http workload runs on gorpc-tokio and gorpc-smol only";
 
 /// The name the hello workload sends.
 pub const HELLO_NAME: &str = "gorpc";
@@ -462,5 +488,18 @@ mod tests {
                 "raw"
             ]
         );
+    }
+
+    #[test]
+    fn only_gorpc_runs_the_http_workload() {
+        let http: Vec<&str> = System::ALL
+            .iter()
+            .filter(|s| s.runs(Workload::Http))
+            .map(|s| s.name())
+            .collect();
+        assert_eq!(http, ["gorpc-tokio", "gorpc-smol"]);
+        assert!(System::ALL.iter().all(|s| s.runs(Workload::Echo)));
+        assert_eq!(Workload::Echo.not_run(), None);
+        assert_eq!(Workload::Http.not_run(), Some(NO_HTTP));
     }
 }
