@@ -32,6 +32,9 @@
 //! by tonic's client) and gorpc-grpc-client (gorpc's gRPC client calling tonic's server),
 //! for the echo, hello, stream and upload workloads alike, each set against tonic.
 //!
+//! `--repeat N` runs the whole selection N times and ends with each ratio's median and its
+//! min–max over the runs.
+//!
 //! With `--sweep 1,4,16,64,256` instead of `--concurrency`, every selected system runs at each
 //! of those concurrencies in turn (one JSON line per system and concurrency), and `--plot
 //! PATH.png` draws qps and p99 latency against concurrency:
@@ -117,11 +120,28 @@ impl Selection {
     }
 }
 
+/// The systems of `selections`, in the order given, each once.
+fn selected(selections: &[Selection]) -> Vec<System> {
+    let mut systems = Vec::new();
+    for system in selections.iter().flat_map(|s| s.systems()) {
+        if !systems.contains(&system) {
+            systems.push(system);
+        }
+    }
+    systems
+}
+
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// The system to measure, or all of them.
-    #[arg(long, value_enum, default_value = "all")]
-    system: Selection,
+    /// The systems to measure (comma-separated, run in the order given), or all of them.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        value_name = "SYSTEM,...",
+        default_value = "all"
+    )]
+    system: Vec<Selection>,
     /// Callers in the closed loop [default: 64; 100 with --workload hello]; with --workload
     /// stream or upload, the streams open at once [default: 1]; with --workload http, each
     /// caller has a connection of its own.
@@ -184,6 +204,10 @@ struct RunArgs {
     /// Worker threads of the client's runtime.
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
+    /// Run the whole selection this many times in a row, then print each ratio's median and
+    /// min–max over the runs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    repeat: usize,
 }
 
 /// One result line; the field order is the output's key order.
@@ -198,6 +222,9 @@ struct Row {
     p99_us: f64,
     p999_us: f64,
     errors: u64,
+    /// Which run of `--repeat N` (absent when there is one run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run: Option<usize>,
 }
 
 /// One stream result line; the field order is the output's key order.
@@ -219,6 +246,9 @@ struct StreamRow {
     /// Message payload bytes per second in MB (10^6 bytes), framing not counted.
     mb_per_s: f64,
     errors: u64,
+    /// Which run of `--repeat N` (absent when there is one run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -385,6 +415,11 @@ fn run_main(args: RunArgs) -> ExitCode {
             "--payload is too large",
         ),
         (args.messages == 0, "--messages must be at least 1"),
+        (args.repeat == 0, "--repeat must be at least 1"),
+        (
+            args.repeat > 1 && args.plot.is_some(),
+            "--plot draws one run; it does not combine with --repeat",
+        ),
         (
             [args.stream_window, args.connection_window]
                 .iter()
@@ -397,7 +432,9 @@ fn run_main(args: RunArgs) -> ExitCode {
             "--plot draws latency, which the stream workloads do not measure",
         ),
         (
-            args.system.systems().iter().all(|s| !s.runs(args.workload)),
+            selected(&args.system)
+                .iter()
+                .all(|s| !s.runs(args.workload)),
             not_run,
         ),
         (
@@ -413,28 +450,76 @@ fn run_main(args: RunArgs) -> ExitCode {
     }
     pin(args.client_cpu, "client");
 
-    let (systems, skipped): (Vec<System>, Vec<System>) = args
-        .system
-        .systems()
+    let (systems, skipped): (Vec<System>, Vec<System>) = selected(&args.system)
         .into_iter()
         .partition(|s| s.runs(args.workload));
     if !skipped.is_empty() {
         let names: Vec<&str> = skipped.iter().map(|s| s.name()).collect();
         eprintln!("gorpc-bench: skipping {}: {not_run}", and_list(&names));
     }
-    if args.workload.streams() {
-        return run_streams(&args, &systems, &concurrencies);
+    let plan = Plan {
+        args: &args,
+        systems: &systems,
+        concurrencies: &concurrencies,
+    };
+    let mut runs = Vec::with_capacity(args.repeat);
+    let mut failed = false;
+    for run in 1..=args.repeat {
+        let run = (args.repeat > 1).then_some(run);
+        let outcome = if args.workload.streams() {
+            run_streams(&plan, run)
+        } else {
+            run_calls(&plan, run)
+        };
+        failed |= outcome.failed;
+        runs.push(outcome.ratios);
     }
+    if args.repeat > 1 {
+        let what = if args.workload.streams() {
+            "messages/s"
+        } else {
+            "qps"
+        };
+        eprint!("{}", repeat_summary(what, &runs));
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
 
+/// What every run of the selection measures.
+struct Plan<'a> {
+    args: &'a RunArgs,
+    /// The selected systems that run the workload, in order.
+    systems: &'a [System],
+    concurrencies: &'a [usize],
+}
+
+/// One run of the selection: its ratios, and whether any system failed.
+struct RunOutcome {
+    ratios: Ratios,
+    failed: bool,
+}
+
+/// Heads a run's table when there are several runs.
+fn run_heading(run: Option<usize>, args: &RunArgs) -> String {
+    run.map_or_else(String::new, |r| format!("\nrun {r} of {}:\n", args.repeat))
+}
+
+/// The call workloads (echo, hello, http): every system at each concurrency, once.
+fn run_calls(plan: &Plan, run: Option<usize>) -> RunOutcome {
+    let args = plan.args;
     let payload = match args.workload {
         Workload::Echo | Workload::Stream | Workload::Upload | Workload::Http => args.payload,
         Workload::Hello => HELLO_NAME.len(),
     };
     let mut rows = Vec::new();
     let mut failed = false;
-    for &concurrency in &concurrencies {
-        for &system in &systems {
-            let measured = measure(system, &args, concurrency).unwrap_or_else(|e| {
+    for &concurrency in plan.concurrencies {
+        for &system in plan.systems {
+            let measured = measure(system, args, concurrency).unwrap_or_else(|e| {
                 eprintln!("gorpc-bench: {}: {e}", system.name());
                 failed = true;
                 Measurement::failed()
@@ -454,6 +539,7 @@ fn run_main(args: RunArgs) -> ExitCode {
                 p99_us: round(measured.quantile_us(0.99), 3),
                 p999_us: round(measured.quantile_us(0.999), 3),
                 errors: measured.errors,
+                run,
             };
             let mut out = std::io::stdout().lock();
             let _ = writeln!(
@@ -465,10 +551,10 @@ fn run_main(args: RunArgs) -> ExitCode {
             rows.push(row);
         }
     }
-    eprint!("{}", summary(&rows));
+    eprint!("{}{}", run_heading(run, args), summary(&rows));
     if let Some(path) = &args.plot {
-        let series = plot_series(&systems, &rows);
-        match plot::render(path, &plot_title(&args, payload), &series) {
+        let series = plot_series(plan.systems, &rows);
+        match plot::render(path, &plot_title(args, payload), &series) {
             Ok(()) => eprintln!("\nplot: {}", path.display()),
             Err(e) => {
                 eprintln!("gorpc-bench: --plot: {e}");
@@ -476,19 +562,23 @@ fn run_main(args: RunArgs) -> ExitCode {
             }
         }
     }
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+    let results: Vec<(&str, usize, f64)> = rows
+        .iter()
+        .map(|r| (r.system, r.concurrency, r.qps))
+        .collect();
+    RunOutcome {
+        ratios: ratios(&results),
+        failed,
     }
 }
 
-/// The stream or upload workload: every selected system that streams, at each concurrency.
-fn run_streams(args: &RunArgs, systems: &[System], concurrencies: &[usize]) -> ExitCode {
+/// The stream or upload workload: every selected system at each concurrency, once.
+fn run_streams(plan: &Plan, run: Option<usize>) -> RunOutcome {
+    let args = plan.args;
     let mut rows = Vec::new();
     let mut failed = false;
-    for &concurrency in concurrencies {
-        for &system in systems {
+    for &concurrency in plan.concurrencies {
+        for &system in plan.systems {
             let measured = measure_streams(system, args, concurrency).unwrap_or_else(|e| {
                 eprintln!("gorpc-bench: {}: {e}", system.name());
                 failed = true;
@@ -509,6 +599,7 @@ fn run_streams(args: &RunArgs, systems: &[System], concurrencies: &[usize]) -> E
                 msgs_per_s: round(measured.messages_per_sec(), 1),
                 mb_per_s: round(measured.mb_per_sec(args.payload), 2),
                 errors: measured.errors,
+                run,
             };
             let mut out = std::io::stdout().lock();
             let _ = writeln!(
@@ -520,11 +611,18 @@ fn run_streams(args: &RunArgs, systems: &[System], concurrencies: &[usize]) -> E
             rows.push(row);
         }
     }
-    eprint!("{}", stream_summary(args.workload, &rows));
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+    eprint!(
+        "{}{}",
+        run_heading(run, args),
+        stream_summary(args.workload, &rows)
+    );
+    let results: Vec<(&str, usize, f64)> = rows
+        .iter()
+        .map(|r| (r.system, r.concurrency, r.msgs_per_s))
+        .collect();
+    RunOutcome {
+        ratios: ratios(&results),
+        failed,
     }
 }
 
@@ -654,7 +752,7 @@ fn summary(rows: &[Row]) -> String {
         .iter()
         .map(|r| (r.system, r.concurrency, r.qps))
         .collect();
-    s += &ratio_lines("qps", &results);
+    s += &ratio_lines("qps", &ratios(&results));
     s
 }
 
@@ -711,60 +809,150 @@ fn stream_summary(workload: Workload, rows: &[StreamRow]) -> String {
         .iter()
         .map(|r| (r.system, r.concurrency, r.msgs_per_s))
         .collect();
-    s += &ratio_lines("messages/s", &results);
+    s += &ratio_lines("messages/s", &ratios(&results));
     s
 }
 
-/// The `what` ratios of the pairs present in `results` (system, concurrency, value),
-/// compared at the same concurrency: one line for a single run, one line per concurrency
-/// for a sweep; preceded by an empty line when there is any.
-fn ratio_lines(what: &str, results: &[(&str, usize, f64)]) -> String {
+/// The pairs whose ratios are reported, numerator first, in the order printed.
+const RATIO_PAIRS: [(&str, &str); 7] = [
+    ("gorpc-tokio", "tonic"),
+    ("gorpc-tokio", "tarpc"),
+    ("gorpc-tokio", "raw"),
+    ("gorpc-smol", "tonic"),
+    ("gorpc-smol", "gorpc-tokio"),
+    ("gorpc-grpc-server", "tonic"),
+    ("gorpc-grpc-client", "tonic"),
+];
+
+/// One run's ratios: per concurrency, in the order run, each pair present (`a/b`) and its
+/// value.
+type Ratios = Vec<(usize, Vec<(String, f64)>)>;
+
+/// The ratios of the pairs present in `results` (system, concurrency, value), compared at
+/// the same concurrency; concurrencies with no pair are left out.
+fn ratios(results: &[(&str, usize, f64)]) -> Ratios {
     let mut concurrencies: Vec<usize> = Vec::new();
     for &(_, c, _) in results {
         if !concurrencies.contains(&c) {
             concurrencies.push(c);
         }
     }
-    let mut lines = Vec::new();
-    for &c in &concurrencies {
-        let value = |name: &str| {
-            results
+    concurrencies
+        .into_iter()
+        .filter_map(|c| {
+            let value = |name: &str| {
+                results
+                    .iter()
+                    .find(|&&(system, at, _)| system == name && at == c)
+                    .map(|&(_, _, v)| v)
+            };
+            let pairs: Vec<(String, f64)> = RATIO_PAIRS
                 .iter()
-                .find(|&&(system, at, _)| system == name && at == c)
-                .map(|&(_, _, v)| v)
-        };
-        let ratios: Vec<String> = [
-            ("gorpc-tokio", "tonic"),
-            ("gorpc-tokio", "tarpc"),
-            ("gorpc-tokio", "raw"),
-            ("gorpc-smol", "tonic"),
-            ("gorpc-smol", "gorpc-tokio"),
-            ("gorpc-grpc-server", "tonic"),
-            ("gorpc-grpc-client", "tonic"),
-        ]
+                .filter_map(|&(a, b)| match (value(a), value(b)) {
+                    (Some(x), Some(y)) if y > 0.0 => Some((format!("{a}/{b}"), x / y)),
+                    _ => None,
+                })
+                .collect();
+            (!pairs.is_empty()).then_some((c, pairs))
+        })
+        .collect()
+}
+
+/// The `what` ratios of one run: one line for a single concurrency, one line per
+/// concurrency for a sweep; preceded by an empty line when there is any.
+fn ratio_lines(what: &str, ratios: &Ratios) -> String {
+    let lines: Vec<String> = ratios
         .iter()
-        .filter_map(|&(a, b)| match (value(a), value(b)) {
-            (Some(x), Some(y)) if y > 0.0 => Some(format!("{a}/{b} {:.2}x", x / y)),
-            _ => None,
+        .map(|(c, pairs)| {
+            let pairs: Vec<String> = pairs
+                .iter()
+                .map(|(name, x)| format!("{name} {x:.2}x"))
+                .collect();
+            if ratios.len() == 1 {
+                format!("{what} ratios: {}\n", pairs.join(", "))
+            } else {
+                format!("{what} ratios at concurrency {c}: {}\n", pairs.join(", "))
+            }
         })
         .collect();
-        if ratios.is_empty() {
-            continue;
-        }
-        if concurrencies.len() == 1 {
-            lines.push(format!("{what} ratios: {}\n", ratios.join(", ")));
-        } else {
-            lines.push(format!(
-                "{what} ratios at concurrency {c}: {}\n",
-                ratios.join(", ")
-            ));
-        }
-    }
     if lines.is_empty() {
         String::new()
     } else {
         format!("\n{}", lines.concat())
     }
+}
+
+/// Each ratio's median and min–max over the runs of `--repeat`, one line per concurrency
+/// (a ratio missing from some runs, whose denominator failed there, says over how many it
+/// was taken).
+fn repeat_summary(what: &str, runs: &[Ratios]) -> String {
+    // Every (concurrency, pair) in the order first seen, with its value in each run.
+    type Values<'a> = Vec<(&'a str, Vec<f64>)>;
+    let mut table: Vec<(usize, Values)> = Vec::new();
+    for run in runs {
+        for (c, pairs) in run {
+            let at = match table.iter().position(|(at, _)| at == c) {
+                Some(i) => i,
+                None => {
+                    table.push((*c, Vec::new()));
+                    table.len() - 1
+                }
+            };
+            let row = &mut table[at].1;
+            for (name, x) in pairs {
+                match row.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, values)) => values.push(*x),
+                    None => row.push((name, vec![*x])),
+                }
+            }
+        }
+    }
+    let n = runs.len();
+    let lines: Vec<String> = table
+        .iter()
+        .map(|(c, pairs)| {
+            let pairs: Vec<String> = pairs
+                .iter()
+                .map(|(name, values)| {
+                    let (median, min, max) = spread(values);
+                    let over = if values.len() < n {
+                        format!(" in {} of {n} runs", values.len())
+                    } else {
+                        String::new()
+                    };
+                    format!("{name} {median:.2}x ({min:.2}–{max:.2}x{over})")
+                })
+                .collect();
+            let at = if table.len() > 1 {
+                format!(" at concurrency {c}")
+            } else {
+                String::new()
+            };
+            format!(
+                "{what} ratios{at}, median of {n} runs (min–max): {}\n",
+                pairs.join(", ")
+            )
+        })
+        .collect();
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("\n{}", lines.concat())
+    }
+}
+
+/// The median, minimum and maximum of `values` (not empty); an even count's median is
+/// the mean of the middle two.
+fn spread(values: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    let median = if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    };
+    (median, sorted[0], sorted[sorted.len() - 1])
 }
 
 #[cfg(test)]
@@ -782,6 +970,7 @@ mod tests {
             p99_us: 20.0,
             p999_us: 30.0,
             errors: 0,
+            run: None,
         }
     }
 
@@ -847,6 +1036,7 @@ mod tests {
             msgs_per_s,
             mb_per_s: msgs_per_s * 1024.0 / 1e6,
             errors: 0,
+            run: None,
         }
     }
 
@@ -958,10 +1148,115 @@ mod tests {
     }
 
     #[test]
+    fn a_row_names_its_run_only_when_repeated() {
+        let once = serde_json::to_string(&row("tonic", 1, 1.0)).unwrap();
+        assert!(!once.contains("run"), "{once}");
+        let again = serde_json::to_string(&Row {
+            run: Some(2),
+            ..row("tonic", 1, 1.0)
+        })
+        .unwrap();
+        assert!(again.ends_with(",\"errors\":0,\"run\":2}"), "{again}");
+    }
+
+    #[test]
     fn skipped_systems_are_listed() {
         assert_eq!(and_list(&["tarpc"]), "tarpc");
         assert_eq!(and_list(&["tarpc", "raw"]), "tarpc and raw");
         assert_eq!(and_list(&["tonic", "tarpc", "raw"]), "tonic, tarpc and raw");
+    }
+
+    #[test]
+    fn medians_and_spreads() {
+        assert_eq!(spread(&[3.0]), (3.0, 3.0, 3.0));
+        assert_eq!(spread(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(spread(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+    }
+
+    #[test]
+    fn repeated_runs_end_with_each_ratios_median_and_spread() {
+        let run = |tokio: f64, smol: f64| {
+            ratios(&[
+                ("gorpc-tokio", 64, tokio),
+                ("gorpc-smol", 64, smol),
+                ("tonic", 64, 100.0),
+            ])
+        };
+        let s = repeat_summary(
+            "qps",
+            &[run(200.0, 100.0), run(150.0, 0.0), run(250.0, 90.0)],
+        );
+        assert_eq!(
+            s,
+            "\nqps ratios, median of 3 runs (min–max): gorpc-tokio/tonic 2.00x (1.50–2.50x), \
+             gorpc-smol/tonic 0.90x (0.00–1.00x), gorpc-smol/gorpc-tokio 0.36x (0.00–0.50x)\n"
+        );
+        // A ratio whose denominator failed in a run is taken over the others.
+        let failed = ratios(&[("gorpc-tokio", 64, 200.0), ("tonic", 64, 0.0)]);
+        let s = repeat_summary("qps", &[run(200.0, 100.0), failed]);
+        assert!(
+            s.contains("gorpc-tokio/tonic 2.00x (2.00–2.00x in 1 of 2 runs)"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn a_repeated_sweep_has_a_median_line_per_concurrency() {
+        let run = |x: f64| {
+            ratios(&[
+                ("gorpc-tokio", 1, x),
+                ("tonic", 1, 100.0),
+                ("gorpc-tokio", 4, 2.0 * x),
+                ("tonic", 4, 100.0),
+            ])
+        };
+        let s = repeat_summary("qps", &[run(100.0), run(300.0)]);
+        assert_eq!(
+            s,
+            "\nqps ratios at concurrency 1, median of 2 runs (min–max): gorpc-tokio/tonic \
+             2.00x (1.00–3.00x)\n\
+             qps ratios at concurrency 4, median of 2 runs (min–max): gorpc-tokio/tonic \
+             4.00x (2.00–6.00x)\n"
+        );
+    }
+
+    #[test]
+    fn repeat_and_the_new_names_parse() {
+        let cli = Cli::try_parse_from([
+            "gorpc-bench",
+            "--repeat",
+            "3",
+            "--system",
+            "gorpc-grpc-server",
+            "--workload",
+            "http",
+        ])
+        .expect("parses");
+        assert_eq!(cli.run.repeat, 3);
+        assert_eq!(selected(&cli.run.system), [System::GorpcGrpcServer]);
+        assert_eq!(cli.run.workload, Workload::Http);
+        let cli = Cli::try_parse_from(["gorpc-bench", "--system", "tonic,gorpc-grpc-client,tonic"])
+            .expect("parses");
+        assert_eq!(
+            selected(&cli.run.system),
+            [System::Tonic, System::GorpcGrpcClient]
+        );
+        let cli = Cli::try_parse_from(["gorpc-bench"]).expect("parses");
+        assert_eq!(selected(&cli.run.system), System::ALL);
+        let all = Selection::All.systems();
+        let names: Vec<&str> = all.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "gorpc-tokio",
+                "gorpc-smol",
+                "tonic",
+                "gorpc-grpc-server",
+                "gorpc-grpc-client",
+                "tarpc",
+                "raw"
+            ]
+        );
     }
 
     #[test]

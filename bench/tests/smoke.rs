@@ -183,8 +183,6 @@ fn run_ok(args: &[&str]) -> (Vec<serde_json::Value>, String) {
         "{args:?}: {}\n{stdout}\n{stderr}",
         out.status
     );
-    // Not a terminal: no progress line.
-    assert!(!stderr.contains('\r'), "{stderr:?}");
     let rows = stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
@@ -194,6 +192,32 @@ fn run_ok(args: &[&str]) -> (Vec<serde_json::Value>, String) {
 
 fn systems_of(rows: &[serde_json::Value]) -> Vec<&str> {
     rows.iter().map(|r| r["system"].as_str().unwrap()).collect()
+}
+
+#[test]
+fn the_grpc_rows_say_hello_to_tonic() {
+    let (rows, stderr) = run_ok(&[
+        "--system",
+        "tonic,gorpc-grpc-server,gorpc-grpc-client",
+        "--workload",
+        "hello",
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(
+        systems_of(&rows),
+        ["tonic", "gorpc-grpc-server", "gorpc-grpc-client"]
+    );
+    for row in &rows {
+        assert!(row["qps"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["errors"].as_u64(), Some(0), "{row}");
+        assert_eq!(row["payload"].as_u64(), Some(5), "{row}");
+    }
+    assert!(
+        stderr.contains("qps ratios: gorpc-grpc-server/tonic ")
+            && stderr.contains(", gorpc-grpc-client/tonic "),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -232,7 +256,7 @@ fn the_http_workload_runs_on_gorpc() {
 #[test]
 fn the_http_workload_refuses_the_other_systems() {
     let out = Command::new(env!("CARGO_BIN_EXE_gorpc-bench"))
-        .args(["--system", "tonic", "--workload", "http", "--secs", "1"])
+        .args(["--system", "tonic,raw", "--workload", "http", "--secs", "1"])
         .stdin(Stdio::null())
         .output()
         .expect("the benchmark runs");
@@ -243,4 +267,46 @@ fn the_http_workload_refuses_the_other_systems() {
         stderr.contains("runs on gorpc-tokio and gorpc-smol only"),
         "{stderr}"
     );
+}
+
+#[test]
+fn repeat_prints_each_run_and_the_median_of_the_ratios() {
+    let (rows, stderr) = run_ok(&[
+        "--system",
+        "gorpc-tokio,tonic",
+        "--repeat",
+        "2",
+        "--concurrency",
+        "4",
+        "--payload",
+        "64",
+    ]);
+    let runs: Vec<(&str, u64)> = rows
+        .iter()
+        .map(|r| (r["system"].as_str().unwrap(), r["run"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            ("gorpc-tokio", 1),
+            ("tonic", 1),
+            ("gorpc-tokio", 2),
+            ("tonic", 2)
+        ]
+    );
+    for row in &rows {
+        assert_eq!(row["errors"].as_u64(), Some(0), "{row}");
+    }
+    assert!(stderr.contains("\nrun 1 of 2:\n"), "{stderr}");
+    assert!(stderr.contains("\nrun 2 of 2:\n"), "{stderr}");
+    assert_eq!(
+        stderr.matches("qps ratios: gorpc-tokio/tonic ").count(),
+        2,
+        "{stderr}"
+    );
+    let median = stderr
+        .lines()
+        .find(|l| l.starts_with("qps ratios, median of 2 runs (min–max): gorpc-tokio/tonic "))
+        .unwrap_or_else(|| panic!("no median line in {stderr}"));
+    assert!(median.ends_with("x)"), "{median}");
 }
