@@ -44,6 +44,7 @@
 
 mod loadgen;
 mod plot;
+mod progress;
 mod systems;
 
 use std::io::{BufRead, BufReader, Write};
@@ -57,6 +58,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use loadgen::{Measurement, StreamMeasurement};
+use progress::Progress;
 use systems::{ClientParams, System, Workload, HELLO_NAME};
 
 #[derive(Parser, Debug)]
@@ -457,10 +459,15 @@ fn run_main(args: RunArgs) -> ExitCode {
         let names: Vec<&str> = skipped.iter().map(|s| s.name()).collect();
         eprintln!("gorpc-bench: skipping {}: {not_run}", and_list(&names));
     }
+    let progress = Progress::new(
+        args.repeat * concurrencies.len() * systems.len(),
+        Duration::from_secs_f64(args.warmup + args.secs),
+    );
     let plan = Plan {
         args: &args,
         systems: &systems,
         concurrencies: &concurrencies,
+        progress: &progress,
     };
     let mut runs = Vec::with_capacity(args.repeat);
     let mut failed = false;
@@ -474,6 +481,7 @@ fn run_main(args: RunArgs) -> ExitCode {
         failed |= outcome.failed;
         runs.push(outcome.ratios);
     }
+    drop(progress);
     if args.repeat > 1 {
         let what = if args.workload.streams() {
             "messages/s"
@@ -495,6 +503,21 @@ struct Plan<'a> {
     /// The selected systems that run the workload, in order.
     systems: &'a [System],
     concurrencies: &'a [usize],
+    progress: &'a Progress,
+}
+
+impl Plan<'_> {
+    /// What the progress line says while `system` runs at `concurrency`.
+    fn label(&self, run: Option<usize>, system: System, concurrency: usize) -> String {
+        let run = run.map_or_else(String::new, |r| {
+            format!("run {r} of {}: ", self.args.repeat)
+        });
+        format!(
+            "{run}{}, {} workload, concurrency {concurrency}",
+            system.name(),
+            workload_name(self.args.workload),
+        )
+    }
 }
 
 /// One run of the selection: its ratios, and whether any system failed.
@@ -519,7 +542,10 @@ fn run_calls(plan: &Plan, run: Option<usize>) -> RunOutcome {
     let mut failed = false;
     for &concurrency in plan.concurrencies {
         for &system in plan.systems {
-            let measured = measure(system, args, concurrency).unwrap_or_else(|e| {
+            plan.progress.start(plan.label(run, system, concurrency));
+            let measured = measure(system, args, concurrency);
+            plan.progress.done();
+            let measured = measured.unwrap_or_else(|e| {
                 eprintln!("gorpc-bench: {}: {e}", system.name());
                 failed = true;
                 Measurement::failed()
@@ -579,7 +605,10 @@ fn run_streams(plan: &Plan, run: Option<usize>) -> RunOutcome {
     let mut failed = false;
     for &concurrency in plan.concurrencies {
         for &system in plan.systems {
-            let measured = measure_streams(system, args, concurrency).unwrap_or_else(|e| {
+            plan.progress.start(plan.label(run, system, concurrency));
+            let measured = measure_streams(system, args, concurrency);
+            plan.progress.done();
+            let measured = measured.unwrap_or_else(|e| {
                 eprintln!("gorpc-bench: {}: {e}", system.name());
                 failed = true;
                 StreamMeasurement::failed()

@@ -183,6 +183,8 @@ fn run_ok(args: &[&str]) -> (Vec<serde_json::Value>, String) {
         "{args:?}: {}\n{stdout}\n{stderr}",
         out.status
     );
+    // Not a terminal: no progress line.
+    assert!(!stderr.contains('\r'), "{stderr:?}");
     let rows = stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
