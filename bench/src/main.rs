@@ -22,6 +22,19 @@
 //! up, each answered with the count the server took; the server's receive windows are each
 //! system's default (`--stream-window` and `--connection-window` set the clients' only).
 //!
+//! `--workload http` is the echo over HTTP/1.1: gorpc's HTTP client (`Client::http`, one
+//! per caller, each keeping its connection alive) POSTs `--payload` bytes to gorpc's echo
+//! method on a server with HTTP on (`Server::http`), on tokio and on smol:
+//!
+//! cargo run --release -p gorpc-bench -- --system all --workload http --payload 1024 --secs 5
+//!
+//! Beside tonic run two gRPC rows: gorpc-grpc-server (gorpc's server answering gRPC, called
+//! by tonic's client) and gorpc-grpc-client (gorpc's gRPC client calling tonic's server),
+//! for the echo, hello, stream and upload workloads alike, each set against tonic.
+//!
+//! `--repeat N` runs the whole selection N times and ends with each ratio's median and its
+//! min–max over the runs.
+//!
 //! With `--sweep 1,4,16,64,256` instead of `--concurrency`, every selected system runs at each
 //! of those concurrencies in turn (one JSON line per system and concurrency), and `--plot
 //! PATH.png` draws qps and p99 latency against concurrency:
@@ -31,6 +44,7 @@
 
 mod loadgen;
 mod plot;
+mod progress;
 mod systems;
 
 use std::io::{BufRead, BufReader, Write};
@@ -44,7 +58,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use loadgen::{Measurement, StreamMeasurement};
-use systems::{ClientParams, System, Workload, HELLO_NAME, NO_STREAMS};
+use progress::Progress;
+use systems::{ClientParams, System, Workload, HELLO_NAME};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -82,9 +97,13 @@ enum Selection {
     GorpcTokio,
     GorpcSmol,
     Tonic,
+    /// gorpc's server answering gRPC, called by tonic's client.
+    GorpcGrpcServer,
+    /// gorpc's gRPC client, calling tonic's server.
+    GorpcGrpcClient,
     Tarpc,
     Raw,
-    /// All five, one after another, in the order above.
+    /// All of them, one after another, in the order above.
     All,
 }
 
@@ -94,6 +113,8 @@ impl Selection {
             Selection::GorpcTokio => vec![System::GorpcTokio],
             Selection::GorpcSmol => vec![System::GorpcSmol],
             Selection::Tonic => vec![System::Tonic],
+            Selection::GorpcGrpcServer => vec![System::GorpcGrpcServer],
+            Selection::GorpcGrpcClient => vec![System::GorpcGrpcClient],
             Selection::Tarpc => vec![System::Tarpc],
             Selection::Raw => vec![System::Raw],
             Selection::All => System::ALL.to_vec(),
@@ -101,13 +122,31 @@ impl Selection {
     }
 }
 
+/// The systems of `selections`, in the order given, each once.
+fn selected(selections: &[Selection]) -> Vec<System> {
+    let mut systems = Vec::new();
+    for system in selections.iter().flat_map(|s| s.systems()) {
+        if !systems.contains(&system) {
+            systems.push(system);
+        }
+    }
+    systems
+}
+
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// The system to measure, or all of them.
-    #[arg(long, value_enum, default_value = "all")]
-    system: Selection,
+    /// The systems to measure (comma-separated, run in the order given), or all of them.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        value_name = "SYSTEM,...",
+        default_value = "all"
+    )]
+    system: Vec<Selection>,
     /// Callers in the closed loop [default: 64; 100 with --workload hello]; with --workload
-    /// stream or upload, the streams open at once [default: 1].
+    /// stream or upload, the streams open at once [default: 1]; with --workload http, each
+    /// caller has a connection of its own.
     #[arg(long)]
     concurrency: Option<usize>,
     /// Run at each of these concurrencies (comma-separated, e.g. 1,4,16,64,256) instead of
@@ -129,14 +168,16 @@ struct RunArgs {
     /// Length of the measured window in seconds.
     #[arg(long, default_value_t = 5.0)]
     secs: f64,
-    /// Connections the callers are spread over.
+    /// Connections the callers are spread over (not with --workload http: a connection per
+    /// caller).
     #[arg(long, default_value_t = 1)]
     connections: usize,
     /// Warm-up before the measured window, in seconds; its samples are dropped.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
     /// echo: payload bytes there and back; hello: the Go gorpc benchmark's SayHello;
-    /// stream: server streams of payload-sized messages; upload: client streams of them.
+    /// stream: server streams of payload-sized messages; upload: client streams of them;
+    /// http: the echo as HTTP/1.1 requests to gorpc's server (gorpc-tokio and gorpc-smol).
     #[arg(long, value_enum, default_value = "echo")]
     workload: Workload,
     /// With --workload stream or upload: messages per stream call, after which the client
@@ -165,6 +206,10 @@ struct RunArgs {
     /// Worker threads of the client's runtime.
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
+    /// Run the whole selection this many times in a row, then print each ratio's median and
+    /// min–max over the runs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    repeat: usize,
 }
 
 /// One result line; the field order is the output's key order.
@@ -179,6 +224,9 @@ struct Row {
     p99_us: f64,
     p999_us: f64,
     errors: u64,
+    /// Which run of `--repeat N` (absent when there is one run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run: Option<usize>,
 }
 
 /// One stream result line; the field order is the output's key order.
@@ -200,6 +248,9 @@ struct StreamRow {
     /// Message payload bytes per second in MB (10^6 bytes), framing not counted.
     mb_per_s: f64,
     errors: u64,
+    /// Which run of `--repeat N` (absent when there is one run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -229,6 +280,7 @@ fn workload_name(w: Workload) -> &'static str {
         Workload::Hello => "hello",
         Workload::Stream => "stream",
         Workload::Upload => "upload",
+        Workload::Http => "http",
     }
 }
 
@@ -323,11 +375,12 @@ impl Drop for ServerProcess {
 fn run_main(args: RunArgs) -> ExitCode {
     let concurrencies = args.sweep.clone().unwrap_or_else(|| {
         vec![args.concurrency.unwrap_or(match args.workload {
-            Workload::Echo => 64,
+            Workload::Echo | Workload::Http => 64,
             Workload::Hello => 100,
             Workload::Stream | Workload::Upload => 1,
         })]
     });
+    let not_run = args.workload.not_run().unwrap_or_default();
     let problems = [
         (
             args.sweep.is_none() && concurrencies.contains(&0),
@@ -364,6 +417,11 @@ fn run_main(args: RunArgs) -> ExitCode {
             "--payload is too large",
         ),
         (args.messages == 0, "--messages must be at least 1"),
+        (args.repeat == 0, "--repeat must be at least 1"),
+        (
+            args.repeat > 1 && args.plot.is_some(),
+            "--plot draws one run; it does not combine with --repeat",
+        ),
         (
             [args.stream_window, args.connection_window]
                 .iter()
@@ -376,8 +434,10 @@ fn run_main(args: RunArgs) -> ExitCode {
             "--plot draws latency, which the stream workloads do not measure",
         ),
         (
-            args.workload.streams() && args.system.systems().iter().all(|s| !s.streams()),
-            NO_STREAMS,
+            selected(&args.system)
+                .iter()
+                .all(|s| !s.runs(args.workload)),
+            not_run,
         ),
         (
             args.workload == Workload::Upload
@@ -391,19 +451,101 @@ fn run_main(args: RunArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     pin(args.client_cpu, "client");
-    if args.workload.streams() {
-        return run_streams(&args, &concurrencies);
-    }
 
+    let (systems, skipped): (Vec<System>, Vec<System>) = selected(&args.system)
+        .into_iter()
+        .partition(|s| s.runs(args.workload));
+    if !skipped.is_empty() {
+        let names: Vec<&str> = skipped.iter().map(|s| s.name()).collect();
+        eprintln!("gorpc-bench: skipping {}: {not_run}", and_list(&names));
+    }
+    let progress = Progress::new(
+        args.repeat * concurrencies.len() * systems.len(),
+        Duration::from_secs_f64(args.warmup + args.secs),
+    );
+    let plan = Plan {
+        args: &args,
+        systems: &systems,
+        concurrencies: &concurrencies,
+        progress: &progress,
+    };
+    let mut runs = Vec::with_capacity(args.repeat);
+    let mut failed = false;
+    for run in 1..=args.repeat {
+        let run = (args.repeat > 1).then_some(run);
+        let outcome = if args.workload.streams() {
+            run_streams(&plan, run)
+        } else {
+            run_calls(&plan, run)
+        };
+        failed |= outcome.failed;
+        runs.push(outcome.ratios);
+    }
+    drop(progress);
+    if args.repeat > 1 {
+        let what = if args.workload.streams() {
+            "messages/s"
+        } else {
+            "qps"
+        };
+        eprint!("{}", repeat_summary(what, &runs));
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// What every run of the selection measures.
+struct Plan<'a> {
+    args: &'a RunArgs,
+    /// The selected systems that run the workload, in order.
+    systems: &'a [System],
+    concurrencies: &'a [usize],
+    progress: &'a Progress,
+}
+
+impl Plan<'_> {
+    /// What the progress line says while `system` runs at `concurrency`.
+    fn label(&self, run: Option<usize>, system: System, concurrency: usize) -> String {
+        let run = run.map_or_else(String::new, |r| {
+            format!("run {r} of {}: ", self.args.repeat)
+        });
+        format!(
+            "{run}{}, {} workload, concurrency {concurrency}",
+            system.name(),
+            workload_name(self.args.workload),
+        )
+    }
+}
+
+/// One run of the selection: its ratios, and whether any system failed.
+struct RunOutcome {
+    ratios: Ratios,
+    failed: bool,
+}
+
+/// Heads a run's table when there are several runs.
+fn run_heading(run: Option<usize>, args: &RunArgs) -> String {
+    run.map_or_else(String::new, |r| format!("\nrun {r} of {}:\n", args.repeat))
+}
+
+/// The call workloads (echo, hello, http): every system at each concurrency, once.
+fn run_calls(plan: &Plan, run: Option<usize>) -> RunOutcome {
+    let args = plan.args;
     let payload = match args.workload {
-        Workload::Echo | Workload::Stream | Workload::Upload => args.payload,
+        Workload::Echo | Workload::Stream | Workload::Upload | Workload::Http => args.payload,
         Workload::Hello => HELLO_NAME.len(),
     };
     let mut rows = Vec::new();
     let mut failed = false;
-    for &concurrency in &concurrencies {
-        for system in args.system.systems() {
-            let measured = measure(system, &args, concurrency).unwrap_or_else(|e| {
+    for &concurrency in plan.concurrencies {
+        for &system in plan.systems {
+            plan.progress.start(plan.label(run, system, concurrency));
+            let measured = measure(system, args, concurrency);
+            plan.progress.done();
+            let measured = measured.unwrap_or_else(|e| {
                 eprintln!("gorpc-bench: {}: {e}", system.name());
                 failed = true;
                 Measurement::failed()
@@ -412,12 +554,18 @@ fn run_main(args: RunArgs) -> ExitCode {
                 system: system.name(),
                 concurrency,
                 payload,
-                connections: args.connections,
+                // Over HTTP/1.1 every caller has its own connection.
+                connections: if args.workload == Workload::Http {
+                    concurrency
+                } else {
+                    args.connections
+                },
                 qps: round(measured.qps(), 1),
                 p50_us: round(measured.quantile_us(0.50), 3),
                 p99_us: round(measured.quantile_us(0.99), 3),
                 p999_us: round(measured.quantile_us(0.999), 3),
                 errors: measured.errors,
+                run,
             };
             let mut out = std::io::stdout().lock();
             let _ = writeln!(
@@ -429,10 +577,10 @@ fn run_main(args: RunArgs) -> ExitCode {
             rows.push(row);
         }
     }
-    eprint!("{}", summary(&rows));
+    eprint!("{}{}", run_heading(run, args), summary(&rows));
     if let Some(path) = &args.plot {
-        let series = plot_series(&args.system.systems(), &rows);
-        match plot::render(path, &plot_title(&args, payload), &series) {
+        let series = plot_series(plan.systems, &rows);
+        match plot::render(path, &plot_title(args, payload), &series) {
             Ok(()) => eprintln!("\nplot: {}", path.display()),
             Err(e) => {
                 eprintln!("gorpc-bench: --plot: {e}");
@@ -440,29 +588,27 @@ fn run_main(args: RunArgs) -> ExitCode {
             }
         }
     }
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+    let results: Vec<(&str, usize, f64)> = rows
+        .iter()
+        .map(|r| (r.system, r.concurrency, r.qps))
+        .collect();
+    RunOutcome {
+        ratios: ratios(&results),
+        failed,
     }
 }
 
-/// The stream or upload workload: every selected system that streams, at each concurrency.
-fn run_streams(args: &RunArgs, concurrencies: &[usize]) -> ExitCode {
-    let (systems, skipped): (Vec<System>, Vec<System>) =
-        args.system.systems().into_iter().partition(|s| s.streams());
-    if !skipped.is_empty() {
-        let names: Vec<&str> = skipped.iter().map(|s| s.name()).collect();
-        eprintln!(
-            "gorpc-bench: skipping {}: {NO_STREAMS}",
-            names.join(" and ")
-        );
-    }
+/// The stream or upload workload: every selected system at each concurrency, once.
+fn run_streams(plan: &Plan, run: Option<usize>) -> RunOutcome {
+    let args = plan.args;
     let mut rows = Vec::new();
     let mut failed = false;
-    for &concurrency in concurrencies {
-        for &system in &systems {
-            let measured = measure_streams(system, args, concurrency).unwrap_or_else(|e| {
+    for &concurrency in plan.concurrencies {
+        for &system in plan.systems {
+            plan.progress.start(plan.label(run, system, concurrency));
+            let measured = measure_streams(system, args, concurrency);
+            plan.progress.done();
+            let measured = measured.unwrap_or_else(|e| {
                 eprintln!("gorpc-bench: {}: {e}", system.name());
                 failed = true;
                 StreamMeasurement::failed()
@@ -482,6 +628,7 @@ fn run_streams(args: &RunArgs, concurrencies: &[usize]) -> ExitCode {
                 msgs_per_s: round(measured.messages_per_sec(), 1),
                 mb_per_s: round(measured.mb_per_sec(args.payload), 2),
                 errors: measured.errors,
+                run,
             };
             let mut out = std::io::stdout().lock();
             let _ = writeln!(
@@ -493,11 +640,18 @@ fn run_streams(args: &RunArgs, concurrencies: &[usize]) -> ExitCode {
             rows.push(row);
         }
     }
-    eprint!("{}", stream_summary(args.workload, &rows));
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+    eprint!(
+        "{}{}",
+        run_heading(run, args),
+        stream_summary(args.workload, &rows)
+    );
+    let results: Vec<(&str, usize, f64)> = rows
+        .iter()
+        .map(|r| (r.system, r.concurrency, r.msgs_per_s))
+        .collect();
+    RunOutcome {
+        ratios: ratios(&results),
+        failed,
     }
 }
 
@@ -589,6 +743,15 @@ fn plot_title(args: &RunArgs, payload: usize) -> String {
     )
 }
 
+/// `a`, `a and b`, `a, b and c`.
+fn and_list(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => (*one).to_owned(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
 fn round(x: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
     (x * scale).round() / scale
@@ -618,7 +781,7 @@ fn summary(rows: &[Row]) -> String {
         .iter()
         .map(|r| (r.system, r.concurrency, r.qps))
         .collect();
-    s += &ratio_lines("qps", &results);
+    s += &ratio_lines("qps", &ratios(&results));
     s
 }
 
@@ -663,63 +826,162 @@ fn stream_summary(workload: Workload, rows: &[StreamRow]) -> String {
                 window(r.connection_window, "default (gorpc 4 MiB, tonic 5 MiB)"),
             )
         };
+        if rows.iter().any(|r| r.system.starts_with("gorpc-grpc-")) {
+            s += if workload == Workload::Upload {
+                "gorpc-grpc-server has gorpc's server windows, gorpc-grpc-client tonic's\n"
+            } else {
+                "gorpc-grpc-server has tonic's client windows, gorpc-grpc-client gorpc's\n"
+            };
+        }
     }
     let results: Vec<(&str, usize, f64)> = rows
         .iter()
         .map(|r| (r.system, r.concurrency, r.msgs_per_s))
         .collect();
-    s += &ratio_lines("messages/s", &results);
+    s += &ratio_lines("messages/s", &ratios(&results));
     s
 }
 
-/// The `what` ratios of the pairs present in `results` (system, concurrency, value),
-/// compared at the same concurrency: one line for a single run, one line per concurrency
-/// for a sweep; preceded by an empty line when there is any.
-fn ratio_lines(what: &str, results: &[(&str, usize, f64)]) -> String {
+/// The pairs whose ratios are reported, numerator first, in the order printed.
+const RATIO_PAIRS: [(&str, &str); 7] = [
+    ("gorpc-tokio", "tonic"),
+    ("gorpc-tokio", "tarpc"),
+    ("gorpc-tokio", "raw"),
+    ("gorpc-smol", "tonic"),
+    ("gorpc-smol", "gorpc-tokio"),
+    ("gorpc-grpc-server", "tonic"),
+    ("gorpc-grpc-client", "tonic"),
+];
+
+/// One run's ratios: per concurrency, in the order run, each pair present (`a/b`) and its
+/// value.
+type Ratios = Vec<(usize, Vec<(String, f64)>)>;
+
+/// The ratios of the pairs present in `results` (system, concurrency, value), compared at
+/// the same concurrency; concurrencies with no pair are left out.
+fn ratios(results: &[(&str, usize, f64)]) -> Ratios {
     let mut concurrencies: Vec<usize> = Vec::new();
     for &(_, c, _) in results {
         if !concurrencies.contains(&c) {
             concurrencies.push(c);
         }
     }
-    let mut lines = Vec::new();
-    for &c in &concurrencies {
-        let value = |name: &str| {
-            results
+    concurrencies
+        .into_iter()
+        .filter_map(|c| {
+            let value = |name: &str| {
+                results
+                    .iter()
+                    .find(|&&(system, at, _)| system == name && at == c)
+                    .map(|&(_, _, v)| v)
+            };
+            let pairs: Vec<(String, f64)> = RATIO_PAIRS
                 .iter()
-                .find(|&&(system, at, _)| system == name && at == c)
-                .map(|&(_, _, v)| v)
-        };
-        let ratios: Vec<String> = [
-            ("gorpc-tokio", "tonic"),
-            ("gorpc-tokio", "tarpc"),
-            ("gorpc-tokio", "raw"),
-            ("gorpc-smol", "tonic"),
-            ("gorpc-smol", "gorpc-tokio"),
-        ]
+                .filter_map(|&(a, b)| match (value(a), value(b)) {
+                    (Some(x), Some(y)) if y > 0.0 => Some((format!("{a}/{b}"), x / y)),
+                    _ => None,
+                })
+                .collect();
+            (!pairs.is_empty()).then_some((c, pairs))
+        })
+        .collect()
+}
+
+/// The `what` ratios of one run: one line for a single concurrency, one line per
+/// concurrency for a sweep; preceded by an empty line when there is any.
+fn ratio_lines(what: &str, ratios: &Ratios) -> String {
+    let lines: Vec<String> = ratios
         .iter()
-        .filter_map(|&(a, b)| match (value(a), value(b)) {
-            (Some(x), Some(y)) if y > 0.0 => Some(format!("{a}/{b} {:.2}x", x / y)),
-            _ => None,
+        .map(|(c, pairs)| {
+            let pairs: Vec<String> = pairs
+                .iter()
+                .map(|(name, x)| format!("{name} {x:.2}x"))
+                .collect();
+            if ratios.len() == 1 {
+                format!("{what} ratios: {}\n", pairs.join(", "))
+            } else {
+                format!("{what} ratios at concurrency {c}: {}\n", pairs.join(", "))
+            }
         })
         .collect();
-        if ratios.is_empty() {
-            continue;
-        }
-        if concurrencies.len() == 1 {
-            lines.push(format!("{what} ratios: {}\n", ratios.join(", ")));
-        } else {
-            lines.push(format!(
-                "{what} ratios at concurrency {c}: {}\n",
-                ratios.join(", ")
-            ));
-        }
-    }
     if lines.is_empty() {
         String::new()
     } else {
         format!("\n{}", lines.concat())
     }
+}
+
+/// Each ratio's median and min–max over the runs of `--repeat`, one line per concurrency
+/// (a ratio missing from some runs, whose denominator failed there, says over how many it
+/// was taken).
+fn repeat_summary(what: &str, runs: &[Ratios]) -> String {
+    // Every (concurrency, pair) in the order first seen, with its value in each run.
+    type Values<'a> = Vec<(&'a str, Vec<f64>)>;
+    let mut table: Vec<(usize, Values)> = Vec::new();
+    for run in runs {
+        for (c, pairs) in run {
+            let at = match table.iter().position(|(at, _)| at == c) {
+                Some(i) => i,
+                None => {
+                    table.push((*c, Vec::new()));
+                    table.len() - 1
+                }
+            };
+            let row = &mut table[at].1;
+            for (name, x) in pairs {
+                match row.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, values)) => values.push(*x),
+                    None => row.push((name, vec![*x])),
+                }
+            }
+        }
+    }
+    let n = runs.len();
+    let lines: Vec<String> = table
+        .iter()
+        .map(|(c, pairs)| {
+            let pairs: Vec<String> = pairs
+                .iter()
+                .map(|(name, values)| {
+                    let (median, min, max) = spread(values);
+                    let over = if values.len() < n {
+                        format!(" in {} of {n} runs", values.len())
+                    } else {
+                        String::new()
+                    };
+                    format!("{name} {median:.2}x ({min:.2}–{max:.2}x{over})")
+                })
+                .collect();
+            let at = if table.len() > 1 {
+                format!(" at concurrency {c}")
+            } else {
+                String::new()
+            };
+            format!(
+                "{what} ratios{at}, median of {n} runs (min–max): {}\n",
+                pairs.join(", ")
+            )
+        })
+        .collect();
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("\n{}", lines.concat())
+    }
+}
+
+/// The median, minimum and maximum of `values` (not empty); an even count's median is
+/// the mean of the middle two.
+fn spread(values: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    let median = if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    };
+    (median, sorted[0], sorted[sorted.len() - 1])
 }
 
 #[cfg(test)]
@@ -737,6 +999,7 @@ mod tests {
             p99_us: 20.0,
             p999_us: 30.0,
             errors: 0,
+            run: None,
         }
     }
 
@@ -802,6 +1065,7 @@ mod tests {
             msgs_per_s,
             mb_per_s: msgs_per_s * 1024.0 / 1e6,
             errors: 0,
+            run: None,
         }
     }
 
@@ -877,6 +1141,151 @@ mod tests {
         assert_eq!(cli.run.messages, 500);
         assert_eq!(cli.run.stream_window, Some(2 << 20));
         assert_eq!(cli.run.connection_window, None);
+    }
+
+    #[test]
+    fn the_grpc_rows_are_set_against_tonic() {
+        let s = summary(&[
+            row("tonic", 64, 100.0),
+            row("gorpc-grpc-server", 64, 150.0),
+            row("gorpc-grpc-client", 64, 120.0),
+        ]);
+        assert!(
+            s.ends_with(
+                "\n\nqps ratios: gorpc-grpc-server/tonic 1.50x, gorpc-grpc-client/tonic 1.20x\n"
+            ),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn the_stream_summary_says_whose_windows_the_grpc_rows_have() {
+        let rows = [
+            stream_row("tonic", 100_000.0),
+            stream_row("gorpc-grpc-server", 150_000.0),
+        ];
+        let s = stream_summary(Workload::Stream, &rows);
+        assert!(
+            s.contains("gorpc-grpc-server has tonic's client windows"),
+            "{s}"
+        );
+        let s = stream_summary(Workload::Upload, &rows);
+        assert!(
+            s.contains("gorpc-grpc-server has gorpc's server windows"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn a_row_names_its_run_only_when_repeated() {
+        let once = serde_json::to_string(&row("tonic", 1, 1.0)).unwrap();
+        assert!(!once.contains("run"), "{once}");
+        let again = serde_json::to_string(&Row {
+            run: Some(2),
+            ..row("tonic", 1, 1.0)
+        })
+        .unwrap();
+        assert!(again.ends_with(",\"errors\":0,\"run\":2}"), "{again}");
+    }
+
+    #[test]
+    fn skipped_systems_are_listed() {
+        assert_eq!(and_list(&["tarpc"]), "tarpc");
+        assert_eq!(and_list(&["tarpc", "raw"]), "tarpc and raw");
+        assert_eq!(and_list(&["tonic", "tarpc", "raw"]), "tonic, tarpc and raw");
+    }
+
+    #[test]
+    fn medians_and_spreads() {
+        assert_eq!(spread(&[3.0]), (3.0, 3.0, 3.0));
+        assert_eq!(spread(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(spread(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+    }
+
+    #[test]
+    fn repeated_runs_end_with_each_ratios_median_and_spread() {
+        let run = |tokio: f64, smol: f64| {
+            ratios(&[
+                ("gorpc-tokio", 64, tokio),
+                ("gorpc-smol", 64, smol),
+                ("tonic", 64, 100.0),
+            ])
+        };
+        let s = repeat_summary(
+            "qps",
+            &[run(200.0, 100.0), run(150.0, 0.0), run(250.0, 90.0)],
+        );
+        assert_eq!(
+            s,
+            "\nqps ratios, median of 3 runs (min–max): gorpc-tokio/tonic 2.00x (1.50–2.50x), \
+             gorpc-smol/tonic 0.90x (0.00–1.00x), gorpc-smol/gorpc-tokio 0.36x (0.00–0.50x)\n"
+        );
+        // A ratio whose denominator failed in a run is taken over the others.
+        let failed = ratios(&[("gorpc-tokio", 64, 200.0), ("tonic", 64, 0.0)]);
+        let s = repeat_summary("qps", &[run(200.0, 100.0), failed]);
+        assert!(
+            s.contains("gorpc-tokio/tonic 2.00x (2.00–2.00x in 1 of 2 runs)"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn a_repeated_sweep_has_a_median_line_per_concurrency() {
+        let run = |x: f64| {
+            ratios(&[
+                ("gorpc-tokio", 1, x),
+                ("tonic", 1, 100.0),
+                ("gorpc-tokio", 4, 2.0 * x),
+                ("tonic", 4, 100.0),
+            ])
+        };
+        let s = repeat_summary("qps", &[run(100.0), run(300.0)]);
+        assert_eq!(
+            s,
+            "\nqps ratios at concurrency 1, median of 2 runs (min–max): gorpc-tokio/tonic \
+             2.00x (1.00–3.00x)\n\
+             qps ratios at concurrency 4, median of 2 runs (min–max): gorpc-tokio/tonic \
+             4.00x (2.00–6.00x)\n"
+        );
+    }
+
+    #[test]
+    fn repeat_and_the_new_names_parse() {
+        let cli = Cli::try_parse_from([
+            "gorpc-bench",
+            "--repeat",
+            "3",
+            "--system",
+            "gorpc-grpc-server",
+            "--workload",
+            "http",
+        ])
+        .expect("parses");
+        assert_eq!(cli.run.repeat, 3);
+        assert_eq!(selected(&cli.run.system), [System::GorpcGrpcServer]);
+        assert_eq!(cli.run.workload, Workload::Http);
+        let cli = Cli::try_parse_from(["gorpc-bench", "--system", "tonic,gorpc-grpc-client,tonic"])
+            .expect("parses");
+        assert_eq!(
+            selected(&cli.run.system),
+            [System::Tonic, System::GorpcGrpcClient]
+        );
+        let cli = Cli::try_parse_from(["gorpc-bench"]).expect("parses");
+        assert_eq!(selected(&cli.run.system), System::ALL);
+        let all = Selection::All.systems();
+        let names: Vec<&str> = all.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "gorpc-tokio",
+                "gorpc-smol",
+                "tonic",
+                "gorpc-grpc-server",
+                "gorpc-grpc-client",
+                "tarpc",
+                "raw"
+            ]
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! that builds callers for the shared load generator (run in the parent).
 
 pub mod gorpc;
+pub mod grpc;
 pub mod raw;
 pub mod tarpc;
 pub mod tonic;
@@ -23,15 +24,21 @@ pub enum System {
     GorpcTokio,
     GorpcSmol,
     Tonic,
+    /// gorpc's server on tokio answering gRPC (`Server::http`), called by tonic's client.
+    GorpcGrpcServer,
+    /// gorpc's gRPC client (`Client::grpc`) on tokio, calling tonic's server.
+    GorpcGrpcClient,
     Tarpc,
     Raw,
 }
 
 impl System {
-    pub const ALL: [System; 5] = [
+    pub const ALL: [System; 7] = [
         System::GorpcTokio,
         System::GorpcSmol,
         System::Tonic,
+        System::GorpcGrpcServer,
+        System::GorpcGrpcClient,
         System::Tarpc,
         System::Raw,
     ];
@@ -42,11 +49,23 @@ impl System {
         !matches!(self, System::Tarpc)
     }
 
+    /// Whether the system runs `workload`: the stream workloads wherever there are streams,
+    /// the http workload on gorpc's own HTTP/1.1 server and client only.
+    pub fn runs(self, workload: Workload) -> bool {
+        match workload {
+            Workload::Echo | Workload::Hello => true,
+            Workload::Stream | Workload::Upload => self.streams(),
+            Workload::Http => matches!(self, System::GorpcTokio | System::GorpcSmol),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             System::GorpcTokio => "gorpc-tokio",
             System::GorpcSmol => "gorpc-smol",
             System::Tonic => "tonic",
+            System::GorpcGrpcServer => "gorpc-grpc-server",
+            System::GorpcGrpcClient => "gorpc-grpc-client",
             System::Tarpc => "tarpc",
             System::Raw => "raw",
         }
@@ -64,6 +83,10 @@ pub enum Workload {
     Stream,
     /// A client stream: `messages` messages of `payload` bytes up, a count back.
     Upload,
+    /// `payload` bytes out and back as HTTP/1.1 POSTs to gorpc's echo method, raw codec
+    /// (`application/octet-stream`), over kept-alive connections: gorpc's HTTP client
+    /// against gorpc's server with HTTP on.
+    Http,
 }
 
 impl Workload {
@@ -71,11 +94,23 @@ impl Workload {
     pub fn streams(self) -> bool {
         matches!(self, Workload::Stream | Workload::Upload)
     }
+
+    /// What the systems that do not run this workload are told (`None`: all run it).
+    pub fn not_run(self) -> Option<&'static str> {
+        match self {
+            Workload::Echo | Workload::Hello => None,
+            Workload::Stream | Workload::Upload => Some(NO_STREAMS),
+            Workload::Http => Some(NO_HTTP),
+        }
+    }
 }
 
 /// The message the stream-less systems give when asked for the stream workload.
 pub const NO_STREAMS: &str =
-    "the stream and upload workloads run on gorpc-tokio, gorpc-smol, tonic and raw only";
+    "the stream and upload workloads run on every system but tarpc, which has no streams";
+
+/// The message the systems without gorpc's HTTP/1.1 give when asked for the http workload.
+pub const NO_HTTP: &str = "the http workload runs on gorpc-tokio and gorpc-smol only";
 
 /// The name the hello workload sends.
 pub const HELLO_NAME: &str = "gorpc";
@@ -311,7 +346,10 @@ pub fn serve_forever(
         _ => tokio_runtime(threads)?.block_on(async move {
             let addr = match system {
                 System::GorpcTokio => gorpc::serve(gorpc_tokio::Tokio::current(), workload).await?,
-                System::Tonic => tonic::serve(workload).await?,
+                System::GorpcGrpcServer => {
+                    grpc::serve(gorpc_tokio::Tokio::current(), workload).await?
+                }
+                System::Tonic | System::GorpcGrpcClient => tonic::serve(workload).await?,
                 System::Tarpc => tarpc::serve(workload).await?,
                 System::Raw => raw::serve(workload).await?,
                 System::GorpcSmol => unreachable!("served on smol above"),
@@ -341,8 +379,13 @@ pub fn run_client(system: System, p: &ClientParams) -> Result<Measurement, Strin
                         let window = Window::starting_now(p.warmup, p.secs);
                         Ok(closed_loop_tokio(callers, window).await)
                     }
-                    System::Tonic => {
+                    System::Tonic | System::GorpcGrpcServer => {
                         let callers = tonic::callers(p).await?;
+                        let window = Window::starting_now(p.warmup, p.secs);
+                        Ok(closed_loop_tokio(callers, window).await)
+                    }
+                    System::GorpcGrpcClient => {
+                        let callers = grpc::callers(gorpc_tokio::Tokio::current(), p).await?;
                         let window = Window::starting_now(p.warmup, p.secs);
                         Ok(closed_loop_tokio(callers, window).await)
                     }
@@ -372,14 +415,22 @@ pub fn run_stream_client(system: System, p: &ClientParams) -> Result<StreamMeasu
             let window = Window::starting_now(p.warmup, p.secs);
             Ok(stream_loop_smol(&ex, callers, window).await)
         }),
-        System::GorpcTokio | System::Tonic | System::Raw => {
+        System::GorpcTokio
+        | System::Tonic
+        | System::GorpcGrpcServer
+        | System::GorpcGrpcClient
+        | System::Raw => {
             let runtime = tokio_runtime(p.threads).map_err(|e| e.to_string())?;
             let out = runtime.block_on(async move {
                 // The measured window starts once the callers are ready.
                 let window = || Window::starting_now(p.warmup, p.secs);
                 Ok(match system {
-                    System::Tonic => {
+                    System::Tonic | System::GorpcGrpcServer => {
                         stream_loop_tokio(tonic::stream_callers(p).await?, window()).await
+                    }
+                    System::GorpcGrpcClient => {
+                        let rt = gorpc_tokio::Tokio::current();
+                        stream_loop_tokio(grpc::stream_callers(rt, p).await?, window()).await
                     }
                     System::Raw => stream_loop_tokio(raw::stream_callers(p).await?, window()).await,
                     System::GorpcTokio => {
@@ -426,6 +477,29 @@ mod tests {
             .filter(|s| s.streams())
             .map(|s| s.name())
             .collect();
-        assert_eq!(streaming, ["gorpc-tokio", "gorpc-smol", "tonic", "raw"]);
+        assert_eq!(
+            streaming,
+            [
+                "gorpc-tokio",
+                "gorpc-smol",
+                "tonic",
+                "gorpc-grpc-server",
+                "gorpc-grpc-client",
+                "raw"
+            ]
+        );
+    }
+
+    #[test]
+    fn only_gorpc_runs_the_http_workload() {
+        let http: Vec<&str> = System::ALL
+            .iter()
+            .filter(|s| s.runs(Workload::Http))
+            .map(|s| s.name())
+            .collect();
+        assert_eq!(http, ["gorpc-tokio", "gorpc-smol"]);
+        assert!(System::ALL.iter().all(|s| s.runs(Workload::Echo)));
+        assert_eq!(Workload::Echo.not_run(), None);
+        assert_eq!(Workload::Http.not_run(), Some(NO_HTTP));
     }
 }

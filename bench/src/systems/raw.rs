@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::{
-    greeting, make_payload, ClientParams, DownloadOrder, UploadTally, Workload, HELLO_NAME,
+    greeting, make_payload, ClientParams, DownloadOrder, UploadTally, Workload, HELLO_NAME, NO_HTTP,
 };
 use crate::loadgen::{
     take_recorder, Measurement, Recorder, StreamCaller, StreamTally, Window, GRACE,
@@ -46,6 +46,9 @@ const END_OF_STREAM: u32 = u32::MAX;
 
 /// Binds 127.0.0.1:0 and serves in a background task, one task per connection.
 pub async fn serve(workload: Workload) -> std::io::Result<SocketAddr> {
+    if workload == Workload::Http {
+        return Err(std::io::Error::other(NO_HTTP));
+    }
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -99,6 +102,7 @@ async fn serve_conn(mut stream: TcpStream, workload: Workload) -> std::io::Resul
                 Workload::Stream | Workload::Upload => {
                     unreachable!("streams are served by serve_streams and serve_uploads")
                 }
+                Workload::Http => unreachable!("refused by serve"),
             }
             input.advance(4 + len);
         }
@@ -211,6 +215,7 @@ pub async fn run(p: &ClientParams) -> Result<Measurement, String> {
         Workload::Stream | Workload::Upload => {
             unreachable!("stream callers come from stream_callers")
         }
+        Workload::Http => return Err(NO_HTTP.to_owned()),
     };
     let mut streams = Vec::with_capacity(p.connections);
     for _ in 0..p.connections {

@@ -13,7 +13,7 @@ use ::tarpc::server::BaseChannel;
 use ::tarpc::tokio_serde::formats::Bincode;
 use futures::StreamExt;
 
-use super::{greeting, ClientParams, Workload, HELLO_NAME, NO_STREAMS};
+use super::{greeting, ClientParams, System, Workload, HELLO_NAME};
 use crate::loadgen::Caller;
 
 /// Frames up to this size; tarpc's length-delimited codec defaults to 8 MiB.
@@ -41,8 +41,8 @@ impl Echo for EchoServer {
 /// Binds 127.0.0.1:0 and serves in a background task; every channel and every request gets
 /// its own task, as tarpc's examples do.
 pub async fn serve(workload: Workload) -> std::io::Result<SocketAddr> {
-    if workload == Workload::Stream {
-        return Err(std::io::Error::other(NO_STREAMS));
+    if let Some(why) = refused(workload) {
+        return Err(std::io::Error::other(why));
     }
     let mut incoming = tcp::listen(SocketAddr::from(([127, 0, 0, 1], 0)), Bincode::default).await?;
     incoming.config_mut().max_frame_length(MAX_FRAME);
@@ -95,8 +95,8 @@ impl Caller for TarpcCaller {
 /// One tarpc client (one TCP connection, its dispatch task spawned) per connection; caller
 /// `i` uses client `i % connections`.
 pub async fn callers(p: &ClientParams) -> Result<Vec<TarpcCaller>, String> {
-    if p.workload == Workload::Stream {
-        return Err(NO_STREAMS.to_owned());
+    if let Some(why) = refused(p.workload) {
+        return Err(why.to_owned());
     }
     let mut clients = Vec::with_capacity(p.connections);
     for _ in 0..p.connections {
@@ -122,8 +122,19 @@ pub async fn callers(p: &ClientParams) -> Result<Vec<TarpcCaller>, String> {
                     name: HELLO_NAME.to_owned(),
                     expected: greeting(HELLO_NAME),
                 },
-                Workload::Stream | Workload::Upload => unreachable!("refused above"),
+                Workload::Stream | Workload::Upload | Workload::Http => {
+                    unreachable!("refused above")
+                }
             }
         })
         .collect())
+}
+
+/// Why tarpc does not run `workload`, if it does not.
+fn refused(workload: Workload) -> Option<&'static str> {
+    if System::Tarpc.runs(workload) {
+        None
+    } else {
+        workload.not_run()
+    }
 }

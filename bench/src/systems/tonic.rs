@@ -155,6 +155,7 @@ pub async fn callers(p: &ClientParams) -> Result<Vec<TonicCaller>, String> {
                 Workload::Stream | Workload::Upload => {
                     unreachable!("stream callers come from stream_callers")
                 }
+                Workload::Http => unreachable!("tonic does not run the http workload"),
             }
         })
         .collect())
