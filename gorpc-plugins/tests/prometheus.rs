@@ -159,6 +159,13 @@ fn metrics_logs_and_interceptors_see_every_end() {
             .find_map(|l| l.strip_prefix("gorpc_server_connections "))
             .expect("a connections gauge");
         assert!(connections.parse::<f64>().unwrap() >= 1.0, "{connections}");
+        // The client's side, recorded in this same process.
+        has(r#"gorpc_client_calls_total{method="/metrics.Test/Ok",code="OK"} 3"#);
+        let client_connections = text
+            .lines()
+            .find_map(|l| l.strip_prefix("gorpc_client_connections "))
+            .expect("a client connections gauge");
+        assert!(client_connections.parse::<f64>().unwrap() >= 1.0, "{client_connections}");
 
         let exchange = raw_http(addr, get("/healthz"), Expect { replies: replies(1), check_close: false });
         let (answers, _) = within(&runtime, WAIT, "GET /healthz", exchange).await.unwrap().unwrap();

@@ -2,6 +2,10 @@
 //! the deadline, cancelled by the client, cut off with the connection, refused, over each
 //! protocol the server speaks and on every runtime pairing.
 //!
+//! Stream calls end the same ways, and a client's interceptors hear of its own calls' ends.
+//! A stream has no deadline unless its call sets one; the stream idle timeout ends one whose
+//! server went quiet.
+//!
 //! Every wait is for an event: the handler says it started, the interceptor says the call
 //! ended. Faults come from a proxy between client and server: a blackhole keeps the
 //! client's own cancel from racing the server's deadline, a reset cuts the connection.
@@ -11,11 +15,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::{select, Either};
+use futures::StreamExt as _;
 use gorpc::observe::{CallEnd, EndedCall};
 use gorpc::proto::StreamKind;
+use gorpc::stream::ResponseSink;
 use gorpc::{
-    CallOptions, Client, Code, Router, Runtime, Server, ServerHandle, ServerInterceptor,
-    ServerReply, ServerRequest, Status,
+    CallOptions, Client, ClientConfig, ClientInterceptor, Code, Raw, Request, Router, Runtime,
+    Server, ServerHandle, ServerInterceptor, ServerReply, ServerRequest, Status,
 };
 use gorpc_tests::fault::{Fault, FaultProxy};
 use gorpc_tests::{client_config, loopback, on_every_runtime, within};
@@ -34,8 +40,8 @@ struct Ended {
 
 struct Recorder(async_channel::Sender<Ended>);
 
-impl ServerInterceptor for Recorder {
-    fn on_end(&self, call: &EndedCall<'_>) {
+impl Recorder {
+    fn record(&self, call: &EndedCall<'_>) {
         let _ = self.0.try_send(Ended {
             method: call.method.to_owned(),
             end: call.end,
@@ -43,6 +49,18 @@ impl ServerInterceptor for Recorder {
             id: call.id,
             message: call.status.map(|s| s.message().to_owned()),
         });
+    }
+}
+
+impl ServerInterceptor for Recorder {
+    fn on_end(&self, call: &EndedCall<'_>) {
+        self.record(call);
+    }
+}
+
+impl ClientInterceptor for Recorder {
+    fn on_end(&self, call: &EndedCall<'_>) {
+        self.record(call);
     }
 }
 
@@ -56,6 +74,8 @@ enum Protocol {
 const OK: &str = "/ends.Ends/Ok";
 const FAIL: &str = "/ends.Ends/Fail";
 const HANG: &str = "/ends.Ends/Hang";
+/// A server stream: one message, then another once released, then the end.
+const STREAM: &str = "/ends.Ends/Stream";
 
 /// A server answering all three protocols on one port, whose interceptor reports every
 /// end, and whose `HANG` handler says when it started and then never answers.
@@ -63,12 +83,15 @@ struct Fixture<S: Runtime> {
     server: ServerHandle<S>,
     ends: async_channel::Receiver<Ended>,
     started: async_channel::Receiver<()>,
+    /// Lets the `STREAM` handler send its second message.
+    release: async_channel::Sender<()>,
 }
 
 impl<S: Runtime> Fixture<S> {
     async fn start(server_rt: S) -> Self {
         let (ends_tx, ends) = async_channel::unbounded();
         let (started_tx, started) = async_channel::unbounded();
+        let (release, release_rx) = async_channel::unbounded::<()>();
         let router = Router::new()
             .route(
                 OK,
@@ -77,10 +100,26 @@ impl<S: Runtime> Fixture<S> {
             .route(FAIL, |_| async {
                 ServerReply::error(Status::new(Code::NotFound, "no such thing"))
             })
-            .route(HANG, move |_| {
-                let _ = started_tx.try_send(());
-                std::future::pending()
-            });
+            .route(HANG, {
+                let started_tx = started_tx.clone();
+                move |_| {
+                    let _ = started_tx.try_send(());
+                    std::future::pending()
+                }
+            })
+            .server_stream(
+                STREAM,
+                Raw,
+                move |_: Request<Bytes>, mut sink: ResponseSink<Bytes>| {
+                    let release = release_rx.clone();
+                    async move {
+                        sink.send(&Bytes::from_static(b"first")).await?;
+                        let _ = release.recv().await;
+                        sink.send(&Bytes::from_static(b"second")).await?;
+                        Ok(())
+                    }
+                },
+            );
         let server = Server::new(server_rt, router)
             .interceptor(Recorder(ends_tx))
             .http()
@@ -91,6 +130,7 @@ impl<S: Runtime> Fixture<S> {
             server,
             ends,
             started,
+            release,
         }
     }
 
@@ -251,6 +291,135 @@ async fn every_ending<S: Runtime, C: Runtime>(server_rt: S, client_rt: C, protoc
     fixture.server.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Stream calls: one that runs to its end, one the client drops mid-stream. A stream has
+/// no deadline from the client's default timeout; the stream idle timeout ends one whose
+/// server went quiet.
+async fn stream_endings<S: Runtime, C: Runtime>(server_rt: S, client_rt: C, protocol: Protocol) {
+    let fixture = Fixture::start(server_rt).await;
+    // A default timeout far shorter than the wait below: it must not touch the stream.
+    let short = ClientConfig {
+        default_timeout: Some(Duration::from_millis(50)),
+        ..client_config()
+    };
+    let (rt, addr) = (client_rt.clone(), fixture.server.local_addr());
+    let client = match protocol {
+        Protocol::Binary => Client::lazy(rt, addr, short),
+        Protocol::Grpc => Client::grpc(rt, addr, short),
+        Protocol::Http => unreachable!("HTTP/1.1 carries no stream"),
+    };
+    async fn open(client: &Client) -> Result<gorpc::stream::ResponseStream<Bytes>, Status> {
+        let empty = Bytes::new();
+        client
+            .server_stream::<_, Bytes, Bytes>(STREAM, Raw, &empty, CallOptions::default())
+            .await
+    }
+
+    let mut messages = within(&client_rt, WAIT, "the stream", open(&client))
+        .await
+        .expect("started");
+    let first = within(&client_rt, WAIT, "the first message", messages.next()).await;
+    assert_eq!(first.unwrap().unwrap(), Bytes::from_static(b"first"));
+    gorpc_tests::sleep(&client_rt, Duration::from_millis(300)).await;
+    fixture.release.try_send(()).unwrap();
+    let second = within(&client_rt, WAIT, "the second message", messages.next()).await;
+    assert_eq!(second.unwrap().unwrap(), Bytes::from_static(b"second"));
+    assert!(within(&client_rt, WAIT, "the end", messages.next())
+        .await
+        .is_none());
+    let ended = fixture.next_end(&client_rt, STREAM).await;
+    assert_eq!(ended.end, CallEnd::Answered(Code::Ok));
+
+    // Dropped mid-stream: the server's handler is cancelled.
+    let mut messages = within(&client_rt, WAIT, "the stream", open(&client))
+        .await
+        .expect("started");
+    let first = within(&client_rt, WAIT, "the first message", messages.next()).await;
+    assert_eq!(first.unwrap().unwrap(), Bytes::from_static(b"first"));
+    drop(messages);
+    let ended = fixture.next_end(&client_rt, STREAM).await;
+    assert_eq!(ended.end, CallEnd::Cancelled);
+
+    // Quiet past the idle timeout: the client gives up, and cancels.
+    let idle = ClientConfig {
+        stream_idle_timeout: Some(Duration::from_millis(100)),
+        ..client_config()
+    };
+    let (rt, addr) = (client_rt.clone(), fixture.server.local_addr());
+    let client = match protocol {
+        Protocol::Binary => Client::lazy(rt, addr, idle),
+        _ => Client::grpc(rt, addr, idle),
+    };
+    let mut messages = within(&client_rt, WAIT, "the stream", open(&client))
+        .await
+        .expect("started");
+    let first = within(&client_rt, WAIT, "the first message", messages.next()).await;
+    assert_eq!(first.unwrap().unwrap(), Bytes::from_static(b"first"));
+    let quiet = within(&client_rt, WAIT, "the idle timeout", messages.next()).await;
+    let error = quiet.expect("an item").expect_err("idle");
+    assert_eq!(error.code(), Code::DeadlineExceeded, "{error}");
+    let ended = fixture.next_end(&client_rt, STREAM).await;
+    assert_eq!(ended.end, CallEnd::Cancelled);
+    drop(messages);
+
+    assert!(fixture.ends.is_empty(), "one end per call");
+    fixture.server.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn stream_endings_over_the_binary_protocol<S: Runtime, C: Runtime>(server: S, client: C) {
+    stream_endings(server, client, Protocol::Binary).await;
+}
+
+async fn stream_endings_over_grpc<S: Runtime, C: Runtime>(server: S, client: C) {
+    stream_endings(server, client, Protocol::Grpc).await;
+}
+
+/// A client's interceptors hear of its calls' ends: answered, failed, past the deadline,
+/// abandoned by the caller.
+async fn client_hears_every_ending<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
+    let fixture = Fixture::start(server_rt).await;
+    let (ends_tx, ends) = async_channel::unbounded();
+    let client = Client::lazy(
+        client_rt.clone(),
+        fixture.server.local_addr(),
+        client_config(),
+    )
+    .with_interceptor(Recorder(ends_tx));
+    let next_end = || async {
+        within(&client_rt, WAIT, "the client's end", ends.recv())
+            .await
+            .unwrap()
+    };
+
+    client
+        .call_raw(OK, 0, Bytes::from_static(b"x"), CallOptions::default())
+        .await
+        .unwrap();
+    let ended = next_end().await;
+    assert_eq!(
+        (ended.method.as_str(), ended.end),
+        (OK, CallEnd::Answered(Code::Ok))
+    );
+
+    let _ = client
+        .call_raw(FAIL, 0, Bytes::new(), CallOptions::default())
+        .await;
+    let ended = next_end().await;
+    assert_eq!(ended.end, CallEnd::Answered(Code::NotFound));
+    assert_eq!(ended.message.as_deref(), Some("no such thing"));
+
+    let late = client
+        .call_raw(HANG, 0, Bytes::new(), timeout(Duration::from_millis(100)))
+        .await;
+    assert_eq!(late.unwrap_err().code(), Code::DeadlineExceeded);
+    assert_eq!(next_end().await.end, CallEnd::DeadlineExceeded);
+
+    let outcome = hang_then(&fixture, &client_rt, &client, timeout(WAIT), || false).await;
+    assert!(outcome.is_none());
+    assert_eq!(next_end().await.end, CallEnd::Cancelled);
+    assert!(ends.is_empty(), "one end per call");
+    fixture.server.shutdown(Duration::from_secs(5)).await;
+}
+
 async fn every_ending_over_the_binary_protocol<S: Runtime, C: Runtime>(server: S, client: C) {
     every_ending(server, client, Protocol::Binary).await;
 }
@@ -267,4 +436,7 @@ on_every_runtime!(
     every_ending_over_the_binary_protocol,
     every_ending_over_grpc,
     every_ending_over_http,
+    stream_endings_over_the_binary_protocol,
+    stream_endings_over_grpc,
+    client_hears_every_ending,
 );

@@ -148,6 +148,7 @@ fn tls_client_config(tls: ClientTls) -> ClientConfig {
             ..PoolConfig::default()
         },
         default_timeout: Some(10 * SECOND),
+        ..ClientConfig::default()
     }
 }
 

@@ -103,6 +103,9 @@ fn plain_router<S: Runtime>(server: &S) -> Router {
     router(server, Arc::default(), Arc::default())
 }
 
+/// A server-streaming method, which UDP cannot carry.
+const WATCH: &str = "/test.Udp/Watch";
+
 async fn recv_from<U: UdpSocket>(socket: &U, buf: &mut [u8]) -> (usize, SocketAddr) {
     poll_fn(|cx| socket.poll_recv_from(cx, buf))
         .await
@@ -231,7 +234,12 @@ async fn oversize_request_is_refused_and_the_server_keeps_serving<S: Runtime, C:
 }
 
 async fn unknown_method_is_unimplemented<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
-    let server = UdpServer::new(server_rt.clone(), plain_router(&server_rt))
+    let router = plain_router(&server_rt).stream_route(
+        WATCH,
+        gorpc::proto::StreamKind::ServerStreaming,
+        |_req: ServerRequest| async move { ServerReply::ok(Bytes::new()) },
+    );
+    let server = UdpServer::new(server_rt.clone(), router)
         .bind(loopback())
         .await
         .unwrap();
@@ -247,6 +255,16 @@ async fn unknown_method_is_unimplemented<S: Runtime, C: Runtime>(server_rt: S, c
     .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented, "{err}");
     assert!(err.message().contains("/test.Nope/Missing"), "{err}");
+    // A stream method is known but cannot be carried: refused the same way, saying why.
+    let err = within(&client_rt, 10 * SECOND, "stream method", async {
+        client
+            .call_raw(WATCH, 0, Bytes::new(), timeout(5 * SECOND))
+            .await
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err}");
+    assert!(err.message().contains("stream method"), "{err}");
     let rsp = within(&client_rt, 10 * SECOND, "echo", async {
         client
             .call_raw(ECHO, 0, Bytes::from_static(b"ok"), timeout(5 * SECOND))

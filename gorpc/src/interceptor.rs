@@ -142,8 +142,9 @@ pub trait ClientInterceptor: Send + Sync + 'static {
         next.run(call)
     }
 
-    /// Hears how every unary call ended, with its duration, including those the caller
-    /// stopped waiting for (`Cancelled`). Runs inside the call's span. Does nothing unless
+    /// Hears how every call ended, unary or stream, with its duration, including those the
+    /// caller stopped waiting for (`Cancelled`); a stream ends when its receiver hands out
+    /// the end or is dropped. Runs inside the call's span. Does nothing unless
     /// implemented.
     fn on_end(&self, call: &EndedCall<'_>) {
         let _ = call;

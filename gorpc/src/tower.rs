@@ -3,7 +3,6 @@
 //! [`Client`] is itself a [`tower::Service`](tower_service::Service) of [`OutgoingCall`]s.
 //!
 //! ```ignore
-//! use std::time::Duration;
 //! use tower::limit::ConcurrencyLimitLayer;
 //! use tower::load_shed::LoadShedLayer;
 //!
@@ -12,45 +11,82 @@
 //!     .layer(ConcurrencyLimitLayer::new(64));  // at most 64 calls in the handlers
 //! ```
 //!
-//! Layered services are cloned for each call, as tower expects: `ConcurrencyLimit`'s clones
-//! share their semaphore, for instance. A service that is not `Clone` because its state is
-//! its own (`RateLimit`) goes behind a `tower::buffer::Buffer`, which shares it.
+//! Layers run in the order added, the first outermost. On a server they wrap the
+//! interceptors and the service; on a client they sit between the interceptors and the
+//! network. They stack as one tower service ([`ServerCalls`], [`ClientCalls`]), so an outer
+//! layer sees an inner one's readiness: `LoadShed` sheds when `ConcurrencyLimit` is full.
+//! The stack is cloned for each call, as tower expects (`ConcurrencyLimit`'s clones share
+//! their semaphore); a service that is not `Clone` because its state is its own
+//! (`RateLimit`) goes behind a `tower::buffer::Buffer`, which shares it.
 //!
-//! Layers see unary calls and the opening of stream calls, as interceptors do. Errors a
-//! layer returns become statuses: tower's `Elapsed` (timeout) `DeadlineExceeded`, its
-//! `Overloaded` (load shedding) `ResourceExhausted`, a [`Status`] itself, anything else
-//! `Unknown` with the error's text.
+//! On the server, layers see unary calls and the opening of stream calls (a stream's
+//! messages pass by, as they pass interceptors); on the client, layers see unary calls and
+//! streams go around them. Errors a layer returns become statuses: tower's `Elapsed`
+//! (timeout) `DeadlineExceeded`, its `Overloaded` (load shedding) `ResourceExhausted`, a
+//! [`Status`] itself, anything else `Unknown` with the error's text.
 //!
-//! tower's timeout and rate limit wait on tokio's timer, so they need a tokio runtime
-//! around the call: on gorpc-tokio they just work; on gorpc-smol, spawn the server's tasks
-//! under a tokio context (async-compat's `Compat`, through `Smol::with_spawner`).
+//! tower's timeout, rate limit and buffer use tokio's timer or spawner, so they need a
+//! tokio context around the call: on gorpc-tokio they just work; on gorpc-smol, spawn the
+//! tasks under async-compat (`Smol::with_spawner(|task| { smol::spawn(Compat::new(task)).detach(); })`).
 
 use std::convert::Infallible;
-use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use futures::future::BoxFuture;
+use futures::FutureExt as _;
 use gorpc_proto::{Code, Status, StreamKind};
+use tower::util::BoxCloneSyncService;
+use tower::ServiceExt as _;
 use tower_service::Service as TowerService;
 
-use crate::client::{Channel, Client, OutgoingCall, RawResponse, StreamHalves};
+use crate::client::{Client, OutgoingCall, RawResponse, Route};
 use crate::service::{MethodSchema, ServerReply, ServerRequest, Service};
 
 /// Errors of tower services, as tower passes them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A server's calls (its interceptors and service) as the tower service its layers wrap.
-#[derive(Clone)]
-pub struct ServerCalls(Arc<dyn Service>);
+/// A server's calls as its layers wrap them: its interceptors and service, and the layers
+/// added before.
+pub type ServerCalls = BoxCloneSyncService<ServerRequest, ServerReply, BoxError>;
 
-impl std::fmt::Debug for ServerCalls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerCalls").finish_non_exhaustive()
-    }
+/// A client's calls as its layers wrap them: the network, and the layers added before.
+pub type ClientCalls = BoxCloneSyncService<OutgoingCall, RawResponse, BoxError>;
+
+/// One server layer, applied when the server starts.
+pub(crate) type ServerLayer = Box<dyn FnOnce(ServerCalls) -> ServerCalls + Send>;
+
+/// `layer` as a server applies it.
+pub(crate) fn server_layer<L>(layer: L) -> ServerLayer
+where
+    L: tower_layer::Layer<ServerCalls> + Send + 'static,
+    L::Service: TowerService<ServerRequest, Response = ServerReply> + Clone + Send + Sync + 'static,
+    <L::Service as TowerService<ServerRequest>>::Error: Into<BoxError>,
+    <L::Service as TowerService<ServerRequest>>::Future: Send + 'static,
+{
+    Box::new(move |inner| BoxCloneSyncService::new(layer.layer(inner).map_err(Into::into)))
 }
 
-impl TowerService<ServerRequest> for ServerCalls {
+/// `service` behind `layers` (the first outermost), as a gorpc service again; `service`
+/// itself when there is no layer.
+pub(crate) fn layered(service: Arc<dyn Service>, layers: Vec<ServerLayer>) -> Arc<dyn Service> {
+    if layers.is_empty() {
+        return service;
+    }
+    let base = BoxCloneSyncService::new(AsTower(service.clone()).map_err(BoxError::from));
+    let tower = layers
+        .into_iter()
+        .rev()
+        .fold(base, |inner, apply| apply(inner));
+    Arc::new(Layered { tower, service })
+}
+
+/// A gorpc service as a tower service.
+#[derive(Clone)]
+struct AsTower(Arc<dyn Service>);
+
+impl TowerService<ServerRequest> for AsTower {
     type Response = ServerReply;
     type Error = Infallible;
     type Future = futures::future::Map<
@@ -63,87 +99,94 @@ impl TowerService<ServerRequest> for ServerCalls {
     }
 
     fn call(&mut self, request: ServerRequest) -> Self::Future {
-        futures::FutureExt::map(self.0.call(request), Ok)
+        self.0.call(request).map(Ok)
     }
 }
 
-/// How a server applies one layer, kept until it serves.
-pub(crate) type ApplyLayer = Box<dyn FnOnce(Arc<dyn Service>) -> Arc<dyn Service> + Send>;
-
-/// `layer` as the server applies it.
-pub(crate) fn server_layer<L>(layer: L) -> ApplyLayer
-where
-    L: tower_layer::Layer<ServerCalls> + Send + 'static,
-    L::Service: TowerService<ServerRequest, Response = ServerReply> + Clone + Send + Sync + 'static,
-    <L::Service as TowerService<ServerRequest>>::Error: Into<BoxError>,
-    <L::Service as TowerService<ServerRequest>>::Future: Send + 'static,
-{
-    Box::new(move |inner: Arc<dyn Service>| {
-        let tower = layer.layer(ServerCalls(inner.clone()));
-        Arc::new(Layered { tower, inner }) as Arc<dyn Service>
-    })
-}
-
-/// A layered tower service as a gorpc service. What the transports ask about methods
+/// A server's layered stack as a gorpc service. What the transports ask about methods
 /// (schemas, stream kinds) is answered by the service inside.
-struct Layered<S> {
-    tower: S,
-    inner: Arc<dyn Service>,
+struct Layered {
+    tower: ServerCalls,
+    service: Arc<dyn Service>,
 }
 
-impl<S> Service for Layered<S>
-where
-    S: TowerService<ServerRequest, Response = ServerReply> + Clone + Send + Sync + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
+impl Service for Layered {
     fn call(&self, request: ServerRequest) -> BoxFuture<'static, ServerReply> {
-        // tower services are called through a clone that was ready: the usual way to share
-        // one between concurrent calls.
-        let mut tower = self.tower.clone();
-        Box::pin(async move {
-            if let Err(error) = poll_fn(|cx| tower.poll_ready(cx)).await {
-                return ServerReply::error(status_of(error.into()));
-            }
-            match tower.call(request).await {
-                Ok(reply) => reply,
-                Err(error) => ServerReply::error(status_of(error.into())),
-            }
-        })
+        self.tower
+            .clone()
+            .oneshot(request)
+            .map(|outcome| outcome.unwrap_or_else(|error| ServerReply::error(status_of(error))))
+            .boxed()
     }
 
     fn schema(&self, method: &str) -> Option<MethodSchema> {
-        self.inner.schema(method)
+        self.service.schema(method)
     }
 
     fn stream_kind(&self, method: &str) -> Option<StreamKind> {
-        self.inner.stream_kind(method)
+        self.service.stream_kind(method)
     }
 
     fn method_paths(&self) -> Vec<String> {
-        self.inner.method_paths()
+        self.service.method_paths()
     }
 
     fn has_method(&self, method: &str) -> bool {
-        self.inner.has_method(method)
+        self.service.has_method(method)
     }
 }
 
 /// The status a call gets for a tower error.
 pub fn status_of(error: BoxError) -> Status {
-    if let Some(status) = error.downcast_ref::<Status>() {
-        return status.clone();
-    }
+    let error = match error.downcast::<Status>() {
+        Ok(status) => return *status,
+        Err(error) => error,
+    };
     if error.is::<tower::timeout::error::Elapsed>() {
-        return Status::new(Code::DeadlineExceeded, "timed out in a tower layer");
+        return Status::deadline_exceeded("timed out in a tower layer");
     }
     if error.is::<tower::load_shed::error::Overloaded>() {
-        return Status::new(
-            Code::ResourceExhausted,
-            "overloaded: a tower layer shed the call",
-        );
+        return Status::resource_exhausted("overloaded: a tower layer shed the call");
     }
     Status::new(Code::Unknown, error.to_string())
+}
+
+/// A client's layers over its route.
+pub(crate) struct ClientStack {
+    /// Where the calls go below the layers; stream calls go straight there.
+    base: Route,
+    /// Each layer, the first outermost, kept to stack them again with the next one.
+    layers: Vec<Arc<dyn Fn(ClientCalls) -> ClientCalls + Send + Sync>>,
+    tower: ClientCalls,
+}
+
+impl ClientStack {
+    pub(crate) fn base(&self) -> &Route {
+        &self.base
+    }
+
+    pub(crate) async fn send(&self, call: OutgoingCall) -> Result<RawResponse, Status> {
+        self.tower.clone().oneshot(call).await.map_err(status_of)
+    }
+}
+
+/// A client's route as the innermost tower service of its stack.
+#[derive(Clone)]
+struct RouteService(Route);
+
+impl TowerService<OutgoingCall> for RouteService {
+    type Response = RawResponse;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<RawResponse, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: OutgoingCall) -> Self::Future {
+        let route = self.0.clone();
+        Box::pin(async move { route.send(call).await.map_err(BoxError::from) })
+    }
 }
 
 impl TowerService<OutgoingCall> for Client {
@@ -151,68 +194,48 @@ impl TowerService<OutgoingCall> for Client {
     type Error = Status;
     type Future = BoxFuture<'static, Result<RawResponse, Status>>;
 
-    /// Always ready: the pool waits for a connection within the call's deadline.
+    /// Always ready: the readiness of the client's own layers is awaited in the call.
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
         Poll::Ready(Ok(()))
     }
 
-    /// Sends `call` through the client's interceptors, as [`Client::call_raw`] does.
+    /// Sends `call` through the client's interceptors and layers, as
+    /// [`Client::call_raw`] does.
     fn call(&mut self, call: OutgoingCall) -> Self::Future {
         let client = self.clone();
-        Box::pin(async move { client.send(call).await })
+        Box::pin(async move { client.send(call, Instant::now()).await })
     }
 }
 
 impl Client {
-    /// A client whose unary calls go through `layer` wrapped around this client (its
-    /// interceptors and connections); stream calls pass by, to this client. Interceptors
-    /// added to the result run before the layer.
-    pub fn layer<L>(self, layer: L) -> Client
+    /// Sends this client's unary calls through `layer`, below its interceptors and above
+    /// the network; layers run in the order added, the first outermost. Stream calls pass
+    /// by.
+    pub fn layer<L>(mut self, layer: L) -> Client
     where
-        L: tower_layer::Layer<Client>,
+        L: tower_layer::Layer<ClientCalls> + Send + Sync + 'static,
         L::Service:
             TowerService<OutgoingCall, Response = RawResponse> + Clone + Send + Sync + 'static,
         <L::Service as TowerService<OutgoingCall>>::Error: Into<BoxError>,
         <L::Service as TowerService<OutgoingCall>>::Future: Send + 'static,
     {
-        let default_timeout = self.default_timeout();
-        let channel = LayeredChannel {
-            tower: layer.layer(self.clone()),
-            streams: self,
+        let (base, mut layers) = match self.route() {
+            Route::Layered(stack) => (stack.base.clone(), stack.layers.clone()),
+            route => (route.clone(), Vec::new()),
         };
-        Client::from_channel(channel, default_timeout)
-    }
-}
-
-/// A client's calls through a tower stack.
-struct LayeredChannel<S> {
-    tower: S,
-    /// Where stream calls go.
-    streams: Client,
-}
-
-impl<S> Channel for LayeredChannel<S>
-where
-    S: TowerService<OutgoingCall, Response = RawResponse> + Clone + Send + Sync + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
-    fn send(&self, call: OutgoingCall) -> BoxFuture<'static, Result<RawResponse, Status>> {
-        let mut tower = self.tower.clone();
-        Box::pin(async move {
-            poll_fn(|cx| tower.poll_ready(cx))
-                .await
-                .map_err(|e| status_of(e.into()))?;
-            tower.call(call).await.map_err(|e| status_of(e.into()))
-        })
-    }
-
-    fn start_stream(
-        &self,
-        call: OutgoingCall,
-        kind: StreamKind,
-    ) -> BoxFuture<'static, Result<StreamHalves, Status>> {
-        let client = self.streams.clone();
-        Box::pin(async move { client.start_stream(call, kind).await })
+        layers.push(Arc::new(move |inner| {
+            BoxCloneSyncService::new(layer.layer(inner).map_err(Into::into))
+        }));
+        let innermost = BoxCloneSyncService::new(RouteService(base.clone()));
+        let tower = layers
+            .iter()
+            .rev()
+            .fold(innermost, |inner, apply| apply(inner));
+        self.set_route(Route::Layered(Arc::new(ClientStack {
+            base,
+            layers,
+            tower,
+        })));
+        self
     }
 }

@@ -210,7 +210,8 @@ impl GrpcStreamCaller {
             .server_stream::<_, DownloadRequest, Chunk>(
                 DOWNLOAD_METHOD,
                 Protobuf,
-                Request::new(self.request),
+                &self.request,
+                CallOptions::default(),
             )
             .await
         {

@@ -98,10 +98,17 @@ impl<R: Runtime> ClientBuilder<R> {
         self
     }
 
-    /// The timeout of calls that set none ([`ClientConfig::default_timeout`], 30 s unless
-    /// set). A stream's timeout covers the whole stream.
+    /// The timeout of unary calls that set none ([`ClientConfig::default_timeout`], 30 s
+    /// unless set). Streams have none unless the call sets one.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.config.default_timeout = Some(timeout);
+        self
+    }
+
+    /// Ends a stream whose receiver waits longer than `timeout` for the server's next
+    /// message ([`ClientConfig::stream_idle_timeout`]).
+    pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.stream_idle_timeout = Some(timeout);
         self
     }
 
@@ -175,13 +182,15 @@ impl<R: Runtime> ClientBuilder<R> {
     /// it connects on its first calls.
     pub async fn connect(self) -> Result<Client, Status> {
         if let (Target::Endpoint(addr), InstanceProtocol::Binary) = (&self.target, self.protocol) {
-            let pool = EndpointPool::new(self.runtime, *addr, self.config.pool);
+            let pool = EndpointPool::new(self.runtime.clone(), *addr, self.config.pool.clone());
             pool.warm_up().await?;
-            return Ok(Client {
-                route: Route::Pool(Arc::new(pool)),
-                default_timeout: self.config.default_timeout,
-                interceptors: self.interceptors.into(),
-            });
+            let route = Route::Pool(Arc::new(pool));
+            return Ok(Client::assembled(
+                self.runtime,
+                route,
+                &self.config,
+                self.interceptors,
+            ));
         }
         self.build()
     }
@@ -189,6 +198,8 @@ impl<R: Runtime> ClientBuilder<R> {
     /// The client. Discovery starts now, in the background; calls made before it first
     /// answers wait for it, within their deadline.
     pub fn build(self) -> Result<Client, Status> {
+        let runtime = self.runtime.clone();
+        let config = self.config.clone();
         let route = match self.target {
             Target::None => return Err(Status::new(
                 Code::InvalidArgument,
@@ -228,10 +239,11 @@ impl<R: Runtime> ClientBuilder<R> {
                 ))
             }
         };
-        Ok(Client {
+        Ok(Client::assembled(
+            runtime,
             route,
-            default_timeout: self.config.default_timeout,
-            interceptors: self.interceptors.into(),
-        })
+            &config,
+            self.interceptors,
+        ))
     }
 }

@@ -19,6 +19,7 @@ use gorpc_proto::{
 use super::call::OutgoingCall;
 use crate::io::{drive, earliest, Transport};
 use crate::metadata::Metadata;
+use crate::observe::{ConnectionGauge, Side};
 use crate::runtime::{timeout, Io, Runtime};
 use crate::stream::handoff::{hold_write, unsendable, Delivering, Fed, Inbox, Outbox, OutboxDrain};
 use crate::CallMap;
@@ -233,6 +234,7 @@ impl Connection {
             shared: shared.clone(),
             idle_timeout: config.idle_timeout,
             idle_since: Some(now),
+            _gauge: ConnectionGauge::new(Side::Client),
         };
         runtime.spawn(driver);
         Connection {
@@ -356,6 +358,8 @@ struct ClientDriver<R: Runtime, I: Io> {
     idle_timeout: Option<Duration>,
     /// When the last call finished, while none is in flight.
     idle_since: Option<Instant>,
+    /// Counts this connection in `gorpc_client_connections` until the driver ends.
+    _gauge: ConnectionGauge,
 }
 
 impl<R: Runtime, I: Io> ClientDriver<R, I> {

@@ -23,11 +23,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use gorpc_proto::{Code, Status, StreamKind};
+use tracing::Instrument as _;
 
 use crate::codec::{id_name, Decoder, Encoder, MsgPack};
-use crate::interceptor::{ClientInterceptor, ClientNext};
+use crate::interceptor::{client_listeners, ClientInterceptor, ClientNext};
 use crate::metadata::Metadata;
+use crate::observe::{CallEnd, CallWatch, MethodName, Observer, Side, WatchGuard};
 use crate::runtime::Runtime;
 use crate::service::{Request, Response};
 use crate::stream::handoff::{Inbox, InboxReader, Outbox};
@@ -46,8 +49,14 @@ use conn::{CallOutcome, ClientStream};
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub pool: PoolConfig,
-    /// Applied to calls that set no timeout. `None`: wait as long as the connection lives.
+    /// Applied to unary calls that set no timeout. `None`: wait as long as the connection
+    /// lives. A stream call has no deadline unless it sets a timeout of its own: a watch
+    /// may rightly run for hours.
     pub default_timeout: Option<Duration>,
+    /// Ends a stream call whose receiver has waited this long for the server's next
+    /// message (or its end), with `DeadlineExceeded`, cancelling it on the server: a stream
+    /// whose server went quiet. `None` (the default): wait as long as the call lives.
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 impl Default for ClientConfig {
@@ -55,18 +64,69 @@ impl Default for ClientConfig {
         ClientConfig {
             pool: PoolConfig::default(),
             default_timeout: Some(Duration::from_secs(30)),
+            stream_idle_timeout: None,
         }
     }
 }
 
+/// A runtime's timer, for the stream halves a client hands out.
+pub(crate) type Timer = Arc<dyn Fn(Instant) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// `runtime`'s timer.
+pub(crate) fn timer_of<R: Runtime>(runtime: R) -> Timer {
+    Arc::new(move |at| Box::pin(runtime.sleep_until(at)))
+}
+
+/// How long a stream's receiver may wait for the next message, and the timer to tell.
+#[derive(Clone)]
+pub(crate) struct StreamIdle {
+    pub(crate) timeout: Duration,
+    pub(crate) timer: Timer,
+}
+
 /// Where a client's calls go.
 #[derive(Clone)]
-enum Route {
+pub(crate) enum Route {
     /// Binary-protocol connections; the hot path, no boxing per call.
     Pool(Arc<dyn Pool>),
     /// A service found through discovery, balanced over its instances.
     Balanced(Arc<balanced::Balanced>),
     Channel(Arc<dyn Channel>),
+    /// One of the others behind tower layers.
+    #[cfg(feature = "tower")]
+    Layered(Arc<crate::tower::ClientStack>),
+}
+
+impl Route {
+    /// Sends `call` here: no interceptor runs.
+    pub(crate) async fn send(&self, call: OutgoingCall) -> Result<RawResponse, Status> {
+        match self {
+            Route::Pool(pool) => send(&**pool, call).await,
+            Route::Balanced(balanced) => balanced.send(call).await,
+            Route::Channel(channel) => channel.send(call).await,
+            #[cfg(feature = "tower")]
+            Route::Layered(stack) => stack.send(call).await,
+        }
+    }
+
+    /// Starts a stream call here.
+    pub(crate) fn start_stream(
+        &self,
+        call: OutgoingCall,
+        kind: StreamKind,
+    ) -> BoxFuture<'_, Result<StreamHalves, Status>> {
+        match self {
+            Route::Pool(pool) => Box::pin(async move {
+                start_stream_on(&**pool, call, kind)
+                    .await
+                    .map_err(|(status, _)| status)
+            }),
+            Route::Balanced(balanced) => Box::pin(balanced.start_stream(call, kind)),
+            Route::Channel(channel) => channel.start_stream(call, kind),
+            #[cfg(feature = "tower")]
+            Route::Layered(stack) => stack.base().start_stream(call, kind),
+        }
+    }
 }
 
 /// Sends calls. Cheap to clone; clones share the pool. Generated clients and the
@@ -75,8 +135,11 @@ enum Route {
 pub struct Client {
     route: Route,
     default_timeout: Option<Duration>,
+    stream_idle: Option<StreamIdle>,
     /// Empty unless interceptors were added: calls then skip the chain entirely.
     interceptors: Arc<[Arc<dyn ClientInterceptor>]>,
+    /// Where calls' ends are reported: metrics, spans, the interceptors' `on_end`.
+    observer: Arc<Observer>,
 }
 
 impl std::fmt::Debug for Client {
@@ -94,28 +157,64 @@ const NOT_SENT_RETRIES: usize = 2;
 impl Client {
     /// A client over any pool.
     pub fn new(pool: impl Pool, default_timeout: Option<Duration>) -> Self {
-        Client {
-            route: Route::Pool(Arc::new(pool)),
-            default_timeout,
-            interceptors: Arc::new([]),
-        }
+        Client::over(Route::Pool(Arc::new(pool)), default_timeout, None)
     }
 
     /// A client sending through `channel`.
     pub fn from_channel(channel: impl Channel, default_timeout: Option<Duration>) -> Self {
+        Client::over(Route::Channel(Arc::new(channel)), default_timeout, None)
+    }
+
+    /// A client of `route`.
+    fn over(
+        route: Route,
+        default_timeout: Option<Duration>,
+        stream_idle: Option<StreamIdle>,
+    ) -> Self {
         Client {
-            route: Route::Channel(Arc::new(channel)),
+            route,
             default_timeout,
+            stream_idle,
             interceptors: Arc::new([]),
+            observer: Arc::new(Observer::new(Side::Client, Vec::new())),
         }
+    }
+
+    /// A client of `route` with `config`'s timeouts and `interceptors`.
+    pub(crate) fn assembled<R: Runtime>(
+        runtime: R,
+        route: Route,
+        config: &ClientConfig,
+        interceptors: Vec<Arc<dyn ClientInterceptor>>,
+    ) -> Self {
+        let idle = stream_idle(runtime, config);
+        let mut client = Client::over(route, config.default_timeout, idle);
+        let listeners = client_listeners(&interceptors);
+        client.observer = Arc::new(client.observer.with_listeners(listeners));
+        client.interceptors = interceptors.into();
+        client
+    }
+
+    /// A client of `channel` with `config`'s timeouts, on `runtime`'s timer.
+    #[cfg(feature = "http")]
+    pub(crate) fn of_channel<R: Runtime>(
+        runtime: R,
+        channel: impl Channel,
+        config: &ClientConfig,
+    ) -> Self {
+        let idle = stream_idle(runtime, config);
+        Client::over(
+            Route::Channel(Arc::new(channel)),
+            config.default_timeout,
+            idle,
+        )
     }
 
     /// A client of one endpoint that connects on first use.
     pub fn lazy<R: Runtime>(runtime: R, addr: SocketAddr, config: ClientConfig) -> Self {
-        Client::new(
-            EndpointPool::new(runtime, addr, config.pool),
-            config.default_timeout,
-        )
+        let idle = stream_idle(runtime.clone(), &config);
+        let pool = EndpointPool::new(runtime, addr, config.pool);
+        Client::over(Route::Pool(Arc::new(pool)), config.default_timeout, idle)
     }
 
     /// A client of one endpoint, connected before this returns.
@@ -124,9 +223,11 @@ impl Client {
         addr: SocketAddr,
         config: ClientConfig,
     ) -> Result<Self, Status> {
+        let idle = stream_idle(runtime.clone(), &config);
         let pool = EndpointPool::new(runtime, addr, config.pool);
         pool.warm_up().await?;
-        Ok(Client::new(pool, config.default_timeout))
+        let route = Route::Pool(Arc::new(pool));
+        Ok(Client::over(route, config.default_timeout, idle))
     }
 
     /// Starts building a client: of a service found through discovery, or of one endpoint.
@@ -148,6 +249,8 @@ impl Client {
     pub fn with_interceptor(mut self, interceptor: impl ClientInterceptor) -> Self {
         let mut chain: Vec<_> = self.interceptors.iter().cloned().collect();
         chain.push(Arc::new(interceptor));
+        let listeners = client_listeners(&chain);
+        self.observer = Arc::new(self.observer.with_listeners(listeners));
         self.interceptors = chain.into();
         self
     }
@@ -161,44 +264,68 @@ impl Client {
         body: Bytes,
         options: CallOptions,
     ) -> Result<RawResponse, Status> {
+        let now = Instant::now();
         let timeout = options.timeout.or(self.default_timeout);
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let call = OutgoingCall {
             method: method.into(),
             codec,
             metadata: options.metadata,
-            deadline,
+            deadline: timeout.and_then(|t| now.checked_add(t)),
             key: options.key,
             body,
         };
-        self.send(call).await
+        self.send(call, now).await
     }
 
-    /// The timeout of calls that set none.
+    /// The timeout of unary calls that set none.
     pub fn default_timeout(&self) -> Option<Duration> {
         self.default_timeout
     }
 
-    /// Sends a call through the interceptors, then to its route.
-    pub(crate) async fn send(&self, call: OutgoingCall) -> Result<RawResponse, Status> {
+    #[cfg(feature = "tower")]
+    pub(crate) fn route(&self) -> &Route {
+        &self.route
+    }
+
+    #[cfg(feature = "tower")]
+    pub(crate) fn set_route(&mut self, route: Route) {
+        self.route = route;
+    }
+
+    /// Sends a call made at `now`, watched from start to end, through the interceptors,
+    /// then to its route.
+    pub(crate) async fn send(
+        &self,
+        call: OutgoingCall,
+        now: Instant,
+    ) -> Result<RawResponse, Status> {
+        let observer = &*self.observer;
+        let name = MethodName::Path(call.method.clone());
+        let watch = observer.start(name, |_| true, None, None, now);
+        observer.request_bytes(&watch, call.body.len());
+        let span = watch.span.clone();
+        // Dropped before it ends: the caller stopped waiting.
+        let mut watched = Watched(observer, Some(watch));
+        let result = self.transmit(call).instrument(span).await;
+        match &result {
+            Ok(response) => {
+                watched.response_bytes(response.body.len());
+                watched.end(CallEnd::Answered(Code::Ok), None);
+            }
+            Err(status) => watched.end(CallEnd::of_client_error(status), Some(status)),
+        }
+        result
+    }
+
+    /// The interceptors, then the route.
+    async fn transmit(&self, call: OutgoingCall) -> Result<RawResponse, Status> {
         if self.interceptors.is_empty() {
-            return match &self.route {
-                Route::Pool(pool) => send(&**pool, call).await,
-                Route::Balanced(balanced) => balanced.send(call).await,
-                Route::Channel(channel) => channel.send(call).await,
-            };
+            return self.route.send(call).await;
         }
         let route = self.route.clone();
-        let send: crate::interceptor::Transmit = Arc::new(move |call| match &route {
-            Route::Pool(pool) => {
-                let pool = pool.clone();
-                Box::pin(async move { send(&*pool, call).await })
-            }
-            Route::Balanced(balanced) => {
-                let balanced = balanced.clone();
-                Box::pin(async move { balanced.send(call).await })
-            }
-            Route::Channel(channel) => channel.send(call),
+        let send: crate::interceptor::Transmit = Arc::new(move |call| {
+            let route = route.clone();
+            Box::pin(async move { route.send(call).await })
         });
         ClientNext::start(self.interceptors.clone(), send)
             .run(call)
@@ -255,8 +382,10 @@ impl Client {
 
     /// Starts a stream call of `kind` and returns its halves (a server-streaming call's
     /// sender takes nothing and may be dropped). `request` is the one request message of a
-    /// server-streaming call and must be empty otherwise. The deadline (the call's timeout,
-    /// or the client's default) covers the whole stream. Client interceptors run their
+    /// server-streaming call and must be empty otherwise. A timeout in `options` covers the
+    /// whole stream; without one the stream has no deadline (the client's default timeout
+    /// is for unary calls), and [`ClientConfig::stream_idle_timeout`] ends a stream whose
+    /// server has gone quiet. Client interceptors run their
     /// [`intercept_stream`](ClientInterceptor::intercept_stream) on the opening call. A
     /// discovered service's stream goes to the instance its balancer picks (one that
     /// cannot be reached is skipped, as for unary calls); streams need the binary
@@ -269,33 +398,48 @@ impl Client {
         request: Bytes,
         options: CallOptions,
     ) -> Result<StreamHalves, Status> {
-        let timeout = options.timeout.or(self.default_timeout);
+        let now = Instant::now();
         let call = OutgoingCall {
             method: method.into(),
             codec,
             metadata: options.metadata,
-            deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
+            deadline: options.timeout.and_then(|t| now.checked_add(t)),
             key: options.key,
             body: request,
         };
-        self.start_stream(call, kind).await
+        self.start_stream(call, kind, now).await
     }
 
-    /// Starts a stream call through the interceptors' `intercept_stream`, then its route.
+    /// Starts a stream call made at `now` through the interceptors' `intercept_stream`,
+    /// then its route. The receiver watches it to its end.
     pub(crate) async fn start_stream(
         &self,
         mut call: OutgoingCall,
         kind: StreamKind,
+        now: Instant,
     ) -> Result<StreamHalves, Status> {
-        for interceptor in self.interceptors.iter() {
-            interceptor.intercept_stream(&mut call)?;
+        let name = MethodName::Path(call.method.clone());
+        let watch = self.observer.start(name, |_| true, None, None, now);
+        self.observer.request_bytes(&watch, call.body.len());
+        let span = watch.span.clone();
+        let mut watch = WatchGuard::new(self.observer.clone(), watch, CallEnd::Cancelled);
+        let started = async {
+            for interceptor in self.interceptors.iter() {
+                interceptor.intercept_stream(&mut call)?;
+            }
+            self.route.start_stream(call, kind).await
         }
-        match &self.route {
-            Route::Pool(pool) => start_stream_on(&**pool, call, kind)
-                .await
-                .map_err(|(status, _)| status),
-            Route::Balanced(balanced) => balanced.start_stream(call, kind).await,
-            Route::Channel(channel) => channel.start_stream(call, kind).await,
+        .instrument(span)
+        .await;
+        match started {
+            Ok((sender, receiver)) => {
+                let receiver = receiver.watched(watch, self.stream_idle.clone());
+                Ok((sender, receiver))
+            }
+            Err(status) => {
+                watch.end(CallEnd::of_client_error(&status), Some(&status));
+                Err(status)
+            }
         }
     }
 
@@ -413,6 +557,38 @@ impl Client {
 /// that broke its contract.
 fn no_sender() -> Status {
     Status::internal("the stream call started without its sending half")
+}
+
+/// The stream idle timeout of `config`, on `runtime`'s timer.
+fn stream_idle<R: Runtime>(runtime: R, config: &ClientConfig) -> Option<StreamIdle> {
+    let timeout = config.stream_idle_timeout?;
+    Some(StreamIdle {
+        timeout,
+        timer: timer_of(runtime),
+    })
+}
+
+/// A unary call being watched; dropped before it is ended, it ends `Cancelled`.
+struct Watched<'a>(&'a Observer, Option<CallWatch>);
+
+impl Watched<'_> {
+    fn response_bytes(&self, bytes: usize) {
+        if let Some(watch) = &self.1 {
+            self.0.response_bytes(watch, bytes);
+        }
+    }
+
+    fn end(&mut self, end: CallEnd, status: Option<&Status>) {
+        if let Some(watch) = self.1.take() {
+            self.0.end(watch, end, status);
+        }
+    }
+}
+
+impl Drop for Watched<'_> {
+    fn drop(&mut self) {
+        self.end(CallEnd::Cancelled, None);
+    }
 }
 
 /// Sends `call` on a connection from `pool`, again on another one if it never left.

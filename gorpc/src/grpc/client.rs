@@ -233,8 +233,8 @@ impl Client {
         target: impl Into<HttpTarget>,
         config: ClientConfig,
     ) -> Client {
-        let channel = GrpcChannel::new(runtime, target, config.pool.connection);
-        Client::from_channel(channel, config.default_timeout)
+        let channel = GrpcChannel::new(runtime.clone(), target, config.pool.connection.clone());
+        Client::of_channel(runtime, channel, &config)
     }
 }
 
@@ -526,7 +526,9 @@ async fn handshake<R: Runtime, I: Io>(
             let chain = crate::http::server::error_chain(&e);
             Status::unavailable(format!("HTTP/2 handshake failed: {chain}")).with_source(e)
         })?;
+    let gauge = crate::observe::ConnectionGauge::new(crate::observe::Side::Client);
     runtime.spawn(async move {
+        let _gauge = gauge;
         if let Err(error) = connection.await {
             tracing::debug!(%error, "gRPC connection ended");
         }

@@ -212,7 +212,7 @@ async fn start<R: Runtime>(
                     Err(status) => reply = ServerReply::error(status),
                 }
             }
-            watch.sent(reply.body.len());
+            watch.response_bytes(reply.body.len());
             watch.end(answered(&reply.status), Some(&reply.status));
             let response_codec = if schema.is_some() { codec::JSON } else { codec };
             return Ok(answer(response_codec, reply, compress));
@@ -507,7 +507,7 @@ impl<R: Runtime> Call<R> {
             match pump.poll(cx, &self.control) {
                 Ok(bytes) => {
                     if let Some(watch) = self.watch.as_ref().filter(|_| bytes > 0) {
-                        watch.received(bytes);
+                        watch.request_bytes(bytes);
                     }
                 }
                 Err(status) => {
@@ -565,7 +565,7 @@ impl<R: Runtime> Call<R> {
         if let Some(outbox) = &self.outbox {
             let taken = outbox.take();
             if let Some(watch) = self.watch.as_ref().filter(|_| !taken.messages.is_empty()) {
-                watch.sent(taken.messages.len());
+                watch.response_bytes(taken.messages.len());
             }
             if !taken.messages.is_empty() {
                 let messages = if self.compress {

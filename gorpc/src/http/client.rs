@@ -180,8 +180,8 @@ impl Client {
         target: impl Into<HttpTarget>,
         config: ClientConfig,
     ) -> Client {
-        let channel = HttpChannel::new(runtime, target, config.pool.connection);
-        Client::from_channel(channel, config.default_timeout)
+        let channel = HttpChannel::new(runtime.clone(), target, config.pool.connection.clone());
+        Client::of_channel(runtime, channel, &config)
     }
 }
 
@@ -379,7 +379,9 @@ impl<R: Runtime> ChannelShared<R> {
             .map_err(|e| {
                 Status::unavailable(format!("HTTP handshake failed: {e}")).with_source(e)
             })?;
+        let gauge = crate::observe::ConnectionGauge::new(crate::observe::Side::Client);
         self.runtime.spawn(async move {
+            let _gauge = gauge;
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "HTTP client connection ended");
             }

@@ -667,7 +667,7 @@ impl<R: Runtime> Edge<R> {
             _ => CallEnd::ConnectionLost,
         };
         let mut watch = self.watch(&head, now, if_dropped);
-        watch.received(body.len());
+        watch.request_bytes(body.len());
         let request = ServerRequest {
             head,
             edited: None,
@@ -695,7 +695,7 @@ impl<R: Runtime> Edge<R> {
             return Err(refusal_for(reply.status));
         }
         let body = body.map_err(refusal_for)?;
-        watch.sent(body.len());
+        watch.response_bytes(body.len());
         let mut response = Response::new(EdgeBody::full(body));
         let headers = response.headers_mut();
         headers.insert(

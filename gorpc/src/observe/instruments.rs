@@ -65,7 +65,6 @@ pub(crate) struct Slot(u32);
 #[derive(Clone)]
 pub(crate) struct Instruments {
     table: Arc<Table>,
-    pub(crate) connections: Gauge,
 }
 
 struct Table {
@@ -111,10 +110,7 @@ impl MethodInstruments {
 
 impl Instruments {
     pub(crate) fn new(side: Side) -> Self {
-        let names = match side {
-            Side::Server => &SERVER,
-            Side::Client => &CLIENT,
-        };
+        let names = names(side);
         describe(names, side);
         let slots = (0..MAX_METHODS + 2).map(|_| OnceLock::new()).collect();
         Instruments {
@@ -124,7 +120,6 @@ impl Instruments {
                 slots,
                 adding: Mutex::new(()),
             }),
-            connections: metrics::gauge!(names.connections),
         }
     }
 
@@ -181,6 +176,18 @@ impl Instruments {
         calls.increment(1);
         durations.record(duration.as_secs_f64());
     }
+}
+
+fn names(side: Side) -> &'static Names {
+    match side {
+        Side::Server => &SERVER,
+        Side::Client => &CLIENT,
+    }
+}
+
+/// The name of the gauge of open connections of `side`.
+pub(crate) fn connections_name(side: Side) -> &'static str {
+    names(side).connections
 }
 
 /// Tells the recorder what each metric is.

@@ -165,15 +165,6 @@ impl Observer {
         }
     }
 
-    /// Counts the open or closed connections of this side.
-    pub(crate) fn connection_opened(&self) {
-        self.instruments.connections.increment(1.0);
-    }
-
-    pub(crate) fn connection_closed(&self) {
-        self.instruments.connections.decrement(1.0);
-    }
-
     /// Starts watching a call to `method` that arrived (or was made) at `now`.
     /// `known` says whether the service routes `method`: unknown methods are counted
     /// together, so that made-up names cannot grow the metrics without bound.
@@ -218,13 +209,13 @@ impl Observer {
         }
     }
 
-    /// Request body bytes of a watched call.
-    pub(crate) fn received(&self, watch: &CallWatch, bytes: usize) {
+    /// Request message bytes of a watched call.
+    pub(crate) fn request_bytes(&self, watch: &CallWatch, bytes: usize) {
         self.instruments.request_bytes(watch.slot, bytes);
     }
 
-    /// Response body bytes of a watched call.
-    pub(crate) fn sent(&self, watch: &CallWatch, bytes: usize) {
+    /// Response message bytes of a watched call.
+    pub(crate) fn response_bytes(&self, watch: &CallWatch, bytes: usize) {
         self.instruments.response_bytes(watch.slot, bytes);
     }
 
@@ -291,21 +282,23 @@ impl WatchGuard {
     }
 
     /// The call's span, for its handler to run in.
+    #[cfg(feature = "http")]
     pub(crate) fn span(&self) -> Span {
         self.watch
             .as_ref()
             .map_or_else(Span::none, |watch| watch.span.clone())
     }
 
-    pub(crate) fn sent(&self, bytes: usize) {
+    #[cfg(feature = "http")]
+    pub(crate) fn request_bytes(&self, bytes: usize) {
         if let Some(watch) = &self.watch {
-            self.observer.sent(watch, bytes);
+            self.observer.request_bytes(watch, bytes);
         }
     }
 
-    pub(crate) fn received(&self, bytes: usize) {
+    pub(crate) fn response_bytes(&self, bytes: usize) {
         if let Some(watch) = &self.watch {
-            self.observer.received(watch, bytes);
+            self.observer.response_bytes(watch, bytes);
         }
     }
 
@@ -327,4 +320,27 @@ impl Drop for WatchGuard {
 /// How an answer ends a call: its status's code.
 pub(crate) fn answered(status: &Status) -> CallEnd {
     CallEnd::Answered(status.code())
+}
+
+/// Counts one open connection in the `connections` gauge of its side while it lives.
+pub(crate) struct ConnectionGauge(metrics::Gauge);
+
+impl ConnectionGauge {
+    pub(crate) fn new(side: Side) -> Self {
+        let gauge = metrics::gauge!(instruments::connections_name(side));
+        gauge.increment(1.0);
+        ConnectionGauge(gauge)
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+impl std::fmt::Debug for ConnectionGauge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectionGauge")
+    }
 }

@@ -232,7 +232,9 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                 ServerEvent::Request(request) => self.dispatch(cx, now, request),
                 ServerEvent::Message { id, body } => {
                     if let Some(running) = self.running.get(&id) {
-                        self.served.observer.received(&running.watch, body.len());
+                        self.served
+                            .observer
+                            .request_bytes(&running.watch, body.len());
                     }
                     if !self.delivering.joins(id) {
                         self.deliver();
@@ -294,7 +296,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         let id = request.id;
         let served = self.served.clone();
         let watch = served.watch(&request.head, self.peer, Some(u64::from(id.as_u32())), now);
-        served.observer.received(&watch, request.body.len());
+        served.observer.request_bytes(&watch, request.body.len());
         let kind = served.service.stream_kind(request.head.method());
         let streams = match (kind, request.client_streams) {
             (None, false) => CallStreams::default(),
@@ -446,7 +448,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         });
         self.refilling |= stream.drain.made_room();
         if let Some(running) = self.running.get(&id).filter(|_| sent > 0) {
-            self.served.observer.sent(&running.watch, sent);
+            self.served.observer.response_bytes(&running.watch, sent);
         }
         match fed {
             Ok(Fed::Blocked) => {} // the rest goes at the call's `Writable`
@@ -502,7 +504,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         } = reply;
         let observer = &self.served.observer;
         if let Some(watch) = &watch {
-            observer.sent(watch, body.len());
+            observer.response_bytes(watch, body.len());
         }
         self.conn.respond(now, id, &status, metadata.iter(), body);
         if let Some(watch) = watch {

@@ -16,7 +16,7 @@ use gorpc_proto::{Code, ConnConfig, Status};
 
 use crate::discovery::{Register, Registration};
 use crate::interceptor::{server_listeners, ServerChain, ServerInterceptor};
-use crate::observe::{CallWatch, MethodName, Observer, Side};
+use crate::observe::{CallWatch, ConnectionGauge, MethodName, Observer, Side};
 use crate::runtime::{timeout, Listener, Runtime};
 use crate::service::Service;
 use conn::{ServerConnection, Signals};
@@ -57,7 +57,7 @@ pub struct Server<R: Runtime> {
     interceptors: Vec<Arc<dyn ServerInterceptor>>,
     /// tower layers around the interceptors and the service, outermost first.
     #[cfg(feature = "tower")]
-    layers: Vec<crate::tower::ApplyLayer>,
+    layers: Vec<crate::tower::ServerLayer>,
     config: ServerConfig,
     registrations: Vec<(Arc<dyn Register>, Registration)>,
     #[cfg(feature = "tls")]
@@ -251,11 +251,7 @@ impl<R: Runtime> Server<R> {
         let listeners = server_listeners(&self.interceptors);
         let chain = ServerChain::wrap(self.interceptors, self.service);
         #[cfg(feature = "tower")]
-        let chain = self
-            .layers
-            .into_iter()
-            .rev()
-            .fold(chain, |inner, apply| apply(inner));
+        let chain = crate::tower::layered(chain, self.layers);
         #[cfg(feature = "grpc")]
         let (service, health) = mount_standard(self.health, self.reflection, chain, &serving);
         #[cfg(not(feature = "grpc"))]
@@ -574,19 +570,23 @@ struct AcceptLoop<R: Runtime> {
 
 /// Counts a connection for `max_connections`, and in the connections gauge, while it
 /// lives.
-struct ActiveGuard(Arc<AtomicUsize>, Arc<Observer>);
+struct ActiveGuard {
+    active: Arc<AtomicUsize>,
+    _gauge: ConnectionGauge,
+}
 
 impl ActiveGuard {
-    fn new(active: &Arc<AtomicUsize>, observer: &Arc<Observer>) -> Self {
-        observer.connection_opened();
-        ActiveGuard(active.clone(), observer.clone())
+    fn new(active: &Arc<AtomicUsize>) -> Self {
+        ActiveGuard {
+            active: active.clone(),
+            _gauge: ConnectionGauge::new(Side::Server),
+        }
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        self.1.connection_closed();
+        self.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -612,7 +612,7 @@ impl<R: Runtime> AcceptLoop<R> {
                     continue;
                 }
             };
-            let guard = ActiveGuard::new(&self.active, &self.served.observer);
+            let guard = ActiveGuard::new(&self.active);
             let over_limit =
                 self.active.fetch_add(1, Ordering::Relaxed) >= self.config.max_connections;
             let alive = self.alive.clone();

@@ -4,16 +4,19 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use gorpc_proto::{CallId, Code, Status};
 
 use super::handoff::{Delivery, InboxReader, Outbox, OutboxSender, StreamControl};
 use crate::client::balanced::OpenStream;
-use crate::client::{RawResponse, StreamEnd};
+use crate::client::{RawResponse, StreamEnd, StreamIdle, Timer};
 use crate::codec::{id_name, Decoder, Encoder};
 use crate::metadata::Metadata;
+use crate::observe::{CallEnd, WatchGuard};
 use crate::service::Response;
 
 /// What drives a client's stream call (a binary connection's driver, a gRPC call's), as its
@@ -46,6 +49,37 @@ pub struct RawStreamReceiver {
     open: Option<OpenStream>,
     /// The metadata the call ended with, once its end was handed out.
     trailers: Option<Metadata>,
+    /// Reports the call's end (dropped unended: cancelled).
+    watch: Option<WatchGuard>,
+    /// Gives up on a server that went quiet.
+    idle: Option<IdleWait>,
+}
+
+/// How long the receiver may wait for the server's next message.
+struct IdleWait {
+    timeout: Duration,
+    timer: Timer,
+    /// Armed while the receiver waits; when it fires, the wait is over unless a message
+    /// came since (then it is armed again for the rest).
+    sleep: Option<BoxFuture<'static, ()>>,
+    /// When the last message (or the start) came.
+    last: Instant,
+}
+
+impl IdleWait {
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            let due = self.last + self.timeout;
+            let sleep = self.sleep.get_or_insert_with(|| (self.timer)(due));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            self.sleep = None;
+            if Instant::now() >= self.last + self.timeout {
+                return true;
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for RawStreamReceiver {
@@ -75,7 +109,21 @@ impl RawStreamReceiver {
             done: false,
             open: None,
             trailers: None,
+            watch: None,
+            idle: None,
         }
+    }
+
+    /// Watched by `watch` to its end; given up after `idle` without a message.
+    pub(crate) fn watched(mut self, watch: WatchGuard, idle: Option<StreamIdle>) -> Self {
+        self.watch = Some(watch);
+        self.idle = idle.map(|idle| IdleWait {
+            timeout: idle.timeout,
+            timer: idle.timer,
+            sleep: None,
+            last: Instant::now(),
+        });
+        self
     }
 
     /// The metadata the server ended the call with (its handler's trailers), once this
@@ -91,9 +139,28 @@ impl RawStreamReceiver {
         self
     }
 
-    fn end(&mut self) {
+    /// The call's end was handed out: `end` is what it was.
+    fn end(&mut self, end: &Delivery<StreamEnd>) {
         self.done = true;
         self.open = None;
+        self.idle = None;
+        if let Some(watch) = &mut self.watch {
+            match end {
+                Delivery::End(Ok(answer)) => {
+                    watch.response_bytes(answer.body.len());
+                    watch.end(
+                        CallEnd::Answered(answer.status.code()),
+                        Some(&answer.status),
+                    );
+                }
+                Delivery::End(Err(status)) => {
+                    watch.end(CallEnd::of_client_error(status), Some(status));
+                }
+                Delivery::Gone | Delivery::Message(_) => {
+                    watch.end(CallEnd::ConnectionLost, None);
+                }
+            }
+        }
     }
 
     /// Waits for the call's end, skipping any message, and returns its single response
@@ -101,10 +168,12 @@ impl RawStreamReceiver {
     pub async fn response(mut self) -> Result<RawResponse, Status> {
         loop {
             let event = std::future::poll_fn(|cx| self.poll_event(cx)).await;
+            if !matches!(event, Delivery::Message(_)) {
+                self.end(&event);
+            }
             match event {
                 Delivery::Message(_) => {}
                 Delivery::End(result) => {
-                    self.end();
                     let rsp = result?;
                     if !rsp.status.is_ok() {
                         return Err(rsp.status);
@@ -115,10 +184,7 @@ impl RawStreamReceiver {
                         body: rsp.body,
                     });
                 }
-                Delivery::Gone => {
-                    self.end();
-                    return Err(driver_gone());
-                }
+                Delivery::Gone => return Err(driver_gone()),
             }
         }
     }
@@ -127,7 +193,30 @@ impl RawStreamReceiver {
         if self.id.is_none() {
             self.id = self.outbox.id();
         }
-        self.reader.poll_next(cx, self.id, &*self.commands)
+        let polled = self.reader.poll_next(cx, self.id, &*self.commands);
+        match &polled {
+            Poll::Ready(Delivery::Message(body)) => {
+                if let Some(watch) = &self.watch {
+                    watch.response_bytes(body.len());
+                }
+                if let Some(idle) = &mut self.idle {
+                    idle.last = Instant::now();
+                }
+            }
+            Poll::Pending => {
+                let expired = self.idle.as_mut().is_some_and(|idle| idle.expired(cx));
+                if let (true, Some(idle)) = (expired, &self.idle) {
+                    let waited = idle.timeout;
+                    abandon(&self.outbox, &*self.commands);
+                    let status = Status::deadline_exceeded(format!(
+                        "no message from the server for {waited:?} (the stream idle timeout)"
+                    ));
+                    return Poll::Ready(Delivery::End(Err(status)));
+                }
+            }
+            Poll::Ready(_) => {}
+        }
+        polled
     }
 }
 
@@ -139,27 +228,27 @@ impl Stream for RawStreamReceiver {
         if this.done {
             return Poll::Ready(None);
         }
-        match this.poll_event(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Delivery::Message(body)) => Poll::Ready(Some(Ok(body))),
-            Poll::Ready(Delivery::End(result)) => {
-                this.end();
-                match result {
-                    Ok(rsp) => {
-                        this.trailers = Some(rsp.metadata);
-                        if rsp.status.is_ok() {
-                            Poll::Ready(None)
-                        } else {
-                            Poll::Ready(Some(Err(rsp.status)))
-                        }
+        let event = match this.poll_event(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(event) => event,
+        };
+        if !matches!(event, Delivery::Message(_)) {
+            this.end(&event);
+        }
+        match event {
+            Delivery::Message(body) => Poll::Ready(Some(Ok(body))),
+            Delivery::End(result) => match result {
+                Ok(rsp) => {
+                    this.trailers = Some(rsp.metadata);
+                    if rsp.status.is_ok() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Err(rsp.status)))
                     }
-                    Err(status) => Poll::Ready(Some(Err(status))),
                 }
-            }
-            Poll::Ready(Delivery::Gone) => {
-                this.end();
-                Poll::Ready(Some(Err(driver_gone())))
-            }
+                Err(status) => Poll::Ready(Some(Err(status))),
+            },
+            Delivery::Gone => Poll::Ready(Some(Err(driver_gone()))),
         }
     }
 }

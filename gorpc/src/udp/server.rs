@@ -323,7 +323,17 @@ impl<R: Runtime> UdpServerDriver<R> {
         } = request;
         let served = self.served.clone();
         let watch = served.watch(&head, from, Some(u64::from(id.as_u32())), now);
-        served.observer.received(&watch, body.len());
+        served.observer.request_bytes(&watch, body.len());
+        if served.service.stream_kind(head.method()).is_some() {
+            let status = Status::new(
+                Code::Unimplemented,
+                format!(
+                    "{} is a stream method: UDP carries unary calls only; call it over TCP",
+                    head.method()
+                ),
+            );
+            return self.respond(now, from, token, ServerReply::error(status), watch);
+        }
         let request = ServerRequest {
             head,
             edited: None,
@@ -415,7 +425,9 @@ impl<R: Runtime> UdpServerDriver<R> {
         reply: ServerReply,
         watch: CallWatch,
     ) {
-        self.served.observer.sent(&watch, reply.body.len());
+        self.served
+            .observer
+            .response_bytes(&watch, reply.body.len());
         let status = self.send(now, to, token, reply);
         self.served
             .observer
