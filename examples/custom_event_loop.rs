@@ -38,6 +38,7 @@ const MIN_WAIT: Duration = Duration::from_millis(1);
 const READ_CHUNK: usize = 16 * 1024;
 
 fn main() -> Result<(), Box<dyn Error>> {
+    gorpc_examples::init_logging();
     let start = Instant::now();
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;

@@ -54,6 +54,7 @@ async fn spread(client: &Client, calls: usize) -> Result<(), Box<dyn std::error:
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    gorpc_examples::init_logging();
     let url = std::env::args()
         .nth(1)
         .or_else(|| std::env::var("CONSUL_HTTP_ADDR").ok())

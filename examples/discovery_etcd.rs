@@ -60,6 +60,7 @@ async fn spread(client: &Client, calls: usize) -> Result<(), Box<dyn std::error:
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    gorpc_examples::init_logging();
     let endpoint = std::env::args()
         .nth(1)
         .or_else(|| std::env::var("ETCD_ENDPOINT").ok())

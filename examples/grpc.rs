@@ -38,6 +38,7 @@ use gorpc_tokio::Router;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    gorpc_examples::init_logging();
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:50051".into())

@@ -55,6 +55,7 @@ struct Receipt {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    gorpc_examples::init_logging();
     let stay_up = std::env::args().nth(1);
     let addr = stay_up.as_deref().unwrap_or("127.0.0.1:0").parse()?;
     let router = Router::new()

@@ -19,6 +19,7 @@ struct HelloReply {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    gorpc_examples::init_logging();
     let router = Router::new()
         .msgpack(
             "/helloworld.Greeter/SayHello",

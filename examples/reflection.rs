@@ -56,6 +56,7 @@ impl Inventory for Shelf {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    gorpc_examples::init_logging();
     smol::block_on(async {
         let shelf = Shelf {
             stock: Mutex::new(BTreeMap::from([("apple".into(), 5), ("pear".into(), 2)])),

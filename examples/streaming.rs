@@ -158,6 +158,7 @@ fn lines_to_write() -> Vec<LogLine> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    gorpc_examples::init_logging();
     let server =
         gorpc_tokio::serve("127.0.0.1:0".parse()?, router(Arc::new(Log::default()))).await?;
     println!("log server on {}", server.local_addr());

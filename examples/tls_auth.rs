@@ -93,6 +93,7 @@ fn client(addr: SocketAddr, ca: &Certified, me: &Certified) -> ClientBuilder<Tok
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    gorpc_examples::init_logging();
     let ca = authority("demo CA");
     let server_cert = issue(
         &ca,

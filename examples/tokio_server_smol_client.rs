@@ -6,6 +6,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 fn main() {
+    gorpc_examples::init_logging();
     let (addr_tx, addr_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = std::thread::spawn(move || {

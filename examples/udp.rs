@@ -10,6 +10,7 @@ use gorpc_tokio::{CallOptions, Client, Code, Router, Status, Tokio};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    gorpc_examples::init_logging();
     let router = Router::new()
         .msgpack("/demo.Math/Add", |(a, b): (i64, i64)| async move {
             Ok::<_, Status>(a + b)

@@ -112,8 +112,24 @@ enum Command {
     New(new::NewArgs),
 }
 
+/// gorpc's own warnings (a connection that failed, a peer that was ejected) go to stderr;
+/// `RUST_LOG` widens or narrows them. Results always go to stdout, so logs never mix with
+/// output that scripts read.
+fn init_logging() {
+    use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::WARN.into())
+        .from_env_lossy();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
     let result = match cli.command {
         Command::Call(args) => call::run(args),
         Command::List(args) => reflect::list(args),

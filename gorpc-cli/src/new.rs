@@ -33,8 +33,8 @@ const PROST_VERSION: &str = "0.14";
 const PROST_TYPES_VERSION: &str = "0.14";
 const TOKIO_VERSION: &str = "1.45";
 const FUTURES_VERSION: &str = "0.3.31";
-/// Not a dependency of this workspace: gorpc-cli's dev-dependency on the same line (checked by
-/// a test) is what makes `cargo fetch` download it.
+/// gorpc-cli's own dependency on the same line (checked by a test), so `cargo fetch` of this
+/// workspace downloads it.
 const TRACING_SUBSCRIBER_VERSION: &str = "0.3.23";
 
 /// Where the scaffold's server listens, and its client calls, when given no address.
@@ -1147,19 +1147,20 @@ mod tests {
         }
     }
 
-    /// The scaffold's tracing-subscriber is gorpc-cli's dev-dependency, features and all, so
+    /// The scaffold's tracing-subscriber is gorpc-cli's own dependency, features and all, so
     /// that `cargo fetch` here downloads what the scaffold's offline builds need.
     #[test]
     fn tracing_subscriber_is_fetched_for_the_scaffold() {
         let manifest = include_str!("../Cargo.toml");
-        let dev = manifest
-            .split("[dev-dependencies]")
+        let deps = manifest
+            .split("[dependencies]")
             .nth(1)
-            .expect("dev-dependencies");
+            .and_then(|rest| rest.split("[dev-dependencies]").next())
+            .expect("dependencies");
         let wanted = tracing_subscriber_dependency();
         assert!(
-            dev.lines().any(|line| line == wanted),
-            "gorpc-cli's [dev-dependencies] need the line `{wanted}`"
+            deps.lines().any(|line| line == wanted),
+            "gorpc-cli's [dependencies] need the line `{wanted}`"
         );
     }
 

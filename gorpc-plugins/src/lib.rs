@@ -2,6 +2,7 @@
 //! interceptor traits of [`gorpc::interceptor`]. The light ones are on by default (`auth`,
 //! `metrics`, `retry`, `hedge`, `config`, `http`, `grpc`); the ones with heavy dependencies
 //! are opt-in: `consul` (reqwest and OpenSSL), `otel` and `otel-metrics` (OpenTelemetry),
+//! `prometheus` (metrics-exporter-prometheus),
 //! `etcd` (etcd-client, and protoc to build it).
 //!
 //! - `auth`: [`auth::BearerToken`] attaches a bearer token to every call a client sends;
@@ -10,6 +11,8 @@
 //!   method, on either side.
 //! - `otel` (opt-in): [`otel::OtelClient`] and [`otel::OtelServer`] trace calls with OpenTelemetry,
 //!   passing the trace context along as W3C `traceparent`/`tracestate` metadata.
+//! - `prometheus` (opt-in): [`prometheus::Prometheus`] records the `gorpc_*` metrics and
+//!   serves them at `GET /metrics`, on the server's own HTTP port or on one of its own.
 //! - `otel-metrics` (opt-in): [`otel_metrics::OtelRecorder`], a recorder for the `metrics`
 //!   facade that reports counters, gauges (in-flight ones too) and histograms to an
 //!   OpenTelemetry meter.
