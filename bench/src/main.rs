@@ -37,7 +37,8 @@
 //!
 //! With `--sweep 1,4,16,64,256` instead of `--concurrency`, every selected system runs at each
 //! of those concurrencies in turn (one JSON line per system and concurrency), and `--plot
-//! PATH.png` draws qps and p99 latency against concurrency:
+//! PATH.png` draws qps and p99 latency against concurrency (for the stream workloads,
+//! messages per second and MB/s):
 //!
 //! cargo run --release -p gorpc-bench -- --system all --sweep 1,4,16,64,256 --payload 1024 \
 //!     --secs 2 --warmup 1 --connections 1 --plot bench/results.png
@@ -158,7 +159,8 @@ struct RunArgs {
         conflicts_with = "concurrency"
     )]
     sweep: Option<Vec<usize>>,
-    /// With --sweep: draw qps and p99 latency against concurrency into this PNG file.
+    /// With --sweep: draw qps and p99 latency (streams: messages/s and MB/s) against
+    /// concurrency into this PNG file.
     #[arg(long, value_name = "PATH.png", requires = "sweep")]
     plot: Option<PathBuf>,
     /// Echo payload, or each stream message, in bytes (ignored by --workload hello, which
@@ -430,10 +432,6 @@ fn run_main(args: RunArgs) -> ExitCode {
             "--stream-window and --connection-window must be between 64 KiB and 1 GiB",
         ),
         (
-            args.workload.streams() && args.plot.is_some(),
-            "--plot draws latency, which the stream workloads do not measure",
-        ),
-        (
             selected(&args.system)
                 .iter()
                 .all(|s| !s.runs(args.workload)),
@@ -579,14 +577,20 @@ fn run_calls(plan: &Plan, run: Option<usize>) -> RunOutcome {
     }
     eprint!("{}{}", run_heading(run, args), summary(&rows));
     if let Some(path) = &args.plot {
-        let series = plot_series(plan.systems, &rows);
-        match plot::render(path, &plot_title(args, payload), &series) {
-            Ok(()) => eprintln!("\nplot: {}", path.display()),
-            Err(e) => {
-                eprintln!("gorpc-bench: --plot: {e}");
-                failed = true;
-            }
-        }
+        let points: Vec<(&str, plot::Point)> = rows
+            .iter()
+            .map(|r| {
+                let point = plot::Point {
+                    concurrency: r.concurrency,
+                    throughput: r.qps,
+                    second: r.p99_us,
+                };
+                (r.system, point)
+            })
+            .collect();
+        let series = plot_series(plan.systems, &points);
+        let title = plot_title(args, payload);
+        failed |= !draw_plot(path, &title, plot::Measured::Calls, &series);
     }
     let results: Vec<(&str, usize, f64)> = rows
         .iter()
@@ -645,6 +649,22 @@ fn run_streams(plan: &Plan, run: Option<usize>) -> RunOutcome {
         run_heading(run, args),
         stream_summary(args.workload, &rows)
     );
+    if let Some(path) = &args.plot {
+        let points: Vec<(&str, plot::Point)> = rows
+            .iter()
+            .map(|r| {
+                let point = plot::Point {
+                    concurrency: r.concurrency,
+                    throughput: r.msgs_per_s,
+                    second: r.mb_per_s,
+                };
+                (r.system, point)
+            })
+            .collect();
+        let series = plot_series(plan.systems, &points);
+        let title = plot_title(args, args.payload);
+        failed |= !draw_plot(path, &title, plot::Measured::Streams, &series);
+    }
     let results: Vec<(&str, usize, f64)> = rows
         .iter()
         .map(|r| (r.system, r.concurrency, r.msgs_per_s))
@@ -712,23 +732,33 @@ fn is_png_path(path: &Path) -> bool {
     png && dir_exists
 }
 
-/// One plot line per system, in the order the systems ran.
-fn plot_series(systems: &[System], rows: &[Row]) -> Vec<plot::Series> {
+/// One plot line per system, in the order the systems ran, from (system, point) pairs.
+fn plot_series(systems: &[System], points: &[(&str, plot::Point)]) -> Vec<plot::Series> {
     systems
         .iter()
         .map(|system| plot::Series {
             name: system.name().to_string(),
-            points: rows
+            points: points
                 .iter()
-                .filter(|r| r.system == system.name())
-                .map(|r| plot::Point {
-                    concurrency: r.concurrency,
-                    qps: r.qps,
-                    p99_us: r.p99_us,
-                })
+                .filter(|(name, _)| *name == system.name())
+                .map(|&(_, point)| point)
                 .collect(),
         })
         .collect()
+}
+
+/// Draws the `--plot` PNG; whether it was written (a failure is reported on stderr).
+fn draw_plot(path: &Path, title: &str, measured: plot::Measured, series: &[plot::Series]) -> bool {
+    match plot::render(path, title, measured, series) {
+        Ok(()) => {
+            eprintln!("\nplot: {}", path.display());
+            true
+        }
+        Err(e) => {
+            eprintln!("gorpc-bench: --plot: {e}");
+            false
+        }
+    }
 }
 
 /// The plot's title: what was measured, with the payload and connections.
@@ -1290,19 +1320,24 @@ mod tests {
 
     #[test]
     fn plot_series_follow_the_systems() {
-        let rows = [
-            row("gorpc-tokio", 1, 300.0),
-            row("tonic", 1, 100.0),
-            row("gorpc-tokio", 4, 200.0),
-            row("tonic", 4, 100.0),
+        let point = |concurrency, throughput| plot::Point {
+            concurrency,
+            throughput,
+            second: 0.0,
+        };
+        let points = [
+            ("gorpc-tokio", point(1, 300.0)),
+            ("tonic", point(1, 100.0)),
+            ("gorpc-tokio", point(4, 200.0)),
+            ("tonic", point(4, 100.0)),
         ];
-        let series = plot_series(&[System::Tonic, System::GorpcTokio], &rows);
+        let series = plot_series(&[System::Tonic, System::GorpcTokio], &points);
         let names: Vec<&str> = series.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["tonic", "gorpc-tokio"]);
         let tokio: Vec<(usize, f64)> = series[1]
             .points
             .iter()
-            .map(|p| (p.concurrency, p.qps))
+            .map(|p| (p.concurrency, p.throughput))
             .collect();
         assert_eq!(tokio, [(1, 300.0), (4, 200.0)]);
     }

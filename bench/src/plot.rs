@@ -1,5 +1,6 @@
-//! The `--plot` picture of a `--sweep`: throughput and p99 latency against concurrency, one
-//! line per system, drawn with plotters into a PNG.
+//! The `--plot` picture of a `--sweep`, one line per system, drawn with plotters into a PNG:
+//! for calls, throughput and p99 latency against concurrency; for the stream workloads,
+//! messages per second and megabytes per second.
 //!
 //! Text is drawn with plotters' `ab_glyph` font backend from a font embedded in the binary, so
 //! nothing depends on the fonts (or fontconfig) of the machine the bench runs on. The font is
@@ -24,12 +25,23 @@ pub const HEIGHT: u32 = 640;
 /// The family every text of the picture uses; the embedded font is registered under it.
 const FONT: &str = "sans-serif";
 
+/// What the sweep measured, which decides the two panels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Measured {
+    /// Calls: qps on the left, p99 latency on the right.
+    Calls,
+    /// Stream messages: messages per second on the left, megabytes per second on the right.
+    Streams,
+}
+
 /// One measured point of a system's line.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Point {
     pub concurrency: usize,
-    pub qps: f64,
-    pub p99_us: f64,
+    /// Calls or messages per second: the left panel.
+    pub throughput: f64,
+    /// The right panel: p99 latency in µs for calls, MB/s for streams.
+    pub second: f64,
 }
 
 /// One system's line.
@@ -65,13 +77,18 @@ fn register_embedded_font() -> Result<(), String> {
 }
 
 /// Draws `series` into a `WIDTH` x `HEIGHT` PNG at `path`, headed by `title`.
-pub fn render(path: &Path, title: &str, series: &[Series]) -> Result<(), String> {
+pub fn render(
+    path: &Path,
+    title: &str,
+    measured: Measured,
+    series: &[Series],
+) -> Result<(), String> {
     if series.iter().all(|s| s.points.is_empty()) {
         return Err("nothing to plot".into());
     }
     register_embedded_font()?;
     let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
-    draw(&root, title, series).map_err(|e| format!("drawing {}: {e}", path.display()))?;
+    draw(&root, title, measured, series).map_err(|e| format!("drawing {}: {e}", path.display()))?;
     root.present()
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
@@ -79,6 +96,7 @@ pub fn render(path: &Path, title: &str, series: &[Series]) -> Result<(), String>
 fn draw(
     root: &DrawingArea<BitMapBackend<'_>, Shift>,
     title: &str,
+    measured: Measured,
     series: &[Series],
 ) -> Result<(), Box<dyn Error>> {
     root.fill(&WHITE)?;
@@ -109,9 +127,15 @@ fn draw(
     let x_desc = "concurrency (callers in flight, log2 scale)";
 
     // Left: throughput, linear from zero.
-    let qps_max = max_of(series, |p| Some(p.qps)).unwrap_or(0.0).max(1.0);
+    let (caption, y_desc) = match measured {
+        Measured::Calls => ("Throughput (higher is better)", "qps (calls per second)"),
+        Measured::Streams => ("Messages (higher is better)", "messages per second"),
+    };
+    let qps_max = max_of(series, |p| Some(p.throughput))
+        .unwrap_or(0.0)
+        .max(1.0);
     let mut chart = ChartBuilder::on(&panels[0])
-        .caption("Throughput (higher is better)", (FONT, 22))
+        .caption(caption, (FONT, 22))
         .margin(16)
         .x_label_area_size(56)
         .y_label_area_size(84)
@@ -119,7 +143,7 @@ fn draw(
     chart
         .configure_mesh()
         .x_desc(x_desc)
-        .y_desc("qps (calls per second)")
+        .y_desc(y_desc)
         .x_label_formatter(&|c| format!("{c:.0}"))
         .y_label_formatter(&|v| compact(*v))
         .y_max_light_lines(1)
@@ -128,23 +152,42 @@ fn draw(
         .draw()?;
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let points = line_of(s, |p| p.qps.is_finite().then_some(p.qps));
+        let points = line_of(s, |p| p.throughput.is_finite().then_some(p.throughput));
         chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?;
         chart.draw_series(points.iter().map(|&xy| Circle::new(xy, 5, color.filled())))?;
     }
 
+    match measured {
+        Measured::Calls => draw_latency(&panels[1], x_axis(), x_desc, series)?,
+        Measured::Streams => draw_bandwidth(&panels[1], x_axis(), x_desc, series)?,
+    }
+    draw_legend(&legend, series)?;
+    Ok(())
+}
+
+/// The x axis both panels share.
+type XAxis =
+    plotters::coord::combinators::WithKeyPoints<plotters::coord::combinators::LogCoord<f64>>;
+
+/// The right panel for calls: p99 latency on a log scale.
+fn draw_latency(
+    panel: &DrawingArea<BitMapBackend<'_>, Shift>,
+    x_axis: XAxis,
+    x_desc: &str,
+    series: &[Series],
+) -> Result<(), Box<dyn Error>> {
     // Right: p99 latency on a log scale (points without a latency, from failed runs, are left
     // out: zero has no place on it).
     let positive = |v: f64| (v.is_finite() && v > 0.0).then_some(v);
-    let p99_lo = min_of(series, |p| positive(p.p99_us)).unwrap_or(1.0) / 2.0;
-    let p99_hi = max_of(series, |p| positive(p.p99_us)).unwrap_or(1.0) * 2.0;
-    let mut chart = ChartBuilder::on(&panels[1])
+    let p99_lo = min_of(series, |p| positive(p.second)).unwrap_or(1.0) / 2.0;
+    let p99_hi = max_of(series, |p| positive(p.second)).unwrap_or(1.0) * 2.0;
+    let mut chart = ChartBuilder::on(panel)
         .caption("p99 latency (lower is better)", (FONT, 22))
         .margin(16)
         .x_label_area_size(56)
         .y_label_area_size(84)
         .build_cartesian_2d(
-            x_axis(),
+            x_axis,
             (p99_lo..p99_hi)
                 .log_scale()
                 .with_key_points(log_ticks(p99_lo, p99_hi))
@@ -166,12 +209,44 @@ fn draw(
         .draw()?;
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let points = line_of(s, |p| positive(p.p99_us));
+        let points = line_of(s, |p| positive(p.second));
         chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?;
         chart.draw_series(points.iter().map(|&xy| Circle::new(xy, 5, color.filled())))?;
     }
 
-    draw_legend(&legend, series)?;
+    Ok(())
+}
+
+/// The right panel for streams: megabytes per second, linear from zero.
+fn draw_bandwidth(
+    panel: &DrawingArea<BitMapBackend<'_>, Shift>,
+    x_axis: XAxis,
+    x_desc: &str,
+    series: &[Series],
+) -> Result<(), Box<dyn Error>> {
+    let mb_max = max_of(series, |p| Some(p.second)).unwrap_or(0.0).max(1.0);
+    let mut chart = ChartBuilder::on(panel)
+        .caption("Bandwidth (higher is better)", (FONT, 22))
+        .margin(16)
+        .x_label_area_size(56)
+        .y_label_area_size(84)
+        .build_cartesian_2d(x_axis, 0.0..mb_max * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("MB/s (payload bytes)")
+        .x_label_formatter(&|c| format!("{c:.0}"))
+        .y_label_formatter(&|v| compact(*v))
+        .y_max_light_lines(1)
+        .label_style((FONT, 16))
+        .axis_desc_style((FONT, 18))
+        .draw()?;
+    for (i, s) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let points = line_of(s, |p| p.second.is_finite().then_some(p.second));
+        chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?;
+        chart.draw_series(points.iter().map(|&xy| Circle::new(xy, 5, color.filled())))?;
+    }
     Ok(())
 }
 
@@ -319,8 +394,8 @@ mod tests {
                 .iter()
                 .map(|&c| Point {
                     concurrency: c,
-                    qps: scale * 10_000.0 * (c as f64).sqrt(),
-                    p99_us: 40.0 * c as f64 / scale,
+                    throughput: scale * 10_000.0 * (c as f64).sqrt(),
+                    second: 40.0 * c as f64 / scale,
                 })
                 .collect(),
         };
@@ -331,19 +406,26 @@ mod tests {
         ]
     }
 
-    fn render_to_temp(series: &[Series]) -> Vec<u8> {
+    fn render_to_temp(measured: Measured, series: &[Series]) -> Vec<u8> {
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("sweep.png");
-        render(&path, "made-up sweep, payload 1024 B, 1 connection", series)
-            .expect("the plot renders");
+        render(
+            &path,
+            "made-up sweep, payload 1024 B, 1 connection",
+            measured,
+            series,
+        )
+        .expect("the plot renders");
         std::fs::read(&path).expect("the plot was written")
     }
 
     #[test]
     fn renders_a_png_of_the_expected_size() {
-        let bytes = render_to_temp(&made_up());
-        assert_eq!(bytes[..8], PNG_SIGNATURE, "not a PNG");
-        assert_eq!(png_size(&bytes), (WIDTH, HEIGHT));
+        for measured in [Measured::Calls, Measured::Streams] {
+            let bytes = render_to_temp(measured, &made_up());
+            assert_eq!(bytes[..8], PNG_SIGNATURE, "not a PNG");
+            assert_eq!(png_size(&bytes), (WIDTH, HEIGHT));
+        }
     }
 
     #[test]
@@ -354,16 +436,16 @@ mod tests {
                 name: "one".into(),
                 points: vec![Point {
                     concurrency: 8,
-                    qps: 1234.0,
-                    p99_us: 99.0,
+                    throughput: 1234.0,
+                    second: 99.0,
                 }],
             },
             Series {
                 name: "failed".into(),
                 points: vec![Point {
                     concurrency: 8,
-                    qps: 0.0,
-                    p99_us: 0.0,
+                    throughput: 0.0,
+                    second: 0.0,
                 }],
             },
             Series {
@@ -371,16 +453,18 @@ mod tests {
                 points: vec![],
             },
         ];
-        let bytes = render_to_temp(&series);
-        assert_eq!(bytes[..8], PNG_SIGNATURE, "not a PNG");
-        assert_eq!(png_size(&bytes), (WIDTH, HEIGHT));
+        for measured in [Measured::Calls, Measured::Streams] {
+            let bytes = render_to_temp(measured, &series);
+            assert_eq!(bytes[..8], PNG_SIGNATURE, "not a PNG");
+            assert_eq!(png_size(&bytes), (WIDTH, HEIGHT));
+        }
     }
 
     #[test]
     fn nothing_to_plot_is_an_error() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("empty.png");
-        assert!(render(&path, "empty", &[]).is_err());
+        assert!(render(&path, "empty", Measured::Calls, &[]).is_err());
         assert!(!path.exists());
     }
 

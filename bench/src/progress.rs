@@ -1,122 +1,53 @@
-//! A live progress line on stderr while the benchmark runs: which system, workload and
-//! concurrency is being measured and about how many seconds are left, for it and in all.
-//! Drawn only when stderr is a terminal; pipes, files and CI logs get nothing from it.
+//! A live progress bar on stderr while the benchmark runs: how many measurements are done,
+//! which system, workload and concurrency is being measured, and about how long is left.
+//! indicatif draws it only when stderr is a terminal; pipes, files and CI logs get nothing.
 
-use std::io::{IsTerminal, Write};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// How often the line is redrawn.
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// How often the bar is redrawn while a measurement runs.
 const TICK: Duration = Duration::from_millis(250);
 
-/// Erases the current terminal line and returns to its start.
-const CLEAR: &str = "\r\x1b[2K";
-
-/// The progress line, or nothing when stderr is not a terminal.
+/// The progress bar: one step per measurement.
 pub struct Progress {
-    state: Option<Arc<Mutex<State>>>,
-}
-
-struct State {
-    /// What is being measured, and when it should end; `None` between measurements.
-    current: Option<(String, Instant)>,
-    /// Measurements not started yet.
-    pending: usize,
-    /// How long one measurement takes (warm-up and measured window).
+    bar: ProgressBar,
+    /// How long one measurement takes (warm-up and measured window): the time left is known
+    /// up front, so it is shown from the first measurement on, not estimated from the rate.
     each: Duration,
 }
 
-impl State {
-    fn draw(&self) {
-        let Some((label, ends)) = &self.current else {
-            return;
-        };
-        let left = ends.saturating_duration_since(Instant::now());
-        let in_all = left + self.each * u32::try_from(self.pending).unwrap_or(u32::MAX);
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "{CLEAR}{label}: {} s left, {} s in all",
-            whole_secs(left),
-            whole_secs(in_all)
-        );
-        let _ = err.flush();
-    }
-}
-
-/// `d` in whole seconds, rounded up (0 only when nothing is left).
-fn whole_secs(d: Duration) -> u64 {
-    d.as_millis().div_ceil(1000) as u64
-}
-
 impl Progress {
-    /// A progress line for `measurements` measurements of about `each` each; inert unless
-    /// stderr is a terminal.
+    /// A progress bar for `measurements` measurements of about `each` each.
     pub fn new(measurements: usize, each: Duration) -> Self {
-        if !std::io::stderr().is_terminal() {
-            return Progress { state: None };
-        }
-        let state = Arc::new(Mutex::new(State {
-            current: None,
-            pending: measurements,
-            each,
-        }));
-        // The ticker holds the state weakly: it ends once the progress line is dropped.
-        let ticking = Arc::downgrade(&state);
-        let _ = std::thread::Builder::new()
-            .name("progress".into())
-            .spawn(move || {
-                while let Some(state) = ticking.upgrade() {
-                    lock(&state).draw();
-                    drop(state);
-                    std::thread::sleep(TICK);
-                }
-            });
-        Progress { state: Some(state) }
+        let bar = ProgressBar::new(measurements as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:24}] {pos}/{len}  {msg}")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(TICK);
+        Progress { bar, each }
     }
 
     /// A measurement described by `label` starts now.
     pub fn start(&self, label: String) {
-        if let Some(state) = &self.state {
-            let mut state = lock(state);
-            state.pending = state.pending.saturating_sub(1);
-            state.current = Some((label, Instant::now() + state.each));
-            state.draw();
-        }
+        let left = self.each
+            * u32::try_from(self.bar.length().unwrap_or(0) - self.bar.position())
+                .unwrap_or(u32::MAX);
+        self.bar
+            .set_message(format!("{label}  (about {} s left)", left.as_secs()));
     }
 
-    /// The measurement is over: the line is erased, so other output starts on a clean line.
+    /// The measurement is over.
     pub fn done(&self) {
-        if let Some(state) = &self.state {
-            let mut state = lock(state);
-            if state.current.take().is_some() {
-                let mut err = std::io::stderr().lock();
-                let _ = write!(err, "{CLEAR}");
-                let _ = err.flush();
-            }
-        }
+        self.bar.inc(1);
     }
 }
 
 impl Drop for Progress {
     fn drop(&mut self) {
-        self.done();
-    }
-}
-
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn seconds_round_up() {
-        assert_eq!(whole_secs(Duration::ZERO), 0);
-        assert_eq!(whole_secs(Duration::from_millis(1)), 1);
-        assert_eq!(whole_secs(Duration::from_millis(4000)), 4);
-        assert_eq!(whole_secs(Duration::from_millis(4001)), 5);
+        // Erased, so the results that follow start on a clean line.
+        self.bar.finish_and_clear();
     }
 }
