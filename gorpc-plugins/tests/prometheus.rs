@@ -180,6 +180,14 @@ fn metrics_logs_and_interceptors_see_every_end() {
         assert!(deadline.contains("WARN"), "{deadline}");
         assert!(deadline.contains("peer=127.0.0.1:"), "{deadline}");
         assert!(deadline.contains("code=DEADLINE_EXCEEDED"), "{deadline}");
+        // Both sides log it, each in its own span naming the peer (the client's names the
+        // connection its pool picked: the proxy's address).
+        let both: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("deadline exceeded") && l.contains(HANG))
+            .collect();
+        assert_eq!(both.len(), 2, "{log}");
+        assert!(both.iter().all(|l| l.contains("peer=127.0.0.1:")), "{log}");
         let failed = log
             .lines()
             .find(|l| l.contains(FAIL))

@@ -623,6 +623,7 @@ pub(crate) async fn start_stream_on(
             Ok(conn) => conn,
             Err(status) => return Err((status, call)),
         };
+        crate::observe::record_peer(conn.peer());
         let outbox = Arc::new(Outbox::new(None));
         let inbox = Arc::new(Inbox::default());
         let stream = ClientStream {
@@ -661,6 +662,7 @@ async fn send_on(
             Ok(conn) => conn,
             Err(status) => return Err((status, call)),
         };
+        crate::observe::record_peer(conn.peer());
         let pending = match conn.start(call) {
             Ok(pending) => pending,
             Err(unsent) => {

@@ -317,6 +317,15 @@ impl Drop for WatchGuard {
     }
 }
 
+/// Names the peer a client call went to in its span (the current one), once a connection
+/// is picked: the client's span opens before the pool or balancer chooses.
+pub(crate) fn record_peer(peer: SocketAddr) {
+    let span = Span::current();
+    if !span.is_disabled() {
+        span.record("peer", tracing::field::display(peer));
+    }
+}
+
 /// How an answer ends a call: its status's code.
 pub(crate) fn answered(status: &Status) -> CallEnd {
     CallEnd::Answered(status.code())
