@@ -361,8 +361,9 @@ impl gorpc::Runtime for Smol {
         SmolIo::new(Async::<TcpStream>::connect(addr).await?)
     }
 
-    async fn bind(&self, addr: SocketAddr) -> io::Result<SmolListener> {
-        Ok(SmolListener(Async::<TcpListener>::bind(addr)?))
+    async fn bind(&self, addr: SocketAddr, backlog: u32) -> io::Result<SmolListener> {
+        let listener = gorpc::runtime::tcp_listener(addr, backlog)?;
+        Ok(SmolListener(Async::new(listener)?))
     }
 
     async fn bind_udp(&self, addr: SocketAddr) -> io::Result<SmolUdpSocket> {

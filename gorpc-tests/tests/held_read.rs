@@ -163,7 +163,7 @@ impl Runtime for PipeRuntime {
         Err(io::ErrorKind::Unsupported.into())
     }
 
-    async fn bind(&self, _: SocketAddr) -> io::Result<PipeListener> {
+    async fn bind(&self, _: SocketAddr, _: u32) -> io::Result<PipeListener> {
         Ok(PipeListener(Mutex::new(Some(PipeIo(self.pipe.clone())))))
     }
 

@@ -258,10 +258,13 @@ impl gorpc::Runtime for Tokio {
         }
     }
 
-    fn bind(&self, addr: SocketAddr) -> impl Future<Output = io::Result<TokioListener>> + Send {
+    fn bind(
+        &self,
+        addr: SocketAddr,
+        backlog: u32,
+    ) -> impl Future<Output = io::Result<TokioListener>> + Send {
         // Binding does not block; registering with the reactor needs the runtime entered.
-        let bound = std::net::TcpListener::bind(addr).and_then(|l| {
-            l.set_nonblocking(true)?;
+        let bound = gorpc::runtime::tcp_listener(addr, backlog).and_then(|l| {
             let _entered = self.handle.enter();
             TcpListener::from_std(l)
         });

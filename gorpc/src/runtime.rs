@@ -12,6 +12,26 @@ use std::time::Instant;
 use bytes::BytesMut;
 use rustls_pki_types::CertificateDer;
 
+/// The listen backlog servers ask for unless configured otherwise
+/// ([`ServerConfig::listen_backlog`](crate::ServerConfig::listen_backlog)). A burst of
+/// connects beyond the backlog has its SYNs dropped and waits a second to retry; Linux caps
+/// the number at `net.core.somaxconn` (4096 by default since 5.4).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
+
+/// A non-blocking TCP listener on `addr` with the given backlog, for a runtime to adopt
+/// (what [`Runtime::bind`] implementations build on). `SO_REUSEADDR` is set on Unix, as
+/// std's own bind does, so a restarted server can bind the port its predecessor left.
+pub fn tcp_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    #[cfg(unix)]
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// The certificate chain a peer presented (end entity first), shared by every request of
 /// its connection.
 pub type PeerCertificates = Arc<[CertificateDer<'static>]>;
@@ -114,7 +134,13 @@ pub trait Runtime: Clone + Send + Sync + Unpin + 'static {
     /// Opens a TCP connection with `TCP_NODELAY` set.
     fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Io>> + Send;
 
-    fn bind(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Listener>> + Send;
+    /// Listens on `addr` with room for `backlog` connections the kernel has completed and
+    /// the accept loop has not taken yet ([`tcp_listener`] builds such a socket).
+    fn bind(
+        &self,
+        addr: SocketAddr,
+        backlog: u32,
+    ) -> impl Future<Output = io::Result<Self::Listener>> + Send;
 
     /// Binds a UDP socket to `addr` (port 0: any free port).
     fn bind_udp(

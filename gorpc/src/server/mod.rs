@@ -29,6 +29,11 @@ pub struct ServerConfig {
     pub conn: ConnConfig,
     /// Connections served at once; one more is told `ResourceExhausted` and closed.
     pub max_connections: usize,
+    /// Connections the kernel may hold completed before the accept loop takes them
+    /// (default [`DEFAULT_LISTEN_BACKLOG`](crate::runtime::DEFAULT_LISTEN_BACKLOG), 1024):
+    /// room for a burst of connects, such as every client of a restarted server coming
+    /// back at once.
+    pub listen_backlog: u32,
     /// HTTP's own limits, when the server answers HTTP ([`Server::http`]).
     #[cfg(feature = "http")]
     pub http: crate::http::HttpConfig,
@@ -44,6 +49,7 @@ impl Default for ServerConfig {
         ServerConfig {
             conn,
             max_connections: 10_000,
+            listen_backlog: crate::runtime::DEFAULT_LISTEN_BACKLOG,
             #[cfg(feature = "http")]
             http: crate::http::HttpConfig::default(),
         }
@@ -220,11 +226,17 @@ impl<R: Runtime> Server<R> {
         self
     }
 
+    /// Room for connections completed and not yet accepted ([`ServerConfig::listen_backlog`]).
+    pub fn listen_backlog(mut self, n: u32) -> Self {
+        self.config.listen_backlog = n;
+        self
+    }
+
     /// Binds `addr`, starts serving in the background, then registers the server where
     /// [`register`](Self::register) said. A registration that fails stops the server and
     /// fails the bind, naming the registry's reason.
     pub async fn bind(mut self, addr: SocketAddr) -> io::Result<ServerHandle<R>> {
-        let listener = self.runtime.bind(addr).await?;
+        let listener = self.runtime.bind(addr, self.config.listen_backlog).await?;
         let registrations = std::mem::take(&mut self.registrations);
         let mut handle = self.serve(listener)?;
         for (registry, registration) in registrations {
