@@ -191,6 +191,10 @@ pub struct ClientConn<T = ()> {
     core: Core<ClientCall<T>>,
     next_id: u32,
     events: VecDeque<ClientEvent<T>>,
+    /// The error a server's go-away carried (it turned the connection away: at its
+    /// connection limit, say): what calls still in flight end with when it then closes,
+    /// rather than a bare "connection closed".
+    refusal: Option<Status>,
 }
 
 impl<T> ClientConn<T> {
@@ -204,6 +208,7 @@ impl<T> ClientConn<T> {
             },
             next_id: 1,
             events: VecDeque::new(),
+            refusal: None,
         }
     }
 
@@ -582,12 +587,18 @@ impl<T> Side for ClientConn<T> {
     }
 
     fn on_go_away(&mut self, status: Status) {
+        if !status.is_ok() {
+            self.refusal = Some(status.clone());
+        }
         self.events.push_back(ClientEvent::GoAway(status));
         self.check_drained();
     }
 
     fn close(&mut self, reason: CloseReason) {
-        let status = reason.status();
+        let status = match (&reason, &self.refusal) {
+            (CloseReason::PeerClosed, Some(refusal)) => refusal.clone(),
+            _ => reason.status(),
+        };
         self.core.link.close(reason.clone());
         for (id, call) in self.core.calls.drain() {
             self.events.push_back(ClientEvent::Finished {

@@ -824,3 +824,23 @@ fn large_bodies_leave_uncopied_in_their_own_chunk() {
     );
     assert_eq!(header.len(), 20 + 4);
 }
+
+#[test]
+fn calls_on_a_refused_connection_end_with_the_refusal() {
+    let mut p = pair();
+    start(&mut p, 1, None);
+    // The server turns the connection away (at its connection limit, say) before it reads
+    // the request: a go-away carrying why, then it closes.
+    p.server.refuse(Status::new(
+        Code::ResourceExhausted,
+        "at the connection limit",
+    ));
+    p.pump().unwrap();
+    p.client.handle_eof();
+    let ended = finished(&mut p);
+    let [(1, Err(status))] = &ended[..] else {
+        panic!("{ended:?}")
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+    assert_eq!(status.message(), "at the connection limit");
+}

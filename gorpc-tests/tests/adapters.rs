@@ -470,47 +470,6 @@ impl MergeEcho for Router {
     }
 }
 
-async fn connection_limit_turns_extra_connections_away<S: Runtime, C: Runtime>(
-    server_rt: S,
-    client_rt: C,
-) {
-    let server = Server::new(server_rt.clone(), echo_router(&server_rt, Arc::default()))
-        .max_connections(1)
-        .bind(loopback())
-        .await
-        .unwrap();
-    let client = Client::connect(client_rt.clone(), server.local_addr(), client_config())
-        .await
-        .unwrap();
-    let back = within(
-        &client_rt,
-        5 * SECOND,
-        "refused connection closes",
-        raw_client(server.local_addr(), b""),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        String::from_utf8_lossy(&back).contains("connection limit"),
-        "{back:?}"
-    );
-    let ok = client
-        .call_raw(
-            "/test.Echo/Echo",
-            0,
-            Bytes::from_static(b"2"),
-            CallOptions::default(),
-        )
-        .await;
-    assert_eq!(
-        ok.unwrap().body,
-        Bytes::from_static(b"2"),
-        "the first connection is unharmed"
-    );
-    server.abort().await;
-}
-
 async fn idle_connections_close_and_calls_reconnect_transparently<S: Runtime, C: Runtime>(
     server_rt: S,
     client_rt: C,
@@ -715,7 +674,6 @@ on_every_runtime!(
     garbage_bytes_close_only_that_connection,
     graceful_shutdown_loses_no_in_flight_call,
     killed_server_fails_calls_promptly_and_the_pool_reconnects,
-    connection_limit_turns_extra_connections_away,
 );
 
 /// The tokio adapter's shortcuts: `serve` and `connect` on the current runtime, and the

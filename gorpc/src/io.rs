@@ -186,6 +186,24 @@ impl<R: Runtime, I: Io> Transport<R, I> {
 
     /// Once `conn` has closed: true when the transport is done too (everything flushed, or
     /// nobody left to read it), after starting an orderly shutdown of the socket.
+    /// After the write side is shut: reads and drops what the peer still sends, until its
+    /// EOF or `until`. A peer that wrote a request before it read our go-away then gets
+    /// the go-away, rather than a reset that can destroy it unread. Returns whether done.
+    pub(crate) fn poll_linger(&mut self, cx: &mut Context<'_>, until: Instant) -> bool {
+        if self.read_closed || self.timer.poll(cx, Some(until), Instant::now()) {
+            return true;
+        }
+        let mut scratch = BytesMut::new();
+        loop {
+            scratch.clear();
+            match self.io.poll_read_buf(cx, &mut scratch, 4096) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return true,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => return false,
+            }
+        }
+    }
+
     pub(crate) fn poll_finish(&mut self, cx: &mut Context<'_>) -> bool {
         if self.write_queue.is_empty() || self.read_closed {
             // Best effort: the peer learns of the close from EOF either way.

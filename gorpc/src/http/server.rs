@@ -181,9 +181,13 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
         if let Some(protocol) = sniff(&first_bytes) {
             return Poll::Ready(Some(protocol));
         }
-        // A silent peer at a drain (or for long) is taken for a binary client: its driver
-        // then says go-away or pings, as it would have without HTTP.
-        if poll_closed(&mut drain, cx) || Pin::new(&mut silence).poll(cx).is_ready() {
+        // A silent peer at a drain (or for long), or one asked to make room for a new
+        // connection, is taken for a binary client: its driver then says go-away or pings,
+        // as it would have without HTTP.
+        if poll_closed(&mut drain, cx)
+            || signals.idle.poll_evicted(cx)
+            || Pin::new(&mut silence).poll(cx).is_ready()
+        {
             return Poll::Ready(Some(Protocol::Binary));
         }
         if first_bytes.capacity() - first_bytes.len() < 1024 {
@@ -197,6 +201,10 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
         }
     })
     .await;
+    if matches!(protocol, Some(Protocol::Http1 | Protocol::Http2)) {
+        // hyper keeps HTTP connections itself: the server never picks one to make room.
+        signals.idle.set_busy();
+    }
     let peer_certificates = io.peer_certificates();
     let edge = |protocol| Edge {
         runtime: runtime.clone(),

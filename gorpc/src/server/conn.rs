@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::{AbortHandle, Abortable};
@@ -18,7 +18,7 @@ use gorpc_proto::{
 };
 use tracing::Instrument as _;
 
-use crate::io::{drive, Transport};
+use crate::io::{drive, earliest, Transport};
 use crate::observe::{answered, CallEnd, CallWatch};
 use crate::runtime::{Io, PeerCertificates, Runtime};
 use crate::service::{CallStreams, ServerReply, ServerRequest};
@@ -29,6 +29,7 @@ use crate::stream::handoff::{
 use crate::stream::{RawRequestStream, RawResponseSink};
 use crate::CallMap;
 
+use super::idle::IdleSlot;
 use super::Served;
 
 /// What handlers tell their connection's driver.
@@ -82,6 +83,9 @@ impl Drop for ServerStream {
     }
 }
 
+/// How long a refused connection keeps reading, so that its client reads the refusal.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
 /// Unsent response bytes past which a connection stops reading requests.
 const MAX_WRITE_BACKLOG: usize = 1 << 20;
 
@@ -96,6 +100,11 @@ pub(crate) struct Signals {
     /// What health checks report.
     #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) serving: Arc<super::Serving>,
+    /// This connection's place in the server's idle table: where it says when it went
+    /// idle, and hears that it should go to make room for a new one.
+    pub(crate) idle: Arc<IdleSlot>,
+    /// The server's `idle_timeout`.
+    pub(crate) idle_timeout: Option<Duration>,
 }
 
 /// A signal channel as one connection polls it.
@@ -131,6 +140,14 @@ pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     drain_signal: SignalRx,
     abort_signal: SignalRx,
     draining: bool,
+    idle: Arc<IdleSlot>,
+    idle_timeout: Option<Duration>,
+    /// A refused connection reads and drops until then, once its go-away is written.
+    linger_until: Option<Instant>,
+    /// The write side is shut.
+    finished: bool,
+    /// When the last call ended, while none is in flight.
+    idle_since: Option<Instant>,
     /// Set once the core closed: flush, shut the socket, stop.
     closing: bool,
     /// The grace period ended: stop without flushing.
@@ -166,6 +183,12 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             drain_signal: Box::pin(signals.drain),
             abort_signal: Box::pin(signals.abort),
             draining: false,
+            idle: signals.idle,
+            idle_timeout: signals.idle_timeout,
+            linger_until: None,
+            finished: false,
+            // Idle from the start, as its slot in the idle table says.
+            idle_since: Some(now),
             closing: false,
             aborted: false,
         }
@@ -179,9 +202,11 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             .feed_read(&mut self.conn, Instant::now(), bytes);
     }
 
-    /// Turns the connection away: a go-away naming why, then close.
+    /// Turns the connection away: a go-away naming why, then close, reading what the
+    /// client sent meanwhile for up to a second so that it gets to read why.
     pub(crate) fn refuse(&mut self, status: Status) {
         self.conn.refuse(status);
+        self.linger_until = Some(Instant::now() + REFUSAL_LINGER);
     }
 
     /// One pass over every source of work. Returns whether anything happened.
@@ -274,7 +299,22 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         }
         self.deliver();
 
-        if self.transport.poll_timer(cx, self.conn.poll_timeout(), now) {
+        let idle_deadline = self.track_idle(now);
+        if idle_deadline.is_some_and(|at| at <= now)
+            || (self.can_go() && self.idle.poll_evicted(cx))
+        {
+            // Idle too long, or the longest idle when a new connection needed room.
+            tracing::debug!(peer = %self.peer, "closing an idle connection");
+            self.draining = true;
+            self.conn.go_away();
+            progress = true;
+        }
+
+        let next = earliest(
+            self.conn.poll_timeout(),
+            idle_deadline.filter(|_| self.can_go()),
+        );
+        if self.transport.poll_timer(cx, next, now) {
             self.conn.handle_timeout(now);
             progress = true;
         }
@@ -291,8 +331,36 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         progress || (read_held && self.transport.write_backlog() < MAX_WRITE_BACKLOG)
     }
 
+    /// Whether the connection is still open to calls, so that going idle can close it.
+    fn can_go(&self) -> bool {
+        !self.draining && !self.closing
+    }
+
+    /// Notes whether calls are in flight, in this connection and in the server's idle
+    /// table (only when that changes); when the idle timeout would close the connection.
+    fn track_idle(&mut self, now: Instant) -> Option<Instant> {
+        if self.conn.calls_in_flight() > 0 {
+            if self.idle_since.take().is_some() {
+                self.idle.set_busy();
+            }
+            return None;
+        }
+        let since = *self.idle_since.get_or_insert_with(|| {
+            self.idle.set_idle(now);
+            now
+        });
+        self.idle_timeout
+            .filter(|_| self.can_go())
+            .and_then(|limit| since.checked_add(limit))
+    }
+
     /// Runs the handler inline once; only a handler that has to wait gets a task of its own.
     fn dispatch(&mut self, cx: &mut Context<'_>, now: Instant, request: gorpc_proto::Request) {
+        // Busy before the handler runs, so that the server never picks this connection as
+        // idle while its call is in flight.
+        if self.idle_since.take().is_some() {
+            self.idle.set_busy();
+        }
         let id = request.id;
         let served = self.served.clone();
         let watch = served.watch(&request.head, self.peer, Some(u64::from(id.as_u32())), now);
@@ -532,8 +600,17 @@ impl<R: Runtime, I: Io> Future for ServerConnection<R, I> {
         let this = self.get_mut();
         drive(cx, |cx| this.poll_once(cx));
         this.transport.release_if_idle(&this.conn);
-        if this.aborted || (this.closing && this.transport.poll_finish(cx)) {
+        if this.aborted {
             return Poll::Ready(());
+        }
+        if this.closing && !this.finished {
+            this.finished = this.transport.poll_finish(cx);
+        }
+        if this.finished {
+            match this.linger_until {
+                Some(until) if !this.transport.poll_linger(cx, until) => {}
+                _ => return Poll::Ready(()),
+            }
         }
         Poll::Pending
     }

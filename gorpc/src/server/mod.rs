@@ -1,6 +1,7 @@
 //! Serving: accept connections, run a driver per connection, shut down gracefully.
 
 pub(crate) mod conn;
+mod idle;
 mod serving;
 pub(crate) mod stop;
 
@@ -29,6 +30,13 @@ pub struct ServerConfig {
     pub conn: ConnConfig,
     /// Connections served at once; one more is told `ResourceExhausted` and closed.
     pub max_connections: usize,
+    /// How long a binary-protocol connection may go without a call in flight before the
+    /// server closes it with a go-away (answering pings does not count). `None` keeps idle
+    /// connections open; they can still be closed to admit a new one at `max_connections`.
+    pub idle_timeout: Option<Duration>,
+    /// Connections one peer IP may hold open at once; one more is told
+    /// `ResourceExhausted` and closed. `None` (the default): no cap.
+    pub max_connections_per_ip: Option<usize>,
     /// Connections the kernel may hold completed before the accept loop takes them
     /// (default [`DEFAULT_LISTEN_BACKLOG`](crate::runtime::DEFAULT_LISTEN_BACKLOG), 1024):
     /// room for a burst of connects, such as every client of a restarted server coming
@@ -38,6 +46,10 @@ pub struct ServerConfig {
     #[cfg(feature = "http")]
     pub http: crate::http::HttpConfig,
 }
+
+/// How long a server keeps a connection with no call in flight: longer than a client's own
+/// idle timeout (5 minutes), so that well-behaved clients close first.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -50,6 +62,8 @@ impl Default for ServerConfig {
             conn,
             max_connections: 10_000,
             listen_backlog: crate::runtime::DEFAULT_LISTEN_BACKLOG,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            max_connections_per_ip: None,
             #[cfg(feature = "http")]
             http: crate::http::HttpConfig::default(),
         }
@@ -226,6 +240,18 @@ impl<R: Runtime> Server<R> {
         self
     }
 
+    /// Closes connections idle this long ([`ServerConfig::idle_timeout`]); `None`: never.
+    pub fn idle_timeout(mut self, idle: Option<Duration>) -> Self {
+        self.config.idle_timeout = idle;
+        self
+    }
+
+    /// Caps the connections one peer IP may hold ([`ServerConfig::max_connections_per_ip`]).
+    pub fn max_connections_per_ip(mut self, n: usize) -> Self {
+        self.config.max_connections_per_ip = Some(n);
+        self
+    }
+
     /// Room for connections completed and not yet accepted ([`ServerConfig::listen_backlog`]).
     pub fn listen_backlog(mut self, n: u32) -> Self {
         self.config.listen_backlog = n;
@@ -275,6 +301,7 @@ impl<R: Runtime> Server<R> {
             config: self.config,
             signals,
             active: Arc::new(AtomicUsize::new(0)),
+            idle: idle::IdleTable::new(),
             keep_open,
             alive,
             #[cfg(feature = "tls")]
@@ -572,6 +599,8 @@ struct AcceptLoop<R: Runtime> {
     config: ServerConfig,
     signals: Signals,
     active: Arc<AtomicUsize>,
+    /// The connections, for eviction at the limit and the per-IP cap.
+    idle: Arc<idle::IdleTable>,
     keep_open: (async_channel::Sender<()>, async_channel::Sender<()>),
     alive: async_channel::Sender<()>,
     #[cfg(feature = "tls")]
@@ -603,6 +632,31 @@ impl Drop for ActiveGuard {
 }
 
 impl<R: Runtime> AcceptLoop<R> {
+    /// Whether a connection from `peer` is served: its place in the idle table, or why it
+    /// is refused. At the connection limit, the longest-idle connection is asked to go to
+    /// make room; only when none is idle is the new one refused.
+    fn admit(&self, peer: SocketAddr, over_limit: bool) -> (Option<idle::Tracked>, Option<Status>) {
+        let per_ip = || {
+            let status = Status::new(
+                Code::ResourceExhausted,
+                format!("too many connections from {}", peer.ip()),
+            );
+            (None, Some(status))
+        };
+        let cap = self.config.max_connections_per_ip;
+        if !self.idle.has_room(peer.ip(), cap) {
+            return per_ip();
+        }
+        // Before the newcomer joins the table, so that it is not the one picked.
+        if over_limit && !self.idle.evict_longest_idle() {
+            return (None, Some(at_limit()));
+        }
+        match self.idle.track(peer.ip(), cap) {
+            Some(tracked) => (Some(tracked), None),
+            None => per_ip(),
+        }
+    }
+
     async fn run(self) {
         let mut drain: conn::SignalRx = Box::pin(self.signals.drain.clone());
         loop {
@@ -627,12 +681,19 @@ impl<R: Runtime> AcceptLoop<R> {
             let guard = ActiveGuard::new(&self.active);
             let over_limit =
                 self.active.fetch_add(1, Ordering::Relaxed) >= self.config.max_connections;
+            let (tracked, refusal) = self.admit(peer, over_limit);
+            let mut signals = self.signals.clone();
+            if let Some(tracked) = &tracked {
+                signals.idle = tracked.slot.clone();
+                signals.idle_timeout = self.config.idle_timeout;
+            }
+            let guard = (guard, tracked);
             let alive = self.alive.clone();
             #[cfg(feature = "tls")]
             if let Some(tls) = &self.tls {
                 let (runtime, config, served) =
                     (self.runtime.clone(), self.config.conn, self.served.clone());
-                let (tls, signals) = (tls.clone(), self.signals.clone());
+                let tls = tls.clone();
                 #[cfg(feature = "http")]
                 let http = self.http.clone();
                 self.runtime.spawn(async move {
@@ -641,7 +702,6 @@ impl<R: Runtime> AcceptLoop<R> {
                     };
                     #[cfg(feature = "http")]
                     if let Some(http) = http {
-                        let refusal = over_limit.then(at_limit);
                         let accepted = crate::http::Accepted {
                             runtime,
                             io,
@@ -657,8 +717,8 @@ impl<R: Runtime> AcceptLoop<R> {
                     }
                     let mut conn =
                         ServerConnection::new(runtime, io, peer, config, served, signals);
-                    if over_limit {
-                        conn.refuse(at_limit());
+                    if let Some(status) = refusal {
+                        conn.refuse(status);
                     }
                     conn.await;
                     drop(guard);
@@ -674,8 +734,8 @@ impl<R: Runtime> AcceptLoop<R> {
                     peer,
                     config: self.config.conn,
                     served: self.served.clone(),
-                    signals: self.signals.clone(),
-                    refusal: over_limit.then(at_limit),
+                    signals,
+                    refusal,
                 };
                 let http = http.clone();
                 self.runtime.spawn(async move {
@@ -690,10 +750,10 @@ impl<R: Runtime> AcceptLoop<R> {
                 peer,
                 self.config.conn,
                 self.served.clone(),
-                self.signals.clone(),
+                signals,
             );
-            if over_limit {
-                conn.refuse(at_limit());
+            if let Some(status) = refusal {
+                conn.refuse(status);
             }
             self.runtime.spawn(async move {
                 conn.await;

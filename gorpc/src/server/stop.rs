@@ -40,6 +40,8 @@ pub(crate) fn stopper(
         drain,
         abort,
         serving,
+        idle: super::idle::IdleSlot::untracked(),
+        idle_timeout: None,
     };
     let stopper = Stopper {
         drain_tx,
