@@ -122,7 +122,8 @@ impl<R: Runtime> GrpcChannel<R> {
             // Dropping the exchange resets the stream: the server drops the handler.
             Some(deadline) => timeout(&inner.runtime, deadline, exchange)
                 .await
-                .unwrap_or_else(|| Err(deadline_exceeded())),
+                .unwrap_or_else(|| Err(deadline_exceeded()))
+                .map_err(|status| after_deadline(status, Some(deadline))),
         })
     }
 
@@ -166,6 +167,7 @@ impl<R: Runtime> GrpcChannel<R> {
         let outbox_end = outbox.clone();
         inner.runtime.spawn(async move {
             let end = pump.run(&runtime, response, deadline).await;
+            let end = end.map(|end| end.map_err(|status| after_deadline(status, deadline)));
             outbox_end.end();
             if let Some(end) = end {
                 pump.inbox.end(end);
@@ -262,6 +264,21 @@ fn request_failed(e: hyper::Error) -> Status {
             "gRPC request failed: {}",
             crate::http::server::error_chain(&e)
         ),
+    )
+}
+
+/// An error that came once the call's deadline had passed is the deadline's doing, however
+/// the server put it: the server's timer starts when the request arrives (the timeout is
+/// sent rounded up), so it fires after the client's, and tonic's says `CANCELLED`
+/// "Timeout expired". As in grpc-go, the deadline decides the code.
+fn after_deadline(status: Status, deadline: Option<Instant>) -> Status {
+    let passed = deadline.is_some_and(|deadline| Instant::now() >= deadline);
+    if !passed || status.code() == Code::DeadlineExceeded || status.code() == Code::Ok {
+        return status;
+    }
+    Status::new(
+        Code::DeadlineExceeded,
+        format!("deadline exceeded (the server answered {status})"),
     )
 }
 
@@ -721,5 +738,27 @@ impl ResponsePump {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn errors_after_the_deadline_are_the_deadlines() {
+        let passed = Some(Instant::now() - Duration::from_millis(1));
+        let cancelled = Status::new(Code::Cancelled, "Timeout expired");
+        let status = after_deadline(cancelled.clone(), passed);
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert!(status.message().contains("Timeout expired"), "{status}");
+        // Before the deadline, or without one, the server's word stands.
+        let ahead = Some(Instant::now() + Duration::from_secs(60));
+        assert_eq!(
+            after_deadline(cancelled.clone(), ahead).code(),
+            Code::Cancelled
+        );
+        assert_eq!(after_deadline(cancelled, None).code(), Code::Cancelled);
     }
 }
