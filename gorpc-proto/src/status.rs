@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Why a call ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -92,6 +93,9 @@ pub struct Status {
     code: Code,
     message: Cow<'static, str>,
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+    /// How long the server asked the client to wait before trying again (an overloaded
+    /// server's pushback); carried in metadata, not in the status frame.
+    retry_after: Option<Duration>,
 }
 
 /// One constructor per code, each `Status::new(Code::X, message)`.
@@ -112,6 +116,7 @@ impl Status {
             code,
             message: message.into(),
             source: None,
+            retry_after: None,
         }
     }
 
@@ -121,6 +126,7 @@ impl Status {
             code: Code::Ok,
             message: Cow::Borrowed(""),
             source: None,
+            retry_after: None,
         }
     }
 
@@ -167,6 +173,19 @@ impl Status {
         self
     }
 
+    /// This status with a hint of how long to wait before trying again: a server that
+    /// refuses calls under overload says so (sent as `grpc-retry-pushback-ms`, gRPC's
+    /// name for it), and retry policies wait at least that long.
+    pub fn with_retry_after(mut self, wait: Duration) -> Status {
+        self.retry_after = Some(wait);
+        self
+    }
+
+    /// The server's hint of how long to wait before trying again, if it gave one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
     /// This status with another message (more context, say); the code and the source
     /// stay.
     pub fn with_message(mut self, message: impl Into<Cow<'static, str>>) -> Status {
@@ -195,6 +214,9 @@ impl fmt::Debug for Status {
             .field("message", &self.message);
         if let Some(source) = &self.source {
             debug.field("source", source);
+        }
+        if let Some(wait) = &self.retry_after {
+            debug.field("retry_after", wait);
         }
         debug.finish()
     }

@@ -493,3 +493,26 @@ proptest! {
         }
     }
 }
+
+/// A server's retry hint (gRPC's pushback) makes a refusal retryable, sets the wait in
+/// place of the backoff, and still draws on the budget and respects the deadline.
+#[test]
+fn server_pushback_sets_the_wait() {
+    let t0 = Instant::now();
+    let refused = Status::new(Code::ResourceExhausted, "overloaded").with_retry_after(ms(250));
+    let mut policy = RetryPolicy::new(3);
+    let mut budget = plenty(t0);
+    assert_eq!(
+        policy.decide(1, &refused, t0, None, &mut budget),
+        RetryDecision::RetryAt(t0 + ms(250))
+    );
+    assert_eq!(
+        policy.decide(1, &refused, t0, Some(t0 + ms(250)), &mut budget),
+        RetryDecision::GiveUp(GiveUpReason::DeadlineTooClose)
+    );
+    let mut empty = RetryBudget::new(0.0, 0, 0, t0);
+    assert_eq!(
+        policy.decide(1, &refused, t0, None, &mut empty),
+        RetryDecision::GiveUp(GiveUpReason::BudgetExhausted)
+    );
+}

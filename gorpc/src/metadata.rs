@@ -94,3 +94,19 @@ impl<K: Into<Cow<'static, str>>, V: Into<Bytes>> FromIterator<(K, V)> for Metada
         }
     }
 }
+
+/// The metadata key of a server's hint of how long to wait before trying again, in whole
+/// milliseconds (gRPC's name for it): [`Status::retry_after`](crate::Status::retry_after)
+/// travels in it.
+pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+/// `status` with the retry hint `metadata` carries, if any.
+pub(crate) fn with_retry_hint(status: crate::Status, metadata: &Metadata) -> crate::Status {
+    match metadata
+        .get_str(RETRY_PUSHBACK)
+        .and_then(|ms| ms.trim().parse::<u64>().ok())
+    {
+        Some(ms) => status.with_retry_after(std::time::Duration::from_millis(ms)),
+        None => status,
+    }
+}

@@ -146,10 +146,19 @@ impl ServerReply {
         }
     }
 
+    /// An error answer. A status with a retry hint ([`Status::with_retry_after`]) sends it
+    /// as `grpc-retry-pushback-ms`.
     pub fn error(status: Status) -> Self {
+        let mut metadata = Metadata::new();
+        if let Some(wait) = status.retry_after() {
+            metadata.insert(
+                crate::metadata::RETRY_PUSHBACK,
+                wait.as_millis().to_string(),
+            );
+        }
         ServerReply {
             status,
-            metadata: Metadata::new(),
+            metadata,
             body: Bytes::new(),
         }
     }

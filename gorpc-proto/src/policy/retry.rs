@@ -145,8 +145,11 @@ impl RetryPolicy {
     /// Decides after attempt number `attempt` (1 for the original call) failed with
     /// `status` at `now`.
     ///
-    /// Checks, in order: the code is retryable, `attempt < max_attempts`, the jittered
-    /// backoff (for retry `attempt - 1`) ends strictly before `deadline`, and last a token
+    /// Checks, in order: the code is retryable (or the server sent a retry hint,
+    /// [`Status::retry_after`]: it refused the call before running it and asks for a
+    /// retry later), `attempt < max_attempts`, the wait ends strictly before `deadline`
+    /// (the server's hint when it gave one, as gRPC's pushback; otherwise the jittered
+    /// backoff for retry `attempt - 1`), and last a token
     /// can be withdrawn from `budget`, which this method does itself. So a token is spent
     /// only on [`RetryDecision::RetryAt`], and the caller must not withdraw one again. The
     /// RNG advances only once the first two checks pass.
@@ -159,13 +162,17 @@ impl RetryPolicy {
         budget: &mut RetryBudget,
     ) -> RetryDecision {
         let code = status.code();
-        if !self.is_retryable(code) {
+        let pushback = status.retry_after();
+        if !self.is_retryable(code) && pushback.is_none() {
             return RetryDecision::GiveUp(GiveUpReason::NotRetryable(code));
         }
         if attempt >= self.max_attempts {
             return RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted);
         }
-        let wait = self.backoff.draw(attempt.saturating_sub(1), &mut self.rng);
+        let wait = match pushback {
+            Some(wait) => wait,
+            None => self.backoff.draw(attempt.saturating_sub(1), &mut self.rng),
+        };
         let Some(at) = now.checked_add(wait) else {
             return RetryDecision::GiveUp(GiveUpReason::DeadlineTooClose);
         };

@@ -679,7 +679,10 @@ async fn send_on(
                     body: rsp.body,
                 }));
             }
-            CallOutcome::Answered(rsp) => return Ok(Err(rsp.status)),
+            CallOutcome::Answered(rsp) => {
+                let metadata = Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
+                return Ok(Err(crate::metadata::with_retry_hint(rsp.status, &metadata)));
+            }
             CallOutcome::Failed(status) => return Ok(Err(status)),
             CallOutcome::NotSent(unsent) => call = unsent,
         }

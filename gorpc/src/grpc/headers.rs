@@ -223,7 +223,14 @@ pub(crate) fn status_of(headers: &HeaderMap) -> Option<Status> {
         .get(GRPC_MESSAGE)
         .map(|m| crate::http::percent_decode(m.as_bytes()))
         .unwrap_or_default();
-    Some(Status::new(code, message))
+    let status = Status::new(code, message);
+    let pushback = headers
+        .get(crate::metadata::RETRY_PUSHBACK)
+        .and_then(|ms| ms.to_str().ok()?.trim().parse::<u64>().ok());
+    Some(match pushback {
+        Some(ms) => status.with_retry_after(std::time::Duration::from_millis(ms)),
+        None => status,
+    })
 }
 
 /// The metadata of answer headers or trailers, into `metadata`.

@@ -1,5 +1,6 @@
 //! Serving: accept connections, run a driver per connection, shut down gracefully.
 
+mod admission;
 pub(crate) mod conn;
 mod idle;
 mod serving;
@@ -20,6 +21,7 @@ use crate::interceptor::{server_listeners, ServerChain, ServerInterceptor};
 use crate::observe::{CallWatch, ConnectionGauge, MethodName, Observer, Side};
 use crate::runtime::{timeout, Listener, Runtime};
 use crate::service::Service;
+pub use admission::AdmissionConfig;
 use conn::{ServerConnection, Signals};
 pub(crate) use serving::Serving;
 
@@ -34,6 +36,11 @@ pub struct ServerConfig {
     /// server closes it with a go-away (answering pings does not count). `None` keeps idle
     /// connections open; they can still be closed to admit a new one at `max_connections`.
     pub idle_timeout: Option<Duration>,
+    /// Server-wide admission: calls running at once and waiting, across every connection;
+    /// beyond them a call is refused `ResourceExhausted` with a retry hint before any
+    /// interceptor or handler runs. `None` (the default): only the per-connection
+    /// concurrency limit applies.
+    pub admission: Option<AdmissionConfig>,
     /// Connections one peer IP may hold open at once; one more is told
     /// `ResourceExhausted` and closed. `None` (the default): no cap.
     pub max_connections_per_ip: Option<usize>,
@@ -64,6 +71,7 @@ impl Default for ServerConfig {
             listen_backlog: crate::runtime::DEFAULT_LISTEN_BACKLOG,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             max_connections_per_ip: None,
+            admission: None,
             #[cfg(feature = "http")]
             http: crate::http::HttpConfig::default(),
         }
@@ -246,6 +254,12 @@ impl<R: Runtime> Server<R> {
         self
     }
 
+    /// Bounds the calls running and waiting server-wide ([`ServerConfig::admission`]).
+    pub fn admission(mut self, admission: AdmissionConfig) -> Self {
+        self.config.admission = Some(admission);
+        self
+    }
+
     /// Caps the connections one peer IP may hold ([`ServerConfig::max_connections_per_ip`]).
     pub fn max_connections_per_ip(mut self, n: usize) -> Self {
         self.config.max_connections_per_ip = Some(n);
@@ -290,6 +304,12 @@ impl<R: Runtime> Server<R> {
         let chain = ServerChain::wrap(self.interceptors, self.service);
         #[cfg(feature = "tower")]
         let chain = crate::tower::layered(chain, self.layers);
+        // Outside the interceptors and layers: a refused call costs them nothing. Inside
+        // the standard services: health checks answer under overload.
+        let chain = match self.config.admission {
+            Some(admission) => admission::Admitted::wrap(chain, admission, self.runtime.clone()),
+            None => chain,
+        };
         #[cfg(feature = "grpc")]
         let (service, health) = mount_standard(self.health, self.reflection, chain, &serving);
         #[cfg(not(feature = "grpc"))]
