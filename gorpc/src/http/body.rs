@@ -183,6 +183,8 @@ pub(crate) async fn read_body<R: Runtime>(
 /// The response body of every answer at the edge: frames known up front (an HTTP answer,
 /// a unary gRPC answer), or a stream call's body that produces them as the call goes on.
 pub(crate) enum EdgeBody {
+    /// One piece of data (or none), then the end: an HTTP/1.1 answer, allocation-free.
+    Full(Option<Bytes>),
     Frames(VecDeque<Frame<Bytes>>),
     #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
     Stream(Pin<Box<dyn Body<Data = Bytes, Error = Status> + Send>>),
@@ -191,6 +193,10 @@ pub(crate) enum EdgeBody {
 impl std::fmt::Debug for EdgeBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            EdgeBody::Full(data) => f
+                .debug_tuple("Full")
+                .field(&data.as_ref().map_or(0, Bytes::len))
+                .finish(),
             EdgeBody::Frames(frames) => f.debug_tuple("Frames").field(&frames.len()).finish(),
             EdgeBody::Stream(_) => f.write_str("Stream"),
         }
@@ -200,11 +206,7 @@ impl std::fmt::Debug for EdgeBody {
 impl EdgeBody {
     /// `bytes`, then the end.
     pub(crate) fn full(bytes: Bytes) -> Self {
-        let mut frames = VecDeque::new();
-        if !bytes.is_empty() {
-            frames.push_back(Frame::data(bytes));
-        }
-        EdgeBody::Frames(frames)
+        EdgeBody::Full((!bytes.is_empty()).then_some(bytes))
     }
 
     /// Nothing: the headers end the answer.
@@ -225,6 +227,7 @@ impl Body for EdgeBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         match self.get_mut() {
+            EdgeBody::Full(data) => Poll::Ready(data.take().map(|data| Ok(Frame::data(data)))),
             EdgeBody::Frames(frames) => Poll::Ready(frames.pop_front().map(Ok)),
             EdgeBody::Stream(body) => body.as_mut().poll_frame(cx),
         }
@@ -232,6 +235,7 @@ impl Body for EdgeBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
+            EdgeBody::Full(data) => data.is_none(),
             EdgeBody::Frames(frames) => frames.is_empty(),
             EdgeBody::Stream(body) => body.is_end_stream(),
         }
@@ -240,6 +244,9 @@ impl Body for EdgeBody {
     /// Exact for one piece of data, so HTTP/1.1 answers carry a Content-Length.
     fn size_hint(&self) -> SizeHint {
         match self {
+            EdgeBody::Full(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             EdgeBody::Frames(frames) => match frames.front().and_then(Frame::data_ref) {
                 None if frames.is_empty() => SizeHint::with_exact(0),
                 Some(data) if frames.len() == 1 => SizeHint::with_exact(data.len() as u64),

@@ -892,15 +892,29 @@ fn error_response(http: StatusCode, status: &Status) -> Response<EdgeBody> {
     response
 }
 
-/// `x-gorpc-status` and `x-gorpc-message`.
+/// `x-gorpc-status` and `x-gorpc-message`: names and the usual values are static, so an
+/// answer allocates nothing for them.
 fn put_status(headers: &mut HeaderMap, status: &Status) {
-    headers.insert(STATUS_HEADER, HeaderValue::from(status.code() as u32));
-    let mut message = BytesMut::new();
-    put_percent_encoded(&mut message, status.message());
-    // Percent-encoding leaves printable ASCII only.
-    if let Ok(value) = HeaderValue::from_maybe_shared(message.freeze()) {
-        headers.insert(MESSAGE_HEADER, value);
-    }
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    let code = CODES.get(status.code() as usize).map_or_else(
+        || HeaderValue::from(status.code() as u32),
+        |c| HeaderValue::from_static(c),
+    );
+    headers.insert(HeaderName::from_static(STATUS_HEADER), code);
+    let message = if status.message().is_empty() {
+        HeaderValue::from_static("")
+    } else {
+        let mut message = BytesMut::new();
+        put_percent_encoded(&mut message, status.message());
+        // Percent-encoding leaves printable ASCII only.
+        match HeaderValue::from_maybe_shared(message.freeze()) {
+            Ok(value) => value,
+            Err(_) => return,
+        }
+    };
+    headers.insert(HeaderName::from_static(MESSAGE_HEADER), message);
 }
 
 /// Response metadata as `x-gorpc-md-*` headers; entries no header can carry are left out.
