@@ -191,9 +191,10 @@ pub struct ClientConn<T = ()> {
     core: Core<ClientCall<T>>,
     next_id: u32,
     events: VecDeque<ClientEvent<T>>,
-    /// The error a server's go-away carried (it turned the connection away: at its
-    /// connection limit, say): what calls still in flight end with when it then closes,
-    /// rather than a bare "connection closed".
+    /// The refusal a server's go-away carried (`ResourceExhausted`: it turned the
+    /// connection away at its limit): what calls still in flight end with when it then
+    /// closes, so that callers back off instead of retrying at once. Other go-away errors
+    /// (the server saw a protocol violation, say) leave the close `Unavailable`.
     refusal: Option<Status>,
 }
 
@@ -587,7 +588,7 @@ impl<T> Side for ClientConn<T> {
     }
 
     fn on_go_away(&mut self, status: Status) {
-        if !status.is_ok() {
+        if status.code() == Code::ResourceExhausted {
             self.refusal = Some(status.clone());
         }
         self.events.push_back(ClientEvent::GoAway(status));
