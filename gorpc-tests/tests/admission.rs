@@ -60,6 +60,7 @@ async fn over_capacity_calls_queue_then_are_refused<S: Runtime, C: Runtime>(
         max_in_flight: 2,
         max_queued: 1,
         max_queue_wait: Duration::from_secs(30),
+        retry_after: Duration::from_millis(700),
     };
     let server = Server::new(server_rt, router(started_tx, release))
         .admission(admission)
@@ -97,7 +98,7 @@ async fn over_capacity_calls_queue_then_are_refused<S: Runtime, C: Runtime>(
         let refused = refused.unwrap_err();
         assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
         assert!(refused.message().contains("overloaded"), "{refused}");
-        assert_eq!(refused.retry_after(), Some(Duration::from_secs(30)));
+        assert_eq!(refused.retry_after(), Some(Duration::from_millis(700)));
         assert_eq!(queued.unwrap(), 3);
         assert_eq!(
             within(&client_rt, WAIT, "the queued call started", started.recv())
@@ -126,6 +127,7 @@ async fn retry_waits_out_the_servers_hint<S: Runtime, C: Runtime>(server_rt: S, 
         max_in_flight: 1,
         max_queued: 0,
         max_queue_wait: Duration::from_millis(100),
+        retry_after: Duration::from_millis(100),
     };
     let server = Server::new(server_rt, router(started_tx, release))
         .admission(admission)

@@ -27,18 +27,23 @@ pub struct AdmissionConfig {
     pub max_in_flight: usize,
     /// Calls waiting for a slot; one more is refused at once.
     pub max_queued: usize,
-    /// The longest a call waits for a slot (its deadline, if sooner, ends the wait first);
-    /// also the retry hint sent with a refusal.
+    /// The longest a call waits for a slot (its deadline, if sooner, ends the wait first).
     pub max_queue_wait: Duration,
+    /// The retry hint sent with a refusal: how long a client should wait before trying
+    /// again. Refusals cost the server little, but not nothing: under heavy overload a
+    /// longer hint leaves more of the server to the calls it admits.
+    pub retry_after: Duration,
 }
 
 impl AdmissionConfig {
-    /// `max_in_flight` calls at once, as many waiting, each for at most 50 ms.
+    /// `max_in_flight` calls at once, as many waiting, each for at most 50 ms; refused
+    /// clients are asked to wait 250 ms.
     pub fn new(max_in_flight: usize) -> Self {
         AdmissionConfig {
             max_in_flight,
             max_queued: max_in_flight,
             max_queue_wait: Duration::from_millis(50),
+            retry_after: Duration::from_millis(250),
         }
     }
 }
@@ -108,7 +113,7 @@ fn overloaded(config: &AdmissionConfig) -> ServerReply {
         "server overloaded: {} calls running and {} waiting",
         config.max_in_flight, config.max_queued
     ))
-    .with_retry_after(config.max_queue_wait);
+    .with_retry_after(config.retry_after);
     ServerReply::error(status)
 }
 
