@@ -431,14 +431,23 @@ impl<T> ClientConn<T> {
         Some(call.user)
     }
 
-    fn handle_call_frame(&mut self, frame: CallFrame) -> Result<(), ProtoError> {
+    fn handle_call_frame(&mut self, now: Instant, frame: CallFrame) -> Result<(), ProtoError> {
         let id = frame.header.call_id;
         match frame.header.frame_type {
             FrameType::Response => {
                 let Some(call) = self.core.calls.remove(&mut self.core.link, id) else {
                     return Ok(()); // late answer to a call cancelled or timed out here
                 };
-                let result = if frame.header.flags & flags::END_STREAM == 0 {
+                // Read at or after the deadline (the driver woke late, and found the answer
+                // and the expiry together): the deadline decides, whichever the driver
+                // happened to look at first.
+                let expired = call.core.deadline.is_some_and(|deadline| deadline <= now);
+                let result = if expired {
+                    Err(Status::new(
+                        Code::DeadlineExceeded,
+                        "no response before the deadline",
+                    ))
+                } else if frame.header.flags & flags::END_STREAM == 0 {
                     Err(Status::new(
                         Code::Internal,
                         "server sent a response without END_STREAM",
@@ -572,8 +581,8 @@ impl<T> Side for ClientConn<T> {
         &self.core
     }
 
-    fn on_call_frame(&mut self, _now: Instant, frame: CallFrame) -> Result<(), ProtoError> {
-        self.handle_call_frame(frame)
+    fn on_call_frame(&mut self, now: Instant, frame: CallFrame) -> Result<(), ProtoError> {
+        self.handle_call_frame(now, frame)
     }
 
     fn on_credit(&mut self, id: u32, increment: u32) -> Result<(), ProtoError> {

@@ -844,3 +844,21 @@ fn calls_on_a_refused_connection_end_with_the_refusal() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
     assert_eq!(status.message(), "at the connection limit");
 }
+
+#[test]
+fn an_answer_read_after_the_deadline_is_deadline_exceeded() {
+    let mut p = pair();
+    start(&mut p, 1, Some(Duration::from_millis(10)));
+    p.pump().unwrap();
+    let request = requests(&mut p).pop().unwrap();
+    echo(&mut p, &request);
+    // The client's driver wakes late: the answer and the expiry are both there, and the
+    // read comes first. The deadline still decides.
+    p.now += Duration::from_millis(20);
+    p.pump().unwrap();
+    let ended = finished(&mut p);
+    let [(1, Err(status))] = &ended[..] else {
+        panic!("{ended:?}")
+    };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
+}
