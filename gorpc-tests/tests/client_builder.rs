@@ -63,9 +63,15 @@ async fn echo(client: &Client, body: Bytes) -> Result<Bytes, gorpc::Status> {
     Ok(rsp.body)
 }
 
-/// How far a server stream runs ahead of a client that reads nothing, in bytes, once it
-/// stalls at the client's windows.
-async fn stalled_at<C: Runtime>(client_rt: &C, client: &Client, flooded: &AtomicUsize) -> usize {
+/// How far a server stream runs ahead of a client that reads nothing, in bytes: once it
+/// is at least `at_least` ahead (an event, whenever a loaded machine gets there), the
+/// producer is given time to overrun its windows if they did not hold it.
+async fn ahead_of_a_silent_reader<C: Runtime>(
+    client_rt: &C,
+    client: &Client,
+    flooded: &AtomicUsize,
+    at_least: usize,
+) -> usize {
     flooded.store(0, Ordering::SeqCst);
     let options = CallOptions {
         timeout: Some(30 * SECOND),
@@ -75,22 +81,22 @@ async fn stalled_at<C: Runtime>(client_rt: &C, client: &Client, flooded: &Atomic
         .server_stream::<_, Bytes, Bytes>(FLOOD, Raw, &Bytes::new(), options)
         .await
         .unwrap();
-    let mut last = 0;
     let started = Instant::now();
     loop {
-        sleep(client_rt, Duration::from_millis(200)).await;
-        let now = flooded.load(Ordering::SeqCst);
-        if now == last && now > 0 {
+        let ahead = flooded.load(Ordering::SeqCst) * FLOOD_MESSAGE;
+        if ahead >= at_least {
             break;
         }
         assert!(
-            started.elapsed() < 20 * SECOND,
-            "the producer kept going ({now} messages)"
+            started.elapsed() < 30 * SECOND,
+            "the server got only {ahead} bytes ahead, not {at_least}"
         );
-        last = now;
+        sleep(client_rt, Duration::from_millis(20)).await;
     }
+    sleep(client_rt, Duration::from_millis(300)).await;
+    let ahead = flooded.load(Ordering::SeqCst) * FLOOD_MESSAGE;
     drop(stream);
-    last * FLOOD_MESSAGE
+    ahead
 }
 
 async fn every_setting_reaches_the_connection<S: Runtime, C: Runtime>(server_rt: S, client_rt: C) {
@@ -168,7 +174,13 @@ async fn every_setting_reaches_the_connection<S: Runtime, C: Runtime>(server_rt:
             .connect()
             .await
             .unwrap();
-        let narrow = stalled_at(&client_rt, &default, &flooded).await;
+        let narrow = ahead_of_a_silent_reader(
+            &client_rt,
+            &default,
+            &flooded,
+            (1 << 20) - 2 * FLOOD_MESSAGE,
+        )
+        .await;
         let wide = Client::builder(client_rt.clone())
             .endpoint(addr)
             .stream_window(4 << 20)
@@ -176,7 +188,7 @@ async fn every_setting_reaches_the_connection<S: Runtime, C: Runtime>(server_rt:
             .connect()
             .await
             .unwrap();
-        let ahead = stalled_at(&client_rt, &wide, &flooded).await;
+        let ahead = ahead_of_a_silent_reader(&client_rt, &wide, &flooded, (3 << 20) + 1).await;
         assert!(
             narrow < 2 << 20,
             "default 1 MiB window, {narrow} bytes ahead"
