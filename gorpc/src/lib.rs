@@ -32,7 +32,7 @@ pub mod udp;
 pub use client::{CallOptions, Channel, Client, ClientConfig, RawResponse};
 pub use codec::{Codec, Decoder, Encoder, MsgPack, Protobuf, Raw};
 pub use gorpc_proto::{self as proto, Code, ConnConfig, KeepaliveConfig, Limits, Status};
-pub use interceptor::{ClientInterceptor, ClientNext, Next, ServerInterceptor};
+pub use interceptor::{ClientInterceptor, ClientNext, Logging, Next, ServerInterceptor};
 pub use metadata::Metadata;
 pub use runtime::{PeerCertificates, Runtime};
 pub use server::{Server, ServerConfig, ServerHandle, Shutdown};
