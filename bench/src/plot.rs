@@ -150,12 +150,9 @@ fn draw(
         .label_style((FONT, 16))
         .axis_desc_style((FONT, 18))
         .draw()?;
-    for (i, s) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let points = line_of(s, |p| p.throughput.is_finite().then_some(p.throughput));
-        chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?;
-        chart.draw_series(points.iter().map(|&xy| Circle::new(xy, 5, color.filled())))?;
-    }
+    draw_lines(&mut chart, series, |p| {
+        p.throughput.is_finite().then_some(p.throughput)
+    })?;
 
     match measured {
         Measured::Calls => draw_latency(&panels[1], x_axis(), x_desc, series)?,
@@ -207,12 +204,7 @@ fn draw_latency(
         .label_style((FONT, 16))
         .axis_desc_style((FONT, 18))
         .draw()?;
-    for (i, s) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let points = line_of(s, |p| positive(p.second));
-        chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?;
-        chart.draw_series(points.iter().map(|&xy| Circle::new(xy, 5, color.filled())))?;
-    }
+    draw_lines(&mut chart, series, |p| positive(p.second))?;
 
     Ok(())
 }
@@ -241,9 +233,25 @@ fn draw_bandwidth(
         .label_style((FONT, 16))
         .axis_desc_style((FONT, 18))
         .draw()?;
+    draw_lines(&mut chart, series, |p| {
+        p.second.is_finite().then_some(p.second)
+    })?;
+    Ok(())
+}
+
+/// Each series as a line with a marker at every point, leaving out the points `value`
+/// rejects.
+fn draw_lines<'a, Y>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<XAxis, Y>>,
+    series: &[Series],
+    value: impl Fn(&Point) -> Option<f64>,
+) -> Result<(), Box<dyn Error>>
+where
+    Y: Ranged<ValueType = f64>,
+{
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let points = line_of(s, |p| p.second.is_finite().then_some(p.second));
+        let points = line_of(s, &value);
         chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?;
         chart.draw_series(points.iter().map(|&xy| Circle::new(xy, 5, color.filled())))?;
     }
