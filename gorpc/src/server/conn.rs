@@ -403,15 +403,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             peer: Some(self.peer),
             peer_certificates: self.peer_certificates.clone(),
         };
-        // The handler (and the interceptors before it) run inside the call's span.
-        let span = watch.span.clone();
-        let entered = span.enter();
-        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let mut future = served.service.call(request);
-            let poll = future.poll_unpin(cx);
-            (future, poll)
-        }));
-        drop(entered);
+        let polled = served.call_inline(request, &watch.span, cx);
         let (future, reply) = match polled {
             Ok((_, Poll::Ready(reply))) => (None, reply),
             Ok((future, Poll::Pending)) => (Some(future), ServerReply::ok(Bytes::new())),
@@ -438,7 +430,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                     let _ = outputs.try_send(HandlerOutput::Reply(id, reply));
                 }
             }
-            .instrument(span),
+            .instrument(watch.span.clone()),
         );
         let abort = Some(handle);
         self.running.insert(id, Running { abort, watch });

@@ -376,6 +376,27 @@ impl Served {
         }
     }
 
+    /// Calls the service and polls the handler once, inside the call's span (where the
+    /// handler and the interceptors before it run), catching a panic: a handler ready at
+    /// once is answered without a task of its own.
+    pub(crate) fn call_inline(
+        &self,
+        request: crate::service::ServerRequest,
+        span: &tracing::Span,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::thread::Result<(
+        futures::future::BoxFuture<'static, crate::service::ServerReply>,
+        Poll<crate::service::ServerReply>,
+    )> {
+        use futures::FutureExt as _;
+        let _entered = span.enter();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut future = self.service.call(request);
+            let poll = future.poll_unpin(cx);
+            (future, poll)
+        }))
+    }
+
     /// Starts watching a call that arrived at `now`.
     pub(crate) fn watch(
         &self,

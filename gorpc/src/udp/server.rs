@@ -344,15 +344,7 @@ impl<R: Runtime> UdpServerDriver<R> {
             peer_certificates: None,
             streams: Default::default(),
         };
-        // The handler (and the interceptors before it) run inside the call's span.
-        let span = watch.span.clone();
-        let entered = span.enter();
-        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let mut future = served.service.call(request);
-            let poll = future.poll_unpin(cx);
-            (future, poll)
-        }));
-        drop(entered);
+        let polled = served.call_inline(request, &watch.span, cx);
         let future = match polled {
             Ok((_, Poll::Ready(reply))) => return self.respond(now, from, token, reply, watch),
             Ok((future, Poll::Pending)) => future,
@@ -370,7 +362,7 @@ impl<R: Runtime> UdpServerDriver<R> {
                     let _ = replies.unbounded_send((task, reply));
                 }
             }
-            .instrument(span),
+            .instrument(watch.span.clone()),
         );
         let running = Running {
             abort,
