@@ -58,6 +58,12 @@ impl<C: HasCore> CallTable<C> {
         self.calls.len()
     }
 
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.calls.shrink_to_fit();
+        self.deadlines.shrink_to_fit();
+        self.blocked.shrink_to_fit();
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.calls.is_empty()
     }
@@ -229,6 +235,13 @@ impl<C: HasCore> CallTable<C> {
 pub(crate) struct Core<C> {
     pub(crate) link: Link,
     pub(crate) calls: CallTable<C>,
+}
+
+impl<C: HasCore> Core<C> {
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.link.out.shrink_to_fit();
+        self.calls.shrink_to_fit();
+    }
 }
 
 /// A side of a connection (client or server), as the read loop drives it.

@@ -657,4 +657,9 @@ impl<T> crate::Conn for ClientConn<T> {
     fn is_idle(&self) -> bool {
         self.core.calls.is_empty()
     }
+
+    fn shrink_to_fit(&mut self) {
+        self.core.shrink_to_fit();
+        self.events.shrink_to_fit();
+    }
 }

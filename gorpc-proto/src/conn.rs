@@ -95,6 +95,11 @@ pub trait Conn: Side {
     /// No call in flight or waiting.
     fn is_idle(&self) -> bool;
 
+    /// Gives back the spare capacity a busy spell left in the connection's tables and
+    /// queues, so that a connection gone quiet stays small. Cheap to call when there is
+    /// none; a connection that gets busy again grows them back.
+    fn shrink_to_fit(&mut self);
+
     fn is_closed(&self) -> bool {
         self.core_ref().link.is_closed()
     }

@@ -541,6 +541,12 @@ impl crate::Conn for ServerConn {
         self.core.calls.is_empty() && self.waiting.is_empty()
     }
 
+    fn shrink_to_fit(&mut self) {
+        self.core.shrink_to_fit();
+        self.waiting.shrink_to_fit();
+        self.events.shrink_to_fit();
+    }
+
     /// Calls running (requests handed out and not yet answered or cancelled).
     fn calls_in_flight(&self) -> usize {
         self.core.calls.len()

@@ -23,6 +23,11 @@ pub(crate) struct Deadlines {
 }
 
 impl Deadlines {
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.ordered.shrink_to_fit();
+        self.heap.shrink_to_fit();
+    }
+
     pub(crate) fn push(&mut self, at: Instant, id: u32) {
         match self.ordered.back() {
             Some((last, _)) if *last > at => self.heap.push(Reverse((at, id))),

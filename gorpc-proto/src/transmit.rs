@@ -119,6 +119,15 @@ impl TransmitQueue {
         &self.limits
     }
 
+    /// Drops the buffers of an empty queue (a fresh frame allocates again).
+    pub(crate) fn shrink_to_fit(&mut self) {
+        if self.chunks.is_empty() && self.tail.is_empty() {
+            self.chunks = VecDeque::new();
+            self.tail = BytesMut::new();
+            self.last_tail = 0;
+        }
+    }
+
     /// Encodes one frame. The head is written by `write_head` straight into the buffer; the
     /// frame is rolled back, and nothing is queued, if it breaks `max_head_len` or
     /// `max_frame_len` (the limits the peer is assumed to enforce too).

@@ -27,7 +27,7 @@ const READ_SPARES: usize = gorpc_proto::DEFAULT_CONNECTION_WINDOW as usize / LAR
 /// The most reserved ahead for the rest of a frame: a header alone cannot make a
 /// connection hold more than this before the bytes arrive.
 const MAX_FRAME_RESERVE: usize = 256 * 1024;
-/// How long a connection must be idle before its read buffers are released.
+/// How long a connection must be idle before its buffers are released.
 const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Chunks handed to one `writev`.
 const MAX_IOV: usize = 64;
@@ -47,6 +47,12 @@ pub(crate) struct Transport<R: Runtime, I: Io = <R as Runtime>::Io> {
     read_closed: bool,
     /// When bytes last arrived.
     last_read: Instant,
+    /// Buffers may be held (bytes arrived since they were last released).
+    holding: bool,
+    /// When to look again whether the connection has been idle long enough to release
+    /// them: moved at most once per [`IDLE_RELEASE`], so that a busy connection does not
+    /// re-arm its timer for it with every call.
+    release_at: Option<Instant>,
 }
 
 impl<R: Runtime, I: Io> Transport<R, I> {
@@ -60,6 +66,8 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             write_queue: WriteQueue::default(),
             read_closed: false,
             last_read: Instant::now(),
+            holding: false,
+            release_at: None,
         }
     }
 
@@ -69,6 +77,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
     pub(crate) fn feed_read(&mut self, conn: &mut impl Conn, now: Instant, bytes: BytesMut) {
         self.read_buf = bytes;
         self.last_read = now;
+        self.holding = true;
         conn.handle_read(now, &mut self.read_buf);
     }
 
@@ -117,6 +126,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             }
             Poll::Ready(Ok(_)) => {
                 self.last_read = now;
+                self.holding = true;
                 conn.handle_read(now, &mut self.read_buf);
             }
             Poll::Ready(Err(e)) => {
@@ -128,24 +138,39 @@ impl<R: Runtime, I: Io> Transport<R, I> {
         true
     }
 
-    /// Drops the read buffers of a connection that has had nothing buffered, nothing in
-    /// flight and nothing to read for a second, so idle connections stay small while a busy
-    /// one keeps reusing its buffers. Checked whenever the driver wakes rather than on a
-    /// timer of its own (re-arming a timer at every idle moment of a busy connection costs
-    /// more than it saves); an idle connection still wakes for keepalive pings, so its
-    /// buffers go at the next ping at the latest.
-    pub(crate) fn release_if_idle(&mut self, conn: &impl Conn) {
-        // The clock last: a busy connection rarely gets past the cheap checks.
-        if self.read_buf.capacity() > 0
-            && self.read_buf.is_empty()
-            && conn.is_idle()
-            && self.last_read.elapsed() >= IDLE_RELEASE
-        {
+    /// Releases the buffers of a connection that has had nothing buffered, nothing in
+    /// flight and nothing to read for [`IDLE_RELEASE`] (its read buffers, and the spare
+    /// room in `conn`'s tables and queues), so that idle connections stay small while a
+    /// busy one keeps reusing its buffers. Returns whether it released them now (the driver
+    /// then shrinks its own tables), and the instant to look again, for the driver's timer:
+    /// never one already past, so a due check cannot spin the driver.
+    pub(crate) fn release_when_idle(
+        &mut self,
+        conn: &mut impl Conn,
+        now: Instant,
+    ) -> (bool, Option<Instant>) {
+        if !self.holding {
+            return (false, None);
+        }
+        let at = *self.release_at.get_or_insert(now + IDLE_RELEASE);
+        if at > now {
+            return (false, Some(at));
+        }
+        let quiet_since = self.last_read + IDLE_RELEASE;
+        if self.read_buf.is_empty() && conn.is_idle() && quiet_since <= now {
             self.read_buf = BytesMut::new();
             self.recycler.clear();
             self.large_frames = false;
+            self.write_queue.shrink_to_fit();
             self.io.release_buffers();
+            conn.shrink_to_fit();
+            self.holding = false;
+            self.release_at = None;
+            return (true, None);
         }
+        let next = quiet_since.max(now + IDLE_RELEASE);
+        self.release_at = Some(next);
+        (false, Some(next))
     }
 
     /// Arms the timer for `at` and reports whether it is due.
@@ -284,6 +309,12 @@ impl WriteQueue {
 
     fn is_empty(&self) -> bool {
         self.chunks.is_empty()
+    }
+
+    fn shrink_to_fit(&mut self) {
+        if self.chunks.is_empty() {
+            self.chunks = VecDeque::new();
+        }
     }
 
     /// Writes until the queue is empty and `io` has flushed what it kept back (`Ready(Ok)`),

@@ -64,7 +64,7 @@ impl Recycler {
 
     /// Drops the spares (a connection or stream gone quiet).
     pub(crate) fn clear(&mut self) {
-        self.spares.clear();
+        self.spares = VecDeque::new();
     }
 }
 

@@ -483,7 +483,11 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
             progress = true;
         }
 
-        let next = earliest(self.conn.poll_timeout(), idle_deadline);
+        let (_, release_at) = self.transport.release_when_idle(&mut self.conn, now);
+        let next = earliest(
+            earliest(self.conn.poll_timeout(), idle_deadline),
+            release_at,
+        );
         if self.transport.poll_timer(cx, next, now) {
             self.conn.handle_timeout(now);
             progress = true;
@@ -635,7 +639,6 @@ impl<R: Runtime, I: Io> Future for ClientDriver<R, I> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         drive(cx, |cx| this.poll_once(cx));
-        this.transport.release_if_idle(&this.conn);
         if this.conn.is_closed() && this.transport.poll_finish(cx) {
             return Poll::Ready(());
         }

@@ -310,8 +310,14 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             progress = true;
         }
 
+        let (released, release_at) = self.transport.release_when_idle(&mut self.conn, now);
+        if released {
+            self.running.shrink_to_fit();
+            self.streams.shrink_to_fit();
+            self.delivering.shrink_to_fit();
+        }
         let next = earliest(
-            self.conn.poll_timeout(),
+            earliest(self.conn.poll_timeout(), release_at),
             idle_deadline.filter(|_| self.can_go()),
         );
         if self.transport.poll_timer(cx, next, now) {
@@ -591,7 +597,6 @@ impl<R: Runtime, I: Io> Future for ServerConnection<R, I> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         drive(cx, |cx| this.poll_once(cx));
-        this.transport.release_if_idle(&this.conn);
         if this.aborted {
             return Poll::Ready(());
         }

@@ -108,6 +108,12 @@ impl Drop for Tracked {
                 inner.per_ip.remove(&self.ip);
             }
         }
+        // After a flood has gone, the tables give its room back (halving at most once per
+        // halving of the count, so the cost stays constant per connection).
+        if inner.slots.capacity() > 4 * inner.slots.len() + 64 {
+            inner.slots.shrink_to_fit();
+            inner.per_ip.shrink_to_fit();
+        }
     }
 }
 

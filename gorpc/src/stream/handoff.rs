@@ -449,6 +449,13 @@ pub(crate) struct Delivering {
 }
 
 impl Delivering {
+    /// Drops the room an earlier run of messages left, once there is none waiting.
+    pub(crate) fn shrink_to_fit(&mut self) {
+        if self.messages.is_empty() {
+            self.messages = VecDeque::new();
+        }
+    }
+
     /// Whether a message for `id` joins the run as it stands; if not, deliver the run first.
     pub(crate) fn joins(&self, id: CallId) -> bool {
         self.id.is_none_or(|current| current == id)

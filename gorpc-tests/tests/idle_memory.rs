@@ -1,0 +1,199 @@
+//! What idle connections cost the server, counted by a global allocator that tracks live
+//! heap bytes: each connection has made one call and holds its buffers, then sits idle.
+//! An idle binary connection costs at most [`IDLE_BUDGET`] bytes of heap, and once every
+//! connection closes, the heap returns to its baseline.
+//!
+//! Its own test binary, since the allocator is process-wide. The clients are plain blocking
+//! sockets writing hand-encoded frames, so the heap counted is the server's (and the test
+//! runtime's). The tests run one after the other (a lock), so neither sees the other's
+//! connections.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use gorpc::{Router, Runtime, Server, ServerReply, ServerRequest};
+use gorpc_proto::frame::{flags, FrameHeader, FrameType, HEADER_LEN};
+use gorpc_proto::head::encode_request_head;
+use gorpc_proto::{codec, Limits};
+use gorpc_tests::{loopback, Smol, Tokio};
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// Heap an idle binary connection may hold on the server, in bytes.
+const IDLE_BUDGET: isize = 4096;
+/// How many idle connections are measured (two sockets each, well under the open-file
+/// limit of a default shell).
+const CONNECTIONS: usize = 400;
+/// What the heap may still differ from its baseline once everything closed (the busy peak
+/// was about 15 MB): the runtimes' own tables keep the room the peak grew them to
+/// (async-executor's task slab, tokio's scheduler queues), and tokio frees released I/O
+/// registrations in batches.
+const SETTLED_SLACK: isize = 128 * 1024;
+const WAIT: Duration = Duration::from_secs(20);
+const ECHO: &str = "/idle.Memory/Echo";
+
+/// The bytes of one unary call of `ECHO` with a 1 KiB body, id 1, as gorpc's client sends it.
+fn call_frame() -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    buf.put_bytes(0, HEADER_LEN);
+    encode_request_head(ECHO, 0, [], &mut buf);
+    let head_len = (buf.len() - HEADER_LEN) as u32;
+    let body = [0x5au8; 1024];
+    FrameHeader {
+        frame_type: FrameType::Request,
+        flags: flags::END_STREAM,
+        codec: codec::RAW,
+        call_id: 1,
+        head_len,
+        body_len: body.len() as u32,
+    }
+    .encode(&mut &mut buf[..HEADER_LEN]);
+    buf.put_slice(&body);
+    buf.to_vec()
+}
+
+/// A connection that has made one call and read its whole answer.
+fn called_once(addr: SocketAddr, call: &[u8]) -> TcpStream {
+    let mut socket = TcpStream::connect(addr).expect("connects");
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    socket.write_all(call).unwrap();
+    // The answer, after whatever else the server says first (window credit).
+    loop {
+        let mut header = [0u8; HEADER_LEN];
+        socket.read_exact(&mut header).expect("an answer");
+        let header = FrameHeader::decode(&header, &Limits::default())
+            .expect("a frame header")
+            .expect("a whole header");
+        let mut rest = vec![0u8; header.head_len as usize + header.body_len as usize];
+        socket.read_exact(&mut rest).expect("the whole frame");
+        if header.frame_type == FrameType::Response {
+            break;
+        }
+    }
+    socket
+}
+
+/// Waits until the live heap is within `slack` of `target`, or fails after [`WAIT`];
+/// returns what it settled at.
+fn settles_near(target: isize, slack: isize, what: &str) -> isize {
+    let began = Instant::now();
+    loop {
+        let now = live();
+        if (now - target).abs() <= slack {
+            return now;
+        }
+        assert!(
+            began.elapsed() < WAIT,
+            "{what}: live heap {now} B, not within {slack} B of {target} B"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Opens [`CONNECTIONS`] connections that each call once, then go idle; checks the heap
+/// they hold and that it comes back once they close.
+async fn idle_connections_cost_little_and_give_it_back<R: Runtime>(runtime: R) {
+    let router = Router::new().route(ECHO, |req: ServerRequest| async move {
+        ServerReply::ok(req.body)
+    });
+    let server = Server::new(runtime, router).bind(loopback()).await.unwrap();
+    let addr = server.local_addr();
+    let call = call_frame();
+    // One connection first, so what is made once (the tables, the runtime's first pages)
+    // is in the baseline.
+    let warm = blocking(move || called_once(addr, &call_frame())).await;
+    let baseline = live();
+
+    let held = blocking(move || {
+        (0..CONNECTIONS)
+            .map(|_| called_once(addr, &call))
+            .collect::<Vec<_>>()
+    })
+    .await;
+    // A connection releases its buffers after a quiet second: wait for the heap to come
+    // down within the budget (a failure is a heap that never does).
+    let idle = blocking(move || {
+        settles_near(
+            baseline,
+            IDLE_BUDGET * CONNECTIONS as isize,
+            "while the connections idle",
+        )
+    })
+    .await;
+    let per_connection = (idle - baseline) / CONNECTIONS as isize;
+    eprintln!(
+        "{CONNECTIONS} idle connections: {per_connection} B of heap each (baseline {baseline} B)"
+    );
+    assert!(
+        per_connection <= IDLE_BUDGET,
+        "an idle connection holds {per_connection} B of heap (budget {IDLE_BUDGET} B)"
+    );
+
+    drop(held);
+    drop(warm);
+    let after =
+        blocking(move || settles_near(baseline, SETTLED_SLACK, "after the connections closed"))
+            .await;
+    eprintln!(
+        "after they closed: {} B over the baseline",
+        after - baseline
+    );
+    server.abort().await;
+}
+
+/// Runs blocking socket work off the runtime's threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = async_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = tx.send_blocking(work());
+    });
+    rx.recv().await.expect("the blocking work finished")
+}
+
+#[test]
+fn on_tokio() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = gorpc_tests::tokio_runtime();
+    let tokio = Tokio::from_handle(rt.handle().clone());
+    rt.block_on(idle_connections_cost_little_and_give_it_back(tokio));
+}
+
+#[test]
+fn on_smol() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    smol::block_on(idle_connections_cost_little_and_give_it_back(Smol::new()));
+}
