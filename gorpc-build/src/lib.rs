@@ -86,6 +86,7 @@ impl Default for Builder {
 }
 
 impl Builder {
+    /// Clients and servers, for `::gorpc`, into `$OUT_DIR`.
     pub fn new() -> Self {
         Builder::default()
     }
@@ -103,11 +104,14 @@ impl Builder {
         self
     }
 
+    /// Whether to generate the typed clients (`GreeterClient`). Defaults to `true`.
     pub fn build_client(mut self, yes: bool) -> Self {
         self.build_client = yes;
         self
     }
 
+    /// Whether to generate the service traits and their servers (`Greeter`,
+    /// `GreeterServer`). Defaults to `true`.
     pub fn build_server(mut self, yes: bool) -> Self {
         self.build_server = yes;
         self

@@ -35,6 +35,7 @@ pub struct BearerToken {
 }
 
 impl BearerToken {
+    /// Sends `token` (without the `Bearer ` prefix) with every call.
     pub fn new(token: impl AsRef<str>) -> Self {
         BearerToken {
             header: Bytes::from(format!("Bearer {}", token.as_ref())),
@@ -74,6 +75,7 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The identity of `subject`.
     pub fn new(subject: impl Into<String>) -> Self {
         Identity {
             subject: subject.into(),
@@ -101,6 +103,7 @@ pub struct BearerAuth {
 }
 
 impl BearerAuth {
+    /// Checks every call's token with `verify(token, method)`; no method is open.
     pub fn new<F>(verify: F) -> Self
     where
         F: Fn(&str, &str) -> Result<Identity, Status> + Send + Sync + 'static,

@@ -69,10 +69,12 @@ use toml::{Table, Value};
 pub struct ConfigError {
     /// Dotted path of the offending key, e.g. `server.registry.ttl_ms`.
     pub key: String,
+    /// What is wrong with it, and what would have been accepted.
     pub message: String,
 }
 
 impl ConfigError {
+    /// An error about `key` (a dotted path; empty for the file as a whole).
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             key: key.into(),
@@ -138,6 +140,7 @@ impl Options {
         )
     }
 
+    /// A string; `None` when the key is absent.
     pub fn string(&mut self, key: &str) -> Result<Option<String>, ConfigError> {
         match self.get(key).cloned() {
             None => Ok(None),
@@ -146,11 +149,13 @@ impl Options {
         }
     }
 
+    /// A string that must be there.
     pub fn required_string(&mut self, key: &str) -> Result<String, ConfigError> {
         self.string(key)?
             .ok_or_else(|| ConfigError::new(self.key(key), "missing"))
     }
 
+    /// A non-negative integer; `None` when the key is absent.
     pub fn u64(&mut self, key: &str) -> Result<Option<u64>, ConfigError> {
         match self.get(key).cloned() {
             None => Ok(None),
@@ -168,6 +173,7 @@ impl Options {
         Ok(self.u64(key)?.map(Duration::from_millis))
     }
 
+    /// `true` or `false`; `None` when the key is absent.
     pub fn bool(&mut self, key: &str) -> Result<Option<bool>, ConfigError> {
         match self.get(key).cloned() {
             None => Ok(None),
@@ -176,6 +182,7 @@ impl Options {
         }
     }
 
+    /// An array of strings; `None` when the key is absent.
     pub fn strings(&mut self, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
         let Some(value) = self.get(key).cloned() else {
             return Ok(None);
@@ -194,6 +201,7 @@ impl Options {
             .map(Some)
     }
 
+    /// A string holding an `ip:port` address; `None` when the key is absent.
     pub fn socket_addr(&mut self, key: &str) -> Result<Option<SocketAddr>, ConfigError> {
         let Some(text) = self.string(key)? else {
             return Ok(None);
@@ -311,6 +319,7 @@ fn component(path: String, value: Value) -> Result<(String, Options), ConfigErro
 /// A registry as configured: where clients discover and, if it can, where servers register.
 #[derive(Clone)]
 pub struct RegistryPlugin {
+    /// Where clients watch a service's instances.
     pub discover: Arc<dyn Discover>,
     /// `None` for registries servers cannot write to (a static list).
     pub register: Option<Arc<dyn Register>>,
@@ -522,6 +531,7 @@ impl Plugins {
         self
     }
 
+    /// Makes a client interceptor available under `name`; `make` reads its options.
     pub fn client_interceptor<F>(mut self, name: &str, make: F) -> Self
     where
         F: Fn(&mut Options) -> Result<Arc<dyn ClientInterceptor>, ConfigError>
@@ -534,6 +544,7 @@ impl Plugins {
         self
     }
 
+    /// Makes a registry available under `name`; `make` reads its options.
     pub fn registry<F>(mut self, name: &str, make: F) -> Self
     where
         F: Fn(&mut Options) -> Result<RegistryPlugin, ConfigError> + Send + Sync + 'static,
@@ -542,6 +553,7 @@ impl Plugins {
         self
     }
 
+    /// Makes a balancer available under `name`; `make` reads its options.
     pub fn balancer<F>(mut self, name: &str, make: F) -> Self
     where
         F: Fn(&mut Options) -> Result<Box<dyn Balancer + Send>, ConfigError>
@@ -782,6 +794,7 @@ impl Config {
         Ok(Config { server, client })
     }
 
+    /// Reads and parses the TOML file at `path` ([`from_toml`](Self::from_toml)).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)
@@ -1058,6 +1071,7 @@ impl ClientTransport {
 
 /// A configured server, ready to be given its service.
 pub struct ServerSettings {
+    /// The address to bind (`server.listen`).
     pub listen: SocketAddr,
     /// Also answer HTTP/1.1, and gRPC with the `grpc` feature, on the port (`transport =
     /// "tcp+http"`).

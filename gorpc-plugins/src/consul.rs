@@ -92,16 +92,28 @@ impl Default for ConsulOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsulError {
     /// The agent URL is not of the form `http://host:port` (or `https://`).
-    InvalidUrl { url: String, reason: String },
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The ACL token cannot be sent as an HTTP header value.
     InvalidToken,
     /// An option is out of range.
     InvalidOption {
+        /// The option's name, as in [`ConsulOptions`].
         option: &'static str,
+        /// The range it must lie in.
         reason: String,
     },
     /// consulrs could not set up its HTTP client (TLS files from the environment, mostly).
-    Client { url: String, reason: String },
+    Client {
+        /// The agent URL.
+        url: String,
+        /// consulrs's error.
+        reason: String,
+    },
 }
 
 impl fmt::Display for ConsulError {
@@ -186,6 +198,7 @@ impl Consul {
         &self.inner.url
     }
 
+    /// The options it was built with.
     pub fn options(&self) -> &ConsulOptions {
         &self.inner.options
     }

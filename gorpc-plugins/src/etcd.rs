@@ -56,9 +56,17 @@ pub enum EtcdConfigError {
     /// The endpoint list was empty.
     NoEndpoints,
     /// An endpoint is not `http://host:port` (or `host:port`).
-    BadEndpoint { endpoint: String, reason: String },
+    BadEndpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The key prefix is empty, does not start with `/`, or is only slashes.
-    BadPrefix { prefix: String },
+    BadPrefix {
+        /// The prefix as given.
+        prefix: String,
+    },
     /// A lease TTL under one second (etcd counts leases in whole seconds).
     BadLeaseTtl(Duration),
 }
@@ -167,14 +175,17 @@ impl Etcd {
         self
     }
 
+    /// The cluster's endpoints, each `http://host:port`.
     pub fn endpoints(&self) -> &[String] {
         &self.config.endpoints
     }
 
+    /// The key prefix instances live under, without a trailing `/`.
     pub fn prefix(&self) -> &str {
         &self.config.prefix
     }
 
+    /// How long a registration outlives its last keep-alive, in whole seconds.
     pub fn lease_ttl(&self) -> Duration {
         self.config.lease_ttl
     }

@@ -62,6 +62,7 @@ struct Shared {
 }
 
 impl Metrics {
+    /// Tracks at most [`DEFAULT_METHOD_LIMIT`] distinct methods.
     pub fn new() -> Self {
         Metrics::with_method_limit(DEFAULT_METHOD_LIMIT)
     }
@@ -166,14 +167,18 @@ impl ClientInterceptor for Metrics {
 pub struct MethodStats {
     /// Finished calls, `ok` plus every error.
     pub total: u64,
+    /// Calls that finished with OK.
     pub ok: u64,
     /// Failed calls by status code, in code order; codes never seen are left out.
     pub errors: Vec<(Code, u64)>,
-    /// Latency percentiles and maximum over all finished calls, in microseconds (0 before
-    /// the first call finishes).
+    /// Median latency in microseconds. This and the three below are over all finished
+    /// calls, 0 before the first call finishes.
     pub p50_us: u64,
+    /// 90th percentile latency, microseconds.
     pub p90_us: u64,
+    /// 99th percentile latency, microseconds.
     pub p99_us: u64,
+    /// The slowest call, microseconds.
     pub max_us: u64,
 }
 

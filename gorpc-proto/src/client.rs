@@ -35,9 +35,13 @@ pub(crate) fn allocate_id<V>(next_id: &mut u32, in_use: &HashMap<u32, V, IdHashe
 /// A finished call's answer from the server. Its status may be an error the server returned.
 #[derive(Clone, Debug)]
 pub struct Response {
+    /// Codec id of the body (see [`crate::codec`]).
     pub codec: u8,
+    /// The status the server sent; may be an error.
     pub status: Status,
+    /// The response head, for its metadata.
     pub head: ResponseHead,
+    /// The response body, encoded with `codec`.
     pub body: Bytes,
 }
 
@@ -49,26 +53,41 @@ pub enum ClientEvent<T> {
     /// status may be an error), or `Err` when it ended locally (deadline, connection lost,
     /// malformed response).
     Finished {
+        /// The call.
         id: CallId,
+        /// The user data the call was started with.
         user: T,
+        /// The server's response, or the local reason the call ended.
         result: Result<Response, Status>,
     },
     /// One message of a stream call's response stream, in order. Its bytes count against
-    /// the call's flow-control window until [`ClientConn::release`] gives them back.
-    Message { id: CallId, body: Bytes },
+    /// the call's flow-control window until [`ClientConn::release`](crate::Conn::release)
+    /// gives them back.
+    Message {
+        /// The call.
+        id: CallId,
+        /// The encoded message.
+        body: Bytes,
+    },
     /// A stream call whose [`ClientConn::send_message`] was refused with
     /// [`SendError::NoCredit`] may send again: credit came back.
-    Writable { id: CallId },
+    Writable {
+        /// The call.
+        id: CallId,
+    },
     /// The server accepts no new calls on this connection; calls in flight still finish.
     GoAway(Status),
-    /// The connection is over. Flush [`ClientConn::poll_transmit`], then close the transport.
+    /// The connection is over. Flush
+    /// [`ClientConn::poll_transmit`](crate::Conn::poll_transmit), then close the transport.
     Closed(CloseReason),
 }
 
 /// A call that could not start; `user` is handed back.
 #[derive(Debug)]
 pub struct Rejected<T> {
+    /// Why the call could not start.
     pub status: Status,
+    /// The user data the call was given.
     pub user: T,
 }
 
@@ -180,9 +199,9 @@ impl<T> HasCore for ClientCall<T> {
 /// After any input (`start_call`, `cancel`, `handle_read`, `handle_timeout`, `go_away`,
 /// `handle_eof`, `abort`):
 /// 1. drain [`poll_event`](Self::poll_event);
-/// 2. write out everything [`poll_transmit`](Self::poll_transmit) returns, in order;
-/// 3. re-arm the timer to [`poll_timeout`](Self::poll_timeout) and call
-///    [`handle_timeout`](Self::handle_timeout) when it fires.
+/// 2. write out everything [`poll_transmit`](crate::Conn::poll_transmit) returns, in order;
+/// 3. re-arm the timer to [`poll_timeout`](crate::Conn::poll_timeout) and call
+///    [`handle_timeout`](crate::Conn::handle_timeout) when it fires.
 ///
 /// Feed every byte read from the transport to `handle_read`; it consumes whole frames and
 /// leaves a partial one in the buffer for next time.
@@ -532,6 +551,7 @@ impl<T> ClientConn<T> {
         Ok(())
     }
 
+    /// The next event for the driver, if any; poll after every input.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<ClientEvent<T>> {
         self.events.pop_front()

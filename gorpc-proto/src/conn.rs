@@ -100,6 +100,7 @@ pub trait Conn: Side {
     /// none; a connection that gets busy again grows them back.
     fn shrink_to_fit(&mut self);
 
+    /// Whether the connection has closed; see [`close_reason`](Self::close_reason).
     fn is_closed(&self) -> bool {
         self.core_ref().link.is_closed()
     }

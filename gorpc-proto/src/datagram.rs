@@ -162,7 +162,9 @@ fn owned_parts(buf: &[u8], header: &FrameHeader) -> (Bytes, Bytes) {
 /// cancelled.
 #[derive(Debug)]
 pub struct Finished<T> {
+    /// The call.
     pub id: CallId,
+    /// The user data the call was started with.
     pub user: T,
     /// `Ok` with the server's response (whose status may be an error), or `Err` when the call
     /// ended locally: `DeadlineExceeded` at its deadline, `Unavailable` when an idempotent
@@ -476,6 +478,7 @@ impl<T> DatagramClient<T> {
         self.calls.get(&id.0).map(|c| &c.user)
     }
 
+    /// Calls started and not yet finished or cancelled.
     pub fn calls_in_flight(&self) -> usize {
         self.calls.len()
     }
@@ -506,9 +509,13 @@ pub struct ReplyToken<A> {
 pub struct DatagramRequest<A> {
     /// The sender, to send the response to.
     pub from: A,
+    /// The call's id, chosen by the client.
     pub id: CallId,
+    /// Codec id of the request and of the response.
     pub codec: u8,
+    /// Method, timeout and metadata.
     pub head: RequestHead,
+    /// The request message.
     pub body: Bytes,
     /// When the client stops waiting, on this side's clock. `None`: no deadline.
     pub deadline: Option<Instant>,
@@ -523,7 +530,12 @@ pub enum ServerInput<A> {
     Request(DatagramRequest<A>),
     /// Send `datagram` to `to` and run nothing: the cached response to a duplicate request,
     /// or an error status (malformed head, unsupported stream, too many requests running).
-    Reply { to: A, datagram: Bytes },
+    Reply {
+        /// The request's sender.
+        to: A,
+        /// The whole response datagram.
+        datagram: Bytes,
+    },
 }
 
 /// Counters of a [`DatagramServer`].

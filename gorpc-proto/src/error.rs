@@ -17,11 +17,26 @@ pub enum ProtoError {
     /// A frame type byte outside the defined set.
     UnknownFrameType(u8),
     /// Flag bits this version does not understand (e.g. compression, which nothing negotiated).
-    UnsupportedFlags { frame_type: FrameType, flags: u8 },
+    UnsupportedFlags {
+        /// The frame that carried them.
+        frame_type: FrameType,
+        /// All of its flag bits.
+        flags: u8,
+    },
     /// A head longer than [`Limits::max_head_len`](crate::Limits::max_head_len).
-    HeadTooLarge { len: u32, max: u32 },
+    HeadTooLarge {
+        /// The head's length, bytes.
+        len: u32,
+        /// The limit, bytes.
+        max: u32,
+    },
     /// A frame longer than [`Limits::max_frame_len`](crate::Limits::max_frame_len).
-    FrameTooLarge { len: u64, max: u32 },
+    FrameTooLarge {
+        /// The frame's length with its header, bytes.
+        len: u64,
+        /// The limit, bytes.
+        max: u32,
+    },
     /// A control frame with a head or body it must not have.
     UnexpectedPayload(FrameType),
     /// A frame this side never accepts (a server sent a request, a client sent a response).
@@ -41,7 +56,10 @@ pub enum ProtoError {
     MalformedWindowUpdate(&'static str),
     /// A stream message sent without credit: `call_id` 0 when the connection window was
     /// used up, otherwise the call whose window was.
-    FlowControl { call_id: u32 },
+    FlowControl {
+        /// The call whose window was exceeded; 0: the connection's.
+        call_id: u32,
+    },
     /// A message frame breaking the stream rules (flags it may not carry in its direction).
     MalformedMessage(&'static str),
     /// The client sent a message on a call whose request stream it had already ended.

@@ -85,13 +85,17 @@ pub fn frame_len_hint(buf: &[u8]) -> Option<usize> {
 /// The decoded fixed header of one frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameHeader {
+    /// What the frame is.
     pub frame_type: FrameType,
+    /// Bits of [`flags`].
     pub flags: u8,
     /// Codec of the body: see [`crate::codec`]. Zero on frames without a body.
     pub codec: u8,
     /// Call id for call frames, ping id for ping/pong, zero for go-away.
     pub call_id: u32,
+    /// Length of the head after the fixed header, bytes.
     pub head_len: u32,
+    /// Length of the body after the head, bytes.
     pub body_len: u32,
 }
 
@@ -214,8 +218,11 @@ impl FrameHeader {
 /// One whole frame borrowed from a buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameRef<'a> {
+    /// The fixed header.
     pub header: FrameHeader,
+    /// The encoded head (protobuf), `header.head_len` bytes.
     pub head: &'a [u8],
+    /// The body, `header.body_len` bytes.
     pub body: &'a [u8],
 }
 

@@ -205,6 +205,7 @@ impl<'a> Iterator for MetadataIter<'a> {
 /// A request head borrowed from a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestHeadRef<'a> {
+    /// The method path, "/package.Service/Method"; never empty.
     pub method: &'a str,
     /// Time the client still waits, in microseconds; 0: no deadline.
     pub timeout_micros: u64,
@@ -238,6 +239,7 @@ impl<'a> RequestHeadRef<'a> {
         })
     }
 
+    /// The metadata entries, in wire order.
     pub fn metadata(&self) -> MetadataIter<'a> {
         MetadataIter { rest: self.raw }
     }
@@ -248,11 +250,13 @@ impl<'a> RequestHeadRef<'a> {
 pub struct ResponseHeadRef<'a> {
     /// Status code, gRPC numbering; see [`crate::Code::from_u32`].
     pub code: u32,
+    /// The status message; empty if none was sent.
     pub message: &'a str,
     raw: &'a [u8],
 }
 
 impl<'a> ResponseHeadRef<'a> {
+    /// Decodes and validates a response head: UTF-8 message, well-formed metadata.
     pub fn decode(raw: &'a [u8]) -> Result<Self, HeadError> {
         let mut buf = raw;
         let (mut code, mut message): (u64, &[u8]) = (0, b"");
@@ -275,6 +279,7 @@ impl<'a> ResponseHeadRef<'a> {
         })
     }
 
+    /// The metadata entries, in wire order.
     pub fn metadata(&self) -> MetadataIter<'a> {
         MetadataIter { rest: self.raw }
     }
@@ -318,6 +323,7 @@ impl RequestHead {
         self.timeout_micros
     }
 
+    /// The metadata entries, in wire order.
     pub fn metadata(&self) -> MetadataIter<'_> {
         MetadataIter { rest: &self.raw }
     }
@@ -347,6 +353,7 @@ impl ResponseHead {
         Ok((ResponseHead { raw }, status))
     }
 
+    /// The metadata entries, in wire order.
     pub fn metadata(&self) -> MetadataIter<'_> {
         MetadataIter { rest: &self.raw }
     }

@@ -73,6 +73,7 @@ pub use transmit::Payload;
 pub struct CallId(u32);
 
 impl CallId {
+    /// The id as the wire carries it.
     pub fn as_u32(self) -> u32 {
         self.0
     }
@@ -97,6 +98,7 @@ pub mod codec {
     pub const PROTOBUF: u8 = 1;
     /// MessagePack (rmp-serde), the codegen-free call style.
     pub const MSGPACK: u8 = 2;
+    /// JSON (serde_json, or protobuf's JSON mapping), as HTTP and gRPC+JSON bodies carry it.
     pub const JSON: u8 = 3;
     /// Ids from here up are free for user-defined codecs.
     pub const FIRST_USER: u8 = 128;

@@ -55,19 +55,35 @@ pub enum ServerEvent {
     /// call; stream responses go out first through [`ServerConn::send_message`]).
     Request(Request),
     /// One message of a client stream, in order. Its bytes count against the call's
-    /// flow-control window until [`ServerConn::release`] gives them back.
-    Message { id: CallId, body: Bytes },
+    /// flow-control window until [`ServerConn::release`](crate::Conn::release) gives them back.
+    Message {
+        /// The call.
+        id: CallId,
+        /// The encoded message.
+        body: Bytes,
+    },
     /// The client sent its last message on this call (half-close).
-    HalfClosed { id: CallId },
+    HalfClosed {
+        /// The call.
+        id: CallId,
+    },
     /// A call whose [`ServerConn::send_message`] was refused with [`SendError::NoCredit`]
     /// may send again: credit came back.
-    Writable { id: CallId },
+    Writable {
+        /// The call.
+        id: CallId,
+    },
     /// Stop running this call (drop its handler); a response to it would be discarded.
-    Cancelled { id: CallId, reason: CancelReason },
+    Cancelled {
+        /// The call.
+        id: CallId,
+        /// Why it stopped.
+        reason: CancelReason,
+    },
     /// The client will start no new calls on this connection.
     GoAway(Status),
     /// The connection is over: every call still running is cancelled. Flush
-    /// [`ServerConn::poll_transmit`], then close the transport.
+    /// [`ServerConn::poll_transmit`](crate::Conn::poll_transmit), then close the transport.
     Closed(CloseReason),
 }
 
@@ -103,11 +119,12 @@ struct Waiting {
 /// # Driving it
 ///
 /// The same loop as [`ClientConn`](crate::ClientConn): after every input drain
-/// [`poll_event`](Self::poll_event), write out [`poll_transmit`](Self::poll_transmit), re-arm
-/// the timer to [`poll_timeout`](Self::poll_timeout). In addition, read from the transport
-/// only while [`wants_read`](Self::wants_read) is true: at the concurrency limit the server
-/// stops reading, and TCP pushes back on the client. When a slot frees up (a response, a
-/// cancel, a deadline), requests already read are started and `wants_read` turns true again.
+/// [`poll_event`](Self::poll_event), write out
+/// [`poll_transmit`](crate::Conn::poll_transmit), re-arm the timer to
+/// [`poll_timeout`](crate::Conn::poll_timeout). In addition, read from the transport only
+/// while [`wants_read`](Self::wants_read) is true: at the concurrency limit the server stops
+/// reading, and TCP pushes back on the client. When a slot frees up (a response, a cancel, a
+/// deadline), requests already read are started and `wants_read` turns true again.
 #[derive(Debug)]
 pub struct ServerConn {
     core: Core<ServerCall>,
@@ -416,6 +433,7 @@ impl ServerConn {
         self.check_drained();
     }
 
+    /// The next event for the driver, if any; poll after every input.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
         self.events.pop_front()

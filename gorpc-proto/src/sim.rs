@@ -18,20 +18,26 @@ use crate::{
 /// Which end of a [`Pair`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
+    /// The [`ClientConn`].
     Client,
+    /// The [`ServerConn`].
     Server,
 }
 
 /// A client and a server connected by two in-memory byte pipes.
 #[derive(Debug)]
 pub struct Pair<T = u64> {
+    /// The client end; `T` is its per-call user data.
     pub client: ClientConn<T>,
+    /// The server end.
     pub server: ServerConn,
+    /// The simulated clock: moves only through [`Pair::advance`] (or when set).
     pub now: Instant,
     /// Deliver at most this many bytes per `handle_read` call, to split frames everywhere.
     pub chunk: usize,
-    /// Bytes on the wire toward each side, not yet read.
+    /// Bytes on the wire toward the server, not yet read.
     pub to_server: BytesMut,
+    /// Bytes on the wire toward the client, not yet read.
     pub to_client: BytesMut,
     server_rx: BytesMut,
     client_rx: BytesMut,
@@ -49,6 +55,7 @@ pub fn read(conn: &mut impl Conn, now: Instant, buf: &mut BytesMut) -> Result<()
 }
 
 impl<T> Pair<T> {
+    /// A fresh client and server at `now`, with nothing on the wire and no chunking.
     pub fn new(now: Instant, client: ConnConfig, server: ConnConfig) -> Self {
         Pair {
             client: ClientConn::new(client, now),
@@ -118,10 +125,12 @@ impl<T> Pair<T> {
         self.flush();
     }
 
+    /// Drains the client's pending events.
     pub fn client_events(&mut self) -> Vec<ClientEvent<T>> {
         std::iter::from_fn(|| self.client.poll_event()).collect()
     }
 
+    /// Drains the server's pending events.
     pub fn server_events(&mut self) -> Vec<ServerEvent> {
         std::iter::from_fn(|| self.server.poll_event()).collect()
     }
@@ -133,18 +142,35 @@ impl<T> Pair<T> {
 pub enum Op {
     /// Client starts a call carrying `body_len` bytes, with a timeout if given.
     Start {
+        /// Request body size, bytes.
         body_len: u16,
+        /// Timeout in milliseconds; `None`: no deadline.
         timeout_ms: Option<u16>,
+        /// Whether the head carries a metadata entry.
         metadata: bool,
     },
     /// Server answers the `pick`-th running call (echoing a unary call's body), or fails it.
-    Respond { pick: u16, fail: bool },
+    Respond {
+        /// Which running call, modulo their number.
+        pick: u16,
+        /// Fail it with `Internal` instead of answering.
+        fail: bool,
+    },
     /// Client cancels the `pick`-th live call.
-    Cancel { pick: u16 },
+    Cancel {
+        /// Which live call, modulo their number.
+        pick: u16,
+    },
     /// The clock moves forward.
-    Advance { ms: u16 },
+    Advance {
+        /// How far, milliseconds.
+        ms: u16,
+    },
     /// At most `bytes` bytes move each way.
-    Deliver { bytes: u16 },
+    Deliver {
+        /// The most bytes delivered to each side.
+        bytes: u16,
+    },
     /// Everything on the wire moves.
     Pump,
     /// The client starts draining.
@@ -152,10 +178,17 @@ pub enum Op {
     /// The server starts draining.
     ServerGoAway,
     /// One byte on the wire toward the server is overwritten.
-    Corrupt { offset: u16, value: u8 },
+    Corrupt {
+        /// Position in the unread bytes, modulo their number.
+        offset: u16,
+        /// The byte written there.
+        value: u8,
+    },
     /// Client starts a stream call of this kind, with a timeout if given.
     StartStream {
+        /// Which side streams.
         kind: StreamKind,
+        /// Timeout in milliseconds; `None`: no deadline.
         timeout_ms: Option<u16>,
     },
     /// Client sends a message of `len` filler bytes on the `pick`-th call whose request
@@ -163,18 +196,39 @@ pub enum Op {
     /// through `send_batch` instead (so does any message while earlier batched ones wait
     /// for credit).
     ClientSend {
+        /// Which call with an open request stream, modulo their number.
         pick: u16,
+        /// Message size, bytes.
         len: u16,
+        /// Whether this is the last message of the request stream.
         end: bool,
+        /// How many messages; above 1 they go through `send_batch`.
         batch: u8,
     },
     /// Client half-closes the `pick`-th call whose request stream is open.
-    CloseSend { pick: u16 },
+    CloseSend {
+        /// Which call with an open request stream, modulo their number.
+        pick: u16,
+    },
     /// Server sends a message of `len` filler bytes on the `pick`-th running call whose
     /// method streams responses; `batch` as for [`Op::ClientSend`].
-    ServerSend { pick: u16, len: u16, batch: u8 },
+    ServerSend {
+        /// Which running call that streams responses, modulo their number.
+        pick: u16,
+        /// Message size, bytes.
+        len: u16,
+        /// How many messages; above 1 they go through `send_batch`.
+        batch: u8,
+    },
     /// The client (or server) releases up to `bytes` received bytes of its `pick`-th call.
-    Release { client: bool, pick: u16, bytes: u16 },
+    Release {
+        /// The client releases; otherwise the server.
+        client: bool,
+        /// Which call of that side, modulo their number.
+        pick: u16,
+        /// The most bytes released.
+        bytes: u16,
+    },
 }
 
 /// Messages in a send op: one, or a batch of 2 to 4, from an argument byte's high bits.
@@ -281,11 +335,17 @@ pub fn ops_from_bytes(mut data: &[u8]) -> Vec<Op> {
 /// What a model run saw.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
+    /// Calls the client accepted, unary and stream.
     pub started: usize,
+    /// Calls that finished with an OK status.
     pub ok: usize,
+    /// Calls that finished with an error status or a local failure.
     pub failed: usize,
+    /// Calls the client cancelled.
     pub cancelled: usize,
+    /// Calls the client refused to start.
     pub rejected: usize,
+    /// Deliveries during which either side reported a protocol error.
     pub protocol_errors: usize,
     /// Stream calls among `started`.
     pub streams: usize,

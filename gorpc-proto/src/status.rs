@@ -9,22 +9,39 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum Code {
+    /// Not an error: the call succeeded.
     Ok = 0,
+    /// The call was cancelled, typically by the caller.
     Cancelled = 1,
+    /// An error with no better code, or a code this version does not know.
     Unknown = 2,
+    /// The request is wrong whatever the server's state (a malformed argument).
     InvalidArgument = 3,
+    /// The deadline passed before the call ended; it may have taken effect all the same.
     DeadlineExceeded = 4,
+    /// Something the request names does not exist.
     NotFound = 5,
+    /// What the request would create exists already.
     AlreadyExists = 6,
+    /// The caller is known but may not do this.
     PermissionDenied = 7,
+    /// A limit or quota ran out (a per-user quota, the server's capacity, a size limit).
     ResourceExhausted = 8,
+    /// The system is not in the state the call needs; retrying as is will not help.
     FailedPrecondition = 9,
+    /// The call lost a race (a conflict, a transaction abort); retry at a higher level.
     Aborted = 10,
+    /// A value lies past the valid range (reading past the end, say).
     OutOfRange = 11,
+    /// The method is not implemented, not served, or not supported.
     Unimplemented = 12,
+    /// An invariant broke in the server or the protocol.
     Internal = 13,
+    /// The service cannot be reached now; trying again, with backoff, may succeed.
     Unavailable = 14,
+    /// Unrecoverable data loss or corruption.
     DataLoss = 15,
+    /// The call carries no valid credentials.
     Unauthenticated = 16,
 }
 
@@ -53,6 +70,7 @@ impl Code {
         }
     }
 
+    /// The code's name in lower case with spaces (`"deadline exceeded"`), as `Display` writes it.
     pub fn as_str(self) -> &'static str {
         use Code::*;
         match self {
@@ -111,6 +129,7 @@ macro_rules! constructors {
 }
 
 impl Status {
+    /// A status of `code` with `message`, no source and no retry hint.
     pub fn new(code: Code, message: impl Into<Cow<'static, str>>) -> Status {
         Status {
             code,
@@ -193,14 +212,17 @@ impl Status {
         self
     }
 
+    /// Why the call ended.
     pub fn code(&self) -> Code {
         self.code
     }
 
+    /// The human-readable message; empty for a plain [`Status::ok`].
     pub fn message(&self) -> &str {
         &self.message
     }
 
+    /// Whether the code is [`Code::Ok`].
     pub fn is_ok(&self) -> bool {
         self.code == Code::Ok
     }

@@ -25,6 +25,7 @@ pub enum Payload<'a> {
 }
 
 impl Payload<'_> {
+    /// The body's length, bytes.
     pub fn len(&self) -> usize {
         match self {
             Payload::Slice(s) => s.len(),
@@ -32,6 +33,7 @@ impl Payload<'_> {
         }
     }
 
+    /// Whether the body is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -176,6 +176,7 @@ impl fmt::Debug for SmolIo {
 }
 
 impl SmolIo {
+    /// Adopts a connected stream, setting `TCP_NODELAY`.
     pub fn new(stream: Async<TcpStream>) -> io::Result<Self> {
         stream.get_ref().set_nodelay(true)?;
         Ok(SmolIo {
@@ -264,6 +265,7 @@ impl gorpc::runtime::Sleep for SmolSleep {
     }
 }
 
+/// An async-io TCP listener whose connections are [`SmolIo`]s.
 #[derive(Debug)]
 pub struct SmolListener(Async<TcpListener>);
 

@@ -126,6 +126,7 @@ impl Tokio {
         }
     }
 
+    /// The runtime behind `handle`, for code outside it (another runtime's thread, `main`).
     pub fn from_handle(handle: Handle) -> Self {
         Tokio { handle }
     }
@@ -136,6 +137,7 @@ impl Tokio {
 pub struct TokioIo(TcpStream);
 
 impl TokioIo {
+    /// Adopts a connected stream, setting `TCP_NODELAY`.
     pub fn new(stream: TcpStream) -> io::Result<Self> {
         stream.set_nodelay(true)?;
         Ok(TokioIo(stream))
@@ -183,6 +185,7 @@ impl gorpc::runtime::Sleep for TokioSleep {
     }
 }
 
+/// A tokio TCP listener whose connections are [`TokioIo`]s.
 #[derive(Debug)]
 pub struct TokioListener(TcpListener);
 

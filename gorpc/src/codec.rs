@@ -13,6 +13,7 @@ pub trait Encoder<T>: Send + Sync + 'static {
     /// A name for error messages.
     fn name(&self) -> &'static str;
 
+    /// Appends `message`, encoded, to `buf`; the built-in codecs fail with `Internal`.
     fn encode(&self, message: &T, buf: &mut BytesMut) -> Result<(), Status>;
 
     /// Encodes `message` into a new buffer.
@@ -32,6 +33,7 @@ pub trait Decoder<T>: Send + Sync + 'static {
     /// A name for error messages.
     fn name(&self) -> &'static str;
 
+    /// Decodes one whole message; the built-in codecs fail with `InvalidArgument`.
     fn decode(&self, body: Bytes) -> Result<T, Status>;
 }
 

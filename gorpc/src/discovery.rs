@@ -21,6 +21,7 @@ use gorpc_proto::{Code, Status};
 /// One instance of a service, as a registry reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Instance {
+    /// Where the instance listens.
     pub addr: SocketAddr,
     /// Relative share of calls. 0 drains the instance: no new calls, calls in flight finish.
     pub weight: u32,
@@ -32,6 +33,7 @@ impl Instance {
         Instance { addr, weight: 1 }
     }
 
+    /// This instance with another weight.
     pub fn with_weight(mut self, weight: u32) -> Self {
         self.weight = weight;
         self
@@ -69,14 +71,17 @@ impl<D: Discover + ?Sized> Discover for Arc<D> {
 /// An instance a server announces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Registration {
+    /// The service name clients discover it by.
     pub service: String,
     /// The address clients should dial. `None`: the server's bound address (fine on
     /// loopback and when bound to a concrete interface address, wrong for `0.0.0.0`).
     pub addr: Option<SocketAddr>,
+    /// Relative share of calls the instance asks for (default 1); 0 takes no new calls.
     pub weight: u32,
 }
 
 impl Registration {
+    /// An instance of `service` at the server's bound address, with weight 1.
     pub fn new(service: impl Into<String>) -> Self {
         Registration {
             service: service.into(),
@@ -85,11 +90,13 @@ impl Registration {
         }
     }
 
+    /// Announces `addr` instead of the bound address (for a server bound to `0.0.0.0`).
     pub fn with_addr(mut self, addr: SocketAddr) -> Self {
         self.addr = Some(addr);
         self
     }
 
+    /// This registration with another weight.
     pub fn with_weight(mut self, weight: u32) -> Self {
         self.weight = weight;
         self
@@ -141,6 +148,7 @@ pub struct StaticList {
 }
 
 impl StaticList {
+    /// A list with no services.
     pub fn new() -> Self {
         Self::default()
     }
@@ -287,6 +295,7 @@ impl MemoryInner {
 }
 
 impl MemoryRegistry {
+    /// An empty registry.
     pub fn new() -> Self {
         Self::default()
     }

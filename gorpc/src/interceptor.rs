@@ -64,6 +64,7 @@ impl std::fmt::Debug for Next {
 }
 
 impl Next {
+    /// Runs the rest of the chain on `request`: the next interceptor, or the service.
     pub fn run(self, request: ServerRequest) -> BoxFuture<'static, ServerReply> {
         match self.interceptors.get(self.index).cloned() {
             Some(interceptor) => {
@@ -205,6 +206,7 @@ impl ClientNext {
         }
     }
 
+    /// Runs the rest of the chain on `call`: the next interceptor, or the send itself.
     pub fn run(self, call: OutgoingCall) -> BoxFuture<'static, Result<RawResponse, Status>> {
         match self.interceptors.get(self.index).cloned() {
             Some(interceptor) => {

@@ -13,6 +13,7 @@ pub struct Metadata {
 }
 
 impl Metadata {
+    /// No entries.
     pub fn new() -> Self {
         Metadata::default()
     }
@@ -29,6 +30,7 @@ impl Metadata {
         self.entries.push((key, value.into()));
     }
 
+    /// The first value for `key`.
     pub fn get(&self, key: &str) -> Option<&Bytes> {
         self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
@@ -38,19 +40,23 @@ impl Metadata {
         self.get(key).and_then(|v| std::str::from_utf8(v).ok())
     }
 
+    /// Removes the first entry for `key` and returns its value; later ones stay.
     pub fn remove(&mut self, key: &str) -> Option<Bytes> {
         let i = self.entries.iter().position(|(k, _)| k == key)?;
         Some(self.entries.remove(i).1)
     }
 
+    /// Every entry in order, repeated keys included.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + Clone {
         self.entries.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))
     }
 
+    /// Entries, counting each repeat of a key.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// Whether there are no entries.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -48,6 +48,8 @@ pub trait Io: Send + Unpin + 'static {
         max: usize,
     ) -> Poll<io::Result<usize>>;
 
+    /// Writes from `bufs` in order and returns how many bytes it took, possibly fewer than
+    /// offered.
     fn poll_write_vectored(
         &mut self,
         cx: &mut Context<'_>,
@@ -83,15 +85,19 @@ pub trait Io: Send + Unpin + 'static {
 
 /// A timer that can be re-armed without allocating.
 pub trait Sleep: Future<Output = ()> + Send + Sync + Unpin + 'static {
+    /// Re-arms the timer to fire at `deadline` (at once if it has passed).
     fn reset(&mut self, deadline: Instant);
 }
 
 /// A bound listening socket.
 pub trait Listener: Send + Sync + 'static {
+    /// The connections it accepts.
     type Io: Io;
 
+    /// Accepts one connection, with the peer's address.
     fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Self::Io, SocketAddr)>>;
 
+    /// The address it is bound to (with the port the system chose for port 0).
     fn local_addr(&self) -> io::Result<SocketAddr>;
 }
 
@@ -114,14 +120,19 @@ pub trait UdpSocket: Send + Sync + Unpin + 'static {
         target: SocketAddr,
     ) -> Poll<io::Result<usize>>;
 
+    /// The address it is bound to (with the port the system chose for port 0).
     fn local_addr(&self) -> io::Result<SocketAddr>;
 }
 
 /// An async runtime, as the drivers see it. Implemented by gorpc-tokio and gorpc-smol.
 pub trait Runtime: Clone + Send + Sync + Unpin + 'static {
+    /// A TCP connection.
     type Io: Io;
+    /// A TCP listener.
     type Listener: Listener<Io = Self::Io>;
+    /// The resettable timer.
     type Sleep: Sleep;
+    /// A UDP socket.
     type UdpSocket: UdpSocket;
 
     /// Runs a task to completion in the background.
@@ -129,6 +140,7 @@ pub trait Runtime: Clone + Send + Sync + Unpin + 'static {
     where
         F: Future<Output = ()> + Send + 'static;
 
+    /// A timer that fires at `deadline`.
     fn sleep_until(&self, deadline: Instant) -> Self::Sleep;
 
     /// Opens a TCP connection with `TCP_NODELAY` set.

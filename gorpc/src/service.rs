@@ -49,10 +49,13 @@ pub struct ServerRequest {
     pub(crate) head: RequestHead,
     /// Metadata changed by an interceptor; until then it is read from `head` on demand.
     pub(crate) edited: Option<Metadata>,
+    /// Codec id of the body (see [`gorpc_proto::codec`]); the answer is expected in it.
     pub codec: u8,
+    /// The encoded request message; empty when the client streams.
     pub body: Bytes,
-    /// When the client stops waiting, on this host's clock.
+    /// When the client stops waiting, on this host's clock. `None`: no deadline.
     pub deadline: Option<Instant>,
+    /// The client's address; `None` for a request built by hand.
     pub peer: Option<SocketAddr>,
     /// The client's certificate chain, when it authenticated with one (mutual TLS).
     pub(crate) peer_certificates: Option<PeerCertificates>,
@@ -105,6 +108,8 @@ impl ServerRequest {
         self.head.method()
     }
 
+    /// The call's metadata (a copy; see [`metadata_value`](Self::metadata_value) for one
+    /// key).
     pub fn metadata(&self) -> Metadata {
         match &self.edited {
             Some(metadata) => metadata.clone(),
@@ -132,12 +137,16 @@ impl ServerRequest {
 /// The answer to a call: a status, metadata and an encoded body (empty on errors).
 #[derive(Clone, Debug)]
 pub struct ServerReply {
+    /// How the call ended.
     pub status: Status,
+    /// Metadata sent back with the status.
     pub metadata: Metadata,
+    /// The encoded response message, in the request's codec.
     pub body: Bytes,
 }
 
 impl ServerReply {
+    /// A successful answer with `body` and no metadata.
     pub fn ok(body: Bytes) -> Self {
         ServerReply {
             status: Status::ok(),
@@ -167,6 +176,7 @@ impl ServerReply {
 /// Answers calls. Implemented by [`Router`] and by generated code; implement it directly
 /// for full control (a proxy, say).
 pub trait Service: Send + Sync + 'static {
+    /// Answers one call. A stream call's handler takes its halves out of `request`.
     fn call(&self, request: ServerRequest) -> BoxFuture<'static, ServerReply>;
 
     /// What `method`'s bodies are, for transports that translate them (JSON over HTTP).
@@ -256,13 +266,19 @@ impl MethodSchema {
 /// A decoded request message with its call's context.
 #[derive(Clone, Debug)]
 pub struct Request<T> {
+    /// The request message (a stream of them for client-streaming methods).
     pub message: T,
+    /// The call's metadata.
     pub metadata: Metadata,
+    /// When the client stops waiting; `None`: no deadline. A caller's deadline becomes the
+    /// call's timeout.
     pub deadline: Option<Instant>,
+    /// The client's address, on the server; `None` when unknown or on the client.
     pub peer: Option<SocketAddr>,
 }
 
 impl<T> Request<T> {
+    /// `message` without metadata, deadline or peer.
     pub fn new(message: T) -> Self {
         Request {
             message,
@@ -272,6 +288,7 @@ impl<T> Request<T> {
         }
     }
 
+    /// The message alone.
     pub fn into_inner(self) -> T {
         self.message
     }
@@ -293,6 +310,7 @@ impl<T> Request<T> {
 
 /// A message, or a message with call context: what generated clients accept.
 pub trait IntoRequest<T> {
+    /// This value as a request: a bare message gets no metadata and no deadline.
     fn into_request(self) -> Request<T>;
 }
 
@@ -311,11 +329,14 @@ impl<T> IntoRequest<T> for Request<T> {
 /// A response message with the metadata to send back.
 #[derive(Clone, Debug)]
 pub struct Response<T> {
+    /// The response message.
     pub message: T,
+    /// Metadata sent back with it (received, on the client).
     pub metadata: Metadata,
 }
 
 impl<T> Response<T> {
+    /// `message` without metadata.
     pub fn new(message: T) -> Self {
         Response {
             message,
@@ -323,6 +344,7 @@ impl<T> Response<T> {
         }
     }
 
+    /// The message alone.
     pub fn into_inner(self) -> T {
         self.message
     }
@@ -355,6 +377,7 @@ impl std::fmt::Debug for Router {
 }
 
 impl Router {
+    /// A router with no routes: every call gets `Unimplemented`.
     pub fn new() -> Self {
         Router::default()
     }
@@ -516,6 +539,7 @@ impl Router {
 /// A service that knows its method paths, so a [`Router`] can host it beside others.
 /// Generated servers implement it.
 pub trait NamedService: Service {
+    /// Every method path the service answers, "/package.Service/Method".
     const METHODS: &'static [&'static str];
 }
 

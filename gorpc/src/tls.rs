@@ -26,12 +26,14 @@ const PLAINTEXT_CHUNK: usize = 16 * 1024;
 /// What a client needs to open TLS connections.
 #[derive(Clone, Debug)]
 pub struct ClientTls {
+    /// The rustls client settings: roots to trust, a client certificate for mutual TLS.
     pub config: Arc<rustls::ClientConfig>,
     /// The name the server's certificate must carry (a DNS name or an IP address).
     pub server_name: ServerName<'static>,
 }
 
 impl ClientTls {
+    /// Connections with `config`, checking the server's certificate against `server_name`.
     pub fn new(config: Arc<rustls::ClientConfig>, server_name: ServerName<'static>) -> Self {
         ClientTls {
             config,
@@ -99,6 +101,7 @@ impl<I: Io> TlsIo<I> {
         &self.session
     }
 
+    /// The stream underneath.
     pub fn get_ref(&self) -> &I {
         &self.io
     }

@@ -44,6 +44,7 @@ impl ConsistentHash {
     /// at 160 points each, 7 MiB at most).
     pub const DEFAULT_MAX_RING_POINTS: usize = 1 << 18;
 
+    /// With the default ring size; `seed` drives the fallback draws (a pick without a key).
     pub fn new(seed: u64) -> Self {
         Self::with_ring(
             seed,

@@ -78,6 +78,7 @@ impl EndpointId {
         Self(hash_bytes(name.as_bytes()))
     }
 
+    /// The id as a number.
     pub fn as_u64(self) -> u64 {
         self.0
     }
@@ -93,17 +94,21 @@ impl From<u64> for EndpointId {
 /// but are skipped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Health {
+    /// May be picked (the default).
     #[default]
     Up,
+    /// Skipped until it is up again.
     Down,
 }
 
 /// One endpoint as the balancers see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoint {
+    /// Names the endpoint across updates.
     pub id: EndpointId,
     /// Relative share of calls; 0 means never picked. Ignored by [`RoundRobin`] apart from 0.
     pub weight: u32,
+    /// Down endpoints are skipped.
     pub health: Health,
 }
 
@@ -117,11 +122,13 @@ impl Endpoint {
         }
     }
 
+    /// This endpoint with another weight (default 1).
     pub fn with_weight(mut self, weight: u32) -> Self {
         self.weight = weight;
         self
     }
 
+    /// This endpoint up or down (default up).
     pub fn with_health(mut self, health: Health) -> Self {
         self.health = health;
         self

@@ -66,10 +66,12 @@ pub struct PowerOfTwoChoices {
 }
 
 impl PowerOfTwoChoices {
+    /// With [`P2cConfig::default`]; `seed` drives the draws.
     pub fn new(seed: u64) -> Self {
         Self::with_config(seed, P2cConfig::default())
     }
 
+    /// With `config`; out of range values of it mean their defaults.
     pub fn with_config(seed: u64, mut config: P2cConfig) -> Self {
         let default = P2cConfig::default();
         if !(config.alpha > 0.0 && config.alpha <= 1.0) {

@@ -14,6 +14,7 @@ pub struct Random {
 }
 
 impl Random {
+    /// Draws from a generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         Self {
             slots: Slots::new(),

@@ -18,6 +18,7 @@ pub struct RoundRobin {
 }
 
 impl RoundRobin {
+    /// `seed` chooses where the first rotation starts.
     pub fn new(seed: u64) -> Self {
         Self {
             slots: Slots::new(),
@@ -81,6 +82,7 @@ pub struct WeightedRoundRobin {
 }
 
 impl WeightedRoundRobin {
+    /// With no endpoints yet.
     pub fn new() -> Self {
         Self {
             slots: Slots::new(),

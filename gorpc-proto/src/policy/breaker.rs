@@ -21,7 +21,10 @@ pub enum Admission {
     /// Half-open: send the call as one of the trials; report its outcome.
     Trial,
     /// Open: do not send before this instant.
-    Open { until: Instant },
+    Open {
+        /// When the cool-down ends.
+        until: Instant,
+    },
     /// Half-open, but all trial slots are taken: do not send.
     TrialsBusy,
 }

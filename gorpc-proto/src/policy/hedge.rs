@@ -41,10 +41,12 @@ impl Hedging {
         }
     }
 
+    /// Copies of a call in all, the original included.
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
     }
 
+    /// The time between one attempt and the next.
     pub fn delay(&self) -> Duration {
         self.delay
     }

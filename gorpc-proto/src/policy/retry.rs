@@ -10,7 +10,9 @@ use crate::{Code, Status};
 /// is uniform in `[0, min(max, base * multiplier^n)]` (AWS's "full jitter").
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Backoff {
+    /// The ceiling of the first retry's wait.
     pub base: Duration,
+    /// The highest ceiling, however many retries came before.
     pub max: Duration,
     /// At least 1.0; smaller values and NaN are treated as 1.0.
     pub multiplier: f64,
@@ -125,19 +127,24 @@ impl RetryPolicy {
         self
     }
 
+    /// Replaces the backoff between attempts (default: [`Backoff::default`]).
     pub fn with_backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
         self
     }
 
+    /// Attempts in all, the original included.
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
     }
 
+    /// The backoff between attempts.
     pub fn backoff(&self) -> &Backoff {
         &self.backoff
     }
 
+    /// Whether a failure with `code` may be retried (the other checks of
+    /// [`decide`](Self::decide) aside).
     pub fn is_retryable(&self, code: Code) -> bool {
         self.retryable & bit(code) != 0
     }

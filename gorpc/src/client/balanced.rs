@@ -56,7 +56,9 @@ impl Default for OutlierDetection {
 /// One discovered instance as a client sees it now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InstanceStatus {
+    /// Where the instance listens.
     pub addr: SocketAddr,
+    /// Its weight, as discovery reported it.
     pub weight: u32,
     /// Out of rotation for failing, until its ejection ends.
     pub ejected: bool,

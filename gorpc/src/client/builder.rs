@@ -166,11 +166,14 @@ impl<R: Runtime> ClientBuilder<R> {
         self
     }
 
+    /// When a failing instance leaves the rotation, and for how long
+    /// (default: [`OutlierDetection::default`]).
     pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
         self.outlier = outlier;
         self
     }
 
+    /// Adds an interceptor around every call; interceptors run in the order added.
     pub fn interceptor(mut self, interceptor: impl ClientInterceptor) -> Self {
         self.interceptors.push(Arc::new(interceptor));
         self

@@ -16,6 +16,7 @@ use crate::metadata::Metadata;
 pub struct CallOptions {
     /// Overrides the client's default timeout.
     pub timeout: Option<Duration>,
+    /// Sent with the call.
     pub metadata: Metadata,
     /// Affinity key for hash-based balancing (a user id, a shard key; see
     /// [`gorpc_proto::balance::hash_bytes`]). Ignored by clients of one endpoint.
@@ -49,30 +50,40 @@ impl CallOptions {
 /// A successful raw response: body still encoded.
 #[derive(Clone, Debug)]
 pub struct RawResponse {
+    /// Codec id of the body (see [`gorpc_proto::codec`]).
     pub codec: u8,
+    /// The metadata the server sent back.
     pub metadata: Metadata,
+    /// The encoded response message.
     pub body: Bytes,
 }
 
 /// A call as handed to a connection: method, options and the encoded body.
 #[derive(Clone, Debug)]
 pub struct OutgoingCall {
+    /// The method path, "/package.Service/Method".
     pub method: Cow<'static, str>,
+    /// Codec id of the body (see [`gorpc_proto::codec`]).
     pub codec: u8,
+    /// Sent with the call.
     pub metadata: Metadata,
+    /// When the caller stops waiting; `None`: no deadline.
     pub deadline: Option<Instant>,
     /// Affinity key for hash-based balancing, from [`CallOptions::key`].
     pub key: Option<u64>,
+    /// The encoded request message.
     pub body: Bytes,
 }
 
 /// A way to send calls other than over pooled binary-protocol connections (HTTP, UDP, a
-/// test double). [`Client::from_channel`] puts any of them behind the usual call API.
+/// test double). [`Client::from_channel`](crate::Client::from_channel) puts any of them
+/// behind the usual call API.
 pub trait Channel: Send + Sync + 'static {
+    /// Sends one unary call: `Ok` only for an OK status, any error status as `Err`.
     fn send(&self, call: OutgoingCall) -> BoxFuture<'static, Result<RawResponse, Status>>;
 
-    /// Starts a stream call of `kind` (see [`Client::stream_raw`]). By default a channel
-    /// carries unary calls only and refuses with `Unimplemented`.
+    /// Starts a stream call of `kind` (see [`Client::stream_raw`](crate::Client::stream_raw)).
+    /// By default a channel carries unary calls only and refuses with `Unimplemented`.
     fn start_stream(
         &self,
         call: OutgoingCall,

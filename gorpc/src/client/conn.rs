@@ -169,6 +169,7 @@ impl std::fmt::Debug for Command {
 /// Client connection settings.
 #[derive(Clone, Debug)]
 pub struct ConnectionConfig {
+    /// The protocol core's settings: limits, windows, keepalive.
     pub conn: ConnConfig,
     /// Bounds the TCP connect and the TLS handshake together.
     pub connect_timeout: Duration,
@@ -248,6 +249,7 @@ impl Connection {
         self.shared.usable.load(Ordering::Acquire) && !self.commands.is_closed()
     }
 
+    /// The server's address.
     pub fn peer(&self) -> SocketAddr {
         self.shared.peer
     }

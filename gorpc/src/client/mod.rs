@@ -48,6 +48,7 @@ use conn::{CallOutcome, ClientStream};
 /// Client settings.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
+    /// Connections to each endpoint (per instance, for a discovered service).
     pub pool: PoolConfig,
     /// Applied to unary calls that set no timeout. `None`: wait as long as the connection
     /// lives. A stream call has no deadline unless it sets a timeout of its own: a watch

@@ -47,9 +47,11 @@ pub trait Pool: Send + Sync + 'static {
 pub struct PoolConfig {
     /// Connections kept to the endpoint; calls spread over them round robin.
     pub size: usize,
+    /// Settings of each connection.
     pub connection: ConnectionConfig,
     /// First wait after a failed connect; doubles per failure, with ±20% jitter.
     pub backoff_min: Duration,
+    /// The longest wait between connects, however many failed (default 10 s).
     pub backoff_max: Duration,
 }
 
@@ -134,6 +136,7 @@ impl<R: Runtime> EndpointPool<R> {
         }
     }
 
+    /// The endpoint's address.
     pub fn addr(&self) -> SocketAddr {
         self.inner.addr
     }

@@ -33,8 +33,15 @@ const BODY_IDLE: Duration = Duration::from_secs(60);
 /// each new connection. The `Host` header names it as given.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HttpTarget {
+    /// An address, connected as it is.
     Addr(SocketAddr),
-    Host { name: String, port: u16 },
+    /// A host name, resolved at each new connection.
+    Host {
+        /// The name, as the `Host` header carries it.
+        name: String,
+        /// The TCP port.
+        port: u16,
+    },
 }
 
 impl HttpTarget {

@@ -2,7 +2,7 @@
 //! call with its closing log line, and the `gorpc_*` metrics (through the [`metrics`]
 //! facade, to whatever recorder the application installed: Prometheus, OpenTelemetry, ...).
 //!
-//! The drivers open a [`CallWatch`] when a call starts and end it exactly once, with the
+//! The drivers open a `CallWatch` when a call starts and end it exactly once, with the
 //! [`CallEnd`] they saw: an answer, a refusal, the deadline, a cancel, or the connection
 //! going away. Calls that end unanswered are the ones worth seeing, so they are reported
 //! like the others.
@@ -53,6 +53,7 @@ impl CallEnd {
         }
     }
 
+    /// Whether the call was answered with OK.
     pub fn is_ok(self) -> bool {
         self == CallEnd::Answered(Code::Ok)
     }
@@ -91,6 +92,7 @@ pub struct EndedCall<'a> {
     pub id: Option<u64>,
     /// From the call's arrival (server) or start (client) to its end.
     pub duration: Duration,
+    /// How it ended.
     pub end: CallEnd,
     /// The status of an answered call (with its message), or of a client call that
     /// failed; `None` for the other endings.

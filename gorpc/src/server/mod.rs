@@ -117,6 +117,8 @@ impl<R: Runtime> std::fmt::Debug for Server<R> {
 }
 
 impl<R: Runtime> Server<R> {
+    /// A server of `service` on `runtime`, with [`ServerConfig::default`]; nothing is bound
+    /// until [`bind`](Self::bind).
     pub fn new(runtime: R, service: impl Service) -> Self {
         Server {
             runtime,
@@ -210,6 +212,7 @@ impl<R: Runtime> Server<R> {
         self
     }
 
+    /// All the settings at once: replaces what the setters below set before it.
     pub fn config(mut self, config: ServerConfig) -> Self {
         self.config = config;
         self
@@ -243,6 +246,7 @@ impl<R: Runtime> Server<R> {
         self
     }
 
+    /// Connections served at once ([`ServerConfig::max_connections`]).
     pub fn max_connections(mut self, n: usize) -> Self {
         self.config.max_connections = n;
         self
@@ -535,6 +539,7 @@ pub enum Shutdown {
 }
 
 impl<R: Runtime> ServerHandle<R> {
+    /// The address the server is bound to (with the port the system chose for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }

@@ -476,7 +476,9 @@ impl<Req: 'static, Rsp: 'static> ClientStreaming<Req, Rsp> {
 /// the server's, each usable on its own (from two tasks if need be). Close the sender
 /// with [`StreamSender::close_send`] when done sending; dropping it first cancels the call.
 pub struct Bidi<Req, Rsp> {
+    /// Sends the client's messages.
     pub sender: StreamSender<Req>,
+    /// The server's messages, then its status.
     pub responses: ResponseStream<Rsp>,
 }
 

@@ -17,13 +17,13 @@ use crate::recycle::Recycler;
 /// the peer is never stalled waiting for this side's bookkeeping.
 pub(crate) const RELEASE_BATCH: usize = 16 * 1024;
 
-/// Bytes a stream's sending half (a [`ResponseSink`], a client's `StreamSender`) queues
-/// before `send` waits, each message counting its length and 4 bytes more: the initial
-/// window. A producer whose reader stalls holds at most this, one message past it and one
-/// large message its driver split off, beside the window. A producer that outruns its
-/// driver hands over up to this much per wake-up, and one write carries it: writes of
-/// 16 KiB instead (each a pass through the TCP stack and a wake-up of the reader) made a
-/// server stream of 1 KiB messages half as fast.
+/// Bytes a stream's sending half (a [`ResponseSink`](super::ResponseSink), a client's
+/// [`StreamSender`](crate::client::StreamSender)) queues before `send` waits, each message
+/// counting its length and 4 bytes more: the initial window. A producer whose reader stalls
+/// holds at most this, one message past it and one large message its driver split off,
+/// beside the window. A producer that outruns its driver hands over up to this much per
+/// wake-up, and one write carries it: writes of 16 KiB instead (each a pass through the TCP
+/// stack and a wake-up of the reader) made a server stream of 1 KiB messages half as fast.
 pub const OUTBOX_LIMIT: usize = 64 * 1024;
 
 /// Outgoing bytes a driver lets gather before it writes, while producers it just made room

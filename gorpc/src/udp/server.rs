@@ -54,6 +54,7 @@ impl<R: Runtime> std::fmt::Debug for UdpServer<R> {
 }
 
 impl<R: Runtime> UdpServer<R> {
+    /// A UDP server of `service` on `runtime`, with the default datagram settings.
     pub fn new(runtime: R, service: impl Service) -> Self {
         UdpServer {
             runtime,
@@ -134,6 +135,7 @@ pub struct UdpServerHandle<R: Runtime> {
 }
 
 impl<R: Runtime> UdpServerHandle<R> {
+    /// The address the socket is bound to (with the port the system chose for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
