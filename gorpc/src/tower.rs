@@ -2,14 +2,33 @@
 //! ([`Server::layer`](crate::Server::layer)) or a client's ([`Client::layer`]), and a
 //! [`Client`] is itself a [`tower::Service`](tower_service::Service) of [`OutgoingCall`]s.
 //!
-//! ```ignore
-//! use tower::limit::ConcurrencyLimitLayer;
-//! use tower::load_shed::LoadShedLayer;
+//! ```no_run
+//! # use std::net::SocketAddr;
+//! # async fn demo<R: gorpc::Runtime>(
+//! #     runtime: R,
+//! #     router: gorpc::Router,
+//! #     addr: SocketAddr,
+//! # ) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use tower::timeout::TimeoutLayer;
 //!
-//! let server = gorpc::Server::new(runtime, router)
-//!     .layer(LoadShedLayer::new())             // outermost: refuse at once when full
-//!     .layer(ConcurrencyLimitLayer::new(64));  // at most 64 calls in the handlers
+//! // A handler still running after 2 s is dropped; its call ends `DeadlineExceeded`.
+//! let server = gorpc::Server::new(runtime.clone(), router)
+//!     .layer(TimeoutLayer::new(Duration::from_secs(2)))
+//!     .bind(addr)
+//!     .await?;
+//!
+//! let client = gorpc::Client::builder(runtime)
+//!     .endpoint(addr)
+//!     .connect()
+//!     .await?
+//!     .layer(TimeoutLayer::new(Duration::from_millis(500)));
+//! # Ok(()) }
 //! ```
+//!
+//! With tower's `limit` feature, `.layer(LoadShedLayer::new())` then
+//! `.layer(ConcurrencyLimitLayer::new(64))` keeps at most 64 calls in the handlers and
+//! refuses the next at once, with `ResourceExhausted`.
 //!
 //! Layers run in the order added, the first outermost. On a server they wrap the
 //! interceptors and the service; on a client they sit between the interceptors and the

@@ -23,10 +23,21 @@ enum Target {
 
 /// Builds a [`Client`]:
 ///
-/// ```ignore
-/// let client = Client::builder(runtime)
+/// ```no_run
+/// # use std::net::SocketAddr;
+/// # use gorpc::discovery::Discover;
+/// # async fn demo<R: gorpc::Runtime>(
+/// #     runtime: R,
+/// #     consul: impl Discover,
+/// #     addr: SocketAddr,
+/// # ) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use gorpc::proto::balance::RoundRobin;
+/// use gorpc::Client;
+///
+/// let client = Client::builder(runtime.clone())
 ///     .discover(consul, "greeter")
-///     .balance(RoundRobin::new())
+///     .balance(RoundRobin::new(7)) // the seed picks where the rotation starts
 ///     .build()?;
 ///
 /// let client = Client::builder(runtime)
@@ -35,6 +46,7 @@ enum Target {
 ///     .pool_size(4)
 ///     .connect()
 ///     .await?;
+/// # Ok(()) }
 /// ```
 ///
 /// The settings ([`timeout`](Self::timeout), [`pool_size`](Self::pool_size),
