@@ -11,7 +11,7 @@ use proptest::prelude::*;
 /// The head schema of docs/PROTOCOL.md, as prost derives it: the reference encoding.
 mod schema {
     #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Entry {
+    pub(crate) struct Entry {
         #[prost(string, tag = "1")]
         pub key: String,
         #[prost(bytes = "vec", tag = "2")]
@@ -19,7 +19,7 @@ mod schema {
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
-    pub struct RequestHead {
+    pub(crate) struct RequestHead {
         #[prost(string, tag = "1")]
         pub method: String,
         #[prost(uint64, tag = "2")]
@@ -29,7 +29,7 @@ mod schema {
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ResponseHead {
+    pub(crate) struct ResponseHead {
         #[prost(uint32, tag = "1")]
         pub code: u32,
         #[prost(string, tag = "2")]
@@ -40,7 +40,7 @@ mod schema {
 
     /// A later version of the request head with a field this version does not know.
     #[derive(Clone, PartialEq, prost::Message)]
-    pub struct RequestHeadV2 {
+    pub(crate) struct RequestHeadV2 {
         #[prost(string, tag = "1")]
         pub method: String,
         #[prost(uint64, tag = "2")]

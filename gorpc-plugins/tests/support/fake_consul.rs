@@ -46,7 +46,7 @@ const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
 const NODE: &str = "fake-node";
 const NODE_ADDRESS: &str = "127.0.0.1";
 
-pub struct FakeConsul {
+pub(crate) struct FakeConsul {
     addr: SocketAddr,
     shared: Arc<Shared>,
     server: tokio::task::JoinHandle<()>,
@@ -101,7 +101,7 @@ struct TtlCheck {
 
 /// One registered instance, as a test inspects it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FakeService {
+pub(crate) struct FakeService {
     pub id: String,
     pub name: String,
     pub address: String,
@@ -113,13 +113,13 @@ pub struct FakeService {
 
 impl FakeConsul {
     /// Serves on a free port of 127.0.0.1.
-    pub async fn start() -> FakeConsul {
+    pub(crate) async fn start() -> FakeConsul {
         Self::start_with(SocketAddr::from(([127, 0, 0, 1], 0)), None).await
     }
 
     /// Serves on `addr` (e.g. a port a test found closed before), answering only requests
     /// that carry `token` as `X-Consul-Token` when it is given.
-    pub async fn start_with(addr: SocketAddr, token: Option<&str>) -> FakeConsul {
+    pub(crate) async fn start_with(addr: SocketAddr, token: Option<&str>) -> FakeConsul {
         let listener = TcpListener::bind(addr).await.expect("bind the fake consul");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
@@ -139,21 +139,21 @@ impl FakeConsul {
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Health queries received so far (answered or still blocked).
-    pub fn health_queries(&self) -> usize {
+    pub(crate) fn health_queries(&self) -> usize {
         self.shared.health_queries.load(Ordering::SeqCst)
     }
 
     /// The registered instances, with TTL expiry applied up to now.
-    pub fn services(&self) -> Vec<FakeService> {
+    pub(crate) fn services(&self) -> Vec<FakeService> {
         let mut state = self.shared.lock_refreshed();
         state
             .services
@@ -174,7 +174,7 @@ impl FakeConsul {
     }
 
     /// Drops every registration, as an agent that restarted without its state would.
-    pub fn forget_everything(&self) {
+    pub(crate) fn forget_everything(&self) {
         let mut state = self.shared.lock_refreshed();
         let names: Vec<String> = state.services.values().map(|s| s.name.clone()).collect();
         state.services.clear();
@@ -186,7 +186,7 @@ impl FakeConsul {
     }
 
     /// Moves the index back to `index` (a snapshot restore does this), for every service.
-    pub fn move_index_back_to(&self, index: u64) {
+    pub(crate) fn move_index_back_to(&self, index: u64) {
         let mut state = self.shared.lock_refreshed();
         state.index = index;
         for value in state.service_index.values_mut() {

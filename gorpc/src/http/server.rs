@@ -80,7 +80,7 @@ pub type GetHandler =
     Arc<dyn Fn(Request<()>) -> BoxFuture<'static, Response<Bytes>> + Send + Sync + 'static>;
 
 /// The path of the health endpoint every HTTP server answers.
-pub const HEALTH_PATH: &str = "/healthz";
+pub(crate) const HEALTH_PATH: &str = "/healthz";
 
 /// State shared by one server's HTTP connections.
 pub(crate) struct HttpShared {
