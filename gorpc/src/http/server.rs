@@ -40,8 +40,6 @@ use crate::service::{ServerReply, ServerRequest};
 /// How long a new connection may stay silent before it is handed to the binary protocol,
 /// whose clients may keep a connection open without a call; HTTP clients speak first.
 const SNIFF_WAIT: Duration = Duration::from_secs(10);
-/// Request headers read at most; more is 431.
-const MAX_HEADERS: usize = 64;
 /// What every HTTP/2 connection opens with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -272,7 +270,9 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
             builder
                 .timer(HyperTimer(runtime.clone()))
                 .header_read_timeout(shared.config.head_timeout)
-                .max_headers(MAX_HEADERS)
+                // hyper's default cap on request headers (100; more is 431) parses them
+                // into an array on the stack: a cap of our own would be a heap vector
+                // initialised for every request.
                 .max_header_size(config.limits.max_head_len as usize)
                 .max_buf_size((config.limits.max_head_len as usize).max(8192) * 2);
             let io = HyperIo::new(io, first_bytes);
@@ -379,27 +379,30 @@ impl<R: Runtime> hyper::service::Service<Request<hyper::body::Incoming>> for Hyp
 
     fn call(&self, request: Request<hyper::body::Incoming>) -> Self::Future {
         let edge = self.0.clone();
-        Box::pin(async move {
-            #[cfg(feature = "grpc")]
-            if edge.protocol == Protocol::Http2 {
-                let grpc = request
-                    .headers()
-                    .get(CONTENT_TYPE)
-                    .map(|value| crate::grpc::headers::content_codec(value.as_bytes()));
-                match grpc {
-                    Some(Ok(Some(codec))) => {
-                        return Ok(crate::grpc::server::serve(&edge, request, codec).await)
-                    }
-                    Some(Err(message)) => {
-                        let status = Status::new(Code::Unimplemented, message);
-                        return Ok(crate::grpc::server::refuse(&status));
-                    }
-                    // Not gRPC: HTTP requests over HTTP/2 are served as over HTTP/1.1.
-                    Some(Ok(None)) | None => {}
+        #[cfg(feature = "grpc")]
+        if edge.protocol == Protocol::Http2 {
+            let grpc = request
+                .headers()
+                .get(CONTENT_TYPE)
+                .map(|value| crate::grpc::headers::content_codec(value.as_bytes()));
+            match grpc {
+                Some(Ok(Some(codec))) => {
+                    return Box::pin(async move {
+                        Ok(crate::grpc::server::serve(&edge, request, codec).await)
+                    });
                 }
+                Some(Err(message)) => {
+                    let status = Status::new(Code::Unimplemented, message);
+                    return Box::pin(std::future::ready(Ok(crate::grpc::server::refuse(
+                        &status,
+                    ))));
+                }
+                // Not gRPC: HTTP requests over HTTP/2 are served as over HTTP/1.1.
+                Some(Ok(None)) | None => {}
             }
-            Ok(edge.serve_http(request).await)
-        })
+        }
+        // Its own future, apart from gRPC's larger one: it is moved into its box whole.
+        Box::pin(async move { Ok(edge.serve_http(request).await) })
     }
 }
 
@@ -895,16 +898,26 @@ fn error_response(http: StatusCode, status: &Status) -> Response<EdgeBody> {
 /// `x-gorpc-status` and `x-gorpc-message`: names and the usual values are static, so an
 /// answer allocates nothing for them.
 fn put_status(headers: &mut HeaderMap, status: &Status) {
-    const CODES: [&str; 17] = [
-        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
-    ];
-    let code = CODES.get(status.code() as usize).map_or_else(
-        || HeaderValue::from(status.code() as u32),
-        |c| HeaderValue::from_static(c),
-    );
-    headers.insert(HeaderName::from_static(STATUS_HEADER), code);
+    // Checked once, at compile time, rather than with every answer.
+    const STATUS_NAME: HeaderName = HeaderName::from_static(STATUS_HEADER);
+    const MESSAGE_NAME: HeaderName = HeaderName::from_static(MESSAGE_HEADER);
+    const CODES: [HeaderValue; 17] = {
+        const fn v(code: &'static str) -> HeaderValue {
+            HeaderValue::from_static(code)
+        }
+        [
+            v("0"), v("1"), v("2"), v("3"), v("4"), v("5"), v("6"), v("7"), v("8"), v("9"),
+            v("10"), v("11"), v("12"), v("13"), v("14"), v("15"), v("16"),
+        ]
+    };
+    let code = CODES
+        .get(status.code() as usize)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(status.code() as u32));
+    headers.insert(STATUS_NAME, code);
     let message = if status.message().is_empty() {
-        HeaderValue::from_static("")
+        const EMPTY: HeaderValue = HeaderValue::from_static("");
+        EMPTY
     } else {
         let mut message = BytesMut::new();
         put_percent_encoded(&mut message, status.message());
@@ -914,7 +927,7 @@ fn put_status(headers: &mut HeaderMap, status: &Status) {
             Err(_) => return,
         }
     };
-    headers.insert(HeaderName::from_static(MESSAGE_HEADER), message);
+    headers.insert(MESSAGE_NAME, message);
 }
 
 /// Response metadata as `x-gorpc-md-*` headers; entries no header can carry are left out.
