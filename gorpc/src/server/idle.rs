@@ -15,6 +15,8 @@ use std::time::Instant;
 
 use futures::task::AtomicWaker;
 
+use super::trim::{return_free_memory, FloodWatch};
+
 /// `idle_since` of a connection with calls in flight (or one that is not tracked).
 const BUSY: u64 = u64::MAX;
 
@@ -87,6 +89,7 @@ struct Inner {
     next_key: u64,
     /// Connections open per peer IP (entries at zero are removed).
     per_ip: HashMap<IpAddr, usize>,
+    flood: FloodWatch,
 }
 
 /// A connection's place in the table; leaving it (on drop) frees its per-IP count.
@@ -113,6 +116,12 @@ impl Drop for Tracked {
         if inner.slots.capacity() > 4 * inner.slots.len() + 64 {
             inner.slots.shrink_to_fit();
             inner.per_ip.shrink_to_fit();
+        }
+        let open = inner.slots.len();
+        let receded = inner.flood.closed(open);
+        drop(inner);
+        if receded {
+            return_free_memory();
         }
     }
 }
@@ -154,6 +163,8 @@ impl IdleTable {
         let slot = Arc::new(IdleSlot::new(self.epoch));
         slot.set_idle(Instant::now());
         inner.slots.insert(key, Arc::downgrade(&slot));
+        let open = inner.slots.len();
+        inner.flood.opened(open);
         Some(Tracked {
             table: self.clone(),
             key,

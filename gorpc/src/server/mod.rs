@@ -5,6 +5,7 @@ pub(crate) mod conn;
 mod idle;
 mod serving;
 pub(crate) mod stop;
+mod trim;
 
 use std::io;
 use std::net::SocketAddr;
