@@ -1,0 +1,375 @@
+//! gorpc-idle: what idle connections cost a gorpc server, and whether the memory comes
+//! back once they close. The server runs in this process on the chosen runtime; the
+//! clients are plain blocking sockets in a child process (so each process needs only its
+//! own end of every connection under the open-file limit) that each make one unary call
+//! of 1 KiB and then hold their connection without another call:
+//!
+//!     cargo run --release -p gorpc-bench --bin gorpc-idle -- --connections 19900 --rounds 3
+//!
+//! Each round opens `--connections`, waits for the server to release what a quiet
+//! connection does not need, and reads the live heap (a counting allocator: bytes asked
+//! for and not yet freed) and the RSS; then closes them all and reads both again. With
+//! `--features mimalloc` the same runs on mimalloc instead of the system allocator.
+//! `--trim` also asks glibc's malloc to give free memory back to the kernel before each
+//! reading (what `malloc_trim(0)` recovers is what the allocator, not a connection, was
+//! keeping). The server itself trims when a flood of connections recedes.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use clap::{Parser, ValueEnum};
+use gorpc::proto::frame::{flags, FrameHeader, FrameType, HEADER_LEN};
+use gorpc::proto::head::encode_request_head;
+use gorpc::proto::{codec, Limits};
+use gorpc::{Router, Runtime, Server, ServerReply, ServerRequest};
+
+#[cfg(feature = "mimalloc")]
+type Inner = mimalloc::MiMalloc;
+#[cfg(feature = "mimalloc")]
+const INNER: Inner = mimalloc::MiMalloc;
+#[cfg(not(feature = "mimalloc"))]
+type Inner = std::alloc::System;
+#[cfg(not(feature = "mimalloc"))]
+const INNER: Inner = std::alloc::System;
+
+/// The allocator in use, counting the bytes it has handed out and not had back.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call forwards to the inner allocator unchanged; the counter is a side effect.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { INNER.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { INNER.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        unsafe { INNER.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gorpc-idle",
+    about = "Heap and RSS of idle connections, and after they close"
+)]
+struct Args {
+    /// Connections opened (and closed) each round.
+    #[arg(long, default_value_t = 19_900)]
+    connections: usize,
+    /// Rounds: the memory after each close should not grow from round to round.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// The server's runtime; both by default.
+    #[arg(long, value_enum)]
+    runtime: Option<Which>,
+    /// Before each reading, ask glibc's malloc to return free memory (`malloc_trim(0)`).
+    #[arg(long)]
+    trim: bool,
+    /// Client threads opening connections.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// Internal: be the client process, opening connections to this address.
+    #[arg(long, hide = true)]
+    client_of: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Which {
+    Tokio,
+    Smol,
+}
+
+const ECHO: &str = "/idle.Bench/Echo";
+/// A quiet connection releases its buffers after a second; this leaves room for it.
+const SETTLE: Duration = Duration::from_millis(2500);
+
+fn main() {
+    let args = Args::parse();
+    raise_open_file_limit(args.connections as u64 + 1024);
+    if let Some(addr) = args.client_of {
+        return client_process(addr, &args);
+    }
+    println!(
+        "allocator: {}{}; {} connections x {} rounds",
+        if cfg!(feature = "mimalloc") {
+            "mimalloc"
+        } else {
+            "system (glibc)"
+        },
+        if args.trim {
+            ", readings also after malloc_trim"
+        } else {
+            ""
+        },
+        args.connections,
+        args.rounds
+    );
+    for which in [Which::Tokio, Which::Smol] {
+        if args.runtime.is_some_and(|only| only != which) {
+            continue;
+        }
+        match which {
+            Which::Tokio => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime");
+                let tokio = gorpc_tokio::Tokio::from_handle(rt.handle().clone());
+                let server = rt.block_on(serve(tokio));
+                measure("tokio", server.local_addr(), &args);
+                rt.block_on(server.abort());
+            }
+            Which::Smol => {
+                let smol = gorpc_smol::Smol::new();
+                let server = smol::block_on(serve(smol));
+                measure("smol", server.local_addr(), &args);
+                smol::block_on(server.abort());
+            }
+        }
+    }
+}
+
+async fn serve<R: Runtime>(runtime: R) -> gorpc::ServerHandle<R> {
+    let router = Router::new().route(ECHO, |req: ServerRequest| async move {
+        ServerReply::ok(req.body)
+    });
+    Server::new(runtime, router)
+        .max_connections(usize::MAX)
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("binds")
+}
+
+fn measure(name: &str, addr: SocketAddr, args: &Args) {
+    let call = call_frame();
+    let warm = called_once(addr, &call);
+    std::thread::sleep(SETTLE);
+    let (heap0, rss0) = (live(), rss());
+    println!(
+        "{name}: baseline heap {:.1} MiB, RSS {:.1} MiB",
+        mib(heap0),
+        mib(rss0)
+    );
+    for round in 1..=args.rounds {
+        let began = Instant::now();
+        let mut client = Clients::open(addr, args);
+        let opened = began.elapsed();
+        std::thread::sleep(SETTLE);
+        let (heap_idle, rss_idle) = (live(), rss());
+        let rss_idle_trimmed = args.trim.then(|| {
+            trim();
+            rss()
+        });
+        client.close();
+        std::thread::sleep(SETTLE);
+        let (heap_after, rss_after) = (live(), rss());
+        let trimmed = args.trim.then(|| {
+            trim();
+            rss()
+        });
+        let n = args.connections as isize;
+        println!(
+            "{name} round {round}: opened in {:.1} s; idle: heap {} B/conn, RSS {} B/conn{}; \
+             closed: heap {:+.2} MiB, RSS {:+.1} MiB from baseline{}",
+            opened.as_secs_f64(),
+            (heap_idle - heap0) / n,
+            (rss_idle - rss0) / n,
+            rss_idle_trimmed.map_or(String::new(), |rss| format!(
+                " (after malloc_trim: {} B/conn)",
+                (rss - rss0) / n
+            )),
+            mib(heap_after - heap0),
+            mib(rss_after - rss0),
+            trimmed.map_or(String::new(), |rss| format!(
+                " (after malloc_trim: RSS {:+.1} MiB)",
+                mib(rss - rss0)
+            )),
+        );
+    }
+    drop(warm);
+}
+
+/// The client process, holding the round's connections.
+struct Clients {
+    child: std::process::Child,
+}
+
+impl Clients {
+    /// Starts the client process and waits until all its connections have made their call.
+    fn open(addr: SocketAddr, args: &Args) -> Clients {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+            .args(["--client-of", &addr.to_string()])
+            .args(["--connections", &args.connections.to_string()])
+            .args(["--threads", &args.threads.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts the client process");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().expect("piped"))
+            .read_line(&mut line)
+            .expect("the client reports");
+        assert_eq!(line.trim(), "open", "the client process failed");
+        Clients { child }
+    }
+
+    /// Closes every connection (the client process exits) and waits for it.
+    fn close(&mut self) {
+        drop(self.child.stdin.take());
+        self.child.wait().expect("the client process ends");
+    }
+}
+
+/// The client process: opens the connections, says so, and holds them until its stdin
+/// closes.
+fn client_process(addr: SocketAddr, args: &Args) {
+    let call = call_frame();
+    let held = open(addr, &call, args.connections, args.threads);
+    println!("open");
+    std::io::stdout().flush().expect("stdout");
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    drop(held);
+}
+
+/// `n` connections that have each made one call, opened by `threads` threads.
+fn open(addr: SocketAddr, call: &[u8], n: usize, threads: usize) -> Vec<TcpStream> {
+    let threads = threads.max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let count = n / threads + usize::from(t < n % threads);
+                scope.spawn(move || {
+                    (0..count)
+                        .map(|_| called_once(addr, call))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a client thread"))
+            .collect()
+    })
+}
+
+/// One unary call of `ECHO` with a 1 KiB body, as gorpc's client frames it.
+fn call_frame() -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    buf.put_bytes(0, HEADER_LEN);
+    encode_request_head(ECHO, 0, [], &mut buf);
+    let head_len = (buf.len() - HEADER_LEN) as u32;
+    let body = [0x5au8; 1024];
+    FrameHeader {
+        frame_type: FrameType::Request,
+        flags: flags::END_STREAM,
+        codec: codec::RAW,
+        call_id: 1,
+        head_len,
+        body_len: body.len() as u32,
+    }
+    .encode(&mut &mut buf[..HEADER_LEN]);
+    buf.put_slice(&body);
+    buf.to_vec()
+}
+
+/// A connection that has made one call and read its answer.
+fn called_once(addr: SocketAddr, call: &[u8]) -> TcpStream {
+    let mut socket = TcpStream::connect(addr).expect("connects");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    socket.write_all(call).expect("sends the call");
+    let mut frame = Vec::new();
+    loop {
+        let mut header = [0u8; HEADER_LEN];
+        socket.read_exact(&mut header).expect("an answer");
+        let header = FrameHeader::decode(&header, &Limits::default())
+            .expect("a frame header")
+            .expect("a whole header");
+        frame.resize(header.head_len as usize + header.body_len as usize, 0);
+        socket.read_exact(&mut frame).expect("the whole frame");
+        if header.frame_type == FrameType::Response {
+            return socket;
+        }
+    }
+}
+
+fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// Resident set size, from /proc/self/statm.
+fn rss() -> isize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: isize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as isize
+}
+
+fn mib(bytes: isize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Room for one end of every connection.
+fn raise_open_file_limit(want: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur >= want {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: want.max(limit.rlim_cur),
+            rlim_max: want.max(limit.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            // Not privileged to raise the hard limit: take what it allows.
+            let capped = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &capped);
+            eprintln!(
+                "open-file limit {} (wanted {want}): use fewer --connections",
+                limit.rlim_max
+            );
+        }
+    }
+}
