@@ -393,9 +393,7 @@ impl<R: Runtime> hyper::service::Service<Request<hyper::body::Incoming>> for Hyp
                 }
                 Some(Err(message)) => {
                     let status = Status::new(Code::Unimplemented, message);
-                    return Box::pin(std::future::ready(Ok(crate::grpc::server::refuse(
-                        &status,
-                    ))));
+                    return Box::pin(std::future::ready(Ok(crate::grpc::server::refuse(&status))));
                 }
                 // Not gRPC: HTTP requests over HTTP/2 are served as over HTTP/1.1.
                 Some(Ok(None)) | None => {}
@@ -901,6 +899,7 @@ fn put_status(headers: &mut HeaderMap, status: &Status) {
     // Checked once, at compile time, rather than with every answer.
     const STATUS_NAME: HeaderName = HeaderName::from_static(STATUS_HEADER);
     const MESSAGE_NAME: HeaderName = HeaderName::from_static(MESSAGE_HEADER);
+    #[rustfmt::skip]
     const CODES: [HeaderValue; 17] = {
         const fn v(code: &'static str) -> HeaderValue {
             HeaderValue::from_static(code)
