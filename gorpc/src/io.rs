@@ -47,11 +47,10 @@ pub(crate) struct Transport<R: Runtime, I: Io = <R as Runtime>::Io> {
     read_closed: bool,
     /// When bytes last arrived.
     last_read: Instant,
-    /// Buffers may be held (bytes arrived since they were last released).
-    holding: bool,
-    /// When to look again whether the connection has been idle long enough to release
-    /// them: moved at most once per [`IDLE_RELEASE`], so that a busy connection does not
-    /// re-arm its timer for it with every call.
+    /// Set when bytes arrive while no release is pending (buffers may be held): when to
+    /// look again whether the connection has been idle long enough to release them. Moved
+    /// at most once per [`IDLE_RELEASE`], so that a busy connection does not re-arm its
+    /// timer for it with every call.
     release_at: Option<Instant>,
 }
 
@@ -66,7 +65,6 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             write_queue: WriteQueue::default(),
             read_closed: false,
             last_read: Instant::now(),
-            holding: false,
             release_at: None,
         }
     }
@@ -77,7 +75,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
     pub(crate) fn feed_read(&mut self, conn: &mut impl Conn, now: Instant, bytes: BytesMut) {
         self.read_buf = bytes;
         self.last_read = now;
-        self.holding = true;
+        self.release_at.get_or_insert(now + IDLE_RELEASE);
         conn.handle_read(now, &mut self.read_buf);
     }
 
@@ -126,7 +124,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             }
             Poll::Ready(Ok(_)) => {
                 self.last_read = now;
-                self.holding = true;
+                self.release_at.get_or_insert(now + IDLE_RELEASE);
                 conn.handle_read(now, &mut self.read_buf);
             }
             Poll::Ready(Err(e)) => {
@@ -149,10 +147,9 @@ impl<R: Runtime, I: Io> Transport<R, I> {
         conn: &mut impl Conn,
         now: Instant,
     ) -> (bool, Option<Instant>) {
-        if !self.holding {
+        let Some(at) = self.release_at else {
             return (false, None);
-        }
-        let at = *self.release_at.get_or_insert(now + IDLE_RELEASE);
+        };
         if at > now {
             return (false, Some(at));
         }
@@ -164,7 +161,6 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             self.write_queue.shrink_to_fit();
             self.io.release_buffers();
             conn.shrink_to_fit();
-            self.holding = false;
             self.release_at = None;
             return (true, None);
         }
