@@ -20,11 +20,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use clap::{Parser, ValueEnum};
-use gorpc::proto::frame::{flags, FrameHeader, FrameType, HEADER_LEN};
-use gorpc::proto::head::encode_request_head;
-use gorpc::proto::{codec, Limits};
+use gorpc::proto::{codec, CallHead, ClientConn, ClientEvent, Conn as _, ConnConfig};
 use gorpc::{Router, Runtime, Server, ServerReply, ServerRequest};
 
 #[cfg(feature = "mimalloc")]
@@ -158,8 +156,7 @@ async fn serve<R: Runtime>(runtime: R) -> gorpc::ServerHandle<R> {
 }
 
 fn measure(name: &str, addr: SocketAddr, args: &Args) {
-    let call = call_frame();
-    let warm = called_once(addr, &call);
+    let warm = called_once(addr);
     std::thread::sleep(SETTLE);
     let (heap0, rss0) = (live(), rss());
     println!(
@@ -241,8 +238,7 @@ impl Clients {
 /// The client process: opens the connections, says so, and holds them until its stdin
 /// closes.
 fn client_process(addr: SocketAddr, args: &Args) {
-    let call = call_frame();
-    let held = open(addr, &call, args.connections, args.threads);
+    let held = open(addr, args.connections, args.threads);
     println!("open");
     std::io::stdout().flush().expect("stdout");
     let mut rest = Vec::new();
@@ -251,17 +247,13 @@ fn client_process(addr: SocketAddr, args: &Args) {
 }
 
 /// `n` connections that have each made one call, opened by `threads` threads.
-fn open(addr: SocketAddr, call: &[u8], n: usize, threads: usize) -> Vec<TcpStream> {
+fn open(addr: SocketAddr, n: usize, threads: usize) -> Vec<TcpStream> {
     let threads = threads.max(1);
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let count = n / threads + usize::from(t < n % threads);
-                scope.spawn(move || {
-                    (0..count)
-                        .map(|_| called_once(addr, call))
-                        .collect::<Vec<_>>()
-                })
+                scope.spawn(move || (0..count).map(|_| called_once(addr)).collect::<Vec<_>>())
             })
             .collect();
         handles
@@ -271,45 +263,39 @@ fn open(addr: SocketAddr, call: &[u8], n: usize, threads: usize) -> Vec<TcpStrea
     })
 }
 
-/// One unary call of `ECHO` with a 1 KiB body, as gorpc's client frames it.
-fn call_frame() -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    buf.put_bytes(0, HEADER_LEN);
-    encode_request_head(ECHO, 0, [], &mut buf);
-    let head_len = (buf.len() - HEADER_LEN) as u32;
-    let body = [0x5au8; 1024];
-    FrameHeader {
-        frame_type: FrameType::Request,
-        flags: flags::END_STREAM,
-        codec: codec::RAW,
-        call_id: 1,
-        head_len,
-        body_len: body.len() as u32,
-    }
-    .encode(&mut &mut buf[..HEADER_LEN]);
-    buf.put_slice(&body);
-    buf.to_vec()
-}
-
-/// A connection that has made one call and read its answer.
-fn called_once(addr: SocketAddr, call: &[u8]) -> TcpStream {
+/// A connection that has made one unary call of `ECHO` with a 1 KiB body and read its
+/// answer, framed by gorpc's own client core (as gorpc's client sends it).
+fn called_once(addr: SocketAddr) -> TcpStream {
     let mut socket = TcpStream::connect(addr).expect("connects");
     socket
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    socket.write_all(call).expect("sends the call");
-    let mut frame = Vec::new();
+    let now = Instant::now();
+    let mut conn = ClientConn::<()>::new(ConnConfig::default(), now);
+    let head = CallHead {
+        method: ECHO,
+        codec: codec::RAW,
+        deadline: None,
+        metadata: std::iter::empty(),
+    };
+    conn.start_call(now, head, &[0x5au8; 1024], ())
+        .expect("the call starts");
+    while let Some(bytes) = conn.poll_transmit() {
+        socket.write_all(&bytes).expect("sends the call");
+    }
+    let mut read = BytesMut::new();
     loop {
-        let mut header = [0u8; HEADER_LEN];
-        socket.read_exact(&mut header).expect("an answer");
-        let header = FrameHeader::decode(&header, &Limits::default())
-            .expect("a frame header")
-            .expect("a whole header");
-        frame.resize(header.head_len as usize + header.body_len as usize, 0);
-        socket.read_exact(&mut frame).expect("the whole frame");
-        if header.frame_type == FrameType::Response {
-            return socket;
+        while let Some(event) = conn.poll_event() {
+            if let ClientEvent::Finished { result, .. } = event {
+                result.expect("an answer");
+                return socket;
+            }
         }
+        let mut chunk = [0u8; 4096];
+        let n = socket.read(&mut chunk).expect("an answer");
+        assert!(n > 0, "the server closed before answering");
+        read.extend_from_slice(&chunk[..n]);
+        conn.handle_read(Instant::now(), &mut read);
     }
 }
 

@@ -4,8 +4,8 @@
 //! connection closes, the heap returns to its baseline.
 //!
 //! Its own test binary, since the allocator is process-wide. The clients are plain blocking
-//! sockets writing hand-encoded frames, so the heap counted is the server's (and the test
-//! runtime's). The tests run one after the other (a lock), so neither sees the other's
+//! sockets framed by the sans-IO client core, so nearly all the heap counted is the
+//! server's (and the test runtime's). The tests run one after the other (a lock), so neither sees the other's
 //! connections.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -15,11 +15,9 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use gorpc::{Router, Runtime, Server, ServerReply, ServerRequest};
-use gorpc_proto::frame::{flags, FrameHeader, FrameType, HEADER_LEN};
-use gorpc_proto::head::encode_request_head;
-use gorpc_proto::{codec, Limits};
+use gorpc_proto::{codec, CallHead, ClientConn, ClientEvent, Conn as _, ConnConfig};
 use gorpc_tests::{loopback, Smol, Tokio};
 
 struct Counting;
@@ -64,45 +62,38 @@ const SETTLED_SLACK: isize = 128 * 1024;
 const WAIT: Duration = Duration::from_secs(20);
 const ECHO: &str = "/idle.Memory/Echo";
 
-/// The bytes of one unary call of `ECHO` with a 1 KiB body, id 1, as gorpc's client sends it.
-fn call_frame() -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    buf.put_bytes(0, HEADER_LEN);
-    encode_request_head(ECHO, 0, [], &mut buf);
-    let head_len = (buf.len() - HEADER_LEN) as u32;
-    let body = [0x5au8; 1024];
-    FrameHeader {
-        frame_type: FrameType::Request,
-        flags: flags::END_STREAM,
-        codec: codec::RAW,
-        call_id: 1,
-        head_len,
-        body_len: body.len() as u32,
-    }
-    .encode(&mut &mut buf[..HEADER_LEN]);
-    buf.put_slice(&body);
-    buf.to_vec()
-}
-
-/// A connection that has made one call and read its whole answer.
-fn called_once(addr: SocketAddr, call: &[u8]) -> TcpStream {
+/// A connection that has made one unary call of `ECHO` with a 1 KiB body and read its
+/// answer, framed by gorpc's own client core (as gorpc's client sends it).
+fn called_once(addr: SocketAddr) -> TcpStream {
     let mut socket = TcpStream::connect(addr).expect("connects");
     socket.set_read_timeout(Some(WAIT)).unwrap();
-    socket.write_all(call).unwrap();
-    // The answer, after whatever else the server says first (window credit).
-    loop {
-        let mut header = [0u8; HEADER_LEN];
-        socket.read_exact(&mut header).expect("an answer");
-        let header = FrameHeader::decode(&header, &Limits::default())
-            .expect("a frame header")
-            .expect("a whole header");
-        let mut rest = vec![0u8; header.head_len as usize + header.body_len as usize];
-        socket.read_exact(&mut rest).expect("the whole frame");
-        if header.frame_type == FrameType::Response {
-            break;
-        }
+    let now = Instant::now();
+    let mut conn = ClientConn::<()>::new(ConnConfig::default(), now);
+    let head = CallHead {
+        method: ECHO,
+        codec: codec::RAW,
+        deadline: None,
+        metadata: std::iter::empty(),
+    };
+    conn.start_call(now, head, &[0x5au8; 1024], ())
+        .expect("the call starts");
+    while let Some(bytes) = conn.poll_transmit() {
+        socket.write_all(&bytes).expect("sends the call");
     }
-    socket
+    let mut read = BytesMut::new();
+    loop {
+        while let Some(event) = conn.poll_event() {
+            if let ClientEvent::Finished { result, .. } = event {
+                result.expect("an answer");
+                return socket;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = socket.read(&mut chunk).expect("an answer");
+        assert!(n > 0, "the server closed before answering");
+        read.extend_from_slice(&chunk[..n]);
+        conn.handle_read(Instant::now(), &mut read);
+    }
 }
 
 /// Waits until the live heap is within `slack` of `target`, or fails after [`WAIT`];
@@ -132,15 +123,14 @@ async fn idle_connections_cost_little_and_give_it_back<R: Runtime>(runtime: R) {
     });
     let server = Server::new(runtime, router).bind(loopback()).await.unwrap();
     let addr = server.local_addr();
-    let call = call_frame();
     // One connection first, so what is made once (the tables, the runtime's first pages)
     // is in the baseline.
-    let warm = blocking(move || called_once(addr, &call_frame())).await;
+    let warm = blocking(move || called_once(addr)).await;
     let baseline = live();
 
     let held = blocking(move || {
         (0..CONNECTIONS)
-            .map(|_| called_once(addr, &call))
+            .map(|_| called_once(addr))
             .collect::<Vec<_>>()
     })
     .await;
