@@ -161,6 +161,7 @@ fn metrics_logs_and_interceptors_see_every_end() {
         assert!(connections.parse::<f64>().unwrap() >= 1.0, "{connections}");
         // The client's side, recorded in this same process.
         has(r#"gorpc_client_calls_total{method="/metrics.Test/Ok",code="OK"} 3"#);
+        has(r#"gorpc_client_call_duration_seconds_count{method="/metrics.Test/Ok",code="OK"} 3"#);
         let client_connections = text
             .lines()
             .find_map(|l| l.strip_prefix("gorpc_client_connections "))

@@ -222,7 +222,7 @@ impl TowerService<OutgoingCall> for Client {
     /// [`Client::call_raw`] does.
     fn call(&mut self, call: OutgoingCall) -> Self::Future {
         let client = self.clone();
-        Box::pin(async move { client.send(call, Instant::now()).await })
+        Box::pin(async move { client.send(call, Some(Instant::now())).await })
     }
 }
 

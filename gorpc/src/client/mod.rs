@@ -5,6 +5,7 @@ mod builder;
 mod call;
 mod conn;
 mod pool;
+mod send_on;
 
 pub use crate::stream::{
     Bidi, ClientStreaming, RawStreamReceiver, RawStreamSender, ResponseStream, StreamSender,
@@ -18,19 +19,20 @@ pub use conn::{Connection, ConnectionConfig};
 pub use pool::{Checkout, EndpointPool, Pool, PoolConfig};
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
+use futures::FutureExt as _;
 use gorpc_proto::{Code, Status, StreamKind};
 use tracing::Instrument as _;
 
 use crate::codec::{id_name, Decoder, Encoder, MsgPack};
 use crate::interceptor::{client_listeners, ClientInterceptor, ClientNext};
-use crate::metadata::Metadata;
-use crate::observe::{CallEnd, CallWatch, MethodName, Observer, Side, WatchGuard};
+use crate::observe::{CallEnd, MethodName, ObservedCall, Observer, Side, WatchGuard};
 use crate::runtime::Runtime;
 use crate::service::{Request, Response};
 use crate::stream::handoff::{Inbox, InboxReader, Outbox};
@@ -40,10 +42,11 @@ pub(crate) use crate::stream::StreamDriver;
 pub(crate) use conn::connect_socket;
 #[cfg(all(feature = "tls", feature = "http"))]
 pub(crate) use conn::tls_connect;
+use conn::ClientStream;
 #[cfg(feature = "grpc")]
 pub(crate) use conn::StreamAnswer;
 pub(crate) use conn::StreamEnd;
-use conn::{CallOutcome, ClientStream};
+pub(crate) use send_on::send_on;
 
 /// Client settings.
 #[derive(Clone, Debug)]
@@ -100,13 +103,25 @@ pub(crate) enum Route {
 
 impl Route {
     /// Sends `call` here: no interceptor runs.
-    pub(crate) async fn send(&self, call: OutgoingCall) -> Result<RawResponse, Status> {
+    ///
+    /// Not an async fn, and only the pool's future kept inline: a future is copied whole
+    /// at each layer it is awaited through, and an async fn's is as large as its largest
+    /// branch, so the larger ones (a balancer's, a tower stack's) are boxed.
+    pub(crate) fn send(
+        &self,
+        call: OutgoingCall,
+    ) -> Either<
+        impl Future<Output = Result<RawResponse, Status>> + Send + '_,
+        BoxFuture<'_, Result<RawResponse, Status>>,
+    > {
         match self {
-            Route::Pool(pool) => send(&**pool, call).await,
-            Route::Balanced(balanced) => balanced.send(call).await,
-            Route::Channel(channel) => channel.send(call).await,
+            Route::Pool(pool) => Either::Left(
+                send_on(&**pool, call).map(|sent| sent.unwrap_or_else(|(status, _)| Err(status))),
+            ),
+            Route::Balanced(balanced) => Either::Right(Box::pin(balanced.send(call))),
+            Route::Channel(channel) => Either::Right(channel.send(call)),
             #[cfg(feature = "tower")]
-            Route::Layered(stack) => stack.send(call).await,
+            Route::Layered(stack) => Either::Right(Box::pin(stack.send(call))),
         }
     }
 
@@ -257,25 +272,28 @@ impl Client {
     }
 
     /// Sends an encoded body and returns the encoded answer. Dropping the future cancels the
-    /// call on the server.
-    pub async fn call_raw(
+    /// call on the server. The call's time (its deadline, its duration) counts from here.
+    pub fn call_raw(
         &self,
         method: impl Into<Cow<'static, str>>,
         codec: u8,
         body: Bytes,
         options: CallOptions,
-    ) -> Result<RawResponse, Status> {
-        let now = Instant::now();
+    ) -> impl Future<Output = Result<RawResponse, Status>> + Send + '_ {
+        // Not an async fn: the call is built now and `send`'s future is returned as it
+        // is, rather than copied into one more future around it.
         let timeout = options.timeout.or(self.default_timeout);
+        // The clock is read for a deadline, or for a duration someone keeps.
+        let now = (timeout.is_some() || self.observer.times_calls()).then(Instant::now);
         let call = OutgoingCall {
             method: method.into(),
             codec,
             metadata: options.metadata,
-            deadline: timeout.and_then(|t| now.checked_add(t)),
+            deadline: timeout.zip(now).and_then(|(t, now)| now.checked_add(t)),
             key: options.key,
             body,
         };
-        self.send(call, now).await
+        self.send(call, now)
     }
 
     /// The timeout of unary calls that set none.
@@ -293,44 +311,33 @@ impl Client {
         self.route = route;
     }
 
-    /// Sends a call made at `now`, watched from start to end, through the interceptors,
-    /// then to its route.
-    pub(crate) async fn send(
+    /// Sends a call made at `now` (`None`: untimed), watched from start to end, through
+    /// the interceptors, then to its route.
+    pub(crate) fn send(
         &self,
         call: OutgoingCall,
-        now: Instant,
-    ) -> Result<RawResponse, Status> {
+        now: Option<Instant>,
+    ) -> impl Future<Output = Result<RawResponse, Status>> + Send + '_ {
         let observer = &*self.observer;
         let name = MethodName::Path(call.method.clone());
         let watch = observer.start(name, |_| true, None, None, now);
         observer.request_bytes(&watch, call.body.len());
-        let span = watch.span.clone();
-        // Dropped before it ends: the caller stopped waiting.
-        let mut watched = Watched(observer, Some(watch));
-        let result = self.transmit(call).instrument(span).await;
-        match &result {
-            Ok(response) => {
-                watched.response_bytes(response.body.len());
-                watched.end(CallEnd::Answered(Code::Ok), None);
-            }
-            Err(status) => watched.end(CallEnd::of_client_error(status), Some(status)),
-        }
-        result
+        let call = if self.interceptors.is_empty() {
+            Either::Left(self.route.send(call))
+        } else {
+            Either::Right(self.intercepted(call))
+        };
+        ObservedCall::new(call, observer, watch)
     }
 
     /// The interceptors, then the route.
-    async fn transmit(&self, call: OutgoingCall) -> Result<RawResponse, Status> {
-        if self.interceptors.is_empty() {
-            return self.route.send(call).await;
-        }
+    fn intercepted(&self, call: OutgoingCall) -> BoxFuture<'static, Result<RawResponse, Status>> {
         let route = self.route.clone();
         let send: crate::interceptor::Transmit = Arc::new(move |call| {
             let route = route.clone();
             Box::pin(async move { route.send(call).await })
         });
-        ClientNext::start(self.interceptors.clone(), send)
-            .run(call)
-            .await
+        ClientNext::start(self.interceptors.clone(), send).run(call)
     }
 
     /// A unary call with typed messages in `codec`. Request metadata and deadline are taken
@@ -420,7 +427,7 @@ impl Client {
         now: Instant,
     ) -> Result<StreamHalves, Status> {
         let name = MethodName::Path(call.method.clone());
-        let watch = self.observer.start(name, |_| true, None, None, now);
+        let watch = self.observer.start(name, |_| true, None, None, Some(now));
         self.observer.request_bytes(&watch, call.body.len());
         let span = watch.span.clone();
         let mut watch = WatchGuard::new(self.observer.clone(), watch, CallEnd::Cancelled);
@@ -569,36 +576,6 @@ fn stream_idle<R: Runtime>(runtime: R, config: &ClientConfig) -> Option<StreamId
     })
 }
 
-/// A unary call being watched; dropped before it is ended, it ends `Cancelled`.
-struct Watched<'a>(&'a Observer, Option<CallWatch>);
-
-impl Watched<'_> {
-    fn response_bytes(&self, bytes: usize) {
-        if let Some(watch) = &self.1 {
-            self.0.response_bytes(watch, bytes);
-        }
-    }
-
-    fn end(&mut self, end: CallEnd, status: Option<&Status>) {
-        if let Some(watch) = self.1.take() {
-            self.0.end(watch, end, status);
-        }
-    }
-}
-
-impl Drop for Watched<'_> {
-    fn drop(&mut self) {
-        self.end(CallEnd::Cancelled, None);
-    }
-}
-
-/// Sends `call` on a connection from `pool`, again on another one if it never left.
-async fn send(pool: &dyn Pool, call: OutgoingCall) -> Result<RawResponse, Status> {
-    send_on(pool, call)
-        .await
-        .unwrap_or_else(|(status, _)| Err(status))
-}
-
 /// A connection of `pool` for a call due by `deadline`, waiting for one if it must.
 async fn checkout(pool: &dyn Pool, deadline: Option<Instant>) -> Result<Connection, Status> {
     match pool.checkout(deadline) {
@@ -648,49 +625,6 @@ pub(crate) async fn start_stream_on(
     let status = Status::new(
         Code::Unavailable,
         "no connection stayed open long enough to start the stream",
-    );
-    Err((status, call))
-}
-
-/// [`send`], but a call for which the pool had no connection comes back with the reason,
-/// so that it can go to another endpoint.
-async fn send_on(
-    pool: &dyn Pool,
-    mut call: OutgoingCall,
-) -> Result<Result<RawResponse, Status>, (Status, OutgoingCall)> {
-    for _ in 0..=NOT_SENT_RETRIES {
-        let conn = match checkout(pool, call.deadline).await {
-            Ok(conn) => conn,
-            Err(status) => return Err((status, call)),
-        };
-        crate::observe::record_peer(conn.peer());
-        let pending = match conn.start(call) {
-            Ok(pending) => pending,
-            Err(unsent) => {
-                call = unsent;
-                continue;
-            }
-        };
-        match pending.await {
-            CallOutcome::Answered(rsp) if rsp.status.is_ok() => {
-                let metadata = Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
-                return Ok(Ok(RawResponse {
-                    codec: rsp.codec,
-                    metadata,
-                    body: rsp.body,
-                }));
-            }
-            CallOutcome::Answered(rsp) => {
-                let metadata = Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
-                return Ok(Err(crate::metadata::with_retry_hint(rsp.status, &metadata)));
-            }
-            CallOutcome::Failed(status) => return Ok(Err(status)),
-            CallOutcome::NotSent(unsent) => call = unsent,
-        }
-    }
-    let status = Status::new(
-        Code::Unavailable,
-        "no connection stayed open long enough to send the call",
     );
     Err((status, call))
 }

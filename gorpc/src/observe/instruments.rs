@@ -3,15 +3,18 @@
 //! nor a lock, only a lookup in a table that is read without locking.
 //!
 //! The recorder must be installed before the server binds or the client is built: handles
-//! registered earlier belong to the no-op recorder for good.
+//! registered earlier belong to the no-op recorder for good, and once a call's end shows
+//! that durations go nowhere, a client stops reading the clock for them.
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use gorpc_proto::Code;
-use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics::{Counter, Gauge, Histogram, IntoF64, Unit};
 
 /// Which end of calls the numbers are about; it prefixes every name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +77,110 @@ struct Table {
     slots: Box<[OnceLock<Box<MethodInstruments>>]>,
     /// Held while a method is added.
     adding: Mutex<()>,
+    /// The slots of method paths given as `&'static str`, by address.
+    literals: LiteralSlots,
+    /// Whether the recorder keeps call durations: [`UNKNOWN`] until a call's end shows it.
+    timed: AtomicU8,
+}
+
+/// Values of [`Table::timed`].
+const UNKNOWN_TIMED: u8 = 0;
+const TIMED: u8 = 1;
+const UNTIMED: u8 = 2;
+
+/// A call's duration, measured only if asked for: the histogram of a no-op recorder never
+/// asks, so a call nobody times costs no clock read at its end.
+pub(crate) struct Elapsed {
+    started: Instant,
+    measured: Cell<Option<Duration>>,
+}
+
+impl Elapsed {
+    pub(crate) fn since(started: Instant) -> Self {
+        Elapsed {
+            started,
+            measured: Cell::new(None),
+        }
+    }
+
+    pub(crate) fn get(&self) -> Duration {
+        if let Some(measured) = self.measured.get() {
+            return measured;
+        }
+        let measured = self.started.elapsed();
+        self.measured.set(Some(measured));
+        measured
+    }
+
+    fn was_measured(&self) -> bool {
+        self.measured.get().is_some()
+    }
+}
+
+impl IntoF64 for &Elapsed {
+    fn into_f64(self) -> f64 {
+        self.get().as_secs_f64()
+    }
+}
+
+/// The slots of method paths given as string literals (as generated and macro clients
+/// give them), found by the literal's address and length: no hashing, no string compare,
+/// no reference count. Entries are filled once and never change, so a reader that sees
+/// one filled reads it whole; a full or colliding entry leaves its method to the index.
+struct LiteralSlots {
+    entries: [LiteralSlot; LITERAL_SLOTS],
+}
+
+const LITERAL_SLOTS: usize = 32;
+const EMPTY: u8 = 0;
+const FILLING: u8 = 1;
+const FILLED: u8 = 2;
+
+#[derive(Default)]
+struct LiteralSlot {
+    state: AtomicU8,
+    addr: AtomicUsize,
+    len: AtomicUsize,
+    slot: AtomicU32,
+}
+
+impl LiteralSlots {
+    fn new() -> Self {
+        LiteralSlots {
+            entries: std::array::from_fn(|_| LiteralSlot::default()),
+        }
+    }
+
+    fn entry(&self, method: &'static str) -> &LiteralSlot {
+        let addr = method.as_ptr() as usize;
+        // Fibonacci hashing of the address; literals are byte-aligned, so use every bit.
+        let hash = (addr ^ method.len()).wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as usize);
+        &self.entries[hash >> (usize::BITS - LITERAL_SLOTS.trailing_zeros())]
+    }
+
+    fn get(&self, method: &'static str) -> Option<Slot> {
+        let entry = self.entry(method);
+        let found = entry.state.load(Ordering::Acquire) == FILLED
+            && entry.addr.load(Ordering::Relaxed) == method.as_ptr() as usize
+            && entry.len.load(Ordering::Relaxed) == method.len();
+        found.then(|| Slot(entry.slot.load(Ordering::Relaxed)))
+    }
+
+    fn put(&self, method: &'static str, slot: Slot) {
+        let entry = self.entry(method);
+        if entry
+            .state
+            .compare_exchange(EMPTY, FILLING, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            entry
+                .addr
+                .store(method.as_ptr() as usize, Ordering::Relaxed);
+            entry.len.store(method.len(), Ordering::Relaxed);
+            entry.slot.store(slot.0, Ordering::Relaxed);
+            entry.state.store(FILLED, Ordering::Release);
+        }
+    }
 }
 
 /// One method's instruments; those of each status code are registered when first used.
@@ -119,6 +226,8 @@ impl Instruments {
                 index: ArcSwap::from_pointee(HashMap::default()),
                 slots,
                 adding: Mutex::new(()),
+                literals: LiteralSlots::new(),
+                timed: AtomicU8::new(UNKNOWN_TIMED),
             }),
         }
     }
@@ -149,6 +258,17 @@ impl Instruments {
         slot
     }
 
+    /// [`slot`](Self::slot) for a method path given as a literal (a client's call).
+    pub(crate) fn literal_slot(&self, method: &'static str, known: impl FnOnce() -> bool) -> Slot {
+        let literals = &self.table.literals;
+        if let Some(slot) = literals.get(method) {
+            return slot;
+        }
+        let slot = self.slot(method, known);
+        literals.put(method, slot);
+        slot
+    }
+
     fn method(&self, slot: Slot) -> &MethodInstruments {
         let table = &*self.table;
         table.slots[slot.0 as usize].get_or_init(|| {
@@ -169,12 +289,31 @@ impl Instruments {
         self.method(slot).response_bytes.increment(bytes as u64);
     }
 
-    pub(crate) fn ended(&self, slot: Slot, code: Code, duration: Duration) {
+    /// Counts a call's end. `elapsed` is `None` for a call started untimed (see
+    /// [`is_untimed`](Self::is_untimed)).
+    pub(crate) fn ended(&self, slot: Slot, code: Code, elapsed: Option<&Elapsed>) {
         let method = self.method(slot);
         method.in_flight.decrement(1.0);
         let (calls, durations) = method.ended(self.table.names, code);
         calls.increment(1);
-        durations.record(duration.as_secs_f64());
+        if let Some(elapsed) = elapsed {
+            durations.record(elapsed);
+            if self.table.timed.load(Ordering::Relaxed) == UNKNOWN_TIMED {
+                let timed = if elapsed.was_measured() {
+                    TIMED
+                } else {
+                    UNTIMED
+                };
+                self.table.timed.store(timed, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether a call's end showed that the recorder keeps no durations: the no-op
+    /// recorder's, as when none was installed before these instruments were made (handles
+    /// registered then stay no-ops).
+    pub(crate) fn is_untimed(&self) -> bool {
+        self.table.timed.load(Ordering::Relaxed) == UNTIMED
     }
 }
 
@@ -236,5 +375,84 @@ pub(crate) fn code_label(code: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    use metrics::{HistogramFn, Key, KeyName, Metadata, Recorder, SharedString};
+
+    use super::*;
+
+    #[test]
+    fn a_literal_finds_the_slot_of_its_text() {
+        let instruments = Instruments::new(Side::Client);
+        let literal: &'static str = "/pkg.Svc/Method";
+        let prefix: &'static str = &literal[..8];
+        let slot = instruments.literal_slot(literal, || true);
+        assert_eq!(instruments.literal_slot(literal, || true), slot);
+        assert_eq!(instruments.slot(&String::from(literal), || true), slot);
+        // Same address, shorter text: another method.
+        let other = instruments.literal_slot(prefix, || true);
+        assert_ne!(other, slot);
+        assert_eq!(instruments.slot(prefix, || true), other);
+    }
+
+    #[test]
+    fn calls_go_untimed_once_an_end_shows_the_recorder_keeps_no_durations() {
+        // No recorder in this test: its handles are no-ops.
+        let instruments = Instruments::new(Side::Client);
+        let slot = instruments.slot("/pkg.Svc/Method", || true);
+        assert!(!instruments.is_untimed(), "unknown before any call ended");
+        let elapsed = Elapsed::since(Instant::now());
+        instruments.ended(slot, Code::Ok, Some(&elapsed));
+        assert!(!elapsed.was_measured(), "a no-op histogram never asks");
+        assert!(instruments.is_untimed());
+    }
+
+    /// Keeps histograms only: counts their values.
+    struct Histograms(Arc<AtomicUsize>);
+
+    struct Count(Arc<AtomicUsize>);
+
+    impl HistogramFn for Count {
+        fn record(&self, _: f64) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    impl Recorder for Histograms {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::from_arc(Arc::new(Count(self.0.clone())))
+        }
+    }
+
+    #[test]
+    fn calls_stay_timed_while_the_recorder_keeps_durations() {
+        let recorded = Arc::new(AtomicUsize::new(0));
+        let recorder = Histograms(recorded.clone());
+        metrics::with_local_recorder(&recorder, || {
+            let instruments = Instruments::new(Side::Server);
+            let slot = instruments.slot("/pkg.Svc/Method", || true);
+            for _ in 0..2 {
+                let elapsed = Elapsed::since(Instant::now());
+                instruments.ended(slot, Code::Ok, Some(&elapsed));
+                assert!(elapsed.was_measured());
+                assert!(!instruments.is_untimed());
+            }
+        });
+        assert_eq!(recorded.load(Ordering::Relaxed), 2);
     }
 }

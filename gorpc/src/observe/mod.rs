@@ -10,8 +10,11 @@
 mod instruments;
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use gorpc_proto::{Code, RequestHead, Status};
@@ -19,7 +22,7 @@ use tracing::field::Empty;
 use tracing::Span;
 
 pub(crate) use instruments::Side;
-use instruments::{Instruments, Slot};
+use instruments::{Elapsed, Instruments, Slot};
 
 /// How a call ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,7 +144,8 @@ impl MethodName {
 pub(crate) struct CallWatch {
     method: MethodName,
     slot: Slot,
-    started: Instant,
+    /// `None`: started untimed, as nothing would keep its duration.
+    started: Option<Instant>,
     pub(crate) span: Span,
     peer: Option<SocketAddr>,
     id: Option<u64>,
@@ -167,21 +171,41 @@ impl Observer {
         }
     }
 
-    /// Starts watching a call to `method` that arrived (or was made) at `now`.
-    /// `known` says whether the service routes `method`: unknown methods are counted
-    /// together, so that made-up names cannot grow the metrics without bound.
+    /// Whether anything would keep the duration of a call started now: a listener, a
+    /// subscriber (for the span's `duration`), or a recorder that keeps durations (or one
+    /// not yet seen not to). When nothing would, a client call is started untimed and
+    /// costs no clock reads.
+    pub(crate) fn times_calls(&self) -> bool {
+        !self.listeners.is_empty()
+            || !self.instruments.is_untimed()
+            || tracing::dispatcher::has_been_set()
+    }
+
+    /// Starts watching a call to `method` that arrived (or was made) at `now` (`None`:
+    /// untimed, see [`times_calls`](Self::times_calls)). `known` says whether the service
+    /// routes `method`: unknown methods are counted together, so that made-up names cannot
+    /// grow the metrics without bound.
     pub(crate) fn start(
         &self,
         name: MethodName,
         known: impl FnOnce(&str) -> bool,
         peer: Option<SocketAddr>,
         id: Option<u64>,
-        now: Instant,
+        now: Option<Instant>,
     ) -> CallWatch {
+        // Read once: a server's path is checked as UTF-8 on each read.
         let method = name.as_str();
-        let slot = self.instruments.slot(method, || known(method));
+        let slot = match name {
+            MethodName::Path(Cow::Borrowed(literal)) => {
+                self.instruments.literal_slot(literal, || known(literal))
+            }
+            _ => self.instruments.slot(method, || known(method)),
+        };
         self.instruments.started(slot);
+        // Before any subscriber exists, every span is disabled: skip building one (and, with
+        // tracing's `log` feature on, its fallback to the `log` crate).
         let span = match self.side {
+            _ if !tracing::dispatcher::has_been_set() => Span::none(),
             Side::Server => tracing::info_span!(
                 target: "gorpc::server",
                 "call",
@@ -224,16 +248,22 @@ impl Observer {
     /// Ends a watched call: counts it, records its duration, closes its span with one log
     /// line, and tells the listeners.
     pub(crate) fn end(&self, watch: CallWatch, end: CallEnd, status: Option<&Status>) {
-        let duration = watch.started.elapsed();
+        // Measured when first asked for: a no-op recorder never asks.
+        let elapsed = watch.started.map(Elapsed::since);
         let code = end.code();
-        self.instruments.ended(watch.slot, code, duration);
+        self.instruments.ended(watch.slot, code, elapsed.as_ref());
         let span = &watch.span;
-        span.record(
-            "code",
-            tracing::field::display(instruments::code_label(code)),
-        );
-        span.record("duration", tracing::field::debug(duration));
-        let _entered = span.enter();
+        // A span no subscriber wants has nothing to record or enter: skip the work.
+        let _entered = (!span.is_disabled()).then(|| {
+            span.record(
+                "code",
+                tracing::field::display(instruments::code_label(code)),
+            );
+            if let Some(elapsed) = &elapsed {
+                span.record("duration", tracing::field::debug(elapsed.get()));
+            }
+            span.enter()
+        });
         let what = end.describe();
         let message = status.map(Status::message).filter(|m| !m.is_empty());
         let (colon, message) = match message {
@@ -254,7 +284,8 @@ impl Observer {
             method: watch.method.as_str(),
             peer: watch.peer,
             id: watch.id,
-            duration,
+            // Listeners make every call timed.
+            duration: elapsed.map_or(Duration::ZERO, |elapsed| elapsed.get()),
             end,
             status,
         };
@@ -319,9 +350,74 @@ impl Drop for WatchGuard {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A client's unary call, watched: it runs in the call's span (when a subscriber
+    /// wants it), its end is reported when it resolves, and if it is dropped first it
+    /// ends `Cancelled` (the caller stopped waiting). A plain struct around the call's
+    /// future rather than one more async fn, so that the future is not copied once more.
+    pub(crate) struct ObservedCall<'a, F> {
+        #[pin]
+        call: F,
+        observer: &'a Observer,
+        watch: Option<CallWatch>,
+    }
+
+    impl<F> PinnedDrop for ObservedCall<'_, F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(watch) = this.watch.take() {
+                this.observer.end(watch, CallEnd::Cancelled, None);
+            }
+        }
+    }
+}
+
+impl<'a, F> ObservedCall<'a, F> {
+    /// Watches `call`, a call that `observer` started watching with `watch`.
+    pub(crate) fn new(call: F, observer: &'a Observer, watch: CallWatch) -> Self {
+        ObservedCall {
+            call,
+            observer,
+            watch: Some(watch),
+        }
+    }
+}
+
+impl<F> Future for ObservedCall<'_, F>
+where
+    F: Future<Output = Result<crate::client::RawResponse, Status>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let result = {
+            let span = this.watch.as_ref().map(|watch| &watch.span);
+            let _entered = span.filter(|span| !span.is_disabled()).map(Span::enter);
+            ready!(this.call.poll(cx))
+        };
+        if let Some(watch) = this.watch.take() {
+            match &result {
+                Ok(response) => {
+                    this.observer.response_bytes(&watch, response.body.len());
+                    this.observer.end(watch, CallEnd::Answered(Code::Ok), None);
+                }
+                Err(status) => {
+                    this.observer
+                        .end(watch, CallEnd::of_client_error(status), Some(status));
+                }
+            }
+        }
+        Poll::Ready(result)
+    }
+}
+
 /// Names the peer a client call went to in its span (the current one), once a connection
 /// is picked: the client's span opens before the pool or balancer chooses.
 pub(crate) fn record_peer(peer: SocketAddr) {
+    if !tracing::dispatcher::has_been_set() {
+        return;
+    }
     let span = Span::current();
     if !span.is_disabled() {
         span.record("peer", tracing::field::display(peer));

@@ -371,7 +371,8 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         let served = self.served.clone();
         let watch = served.watch(&request.head, self.peer, Some(u64::from(id.as_u32())), now);
         served.observer.request_bytes(&watch, request.body.len());
-        let kind = served.service.stream_kind(request.head.method());
+        let method = request.head.method();
+        let kind = served.service.stream_kind(method);
         let streams = match (kind, request.client_streams) {
             (None, false) => CallStreams::default(),
             (Some(kind), client_streams) if kind.client_streams() == client_streams => {
@@ -382,7 +383,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                     Code::Unimplemented,
                     format!(
                         "{} is {}; the call was framed {}",
-                        request.head.method(),
+                        method,
                         kind.map_or("not a client-streaming method", describe_kind),
                         if request.client_streams {
                             "with a client stream"

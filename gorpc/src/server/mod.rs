@@ -412,7 +412,7 @@ impl Served {
     ) -> CallWatch {
         let known = |method: &str| self.service.has_method(method);
         let name = MethodName::Head(head.clone());
-        self.observer.start(name, known, Some(peer), id, now)
+        self.observer.start(name, known, Some(peer), id, Some(now))
     }
 }
 

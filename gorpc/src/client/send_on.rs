@@ -1,0 +1,124 @@
+//! A unary call sent on a connection of a pool: the hot path of every binary-protocol
+//! call, written as a plain state machine rather than an async fn so that its future stays
+//! small (an async fn's keeps a slot for each of its locals, and the whole future is
+//! copied at every layer it is handed through).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use futures::FutureExt as _;
+use gorpc_proto::{Code, Status};
+
+use super::conn::{CallOutcome, Connection, PendingCall};
+use super::pool::{Checkout, Pool};
+use super::{OutgoingCall, RawResponse, NOT_SENT_RETRIES};
+use crate::metadata::Metadata;
+
+/// Sends `call` on a connection of `pool`, again on another one if it never left (the
+/// connection closed before taking it). A call no connection took comes back with the
+/// reason, so that it can go to another endpoint.
+pub(crate) fn send_on(pool: &dyn Pool, call: OutgoingCall) -> SendOn<'_> {
+    SendOn {
+        pool,
+        tries: 0,
+        stage: Stage::Checkout(call),
+    }
+}
+
+/// The future of [`send_on`].
+pub(crate) struct SendOn<'a> {
+    pool: &'a dyn Pool,
+    /// Connections tried so far.
+    tries: usize,
+    stage: Stage<'a>,
+}
+
+enum Stage<'a> {
+    /// To be given a connection.
+    Checkout(OutgoingCall),
+    /// Waiting for the pool's connection (it is connecting).
+    Connecting(BoxFuture<'a, Result<Connection, Status>>, OutgoingCall),
+    /// On a connection, waiting for the answer.
+    Sent(PendingCall),
+    Done,
+}
+
+/// What [`SendOn`] resolves to: the call's result, or the call back if it never left.
+pub(crate) type Sent = Result<Result<RawResponse, Status>, (Status, OutgoingCall)>;
+
+impl SendOn<'_> {
+    /// Hands `call` to `conn`; one the connection refused goes back to checkout.
+    fn start(&mut self, conn: Connection, call: OutgoingCall) {
+        crate::observe::record_peer(conn.peer());
+        self.stage = match conn.start(call) {
+            Ok(pending) => Stage::Sent(pending),
+            Err(unsent) => Stage::Checkout(unsent),
+        };
+    }
+}
+
+impl Future for SendOn<'_> {
+    type Output = Sent;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Sent> {
+        let this = &mut *self;
+        loop {
+            match std::mem::replace(&mut this.stage, Stage::Done) {
+                Stage::Checkout(call) => {
+                    if this.tries > NOT_SENT_RETRIES {
+                        let status = Status::new(
+                            Code::Unavailable,
+                            "no connection stayed open long enough to send the call",
+                        );
+                        return Poll::Ready(Err((status, call)));
+                    }
+                    this.tries += 1;
+                    match this.pool.checkout(call.deadline) {
+                        Checkout::Ready(conn) => this.start(conn, call),
+                        Checkout::Wait(wait) => this.stage = Stage::Connecting(wait, call),
+                        Checkout::Failed(status) => return Poll::Ready(Err((status, call))),
+                    }
+                }
+                Stage::Connecting(mut wait, call) => match wait.poll_unpin(cx) {
+                    Poll::Ready(Ok(conn)) => this.start(conn, call),
+                    Poll::Ready(Err(status)) => return Poll::Ready(Err((status, call))),
+                    Poll::Pending => {
+                        this.stage = Stage::Connecting(wait, call);
+                        return Poll::Pending;
+                    }
+                },
+                Stage::Sent(mut pending) => match pending.poll_unpin(cx) {
+                    Poll::Ready(CallOutcome::NotSent(call)) => this.stage = Stage::Checkout(call),
+                    Poll::Ready(outcome) => return Poll::Ready(Ok(answer(outcome))),
+                    Poll::Pending => {
+                        this.stage = Stage::Sent(pending);
+                        return Poll::Pending;
+                    }
+                },
+                Stage::Done => panic!("SendOn polled after it completed"),
+            }
+        }
+    }
+}
+
+/// The result of a call that a connection took and ended.
+fn answer(outcome: CallOutcome) -> Result<RawResponse, Status> {
+    match outcome {
+        CallOutcome::Answered(rsp) if rsp.status.is_ok() => {
+            let metadata = Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
+            Ok(RawResponse {
+                codec: rsp.codec,
+                metadata,
+                body: rsp.body,
+            })
+        }
+        CallOutcome::Answered(rsp) => {
+            let metadata = Metadata::from_wire(rsp.head.metadata(), rsp.head.as_bytes());
+            Err(crate::metadata::with_retry_hint(rsp.status, &metadata))
+        }
+        CallOutcome::Failed(status) => Err(status),
+        CallOutcome::NotSent(_) => unreachable!("a call not sent is sent again"),
+    }
+}
