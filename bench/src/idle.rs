@@ -20,10 +20,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use clap::{Parser, ValueEnum};
-use gorpc::proto::{codec, CallHead, ClientConn, ClientEvent, Conn as _, ConnConfig};
 use gorpc::{Router, Runtime, Server, ServerReply, ServerRequest};
+use gorpc_tests::blocking::called_once;
 
 #[cfg(feature = "mimalloc")]
 type Inner = mimalloc::MiMalloc;
@@ -94,6 +93,8 @@ enum Which {
 }
 
 const ECHO: &str = "/idle.Bench/Echo";
+/// How long a client waits for each read of its call's answer.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A quiet connection releases its buffers after a second; this leaves room for it.
 const SETTLE: Duration = Duration::from_millis(2500);
 
@@ -156,7 +157,7 @@ async fn serve<R: Runtime>(runtime: R) -> gorpc::ServerHandle<R> {
 }
 
 fn measure(name: &str, addr: SocketAddr, args: &Args) {
-    let warm = called_once(addr);
+    let warm = called_once(addr, ECHO, READ_TIMEOUT);
     std::thread::sleep(SETTLE);
     let (heap0, rss0) = (live(), rss());
     println!(
@@ -253,7 +254,11 @@ fn open(addr: SocketAddr, n: usize, threads: usize) -> Vec<TcpStream> {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let count = n / threads + usize::from(t < n % threads);
-                scope.spawn(move || (0..count).map(|_| called_once(addr)).collect::<Vec<_>>())
+                scope.spawn(move || {
+                    (0..count)
+                        .map(|_| called_once(addr, ECHO, READ_TIMEOUT))
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
         handles
@@ -261,42 +266,6 @@ fn open(addr: SocketAddr, n: usize, threads: usize) -> Vec<TcpStream> {
             .flat_map(|h| h.join().expect("a client thread"))
             .collect()
     })
-}
-
-/// A connection that has made one unary call of `ECHO` with a 1 KiB body and read its
-/// answer, framed by gorpc's own client core (as gorpc's client sends it).
-fn called_once(addr: SocketAddr) -> TcpStream {
-    let mut socket = TcpStream::connect(addr).expect("connects");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let now = Instant::now();
-    let mut conn = ClientConn::<()>::new(ConnConfig::default(), now);
-    let head = CallHead {
-        method: ECHO,
-        codec: codec::RAW,
-        deadline: None,
-        metadata: std::iter::empty(),
-    };
-    conn.start_call(now, head, &[0x5au8; 1024], ())
-        .expect("the call starts");
-    while let Some(bytes) = conn.poll_transmit() {
-        socket.write_all(&bytes).expect("sends the call");
-    }
-    let mut read = BytesMut::new();
-    loop {
-        while let Some(event) = conn.poll_event() {
-            if let ClientEvent::Finished { result, .. } = event {
-                result.expect("an answer");
-                return socket;
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        let n = socket.read(&mut chunk).expect("an answer");
-        assert!(n > 0, "the server closed before answering");
-        read.extend_from_slice(&chunk[..n]);
-        conn.handle_read(Instant::now(), &mut read);
-    }
 }
 
 fn live() -> isize {

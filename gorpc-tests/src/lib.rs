@@ -8,6 +8,7 @@
 //! [`fault`] injects faults: a TCP proxy that delays, blackholes, resets, truncates or
 //! corrupts the stream on demand, and a server whose handlers answer slowly or stall.
 
+pub mod blocking;
 pub mod discovery;
 pub mod etcd;
 pub mod fault;

@@ -9,15 +9,12 @@
 //! connections.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use gorpc::{Router, Runtime, Server, ServerReply, ServerRequest};
-use gorpc_proto::{codec, CallHead, ClientConn, ClientEvent, Conn as _, ConnConfig};
+use gorpc_tests::blocking::called_once;
 use gorpc_tests::{loopback, Smol, Tokio};
 
 struct Counting;
@@ -62,40 +59,6 @@ const SETTLED_SLACK: isize = 128 * 1024;
 const WAIT: Duration = Duration::from_secs(20);
 const ECHO: &str = "/idle.Memory/Echo";
 
-/// A connection that has made one unary call of `ECHO` with a 1 KiB body and read its
-/// answer, framed by gorpc's own client core (as gorpc's client sends it).
-fn called_once(addr: SocketAddr) -> TcpStream {
-    let mut socket = TcpStream::connect(addr).expect("connects");
-    socket.set_read_timeout(Some(WAIT)).unwrap();
-    let now = Instant::now();
-    let mut conn = ClientConn::<()>::new(ConnConfig::default(), now);
-    let head = CallHead {
-        method: ECHO,
-        codec: codec::RAW,
-        deadline: None,
-        metadata: std::iter::empty(),
-    };
-    conn.start_call(now, head, &[0x5au8; 1024], ())
-        .expect("the call starts");
-    while let Some(bytes) = conn.poll_transmit() {
-        socket.write_all(&bytes).expect("sends the call");
-    }
-    let mut read = BytesMut::new();
-    loop {
-        while let Some(event) = conn.poll_event() {
-            if let ClientEvent::Finished { result, .. } = event {
-                result.expect("an answer");
-                return socket;
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        let n = socket.read(&mut chunk).expect("an answer");
-        assert!(n > 0, "the server closed before answering");
-        read.extend_from_slice(&chunk[..n]);
-        conn.handle_read(Instant::now(), &mut read);
-    }
-}
-
 /// Waits until the live heap is within `slack` of `target`, or fails after [`WAIT`];
 /// returns what it settled at.
 fn settles_near(target: isize, slack: isize, what: &str) -> isize {
@@ -125,12 +88,12 @@ async fn idle_connections_cost_little_and_give_it_back<R: Runtime>(runtime: R) {
     let addr = server.local_addr();
     // One connection first, so what is made once (the tables, the runtime's first pages)
     // is in the baseline.
-    let warm = blocking(move || called_once(addr)).await;
+    let warm = blocking(move || called_once(addr, ECHO, WAIT)).await;
     let baseline = live();
 
     let held = blocking(move || {
         (0..CONNECTIONS)
-            .map(|_| called_once(addr))
+            .map(|_| called_once(addr, ECHO, WAIT))
             .collect::<Vec<_>>()
     })
     .await;
