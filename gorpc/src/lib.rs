@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod http;
 pub mod interceptor;
 mod io;
+mod mailbox;
 pub mod metadata;
 pub mod observe;
 mod recycle;

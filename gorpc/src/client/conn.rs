@@ -10,7 +10,6 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::Stream;
 use gorpc_proto::Conn as _;
 use gorpc_proto::{
     CallHead, CallId, ClientConn, ClientEvent, Code, ConnConfig, SendError, Status, StreamKind,
@@ -18,6 +17,7 @@ use gorpc_proto::{
 
 use super::call::OutgoingCall;
 use crate::io::{drive, earliest, Transport};
+use crate::mailbox::{self, Receiver, Sender};
 use crate::metadata::Metadata;
 use crate::observe::{ConnectionGauge, Side};
 use crate::runtime::{timeout, Io, Runtime};
@@ -146,7 +146,7 @@ struct Shared {
 /// sees it fail, drain, or sit idle, or when every handle is dropped.
 #[derive(Clone, Debug)]
 pub struct Connection {
-    commands: async_channel::Sender<Command>,
+    commands: Sender<Command>,
     shared: Arc<Shared>,
 }
 
@@ -219,7 +219,7 @@ impl Connection {
         peer: SocketAddr,
         config: ConnectionConfig,
     ) -> Self {
-        let (tx, rx) = async_channel::unbounded();
+        let (tx, rx) = mailbox::mailbox();
         let shared = Arc::new(Shared {
             peer,
             usable: AtomicBool::new(true),
@@ -228,7 +228,8 @@ impl Connection {
         let driver = ClientDriver::<R, I> {
             transport: Transport::new(runtime, io),
             conn: ClientConn::new(config.conn, now),
-            commands: Box::pin(rx),
+            commands: rx,
+            batch: Vec::new(),
             streams: CallMap::default(),
             delivering: Delivering::default(),
             refilling: false,
@@ -257,16 +258,14 @@ impl Connection {
     /// Queues a call. Its future resolves when the call ends; dropping it cancels the call.
     pub(crate) fn start(&self, call: OutgoingCall) -> Result<PendingCall, OutgoingCall> {
         let slot = Arc::new(CallSlot::default());
-        match self.commands.try_send(Command::Call(call, slot.clone())) {
+        match self.commands.send(Command::Call(call, slot.clone())) {
             Ok(()) => Ok(PendingCall {
                 slot,
                 commands: self.commands.clone(),
                 done: false,
             }),
-            Err(e) => match e.into_inner() {
-                Command::Call(call, _) => Err(call),
-                _ => unreachable!("sent a call"),
-            },
+            Err(Command::Call(call, _)) => Err(call),
+            Err(_) => unreachable!("sent a call"),
         }
     }
 
@@ -277,17 +276,15 @@ impl Connection {
         kind: StreamKind,
         stream: ClientStream,
     ) -> Result<(), OutgoingCall> {
-        match self.commands.try_send(Command::Stream(call, kind, stream)) {
+        match self.commands.send(Command::Stream(call, kind, stream)) {
             Ok(()) => Ok(()),
-            Err(e) => match e.into_inner() {
-                Command::Stream(call, _, _) => Err(call),
-                _ => unreachable!("sent a stream"),
-            },
+            Err(Command::Stream(call, _, _)) => Err(call),
+            Err(_) => unreachable!("sent a stream"),
         }
     }
 
-    /// The channel stream halves send their commands on.
-    pub(crate) fn commands(&self) -> async_channel::Sender<Command> {
+    /// Where stream halves send their commands.
+    pub(crate) fn commands(&self) -> Sender<Command> {
         self.commands.clone()
     }
 
@@ -302,7 +299,7 @@ impl Connection {
 #[derive(Debug)]
 pub(crate) struct PendingCall {
     slot: Arc<CallSlot>,
-    commands: async_channel::Sender<Command>,
+    commands: Sender<Command>,
     done: bool,
 }
 
@@ -339,7 +336,7 @@ impl Drop for PendingCall {
         };
         // Not started yet: the driver sees `abandoned` and never sends it.
         if let Some(id) = id {
-            let _ = self.commands.try_send(Command::Cancel(id));
+            let _ = self.commands.send(Command::Cancel(id));
         }
     }
 }
@@ -347,7 +344,9 @@ impl Drop for PendingCall {
 struct ClientDriver<R: Runtime, I: Io> {
     transport: Transport<R, I>,
     conn: ClientConn<CallUser>,
-    commands: Pin<Box<async_channel::Receiver<Command>>>,
+    commands: Receiver<Command>,
+    /// The commands taken from `commands` in one go; kept for its capacity.
+    batch: Vec<Command>,
     /// Each stream call's halves. Its own map, not the call's slot in the core: the core
     /// may have finished the call (a response read in the same batch) by the time the
     /// driver handles the messages before it.
@@ -370,41 +369,23 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
         let now = Instant::now();
 
         if !self.conn.is_closed() {
-            loop {
-                match self.commands.as_mut().poll_next(cx) {
-                    Poll::Ready(Some(Command::Call(call, slot))) => {
-                        progress = true;
-                        self.start_call(now, call, slot);
+            match self.commands.poll_take(cx, &mut self.batch) {
+                Poll::Ready(true) => {
+                    progress = true;
+                    let mut batch = std::mem::take(&mut self.batch);
+                    for command in batch.drain(..) {
+                        self.run(now, command);
                     }
-                    Poll::Ready(Some(Command::Stream(call, kind, stream))) => {
-                        progress = true;
-                        self.start_stream(now, call, kind, stream);
-                    }
-                    Poll::Ready(Some(Command::Ready(id))) => {
-                        progress = true;
-                        self.feed_stream(id);
-                    }
-                    Poll::Ready(Some(Command::Release(id, bytes))) => {
-                        progress = true;
-                        self.conn.release(id, bytes);
-                    }
-                    Poll::Ready(Some(Command::Cancel(id))) => {
-                        progress = true;
-                        self.streams.remove(&id);
-                        if let Some(CallUser::Stream(stream)) = self.conn.cancel(id) {
-                            stream.end(Err(Status::new(Code::Cancelled, "call cancelled")));
-                        }
-                    }
-                    Poll::Ready(None) => {
-                        // Every handle is gone, or the pool closed us: drain and stop.
-                        if self.conn.is_accepting_calls() {
-                            self.conn.go_away();
-                            progress = true;
-                        }
-                        break;
-                    }
-                    Poll::Pending => break,
+                    self.batch = batch;
                 }
+                Poll::Ready(false) => {
+                    // Every handle is gone, or the pool closed us: drain and stop.
+                    if self.conn.is_accepting_calls() {
+                        self.conn.go_away();
+                        progress = true;
+                    }
+                }
+                Poll::Pending => {}
             }
         }
 
@@ -447,9 +428,10 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                 ClientEvent::Closed(reason) => {
                     tracing::debug!(peer = %self.shared.peer, ?reason, "connection closed");
                     self.shared.usable.store(false, Ordering::Release);
-                    self.commands.close();
                     // Calls queued behind the close never left: hand them back for a retry.
-                    while let Ok(command) = self.commands.try_recv() {
+                    let mut left = Vec::new();
+                    self.commands.close_and_take(&mut left);
+                    for command in left {
                         match command {
                             Command::Call(call, slot) => slot.finish(CallOutcome::NotSent(call)),
                             Command::Stream(_, _, stream) => stream.end(Err(Status::new(
@@ -502,6 +484,21 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
         }
         progress |= self.transport.poll_write(cx, &mut self.conn);
         progress
+    }
+
+    fn run(&mut self, now: Instant, command: Command) {
+        match command {
+            Command::Call(call, slot) => self.start_call(now, call, slot),
+            Command::Stream(call, kind, stream) => self.start_stream(now, call, kind, stream),
+            Command::Ready(id) => self.feed_stream(id),
+            Command::Release(id, bytes) => self.conn.release(id, bytes),
+            Command::Cancel(id) => {
+                self.streams.remove(&id);
+                if let Some(CallUser::Stream(stream)) = self.conn.cancel(id) {
+                    stream.end(Err(Status::new(Code::Cancelled, "call cancelled")));
+                }
+            }
+        }
     }
 
     fn start_call(&mut self, now: Instant, call: OutgoingCall, slot: Arc<CallSlot>) {
@@ -710,20 +707,20 @@ pub(crate) async fn tls_connect<R: Runtime>(
 }
 
 /// A stream half's way to its connection's driver.
-pub(crate) struct Commands(pub(crate) async_channel::Sender<Command>);
+pub(crate) struct Commands(pub(crate) Sender<Command>);
 
 impl crate::stream::handoff::StreamControl for Commands {
     fn ready(&self, id: CallId) -> bool {
-        self.0.try_send(Command::Ready(id)).is_ok()
+        self.0.send(Command::Ready(id)).is_ok()
     }
 
     fn release(&self, id: CallId, bytes: usize) {
-        let _ = self.0.try_send(Command::Release(id, bytes));
+        let _ = self.0.send(Command::Release(id, bytes));
     }
 }
 
 impl crate::stream::StreamDriver for Commands {
     fn cancel(&self, id: CallId) {
-        let _ = self.0.try_send(Command::Cancel(id));
+        let _ = self.0.send(Command::Cancel(id));
     }
 }
