@@ -147,6 +147,11 @@ impl<T> Receiver<T> {
         Poll::Pending
     }
 
+    /// Gives back the room a past burst left in the queue (an idle connection's).
+    pub(crate) fn shrink_to_fit(&self) {
+        self.mailbox.lock().queue.shrink_to_fit();
+    }
+
     /// Closes the mailbox and moves what was queued into `batch`.
     pub(crate) fn close_and_take(&self, batch: &mut Vec<T>) {
         let mut inner = self.mailbox.lock();
@@ -201,7 +206,11 @@ mod tests {
         for i in 0..5 {
             tx.send(i).unwrap();
         }
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 1, "woken once for the burst");
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            1,
+            "woken once for the burst"
+        );
         assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Ready(true));
         assert_eq!(batch, [0, 1, 2, 3, 4]);
         batch.clear();
@@ -225,7 +234,11 @@ mod tests {
         batch.clear();
         assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Pending);
         drop(other);
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 1, "the last drop wakes the driver");
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            1,
+            "the last drop wakes the driver"
+        );
         assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Ready(false));
     }
 

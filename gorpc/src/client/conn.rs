@@ -467,7 +467,11 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
             progress = true;
         }
 
-        let (_, release_at) = self.transport.release_when_idle(&mut self.conn, now);
+        let (released, release_at) = self.transport.release_when_idle(&mut self.conn, now);
+        if released {
+            self.batch = Vec::new();
+            self.commands.shrink_to_fit();
+        }
         let next = earliest(
             earliest(self.conn.poll_timeout(), idle_deadline),
             release_at,
