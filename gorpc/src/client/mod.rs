@@ -32,7 +32,7 @@ use tracing::Instrument as _;
 
 use crate::codec::{id_name, Decoder, Encoder, MsgPack};
 use crate::interceptor::{client_listeners, ClientInterceptor, ClientNext};
-use crate::observe::{CallEnd, MethodName, ObservedCall, Observer, Side, WatchGuard};
+use crate::observe::{CallEnd, ObservedCall, Observer, Side, WatchGuard};
 use crate::runtime::Runtime;
 use crate::service::{Request, Response};
 use crate::stream::handoff::{Inbox, InboxReader, Outbox};
@@ -319,8 +319,7 @@ impl Client {
         now: Option<Instant>,
     ) -> impl Future<Output = Result<RawResponse, Status>> + Send + '_ {
         let observer = &*self.observer;
-        let name = MethodName::Path(call.method.clone());
-        let watch = observer.start(name, |_| true, None, None, now);
+        let watch = observer.start_client(&call.method, now);
         observer.request_bytes(&watch, call.body.len());
         let call = if self.interceptors.is_empty() {
             Either::Left(self.route.send(call))
@@ -426,8 +425,7 @@ impl Client {
         kind: StreamKind,
         now: Instant,
     ) -> Result<StreamHalves, Status> {
-        let name = MethodName::Path(call.method.clone());
-        let watch = self.observer.start(name, |_| true, None, None, Some(now));
+        let watch = self.observer.start_client(&call.method, Some(now));
         self.observer.request_bytes(&watch, call.body.len());
         let span = watch.span.clone();
         let mut watch = WatchGuard::new(self.observer.clone(), watch, CallEnd::Cancelled);

@@ -769,7 +769,9 @@ impl<R> Edge<R> {
         now: Instant,
         if_dropped: CallEnd,
     ) -> WatchGuard {
-        let watch = self.served.watch(head, self.peer, None, now);
+        let watch = self
+            .served
+            .watch(head, head.method(), None, self.peer, None, now);
         WatchGuard::new(self.served.observer.clone(), watch, if_dropped)
     }
 }

@@ -64,6 +64,30 @@ const OTHER_SLOT: Slot = Slot(1);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Slot(u32);
 
+/// The slots of the methods one connection's calls named, so that its calls find theirs
+/// by a short compare instead of the shared table's hashed lookup. A connection calls a
+/// few methods; past [`MethodSlots::MAX`] they are looked up in the table.
+#[derive(Debug, Default)]
+pub(crate) struct MethodSlots {
+    known: Vec<(Box<str>, Slot)>,
+}
+
+impl MethodSlots {
+    const MAX: usize = 8;
+
+    pub(crate) fn get_or_insert(&mut self, method: &str, find: impl FnOnce() -> Slot) -> Slot {
+        if let Some((_, slot)) = self.known.iter().find(|(known, _)| **known == *method) {
+            return *slot;
+        }
+        let slot = find();
+        // Unknown methods are not kept: made-up names would crowd out the real ones.
+        if slot != UNKNOWN_SLOT && self.known.len() < Self::MAX {
+            self.known.push((method.into(), slot));
+        }
+        slot
+    }
+}
+
 /// One side's instruments. Cheap to clone: clones share them.
 #[derive(Clone)]
 pub(crate) struct Instruments {
@@ -386,6 +410,26 @@ mod tests {
     use metrics::{HistogramFn, Key, KeyName, Metadata, Recorder, SharedString};
 
     use super::*;
+
+    #[test]
+    fn a_connection_keeps_the_slots_of_known_methods_only() {
+        let instruments = Instruments::new(Side::Server);
+        let mut cached = MethodSlots::default();
+        let find = |method: &str, known: bool| instruments.slot(method, || known);
+        let slot = cached.get_or_insert("/pkg.Svc/A", || find("/pkg.Svc/A", true));
+        assert_eq!(cached.get_or_insert("/pkg.Svc/A", || unreachable!()), slot);
+        assert_eq!(
+            cached.get_or_insert("/pkg.Svc/Nope", || find("/pkg.Svc/Nope", false)),
+            UNKNOWN_SLOT
+        );
+        assert_eq!(cached.known.len(), 1, "unknown methods are not kept");
+        for i in 0..2 * MethodSlots::MAX {
+            let method = format!("/pkg.Svc/M{i}");
+            let slot = cached.get_or_insert(&method, || find(&method, true));
+            assert_eq!(slot, instruments.slot(&method, || true));
+        }
+        assert_eq!(cached.known.len(), MethodSlots::MAX);
+    }
 
     #[test]
     fn a_literal_finds_the_slot_of_its_text() {

@@ -21,8 +21,8 @@ use gorpc_proto::{Code, RequestHead, Status};
 use tracing::field::Empty;
 use tracing::Span;
 
-pub(crate) use instruments::Side;
-use instruments::{Elapsed, Instruments, Slot};
+use instruments::{Elapsed, Instruments};
+pub(crate) use instruments::{MethodSlots, Side, Slot};
 
 /// How a call ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,7 +131,7 @@ pub(crate) enum MethodName {
 }
 
 impl MethodName {
-    fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match self {
             MethodName::Head(head) => head.method(),
             MethodName::Path(path) => path,
@@ -142,7 +142,8 @@ impl MethodName {
 /// One call being watched, from its start to its end.
 #[derive(Debug)]
 pub(crate) struct CallWatch {
-    method: MethodName,
+    /// Kept for the listeners only: `None` when there are none.
+    method: Option<MethodName>,
     slot: Slot,
     /// `None`: started untimed, as nothing would keep its duration.
     started: Option<Instant>,
@@ -181,26 +182,48 @@ impl Observer {
             || tracing::dispatcher::has_been_set()
     }
 
-    /// Starts watching a call to `method` that arrived (or was made) at `now` (`None`:
-    /// untimed, see [`times_calls`](Self::times_calls)). `known` says whether the service
-    /// routes `method`: unknown methods are counted together, so that made-up names cannot
-    /// grow the metrics without bound.
+    /// The metrics slot of a server's call to `method`, found first in `cached` (the
+    /// connection's) if there is one. `known` says whether the service routes `method`:
+    /// unknown methods are counted together, so that made-up names cannot grow the metrics
+    /// without bound.
+    pub(crate) fn slot(
+        &self,
+        method: &str,
+        known: impl FnOnce() -> bool,
+        cached: Option<&mut MethodSlots>,
+    ) -> Slot {
+        match cached {
+            Some(cached) => cached.get_or_insert(method, || self.instruments.slot(method, known)),
+            None => self.instruments.slot(method, known),
+        }
+    }
+
+    /// Starts watching a client's call to `method`, made at `now` (`None`: untimed, see
+    /// [`times_calls`](Self::times_calls)).
+    pub(crate) fn start_client(
+        &self,
+        method: &Cow<'static, str>,
+        now: Option<Instant>,
+    ) -> CallWatch {
+        let slot = match method {
+            Cow::Borrowed(literal) => self.instruments.literal_slot(literal, || true),
+            Cow::Owned(path) => self.instruments.slot(path, || true),
+        };
+        let name = || MethodName::Path(method.clone());
+        self.start(method, slot, name, None, None, now)
+    }
+
+    /// Starts watching a call to `method`, counted in `slot`, that arrived (or was made)
+    /// at `now` (`None`: untimed). `name` keeps the method for the listeners.
     pub(crate) fn start(
         &self,
-        name: MethodName,
-        known: impl FnOnce(&str) -> bool,
+        method: &str,
+        slot: Slot,
+        name: impl FnOnce() -> MethodName,
         peer: Option<SocketAddr>,
         id: Option<u64>,
         now: Option<Instant>,
     ) -> CallWatch {
-        // Read once: a server's path is checked as UTF-8 on each read.
-        let method = name.as_str();
-        let slot = match name {
-            MethodName::Path(Cow::Borrowed(literal)) => {
-                self.instruments.literal_slot(literal, || known(literal))
-            }
-            _ => self.instruments.slot(method, || known(method)),
-        };
         self.instruments.started(slot);
         // Before any subscriber exists, every span is disabled: skip building one (and, with
         // tracing's `log` feature on, its fallback to the `log` crate).
@@ -226,7 +249,7 @@ impl Observer {
             ),
         };
         CallWatch {
-            method: name,
+            method: (!self.listeners.is_empty()).then(name),
             slot,
             started: now,
             span,
@@ -277,11 +300,11 @@ impl Observer {
             }
             _ => tracing::warn!(target: "gorpc::call", "{what}{colon}{message}"),
         }
-        if self.listeners.is_empty() {
+        let Some(method) = &watch.method else {
             return;
-        }
+        };
         let ended = EndedCall {
-            method: watch.method.as_str(),
+            method: method.as_str(),
             peer: watch.peer,
             id: watch.id,
             // Listeners make every call timed.

@@ -19,7 +19,7 @@ use gorpc_proto::{
 use tracing::Instrument as _;
 
 use crate::io::{drive, earliest, Transport};
-use crate::observe::{answered, CallEnd, CallWatch};
+use crate::observe::{answered, CallEnd, CallWatch, MethodSlots};
 use crate::runtime::{Io, PeerCertificates, Runtime};
 use crate::service::{CallStreams, ServerReply, ServerRequest};
 use crate::stream::handoff::{
@@ -121,6 +121,8 @@ pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     transport: Transport<R, I>,
     conn: ServerConn,
     served: Arc<Served>,
+    /// The metrics slots of the methods this connection's calls named.
+    method_slots: MethodSlots,
     peer: SocketAddr,
     /// Read from the socket once (after any TLS handshake) and shared by every request.
     peer_certificates: Option<PeerCertificates>,
@@ -172,6 +174,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             runtime,
             conn: ServerConn::new(config, now, fastrand::u64(..)),
             served,
+            method_slots: MethodSlots::default(),
             peer,
             handler_out: Arc::new(HandlerOut(outputs_tx.clone())),
             outputs_tx,
@@ -369,9 +372,12 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         }
         let id = request.id;
         let served = self.served.clone();
-        let watch = served.watch(&request.head, self.peer, Some(u64::from(id.as_u32())), now);
-        served.observer.request_bytes(&watch, request.body.len());
+        // Read once: the path is checked as UTF-8 on every read.
         let method = request.head.method();
+        let cached = Some(&mut self.method_slots);
+        let call_id = Some(u64::from(id.as_u32()));
+        let watch = served.watch(&request.head, method, cached, self.peer, call_id, now);
+        served.observer.request_bytes(&watch, request.body.len());
         let kind = served.service.stream_kind(method);
         let streams = match (kind, request.client_streams) {
             (None, false) => CallStreams::default(),

@@ -19,7 +19,7 @@ use gorpc_proto::{Code, ConnConfig, Status};
 
 use crate::discovery::{Register, Registration};
 use crate::interceptor::{server_listeners, ServerChain, ServerInterceptor};
-use crate::observe::{CallWatch, ConnectionGauge, MethodName, Observer, Side};
+use crate::observe::{CallWatch, ConnectionGauge, MethodName, MethodSlots, Observer, Side};
 use crate::runtime::{timeout, Listener, Runtime};
 use crate::service::Service;
 pub use admission::AdmissionConfig;
@@ -402,17 +402,22 @@ impl Served {
         }))
     }
 
-    /// Starts watching a call that arrived at `now`.
+    /// Starts watching a call to `method` (its `head`'s) that arrived at `now`; `cached`:
+    /// the connection's slots, where it keeps them.
     pub(crate) fn watch(
         &self,
         head: &gorpc_proto::RequestHead,
+        method: &str,
+        cached: Option<&mut MethodSlots>,
         peer: SocketAddr,
         id: Option<u64>,
         now: Instant,
     ) -> CallWatch {
-        let known = |method: &str| self.service.has_method(method);
-        let name = MethodName::Head(head.clone());
-        self.observer.start(name, known, Some(peer), id, Some(now))
+        let known = || self.service.has_method(method);
+        let slot = self.observer.slot(method, known, cached);
+        let name = || MethodName::Head(head.clone());
+        self.observer
+            .start(method, slot, name, Some(peer), id, Some(now))
     }
 }
 

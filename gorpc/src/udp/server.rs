@@ -26,7 +26,7 @@ use gorpc_proto::{Code, Status};
 use super::{recv_buf, RECV_BATCH};
 use crate::interceptor::{server_listeners, ServerChain, ServerInterceptor};
 use crate::io::{drive, Timer};
-use crate::observe::{answered, CallEnd, CallWatch};
+use crate::observe::{answered, CallEnd, CallWatch, MethodSlots};
 use crate::runtime::{Runtime, UdpSocket};
 use crate::server::stop::{self, Stopper};
 use crate::server::{Served, Shutdown};
@@ -93,6 +93,7 @@ impl<R: Runtime> UdpServer<R> {
             runtime: self.runtime.clone(),
             socket,
             core: DatagramServer::new(self.config, fastrand::u64(..)),
+            method_slots: MethodSlots::default(),
             served: {
                 let listeners = server_listeners(&self.interceptors);
                 let service = ServerChain::wrap(self.interceptors, self.service);
@@ -209,6 +210,8 @@ struct UdpServerDriver<R: Runtime> {
     socket: R::UdpSocket,
     core: DatagramServer<SocketAddr>,
     served: Arc<Served>,
+    /// The metrics slots of the methods called.
+    method_slots: MethodSlots,
     recv_buf: Box<[u8]>,
     /// Answers the socket has not taken yet, with their destination.
     unsent: VecDeque<(SocketAddr, Bytes)>,
@@ -324,14 +327,16 @@ impl<R: Runtime> UdpServerDriver<R> {
             ..
         } = request;
         let served = self.served.clone();
-        let watch = served.watch(&head, from, Some(u64::from(id.as_u32())), now);
+        let method = head.method();
+        let cached = Some(&mut self.method_slots);
+        let call_id = Some(u64::from(id.as_u32()));
+        let watch = served.watch(&head, method, cached, from, call_id, now);
         served.observer.request_bytes(&watch, body.len());
-        if served.service.stream_kind(head.method()).is_some() {
+        if served.service.stream_kind(method).is_some() {
             let status = Status::new(
                 Code::Unimplemented,
                 format!(
-                    "{} is a stream method: UDP carries unary calls only; call it over TCP",
-                    head.method()
+                    "{method} is a stream method: UDP carries unary calls only; call it over TCP"
                 ),
             );
             return self.respond(now, from, token, ServerReply::error(status), watch);
