@@ -363,7 +363,9 @@ struct Route {
 /// Routes calls by method path. Unknown methods get `Unimplemented`.
 #[derive(Clone, Default)]
 pub struct Router {
-    routes: HashMap<Box<str>, Route>,
+    /// A table fixed once built, so lookups by names from the network cannot degrade it:
+    /// the fast hash, not SipHash.
+    routes: HashMap<Box<str>, Route, foldhash::fast::RandomState>,
     /// Any stream route: without one, [`Service::stream_kind`] answers without a lookup.
     has_streams: bool,
 }
