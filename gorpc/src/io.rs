@@ -250,20 +250,33 @@ impl<R: Runtime> Timer<R> {
     }
 
     /// Whether `at` has come; registers for wake-up otherwise.
+    ///
+    /// A timer armed for an earlier instant is left alone: it wakes the driver early once,
+    /// and is armed again for `at` then. Every call's deadline moves the earliest one later
+    /// as calls finish, and re-arming for each would cost a timer reset per call (on
+    /// async-io, a trip through its reactor's timer table, with an allocation).
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>, at: Option<Instant>, now: Instant) -> bool {
         let Some(at) = at else { return false };
         if at <= now {
             return true;
         }
-        if self.armed != Some(at) {
-            self.sleep.reset(at);
-            self.armed = Some(at);
+        loop {
+            match self.armed {
+                Some(armed) if armed <= at => {}
+                _ => {
+                    self.sleep.reset(at);
+                    self.armed = Some(at);
+                }
+            }
+            if Pin::new(&mut self.sleep).poll(cx).is_pending() {
+                return false;
+            }
+            // Fired: `at` has come, or the earlier instant the timer was armed for has,
+            // and it is armed again for `at` (which is still ahead: `at > now`).
+            if self.armed.take() == Some(at) {
+                return true;
+            }
         }
-        if Pin::new(&mut self.sleep).poll(cx).is_ready() {
-            self.armed = None;
-            return true;
-        }
-        false
     }
 }
 
