@@ -10,7 +10,7 @@ use crate::batch;
 use crate::calls::{CallCore, CallTable, Core, HasCore, Side};
 use crate::config::ConnConfig;
 use crate::error::{ProtoError, SendError};
-use crate::flow::{RecvWindow, SendWindow, INITIAL_STREAM_WINDOW};
+use crate::flow::{SendWindow, INITIAL_STREAM_WINDOW};
 use crate::frame::{flags, FrameType};
 use crate::head::{encode_request_head, ResponseHead};
 use crate::link::{CallFrame, CloseReason, Link};
@@ -348,14 +348,7 @@ impl<T> ClientConn<T> {
                 )
             }
         }
-        let mut recv_window = RecvWindow::new(INITIAL_STREAM_WINDOW);
-        if receives_stream {
-            if let Some(increment) =
-                recv_window.widen(INITIAL_STREAM_WINDOW, self.core.link.stream_window)
-            {
-                self.core.link.push_window_update(id, increment);
-            }
-        }
+        let recv_window = self.core.link.open_recv_window(id, receives_stream);
         self.core.calls.insert(
             id,
             ClientCall {

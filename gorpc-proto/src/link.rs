@@ -159,6 +159,19 @@ impl Link {
         self.out.limits()
     }
 
+    /// A new call's receive window: the protocol's initial one, widened at once (with a
+    /// window update to the peer) to the configured stream window if the peer streams to
+    /// the call.
+    pub(crate) fn open_recv_window(&mut self, id: u32, peer_streams: bool) -> RecvWindow {
+        let mut window = RecvWindow::new(INITIAL_STREAM_WINDOW);
+        if peer_streams {
+            if let Some(increment) = window.widen(INITIAL_STREAM_WINDOW, self.stream_window) {
+                self.push_window_update(id, increment);
+            }
+        }
+        window
+    }
+
     pub(crate) fn push_window_update(&mut self, id: u32, increment: u32) {
         let frame = FrameInfo::new(FrameType::WindowUpdate, 0, 0, id);
         self.out.push_small(frame, &increment.to_be_bytes());

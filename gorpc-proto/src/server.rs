@@ -9,7 +9,7 @@ use crate::batch;
 use crate::calls::{CallCore, CallTable, Core, HasCore, Side};
 use crate::config::ConnConfig;
 use crate::error::{ProtoError, SendError};
-use crate::flow::{RecvWindow, SendWindow, INITIAL_STREAM_WINDOW};
+use crate::flow::{SendWindow, INITIAL_STREAM_WINDOW};
 use crate::frame::{flags, FrameType};
 use crate::head::{encode_response_head, RequestHead};
 use crate::link::{CallFrame, CloseReason, Link};
@@ -208,14 +208,7 @@ impl ServerConn {
             client_streams,
             deadline,
         };
-        let mut recv_window = RecvWindow::new(INITIAL_STREAM_WINDOW);
-        if client_streams {
-            if let Some(increment) =
-                recv_window.widen(INITIAL_STREAM_WINDOW, self.core.link.stream_window)
-            {
-                self.core.link.push_window_update(id, increment);
-            }
-        }
+        let recv_window = self.core.link.open_recv_window(id, client_streams);
         let call = ServerCall {
             core: CallCore {
                 deadline,
