@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use futures::future::BoxFuture;
 use futures::FutureExt as _;
@@ -65,6 +65,16 @@ impl Future for SendOn<'_> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Sent> {
         let this = &mut *self;
         loop {
+            // The common case, polled in place: the call is out, its answer awaited.
+            if let Stage::Sent(pending) = &mut this.stage {
+                match ready!(pending.poll_unpin(cx)) {
+                    CallOutcome::NotSent(call) => this.stage = Stage::Checkout(call),
+                    outcome => {
+                        this.stage = Stage::Done;
+                        return Poll::Ready(Ok(answer(outcome)));
+                    }
+                }
+            }
             match std::mem::replace(&mut this.stage, Stage::Done) {
                 Stage::Checkout(call) => {
                     if this.tries > NOT_SENT_RETRIES {
@@ -89,14 +99,8 @@ impl Future for SendOn<'_> {
                         return Poll::Pending;
                     }
                 },
-                Stage::Sent(mut pending) => match pending.poll_unpin(cx) {
-                    Poll::Ready(CallOutcome::NotSent(call)) => this.stage = Stage::Checkout(call),
-                    Poll::Ready(outcome) => return Poll::Ready(Ok(answer(outcome))),
-                    Poll::Pending => {
-                        this.stage = Stage::Sent(pending);
-                        return Poll::Pending;
-                    }
-                },
+                // Polled above, and set again only by `start`, which the loop follows.
+                sent @ Stage::Sent(_) => this.stage = sent,
                 Stage::Done => panic!("SendOn polled after it completed"),
             }
         }

@@ -270,7 +270,7 @@ impl Observer {
 
     /// Ends a watched call: counts it, records its duration, closes its span with one log
     /// line, and tells the listeners.
-    pub(crate) fn end(&self, watch: CallWatch, end: CallEnd, status: Option<&Status>) {
+    pub(crate) fn end(&self, watch: &CallWatch, end: CallEnd, status: Option<&Status>) {
         // Measured when first asked for: a no-op recorder never asks.
         let elapsed = watch.started.map(Elapsed::since);
         let code = end.code();
@@ -361,7 +361,7 @@ impl WatchGuard {
     /// Ends the call, once; later calls do nothing.
     pub(crate) fn end(&mut self, end: CallEnd, status: Option<&Status>) {
         if let Some(watch) = self.watch.take() {
-            self.observer.end(watch, end, status);
+            self.observer.end(&watch, end, status);
         }
     }
 }
@@ -382,14 +382,15 @@ pin_project_lite::pin_project! {
         #[pin]
         call: F,
         observer: &'a Observer,
-        watch: Option<CallWatch>,
+        watch: CallWatch,
+        ended: bool,
     }
 
     impl<F> PinnedDrop for ObservedCall<'_, F> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(watch) = this.watch.take() {
-                this.observer.end(watch, CallEnd::Cancelled, None);
+            if !*this.ended {
+                this.observer.end(this.watch, CallEnd::Cancelled, None);
             }
         }
     }
@@ -401,7 +402,8 @@ impl<'a, F> ObservedCall<'a, F> {
         ObservedCall {
             call,
             observer,
-            watch: Some(watch),
+            watch,
+            ended: false,
         }
     }
 }
@@ -415,21 +417,19 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let result = {
-            let span = this.watch.as_ref().map(|watch| &watch.span);
-            let _entered = span.filter(|span| !span.is_disabled()).map(Span::enter);
+            let span = &this.watch.span;
+            let _entered = (!span.is_disabled()).then(|| span.enter());
             ready!(this.call.poll(cx))
         };
-        if let Some(watch) = this.watch.take() {
-            match &result {
-                Ok(response) => {
-                    this.observer.response_bytes(&watch, response.body.len());
-                    this.observer.end(watch, CallEnd::Answered(Code::Ok), None);
-                }
-                Err(status) => {
-                    this.observer
-                        .end(watch, CallEnd::of_client_error(status), Some(status));
-                }
+        // Ended here, once: a future is not polled again after it is ready.
+        *this.ended = true;
+        let (observer, watch) = (*this.observer, &*this.watch);
+        match &result {
+            Ok(response) => {
+                observer.response_bytes(watch, response.body.len());
+                observer.end(watch, CallEnd::Answered(Code::Ok), None);
             }
+            Err(status) => observer.end(watch, CallEnd::of_client_error(status), Some(status)),
         }
         Poll::Ready(result)
     }

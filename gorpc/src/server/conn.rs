@@ -402,7 +402,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                     .respond(now, id, &status, std::iter::empty(), Bytes::new());
                 return served
                     .observer
-                    .end(watch, CallEnd::Refused(status.code()), Some(&status));
+                    .end(&watch, CallEnd::Refused(status.code()), Some(&status));
             }
         };
         let is_stream = kind.is_some();
@@ -454,7 +454,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         if let Some(handle) = running.abort {
             handle.abort();
         }
-        self.served.observer.end(running.watch, end, None);
+        self.served.observer.end(&running.watch, end, None);
     }
 
     /// The halves a stream call's handler gets, and the driver's side of them.
@@ -581,7 +581,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         }
         self.conn.respond(now, id, &status, metadata.iter(), body);
         if let Some(watch) = watch {
-            observer.end(watch, answered(&status), Some(&status));
+            observer.end(&watch, answered(&status), Some(&status));
         }
     }
 }

@@ -246,7 +246,7 @@ impl<R: Runtime> UdpServerDriver<R> {
                 running.abort.abort();
                 self.served
                     .observer
-                    .end(running.watch, CallEnd::ConnectionLost, None);
+                    .end(&running.watch, CallEnd::ConnectionLost, None);
             }
             return false;
         }
@@ -408,7 +408,7 @@ impl<R: Runtime> UdpServerDriver<R> {
                 let status =
                     self.send(now, running.from, running.token, ServerReply::error(status));
                 let observer = &self.served.observer;
-                observer.end(running.watch, CallEnd::DeadlineExceeded, Some(&status));
+                observer.end(&running.watch, CallEnd::DeadlineExceeded, Some(&status));
                 progress = true;
             }
         }
@@ -430,7 +430,7 @@ impl<R: Runtime> UdpServerDriver<R> {
         let status = self.send(now, to, token, reply);
         self.served
             .observer
-            .end(watch, answered(&status), Some(&status));
+            .end(&watch, answered(&status), Some(&status));
     }
 
     /// Sends an answer; returns the status that went out (the reply's, or the error sent
