@@ -287,3 +287,94 @@ pub(crate) fn read_frames<S: Side + ?Sized>(side: &mut S, now: Instant, buf: &mu
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::ConnConfig;
+    use crate::flow::INITIAL_STREAM_WINDOW;
+
+    #[derive(Debug)]
+    struct Call(CallCore);
+
+    impl HasCore for Call {
+        fn core(&self) -> &CallCore {
+            &self.0
+        }
+        fn core_mut(&mut self) -> &mut CallCore {
+            &mut self.0
+        }
+    }
+
+    fn call(deadline: Option<Instant>) -> Call {
+        Call(CallCore {
+            deadline,
+            codec: 0,
+            wants_writable: false,
+            send_window: SendWindow::new(INITIAL_STREAM_WINDOW),
+            recv_window: RecvWindow::new(INITIAL_STREAM_WINDOW),
+        })
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// A call with this id (taken modulo 16, so ids are reused) and deadline in ms.
+        Start(u32, Option<u16>),
+        /// The n-th live call (modulo their number) finishes.
+        Finish(usize),
+        /// Time moves to this many ms; the calls due expire.
+        Expire(u16),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0..16u32, proptest::option::of(0..200u16)).prop_map(|(id, at)| Step::Start(id, at)),
+            any::<usize>().prop_map(Step::Finish),
+            (0..200u16).prop_map(Step::Expire),
+        ]
+    }
+
+    proptest! {
+        /// Whatever order calls start, finish and expire in, the earliest deadline the table
+        /// names is the earliest of the live calls', and expiry takes exactly the calls due.
+        #[test]
+        fn the_next_deadline_is_always_a_live_calls(steps in proptest::collection::vec(step(), 1..200)) {
+            let base = Instant::now();
+            let ms = |n: u16| base + Duration::from_millis(u64::from(n));
+            let mut link = Link::new(ConnConfig::default(), base);
+            let mut table = CallTable::<Call>::new(IdHasher::default());
+            for step in steps {
+                match step {
+                    Step::Start(id, at) => {
+                        if !table.contains(id) {
+                            table.insert(id, call(at.map(ms)));
+                        }
+                    }
+                    Step::Finish(n) => {
+                        let mut ids: Vec<u32> = table.ids().keys().copied().collect();
+                        ids.sort_unstable();
+                        if !ids.is_empty() {
+                            let id = ids[n % ids.len()];
+                            prop_assert!(table.remove(&mut link, id).is_some());
+                            table.prune();
+                        }
+                    }
+                    Step::Expire(now) => {
+                        let now = ms(now);
+                        while let Some((_, expired)) = table.pop_expired(&mut link, now) {
+                            prop_assert!(expired.0.deadline.is_some_and(|at| at <= now));
+                        }
+                        table.prune();
+                        prop_assert!(table.ids().values().all(|c| c.0.deadline.is_none_or(|at| at > now)));
+                    }
+                }
+                let earliest = table.ids().values().filter_map(|c| c.0.deadline).min();
+                prop_assert_eq!(table.next_deadline(), earliest);
+            }
+        }
+    }
+}
