@@ -13,7 +13,8 @@ use std::task::{Context, Poll, Waker};
 
 struct Mailbox<T> {
     inner: Mutex<Inner<T>>,
-    /// `Inner::closed`, readable without the lock.
+    /// Set under the lock, so a sender holding the lock sees it in order with the queue;
+    /// read without it by `is_closed`.
     closed: AtomicBool,
 }
 
@@ -21,7 +22,6 @@ struct Inner<T> {
     queue: Vec<T>,
     /// The driver, while it waits for something to be queued.
     driver: Option<Waker>,
-    closed: bool,
 }
 
 impl<T> Mailbox<T> {
@@ -31,13 +31,18 @@ impl<T> Mailbox<T> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Marks the mailbox closed; the caller holds the lock.
+    fn close_locked(&self, inner: &mut Inner<T>) -> Option<Waker> {
+        self.closed.store(true, Ordering::Release);
+        inner.driver.take()
+    }
+
     fn close(&self) {
-        let driver = {
-            let mut inner = self.lock();
-            inner.closed = true;
-            self.closed.store(true, Ordering::Release);
-            inner.driver.take()
-        };
+        let driver = self.close_locked(&mut self.lock());
         if let Some(driver) = driver {
             driver.wake();
         }
@@ -85,7 +90,6 @@ pub(crate) fn mailbox<T>() -> (Sender<T>, Receiver<T>) {
         inner: Mutex::new(Inner {
             queue: Vec::new(),
             driver: None,
-            closed: false,
         }),
         closed: AtomicBool::new(false),
     });
@@ -100,8 +104,9 @@ impl<T> Sender<T> {
     /// closed.
     pub(crate) fn send(&self, item: T) -> Result<(), T> {
         let driver = {
-            let mut inner = self.senders.mailbox.lock();
-            if inner.closed {
+            let mailbox = &*self.senders.mailbox;
+            let mut inner = mailbox.lock();
+            if mailbox.is_closed() {
                 return Err(item);
             }
             inner.queue.push(item);
@@ -121,7 +126,7 @@ impl<T> Sender<T> {
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.senders.mailbox.closed.load(Ordering::Acquire)
+        self.senders.mailbox.is_closed()
     }
 }
 
@@ -137,7 +142,7 @@ impl<T> Receiver<T> {
             std::mem::swap(&mut inner.queue, batch);
             return Poll::Ready(true);
         }
-        if inner.closed {
+        if self.mailbox.is_closed() {
             return Poll::Ready(false);
         }
         match &inner.driver {
@@ -155,9 +160,8 @@ impl<T> Receiver<T> {
     /// Closes the mailbox and moves what was queued into `batch`.
     pub(crate) fn close_and_take(&self, batch: &mut Vec<T>) {
         let mut inner = self.mailbox.lock();
-        inner.closed = true;
-        self.mailbox.closed.store(true, Ordering::Release);
-        inner.driver = None;
+        // The driver itself closes: nobody to wake.
+        let _ = self.mailbox.close_locked(&mut inner);
         batch.append(&mut inner.queue);
     }
 }
