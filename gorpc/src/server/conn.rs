@@ -83,8 +83,9 @@ impl Drop for ServerStream {
     }
 }
 
-/// How long a refused connection keeps reading, so that its client reads the refusal.
-const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// How long a closed connection (refused, drained, or broken by its client) keeps reading
+/// and dropping what the client sends, so that the client reads every last frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// Unsent response bytes past which a connection stops reading requests.
 const MAX_WRITE_BACKLOG: usize = 1 << 20;
@@ -209,7 +210,6 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
     /// client sent meanwhile for up to a second so that it gets to read why.
     pub(crate) fn refuse(&mut self, status: Status) {
         self.conn.refuse(status);
-        self.linger_until = Some(Instant::now() + REFUSAL_LINGER);
     }
 
     /// One pass over every source of work. Returns whether anything happened.
@@ -291,6 +291,14 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                 ServerEvent::Closed(reason) => {
                     tracing::debug!(peer = %self.peer, ?reason, "connection closed");
                     self.closing = true;
+                    if self.linger_until.is_none() {
+                        // The client may still be sending: a window update or a ping after
+                        // a drain, the rest of what broke the protocol. Closing with bytes
+                        // unread makes the kernel reset the connection and drop what is
+                        // not yet sent (the last answers, the go-away saying why), so read
+                        // until the client's EOF instead.
+                        self.linger_until = Some(now + CLOSE_LINGER);
+                    }
                     self.streams.clear();
                     for (_, running) in std::mem::take(&mut self.running) {
                         self.stop(running, CallEnd::ConnectionLost);
