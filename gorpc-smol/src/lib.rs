@@ -274,18 +274,9 @@ impl gorpc::runtime::Listener for SmolListener {
 
     fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(SmolIo, SocketAddr)>> {
         loop {
-            match self.0.get_ref().accept() {
-                Ok((stream, peer)) => {
-                    return Poll::Ready(
-                        Async::new(stream)
-                            .and_then(SmolIo::new)
-                            .map(|io| (io, peer)),
-                    )
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.0.poll_readable(cx))?
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            match self.accept_ready() {
+                Ok(Some(accepted)) => return Poll::Ready(Ok(accepted)),
+                Ok(None) => ready!(self.0.poll_readable(cx))?,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -293,6 +284,19 @@ impl gorpc::runtime::Listener for SmolListener {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.0.get_ref().local_addr()
+    }
+
+    fn accept_ready(&self) -> io::Result<Option<(SmolIo, SocketAddr)>> {
+        loop {
+            match self.0.get_ref().accept() {
+                Ok((stream, peer)) => {
+                    return Ok(Some((Async::new(stream).and_then(SmolIo::new)?, peer)))
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 

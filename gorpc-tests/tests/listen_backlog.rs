@@ -5,12 +5,14 @@
 //! its limit (`tcpi_sacked`).
 #![cfg(target_os = "linux")]
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use gorpc::runtime::{tcp_listener, Runtime, DEFAULT_LISTEN_BACKLOG};
+use gorpc::runtime::{tcp_listener, Listener, Runtime, DEFAULT_LISTEN_BACKLOG};
 use gorpc::{Router, Server, ServerHandle};
 use gorpc_tests::{loopback, within, Smol, Tokio};
 use socket2::{Domain, Socket, Type};
@@ -231,4 +233,111 @@ fn a_burst_of_clients_is_accepted_on_tokio() {
 #[test]
 fn a_burst_of_clients_is_accepted_on_smol() {
     smol::block_on(burst_of_clients(Smol::new(), Smol::new()));
+}
+
+/// A runtime whose listeners take nothing until the server drains: the accept loop waits
+/// on a gate that never opens, so every connection stays in the kernel's accept queue, and
+/// only [`Listener::accept_ready`] (which a draining server calls) reaches it.
+#[derive(Clone)]
+struct Gated<R>(R);
+
+struct GatedListener<L>(L);
+
+impl<L: Listener> Listener for GatedListener<L> {
+    type Io = L::Io;
+
+    fn poll_accept(&self, _: &mut Context<'_>) -> Poll<std::io::Result<(L::Io, SocketAddr)>> {
+        Poll::Pending
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    fn accept_ready(&self) -> std::io::Result<Option<(L::Io, SocketAddr)>> {
+        self.0.accept_ready()
+    }
+}
+
+impl<R: Runtime> Runtime for Gated<R> {
+    type Io = R::Io;
+    type Listener = GatedListener<R::Listener>;
+    type Sleep = R::Sleep;
+    type UdpSocket = R::UdpSocket;
+
+    fn spawn<F>(&self, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.0.spawn(future);
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> R::Sleep {
+        self.0.sleep_until(deadline)
+    }
+
+    fn connect(&self, addr: SocketAddr) -> impl Future<Output = std::io::Result<R::Io>> + Send {
+        self.0.connect(addr)
+    }
+
+    async fn bind(
+        &self,
+        addr: SocketAddr,
+        backlog: u32,
+    ) -> std::io::Result<GatedListener<R::Listener>> {
+        self.0.bind(addr, backlog).await.map(GatedListener)
+    }
+
+    fn bind_udp(
+        &self,
+        addr: SocketAddr,
+    ) -> impl Future<Output = std::io::Result<R::UdpSocket>> + Send {
+        self.0.bind_udp(addr)
+    }
+}
+
+/// A client connected, and sent its call, while the server was not accepting; then the
+/// server drains. Closing the port would reset that connection, and its client could not
+/// tell whether the call was served: the drain takes it first, answers the call and says
+/// go-away.
+async fn a_connection_queued_when_the_drain_starts_is_served<R: Runtime>(runtime: R) {
+    let server = bound(Gated(runtime.clone()), None).await;
+    let addr = server.local_addr();
+    let fd = listening_fd(addr);
+    let client = gorpc::Client::builder(runtime.clone())
+        .endpoint(addr)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let call = client.call::<_, u32>("/burst.Test/Echo", &7u32);
+    let drain = async {
+        // Queued: the handshake is done, and the accept loop cannot take it.
+        while accept_queue(fd).0 == 0 {
+            gorpc_tests::sleep(&runtime, Duration::from_millis(5)).await;
+        }
+        server.shutdown(Duration::from_secs(10)).await
+    };
+    let (answer, shutdown) = within(
+        &runtime,
+        Duration::from_secs(30),
+        "the call and the drain",
+        async { futures::join!(call, drain) },
+    )
+    .await;
+    assert_eq!(answer.expect("the queued connection's call is answered"), 7);
+    assert_eq!(shutdown, gorpc::Shutdown::Graceful);
+}
+
+#[test]
+fn a_connection_queued_when_the_drain_starts_is_served_on_tokio() {
+    let rt = gorpc_tests::tokio_runtime();
+    let t = Tokio::from_handle(rt.handle().clone());
+    rt.block_on(a_connection_queued_when_the_drain_starts_is_served(t));
+}
+
+#[test]
+fn a_connection_queued_when_the_drain_starts_is_served_on_smol() {
+    smol::block_on(a_connection_queued_when_the_drain_starts_is_served(
+        Smol::new(),
+    ));
 }

@@ -201,6 +201,16 @@ impl gorpc::runtime::Listener for TokioListener {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.0.local_addr()
     }
+
+    #[cfg(unix)]
+    fn accept_ready(&self) -> io::Result<Option<(TokioIo, SocketAddr)>> {
+        // tokio's own accept trusts the readiness its reactor last saw, which may predate
+        // the connection: ask the kernel.
+        match gorpc::runtime::accept_ready(&self.0)? {
+            Some((stream, peer)) => Ok(Some((TokioIo::new(TcpStream::from_std(stream)?)?, peer))),
+            None => Ok(None),
+        }
+    }
 }
 
 /// A UDP socket on tokio's reactor.

@@ -99,6 +99,36 @@ pub trait Listener: Send + Sync + 'static {
 
     /// The address it is bound to (with the port the system chose for port 0).
     fn local_addr(&self) -> io::Result<SocketAddr>;
+
+    /// Takes a connection the kernel has already completed, without waiting and whatever
+    /// the reactor last reported: `Ok(None)` when there is none. A draining server takes
+    /// these before it closes the port, which would reset them. The default sees none.
+    fn accept_ready(&self) -> io::Result<Option<(Self::Io, SocketAddr)>> {
+        Ok(None)
+    }
+}
+
+/// [`Listener::accept_ready`] for a listener with a file descriptor: one `accept` call
+/// straight to the kernel. The connection comes back non-blocking.
+#[cfg(unix)]
+pub fn accept_ready(
+    listener: &impl std::os::fd::AsFd,
+) -> io::Result<Option<(std::net::TcpStream, SocketAddr)>> {
+    let listener = socket2::SockRef::from(listener);
+    loop {
+        match listener.accept() {
+            Ok((socket, peer)) => {
+                socket.set_nonblocking(true)?;
+                let peer = peer
+                    .as_socket()
+                    .ok_or_else(|| io::Error::other("a TCP peer without an IP address"))?;
+                return Ok(Some((socket.into(), peer)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// A bound UDP socket. Methods take `&self`, like the runtimes' own sockets, so receiving

@@ -711,17 +711,34 @@ impl<R: Runtime> AcceptLoop<R> {
 
     async fn run(self) {
         let mut drain: conn::SignalRx = Box::pin(self.signals.drain.clone());
+        let mut draining = false;
+        // Once draining, the connections the kernel already completed are still taken (and
+        // told to go): closing the port under them would reset them, and their clients could
+        // not tell whether their calls were served. At most a backlog's worth.
+        let mut backlog = self.config.listen_backlog as usize;
         loop {
             let accepted = std::future::poll_fn(|cx| {
-                if conn::poll_closed(&mut drain, cx) {
+                draining = draining || conn::poll_closed(&mut drain, cx);
+                if !draining {
+                    return self.listener.poll_accept(cx).map(Some);
+                }
+                if backlog == 0 {
                     return Poll::Ready(None);
                 }
-                self.listener.poll_accept(cx).map(Some)
+                Poll::Ready(match self.listener.poll_accept(cx) {
+                    Poll::Ready(accepted) => Some(accepted),
+                    Poll::Pending => self.listener.accept_ready().transpose(),
+                })
             })
             .await;
             let (io, peer) = match accepted {
-                None => break, // draining: stop accepting and release the port
+                None => break, // drained: stop accepting and release the port
+                Some(Ok(accepted)) if draining => {
+                    backlog -= 1;
+                    accepted
+                }
                 Some(Ok(accepted)) => accepted,
+                Some(Err(_)) if draining => break,
                 Some(Err(e)) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
