@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -30,10 +30,12 @@ use super::{
     ACCEPTED_CONTENT_TYPES, AUTHORIZATION_METADATA, MESSAGE_HEADER, METADATA_PREFIX, STATUS_HEADER,
     TIMEOUT_HEADER,
 };
+use crate::io::Timer;
 use crate::metadata::Metadata;
 use crate::observe::{answered, CallEnd, WatchGuard};
 use crate::runtime::{Io, PeerCertificates, Runtime};
 use crate::server::conn::{poll_closed, ServerConnection, SignalRx, Signals};
+use crate::server::idle::{CallCount, IdleSlot, InFlight};
 use crate::server::Served;
 use crate::service::{ServerReply, ServerRequest};
 
@@ -199,10 +201,6 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
         }
     })
     .await;
-    if matches!(protocol, Some(Protocol::Http1 | Protocol::Http2)) {
-        // hyper keeps HTTP connections itself: the server never picks one to make room.
-        signals.idle.set_busy();
-    }
     let peer_certificates = io.peer_certificates();
     let edge = |protocol| Edge {
         runtime: runtime.clone(),
@@ -216,6 +214,16 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
         serving: signals.serving.clone(),
         protocol,
         calls: Default::default(),
+        // hyper runs the calls: they count themselves, so that the connection is idle (to
+        // be closed at the idle timeout, or to make room at the limit) only with none in
+        // flight.
+        in_flight: CallCount::new(signals.idle.clone()),
+    };
+    let idle_watch = || IdleWatch::<R> {
+        slot: signals.idle.clone(),
+        timeout: signals.idle_timeout,
+        timer: Timer::new(&runtime),
+        told_to_go: None,
     };
     match protocol {
         None => {}
@@ -230,6 +238,7 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
         #[cfg(feature = "grpc")]
         Some(Protocol::Http2) => {
             let edge = Arc::new(edge(Protocol::Http2));
+            let mut idle = idle_watch();
             let mut builder =
                 hyper::server::conn::http2::Builder::new(super::rt::HyperExecutor(runtime.clone()));
             builder
@@ -249,10 +258,13 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
                 if poll_closed(&mut abort, cx) {
                     return Poll::Ready(());
                 }
-                if !draining && poll_closed(&mut drain, cx) {
+                if !draining && (poll_closed(&mut drain, cx) || idle.poll_should_go(cx)) {
                     // GOAWAY: calls under way finish, no new ones start.
                     draining = true;
                     conn.as_mut().graceful_shutdown();
+                }
+                if idle.poll_overstayed(cx) {
+                    return Poll::Ready(());
                 }
                 conn.as_mut().poll(cx).map(|result| {
                     if let Err(error) = result {
@@ -266,6 +278,7 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
         #[allow(unreachable_patterns)]
         Some(Protocol::Http1 | Protocol::Http2) => {
             let edge = Arc::new(edge(Protocol::Http1));
+            let mut idle = idle_watch();
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(HyperTimer(runtime.clone()))
@@ -283,10 +296,13 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
                 if poll_closed(&mut abort, cx) {
                     return Poll::Ready(false);
                 }
-                if !draining && poll_closed(&mut drain, cx) {
+                if !draining && (poll_closed(&mut drain, cx) || idle.poll_should_go(cx)) {
                     // The answer under way is the last; an idle connection closes now.
                     draining = true;
                     Pin::new(&mut conn).graceful_shutdown();
+                }
+                if idle.poll_overstayed(cx) {
+                    return Poll::Ready(false);
                 }
                 conn.poll_without_shutdown(cx).map(|result| {
                     if let Err(error) = result {
@@ -357,6 +373,8 @@ pub(crate) struct Edge<R> {
     /// stream halves, as binary ones do).
     #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
     calls: std::sync::atomic::AtomicU32,
+    /// The connection's calls in flight.
+    in_flight: Arc<CallCount>,
 }
 
 impl<R> Edge<R> {
@@ -379,6 +397,7 @@ impl<R: Runtime> hyper::service::Service<Request<hyper::body::Incoming>> for Hyp
 
     fn call(&self, request: Request<hyper::body::Incoming>) -> Self::Future {
         let edge = self.0.clone();
+        let in_flight = edge.in_flight.begin();
         #[cfg(feature = "grpc")]
         if edge.protocol == Protocol::Http2 {
             let grpc = request
@@ -388,7 +407,8 @@ impl<R: Runtime> hyper::service::Service<Request<hyper::body::Incoming>> for Hyp
             match grpc {
                 Some(Ok(Some(codec))) => {
                     return Box::pin(async move {
-                        Ok(crate::grpc::server::serve(&edge, request, codec).await)
+                        let response = crate::grpc::server::serve(&edge, request, codec).await;
+                        Ok(counted_until_sent(response, in_flight))
                     });
                 }
                 Some(Err(message)) => {
@@ -400,7 +420,90 @@ impl<R: Runtime> hyper::service::Service<Request<hyper::body::Incoming>> for Hyp
             }
         }
         // Its own future, apart from gRPC's larger one: it is moved into its box whole.
-        Box::pin(async move { Ok(edge.serve_http(request).await) })
+        Box::pin(async move {
+            let response = edge.serve_http(request).await;
+            Ok(counted_until_sent(response, in_flight))
+        })
+    }
+}
+
+/// A call counts as in flight until its answer is out: an answer held whole is, once
+/// hyper has it; a stream's body carries the count until it ends.
+fn counted_until_sent(response: Response<EdgeBody>, in_flight: InFlight) -> Response<EdgeBody> {
+    response.map(|body| match body {
+        EdgeBody::Stream(body) => EdgeBody::Stream(Box::pin(CountedBody {
+            body,
+            _in_flight: in_flight,
+        })),
+        whole => whole,
+    })
+}
+
+/// A stream call's response body, counted as a call in flight while it lives.
+struct CountedBody {
+    body: Pin<Box<dyn http_body::Body<Data = Bytes, Error = Status> + Send>>,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        self.get_mut().body.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// How long an HTTP connection told to go for idleness may take to close. HTTP/2's graceful
+/// close waits for the client to answer a ping, which a client that only holds connections
+/// open never does.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// When an HTTP connection should go, as the binary driver decides for its own: the server
+/// asked it to make room for a new one, or it has had no call in flight for the server's
+/// idle timeout.
+struct IdleWatch<R: Runtime> {
+    slot: Arc<IdleSlot>,
+    timeout: Option<Duration>,
+    timer: Timer<R>,
+    told_to_go: Option<Instant>,
+}
+
+impl<R: Runtime> IdleWatch<R> {
+    /// Whether the connection should go now; from then on it has [`IDLE_CLOSE_GRACE`].
+    fn poll_should_go(&mut self, cx: &mut Context<'_>) -> bool {
+        let now = Instant::now();
+        let go = self.slot.poll_evicted(cx)
+            || self.timeout.is_some_and(|limit| {
+                // A call's end does not wake the connection: while busy, look again a
+                // whole timeout later, when it has been idle for at most that long.
+                let since = self.slot.idle_since().unwrap_or(now);
+                self.timer.poll(cx, since.checked_add(limit), now)
+            });
+        if go {
+            self.told_to_go = Some(now);
+        }
+        go
+    }
+
+    /// Whether a connection told to go is still open past its grace: it is closed then.
+    fn poll_overstayed(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(told) = self.told_to_go else {
+            return false;
+        };
+        self.timer
+            .poll(cx, told.checked_add(IDLE_CLOSE_GRACE), Instant::now())
     }
 }
 

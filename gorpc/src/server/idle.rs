@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+#[cfg(feature = "http")]
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Context;
@@ -47,16 +49,24 @@ impl IdleSlot {
         }
     }
 
-    /// The connection went idle at `since`.
+    /// The connection went idle at `since`. Written only when that changes, so the order
+    /// can be sequentially consistent for free (see [`InFlight`]).
     pub(crate) fn set_idle(&self, since: Instant) {
         let micros = since.saturating_duration_since(self.epoch).as_micros();
         let micros = u64::try_from(micros).unwrap_or(BUSY - 1);
-        self.idle_since.store(micros, Ordering::Relaxed);
+        self.idle_since.store(micros, Ordering::SeqCst);
     }
 
     /// The connection has calls in flight again.
     pub(crate) fn set_busy(&self) {
-        self.idle_since.store(BUSY, Ordering::Relaxed);
+        self.idle_since.store(BUSY, Ordering::SeqCst);
+    }
+
+    /// When the connection went idle; `None` while it has calls in flight.
+    #[cfg(feature = "http")]
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
+        let micros = self.idle_since.load(Ordering::SeqCst);
+        (micros != BUSY).then(|| self.epoch + std::time::Duration::from_micros(micros))
     }
 
     /// Whether the server asked this connection to go, to make room for a new one;
@@ -72,6 +82,54 @@ impl IdleSlot {
     fn evict(&self) {
         self.evicted.store(true, Ordering::Release);
         self.waker.wake();
+    }
+}
+
+/// The calls in flight on a connection whose calls run where its driver does not see them
+/// end (hyper's HTTP connections): each call holds an [`InFlight`], and the connection's
+/// slot hears when the count leaves zero and when it comes back.
+#[cfg(feature = "http")]
+#[derive(Debug)]
+pub(crate) struct CallCount {
+    in_flight: AtomicUsize,
+    slot: Arc<IdleSlot>,
+}
+
+#[cfg(feature = "http")]
+impl CallCount {
+    pub(crate) fn new(slot: Arc<IdleSlot>) -> Arc<CallCount> {
+        Arc::new(CallCount {
+            in_flight: AtomicUsize::new(0),
+            slot,
+        })
+    }
+
+    /// A call started; it counts until the returned guard drops.
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.slot.set_busy();
+        }
+        InFlight(self.clone())
+    }
+}
+
+/// One call counted in a [`CallCount`].
+#[cfg(feature = "http")]
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<CallCount>);
+
+#[cfg(feature = "http")]
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let count = &self.0;
+        if count.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            count.slot.set_idle(Instant::now());
+            // A call that began meanwhile may have marked the slot busy before this marked
+            // it idle. Every step is sequentially consistent, so looking again settles it.
+            if count.in_flight.load(Ordering::SeqCst) > 0 {
+                count.slot.set_busy();
+            }
+        }
     }
 }
 
@@ -249,6 +307,33 @@ mod tests {
             "a closed connection frees its place"
         );
         assert!(table.lock().slots.len() <= 3);
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_counted_connection_is_idle_only_with_no_call_in_flight() {
+        let table = IdleTable::new();
+        let tracked = table.track(A, None).unwrap();
+        let count = CallCount::new(tracked.slot.clone());
+        assert!(tracked.slot.idle_since().is_some(), "idle until a call");
+        let first = count.begin();
+        let second = count.begin();
+        assert_eq!(tracked.slot.idle_since(), None);
+        drop(first);
+        assert_eq!(
+            tracked.slot.idle_since(),
+            None,
+            "one call is still in flight"
+        );
+        assert!(!table.evict_longest_idle());
+        let before = Instant::now();
+        drop(second);
+        let since = tracked
+            .slot
+            .idle_since()
+            .expect("idle once the last call ends");
+        assert!(since + Duration::from_millis(1) >= before);
+        assert!(table.evict_longest_idle());
     }
 
     #[test]

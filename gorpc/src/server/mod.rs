@@ -2,7 +2,7 @@
 
 mod admission;
 pub(crate) mod conn;
-mod idle;
+pub(crate) mod idle;
 mod serving;
 pub(crate) mod stop;
 mod trim;
