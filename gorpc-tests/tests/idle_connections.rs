@@ -222,7 +222,9 @@ async fn connections_per_ip_are_capped<S: Runtime, C: Runtime>(server_rt: S, cli
 /// `GET /healthz`, answered).
 async fn quiet_http<R: Runtime>(runtime: &R, addr: SocketAddr, http2: bool) -> R::Io {
     let mut io = runtime.connect(addr).await.expect("connects");
-    let (request, answered): (&[u8], fn(&[u8]) -> bool) = if http2 {
+    /// Whether what the server sent so far answers the request.
+    type Answered = fn(&[u8]) -> bool;
+    let (request, answered): (&[u8], Answered) = if http2 {
         (
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0",
             // The server's first frame: SETTINGS (type 4).
