@@ -52,7 +52,9 @@ pub async fn serve<R: Runtime>(rt: R, workload: Workload) -> std::io::Result<Soc
         Workload::Stream => Router::new().server_stream(DOWNLOAD_METHOD, Raw, download),
         Workload::Upload => Router::new().client_stream(UPLOAD_METHOD, Raw, upload),
     };
-    let mut server = Server::new(rt, router);
+    // No cap on connections (the default refuses beyond 10,000), as tonic, tarpc and raw
+    // have none: `--idle-connections` holds as many as the open-file limit allows.
+    let mut server = Server::new(rt, router).max_connections(usize::MAX);
     if workload == Workload::Http {
         server = server.http();
     }

@@ -45,7 +45,9 @@ pub async fn serve<R: Runtime>(rt: R, workload: Workload) -> std::io::Result<Soc
             ))
         }
     };
+    // No cap on connections, as the gorpc rows' servers (see `super::gorpc::serve`).
     let server = Server::new(rt, router)
+        .max_connections(usize::MAX)
         .http()
         .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await?;
