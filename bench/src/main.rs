@@ -35,6 +35,16 @@
 //! `--repeat N` runs the whole selection N times and ends with each ratio's median and its
 //! min–max over the runs.
 //!
+//! `--idle-connections N` measures memory instead of a load: for each system in turn, its
+//! echo server's resident set (`VmRSS`) before and after N connections from the system's own
+//! client, each on a TCP connection of its own, each having made one echo call of
+//! `--payload` bytes and then held idle for 2 s; one JSON line per system with the KiB per
+//! connection, and a table with each system's ratio to gorpc-tokio (`--secs`,
+//! `--concurrency` and the like do not apply; gorpc-grpc-client, whose server is tonic's, is
+//! skipped; see `idle_conns.rs`):
+//!
+//! cargo run --release -p gorpc-bench -- --system all --idle-connections 2000
+//!
 //! With `--sweep 1,4,16,64,256` instead of `--concurrency`, every selected system runs at each
 //! of those concurrencies in turn (one JSON line per system and concurrency), and `--plot
 //! PATH.png` draws qps and p99 latency against concurrency (for the stream workloads,
@@ -43,6 +53,7 @@
 //! cargo run --release -p gorpc-bench -- --system all --sweep 1,4,16,64,256 --payload 1024 \
 //!     --secs 2 --warmup 1 --connections 1 --plot bench/results.png
 
+mod idle_conns;
 mod loadgen;
 mod plot;
 mod progress;
@@ -212,6 +223,11 @@ struct RunArgs {
     /// min–max over the runs.
     #[arg(long, default_value_t = 1, value_name = "N")]
     repeat: usize,
+    /// Instead of a load: hold this many idle connections to each server, each having made
+    /// one echo call of --payload bytes, and report the server's resident memory per
+    /// connection (--secs, --warmup, --concurrency and --connections do not apply).
+    #[arg(long, value_name = "N", conflicts_with_all = ["sweep", "plot"])]
+    idle_connections: Option<usize>,
 }
 
 /// One result line; the field order is the output's key order.
@@ -333,6 +349,11 @@ impl ServerProcess {
         Ok(ServerProcess { child, stdin })
     }
 
+    /// The child's process id.
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for the child to print its port.
     fn port(&mut self, timeout: Duration) -> Result<u16, String> {
         let stdout = self
@@ -421,6 +442,15 @@ fn run_main(args: RunArgs) -> ExitCode {
         (args.messages == 0, "--messages must be at least 1"),
         (args.repeat == 0, "--repeat must be at least 1"),
         (
+            args.idle_connections == Some(0),
+            "--idle-connections must be at least 1",
+        ),
+        (
+            args.idle_connections.is_some() && args.workload != Workload::Echo,
+            "--idle-connections holds connections to the echo servers; it takes no other \
+             --workload",
+        ),
+        (
             args.repeat > 1 && args.plot.is_some(),
             "--plot draws one run; it does not combine with --repeat",
         ),
@@ -449,6 +479,9 @@ fn run_main(args: RunArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     pin(args.client_cpu, "client");
+    if let Some(n) = args.idle_connections {
+        return idle_conns::run(&args, n);
+    }
 
     let (systems, skipped): (Vec<System>, Vec<System>) = selected(&args.system)
         .into_iter()
@@ -1044,6 +1077,22 @@ mod tests {
             Cli::try_parse_from(["gorpc-bench", "--sweep", "1,4", "--concurrency", "8"]).is_err()
         );
         assert!(Cli::try_parse_from(["gorpc-bench", "--sweep", "1,x"]).is_err());
+    }
+
+    #[test]
+    fn idle_connections_is_a_mode_of_its_own() {
+        let cli =
+            Cli::try_parse_from(["gorpc-bench", "--idle-connections", "2000"]).expect("parses");
+        assert_eq!(cli.run.idle_connections, Some(2000));
+        for with in [
+            &["--sweep", "1,4"][..],
+            &["--sweep", "1,4", "--plot", "a.png"],
+        ] {
+            let args = ["gorpc-bench", "--idle-connections", "10"]
+                .iter()
+                .chain(with);
+            assert!(Cli::try_parse_from(args).is_err(), "{with:?}");
+        }
     }
 
     #[test]

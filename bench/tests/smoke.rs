@@ -312,3 +312,29 @@ fn repeat_prints_each_run_and_the_median_of_the_ratios() {
         .unwrap_or_else(|| panic!("no median line in {stderr}"));
     assert!(median.ends_with("x)"), "{median}");
 }
+
+#[test]
+fn idle_connections_reads_each_servers_memory() {
+    let (rows, stderr) = run_ok(&[
+        "--system",
+        "gorpc-tokio,gorpc-grpc-client,raw",
+        "--idle-connections",
+        "20",
+    ]);
+    assert!(
+        stderr.contains("skipping gorpc-grpc-client: --idle-connections measures servers"),
+        "{stderr}"
+    );
+    assert_eq!(systems_of(&rows), ["gorpc-tokio", "raw"]);
+    for row in &rows {
+        assert_eq!(row["idle_connections"].as_u64(), Some(20), "{row}");
+        assert_eq!(row["errors"].as_u64(), Some(0), "{row}");
+        assert!(row["rss_baseline_kib"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["rss_after_kib"].as_u64().is_some(), "{row}");
+        assert!(row["kib_per_connection"].as_f64().is_some(), "{row}");
+    }
+    assert!(
+        stderr.contains("| system | idle connections | payload |"),
+        "{stderr}"
+    );
+}

@@ -261,6 +261,27 @@ pub async fn stream_callers<R: Runtime>(
         .collect())
 }
 
+/// One connection of `--idle-connections`: a client of its own (a pool of one connection,
+/// connected before the call) that has made one echo call of `payload`. Holding the client
+/// holds the connection.
+pub async fn idle_connection<R: Runtime>(
+    rt: R,
+    addr: SocketAddr,
+    payload: &Bytes,
+) -> Result<Client, String> {
+    let client = Client::connect(rt, addr, ClientConfig::default())
+        .await
+        .map_err(|s| format!("gorpc connect: {s:?}"))?;
+    let rsp = client
+        .call_raw(ECHO_METHOD, 0, payload.clone(), CallOptions::default())
+        .await
+        .map_err(|s| format!("gorpc echo: {s:?}"))?;
+    if rsp.body != *payload {
+        return Err("gorpc echo: the reply is not the payload".to_owned());
+    }
+    Ok(client)
+}
+
 /// A client whose pool holds `p.connections` connections, receiving streams with the
 /// windows asked for (gorpc's defaults otherwise: 64 KiB per call, 1 MiB per connection).
 async fn connect<R: Runtime>(rt: R, p: &ClientParams) -> Result<Client, String> {

@@ -529,6 +529,32 @@ async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(conn)
 }
 
+/// One connection of `--idle-connections`: a connection that has echoed one frame of
+/// `payload`. Holding the stream holds the connection.
+pub async fn idle_connection(addr: SocketAddr, payload: &Bytes) -> Result<TcpStream, String> {
+    let mut conn = connect(addr)
+        .await
+        .map_err(|e| format!("raw connect: {e}"))?;
+    let mut frame = BytesMut::with_capacity(4 + payload.len());
+    frame.put_u32(payload.len() as u32);
+    frame.extend_from_slice(payload);
+    let mut reply = vec![0u8; payload.len()];
+    let echoed: std::io::Result<bool> = async {
+        conn.write_all(&frame).await?;
+        if conn.read_u32().await? as usize != payload.len() {
+            return Ok(false);
+        }
+        conn.read_exact(&mut reply).await?;
+        Ok(reply[..] == payload[..])
+    }
+    .await;
+    match echoed {
+        Ok(true) => Ok(conn),
+        Ok(false) => Err("raw echo: the reply is not the payload".to_owned()),
+        Err(e) => Err(format!("raw echo: {e}")),
+    }
+}
+
 /// `p.concurrency` stream tasks, each with its own connection, connected up front.
 pub async fn stream_callers(p: &ClientParams) -> Result<Vec<RawStreamCaller>, String> {
     let order = DownloadOrder {

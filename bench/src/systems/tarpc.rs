@@ -100,14 +100,7 @@ pub async fn callers(p: &ClientParams) -> Result<Vec<TarpcCaller>, String> {
     }
     let mut clients = Vec::with_capacity(p.connections);
     for _ in 0..p.connections {
-        let mut connect = tcp::connect(p.addr, Bincode::default);
-        connect.config_mut().max_frame_length(MAX_FRAME);
-        let transport = connect.await.map_err(|e| format!("tarpc connect: {e}"))?;
-        transport
-            .get_ref()
-            .set_nodelay(true)
-            .map_err(|e| e.to_string())?;
-        clients.push(EchoClient::new(client::Config::default(), transport).spawn());
+        clients.push(connect(p.addr).await?);
     }
     Ok((0..p.concurrency)
         .map(|i| {
@@ -128,6 +121,32 @@ pub async fn callers(p: &ClientParams) -> Result<Vec<TarpcCaller>, String> {
             }
         })
         .collect())
+}
+
+/// One connection of `--idle-connections`: a client of its own that has made one echo call
+/// of `payload`. Holding the client holds the connection (and its dispatch task).
+pub async fn idle_connection(addr: SocketAddr, payload: &[u8]) -> Result<EchoClient, String> {
+    let client = connect(addr).await?;
+    let reply = client
+        .echo(context::current(), payload.to_vec())
+        .await
+        .map_err(|e| format!("tarpc echo: {e}"))?;
+    if reply != payload {
+        return Err("tarpc echo: the reply is not the payload".to_owned());
+    }
+    Ok(client)
+}
+
+/// A client on a TCP connection of its own, its dispatch task spawned.
+async fn connect(addr: SocketAddr) -> Result<EchoClient, String> {
+    let mut connect = tcp::connect(addr, Bincode::default);
+    connect.config_mut().max_frame_length(MAX_FRAME);
+    let transport = connect.await.map_err(|e| format!("tarpc connect: {e}"))?;
+    transport
+        .get_ref()
+        .set_nodelay(true)
+        .map_err(|e| e.to_string())?;
+    Ok(EchoClient::new(client::Config::default(), transport).spawn())
 }
 
 /// Why tarpc does not run `workload`, if it does not.

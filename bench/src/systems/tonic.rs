@@ -244,6 +244,33 @@ pub async fn stream_callers(p: &ClientParams) -> Result<Vec<TonicStreamCaller>, 
         .collect())
 }
 
+/// One connection of `--idle-connections`: a channel of its own (one HTTP/2 connection,
+/// hyper's default windows) that has made one echo call of `payload`. Holding the client
+/// holds the connection.
+pub async fn idle_connection(
+    addr: SocketAddr,
+    payload: &Bytes,
+) -> Result<EchoClient<Channel>, String> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("tonic connect: {e}"))?;
+    let mut client = EchoClient::new(channel);
+    let request = EchoRequest {
+        payload: payload.clone(),
+    };
+    let reply = client
+        .echo(request)
+        .await
+        .map_err(|e| format!("tonic echo: {e}"))?;
+    if reply.into_inner().payload != *payload {
+        return Err("tonic echo: the reply is not the payload".to_owned());
+    }
+    Ok(client)
+}
+
 /// `p.connections` HTTP/2 channels, connected up front, receiving streams with the windows
 /// asked for (hyper's defaults otherwise: 2 MiB per stream, 5 MiB per connection).
 async fn connect(p: &ClientParams) -> Result<Vec<Channel>, String> {
