@@ -407,8 +407,9 @@ impl<R: Runtime> hyper::service::Service<Request<hyper::body::Incoming>> for Hyp
             match grpc {
                 Some(Ok(Some(codec))) => {
                     return Box::pin(async move {
-                        let response = crate::grpc::server::serve(&edge, request, codec).await;
-                        Ok(counted_until_sent(response, in_flight))
+                        let mut response = crate::grpc::server::serve(&edge, request, codec).await;
+                        count_until_sent(&mut response, in_flight);
+                        Ok(response)
                     });
                 }
                 Some(Err(message)) => {
@@ -421,22 +422,25 @@ impl<R: Runtime> hyper::service::Service<Request<hyper::body::Incoming>> for Hyp
         }
         // Its own future, apart from gRPC's larger one: it is moved into its box whole.
         Box::pin(async move {
-            let response = edge.serve_http(request).await;
-            Ok(counted_until_sent(response, in_flight))
+            let mut response = edge.serve_http(request).await;
+            count_until_sent(&mut response, in_flight);
+            Ok(response)
         })
     }
 }
 
 /// A call counts as in flight until its answer is out: an answer held whole is, once
 /// hyper has it; a stream's body carries the count until it ends.
-fn counted_until_sent(response: Response<EdgeBody>, in_flight: InFlight) -> Response<EdgeBody> {
-    response.map(|body| match body {
-        EdgeBody::Stream(body) => EdgeBody::Stream(Box::pin(CountedBody {
-            body,
-            _in_flight: in_flight,
-        })),
-        whole => whole,
-    })
+fn count_until_sent(response: &mut Response<EdgeBody>, in_flight: InFlight) {
+    let body = response.body_mut();
+    if matches!(body, EdgeBody::Stream(_)) {
+        if let EdgeBody::Stream(body_stream) = std::mem::replace(body, EdgeBody::Full(None)) {
+            *body = EdgeBody::Stream(Box::pin(CountedBody {
+                body: body_stream,
+                _in_flight: in_flight,
+            }));
+        }
+    }
 }
 
 /// A stream call's response body, counted as a call in flight while it lives.
