@@ -18,7 +18,6 @@
 //! workloads.
 
 use std::future::Future;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,7 +28,9 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::systems::{self, System, Workload};
-use crate::{and_list, ratio_lines, repeat_summary, round, run_heading, spread, Ratios};
+use crate::{
+    and_list, print_json_line, ratio_lines, repeat_summary, round, run_heading, spread, Ratios,
+};
 use crate::{RunArgs, ServerProcess};
 
 /// How long the server is left after the warm-up connection closes, before the baseline.
@@ -140,13 +141,7 @@ pub fn run(args: &RunArgs, n: usize) -> ExitCode {
                 }
             };
             failed |= row.errors > 0;
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(
-                out,
-                "{}",
-                serde_json::to_string(&row).expect("a row serializes")
-            );
-            let _ = out.flush();
+            print_json_line(&row);
             rows.push(row);
         }
         eprint!("{}{}", run_heading(run, args), summary(&rows));

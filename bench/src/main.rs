@@ -598,13 +598,7 @@ fn run_calls(plan: &Plan, run: Option<usize>) -> RunOutcome {
                 errors: measured.errors,
                 run,
             };
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(
-                out,
-                "{}",
-                serde_json::to_string(&row).expect("a row serializes")
-            );
-            let _ = out.flush();
+            print_json_line(&row);
             rows.push(row);
         }
     }
@@ -667,13 +661,7 @@ fn run_streams(plan: &Plan, run: Option<usize>) -> RunOutcome {
                 errors: measured.errors,
                 run,
             };
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(
-                out,
-                "{}",
-                serde_json::to_string(&row).expect("a row serializes")
-            );
-            let _ = out.flush();
+            print_json_line(&row);
             rows.push(row);
         }
     }
@@ -813,6 +801,18 @@ fn and_list(names: &[&str]) -> String {
         [one] => (*one).to_owned(),
         [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
     }
+}
+
+/// One result as a JSON line on stdout, flushed at once so that a reader sees each row as
+/// it is measured.
+fn print_json_line(row: &impl Serialize) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{}",
+        serde_json::to_string(row).expect("a row serializes")
+    );
+    let _ = out.flush();
 }
 
 fn round(x: f64, digits: i32) -> f64 {

@@ -67,6 +67,24 @@ async fn client<R: Runtime>(runtime: R, server: &ServerHandle<impl Runtime>) -> 
         .expect("a client")
 }
 
+/// A new client connects and its call is answered (`context` goes in the failure message).
+async fn newcomer_is_served<C: Runtime>(
+    client_rt: &C,
+    server: &ServerHandle<impl Runtime>,
+    context: &str,
+) {
+    let newcomer = client(client_rt.clone(), server).await;
+    let echoed: u32 = within(
+        client_rt,
+        WAIT,
+        "the newcomer's call",
+        newcomer.call(ECHO, &1),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the newcomer is served{context}: {e}"));
+    assert_eq!(echoed, 1);
+}
+
 /// A connection that answers pings but makes no call is closed at the idle timeout; one
 /// that keeps calling is not, and the server keeps serving.
 async fn idle_connection_is_closed_even_while_it_pings<S: Runtime, C: Runtime>(
@@ -122,16 +140,7 @@ async fn at_the_limit_the_longest_idle_makes_room<S: Runtime, C: Runtime>(
             .await
             .unwrap();
         // The third connection: admitted, since the first is idle.
-        let newcomer = client(client_rt.clone(), &server).await;
-        let echoed: u32 = within(
-            &client_rt,
-            WAIT,
-            "the newcomer's call",
-            newcomer.call(ECHO, &1),
-        )
-        .await
-        .expect("the newcomer is served");
-        assert_eq!(echoed, 1);
+        newcomer_is_served(&client_rt, &server, "").await;
         until_told_to_go(&client_rt, &quiet, "the idle connection evicted").await;
         drop(release_tx);
     });
@@ -317,16 +326,7 @@ async fn at_the_limit_an_idle_http_connection_makes_room<S: Runtime, C: Runtime>
             .await
             .unwrap();
         let mut quiet = quiet_http(&client_rt, server.local_addr(), http2).await;
-        let newcomer = client(client_rt.clone(), &server).await;
-        let echoed: u32 = within(
-            &client_rt,
-            WAIT,
-            "the newcomer's call",
-            newcomer.call(ECHO, &1),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("the newcomer is served (HTTP/2: {http2}): {e}"));
-        assert_eq!(echoed, 1);
+        newcomer_is_served(&client_rt, &server, &format!(" (HTTP/2: {http2})")).await;
         until_closed(&client_rt, &mut quiet, "the idle HTTP connection evicted").await;
         server.abort().await;
     }
