@@ -34,8 +34,9 @@ use crate::io::Timer;
 use crate::metadata::Metadata;
 use crate::observe::{answered, CallEnd, WatchGuard};
 use crate::runtime::{Io, PeerCertificates, Runtime};
-use crate::server::conn::{poll_closed, ServerConnection, SignalRx, Signals};
+use crate::server::conn::{ServerConnection, Signals};
 use crate::server::idle::{CallCount, IdleSlot, InFlight};
+use crate::server::stop::SignalRx;
 use crate::server::Served;
 use crate::service::{ServerReply, ServerRequest};
 
@@ -162,8 +163,8 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
         refusal,
     } = accepted;
     let mut first_bytes = BytesMut::new();
-    let mut drain: SignalRx = Box::pin(signals.drain.clone());
-    let mut abort: SignalRx = Box::pin(signals.abort.clone());
+    let mut drain = SignalRx::new(&signals.drain);
+    let mut abort = SignalRx::new(&signals.abort);
     let mut silence = runtime.sleep_until(Instant::now() + SNIFF_WAIT);
     // Under TLS the handshake may have chosen already.
     let chosen = match io.alpn_protocol() {
@@ -175,7 +176,7 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
         if let Some(protocol) = chosen {
             return Poll::Ready(Some(protocol));
         }
-        if poll_closed(&mut abort, cx) {
+        if abort.poll_given(cx) {
             return Poll::Ready(None);
         }
         if let Some(protocol) = sniff(&first_bytes) {
@@ -184,7 +185,7 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
         // A silent peer at a drain (or for long), or one asked to make room for a new
         // connection, is taken for a binary client: its driver then says go-away or pings,
         // as it would have without HTTP.
-        if poll_closed(&mut drain, cx)
+        if drain.poll_given(cx)
             || signals.idle.poll_evicted(cx)
             || Pin::new(&mut silence).poll(cx).is_ready()
         {
@@ -255,10 +256,10 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
             let mut draining = false;
             poll_fn(|cx| {
                 // Aborting the server drops the connection and its calls wherever they are.
-                if poll_closed(&mut abort, cx) {
+                if abort.poll_given(cx) {
                     return Poll::Ready(());
                 }
-                if !draining && (poll_closed(&mut drain, cx) || idle.poll_should_go(cx)) {
+                if !draining && (drain.poll_given(cx) || idle.poll_should_go(cx)) {
                     // GOAWAY: calls under way finish, no new ones start.
                     draining = true;
                     conn.as_mut().graceful_shutdown();
@@ -293,10 +294,10 @@ pub(crate) async fn serve_sniffed<R: Runtime, I: Io>(
             let mut draining = false;
             let ended = poll_fn(|cx| {
                 // Aborting the server drops the connection wherever it is.
-                if poll_closed(&mut abort, cx) {
+                if abort.poll_given(cx) {
                     return Poll::Ready(false);
                 }
-                if !draining && (poll_closed(&mut drain, cx) || idle.poll_should_go(cx)) {
+                if !draining && (drain.poll_given(cx) || idle.poll_should_go(cx)) {
                     // The answer under way is the last; an idle connection closes now.
                     draining = true;
                     Pin::new(&mut conn).graceful_shutdown();
@@ -332,7 +333,7 @@ async fn linger<R: Runtime, I: Io>(runtime: &R, mut io: I, abort: &mut SignalRx)
     let mut timer = runtime.sleep_until(Instant::now() + LINGER);
     let mut buf = BytesMut::new();
     poll_fn(|cx| loop {
-        if poll_closed(abort, cx) {
+        if abort.poll_given(cx) {
             return Poll::Ready(());
         }
         buf.clear();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::{AbortHandle, Abortable};
-use futures::{FutureExt, Stream};
+use futures::FutureExt;
 use gorpc_proto::Conn as _;
 use gorpc_proto::{
     CallId, CancelReason, Code, ConnConfig, SendError, ServerConn, ServerEvent, Status, StreamKind,
@@ -27,9 +27,10 @@ use crate::stream::handoff::{
     StreamControl,
 };
 use crate::stream::{RawRequestStream, RawResponseSink};
-use crate::CallMap;
+use crate::{mailbox, CallMap};
 
 use super::idle::IdleSlot;
+use super::stop::SignalRx;
 use super::Served;
 
 /// What handlers tell their connection's driver.
@@ -42,15 +43,15 @@ enum HandlerOutput {
 }
 
 /// A handler's way back to its connection's driver.
-struct HandlerOut(async_channel::Sender<HandlerOutput>);
+struct HandlerOut(mailbox::Sender<HandlerOutput>);
 
 impl StreamControl for HandlerOut {
     fn ready(&self, id: CallId) -> bool {
-        self.0.try_send(HandlerOutput::Ready(id)).is_ok()
+        self.0.send(HandlerOutput::Ready(id)).is_ok()
     }
 
     fn release(&self, id: CallId, bytes: usize) {
-        let _ = self.0.try_send(HandlerOutput::Release(id, bytes));
+        let _ = self.0.send(HandlerOutput::Release(id, bytes));
     }
 }
 
@@ -108,14 +109,6 @@ pub(crate) struct Signals {
     pub(crate) idle_timeout: Option<Duration>,
 }
 
-/// A signal channel as one connection polls it.
-pub(crate) type SignalRx = Pin<Box<async_channel::Receiver<()>>>;
-
-/// Whether a signal channel has been closed; registers for wake-up otherwise.
-pub(crate) fn poll_closed(rx: &mut SignalRx, cx: &mut Context<'_>) -> bool {
-    rx.as_mut().poll_next(cx).is_ready()
-}
-
 /// Drives one accepted connection over `I`: the runtime's socket, or a TLS session over it.
 pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     runtime: R,
@@ -127,8 +120,10 @@ pub(crate) struct ServerConnection<R: Runtime, I: Io = <R as Runtime>::Io> {
     peer: SocketAddr,
     /// Read from the socket once (after any TLS handshake) and shared by every request.
     peer_certificates: Option<PeerCertificates>,
-    outputs_tx: async_channel::Sender<HandlerOutput>,
-    outputs_rx: Pin<Box<async_channel::Receiver<HandlerOutput>>>,
+    outputs_tx: mailbox::Sender<HandlerOutput>,
+    outputs_rx: mailbox::Receiver<HandlerOutput>,
+    /// What handlers sent, taken from `outputs_rx` in one batch.
+    outputs: Vec<HandlerOutput>,
     /// The same channel, shared by every stream half of this connection.
     handler_out: Arc<HandlerOut>,
     /// Calls not yet answered: those whose handler did not finish when first polled (it
@@ -168,7 +163,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         signals: Signals,
     ) -> Self {
         let now = Instant::now();
-        let (outputs_tx, outputs_rx) = async_channel::unbounded();
+        let (outputs_tx, outputs_rx) = mailbox::mailbox();
         ServerConnection {
             peer_certificates: io.peer_certificates(),
             transport: Transport::new(&runtime, io),
@@ -179,13 +174,14 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             peer,
             handler_out: Arc::new(HandlerOut(outputs_tx.clone())),
             outputs_tx,
-            outputs_rx: Box::pin(outputs_rx),
+            outputs_rx,
+            outputs: Vec::new(),
             running: CallMap::default(),
             streams: CallMap::default(),
             delivering: Delivering::default(),
             refilling: false,
-            drain_signal: Box::pin(signals.drain),
-            abort_signal: Box::pin(signals.abort),
+            drain_signal: SignalRx::new(&signals.drain),
+            abort_signal: SignalRx::new(&signals.abort),
             draining: false,
             idle: signals.idle,
             idle_timeout: signals.idle_timeout,
@@ -217,20 +213,23 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         // One clock reading per pass: calls handled in the same pass share it.
         let now = Instant::now();
         let mut progress = false;
-        if !self.aborted && poll_closed(&mut self.abort_signal, cx) {
+        if !self.aborted && self.abort_signal.poll_given(cx) {
             self.aborted = true;
             self.conn
                 .abort(Status::new(Code::Unavailable, "server shut down"));
             progress = true;
         }
-        if !self.closing && !self.draining && poll_closed(&mut self.drain_signal, cx) {
+        if !self.closing && !self.draining && self.drain_signal.poll_given(cx) {
             self.draining = true;
             self.conn.go_away();
             progress = true;
         }
 
-        while let Poll::Ready(Some(output)) = self.outputs_rx.as_mut().poll_next(cx) {
+        let mut outputs = std::mem::take(&mut self.outputs);
+        if self.outputs_rx.poll_take(cx, &mut outputs).is_ready() {
             progress = true;
+        }
+        for output in outputs.drain(..) {
             match output {
                 HandlerOutput::Reply(id, reply) => {
                     if let Some(running) = self.running.get_mut(&id) {
@@ -242,6 +241,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
                 HandlerOutput::Release(id, bytes) => self.conn.release(id, bytes),
             }
         }
+        self.outputs = outputs;
 
         // Stop reading at the concurrency limit (the core says so) and while answers pile up
         // unsent (the client is not reading): TCP then pushes back on the client.
@@ -326,6 +326,8 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             self.running.shrink_to_fit();
             self.streams.shrink_to_fit();
             self.delivering.shrink_to_fit();
+            self.outputs = Vec::new();
+            self.outputs_rx.shrink_to_fit();
         }
         let next = earliest(
             earliest(self.conn.poll_timeout(), release_at),
@@ -432,9 +434,9 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
         };
         let Some(future) = future else {
             if is_stream {
-                // Its handler may have queued messages on the channel before finishing:
+                // Its handler may have queued messages on the mailbox before finishing:
                 // the reply goes behind them.
-                let _ = self.outputs_tx.try_send(HandlerOutput::Reply(id, reply));
+                let _ = self.outputs_tx.send(HandlerOutput::Reply(id, reply));
                 self.running.insert(id, Running { abort: None, watch });
             } else {
                 self.send_reply(now, id, reply, Some(watch));
@@ -448,7 +450,7 @@ impl<R: Runtime, I: Io> ServerConnection<R, I> {
             async move {
                 if let Ok(result) = task.await {
                     let reply = result.unwrap_or_else(|_| panicked());
-                    let _ = outputs.try_send(HandlerOutput::Reply(id, reply));
+                    let _ = outputs.send(HandlerOutput::Reply(id, reply));
                 }
             }
             .instrument(watch.span.clone()),

@@ -710,7 +710,7 @@ impl<R: Runtime> AcceptLoop<R> {
     }
 
     async fn run(self) {
-        let mut drain: conn::SignalRx = Box::pin(self.signals.drain.clone());
+        let mut drain = stop::SignalRx::new(&self.signals.drain);
         let mut draining = false;
         // Once draining, the connections the kernel already completed are still taken (and
         // told to go): closing the port under them would reset them, and their clients could
@@ -718,7 +718,7 @@ impl<R: Runtime> AcceptLoop<R> {
         let mut backlog = self.config.listen_backlog as usize;
         loop {
             let accepted = std::future::poll_fn(|cx| {
-                draining = draining || conn::poll_closed(&mut drain, cx);
+                draining = draining || drain.poll_given(cx);
                 if !draining {
                     return self.listener.poll_accept(cx).map(Some);
                 }
@@ -871,9 +871,9 @@ async fn tls_accept<R: Runtime>(
             return None;
         }
     };
-    let mut abort: conn::SignalRx = Box::pin(signals.abort.clone());
+    let mut abort = stop::SignalRx::new(&signals.abort);
     let handshake = std::future::poll_fn(|cx| {
-        if conn::poll_closed(&mut abort, cx) {
+        if abort.poll_given(cx) {
             return Poll::Ready(Err(io::Error::other("server shut down")));
         }
         io.poll_handshake(cx)

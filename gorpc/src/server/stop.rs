@@ -1,7 +1,11 @@
 //! How a running server (TCP or UDP) is stopped: signals its tasks watch, and the wait for
 //! them to finish, within a grace period.
 
+use std::pin::Pin;
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
+
+use futures::Stream;
 
 use super::conn::Signals;
 use super::{Serving, Shutdown};
@@ -51,6 +55,44 @@ pub(crate) fn stopper(
     (stopper, signals, alive, keep_open)
 }
 
+/// One task's watch on a server signal. Once registered for the wake-up, a check is one
+/// atomic load: drivers check their signals on every pass, and polling the channel's
+/// listener each time cost a lock per pass.
+pub(crate) struct SignalRx {
+    rx: Pin<Box<async_channel::Receiver<()>>>,
+    /// The waker the channel wakes when the signal is given.
+    registered: Option<Waker>,
+}
+
+impl SignalRx {
+    pub(crate) fn new(signal: &async_channel::Receiver<()>) -> Self {
+        SignalRx {
+            rx: Box::pin(signal.clone()),
+            registered: None,
+        }
+    }
+
+    /// Whether the signal has been given; registers `cx` for its wake-up otherwise.
+    pub(crate) fn poll_given(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.rx.is_closed() {
+            return true;
+        }
+        // Nothing is ever sent, so a registration holds until the close wakes it.
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            return false;
+        }
+        if self.rx.as_mut().poll_next(cx).is_ready() {
+            return true;
+        }
+        self.registered = Some(cx.waker().clone());
+        false
+    }
+}
+
 /// `now + grace`, or a day from now for a grace too long to add.
 pub(crate) fn grace_deadline(grace: Duration) -> Instant {
     Instant::now()
@@ -77,5 +119,51 @@ impl Stopper {
         self.drain_tx.close();
         self.abort_tx.close();
         let _ = self.alive_rx.recv().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Wake, Waker};
+
+    use super::SignalRx;
+
+    #[derive(Default)]
+    struct CountWakes(AtomicUsize);
+
+    impl Wake for CountWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_signal_wakes_the_task_that_checked_it_once_or_many_times() {
+        let (tx, rx) = async_channel::bounded::<()>(1);
+        let mut signal = SignalRx::new(&rx);
+        let count = Arc::new(CountWakes::default());
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..3 {
+            assert!(!signal.poll_given(&mut cx));
+        }
+        tx.close();
+        assert_eq!(count.0.load(Ordering::Relaxed), 1, "the close woke the task");
+        assert!(signal.poll_given(&mut cx));
+
+        // A task polled with another waker is registered again, and that one is woken.
+        let (tx, rx) = async_channel::bounded::<()>(1);
+        let mut signal = SignalRx::new(&rx);
+        let first = Arc::new(CountWakes::default());
+        let second = Arc::new(CountWakes::default());
+        let first_waker = Waker::from(first.clone());
+        let second_waker = Waker::from(second.clone());
+        assert!(!signal.poll_given(&mut Context::from_waker(&first_waker)));
+        assert!(!signal.poll_given(&mut Context::from_waker(&second_waker)));
+        tx.close();
+        assert_eq!(second.0.load(Ordering::Relaxed), 1);
+        assert!(signal.poll_given(&mut Context::from_waker(&second_waker)));
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::channel::mpsc;
 use futures::future::{AbortHandle, Abortable};
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{FutureExt, StreamExt};
 use gorpc_proto::datagram::{
     DatagramConfig, DatagramRequest, DatagramServer, DatagramServerStats, ReplyToken, ServerInput,
 };
@@ -28,7 +28,7 @@ use crate::interceptor::{server_listeners, ServerChain, ServerInterceptor};
 use crate::io::{drive, Timer};
 use crate::observe::{answered, CallEnd, CallWatch, MethodSlots};
 use crate::runtime::{Runtime, UdpSocket};
-use crate::server::stop::{self, Stopper};
+use crate::server::stop::{self, SignalRx, Stopper};
 use crate::server::{Served, Shutdown};
 use crate::service::{ServerReply, ServerRequest, Service};
 use tracing::Instrument as _;
@@ -107,8 +107,8 @@ impl<R: Runtime> UdpServer<R> {
             running: HashMap::new(),
             next_task: 0,
             deadlines: BinaryHeap::new(),
-            drain_signal: Box::pin(signals.drain),
-            abort_signal: Box::pin(signals.abort),
+            drain_signal: SignalRx::new(&signals.drain),
+            abort_signal: SignalRx::new(&signals.abort),
             draining: false,
             aborted: false,
             stats: stats.clone(),
@@ -197,14 +197,6 @@ struct Running {
     watch: CallWatch,
 }
 
-type SignalRx = Pin<Box<async_channel::Receiver<()>>>;
-
-/// Whether a signal channel has been closed (signals are sent by closing); registers for
-/// wake-up otherwise.
-fn poll_closed(rx: &mut SignalRx, cx: &mut Context<'_>) -> bool {
-    rx.as_mut().poll_next(cx).is_ready()
-}
-
 struct UdpServerDriver<R: Runtime> {
     runtime: R,
     socket: R::UdpSocket,
@@ -240,7 +232,7 @@ impl<R: Runtime> UdpServerDriver<R> {
     fn poll_once(&mut self, cx: &mut Context<'_>) -> bool {
         let now = Instant::now();
         let mut progress = false;
-        if poll_closed(&mut self.abort_signal, cx) {
+        if self.abort_signal.poll_given(cx) {
             self.aborted = true;
             for (_, running) in self.running.drain() {
                 running.abort.abort();
@@ -250,7 +242,7 @@ impl<R: Runtime> UdpServerDriver<R> {
             }
             return false;
         }
-        if !self.draining && poll_closed(&mut self.drain_signal, cx) {
+        if !self.draining && self.drain_signal.poll_given(cx) {
             self.draining = true;
             progress = true;
         }
