@@ -110,6 +110,13 @@ impl fmt::Display for Code {
 pub struct Status {
     code: Code,
     message: Cow<'static, str>,
+    /// What few statuses carry, kept apart so that a status stays small: one is moved
+    /// with every answer.
+    extra: Option<Arc<Extra>>,
+}
+
+#[derive(Clone, Default)]
+struct Extra {
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
     /// How long the server asked the client to wait before trying again (an overloaded
     /// server's pushback); carried in metadata, not in the status frame.
@@ -134,8 +141,7 @@ impl Status {
         Status {
             code,
             message: message.into(),
-            source: None,
-            retry_after: None,
+            extra: None,
         }
     }
 
@@ -144,8 +150,7 @@ impl Status {
         Status {
             code: Code::Ok,
             message: Cow::Borrowed(""),
-            source: None,
-            retry_after: None,
+            extra: None,
         }
     }
 
@@ -188,7 +193,7 @@ impl Status {
     /// [`std::error::Error::source`]. The cause is for this process (logs, a downcast to
     /// `io::Error`); it does not travel to the peer.
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Status {
-        self.source = Some(Arc::new(source));
+        self.extra_mut().source = Some(Arc::new(source));
         self
     }
 
@@ -196,13 +201,21 @@ impl Status {
     /// refuses calls under overload says so (sent as `grpc-retry-pushback-ms`, gRPC's
     /// name for it), and retry policies wait at least that long.
     pub fn with_retry_after(mut self, wait: Duration) -> Status {
-        self.retry_after = Some(wait);
+        self.extra_mut().retry_after = Some(wait);
         self
     }
 
     /// The server's hint of how long to wait before trying again, if it gave one.
     pub fn retry_after(&self) -> Option<Duration> {
-        self.retry_after
+        self.extra.as_ref().and_then(|extra| extra.retry_after)
+    }
+
+    fn extra_mut(&mut self) -> &mut Extra {
+        Arc::make_mut(self.extra.get_or_insert_with(Default::default))
+    }
+
+    fn source_error(&self) -> Option<&Arc<dyn std::error::Error + Send + Sync + 'static>> {
+        self.extra.as_ref().and_then(|extra| extra.source.as_ref())
     }
 
     /// This status with another message (more context, say); the code and the source
@@ -234,11 +247,11 @@ impl fmt::Debug for Status {
         debug
             .field("code", &self.code)
             .field("message", &self.message);
-        if let Some(source) = &self.source {
+        if let Some(source) = self.source_error() {
             debug.field("source", source);
         }
-        if let Some(wait) = &self.retry_after {
-            debug.field("retry_after", wait);
+        if let Some(wait) = self.retry_after() {
+            debug.field("retry_after", &wait);
         }
         debug.finish()
     }
@@ -266,9 +279,8 @@ impl fmt::Display for Status {
 
 impl std::error::Error for Status {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
+        self.source_error()
+            .map(|e| &**e as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -283,6 +295,23 @@ mod tests {
         }
         assert_eq!(Code::from_u32(17), Code::Unknown);
         assert_eq!(Code::from_u32(u32::MAX), Code::Unknown);
+    }
+
+    #[test]
+    fn a_status_is_small_and_keeps_its_rare_parts_together() {
+        // Moved with every answer: a code, a message and one pointer.
+        assert!(std::mem::size_of::<Status>() <= 40);
+        let wait = Duration::from_millis(250);
+        let status = Status::unavailable("busy")
+            .with_retry_after(wait)
+            .with_source(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        let copy = status.clone().with_message("still busy");
+        for status in [&status, &copy] {
+            assert_eq!(status.retry_after(), Some(wait));
+            assert!(std::error::Error::source(status).is_some());
+        }
+        assert_eq!(status.message(), "busy");
+        assert_eq!(Status::ok().retry_after(), None);
     }
 
     #[test]
