@@ -113,7 +113,7 @@ impl InstanceCalls {
         call: OutgoingCall,
     ) -> Result<Result<RawResponse, Status>, (Status, OutgoingCall)> {
         match self {
-            InstanceCalls::Pool(pool) => send_on(&**pool, call).await,
+            InstanceCalls::Pool(pool) => send_on(&**pool, call).await.map_err(|unsent| *unsent),
             InstanceCalls::Boxed(calls) => calls.send(call).await,
         }
     }

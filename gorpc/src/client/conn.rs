@@ -63,7 +63,8 @@ impl CallSlot {
 
 pub(crate) enum Command {
     Call(OutgoingCall, Arc<CallSlot>),
-    Stream(OutgoingCall, StreamKind, ClientStream),
+    /// Boxed: a rare command, and the common one stays small to move.
+    Stream(Box<(OutgoingCall, StreamKind, ClientStream)>),
     /// A client stream's outbox has new messages, or its half-close.
     Ready(CallId),
     /// Bytes of a response stream the application has taken.
@@ -154,10 +155,10 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Call(call, _) => f.debug_tuple("Call").field(&call.method).finish(),
-            Command::Stream(call, kind, _) => f
+            Command::Stream(stream) => f
                 .debug_tuple("Stream")
-                .field(&call.method)
-                .field(kind)
+                .field(&stream.0.method)
+                .field(&stream.1)
                 .finish(),
             Command::Ready(id) => f.debug_tuple("Ready").field(id).finish(),
             Command::Release(id, n) => f.debug_tuple("Release").field(id).field(n).finish(),
@@ -276,9 +277,12 @@ impl Connection {
         kind: StreamKind,
         stream: ClientStream,
     ) -> Result<(), OutgoingCall> {
-        match self.commands.send(Command::Stream(call, kind, stream)) {
+        match self
+            .commands
+            .send(Command::Stream(Box::new((call, kind, stream))))
+        {
             Ok(()) => Ok(()),
-            Err(Command::Stream(call, _, _)) => Err(call),
+            Err(Command::Stream(stream)) => Err(stream.0),
             Err(_) => unreachable!("sent a stream"),
         }
     }
@@ -434,7 +438,7 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                     for command in left {
                         match command {
                             Command::Call(call, slot) => slot.finish(CallOutcome::NotSent(call)),
-                            Command::Stream(_, _, stream) => stream.end(Err(Status::new(
+                            Command::Stream(stream) => stream.2.end(Err(Status::new(
                                 Code::Unavailable,
                                 "connection closed before the stream started",
                             ))),
@@ -493,7 +497,10 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
     fn run(&mut self, now: Instant, command: Command) {
         match command {
             Command::Call(call, slot) => self.start_call(now, call, slot),
-            Command::Stream(call, kind, stream) => self.start_stream(now, call, kind, stream),
+            Command::Stream(stream) => {
+                let (call, kind, stream) = *stream;
+                self.start_stream(now, call, kind, stream)
+            }
             Command::Ready(id) => self.feed_stream(id),
             Command::Release(id, bytes) => self.conn.release(id, bytes),
             Command::Cancel(id) => {

@@ -116,7 +116,7 @@ impl Route {
     > {
         match self {
             Route::Pool(pool) => Either::Left(
-                send_on(&**pool, call).map(|sent| sent.unwrap_or_else(|(status, _)| Err(status))),
+                send_on(&**pool, call).map(|sent| sent.unwrap_or_else(|unsent| Err(unsent.0))),
             ),
             Route::Balanced(balanced) => Either::Right(Box::pin(balanced.send(call))),
             Route::Channel(channel) => Either::Right(channel.send(call)),

@@ -23,6 +23,7 @@ pub(crate) fn send_on(pool: &dyn Pool, call: OutgoingCall) -> SendOn<'_> {
     SendOn {
         pool,
         tries: 0,
+        connecting: None,
         stage: Stage::Checkout(call),
     }
 }
@@ -32,21 +33,25 @@ pub(crate) struct SendOn<'a> {
     pool: &'a dyn Pool,
     /// Connections tried so far.
     tries: usize,
-    stage: Stage<'a>,
+    /// The pool's connection being made, while `stage` is `Connecting`. Kept out of
+    /// `stage` so that the stage, moved on every call, stays small.
+    connecting: Option<BoxFuture<'a, Result<Connection, Status>>>,
+    stage: Stage,
 }
 
-enum Stage<'a> {
+enum Stage {
     /// To be given a connection.
     Checkout(OutgoingCall),
     /// Waiting for the pool's connection (it is connecting).
-    Connecting(BoxFuture<'a, Result<Connection, Status>>, OutgoingCall),
+    Connecting(OutgoingCall),
     /// On a connection, waiting for the answer.
     Sent(PendingCall),
     Done,
 }
 
-/// What [`SendOn`] resolves to: the call's result, or the call back if it never left.
-pub(crate) type Sent = Result<Result<RawResponse, Status>, (Status, OutgoingCall)>;
+/// What [`SendOn`] resolves to: the call's result, or the call back if it never left
+/// (boxed: a rare case, and the common one's result stays small).
+pub(crate) type Sent = Result<Result<RawResponse, Status>, Box<(Status, OutgoingCall)>>;
 
 impl SendOn<'_> {
     /// Hands `call` to `conn`; one the connection refused goes back to checkout.
@@ -82,23 +87,36 @@ impl Future for SendOn<'_> {
                             Code::Unavailable,
                             "no connection stayed open long enough to send the call",
                         );
-                        return Poll::Ready(Err((status, call)));
+                        return Poll::Ready(Err(Box::new((status, call))));
                     }
                     this.tries += 1;
                     match this.pool.checkout(call.deadline) {
                         Checkout::Ready(conn) => this.start(conn, call),
-                        Checkout::Wait(wait) => this.stage = Stage::Connecting(wait, call),
-                        Checkout::Failed(status) => return Poll::Ready(Err((status, call))),
+                        Checkout::Wait(wait) => {
+                            this.connecting = Some(wait);
+                            this.stage = Stage::Connecting(call);
+                        }
+                        Checkout::Failed(status) => {
+                            return Poll::Ready(Err(Box::new((status, call))))
+                        }
                     }
                 }
-                Stage::Connecting(mut wait, call) => match wait.poll_unpin(cx) {
-                    Poll::Ready(Ok(conn)) => this.start(conn, call),
-                    Poll::Ready(Err(status)) => return Poll::Ready(Err((status, call))),
-                    Poll::Pending => {
-                        this.stage = Stage::Connecting(wait, call);
-                        return Poll::Pending;
+                Stage::Connecting(call) => {
+                    let wait = this.connecting.as_mut().expect("connecting");
+                    match wait.poll_unpin(cx) {
+                        Poll::Ready(connected) => {
+                            this.connecting = None;
+                            match connected {
+                                Ok(conn) => this.start(conn, call),
+                                Err(status) => return Poll::Ready(Err(Box::new((status, call)))),
+                            }
+                        }
+                        Poll::Pending => {
+                            this.stage = Stage::Connecting(call);
+                            return Poll::Pending;
+                        }
                     }
-                },
+                }
                 // Polled above, and set again only by `start`, which the loop follows.
                 sent @ Stage::Sent(_) => this.stage = sent,
                 Stage::Done => panic!("SendOn polled after it completed"),

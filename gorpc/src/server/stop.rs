@@ -150,7 +150,11 @@ mod tests {
             assert!(!signal.poll_given(&mut cx));
         }
         tx.close();
-        assert_eq!(count.0.load(Ordering::Relaxed), 1, "the close woke the task");
+        assert_eq!(
+            count.0.load(Ordering::Relaxed),
+            1,
+            "the close woke the task"
+        );
         assert!(signal.poll_given(&mut cx));
 
         // A task polled with another waker is registered again, and that one is woken.
