@@ -25,6 +25,8 @@ pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod stream;
+#[cfg(test)]
+mod test_waker;
 #[cfg(feature = "tls")]
 pub mod tls;
 #[cfg(feature = "tower")]

@@ -181,24 +181,8 @@ impl<T> std::fmt::Debug for Receiver<T> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
-
     use super::*;
-
-    #[derive(Default)]
-    struct CountWakes(AtomicUsize);
-
-    impl Wake for CountWakes {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn waker() -> (Arc<CountWakes>, Waker) {
-        let count = Arc::new(CountWakes::default());
-        (count.clone(), Waker::from(count))
-    }
+    use crate::test_waker::counting_waker as waker;
 
     #[test]
     fn a_burst_is_taken_in_order_with_one_wake_up() {
@@ -210,17 +194,13 @@ mod tests {
         for i in 0..5 {
             tx.send(i).unwrap();
         }
-        assert_eq!(
-            wakes.0.load(Ordering::Relaxed),
-            1,
-            "woken once for the burst"
-        );
+        assert_eq!(wakes.count(), 1, "woken once for the burst");
         assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Ready(true));
         assert_eq!(batch, [0, 1, 2, 3, 4]);
         batch.clear();
         assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Pending);
         tx.send(5).unwrap();
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+        assert_eq!(wakes.count(), 2);
     }
 
     #[test]
@@ -238,11 +218,7 @@ mod tests {
         batch.clear();
         assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Pending);
         drop(other);
-        assert_eq!(
-            wakes.0.load(Ordering::Relaxed),
-            1,
-            "the last drop wakes the driver"
-        );
+        assert_eq!(wakes.count(), 1, "the last drop wakes the driver");
         assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Ready(false));
     }
 

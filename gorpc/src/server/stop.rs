@@ -124,50 +124,33 @@ impl Stopper {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::task::{Context, Wake, Waker};
+    use std::task::Context;
 
     use super::SignalRx;
-
-    #[derive(Default)]
-    struct CountWakes(AtomicUsize);
-
-    impl Wake for CountWakes {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+    use crate::test_waker::counting_waker;
 
     #[test]
     fn a_signal_wakes_the_task_that_checked_it_once_or_many_times() {
         let (tx, rx) = async_channel::bounded::<()>(1);
         let mut signal = SignalRx::new(&rx);
-        let count = Arc::new(CountWakes::default());
-        let waker = Waker::from(count.clone());
+        let (count, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         for _ in 0..3 {
             assert!(!signal.poll_given(&mut cx));
         }
         tx.close();
-        assert_eq!(
-            count.0.load(Ordering::Relaxed),
-            1,
-            "the close woke the task"
-        );
+        assert_eq!(count.count(), 1, "the close woke the task");
         assert!(signal.poll_given(&mut cx));
 
         // A task polled with another waker is registered again, and that one is woken.
         let (tx, rx) = async_channel::bounded::<()>(1);
         let mut signal = SignalRx::new(&rx);
-        let first = Arc::new(CountWakes::default());
-        let second = Arc::new(CountWakes::default());
-        let first_waker = Waker::from(first.clone());
-        let second_waker = Waker::from(second.clone());
-        assert!(!signal.poll_given(&mut Context::from_waker(&first_waker)));
-        assert!(!signal.poll_given(&mut Context::from_waker(&second_waker)));
+        let (_, first) = counting_waker();
+        let (second_count, second) = counting_waker();
+        assert!(!signal.poll_given(&mut Context::from_waker(&first)));
+        assert!(!signal.poll_given(&mut Context::from_waker(&second)));
         tx.close();
-        assert_eq!(second.0.load(Ordering::Relaxed), 1);
-        assert!(signal.poll_given(&mut Context::from_waker(&second_waker)));
+        assert_eq!(second_count.count(), 1);
+        assert!(signal.poll_given(&mut Context::from_waker(&second)));
     }
 }
