@@ -235,8 +235,10 @@ impl<T> ClientConn<T> {
     /// Starts a call and queues its request.
     ///
     /// Fails without sending anything when the connection is closed or draining
-    /// (`Unavailable`), at the concurrency limit or when the request exceeds the frame limits
-    /// (`ResourceExhausted`), or when the deadline has already passed (`DeadlineExceeded`).
+    /// (`Unavailable`; the server's own status if its go-away refused the connection with
+    /// `ResourceExhausted`), at the concurrency limit or when the request exceeds the frame
+    /// limits (`ResourceExhausted`), or when the deadline has already passed
+    /// (`DeadlineExceeded`).
     pub fn start_call<'m, M>(
         &mut self,
         now: Instant,
@@ -301,6 +303,13 @@ impl<T> ClientConn<T> {
                 user,
             })
         };
+        if let Some(refusal) = &self.refusal {
+            // Turned away: another try here or at once elsewhere would be too.
+            return Err(Rejected {
+                status: refusal.clone(),
+                user,
+            });
+        }
         if self.core.link.is_closed() {
             return reject(Code::Unavailable, "connection closed", user);
         }

@@ -846,6 +846,31 @@ fn calls_on_a_refused_connection_end_with_the_refusal() {
 }
 
 #[test]
+fn a_call_started_after_the_refusal_arrived_ends_with_the_refusal() {
+    let mut p = pair();
+    p.server.refuse(Status::new(
+        Code::ResourceExhausted,
+        "at the connection limit",
+    ));
+    p.pump().unwrap();
+    // The go-away is read; the close may or may not be yet. Either way a new call is
+    // refused with the server's reason, not as a connection that merely went away.
+    for eof in [false, true] {
+        if eof {
+            p.client.handle_eof();
+        }
+        let head = CallHead::new("/test.Echo/Call", codec::RAW);
+        let rejected = p
+            .client
+            .start_call(p.now, head, vec![1], 7)
+            .expect_err("a refused connection takes no call");
+        assert_eq!(rejected.status.code(), Code::ResourceExhausted);
+        assert_eq!(rejected.status.message(), "at the connection limit");
+        assert_eq!(rejected.user, 7);
+    }
+}
+
+#[test]
 fn an_answer_read_after_the_deadline_is_deadline_exceeded() {
     let mut p = pair();
     start(&mut p, 1, Some(Duration::from_millis(10)));

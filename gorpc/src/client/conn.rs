@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -141,6 +141,10 @@ struct Shared {
     peer: SocketAddr,
     /// False once the connection closed or is draining: the pool must not hand it out.
     usable: AtomicBool,
+    /// The server turned this connection away (a `ResourceExhausted` go-away, at its
+    /// connection limit): calls that find it closed end with this status rather than go
+    /// to a new connection at once, which would be turned away too.
+    refusal: OnceLock<Status>,
 }
 
 /// A handle to one connection. Cloning is cheap; the connection closes when its driver
@@ -224,6 +228,7 @@ impl Connection {
         let shared = Arc::new(Shared {
             peer,
             usable: AtomicBool::new(true),
+            refusal: OnceLock::new(),
         });
         let now = Instant::now();
         let driver = ClientDriver::<R, I> {
@@ -257,6 +262,11 @@ impl Connection {
     }
 
     /// Queues a call. Its future resolves when the call ends; dropping it cancels the call.
+    /// The status the server turned this connection away with, if it did.
+    pub(crate) fn refusal(&self) -> Option<&Status> {
+        self.shared.refusal.get()
+    }
+
     pub(crate) fn start(&self, call: OutgoingCall) -> Result<PendingCall, OutgoingCall> {
         let slot = Arc::new(CallSlot::default());
         match self.commands.send(Command::Call(call, slot.clone())) {
@@ -428,16 +438,25 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                 ClientEvent::GoAway(status) => {
                     tracing::debug!(peer = %self.shared.peer, %status, "server sent go-away");
                     self.shared.usable.store(false, Ordering::Release);
+                    if status.code() == Code::ResourceExhausted {
+                        let _ = self.shared.refusal.set(status);
+                    }
                 }
                 ClientEvent::Closed(reason) => {
                     tracing::debug!(peer = %self.shared.peer, ?reason, "connection closed");
                     self.shared.usable.store(false, Ordering::Release);
-                    // Calls queued behind the close never left: hand them back for a retry.
+                    // Calls queued behind the close never left: hand them back for a retry,
+                    // unless the server refused the connection.
                     let mut left = Vec::new();
                     self.commands.close_and_take(&mut left);
                     for command in left {
                         match command {
-                            Command::Call(call, slot) => slot.finish(CallOutcome::NotSent(call)),
+                            Command::Call(call, slot) => {
+                                slot.finish(match self.shared.refusal.get() {
+                                    Some(refusal) => CallOutcome::Failed(refusal.clone()),
+                                    None => CallOutcome::NotSent(call),
+                                })
+                            }
                             Command::Stream(stream) => stream.2.end(Err(Status::new(
                                 Code::Unavailable,
                                 "connection closed before the stream started",

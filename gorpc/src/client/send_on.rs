@@ -54,13 +54,18 @@ enum Stage {
 pub(crate) type Sent = Result<Result<RawResponse, Status>, Box<(Status, OutgoingCall)>>;
 
 impl SendOn<'_> {
-    /// Hands `call` to `conn`; one the connection refused goes back to checkout.
-    fn start(&mut self, conn: Connection, call: OutgoingCall) {
+    /// Hands `call` to `conn`; one the connection did not take goes back to checkout,
+    /// unless the server turned the connection away: then the call ends with its status.
+    fn start(&mut self, conn: Connection, call: OutgoingCall) -> Option<Sent> {
         crate::observe::record_peer(conn.peer());
         self.stage = match conn.start(call) {
             Ok(pending) => Stage::Sent(pending),
-            Err(unsent) => Stage::Checkout(unsent),
+            Err(unsent) => match conn.refusal() {
+                Some(refusal) => return Some(Ok(Err(refusal.clone()))),
+                None => Stage::Checkout(unsent),
+            },
         };
+        None
     }
 }
 
@@ -91,7 +96,11 @@ impl Future for SendOn<'_> {
                     }
                     this.tries += 1;
                     match this.pool.checkout(call.deadline) {
-                        Checkout::Ready(conn) => this.start(conn, call),
+                        Checkout::Ready(conn) => {
+                            if let Some(sent) = this.start(conn, call) {
+                                return Poll::Ready(sent);
+                            }
+                        }
                         Checkout::Wait(wait) => {
                             this.connecting = Some(wait);
                             this.stage = Stage::Connecting(call);
@@ -107,7 +116,11 @@ impl Future for SendOn<'_> {
                         Poll::Ready(connected) => {
                             this.connecting = None;
                             match connected {
-                                Ok(conn) => this.start(conn, call),
+                                Ok(conn) => {
+                                    if let Some(sent) = this.start(conn, call) {
+                                        return Poll::Ready(sent);
+                                    }
+                                }
                                 Err(status) => return Poll::Ready(Err(Box::new((status, call)))),
                             }
                         }
