@@ -296,35 +296,84 @@ impl<R: Runtime> Runtime for Gated<R> {
     }
 }
 
+/// Unread bytes the kernel holds for the server side of the connection from `client`
+/// (accepted or not), from /proc/net/tcp's `rx_queue`.
+fn server_side_unread(server: SocketAddr, client: SocketAddr) -> usize {
+    let local = format!(":{:04X}", server.port());
+    let remote = format!(":{:04X}", client.port());
+    std::fs::read_to_string("/proc/net/tcp")
+        .expect("/proc/net/tcp")
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|cols| cols[1].ends_with(&local) && cols[2].ends_with(&remote))
+        .and_then(|cols| usize::from_str_radix(cols[4].split(':').nth(1)?, 16).ok())
+        .unwrap_or(0)
+}
+
 /// A client connected, and sent its call, while the server was not accepting; then the
 /// server drains. Closing the port would reset that connection, and its client could not
 /// tell whether the call was served: the drain takes it first, answers the call and says
-/// go-away.
+/// go-away. The client is a blocking socket framed by gorpc's client core, so that the
+/// drain starts only once every byte of the call is in the server's kernel.
 async fn a_connection_queued_when_the_drain_starts_is_served<R: Runtime>(runtime: R) {
+    use gorpc::proto::{codec, CallHead, ClientConn, ClientEvent, Conn as _, ConnConfig};
+    use std::io::{Read, Write};
+
     let server = bound(Gated(runtime.clone()), None).await;
     let addr = server.local_addr();
     let fd = listening_fd(addr);
-    let client = gorpc::Client::builder(runtime.clone())
-        .endpoint(addr)
-        .timeout(Duration::from_secs(20))
-        .build()
+
+    let mut socket = std::net::TcpStream::connect(addr).expect("connects");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let call = client.call::<_, u32>("/burst.Test/Echo", &7u32);
-    let drain = async {
-        // Queued: the handshake is done, and the accept loop cannot take it.
-        while accept_queue(fd).0 == 0 {
-            gorpc_tests::sleep(&runtime, Duration::from_millis(5)).await;
-        }
-        server.shutdown(Duration::from_secs(10)).await
+    let now = Instant::now();
+    let mut conn = ClientConn::<()>::new(ConnConfig::default(), now);
+    let head = CallHead {
+        method: "/burst.Test/Echo",
+        codec: codec::MSGPACK,
+        deadline: None,
+        metadata: std::iter::empty(),
     };
-    let (answer, shutdown) = within(
+    // MessagePack's 7 is the one byte 0x07.
+    conn.start_call(now, head, &[0x07u8][..], ())
+        .expect("the call starts");
+    let mut sent = 0;
+    while let Some(bytes) = conn.poll_transmit() {
+        socket.write_all(&bytes).expect("sends the call");
+        sent += bytes.len();
+    }
+    let client_addr = socket.local_addr().unwrap();
+    let answer = std::thread::spawn(move || {
+        let mut read = bytes::BytesMut::new();
+        loop {
+            while let Some(event) = conn.poll_event() {
+                if let ClientEvent::Finished { result, .. } = event {
+                    let response = result.expect("the queued connection's call is answered");
+                    return response.body;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = socket.read(&mut chunk).expect("an answer");
+            assert!(n > 0, "the server closed before answering");
+            read.extend_from_slice(&chunk[..n]);
+            conn.handle_read(Instant::now(), &mut read);
+        }
+    });
+
+    // Queued, with the whole call in the kernel: the accept loop cannot take it yet.
+    while accept_queue(fd).0 == 0 || server_side_unread(addr, client_addr) < sent {
+        gorpc_tests::sleep(&runtime, Duration::from_millis(5)).await;
+    }
+    let shutdown = within(
         &runtime,
         Duration::from_secs(30),
-        "the call and the drain",
-        async { futures::join!(call, drain) },
+        "the drain",
+        server.shutdown(Duration::from_secs(10)),
     )
     .await;
-    assert_eq!(answer.expect("the queued connection's call is answered"), 7);
+    assert_eq!(answer.join().expect("the client thread"), [0x07u8][..]);
     assert_eq!(shutdown, gorpc::Shutdown::Graceful);
 }
 
