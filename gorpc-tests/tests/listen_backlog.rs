@@ -111,13 +111,20 @@ fn a_small_backlog_caps_the_queue() {
 
 /// The socket of this process listening on `addr`: its inode from /proc/net/tcp, then the
 /// descriptor pointing at it.
-fn listening_fd(addr: SocketAddr) -> RawFd {
-    let port = format!(":{:04X}", addr.port());
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    let inode = table
+/// The sockets in /proc/net/tcp, each row split into its columns.
+fn tcp_table() -> Vec<Vec<String>> {
+    std::fs::read_to_string("/proc/net/tcp")
+        .expect("/proc/net/tcp")
         .lines()
         .skip(1)
-        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .map(|line| line.split_whitespace().map(str::to_owned).collect())
+        .collect()
+}
+
+fn listening_fd(addr: SocketAddr) -> RawFd {
+    let port = format!(":{:04X}", addr.port());
+    let inode = tcp_table()
+        .into_iter()
         .find(|cols| cols[1].ends_with(&port) && cols[3] == "0A")
         .map(|cols| cols[9].to_string())
         .expect("a listening socket on the port");
@@ -301,11 +308,8 @@ impl<R: Runtime> Runtime for Gated<R> {
 fn server_side_unread(server: SocketAddr, client: SocketAddr) -> usize {
     let local = format!(":{:04X}", server.port());
     let remote = format!(":{:04X}", client.port());
-    std::fs::read_to_string("/proc/net/tcp")
-        .expect("/proc/net/tcp")
-        .lines()
-        .skip(1)
-        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+    tcp_table()
+        .into_iter()
         .find(|cols| cols[1].ends_with(&local) && cols[2].ends_with(&remote))
         .and_then(|cols| usize::from_str_radix(cols[4].split(':').nth(1)?, 16).ok())
         .unwrap_or(0)

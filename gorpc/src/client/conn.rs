@@ -261,12 +261,12 @@ impl Connection {
         self.shared.peer
     }
 
-    /// Queues a call. Its future resolves when the call ends; dropping it cancels the call.
     /// The status the server turned this connection away with, if it did.
     pub(crate) fn refusal(&self) -> Option<&Status> {
         self.shared.refusal.get()
     }
 
+    /// Queues a call. Its future resolves when the call ends; dropping it cancels the call.
     pub(crate) fn start(&self, call: OutgoingCall) -> Result<PendingCall, OutgoingCall> {
         let slot = Arc::new(CallSlot::default());
         match self.commands.send(Command::Call(call, slot.clone())) {
@@ -445,18 +445,13 @@ impl<R: Runtime, I: Io> ClientDriver<R, I> {
                 ClientEvent::Closed(reason) => {
                     tracing::debug!(peer = %self.shared.peer, ?reason, "connection closed");
                     self.shared.usable.store(false, Ordering::Release);
-                    // Calls queued behind the close never left: hand them back for a retry,
-                    // unless the server refused the connection.
+                    // Calls queued behind the close never left: the closed core refuses
+                    // them, so they go back for a retry, or end with the server's refusal.
                     let mut left = Vec::new();
                     self.commands.close_and_take(&mut left);
                     for command in left {
                         match command {
-                            Command::Call(call, slot) => {
-                                slot.finish(match self.shared.refusal.get() {
-                                    Some(refusal) => CallOutcome::Failed(refusal.clone()),
-                                    None => CallOutcome::NotSent(call),
-                                })
-                            }
+                            Command::Call(call, slot) => self.start_call(now, call, slot),
                             Command::Stream(stream) => stream.2.end(Err(Status::new(
                                 Code::Unavailable,
                                 "connection closed before the stream started",

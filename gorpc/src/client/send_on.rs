@@ -112,22 +112,17 @@ impl Future for SendOn<'_> {
                 }
                 Stage::Connecting(call) => {
                     let wait = this.connecting.as_mut().expect("connecting");
-                    match wait.poll_unpin(cx) {
-                        Poll::Ready(connected) => {
-                            this.connecting = None;
-                            match connected {
-                                Ok(conn) => {
-                                    if let Some(sent) = this.start(conn, call) {
-                                        return Poll::Ready(sent);
-                                    }
-                                }
-                                Err(status) => return Poll::Ready(Err(Box::new((status, call)))),
-                            }
-                        }
-                        Poll::Pending => {
-                            this.stage = Stage::Connecting(call);
-                            return Poll::Pending;
-                        }
+                    let Poll::Ready(connected) = wait.poll_unpin(cx) else {
+                        this.stage = Stage::Connecting(call);
+                        return Poll::Pending;
+                    };
+                    this.connecting = None;
+                    let conn = match connected {
+                        Ok(conn) => conn,
+                        Err(status) => return Poll::Ready(Err(Box::new((status, call)))),
+                    };
+                    if let Some(sent) = this.start(conn, call) {
+                        return Poll::Ready(sent);
                     }
                 }
                 // Polled above, and set again only by `start`, which the loop follows.
