@@ -14,15 +14,14 @@
 //! reading (what `malloc_trim(0)` recovers is what the allocator, not a connection, was
 //! keeping). The server itself trims when a flood of connections recedes.
 
-use std::alloc::{GlobalAlloc, Layout};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use gorpc::{Router, Runtime, Server, ServerReply, ServerRequest};
 use gorpc_tests::blocking::called_once;
+use gorpc_tests::counting::{live, Counting};
 
 #[cfg(feature = "mimalloc")]
 type Inner = mimalloc::MiMalloc;
@@ -34,31 +33,8 @@ type Inner = std::alloc::System;
 const INNER: Inner = std::alloc::System;
 
 /// The allocator in use, counting the bytes it has handed out and not had back.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call forwards to the inner allocator unchanged; the counter is a side effect.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { INNER.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { INNER.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        unsafe { INNER.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: Counting<Inner> = Counting(INNER);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -100,7 +76,11 @@ const SETTLE: Duration = Duration::from_millis(2500);
 
 fn main() {
     let args = Args::parse();
-    raise_open_file_limit(args.connections as u64 + 1024);
+    let limit = gorpc_tests::raise_open_file_limit().unwrap_or(0);
+    let want = args.connections as u64 + 1024;
+    if limit < want {
+        eprintln!("open-file limit {limit} (wanted {want}): use fewer --connections");
+    }
     if let Some(addr) = args.client_of {
         return client_process(addr, &args);
     }
@@ -268,10 +248,6 @@ fn open(addr: SocketAddr, n: usize, threads: usize) -> Vec<TcpStream> {
     })
 }
 
-fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
-}
-
 /// Resident set size, from /proc/self/statm.
 fn rss() -> isize {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -293,38 +269,5 @@ fn trim() {
     // SAFETY: malloc_trim only walks glibc's own arenas.
     unsafe {
         libc::malloc_trim(0);
-    }
-}
-
-/// Room for one end of every connection.
-fn raise_open_file_limit(want: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return;
-        }
-        if limit.rlim_cur >= want {
-            return;
-        }
-        let raised = libc::rlimit {
-            rlim_cur: want.max(limit.rlim_cur),
-            rlim_max: want.max(limit.rlim_max),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-            // Not privileged to raise the hard limit: take what it allows.
-            let capped = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            libc::setrlimit(libc::RLIMIT_NOFILE, &capped);
-            eprintln!(
-                "open-file limit {} (wanted {want}): use fewer --connections",
-                limit.rlim_max
-            );
-        }
     }
 }

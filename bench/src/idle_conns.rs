@@ -90,7 +90,7 @@ struct Reading {
 
 /// Runs the mode: every selected server but gorpc-grpc-client, `args.repeat` times.
 pub fn run(args: &RunArgs, n: usize) -> ExitCode {
-    let limit = match raise_open_file_limit() {
+    let limit = match gorpc_tests::raise_open_file_limit() {
         Ok(limit) => limit,
         Err(e) => {
             eprintln!("gorpc-bench: reading the open-file limit: {e}");
@@ -351,33 +351,6 @@ fn vm_rss_kib(status: &str) -> Option<u64> {
     let mut fields = line["VmRSS:".len()..].split_whitespace();
     let kib = fields.next()?.parse().ok()?;
     (fields.next() == Some("kB")).then_some(kib)
-}
-
-/// Raises this process's soft open-file limit to its hard limit (the server processes
-/// started afterwards inherit it) and returns the limit now in force.
-fn raise_open_file_limit() -> Result<u64, String> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read and write the struct given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
-        // An unlimited hard limit still stops at the kernel's nr_open (2^20 by default).
-        let wanted = limit.rlim_max.min(1 << 20);
-        if limit.rlim_cur < wanted {
-            let raised = libc::rlimit {
-                rlim_cur: wanted,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit.rlim_cur = wanted;
-            }
-        }
-    }
-    Ok(limit.rlim_cur)
 }
 
 /// The markdown table of `rows` and the ratios of each system's KiB per connection to

@@ -9,6 +9,7 @@
 //! corrupts the stream on demand, and a server whose handlers answer slowly or stall.
 
 pub mod blocking;
+pub mod counting;
 pub mod discovery;
 pub mod etcd;
 pub mod fault;
@@ -160,4 +161,31 @@ macro_rules! on_every_runtime {
             }
         )*
     };
+}
+
+/// Raises this process's open-file limit to its hard limit (for the binaries that hold
+/// thousands of connections) and returns the limit now in force.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // An unlimited hard limit still stops at the kernel's nr_open (2^20 by default).
+        let wanted = limit.rlim_max.min(1 << 20);
+        if limit.rlim_cur < wanted {
+            let raised = libc::rlimit {
+                rlim_cur: wanted,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = wanted;
+            }
+        }
+    }
+    Ok(limit.rlim_cur)
 }

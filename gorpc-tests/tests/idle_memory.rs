@@ -8,43 +8,17 @@
 //! server's (and the test runtime's). The tests run one after the other (a lock), so neither sees the other's
 //! connections.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::alloc::System;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use gorpc::{Router, Runtime, Server, ServerReply, ServerRequest};
 use gorpc_tests::blocking::called_once;
+use gorpc_tests::counting::{live, Counting};
 use gorpc_tests::{loopback, Smol, Tokio};
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
-}
+static GLOBAL: Counting<System> = Counting(System);
 
 /// Heap an idle binary connection may hold on the server, in bytes.
 const IDLE_BUDGET: isize = 4096;

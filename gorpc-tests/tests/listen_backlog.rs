@@ -168,26 +168,10 @@ fn servers_listen_with_their_backlog() {
     }
 }
 
-/// Raises this process's open-file limit to its hard limit; the number of descriptors
-/// that allows.
-fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a valid rlimit to fill in and then read.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        limit.rlim_cur = limit.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
-    limit.rlim_cur
-}
-
 /// 2,000 clients connect at once (every client of a restarted server coming back) and each
 /// makes a call: all are accepted and answered.
 async fn burst_of_clients<R: Runtime>(server_rt: R, client_rt: R) {
-    let fds = raise_fd_limit();
+    let fds = gorpc_tests::raise_open_file_limit().expect("the open-file limit");
     // Each connection is two descriptors in this process; leave room for the rest.
     let n = 2000.min((fds.saturating_sub(200) / 2) as u32);
     assert!(
