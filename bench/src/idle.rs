@@ -71,13 +71,13 @@ enum Which {
 const ECHO: &str = "/idle.Bench/Echo";
 /// How long a client waits for each read of its call's answer.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// A quiet connection releases its buffers after a second; this leaves room for it.
+/// A quiet connection releases its buffers within a second; this leaves room for it.
 const SETTLE: Duration = Duration::from_millis(2500);
 
 fn main() {
     let args = Args::parse();
     let limit = gorpc_tests::raise_open_file_limit().unwrap_or(0);
-    let want = args.connections as u64 + 1024;
+    let want = args.connections as u64 + 64;
     if limit < want {
         eprintln!("open-file limit {limit} (wanted {want}): use fewer --connections");
     }

@@ -7,7 +7,7 @@
 //! baseline. Then open `N` connections with the system's own client, each on a TCP
 //! connection of its own and each making one echo call of `--payload` bytes (so the server
 //! has set the connection up in full), at most [`OPENING`] at a time; hold them all idle for
-//! [`IDLE_SETTLE`] (a quiet gorpc connection gives its buffers back after about a second)
+//! [`IDLE_SETTLE`] (a quiet gorpc connection gives its buffers back within a second)
 //! and read the RSS again, checking in `/proc/<pid>/fd` that the server still has every
 //! connection open. A connection or call that fails, or a connection the server no longer
 //! has, counts as an error; the row then says so and the run exits with a failure. Then

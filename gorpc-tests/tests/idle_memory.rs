@@ -22,6 +22,10 @@ static GLOBAL: Counting<System> = Counting(System);
 
 /// Heap an idle binary connection may hold on the server, in bytes.
 const IDLE_BUDGET: isize = 4096;
+/// Heap a connection may hold on the server right after its one call, whether or not it
+/// has released its tables yet: its read buffer (32 KiB) is already lent back to the
+/// thread, since nothing is buffered and no call is in flight.
+const JUST_CALLED_BUDGET: isize = 2 * IDLE_BUDGET;
 /// How many idle connections are measured (two sockets each, well under the open-file
 /// limit of a default shell).
 const CONNECTIONS: usize = 400;
@@ -71,7 +75,15 @@ async fn idle_connections_cost_little_and_give_it_back<R: Runtime>(runtime: R) {
             .collect::<Vec<_>>()
     })
     .await;
-    // A connection releases its buffers after a quiet second: wait for the heap to come
+    let just_called = (live() - baseline) / CONNECTIONS as isize;
+    eprintln!("{CONNECTIONS} connections right after their call: {just_called} B of heap each");
+    assert!(
+        just_called <= JUST_CALLED_BUDGET,
+        "a connection that just made its call holds {just_called} B of heap \
+         (budget {JUST_CALLED_BUDGET} B)"
+    );
+    // A connection releases its other buffers once quiet (50 ms after one call, up to a
+    // second after a busy spell): wait for the heap to come
     // down within the budget (a failure is a heap that never does).
     let idle = blocking(move || {
         settles_near(
