@@ -1,5 +1,6 @@
 //! gorpc-overload: offers a server many times the calls it can finish and reports what got
-//! done. The server has one runtime worker (pinned to CPU 0); its handler spins for
+//! done. The server (on `--runtime`, tokio by default) has one runtime worker (pinned to
+//! CPU 0); its handler spins for
 //! `--service-us` of CPU and then waits `--backend-ms` (a backend call), so the CPU bounds
 //! its capacity while calls overlap. Callers (on CPU 1) keep `--callers` calls
 //! outstanding, each with a `--timeout-ms` deadline; a refused caller waits the server's
@@ -17,8 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use gorpc::server::AdmissionConfig;
+use gorpc::Runtime;
 use gorpc_tokio::{Client, Code, Router, Server, Tokio};
 use hdrhistogram::Histogram;
 
@@ -55,6 +57,15 @@ struct Args {
     /// Run only with admission off, or only on; both by default.
     #[arg(long)]
     admission: Option<bool>,
+    /// The server's runtime (the callers run on tokio).
+    #[arg(long, value_enum, default_value_t = Which::Tokio)]
+    runtime: Which,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Which {
+    Tokio,
+    Smol,
 }
 
 const METHOD: &str = "/overload.Test/Work";
@@ -76,8 +87,24 @@ fn spin(d: Duration) {
     }
 }
 
-/// Starts the server on its own pinned thread; its address.
-fn start_server(args: &Args, admission: bool) -> std::net::SocketAddr {
+/// A server on its own pinned thread.
+struct RunningServer {
+    addr: std::net::SocketAddr,
+    stop: futures::channel::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Stops the server and waits for its thread, so that the calls it still has queued
+    /// take no CPU from the next run's server.
+    fn stop(self) {
+        let _ = self.stop.send(());
+        self.thread.join().expect("the server thread");
+    }
+}
+
+/// Starts the server on its own pinned thread.
+fn start_server(args: &Args, admission: bool) -> RunningServer {
     let service = Duration::from_micros(args.service_us);
     let backend = Duration::from_millis(args.backend_ms);
     let config = AdmissionConfig {
@@ -86,29 +113,64 @@ fn start_server(args: &Args, admission: bool) -> std::net::SocketAddr {
         max_queue_wait: Duration::from_millis(args.timeout_ms / 4),
         retry_after: Duration::from_millis(args.retry_after_ms),
     };
+    let config = admission.then_some(config);
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let (stop, stopped) = futures::channel::oneshot::channel();
+    let which = args.runtime;
+    let thread = std::thread::spawn(move || {
         let _ = core_affinity::set_for_current(core_affinity::CoreId { id: 0 });
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let router = Router::new().msgpack(METHOD, move |n: u64| async move {
-                spin(service);
-                tokio::time::sleep(backend).await;
-                Ok(n)
-            });
-            let mut server = Server::new(Tokio::current(), router);
-            if admission {
-                server = server.admission(config);
+        match which {
+            Which::Tokio => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    serve(Tokio::current(), config, service, backend, tx, stopped).await
+                });
             }
-            let server = server.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-            tx.send(server.local_addr()).unwrap();
-            std::future::pending::<()>().await;
-        });
+            Which::Smol => {
+                // Every task on this one pinned thread, as tokio's current-thread runtime.
+                let executor = Arc::new(async_executor::Executor::new());
+                let spawner = executor.clone();
+                let smol = gorpc_smol::Smol::with_spawner(move |task| spawner.spawn(task).detach());
+                smol::block_on(executor.run(serve(smol, config, service, backend, tx, stopped)));
+            }
+        }
     });
-    rx.recv().unwrap()
+    RunningServer {
+        addr: rx.recv().unwrap(),
+        stop,
+        thread,
+    }
+}
+
+/// Serves the overload's method on `runtime`, sends its address, and aborts once `stopped`.
+async fn serve<R: Runtime>(
+    runtime: R,
+    admission: Option<AdmissionConfig>,
+    service: Duration,
+    backend: Duration,
+    tx: std::sync::mpsc::Sender<std::net::SocketAddr>,
+    stopped: futures::channel::oneshot::Receiver<()>,
+) {
+    let timer = runtime.clone();
+    let router = Router::new().msgpack(METHOD, move |n: u64| {
+        let timer = timer.clone();
+        async move {
+            spin(service);
+            timer.sleep_until(Instant::now() + backend).await;
+            Ok(n)
+        }
+    });
+    let mut server = Server::new(runtime, router);
+    if let Some(config) = admission {
+        server = server.admission(config);
+    }
+    let server = server.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    tx.send(server.local_addr()).unwrap();
+    let _ = stopped.await;
+    server.abort().await;
 }
 
 /// `callers` closed-loop callers for `secs` after a warm-up; what they saw.
@@ -220,21 +282,23 @@ fn main() {
         None => vec![false, true],
     };
     // Capacity: as many callers as slots, no admission, no overload.
-    let addr = start_server(&args, false);
+    let server = start_server(&args, false);
     let (cap, window) = rt.block_on(offer(
-        addr,
+        server.addr,
         args.slots,
         Duration::from_secs(5),
         args.secs.min(5),
     ));
+    server.stop();
     let capacity = cap.ok as f64 / window.as_secs_f64();
     println!(
-        "capacity: {capacity:.0} calls/s with {} callers ({} us of CPU and {} ms of waiting per call, one server worker)",
-        args.slots, args.service_us, args.backend_ms
+        "capacity: {capacity:.0} calls/s with {} callers ({} us of CPU and {} ms of waiting per call, one server worker, {:?})",
+        args.slots, args.service_us, args.backend_ms, args.runtime
     );
     for admission in runs {
-        let addr = start_server(&args, admission);
-        let (tally, window) = rt.block_on(offer(addr, args.callers, timeout, args.secs));
+        let server = start_server(&args, admission);
+        let (tally, window) = rt.block_on(offer(server.addr, args.callers, timeout, args.secs));
+        server.stop();
         let what = if admission {
             format!(
                 "admission on ({} running, {} queued), {} callers",
