@@ -92,6 +92,12 @@ pub(crate) struct Transport<R: Runtime, I: Io = <R as Runtime>::Io> {
     recycler: Recycler,
     /// Large frames arrived since the connection was last idle: read buffers are large.
     large_frames: bool,
+    /// Whether the next quiet moment (nothing to read, nothing buffered, no call in
+    /// flight) lends the read buffer to the thread: the first since the connection opened
+    /// or last released its buffers. Most connections quiet after their first calls stay
+    /// quiet (probes, one-shot clients, a flood); one that goes on calling keeps its buffer
+    /// without a lend and a borrow per call, until the release timer finds it quiet.
+    lend_when_quiet: bool,
     write_queue: WriteQueue,
     timer: Timer<R>,
     read_closed: bool,
@@ -115,6 +121,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             read_buf: BytesMut::new(),
             recycler: Recycler::new(READ_SPARES),
             large_frames: false,
+            lend_when_quiet: true,
             write_queue: WriteQueue::default(),
             read_closed: false,
             last_read: Instant::now(),
@@ -159,12 +166,15 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             } else {
                 READ_BUFFER
             };
-            if self.read_buf.capacity() == 0 && !self.large_frames {
-                if let Some(spare) = borrow_from_thread(wanted) {
-                    self.read_buf = spare;
-                }
+            let lent = if self.read_buf.capacity() == 0 && !self.large_frames {
+                borrow_from_thread(wanted)
+            } else {
+                None
+            };
+            match lent {
+                Some(spare) => self.read_buf = spare,
+                None => self.recycler.reserve(&mut self.read_buf, wanted, size),
             }
-            self.recycler.reserve(&mut self.read_buf, wanted, size);
         }
         // Reads are sized by what is expected, buffers for reuse. Within a large frame (a
         // batch of stream messages, more following) a read takes all the buffer has room
@@ -193,12 +203,14 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             Poll::Pending => {
                 // Nothing buffered and no call in flight: until bytes come, the buffer can
                 // serve the thread's other connections.
-                if self.read_buf.is_empty()
+                if self.lend_when_quiet
+                    && self.read_buf.is_empty()
                     && self.read_buf.capacity() != 0
                     && !self.large_frames
                     && conn.is_idle()
                 {
                     lend_to_thread(std::mem::take(&mut self.read_buf));
+                    self.lend_when_quiet = false;
                 }
                 return false;
             }
@@ -228,6 +240,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             self.read_buf = BytesMut::new();
             self.recycler.clear();
             self.large_frames = false;
+            self.lend_when_quiet = true;
             self.write_queue.shrink_to_fit();
             self.io.release_buffers();
             conn.shrink_to_fit();
