@@ -43,6 +43,14 @@ const MAX_IOV: usize = 64;
 /// allocating one each call.
 const THREAD_SPARES: usize = 4;
 
+/// Quiet moments that lend the read buffer, after a connection opens or releases its
+/// buffers. Connections that make a call or two and then stay quiet (probes, one-shot
+/// clients, a flood) are the ones whose buffers pile up, and they stop within the first few
+/// (a gorpc client's connection has one after its preface, one after its first call); one
+/// that goes on calling then keeps its buffer without a lend and a borrow per call (2% of a
+/// c=1 call's instructions), until the release timer finds it quiet.
+const QUIET_LENDS: u8 = 4;
+
 thread_local! {
     /// Read buffers given back by connections on this thread that went quiet with nothing
     /// buffered and no call in flight, newest last, some possibly still shared with
@@ -92,12 +100,10 @@ pub(crate) struct Transport<R: Runtime, I: Io = <R as Runtime>::Io> {
     recycler: Recycler,
     /// Large frames arrived since the connection was last idle: read buffers are large.
     large_frames: bool,
-    /// Whether the next quiet moment (nothing to read, nothing buffered, no call in
-    /// flight) lends the read buffer to the thread: the first since the connection opened
-    /// or last released its buffers. Most connections quiet after their first calls stay
-    /// quiet (probes, one-shot clients, a flood); one that goes on calling keeps its buffer
-    /// without a lend and a borrow per call, until the release timer finds it quiet.
-    lend_when_quiet: bool,
+    /// How many more quiet moments (nothing to read, nothing buffered, no call in flight)
+    /// lend the read buffer to the thread: the first [`QUIET_LENDS`] since the connection
+    /// opened or last released its buffers.
+    lends_left: u8,
     write_queue: WriteQueue,
     timer: Timer<R>,
     read_closed: bool,
@@ -121,7 +127,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             read_buf: BytesMut::new(),
             recycler: Recycler::new(READ_SPARES),
             large_frames: false,
-            lend_when_quiet: true,
+            lends_left: QUIET_LENDS,
             write_queue: WriteQueue::default(),
             read_closed: false,
             last_read: Instant::now(),
@@ -203,14 +209,14 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             Poll::Pending => {
                 // Nothing buffered and no call in flight: until bytes come, the buffer can
                 // serve the thread's other connections.
-                if self.lend_when_quiet
+                if self.lends_left > 0
                     && self.read_buf.is_empty()
                     && self.read_buf.capacity() != 0
                     && !self.large_frames
                     && conn.is_idle()
                 {
                     lend_to_thread(std::mem::take(&mut self.read_buf));
-                    self.lend_when_quiet = false;
+                    self.lends_left -= 1;
                 }
                 return false;
             }
@@ -240,7 +246,7 @@ impl<R: Runtime, I: Io> Transport<R, I> {
             self.read_buf = BytesMut::new();
             self.recycler.clear();
             self.large_frames = false;
-            self.lend_when_quiet = true;
+            self.lends_left = QUIET_LENDS;
             self.write_queue.shrink_to_fit();
             self.io.release_buffers();
             conn.shrink_to_fit();
