@@ -28,12 +28,14 @@ impl std::fmt::Display for CallError {
 }
 
 /// One connection to a gorpc server over a blocking socket, making one unary call at a
-/// time with a raw body, framed by gorpc's own client core (as gorpc's client sends it).
-/// The core answers the server's keepalive pings whenever the connection reads.
+/// time with a body already encoded (raw unless [`with_codec`](Self::with_codec) says
+/// otherwise), framed by gorpc's own client core (as gorpc's client sends it). The core
+/// answers the server's keepalive pings whenever the connection reads.
 pub struct BlockingConn {
     socket: TcpStream,
     conn: ClientConn<()>,
     read: BytesMut,
+    codec: u8,
 }
 
 impl BlockingConn {
@@ -46,12 +48,25 @@ impl BlockingConn {
             socket,
             conn: ClientConn::new(ConnConfig::default(), Instant::now()),
             read: BytesMut::new(),
+            codec: codec::RAW,
         })
+    }
+
+    /// Calls carry bodies of `codec` (a [`codec`] id).
+    pub fn with_codec(mut self, codec: u8) -> Self {
+        self.codec = codec;
+        self
     }
 
     /// Calls `method` with `body` and waits for its answer's body.
     pub fn call(&mut self, method: &str, body: &[u8]) -> Result<Bytes, CallError> {
         self.send(method, body)?;
+        self.answer()
+    }
+
+    /// Waits for the answer to the call sent (by [`send`](Self::send), or [`frame`](Self::frame)
+    /// and a write of its bytes) and returns its body.
+    pub fn answer(&mut self) -> Result<Bytes, CallError> {
         loop {
             while let Some(event) = self.conn.poll_event() {
                 if let ClientEvent::Finished { result, .. } = event {
@@ -86,7 +101,7 @@ impl BlockingConn {
     pub fn frame(&mut self, method: &str, body: &[u8]) -> Result<Vec<u8>, CallError> {
         let head = CallHead {
             method,
-            codec: codec::RAW,
+            codec: self.codec,
             deadline: None,
             metadata: std::iter::empty(),
         };

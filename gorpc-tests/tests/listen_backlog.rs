@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use gorpc::runtime::{tcp_listener, Listener, Runtime, DEFAULT_LISTEN_BACKLOG};
 use gorpc::{Router, Server, ServerHandle};
+use gorpc_tests::blocking::BlockingConn;
 use gorpc_tests::{loopback, within, Smol, Tokio};
 use socket2::{Domain, Socket, Type};
 
@@ -305,49 +306,26 @@ fn server_side_unread(server: SocketAddr, client: SocketAddr) -> usize {
 /// go-away. The client is a blocking socket framed by gorpc's client core, so that the
 /// drain starts only once every byte of the call is in the server's kernel.
 async fn a_connection_queued_when_the_drain_starts_is_served<R: Runtime>(runtime: R) {
-    use gorpc::proto::{codec, CallHead, ClientConn, ClientEvent, Conn as _, ConnConfig};
-    use std::io::{Read, Write};
+    use std::io::Write;
 
     let server = bound(Gated(runtime.clone()), None).await;
     let addr = server.local_addr();
     let fd = listening_fd(addr);
 
-    let mut socket = std::net::TcpStream::connect(addr).expect("connects");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let now = Instant::now();
-    let mut conn = ClientConn::<()>::new(ConnConfig::default(), now);
-    let head = CallHead {
-        method: "/burst.Test/Echo",
-        codec: codec::MSGPACK,
-        deadline: None,
-        metadata: std::iter::empty(),
-    };
+    let mut client = BlockingConn::connect(addr, Duration::from_secs(20))
+        .expect("connects")
+        .with_codec(gorpc::proto::codec::MSGPACK);
     // MessagePack's 7 is the one byte 0x07.
-    conn.start_call(now, head, &[0x07u8][..], ())
+    let call = client
+        .frame("/burst.Test/Echo", &[0x07u8])
         .expect("the call starts");
-    let mut sent = 0;
-    while let Some(bytes) = conn.poll_transmit() {
-        socket.write_all(&bytes).expect("sends the call");
-        sent += bytes.len();
-    }
-    let client_addr = socket.local_addr().unwrap();
+    client.socket().write_all(&call).expect("sends the call");
+    let sent = call.len();
+    let client_addr = client.socket().local_addr().unwrap();
     let answer = std::thread::spawn(move || {
-        let mut read = bytes::BytesMut::new();
-        loop {
-            while let Some(event) = conn.poll_event() {
-                if let ClientEvent::Finished { result, .. } = event {
-                    let response = result.expect("the queued connection's call is answered");
-                    return response.body;
-                }
-            }
-            let mut chunk = [0u8; 4096];
-            let n = socket.read(&mut chunk).expect("an answer");
-            assert!(n > 0, "the server closed before answering");
-            read.extend_from_slice(&chunk[..n]);
-            conn.handle_read(Instant::now(), &mut read);
-        }
+        client
+            .answer()
+            .expect("the queued connection's call is answered")
     });
 
     // Queued, with the whole call in the kernel: the accept loop cannot take it yet.

@@ -53,39 +53,25 @@ const QUIET_LENDS: u8 = 4;
 
 thread_local! {
     /// Read buffers given back by connections on this thread that went quiet with nothing
-    /// buffered and no call in flight, newest last, some possibly still shared with
-    /// messages the application holds.
-    static SPARE_READ_BUFFERS: std::cell::RefCell<Vec<BytesMut>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    /// buffered and no call in flight, some possibly still shared with messages the
+    /// application holds.
+    static THREAD_READ_SPARES: std::cell::RefCell<Recycler> =
+        const { std::cell::RefCell::new(Recycler::new(THREAD_SPARES)) };
 }
 
-/// Lends `buf`, empty, to the next connection on this thread that reads (dropping the
-/// oldest buffer lent if [`THREAD_SPARES`] are, which is freed once its pieces are). A
-/// connection that made its call and went quiet then holds no read buffer: in a flood of
-/// such connections a few buffers serve them all, instead of one each until its quiet
-/// spell is up, and the heap is not left with a buffer-sized hole beside every idle
-/// connection's state.
+/// Lends `buf`, empty, to the next connection on this thread that reads. A connection
+/// that made its call and went quiet then holds no read buffer: in a flood of such
+/// connections a few buffers serve them all, instead of one each until its quiet spell is
+/// up, and the heap is not left with a buffer-sized hole beside every idle connection's
+/// state.
 fn lend_to_thread(buf: BytesMut) {
-    let _ = SPARE_READ_BUFFERS.try_with(|spares| {
-        let mut spares = spares.borrow_mut();
-        if spares.len() >= THREAD_SPARES {
-            spares.remove(0);
-        }
-        spares.push(buf);
-    });
+    let _ = THREAD_READ_SPARES.try_with(|spares| spares.borrow_mut().keep(buf));
 }
 
-/// The latest buffer lent to this thread with room for `additional` bytes where no piece
-/// is still out.
+/// A buffer lent to this thread with room for `additional` bytes and no piece still out.
 fn borrow_from_thread(additional: usize) -> Option<BytesMut> {
-    SPARE_READ_BUFFERS
-        .try_with(|spares| {
-            let mut spares = spares.borrow_mut();
-            let i = spares
-                .iter_mut()
-                .rposition(|spare| spare.try_reclaim(additional))?;
-            Some(spares.remove(i))
-        })
+    THREAD_READ_SPARES
+        .try_with(|spares| spares.borrow_mut().take(additional))
         .ok()
         .flatten()
 }

@@ -22,7 +22,7 @@ pub(crate) struct Recycler {
 }
 
 impl Recycler {
-    pub(crate) fn new(max_spares: usize) -> Self {
+    pub(crate) const fn new(max_spares: usize) -> Self {
         Recycler {
             spares: VecDeque::new(),
             max_spares,
@@ -42,24 +42,33 @@ impl Recycler {
             buf.reserve(additional);
             return;
         }
-        // The latest one back: its bytes are the likeliest still in cache, and a busy
-        // connection keeps reusing the same few buffers rather than cycling through all.
-        let reusable = self
-            .spares
-            .iter_mut()
-            .rposition(|spare| spare.try_reclaim(size));
-        let mut fresh = match reusable {
-            Some(i) => self.spares.remove(i).expect("found above"),
-            None => BytesMut::with_capacity(size),
-        };
+        let mut fresh = self
+            .take(size)
+            .unwrap_or_else(|| BytesMut::with_capacity(size));
         fresh.extend_from_slice(buf);
         let mut lent = std::mem::replace(buf, fresh);
         lent.clear();
+        self.keep(lent);
+    }
+
+    /// The latest spare with room for `room` bytes and no piece still out: its bytes are
+    /// the likeliest still in cache, and a busy user keeps reusing the same few buffers
+    /// rather than cycling through all.
+    pub(crate) fn take(&mut self, room: usize) -> Option<BytesMut> {
+        let i = self
+            .spares
+            .iter_mut()
+            .rposition(|spare| spare.try_reclaim(room))?;
+        self.spares.remove(i)
+    }
+
+    /// Keeps `buf` (empty) as the newest spare, dropping the oldest if there are as many
+    /// as kept; a spare dropped is freed once its pieces are.
+    pub(crate) fn keep(&mut self, buf: BytesMut) {
         if self.spares.len() >= self.max_spares {
-            // Freed once its pieces are.
             self.spares.pop_front();
         }
-        self.spares.push_back(lent);
+        self.spares.push_back(buf);
     }
 
     /// Drops the spares (a connection or stream gone quiet).

@@ -332,8 +332,8 @@ fn client_process(addr: SocketAddr, args: &Args) -> ExitCode {
     let counts = Arc::new(Counts::default());
     let threads = args.threads;
     let share = |total: usize, t: usize| total / threads + usize::from(t < total % threads);
+    // Every thread has opened its share: the churn starts.
     let opened = Arc::new(std::sync::Barrier::new(threads + 1));
-    let start_churn = Arc::new(std::sync::Barrier::new(threads + 1));
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..threads)
         .map(|t| {
@@ -352,14 +352,13 @@ fn client_process(addr: SocketAddr, args: &Args) -> ExitCode {
                 share(args.churn, t),
                 share(args.checks, t),
             );
-            let (opened, start_churn, stop) = (opened.clone(), start_churn.clone(), stop.clone());
-            std::thread::spawn(move || worker.run(n, churn, checks, &opened, &start_churn, &stop))
+            let (opened, stop) = (opened.clone(), stop.clone());
+            std::thread::spawn(move || worker.run(n, churn, checks, &opened, &stop))
         })
         .collect();
     opened.wait();
     println!("open: {} connections", args.connections);
     std::io::stdout().flush().expect("stdout");
-    start_churn.wait();
     let began = Instant::now();
     for second in 1..=args.secs {
         let at = began + Duration::from_secs(second);
@@ -426,7 +425,6 @@ impl Worker {
         churn: usize,
         checks: usize,
         opened: &std::sync::Barrier,
-        start_churn: &std::sync::Barrier,
         stop: &AtomicBool,
     ) {
         for _ in 0..n {
@@ -435,7 +433,6 @@ impl Worker {
             }
         }
         opened.wait();
-        start_churn.wait();
         let began = Instant::now();
         let mut second = 0;
         while !stop.load(Ordering::SeqCst) {
