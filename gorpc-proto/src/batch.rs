@@ -73,13 +73,17 @@ pub(crate) fn count(mut body: &[u8]) -> Result<usize, ProtoError> {
     Ok(n)
 }
 
+/// Takes the first message off a batch already checked by [`count`]; `None` once it is
+/// empty.
+pub(crate) fn split_first(body: &mut Bytes) -> Option<Bytes> {
+    let len = length_at(body)?;
+    body.advance(LENGTH_PREFIX);
+    Some(body.split_to(len))
+}
+
 /// The messages of a batch already checked by [`count`], in order.
 pub(crate) fn split(mut body: Bytes) -> impl Iterator<Item = Bytes> {
-    std::iter::from_fn(move || {
-        let len = length_at(&body)?;
-        body.advance(LENGTH_PREFIX);
-        Some(body.split_to(len))
-    })
+    std::iter::from_fn(move || split_first(&mut body))
 }
 
 /// The messages a MESSAGE frame's `body` carries: those of a checked batch, the body

@@ -1,6 +1,5 @@
 //! The client side of one connection.
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -10,6 +9,7 @@ use crate::batch;
 use crate::calls::{CallCore, CallTable, Core, HasCore, Side};
 use crate::config::ConnConfig;
 use crate::error::{ProtoError, SendError};
+use crate::events::{EventQueue, MessageEvent};
 use crate::flow::{SendWindow, INITIAL_STREAM_WINDOW};
 use crate::frame::{flags, FrameType};
 use crate::head::{encode_request_head, ResponseHead};
@@ -80,6 +80,12 @@ pub enum ClientEvent<T> {
     /// The connection is over. Flush
     /// [`ClientConn::poll_transmit`](crate::Conn::poll_transmit), then close the transport.
     Closed(CloseReason),
+}
+
+impl<T> MessageEvent for ClientEvent<T> {
+    fn message(id: CallId, body: Bytes) -> Self {
+        ClientEvent::Message { id, body }
+    }
 }
 
 /// A call that could not start; `user` is handed back.
@@ -209,7 +215,7 @@ impl<T> HasCore for ClientCall<T> {
 pub struct ClientConn<T = ()> {
     core: Core<ClientCall<T>>,
     next_id: u32,
-    events: VecDeque<ClientEvent<T>>,
+    events: EventQueue<ClientEvent<T>>,
     /// The refusal a server's go-away carried (`ResourceExhausted`: it turned the
     /// connection away at its limit): what calls still in flight end with when it then
     /// closes, so that callers back off instead of retrying at once. Other go-away errors
@@ -227,7 +233,7 @@ impl<T> ClientConn<T> {
                 calls: CallTable::new(IdHasher::default()),
             },
             next_id: 1,
-            events: VecDeque::new(),
+            events: EventQueue::new(),
             refusal: None,
         }
     }
@@ -484,7 +490,7 @@ impl<T> ClientConn<T> {
                         Err(e) => Err(Status::new(Code::Internal, format!("server sent a {e}"))),
                     }
                 };
-                self.events.push_back(ClientEvent::Finished {
+                self.events.push(ClientEvent::Finished {
                     id: CallId(id),
                     user: call.user,
                     result,
@@ -514,11 +520,8 @@ impl<T> ClientConn<T> {
                         if !call.core.recv_window.receive(len) {
                             return Err(ProtoError::FlowControl { call_id: id });
                         }
-                        let call_id = CallId(id);
-                        self.events.extend(
-                            batch::messages(frame.body, batched, true)
-                                .map(|body| ClientEvent::Message { id: call_id, body }),
-                        );
+                        self.events
+                            .push_messages(CallId(id), frame.body, batched, true);
                         if prefixes > 0 {
                             let core = &mut self.core;
                             core.calls.release(&mut core.link, id, prefixes);
@@ -534,7 +537,7 @@ impl<T> ClientConn<T> {
                             .expect("call looked up above");
                         self.core.link.release(len as u64);
                         self.core.link.out.push_control(FrameType::Cancel, id);
-                        self.events.push_back(ClientEvent::Finished {
+                        self.events.push(ClientEvent::Finished {
                             id: CallId(id),
                             user: call.user,
                             result: Err(Status::new(
@@ -556,7 +559,7 @@ impl<T> ClientConn<T> {
     /// The next event for the driver, if any; poll after every input.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<ClientEvent<T>> {
-        self.events.pop_front()
+        self.events.pop()
     }
 
     /// Starts a graceful close: no new calls; the connection closes once the server has
@@ -614,7 +617,7 @@ impl<T> Side for ClientConn<T> {
             id,
             increment,
             |_| None,
-            |id| events.push_back(ClientEvent::Writable { id: CallId(id) }),
+            |id| events.push(ClientEvent::Writable { id: CallId(id) }),
         )
     }
 
@@ -622,7 +625,7 @@ impl<T> Side for ClientConn<T> {
         if status.code() == Code::ResourceExhausted {
             self.refusal = Some(status.clone());
         }
-        self.events.push_back(ClientEvent::GoAway(status));
+        self.events.push(ClientEvent::GoAway(status));
         self.check_drained();
     }
 
@@ -633,13 +636,13 @@ impl<T> Side for ClientConn<T> {
         };
         self.core.link.close(reason.clone());
         for (id, call) in self.core.calls.drain() {
-            self.events.push_back(ClientEvent::Finished {
+            self.events.push(ClientEvent::Finished {
                 id: CallId(id),
                 user: call.user,
                 result: Err(status.clone()),
             });
         }
-        self.events.push_back(ClientEvent::Closed(reason));
+        self.events.push(ClientEvent::Closed(reason));
     }
 }
 
@@ -653,7 +656,7 @@ impl<T> crate::Conn for ClientConn<T> {
             // No CANCEL: the server holds its own copy of the deadline, which ends the call
             // there too (as DEADLINE_EXCEEDED, not as a cancel that raced it), and a CANCEL
             // sent now would reach it no sooner.
-            self.events.push_back(ClientEvent::Finished {
+            self.events.push(ClientEvent::Finished {
                 id: CallId(id),
                 user: call.user,
                 result: Err(Status::new(

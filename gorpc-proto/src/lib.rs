@@ -44,6 +44,7 @@ mod config;
 mod conn;
 pub mod datagram;
 mod error;
+mod events;
 pub mod flow;
 pub mod frame;
 pub mod head;

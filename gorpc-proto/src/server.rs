@@ -9,6 +9,7 @@ use crate::batch;
 use crate::calls::{CallCore, CallTable, Core, HasCore, Side};
 use crate::config::ConnConfig;
 use crate::error::{ProtoError, SendError};
+use crate::events::{EventQueue, MessageEvent};
 use crate::flow::{SendWindow, INITIAL_STREAM_WINDOW};
 use crate::frame::{flags, FrameType};
 use crate::head::{encode_response_head, RequestHead};
@@ -87,6 +88,12 @@ pub enum ServerEvent {
     Closed(CloseReason),
 }
 
+impl MessageEvent for ServerEvent {
+    fn message(id: CallId, body: Bytes) -> Self {
+        ServerEvent::Message { id, body }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct ServerCall {
     core: CallCore,
@@ -130,7 +137,7 @@ pub struct ServerConn {
     core: Core<ServerCall>,
     /// Requests read while at the concurrency limit, started as slots free up.
     waiting: VecDeque<Waiting>,
-    events: VecDeque<ServerEvent>,
+    events: EventQueue<ServerEvent>,
 }
 
 impl ServerConn {
@@ -143,7 +150,7 @@ impl ServerConn {
                 calls: CallTable::new(IdHasher::with_seed(hash_seed)),
             },
             waiting: VecDeque::new(),
-            events: VecDeque::new(),
+            events: EventQueue::new(),
         }
     }
 
@@ -154,7 +161,7 @@ impl ServerConn {
             FrameType::Message => return self.handle_message(frame),
             FrameType::Cancel => {
                 if self.core.calls.remove(&mut self.core.link, id).is_some() {
-                    self.events.push_back(ServerEvent::Cancelled {
+                    self.events.push(ServerEvent::Cancelled {
                         id: CallId(id),
                         reason: CancelReason::Peer,
                     });
@@ -282,17 +289,16 @@ impl ServerConn {
             }
             self.core.link.release(prefixes as u64);
         }
-        let bodies = batch::messages(frame.body, batched, message);
         if let Some(w) = waiting_at.and_then(|i| self.waiting.get_mut(i)) {
-            w.early.extend(bodies);
+            w.early
+                .extend(batch::messages(frame.body, batched, message));
             w.half_closed = end;
             return Ok(());
         }
         let id = CallId(id);
-        self.events
-            .extend(bodies.map(|body| ServerEvent::Message { id, body }));
+        self.events.push_messages(id, frame.body, batched, message);
         if end {
-            self.events.push_back(ServerEvent::HalfClosed { id });
+            self.events.push(ServerEvent::HalfClosed { id });
         }
         Ok(())
     }
@@ -300,7 +306,7 @@ impl ServerConn {
     fn start(&mut self, request: Request, call: ServerCall) {
         let id = request.id;
         self.core.calls.insert(id.0, call);
-        self.events.push_back(ServerEvent::Request(request));
+        self.events.push(ServerEvent::Request(request));
     }
 
     /// Sends one message of a call's response stream. The call still ends with
@@ -417,10 +423,10 @@ impl ServerConn {
             let id = w.request.id;
             self.start(w.request, w.call);
             for body in w.early {
-                self.events.push_back(ServerEvent::Message { id, body });
+                self.events.push(ServerEvent::Message { id, body });
             }
             if w.half_closed {
-                self.events.push_back(ServerEvent::HalfClosed { id });
+                self.events.push(ServerEvent::HalfClosed { id });
             }
         }
         self.check_drained();
@@ -429,7 +435,7 @@ impl ServerConn {
     /// The next event for the driver, if any; poll after every input.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
-        self.events.pop_front()
+        self.events.pop()
     }
 
     /// Whether the driver should read more from the transport: false at the concurrency
@@ -507,12 +513,12 @@ impl Side for ServerConn {
                     .find(|w| w.request.id.0 == id)
                     .map(|w| &mut w.call)
             },
-            |id| events.push_back(ServerEvent::Writable { id: CallId(id) }),
+            |id| events.push(ServerEvent::Writable { id: CallId(id) }),
         )
     }
 
     fn on_go_away(&mut self, status: Status) {
-        self.events.push_back(ServerEvent::GoAway(status));
+        self.events.push(ServerEvent::GoAway(status));
         self.check_drained();
     }
 
@@ -520,7 +526,7 @@ impl Side for ServerConn {
         self.core.link.close(reason.clone());
         self.core.calls.drain().for_each(drop);
         self.waiting.clear();
-        self.events.push_back(ServerEvent::Closed(reason));
+        self.events.push(ServerEvent::Closed(reason));
     }
 }
 
@@ -531,7 +537,7 @@ impl crate::Conn for ServerConn {
             return;
         }
         while let Some((id, _)) = self.core.calls.pop_expired(&mut self.core.link, now) {
-            self.events.push_back(ServerEvent::Cancelled {
+            self.events.push(ServerEvent::Cancelled {
                 id: CallId(id),
                 reason: CancelReason::DeadlineExceeded,
             });
