@@ -479,6 +479,12 @@ fn run_main(args: RunArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     pin(args.client_cpu, "client");
+    eprintln!(
+        "machine: {}; server on CPU {}, client on CPU {}",
+        machine(),
+        args.server_cpu,
+        args.client_cpu
+    );
     if let Some(n) = args.idle_connections {
         return idle_conns::run(&args, n);
     }
@@ -782,16 +788,33 @@ fn draw_plot(path: &Path, title: &str, measured: plot::Measured, series: &[plot:
     }
 }
 
-/// The plot's title: what was measured, with the payload and connections.
+/// The plot's title: what was measured, with the payload and connections, and on what.
 fn plot_title(args: &RunArgs, payload: usize) -> String {
     let plural =
         |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     format!(
-        "gorpc-bench concurrency sweep: {} workload, payload {payload} B, {}, {} s per point",
+        "gorpc-bench sweep: {}, payload {payload} B, {}, {} s per point, on {}",
         workload_name(args.workload),
         plural(args.connections, "connection", "connections"),
         args.secs,
+        machine(),
     )
+}
+
+/// The CPU model (`/proc/cpuinfo`'s first `model name`) and how many CPUs the machine has
+/// (its `processor` entries: this process is pinned to one, which `available_parallelism`
+/// would count), so that figures say what they were measured on.
+fn machine() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find_map(|line| line.strip_prefix("model name")?.split_once(':'))
+        .map_or("unknown CPU", |(_, model)| model.trim());
+    let cpus = info
+        .lines()
+        .filter(|line| line.starts_with("processor"))
+        .count();
+    format!("{model} ({cpus} CPUs)")
 }
 
 /// `a`, `a and b`, `a, b and c`.
